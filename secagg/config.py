@@ -1,0 +1,128 @@
+"""Job configuration: plain frozen dataclasses, loaded from a TOML job file, overridden by flags.
+
+Job files hold values only. Precedence: dataclass defaults < job file < command-line flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from secagg.errors import ConfigError
+
+DATASETS = ("digits", "digits32", "mnist", "fashion-mnist", "cifar10")
+MODELS = ("mlp", "cnn", "moderate-cnn")
+CODECS = ("float",)
+
+
+@dataclass(frozen=True)
+class CkksParams:
+    """CKKS parameters for ``secagg keygen``.
+
+    The default is one 60-bit data prime plus a 60-bit special prime at N=8192: the server
+    only adds ciphertexts (multiplicative depth zero), so one data prime is enough and a
+    ciphertext is two polynomials of one prime each, 32 bytes per slot.
+    """
+
+    poly_modulus_degree: int = 8192
+    coeff_mod_bit_sizes: tuple[int, ...] = (60, 60)
+    global_scale_bits: int = 30
+
+    @property
+    def slots(self) -> int:
+        return self.poly_modulus_degree // 2
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one federated job needs. Defaults give the main digits job."""
+
+    dataset: str = "digits"
+    data_dir: str = "data"
+    download: bool = False
+    model: str = "mlp"
+    clients: int = 8
+    rounds: int = 10
+    local_epochs: int = 2
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.9
+    alpha: float = 1.0
+    min_client_samples: int = 10
+    seed: int = 0
+    device: str = "auto"
+    he: bool = False
+    codec: str = "float"
+    keys_dir: str = "keys"
+    tracking: bool = True
+    tracking_uri: str | None = None
+    experiment: str = "secagg"
+    output_dir: str | None = None
+    job_name: str = "digits"
+
+    def validate(self) -> RunConfig:
+        """Check every value where it enters; return self so calls can chain."""
+        checks: list[tuple[bool, str]] = [
+            (self.dataset in DATASETS, f"dataset must be one of {', '.join(DATASETS)}"),
+            (self.model in MODELS, f"model must be one of {', '.join(MODELS)}"),
+            (self.codec in CODECS, f"codec must be one of {', '.join(CODECS)}"),
+            (1 <= self.clients <= 1024, "clients must be between 1 and 1024"),
+            (self.rounds >= 1, "rounds must be at least 1"),
+            (self.local_epochs >= 1, "local_epochs must be at least 1"),
+            (self.batch_size >= 1, "batch_size must be at least 1"),
+            (self.lr > 0, "lr must be positive"),
+            (0 <= self.momentum < 1, "momentum must be in [0, 1)"),
+            (self.alpha > 0, "alpha must be positive (large values approach IID)"),
+            (self.min_client_samples >= 1, "min_client_samples must be at least 1"),
+            (
+                self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
+                "device must be auto, cpu, cuda, cuda:N or mps",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"invalid job setting: {message}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values for results.json and MLflow parameters."""
+        return dataclasses.asdict(self)
+
+
+_FIELD_NAMES = {f.name for f in fields(RunConfig)}
+
+
+def load_job(path: str | Path) -> RunConfig:
+    """Read a TOML job file into a RunConfig (not yet validated).
+
+    Keys may be written with dashes or underscores; an unknown key is an error, so a typo
+    never silently falls back to a default.
+    """
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError as err:
+        raise ConfigError(f"job file {path} not found; see jobs/ for examples") from err
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"job file {path} is not valid TOML: {err}") from err
+    values = {key.replace("-", "_"): value for key, value in raw.items()}
+    unknown = sorted(set(values) - _FIELD_NAMES)
+    if unknown:
+        raise ConfigError(
+            f"job file {path} has unknown setting(s) {', '.join(unknown)}; "
+            f"known: {', '.join(sorted(_FIELD_NAMES))}"
+        )
+    values.setdefault("job_name", path.stem)
+    try:
+        return replace(RunConfig(), **values)
+    except TypeError as err:
+        raise ConfigError(f"job file {path}: {err}") from err
+
+
+def with_overrides(config: RunConfig, **overrides: Any) -> RunConfig:
+    """Apply the flags a user actually gave (None means 'not given')."""
+    given = {key: value for key, value in overrides.items() if value is not None}
+    return replace(config, **given)

@@ -1,0 +1,118 @@
+"""Experiment tracking: MLflow when enabled, a no-op otherwise.
+
+MLflow is imported only when a run is tracked (it takes seconds to import). The round loop
+never calls the tracker; the job hands it each round's metrics after the round is done.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+from secagg.errors import ConfigError
+
+
+class Tracker(Protocol):
+    run_id: str | None
+
+    def start(self, params: dict[str, Any], tags: dict[str, str], run_name: str) -> str | None: ...
+    def log_round(self, step: int, metrics: dict[str, float]) -> None: ...
+    def log_artifact(self, path: Path) -> None: ...
+    def finish(self, status: str = "FINISHED") -> None: ...
+
+
+class NullTracker:
+    """Used with --no-tracking: records nothing."""
+
+    run_id: str | None = None
+
+    def start(self, params: dict[str, Any], tags: dict[str, str], run_name: str) -> str | None:
+        return None
+
+    def log_round(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def log_artifact(self, path: Path) -> None:
+        pass
+
+    def finish(self, status: str = "FINISHED") -> None:
+        pass
+
+
+class MlflowTracker:
+    """Logs one secagg run as one MLflow run: params, tags, per-round metrics, artifacts.
+
+    With ``run_id`` given (a resumed job) it continues that MLflow run instead of starting one.
+    """
+
+    def __init__(
+        self, tracking_uri: str | None, experiment: str, run_id: str | None = None
+    ) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.tracking_uri = tracking_uri or default_tracking_uri()
+        try:
+            self.client = MlflowClient(tracking_uri=self.tracking_uri)
+            found = self.client.get_experiment_by_name(experiment)
+            self.experiment_id = (
+                found.experiment_id if found else self.client.create_experiment(experiment)
+            )
+        except Exception as err:  # MLflow raises many kinds for an unreachable store
+            raise ConfigError(
+                f"cannot use MLflow tracking store {self.tracking_uri}: {err}; "
+                "check --tracking-uri or pass --no-tracking"
+            ) from err
+        self.run_id = run_id
+
+    def start(self, params: dict[str, Any], tags: dict[str, str], run_name: str) -> str | None:
+        from mlflow.entities import Param, RunTag
+
+        if self.run_id is not None:
+            self.client.update_run(self.run_id, status="RUNNING")
+            return self.run_id
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=run_name,
+            tags=tags,
+        )
+        self.run_id = run.info.run_id
+        self.client.log_batch(
+            self.run_id,
+            params=[Param(key, str(value)[:6000]) for key, value in sorted(params.items())],
+            tags=[RunTag("mlflow.source.name", "secagg")],
+        )
+        return self.run_id
+
+    def log_round(self, step: int, metrics: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(key, float(value), now, step) for key, value in metrics.items()]
+        self.client.log_batch(self._id(), metrics=batch)
+
+    def log_artifact(self, path: Path) -> None:
+        self.client.log_artifact(self._id(), str(path))
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self.run_id is not None:
+            self.client.set_terminated(self.run_id, status=status)
+
+    def _id(self) -> str:
+        if self.run_id is None:
+            raise RuntimeError("MlflowTracker.start() was not called")
+        return self.run_id
+
+
+def default_tracking_uri() -> str:
+    """MLflow 3's own default: a SQLite store ``mlflow.db`` in the working directory."""
+    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def make_tracker(
+    enabled: bool, tracking_uri: str | None, experiment: str, run_id: str | None = None
+) -> Tracker:
+    """The tracker a run asked for."""
+    if not enabled:
+        return NullTracker()
+    return MlflowTracker(tracking_uri, experiment, run_id)
