@@ -40,7 +40,9 @@ def main(debug: bool) -> None:
 
 
 @main.command()
-@click.option("--out", "out_dir", default="keys", show_default=True, type=click.Path(file_okay=False))
+@click.option(
+    "--out", "out_dir", default="keys", show_default=True, type=click.Path(file_okay=False)
+)
 @click.option("--force", is_flag=True, help="Replace existing keys.")
 @click.option(
     "--poly-degree",
@@ -64,9 +66,13 @@ def keygen(out_dir: str, force: bool, poly_degree: str, coeff_bits: str, scale_b
     try:
         bits = tuple(int(b) for b in coeff_bits.split(","))
     except ValueError as err:
-        raise click.BadParameter("give comma-separated integers, e.g. 60,60", param_hint="--coeff-bits") from err
+        raise click.BadParameter(
+            "give comma-separated integers, e.g. 60,60", param_hint="--coeff-bits"
+        ) from err
     params = CkksParams(int(poly_degree), bits, scale_bits)
-    click.echo(f"generating CKKS keys (N={poly_degree}, primes {list(bits)}, scale 2^{scale_bits})...")
+    click.echo(
+        f"generating CKKS keys (N={poly_degree}, primes {list(bits)}, scale 2^{scale_bits})..."
+    )
     manifest = keys.generate(out_dir, params, force=force)
     out = Path(out_dir)
     click.echo(f"  {out / keys.CLIENT_FILE}  secret context: clients only (mode 600)")
@@ -76,7 +82,9 @@ def keygen(out_dir: str, force: bool, poly_degree: str, coeff_bits: str, scale_b
 
 @main.command()
 @click.argument("job", required=False, type=click.Path(dir_okay=False))
-@click.option("--he/--no-he", default=None, help="Homomorphic-encryption aggregation (default off).")
+@click.option(
+    "--he/--no-he", default=None, help="Homomorphic-encryption aggregation (default off)."
+)
 @click.option("--clients", type=click.IntRange(1, 1024))
 @click.option("--rounds", type=click.IntRange(min=1))
 @click.option("--local-epochs", type=click.IntRange(min=1))
@@ -95,7 +103,9 @@ def keygen(out_dir: str, force: bool, poly_degree: str, coeff_bits: str, scale_b
 @click.option("--tracking-uri", help="MLflow tracking URI [sqlite:///mlflow.db].")
 @click.option("--no-tracking", is_flag=True, help="Do not log to MLflow.")
 @click.option("--experiment", help="MLflow experiment name [secagg].")
-@click.option("--resume", is_flag=True, help="Continue the interrupted run in --output (or the latest).")
+@click.option(
+    "--resume", is_flag=True, help="Continue the interrupted run in --output (or the latest)."
+)
 @_friendly
 def run(job: str | None, resume: bool, no_tracking: bool, **flags: Any) -> None:
     """Run a federated job: JOB is an optional TOML job file; flags override it."""
@@ -119,7 +129,8 @@ def run(job: str | None, resume: bool, no_tracking: bool, **flags: Any) -> None:
         click.echo(
             f"round {m.round:>3}/{total}  acc {m.accuracy:.4f}  loss {m.loss:.4f}  "
             f"{m.round_seconds:6.2f}s  up {_mb(m.bytes_up)} down {_mb(m.bytes_down)}  "
-            f"enc {m.encrypt_seconds:.2f}s agg {m.aggregate_seconds:.2f}s dec {m.decrypt_seconds:.2f}s"
+            f"enc {m.encrypt_seconds:.2f}s agg {m.aggregate_seconds:.2f}s "
+            f"dec {m.decrypt_seconds:.2f}s"
         )
 
     result = run_job(config, resume_dir=resume_dir, on_round=progress)

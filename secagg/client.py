@@ -1,4 +1,4 @@
-"""A federated client: train -> flatten -> weight -> encrypt; decrypt -> divide -> unflatten -> load.
+"""A federated client: train, flatten, weight, encrypt; decrypt, divide, unflatten, load.
 
 The client weights its own update by its sample count and appends that count as one extra
 value, so the server only adds (it needs no plaintext multiply) and every client divides by the
@@ -9,6 +9,7 @@ were summed.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -122,7 +123,9 @@ class Client:
     def _train(self, round_num: int) -> float:
         s = self.settings
         # Seeded per (job, round, client): a resumed run trains exactly as an uninterrupted one.
-        generator = torch.Generator().manual_seed(s.seed * 1_000_003 + round_num * 1009 + self.client_id)
+        generator = torch.Generator().manual_seed(
+            s.seed * 1_000_003 + round_num * 1009 + self.client_id
+        )
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
         self.model.train()
         optimizer = torch.optim.SGD(self.model.parameters(), lr=s.lr, momentum=s.momentum)
@@ -139,7 +142,9 @@ class Client:
         return total / max(count, 1)
 
 
-def _batches(split: Split, size: int, generator: torch.Generator | None):  # type: ignore[no-untyped-def]
+def _batches(
+    split: Split, size: int, generator: torch.Generator | None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     n = len(split)
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
     order = order.to(split.x.device)

@@ -6,10 +6,11 @@ Job files hold values only. Precedence: dataclass defaults < job file < command-
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from secagg.errors import ConfigError
 

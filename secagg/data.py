@@ -58,7 +58,9 @@ def load_dataset(name: str, data_dir: str | Path = "data", download: bool = Fals
         return _digits(resize=name == "digits32")
     if name in _NORMALIZE:
         return _torchvision(name, Path(data_dir), download)
-    raise ConfigError(f"unknown dataset {name!r}; choose digits, digits32, mnist, fashion-mnist, cifar10")
+    raise ConfigError(
+        f"unknown dataset {name!r}; choose digits, digits32, mnist, fashion-mnist, cifar10"
+    )
 
 
 def _digits(resize: bool) -> Dataset:
@@ -74,7 +76,10 @@ def _digits(resize: bool) -> Dataset:
     images = (images - 0.5) / 0.5
     labels = torch.tensor(bunch.target, dtype=torch.long)
     train_idx, test_idx = train_test_split(
-        np.arange(len(labels)), test_size=0.2, stratify=bunch.target, random_state=_DIGITS_SPLIT_SEED
+        np.arange(len(labels)),
+        test_size=0.2,
+        stratify=bunch.target,
+        random_state=_DIGITS_SPLIT_SEED,
     )
     full = Split(images, labels)
     name = "digits32" if resize else "digits"

@@ -69,7 +69,9 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+        raise ConfigError(
+            "--device cuda was asked for but no CUDA GPU is visible; use --device cpu"
+        )
     return device
 
 
@@ -85,7 +87,9 @@ def build_ciphers(config: RunConfig) -> tuple[Callable[[], ClientCipher], Server
     def client_cipher() -> ClientCipher:
         return CkksClient(client_keys.context, client_keys.fingerprint, client_keys.params)
 
-    return client_cipher, CkksServer(server_keys.context, server_keys.fingerprint, server_keys.params)
+    return client_cipher, CkksServer(
+        server_keys.context, server_keys.fingerprint, server_keys.params
+    )
 
 
 def build_clients(
@@ -93,7 +97,11 @@ def build_clients(
 ) -> list[Client]:
     """One client per Dirichlet shard; every client starts from the same seeded model."""
     shards = dirichlet_partition(
-        dataset.train.y.numpy(), config.clients, config.alpha, config.seed, config.min_client_samples
+        dataset.train.y.numpy(),
+        config.clients,
+        config.alpha,
+        config.seed,
+        config.min_client_samples,
     )
     device = resolve_device(config.device)
     settings = TrainSettings(
@@ -142,15 +150,16 @@ def run_job(
     checkpoint = None
     if resume_dir is not None:
         checkpoint = load_checkpoint(resume_dir)
-        saved = dict(checkpoint.state["config"])  # type: ignore[call-overload]
+        saved = checkpoint.state["config"]
         config = RunConfig(**{**saved, "output_dir": str(resume_dir)})
-        history = [RoundMetrics(**m) for m in checkpoint.state.get("history", [])]  # type: ignore[attr-defined]
-        run_id = checkpoint.state.get("mlflow_run_id")  # type: ignore[assignment]
+        history = [RoundMetrics(**m) for m in checkpoint.state.get("history", [])]
+        run_id = checkpoint.state.get("mlflow_run_id")
     config.validate()
     output = Path(resume_dir) if resume_dir is not None else new_output_dir(config)
     if resume_dir is None and (output / "state.json").exists():
         raise CheckpointError(
-            f"{output}/ already holds a run; pass --resume to continue it or choose another --output"
+            f"{output}/ already holds a run; pass --resume to continue it "
+            "or choose another --output"
         )
 
     dataset = load_dataset(config.dataset, config.data_dir, config.download)

@@ -92,7 +92,9 @@ def _metrics(
     eval_n = sum(e.num_samples for e in evals) or 1
     up = sum(r.size for r in replies)
     down = len(summed) * len(applied)
-    slowest_client = max(r.seconds["train"] + r.seconds["flatten"] + r.seconds["encrypt"] for r in replies)
+    slowest_client = max(
+        r.seconds["train"] + r.seconds["flatten"] + r.seconds["encrypt"] for r in replies
+    )
     slowest_apply = max(a["decrypt"] + a["unflatten"] for a in applied)
     return RoundMetrics(
         round=round_num,
@@ -112,4 +114,3 @@ def _metrics(
         bytes_down_per_client=down / len(applied),
         latency_seconds=slowest_client + aggregate_seconds + slowest_apply,
     )
-

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from secagg.crypto import ServerCipher
 from secagg.errors import CheckpointError
@@ -26,7 +27,7 @@ STATE_FILE = "state.json"
 class Checkpoint:
     round_num: int
     payload: bytes
-    state: dict[str, object]
+    state: dict[str, Any]
 
 
 class Server:

@@ -49,8 +49,13 @@ class MlflowTracker:
     def __init__(
         self, tracking_uri: str | None, experiment: str, run_id: str | None = None
     ) -> None:
+        import logging
+
         from mlflow.tracking import MlflowClient
 
+        # MLflow and alembic log schema migrations at INFO on first use of a store.
+        for name in ("mlflow", "alembic"):
+            logging.getLogger(name).setLevel(logging.WARNING)
         self.tracking_uri = tracking_uri or default_tracking_uri()
         try:
             self.client = MlflowClient(tracking_uri=self.tracking_uri)

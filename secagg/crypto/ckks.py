@@ -166,4 +166,6 @@ class CkksServer(_CkksBase):
         if first is None:
             raise PayloadError("no payloads to sum")
         blobs = tuple(total.serialize() for total in totals)
-        return Envelope(CODEC_ID, self._fingerprint, first.round_num, first.length, blobs).to_bytes()
+        return Envelope(
+            CODEC_ID, self._fingerprint, first.round_num, first.length, blobs
+        ).to_bytes()

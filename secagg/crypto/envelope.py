@@ -99,6 +99,4 @@ def from_bytes(payload: bytes, *, codec: int, fingerprint: bytes, max_blob: int)
 def check_round(envelope: Envelope, round_num: int | None) -> None:
     """Refuse a payload from another round (stale or replayed)."""
     if round_num is not None and envelope.round_num != round_num:
-        raise PayloadError(
-            f"payload is for round {envelope.round_num}, expected round {round_num}"
-        )
+        raise PayloadError(f"payload is for round {envelope.round_num}, expected round {round_num}")

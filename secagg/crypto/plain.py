@@ -52,4 +52,3 @@ class PlainCipher:
         if len(envelope.blobs) != 1 or len(envelope.blobs[0]) != 4 * envelope.length:
             raise PayloadError("plaintext payload blob does not match its declared length")
         return envelope
-

@@ -1,0 +1,157 @@
+"""The secagg command as a user runs it: real processes for the happy path, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from secagg.cli import main
+
+SECAGG = [sys.executable, "-m", "secagg.cli"]
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(
+        SECAGG + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.mark.slow
+def test_keygen_then_he_run_logs_results_and_mlflow(tmp_path: Path) -> None:
+    keygen = _run(["keygen", "--out", "keys"], tmp_path)
+    assert keygen.returncode == 0, keygen.stderr
+    assert "fingerprint" in keygen.stdout
+    uri = f"sqlite:///{tmp_path / 'track.db'}"
+    run = _run(
+        [
+            "run",
+            "--he",
+            "--clients",
+            "3",
+            "--rounds",
+            "2",
+            "--output",
+            "out",
+            "--tracking-uri",
+            uri,
+        ],
+        tmp_path,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "round   1/2" in run.stdout and "round   2/2" in run.stdout
+    assert "final accuracy" in run.stdout
+
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["config"]["he"] is True
+    assert [r["round"] for r in results["rounds"]] == [1, 2]
+    for r in results["rounds"]:
+        assert 0.0 <= r["accuracy"] <= 1.0
+        assert r["bytes_up"] > 0 and r["bytes_down"] > 0 and r["encrypt_seconds"] > 0
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    run_id = results["mlflow"]["run_id"]
+    mlflow_run = client.get_run(run_id)
+    assert mlflow_run.info.status == "FINISHED"
+    assert mlflow_run.data.tags["he"] == "true"
+    assert mlflow_run.data.params["clients"] == "3"
+    for metric in ("accuracy", "loss", "round_seconds", "encrypt_seconds", "bytes_up"):
+        history = client.get_metric_history(run_id, metric)
+        assert sorted(m.step for m in history) == [1, 2], metric
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"model.pt", "results.json"} <= artifacts
+
+
+def _invoke(args: list[str], cwd: Path):  # type: ignore[no-untyped-def]
+    runner = CliRunner()
+    old = Path.cwd()
+    os.chdir(cwd)
+    try:
+        return runner.invoke(main, args)
+    finally:
+        os.chdir(old)
+
+
+def _assert_one_line_error(result, *fragments: str, code: int = 1) -> None:  # type: ignore[no-untyped-def]
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["run", "--clients", "0"], "--clients"),
+        (["run", "--lr", "-1"], "--lr"),
+        (["run", "--dataset", "imagenet"], "--dataset"),
+        (["run", "--rounds", "x"], "--rounds"),
+        (["keygen", "--poly-degree", "1000"], "--poly-degree"),
+    ],
+)
+def test_invalid_flag_values_are_usage_errors(
+    tmp_path: Path, args: list[str], fragment: str
+) -> None:
+    _assert_one_line_error(_invoke(args, tmp_path), fragment, code=2)
+
+
+def test_keygen_over_existing_keys_is_refused_and_keys_kept(tmp_path: Path, keys_dir: Path) -> None:
+    before = (keys_dir / "client.ctx").read_bytes()
+    result = _invoke(["keygen", "--out", str(keys_dir)], tmp_path)
+    _assert_one_line_error(result, "already holds keys", "--force")
+    assert (keys_dir / "client.ctx").read_bytes() == before
+
+
+def test_keygen_refuses_weak_parameters(tmp_path: Path) -> None:
+    result = _invoke(
+        ["keygen", "--out", "k", "--poly-degree", "4096", "--coeff-bits", "60,60"], tmp_path
+    )
+    _assert_one_line_error(result, "128-bit security", "limit 109 bits")
+    assert not (tmp_path / "k" / "client.ctx").exists()
+
+
+def test_he_run_without_keys_says_to_run_keygen(tmp_path: Path) -> None:
+    result = _invoke(["run", "--he", "--keys", "nokeys", "--no-tracking"], tmp_path)
+    _assert_one_line_error(result, "secagg keygen")
+
+
+def test_missing_dataset_says_how_to_get_it(tmp_path: Path) -> None:
+    result = _invoke(
+        ["run", "--dataset", "mnist", "--model", "cnn", "--data-dir", "empty", "--no-tracking"],
+        tmp_path,
+    )
+    _assert_one_line_error(result, "mnist not found", "--download")
+
+
+def test_job_file_with_unknown_key_is_refused(tmp_path: Path) -> None:
+    job = tmp_path / "bad.toml"
+    job.write_text('dataset = "digits"\nclinets = 4\n')
+    _assert_one_line_error(_invoke(["run", str(job), "--no-tracking"], tmp_path), "clinets")
+
+
+def test_model_that_does_not_fit_the_dataset_is_refused(tmp_path: Path) -> None:
+    result = _invoke(["run", "--model", "moderate-cnn", "--no-tracking"], tmp_path)
+    _assert_one_line_error(result, "moderate-cnn needs 3x32x32", "digits32")
+
+
+def test_resume_with_nothing_to_resume(tmp_path: Path) -> None:
+    result = _invoke(["run", "--resume", "--output", "nothing", "--no-tracking"], tmp_path)
+    _assert_one_line_error(result, "no checkpoint to resume")
+
+
+def test_job_file_values_are_overridden_by_flags(tmp_path: Path) -> None:
+    job = tmp_path / "job.toml"
+    job.write_text("rounds = 5\nclients = 2\nlocal-epochs = 1\n")
+    result = _invoke(["run", str(job), "--rounds", "1", "--output", "o", "--no-tracking"], tmp_path)
+    assert result.exit_code == 0, result.output
+    results = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert results["config"]["rounds"] == 1 and results["config"]["clients"] == 2
+    assert results["config"]["local_epochs"] == 1

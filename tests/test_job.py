@@ -1,0 +1,75 @@
+"""Whole jobs through the library: accuracy with and without HE, and --resume."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from secagg.config import RunConfig
+from secagg.job import run_job
+
+
+def _config(tmp_path: Path, keys_dir: Path, **changes) -> RunConfig:  # type: ignore[no-untyped-def]
+    base = RunConfig(keys_dir=str(keys_dir), tracking=False, output_dir=str(tmp_path / "run"))
+    return replace(base, **changes)
+
+
+@pytest.mark.slow
+def test_default_digits_job_reaches_090_and_he_matches_plaintext(tmp_path, session_keys) -> None:
+    """The default job (8 clients, 10 rounds) with the same seed, with and without HE."""
+    plain = run_job(_config(tmp_path / "p", session_keys, he=False))
+    he = run_job(_config(tmp_path / "h", session_keys, he=True))
+    assert plain.final_accuracy >= 0.90
+    assert he.final_accuracy >= 0.90
+    for p, h in zip(plain.rounds, he.rounds, strict=True):
+        assert abs(p.accuracy - h.accuracy) <= 0.01, f"round {p.round}"
+    # HE ciphertexts are bigger than float32, and the server's sum took measurable time.
+    assert he.rounds[0].bytes_up_per_client > plain.rounds[0].bytes_up_per_client
+    assert all(r.encrypt_seconds > 0 and r.aggregate_seconds > 0 for r in he.rounds)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("he", [False, True])
+def test_resume_continues_from_the_last_round(tmp_path, session_keys, he: bool) -> None:
+    config = _config(tmp_path, session_keys, he=he, rounds=4, clients=3)
+
+    def stop_after_two(metrics) -> None:  # type: ignore[no-untyped-def]
+        if metrics.round == 2:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        run_job(config, on_round=stop_after_two)
+    run_dir = Path(config.output_dir)
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["round"] == 2
+    checkpoint_before = (run_dir / "global.enc").read_bytes()
+
+    seen: list[int] = []
+    resumed = run_job(config, resume_dir=run_dir, on_round=lambda m: seen.append(m.round))
+    assert seen == [3, 4]
+    assert [m.round for m in resumed.rounds] == [1, 2, 3, 4]
+    assert (run_dir / "global.enc").read_bytes() != checkpoint_before
+
+    straight = run_job(replace(config, output_dir=str(tmp_path / "straight")))
+    resumed_model = torch.load(run_dir / "model.pt")
+    straight_model = torch.load(tmp_path / "straight" / "model.pt")
+    for key, value in straight_model.items():
+        # Plaintext: bit-identical. HE: equal within CKKS noise.
+        assert torch.allclose(resumed_model[key], value, atol=0 if not he else 1e-3), key
+    assert resumed.final_accuracy == pytest.approx(straight.final_accuracy, abs=0.01)
+
+
+def test_run_refuses_to_overwrite_an_existing_run(tmp_path, session_keys) -> None:
+    from secagg.errors import CheckpointError
+
+    config = _config(tmp_path, session_keys, rounds=1, clients=2)
+    run_job(config)
+    with pytest.raises(CheckpointError, match="--resume"):
+        run_job(config)
