@@ -101,8 +101,11 @@ def _torchvision(name: str, data_dir: Path, download: bool) -> Dataset:
                 f"{name} not found in {data_dir}/; run again with --download where online, "
                 f"or copy it there in torchvision's layout and pass --data-dir"
             ) from err
-        except OSError as err:
-            raise DatasetError(f"cannot read {name} from {data_dir}/: {err}") from err
+        except Exception as err:  # torchvision's readers raise anything on damaged files
+            raise DatasetError(
+                f"{name} in {data_dir}/ is damaged or unreadable ({type(err).__name__}: {err}); "
+                "delete it and fetch it again with --download"
+            ) from err
         splits.append(_to_split(name, raw.data, raw.targets))
     return Dataset(name, splits[0], splits[1], classes=10)
 
