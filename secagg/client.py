@@ -84,8 +84,12 @@ class Client:
         weighted = np.append(vector * weight, weight)
         flat = time.perf_counter()
         payload = self.cipher.encrypt(weighted, round_num)
-        done = time.perf_counter()
-        seconds = {"train": trained - start, "flatten": flat - trained, "encrypt": done - flat}
+        seconds = {
+            "train": trained - start,
+            "flatten": flat - trained,
+            "encrypt": self.cipher.last_seconds["encrypt"],
+            "serialize": self.cipher.last_seconds["serialize"],
+        }
         return FitReply(self.client_id, payload, len(self.train_data), loss, seconds, len(payload))
 
     def apply(self, payload: bytes, round_num: int) -> dict[str, float]:

@@ -16,12 +16,11 @@ from typing import Any
 
 import torch
 
+from secagg import crypto, rounds
 from secagg import keys as keyfiles
-from secagg import rounds
 from secagg.client import Client, TrainSettings
 from secagg.config import RunConfig
-from secagg.crypto import ClientCipher, ServerCipher
-from secagg.crypto.plain import PlainCipher
+from secagg.crypto import ClientCipher
 from secagg.data import Dataset, dirichlet_partition, load_dataset
 from secagg.errors import CheckpointError, ConfigError
 from secagg.files import atomic_write, atomic_write_json
@@ -75,23 +74,6 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def build_ciphers(config: RunConfig) -> tuple[Callable[[], ClientCipher], ServerCipher]:
-    """A factory of client-side ciphers and the one server-side cipher the job asked for."""
-    if not config.he:
-        return PlainCipher, PlainCipher()
-    from secagg.crypto.ckks import CkksClient, CkksServer
-
-    server_keys = keyfiles.load_for_server(config.keys_dir)
-    client_keys = keyfiles.load_for_client(config.keys_dir)
-
-    def client_cipher() -> ClientCipher:
-        return CkksClient(client_keys.context, client_keys.fingerprint, client_keys.params)
-
-    return client_cipher, CkksServer(
-        server_keys.context, server_keys.fingerprint, server_keys.params
-    )
-
-
 def build_clients(
     config: RunConfig, dataset: Dataset, make_cipher: Callable[[], ClientCipher]
 ) -> list[Client]:
@@ -142,8 +124,12 @@ def run_job(
     *,
     resume_dir: str | Path | None = None,
     on_round: Callable[[RoundMetrics], None] | None = None,
+    tags: dict[str, str] | None = None,
 ) -> RunResult:
-    """Run a job (or continue the interrupted one in ``resume_dir``); return its result."""
+    """Run a job (or continue the interrupted one in ``resume_dir``); return its result.
+
+    ``tags`` are added to the MLflow run (``mlflow.parentRunId`` nests it under another run).
+    """
     started = time.perf_counter()
     history: list[RoundMetrics] = []
     run_id = None
@@ -163,15 +149,15 @@ def run_job(
         )
 
     dataset = load_dataset(config.dataset, config.data_dir, config.download)
-    make_cipher, server_cipher = build_ciphers(config)
-    clients = build_clients(config, dataset, make_cipher)
-    server = Server(server_cipher, output)
+    server = Server(crypto.for_server(config), output)
+    clients = build_clients(config, dataset, crypto.for_client(config))
     transport = InProcessTransport(clients)
     num_parameters = sum(p.numel() for p in clients[0].model.parameters())
 
     output.mkdir(parents=True, exist_ok=True)
     tracker = make_tracker(config.tracking, config.tracking_uri, config.experiment, run_id)
-    run_id = tracker.start(_params(config, num_parameters), _tags(config), output.name)
+    run_tags = {**_tags(config), **(tags or {})}
+    run_id = tracker.start(_params(config, num_parameters), run_tags, output.name)
     result = RunResult(
         config, output, history, num_parameters, getattr(tracker, "tracking_uri", None), run_id
     )

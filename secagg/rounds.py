@@ -26,7 +26,9 @@ class RoundMetrics:
     train_loss: float
     round_seconds: float
     train_seconds: float
+    flatten_seconds: float
     encrypt_seconds: float
+    serialize_seconds: float
     aggregate_seconds: float
     decrypt_seconds: float
     evaluate_seconds: float
@@ -92,9 +94,7 @@ def _metrics(
     eval_n = sum(e.num_samples for e in evals) or 1
     up = sum(r.size for r in replies)
     down = len(summed) * len(applied)
-    slowest_client = max(
-        r.seconds["train"] + r.seconds["flatten"] + r.seconds["encrypt"] for r in replies
-    )
+    slowest_client = max(sum(r.seconds.values()) for r in replies)
     slowest_apply = max(a["decrypt"] + a["unflatten"] for a in applied)
     return RoundMetrics(
         round=round_num,
@@ -104,7 +104,9 @@ def _metrics(
         train_loss=sum(r.train_loss * r.num_samples for r in replies) / max(samples, 1),
         round_seconds=0.0,
         train_seconds=sum(r.seconds["train"] for r in replies),
+        flatten_seconds=sum(r.seconds["flatten"] for r in replies),
         encrypt_seconds=sum(r.seconds["encrypt"] for r in replies),
+        serialize_seconds=sum(r.seconds["serialize"] for r in replies),
         aggregate_seconds=aggregate_seconds,
         decrypt_seconds=sum(a["decrypt"] for a in applied),
         evaluate_seconds=0.0,

@@ -10,16 +10,20 @@ imports TenSEAL.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 import numpy as np
+
+from secagg.config import RunConfig
 
 
 class ClientCipher(Protocol):
     """What a client does with its secret (or, for plaintext, with nothing)."""
 
     name: str
+    #: the last ``encrypt`` split into "encrypt" and "serialize" seconds
+    last_seconds: dict[str, float]
 
     def encrypt(self, vector: np.ndarray, round_num: int = 0) -> bytes:
         """Encrypt a flat float vector; return payload bytes."""
@@ -38,3 +42,29 @@ class ServerCipher(Protocol):
     def sum(self, payloads: Iterable[bytes]) -> bytes:
         """Add payloads one at a time as they arrive; return the summed payload."""
         ...
+
+
+def for_client(config: RunConfig) -> Callable[[], ClientCipher]:
+    """A factory of client-side ciphers for the job (each client gets its own)."""
+    if not config.he:
+        from secagg.crypto.plain import PlainCipher
+
+        return PlainCipher
+    from secagg import keys
+    from secagg.crypto.ckks import CkksClient
+
+    loaded = keys.load_for_client(config.keys_dir)
+    return lambda: CkksClient(loaded.context, loaded.fingerprint, loaded.params)
+
+
+def for_server(config: RunConfig) -> ServerCipher:
+    """The server-side cipher for the job; for HE it is built from the public context only."""
+    if not config.he:
+        from secagg.crypto.plain import PlainCipher
+
+        return PlainCipher()
+    from secagg import keys
+    from secagg.crypto.ckks import CkksServer
+
+    loaded = keys.load_for_server(config.keys_dir)
+    return CkksServer(loaded.context, loaded.fingerprint, loaded.params)

@@ -10,6 +10,7 @@ safe to share, so everything that leaves this module is bytes.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable
 
 import numpy as np
@@ -91,10 +92,14 @@ class _CkksBase:
 
 
 class CkksClient(_CkksBase):
-    """Client side: encrypts and decrypts; needs the secret context."""
+    """Client side: encrypts and decrypts; needs the secret context.
+
+    ``last_seconds`` splits the last ``encrypt`` into encryption and serialization time.
+    """
 
     def __init__(self, context: bytes, fingerprint: bytes, params: CkksParams) -> None:
         super().__init__(context, fingerprint, params)
+        self.last_seconds: dict[str, float] = {}
         if not self._context.is_private():
             raise KeyFileError(
                 "a client needs the secret context (keys/client.ctx), "
@@ -112,12 +117,19 @@ class CkksClient(_CkksBase):
                 "lower --lr or make keys with fewer scale bits"
             )
         slots = self._params.slots
-        blobs = tuple(
-            ts.ckks_vector(self._context, vector[start : start + slots].tolist()).serialize()
+        start_time = time.perf_counter()
+        ciphertexts = [
+            ts.ckks_vector(self._context, vector[start : start + slots].tolist())
             for start in range(0, vector.size, slots)
-        )
-        envelope = Envelope(CODEC_ID, self._fingerprint, round_num, vector.size, blobs)
-        return envelope.to_bytes()
+        ]
+        encrypted = time.perf_counter()
+        blobs = tuple(ciphertext.serialize() for ciphertext in ciphertexts)
+        payload = Envelope(CODEC_ID, self._fingerprint, round_num, vector.size, blobs).to_bytes()
+        self.last_seconds = {
+            "encrypt": encrypted - start_time,
+            "serialize": time.perf_counter() - encrypted,
+        }
+        return payload
 
     def decrypt(self, payload: bytes, round_num: int | None = None) -> np.ndarray:
         envelope = self._open(payload, round_num)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Iterable
 
 import numpy as np
@@ -20,9 +21,15 @@ class PlainCipher:
 
     name = "plain"
 
+    def __init__(self) -> None:
+        self.last_seconds: dict[str, float] = {}
+
     def encrypt(self, vector: np.ndarray, round_num: int = 0) -> bytes:
+        start = time.perf_counter()
         data = np.ascontiguousarray(vector, dtype="<f4").tobytes()
-        return Envelope(CODEC_ID, FINGERPRINT, round_num, len(vector), (data,)).to_bytes()
+        payload = Envelope(CODEC_ID, FINGERPRINT, round_num, len(vector), (data,)).to_bytes()
+        self.last_seconds = {"encrypt": 0.0, "serialize": time.perf_counter() - start}
+        return payload
 
     def decrypt(self, payload: bytes, round_num: int | None = None) -> np.ndarray:
         envelope = self._open(payload, round_num)

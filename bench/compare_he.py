@@ -1,0 +1,418 @@
+"""HE vs plaintext FedAvg, side by side, on one job with the same seed, partition and model.
+
+    python bench/compare_he.py            # headline: ModerateCNN (3.5M params), 8 clients, digits32
+    python bench/compare_he.py --quick    # the small digits MLP, under a minute
+
+Two time figures are reported, and they answer different questions:
+
+* **simulated wall time**: the sum of round times of this in-process simulation, where the
+  clients run one after another on this machine;
+* **deployment round latency**: what a deployment with the clients on their own machines would
+  see per round: the slowest client's train + flatten + encrypt, plus the server's sum, plus the
+  slowest client's decrypt.
+
+Peak memory is measured in separate processes (one playing a client, one the server) so the
+figures are not mixed with the simulation's. Results go to stdout and to
+``bench/results/<timestamp>.{md,json,png}``; both runs are logged to MLflow under one parent run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from secagg.config import RunConfig, load_job  # noqa: E402
+from secagg.job import RunResult, run_job  # noqa: E402
+
+HEADLINE_JOB = REPO / "jobs" / "bench_moderate_cnn.toml"
+QUICK_JOB = REPO / "jobs" / "digits.toml"
+STEPS = ("train", "flatten", "encrypt", "serialize", "aggregate", "decrypt", "evaluate")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--job", type=Path, help="TOML job file (default: the headline job)")
+    parser.add_argument("--quick", action="store_true", help="small digits MLP job, < 1 minute")
+    parser.add_argument("--rounds", type=int)
+    parser.add_argument("--clients", type=int)
+    parser.add_argument("--dataset")
+    parser.add_argument("--model")
+    parser.add_argument("--local-epochs", type=int)
+    parser.add_argument("--keys", type=Path, default=REPO / "keys", help="HE keys (default keys/)")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--tracking-uri")
+    parser.add_argument("--no-tracking", action="store_true")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory probes")
+    parser.add_argument("--probe", choices=("client", "server"), help=argparse.SUPPRESS)
+    parser.add_argument("--probe-config", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--probe-payload", type=Path, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def job_config(args: argparse.Namespace) -> RunConfig:
+    """The job both runs share, with the command line's overrides."""
+    config = load_job(args.job or (QUICK_JOB if args.quick else HEADLINE_JOB))
+    overrides = {
+        "rounds": args.rounds,
+        "clients": args.clients,
+        "dataset": args.dataset,
+        "model": args.model,
+        "local_epochs": args.local_epochs,
+        "tracking_uri": args.tracking_uri,
+        "keys_dir": str(args.keys),
+    }
+    config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    return replace(config, tracking=not args.no_tracking, experiment="secagg-bench").validate()
+
+
+def ensure_keys(keys_dir: Path) -> Path:
+    """Use the user's keys, or throwaway ones made for this benchmark when there are none."""
+    if (keys_dir / "manifest.json").exists():
+        return keys_dir
+    from secagg import keys
+    from secagg.config import CkksParams
+
+    temp = Path(tempfile.mkdtemp(prefix="secagg-bench-keys-"))
+    keys.generate(temp, CkksParams())
+    print(f"no keys in {keys_dir}/: using throwaway keys in {temp}/", file=sys.stderr)
+    return temp
+
+
+def run_pair(config: RunConfig, out: Path, stamp: str) -> tuple[RunResult, RunResult, str | None]:
+    """Plaintext then HE, each in its own run folder, under one MLflow parent run."""
+    parent = _parent_run(config, stamp)
+    tags = {"mlflow.parentRunId": parent} if parent else {}
+    results = []
+    for he in (False, True):
+        label = "he" if he else "plain"
+        print(f"--- {label} run ---", file=sys.stderr)
+        run_config = replace(config, he=he, output_dir=str(out / f"{stamp}-{label}"))
+        results.append(run_job(run_config, on_round=_progress(label, config.rounds), tags=tags))
+    return results[0], results[1], parent
+
+
+def _parent_run(config: RunConfig, stamp: str) -> str | None:
+    if not config.tracking:
+        return None
+    from secagg.tracking import MlflowTracker
+
+    tracker = MlflowTracker(config.tracking_uri, config.experiment)
+    params = {"job": config.job_name, "clients": config.clients, "rounds": config.rounds}
+    return tracker.start(params, {"bench": "compare_he"}, f"compare-he-{stamp}")
+
+
+def _progress(label: str, total: int):  # type: ignore[no-untyped-def]
+    def show(m) -> None:  # type: ignore[no-untyped-def]
+        print(
+            f"  {label:5} round {m.round:>2}/{total} acc {m.accuracy:.4f} {m.round_seconds:6.2f}s",
+            file=sys.stderr,
+        )
+
+    return show
+
+
+def measure_memory(config: RunConfig, work: Path) -> dict[str, dict[str, float]]:
+    """Peak RSS of a client process and of a server process summing ``clients`` payloads."""
+    work.mkdir(parents=True, exist_ok=True)
+    config_file = work / "probe-config.json"
+    memory: dict[str, dict[str, float]] = {}
+    for he in (False, True):
+        label = "he" if he else "plain"
+        config_file.write_text(json.dumps(replace(config, he=he, tracking=False).to_dict()))
+        payload = work / f"payload-{label}.bin"
+        for role in ("client", "server"):
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--probe",
+                    role,
+                    "--probe-config",
+                    str(config_file),
+                    "--probe-payload",
+                    str(payload),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            memory[f"{label}_{role}"] = json.loads(out.stdout.strip().splitlines()[-1])
+    return memory
+
+
+def probe(role: str, config_file: Path, payload_file: Path) -> dict[str, float]:
+    """Runs in a child process: one client's round, or the server's sum of every client."""
+    config = RunConfig(**json.loads(config_file.read_text()))
+    from secagg import crypto
+
+    if role == "client":
+        from secagg.data import load_dataset
+        from secagg.job import build_clients
+
+        dataset = load_dataset(config.dataset, config.data_dir)
+        client = build_clients(config, dataset, crypto.for_client(config))[0]
+        idle = _rss_mb()
+        payload = client.fit(1).payload
+        payload_file.write_bytes(payload)
+        client.apply(payload, 1)
+    else:
+        # The server process never imports torch or loads the secret key.
+        server_cipher = crypto.for_server(config)
+        idle = _rss_mb()
+        size = payload_file.stat().st_size
+        # The same client payload arrives `clients` times: memory and time depend on sizes only.
+        server_cipher.sum(payload_file.read_bytes() for _ in range(config.clients))
+    peak = _peak_mb()
+    result = {"idle_mb": idle, "peak_mb": peak, "growth_mb": peak - idle}
+    if role == "server":
+        result["payload_mb"] = size / 1e6
+        result["growth_in_payloads"] = (peak - idle) / (size / 1e6)
+    return result
+
+
+def _rss_mb() -> float:
+    return _status_field("VmRSS")
+
+
+def _peak_mb() -> float:
+    return _status_field("VmHWM")
+
+
+def _status_field(name: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(name + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def summarize(plain: RunResult, he: RunResult, memory: dict[str, Any]) -> dict[str, Any]:
+    """Every figure of the report, as plain values."""
+    params = plain.num_parameters
+    rounds = [
+        {
+            "round": p.round,
+            "plain_accuracy": p.accuracy,
+            "he_accuracy": h.accuracy,
+            "difference_points": 100 * (h.accuracy - p.accuracy),
+        }
+        for p, h in zip(plain.rounds, he.rounds, strict=True)
+    ]
+
+    def side(result: RunResult) -> dict[str, Any]:
+        n = len(result.rounds)
+        per_round = {
+            step: sum(getattr(m, f"{step}_seconds") for m in result.rounds) / n for step in STEPS
+        }
+        up = sum(m.bytes_up_per_client for m in result.rounds) / n
+        down = sum(m.bytes_down_per_client for m in result.rounds) / n
+        return {
+            "final_accuracy": result.final_accuracy,
+            "simulated_wall_seconds": sum(m.round_seconds for m in result.rounds),
+            "deployment_latency_seconds": sum(m.latency_seconds for m in result.rounds),
+            "seconds_per_round": per_round,
+            "upload_bytes_per_client_round": up,
+            "download_bytes_per_client_round": down,
+            "upload_bytes_per_parameter": up / params,
+            "download_bytes_per_parameter": down / params,
+            "mlflow_run_id": result.mlflow_run_id,
+            "output_dir": str(result.output_dir),
+        }
+
+    p, h = side(plain), side(he)
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "job": plain.config.to_dict(),
+        "num_parameters": params,
+        "plain": p,
+        "he": h,
+        "rounds": rounds,
+        "max_abs_difference_points": max(abs(r["difference_points"]) for r in rounds),
+        "ratios": {
+            "simulated_wall_time": h["simulated_wall_seconds"] / p["simulated_wall_seconds"],
+            "deployment_latency": h["deployment_latency_seconds"] / p["deployment_latency_seconds"],
+            "upload_bytes": h["upload_bytes_per_client_round"] / p["upload_bytes_per_client_round"],
+            "download_bytes": h["download_bytes_per_client_round"]
+            / p["download_bytes_per_client_round"],
+        },
+        "memory_mb": memory,
+        "machine": _machine(),
+    }
+
+
+def _machine() -> dict[str, Any]:
+    import os
+    import platform
+
+    import torch
+
+    device = "cuda: " + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "device": device,
+        "torch": torch.__version__,
+    }
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    p, h, r = report["plain"], report["he"], report["ratios"]
+    job = report["job"]
+    lines = [
+        f"# HE vs plaintext FedAvg — {report['date']}",
+        "",
+        f"Job `{job['job_name']}`: {job['dataset']} / {job['model']} "
+        f"({report['num_parameters']:,} parameters), {job['clients']} clients, {job['rounds']} "
+        f"rounds, alpha {job['alpha']}, seed {job['seed']}. Machine: "
+        f"{report['machine']['cpus']} CPUs, {report['machine']['device']}.",
+        "",
+        "| figure | plaintext | HE | HE / plaintext |",
+        "| --- | ---: | ---: | ---: |",
+        f"| final accuracy | {p['final_accuracy']:.4f} | {h['final_accuracy']:.4f} | "
+        f"{100 * (h['final_accuracy'] - p['final_accuracy']):+.2f} points |",
+        f"| simulated wall time (clients one after another) | {p['simulated_wall_seconds']:.1f} s"
+        f" | {h['simulated_wall_seconds']:.1f} s | {r['simulated_wall_time']:.2f}x |",
+        f"| deployment round latency, summed over rounds | {p['deployment_latency_seconds']:.1f}"
+        f" s | {h['deployment_latency_seconds']:.1f} s | {r['deployment_latency']:.2f}x |",
+        f"| upload per client per round | {_mb(p['upload_bytes_per_client_round'])} | "
+        f"{_mb(h['upload_bytes_per_client_round'])} | {r['upload_bytes']:.2f}x |",
+        f"| download per client per round | {_mb(p['download_bytes_per_client_round'])} | "
+        f"{_mb(h['download_bytes_per_client_round'])} | {r['download_bytes']:.2f}x |",
+        f"| upload bytes per parameter | {p['upload_bytes_per_parameter']:.2f} | "
+        f"{h['upload_bytes_per_parameter']:.2f} | |",
+        f"| download bytes per parameter | {p['download_bytes_per_parameter']:.2f} | "
+        f"{h['download_bytes_per_parameter']:.2f} | |",
+        "",
+        "Time per round, summed over clients (seconds):",
+        "",
+        "| step | " + " | ".join(STEPS) + " |",
+        "| --- |" + " ---: |" * len(STEPS),
+    ]
+    for label, side in (("plaintext", p), ("HE", h)):
+        cells = " | ".join(f"{side['seconds_per_round'][s]:.3f}" for s in STEPS)
+        lines.append(f"| {label} | {cells} |")
+    lines += [
+        "",
+        "Accuracy per round:",
+        "",
+        "| round | plaintext | HE | HE − plaintext (points) |",
+        "| ---: | ---: | ---: | ---: |",
+    ]
+    for row in report["rounds"]:
+        lines.append(
+            f"| {row['round']} | {row['plain_accuracy']:.4f} | {row['he_accuracy']:.4f} | "
+            f"{row['difference_points']:+.2f} |"
+        )
+    if report["memory_mb"]:
+        lines += [
+            "",
+            "Peak memory (RSS, separate processes; MB):",
+            "",
+            "| process | idle | peak | growth |",
+            "| --- | ---: | ---: | ---: |",
+        ]
+        for name, m in report["memory_mb"].items():
+            lines.append(
+                f"| {name} | {m['idle_mb']:.0f} | {m['peak_mb']:.0f} | {m['growth_mb']:.0f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+def plot(report: dict[str, Any], path: Path) -> Path:
+    """Accuracy per round, stacked time per round, and bytes per client, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (acc, times, sizes) = plt.subplots(1, 3, figsize=(15, 4.2))
+    rounds = [r["round"] for r in report["rounds"]]
+    acc.plot(rounds, [r["plain_accuracy"] for r in report["rounds"]], "o-", label="plaintext")
+    acc.plot(rounds, [r["he_accuracy"] for r in report["rounds"]], "s--", label="HE")
+    acc.set(title="global test accuracy", xlabel="round", ylabel="accuracy")
+    acc.legend()
+    labels = ["plaintext", "HE"]
+    bottom = [0.0, 0.0]
+    for step in STEPS:
+        values = [report[k]["seconds_per_round"][step] for k in ("plain", "he")]
+        times.bar(labels, values, bottom=bottom, label=step)
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    times.set(title="time per round (summed over clients)", ylabel="seconds")
+    times.legend(fontsize=8)
+    width = 0.35
+    for offset, key in ((-width / 2, "upload"), (width / 2, "download")):
+        values = [report[k][f"{key}_bytes_per_client_round"] / 1e6 for k in ("plain", "he")]
+        sizes.bar([i + offset for i in range(2)], values, width, label=key)
+    sizes.set_xticks(range(2), labels)
+    sizes.set(title="bytes per client per round", ylabel="MB")
+    sizes.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the comparison; return the report (also written to ``--out``)."""
+    args = parse_args(argv)
+    if args.probe:
+        result = probe(args.probe, args.probe_config, args.probe_payload)
+        print(json.dumps(result))
+        return result
+    args.keys = ensure_keys(args.keys)
+    config = job_config(args)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    plain, he, parent = run_pair(config, out / "runs", stamp)
+    memory = {} if args.no_memory else measure_memory(config, out / "runs" / f"{stamp}-memory")
+    report = summarize(plain, he, memory)
+    markdown = to_markdown(report)
+    paths = {
+        "md": out / f"{stamp}.md",
+        "json": out / f"{stamp}.json",
+        "png": plot(report, out / f"{stamp}.png"),
+    }
+    paths["md"].write_text(markdown + f"\n![HE vs plaintext]({stamp}.png)\n")
+    report["files"] = {k: str(v) for k, v in paths.items()}
+    paths["json"].write_text(json.dumps(report, indent=2))
+    if parent:
+        _finish_parent(config, parent, report, paths)
+    print(markdown)
+    print(f"report: {paths['md']}  figure: {paths['png']}", file=sys.stderr)
+    return report
+
+
+def _finish_parent(config: RunConfig, parent: str, report: dict[str, Any], paths: dict) -> None:
+    from secagg.tracking import MlflowTracker
+
+    tracker = MlflowTracker(config.tracking_uri, config.experiment, run_id=parent)
+    tracker.log_round(
+        0,
+        {
+            "ratio_simulated_wall_time": report["ratios"]["simulated_wall_time"],
+            "ratio_deployment_latency": report["ratios"]["deployment_latency"],
+            "ratio_upload_bytes": report["ratios"]["upload_bytes"],
+            "max_abs_accuracy_difference_points": report["max_abs_difference_points"],
+        },
+    )
+    for path in paths.values():
+        tracker.log_artifact(path)
+    tracker.finish()
+
+
+if __name__ == "__main__":
+    main()
