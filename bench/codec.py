@@ -1,0 +1,868 @@
+"""Codec micro-benchmark: what secure aggregation costs per parameter, against two references.
+
+Run ``python bench/codec.py [--quick] [--out DIR]`` from the repository root.
+
+What is measured, and why
+-------------------------
+One federated round moves every model parameter through three steps: each client encrypts its
+(weighted) update, the server adds the payloads it cannot read, and a client decrypts the sum.
+For each step this script reports throughput in parameters per second, and for the wire the
+payload size in bytes per parameter (upload payload length / number of values). Three configs
+run in the same process, on the same machine, on the same random vectors:
+
+``plain``
+    ``secagg.crypto.plain.PlainCipher``: float32 in the secagg envelope. The floor: no privacy.
+``secagg-ckks``
+    ``CkksClient``/``CkksServer`` with the default ``CkksParams`` (N=8192, primes (60, 60),
+    scale 2**30), keys made by ``secagg.keys.generate`` and loaded per role. Clients weight their
+    own update before encrypting, so the server only adds ciphertexts.
+``peer-baseline``
+    NVIDIA FLARE's HE example setting, written here directly against TenSEAL: N=8192, primes
+    (60, 40, 40, 60), scale 2**40, public-key encryption, one CKKS vector per model tensor
+    (TenSEAL splits a long tensor over several ciphertexts itself), and the *server* weighting
+    each client: ``ct * w`` (a plaintext multiply plus rescale) before adding. Tensor sizes follow
+    ``ModerateCNN``'s state dict, cycled and truncated for the synthetic sizes. No Galois or
+    relinearization keys are made: none of the timed operations needs them.
+
+Every config is bytes in, bytes out at each step (serialization and parsing are timed), and
+the decrypted sum is checked against the plaintext weighted sum (``max_abs_error``).
+
+Sizes: 100k, 1M and 10M parameters and the ModerateCNN size (3,491,530, counted from the model).
+Sum throughput counts every incoming parameter: ``clients * size / seconds``.
+
+A second part times ``CkksServer.sum`` for 2, 8, 32 and 128 clients at one vector size and
+records the peak resident memory of that step. ``sum`` takes an iterable and holds only the
+running total and the current payload, so time should grow linearly with clients while peak
+memory stays at a constant working set; the same sum given a list of all payloads (the control
+column) grows by one payload per client, which also shows the memory probe sees growth.
+
+On a 2-core machine the default run takes about 1.5 minutes and peaks near 5 GB of RSS (the
+10M round: three 10M payloads plus the transient copies the ciphers make). The peer baseline
+stops at the ModerateCNN size by default (``--peer-max``): at 10M it adds over a minute and up
+to ~2 GB more peak RSS (7.3 GB seen), while its per-parameter costs are already flat from 1M
+up; ``--peer-max 10000000`` includes it. ``--quick`` skips 10M for every config, uses 2 clients
+and takes about 40 s.
+
+Timing is wall clock (``time.perf_counter``) and process CPU time (``time.process_time``, all
+threads). CPU seconds are what the "one core" figures use, so they do not depend on how many
+threads TenSEAL used. Throughputs use wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import ctypes.util
+import datetime as dt
+import functools
+import gc
+import json
+import os
+import platform
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import tenseal as ts
+
+from secagg import keys as secagg_keys
+from secagg.config import CkksParams
+from secagg.crypto.ckks import CkksClient, CkksServer
+from secagg.crypto.plain import PlainCipher
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+MODEL_SIZE = "cnn"  # --sizes token for the ModerateCNN parameter count
+DEFAULT_SIZES = "100000,1000000,cnn,10000000"
+QUICK_SIZES = "100000,1000000,cnn"
+DEFAULT_SCALING_CLIENTS = "2,8,32,128"
+# Distinct payloads encrypted for the scaling part; clients beyond this reuse them in turn
+# (each arriving as a fresh copy of the bytes), since encrypting 128 distinct 100k-parameter
+# payloads would take longer than the summing being measured. Adding the same ciphertext
+# twice costs exactly what adding a different one does.
+SCALING_DISTINCT_PAYLOADS = 4
+UPDATE_STD = 0.01  # model updates are small; any value well inside the CKKS range would do
+
+Payload = Any  # bytes for the secagg envelopes, tuple[bytes, ...] (one per tensor) for the peer
+
+
+class Codec(Protocol):
+    """One config under test, bytes in and bytes out at every step."""
+
+    name: str
+    threads: str
+
+    def encrypt(self, vector: np.ndarray, weight: float) -> Payload: ...
+
+    def aggregate(self, payloads: Iterable[tuple[Payload, float]]) -> Payload: ...
+
+    def decrypt(self, payload: Payload) -> np.ndarray: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+
+
+class PlainCodec:
+    """``PlainCipher``: the client weights its update, the server adds float32 vectors."""
+
+    name = "plain"
+    threads = "n/a (numpy)"
+
+    def __init__(self) -> None:
+        self._cipher = PlainCipher()
+
+    def encrypt(self, vector: np.ndarray, weight: float) -> Payload:
+        return self._cipher.encrypt(vector * weight)
+
+    def aggregate(self, payloads: Iterable[tuple[Payload, float]]) -> Payload:
+        return self._cipher.sum(payload for payload, _ in payloads)
+
+    def decrypt(self, payload: Payload) -> np.ndarray:
+        return self._cipher.decrypt(payload)
+
+
+class SecaggCkksCodec:
+    """Our CKKS ciphers with keys from ``secagg.keys``: client-side weighting, server adds."""
+
+    name = "secagg-ckks"
+    threads = "TenSEAL default (= CPU count); one ciphertext per vector"
+
+    def __init__(self, client: CkksClient, server: CkksServer) -> None:
+        self.client = client
+        self.server = server
+
+    def encrypt(self, vector: np.ndarray, weight: float) -> Payload:
+        return self.client.encrypt(vector * weight)
+
+    def aggregate(self, payloads: Iterable[tuple[Payload, float]]) -> Payload:
+        return self.server.sum(payload for payload, _ in payloads)
+
+    def decrypt(self, payload: Payload) -> np.ndarray:
+        return self.client.decrypt(payload)
+
+
+class PeerBaselineCodec:
+    """FLARE's HE example setting: one CKKS vector per tensor, the server weights (ct * w)."""
+
+    name = "peer-baseline"
+    POLY_MODULUS_DEGREE = 8192
+    COEFF_MOD_BIT_SIZES = (60, 40, 40, 60)
+    SCALE_BITS = 40
+
+    def __init__(self, tensor_sizes: Callable[[int], list[int]], n_threads: int | None) -> None:
+        context = ts.context(
+            ts.SCHEME_TYPE.CKKS,
+            poly_modulus_degree=self.POLY_MODULUS_DEGREE,
+            coeff_mod_bit_sizes=list(self.COEFF_MOD_BIT_SIZES),
+            encryption_type=ts.ENCRYPTION_TYPE.ASYMMETRIC,
+            n_threads=n_threads,
+        )
+        context.global_scale = 2.0**self.SCALE_BITS
+        secret = context.serialize(save_secret_key=True)
+        context.make_context_public()
+        # Each party loads its context from bytes, as it would from the provisioned files.
+        self._client = ts.context_from(secret, n_threads)
+        self._server = ts.context_from(context.serialize(), n_threads)
+        self._tensor_sizes = tensor_sizes
+        self.threads = (
+            f"{n_threads}, set by --peer-threads" if n_threads else "TenSEAL default (= CPU count)"
+        )
+
+    def encrypt(self, vector: np.ndarray, weight: float) -> Payload:
+        del weight  # the server weights in this design
+        blobs = []
+        start = 0
+        for size in self._tensor_sizes(vector.size):
+            tensor = vector[start : start + size]
+            start += size
+            with quiet_stdout():  # TenSEAL prints a warning for every multi-ciphertext vector
+                encrypted = ts.ckks_vector(self._client, tensor.tolist())
+            blobs.append(encrypted.serialize())
+        return tuple(blobs)
+
+    def aggregate(self, payloads: Iterable[tuple[Payload, float]]) -> Payload:
+        totals: list[ts.CKKSVector] = []
+        for blobs, weight in payloads:
+            weighted = [ts.ckks_vector_from(self._server, blob) * weight for blob in blobs]
+            if not totals:
+                totals = weighted
+                continue
+            for total, item in zip(totals, weighted, strict=True):
+                total += item
+        return tuple(total.serialize() for total in totals)
+
+    def decrypt(self, payload: Payload) -> np.ndarray:
+        parts = [ts.ckks_vector_from(self._client, blob).decrypt() for blob in payload]
+        return np.concatenate([np.asarray(part, dtype=np.float64) for part in parts])
+
+
+@contextlib.contextmanager
+def quiet_stdout() -> Iterator[None]:
+    """Silence file descriptor 1 (TenSEAL's C++ warnings bypass ``sys.stdout``)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 1)
+            yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+@contextlib.contextmanager
+def secagg_ckks_codec(params: CkksParams) -> Iterator[SecaggCkksCodec]:
+    """Keys generated into a temporary directory and loaded per role, as a deployment would."""
+    with tempfile.TemporaryDirectory(prefix="secagg-bench-keys-") as keys_dir:
+        secagg_keys.generate(keys_dir, params)
+        client_keys = secagg_keys.load_for_client(keys_dir)
+        server_keys = secagg_keys.load_for_server(keys_dir)
+        client = CkksClient(client_keys.context, client_keys.fingerprint, client_keys.params)
+        server = CkksServer(server_keys.context, server_keys.fingerprint, server_keys.params)
+        yield SecaggCkksCodec(client, server)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model sizes
+
+
+@functools.lru_cache(maxsize=1)
+def model_tensor_sizes() -> tuple[int, ...]:
+    """Sizes of ModerateCNN's state-dict tensors, in order (what FLARE encrypts one by one)."""
+    from secagg.models import ModerateCNN  # torch is slow to import; only load it when needed
+
+    return tuple(int(t.numel()) for t in ModerateCNN().state_dict().values())
+
+
+def model_param_count() -> int:
+    """ModerateCNN's trainable parameters (3,491,530)."""
+    from secagg.models import ModerateCNN
+
+    return sum(p.numel() for p in ModerateCNN().parameters())
+
+
+def peer_tensor_sizes(n: int) -> list[int]:
+    """ModerateCNN's tensor sizes, cycled and the last one cut, until they cover ``n`` values."""
+    sizes: list[int] = []
+    covered = 0
+    pattern = model_tensor_sizes()
+    index = 0
+    while covered < n:
+        size = min(pattern[index % len(pattern)], n - covered)
+        sizes.append(size)
+        covered += size
+        index += 1
+    return sizes
+
+
+def size_label(n: int, model_n: int | None) -> str:
+    if n == model_n:
+        return f"ModerateCNN ({n:,})"
+    for unit, name in ((1_000_000, "M"), (1_000, "k")):
+        if n >= unit and n % unit == 0:
+            return f"{n // unit}{name}"
+    return f"{n:,}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring
+
+
+class Stopwatch:
+    """Wall and process-CPU seconds of a ``with`` block."""
+
+    def __enter__(self) -> Stopwatch:
+        self._wall = time.perf_counter()
+        self._cpu = time.process_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall = time.perf_counter() - self._wall
+        self.cpu = time.process_time() - self._cpu
+
+
+def payload_size(payload: Payload) -> int:
+    if isinstance(payload, bytes | bytearray):
+        return len(payload)
+    return sum(len(blob) for blob in payload)
+
+
+def client_weights(clients: int) -> list[float]:
+    """FedAvg weights proportional to 1, 2, ..., clients samples; they sum to one."""
+    raw = np.arange(1, clients + 1, dtype=np.float64)
+    return [float(w) for w in raw / raw.sum()]
+
+
+def warm_up(codec: Codec) -> None:
+    """One tiny round so first-call costs (memory pools, lazy setup) are not timed."""
+    vector = np.linspace(-0.01, 0.01, 1000)
+    payload = codec.encrypt(vector, 1.0)
+    codec.decrypt(codec.aggregate([(payload, 1.0), (payload, 1.0)]))
+
+
+def measure(codec: Codec, vectors: Sequence[np.ndarray], weights: Sequence[float]) -> dict:
+    """One round: every client encrypts, the server aggregates, one client decrypts."""
+    n = vectors[0].size
+    clients = len(vectors)
+    payloads = []
+    enc_wall = enc_cpu = 0.0
+    for vector, weight in zip(vectors, weights, strict=True):
+        with Stopwatch() as watch:
+            payloads.append(codec.encrypt(vector, weight))
+        enc_wall += watch.wall
+        enc_cpu += watch.cpu
+    upload = sum(payload_size(p) for p in payloads) / clients
+    with Stopwatch() as sum_watch:
+        total = codec.aggregate((p, w) for p, w in zip(payloads, weights, strict=True))
+    del payloads
+    with Stopwatch() as dec_watch:
+        result = codec.decrypt(total)
+    expected = np.zeros(n)
+    for vector, weight in zip(vectors, weights, strict=True):
+        expected += vector * weight
+    return {
+        "encrypt_params_per_s": clients * n / enc_wall,
+        "sum_params_per_s": clients * n / sum_watch.wall,
+        "decrypt_params_per_s": n / dec_watch.wall,
+        "bytes_per_param": upload / n,
+        "result_bytes_per_param": payload_size(total) / n,
+        "encrypt_s_per_client": enc_wall / clients,
+        "sum_s": sum_watch.wall,
+        "decrypt_s": dec_watch.wall,
+        "encrypt_cpu_s_per_client": enc_cpu / clients,
+        "sum_cpu_s": sum_watch.cpu,
+        "decrypt_cpu_s": dec_watch.cpu,
+        # one client's encrypt plus one decrypt, CPU seconds (= seconds on one core) per 1M
+        "enc_dec_cpu_s_per_million": (enc_cpu / clients + dec_watch.cpu) / (n / 1e6),
+        "enc_dec_wall_s_per_million": (enc_wall / clients + dec_watch.wall) / (n / 1e6),
+        # above 1 only when TenSEAL kept more than one core busy
+        "cpu_per_wall": (enc_cpu + sum_watch.cpu + dec_watch.cpu)
+        / (enc_wall + sum_watch.wall + dec_watch.wall),
+        "max_abs_error": float(np.abs(result - expected).max()),
+    }
+
+
+class PeakRss:
+    """Peak resident memory of a ``with`` block, in bytes above the RSS on entry.
+
+    On Linux the kernel's high-water mark (VmHWM) is reset through /proc/self/clear_refs, so the
+    peak is exact; where that is refused, a thread samples VmRSS every millisecond; elsewhere
+    ``resource.getrusage`` gives the process's lifetime peak, which cannot be reset.
+    """
+
+    def __enter__(self) -> PeakRss:
+        gc.collect()
+        _trim_heap()  # hand freed heap back, or reusing it would hide growth from RSS
+        self.method = "sampled VmRSS"
+        self.baseline = _proc_status_kib("VmRSS")
+        if self.baseline is None:
+            self.method = "getrusage ru_maxrss (lifetime peak, not reset)"
+            self.baseline = _rusage_kib()
+        elif _reset_hwm():
+            self.method = "VmHWM (reset via /proc/self/clear_refs)"
+        self._samples: list[int] = [self.baseline]
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if self.method == "sampled VmRSS":
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.001):
+            value = _proc_status_kib("VmRSS")
+            if value is not None:
+                self._samples.append(value)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self.method.startswith("VmHWM"):
+            peak = _proc_status_kib("VmHWM") or self.baseline
+        elif self.method.startswith("getrusage"):
+            peak = _rusage_kib()
+        else:
+            peak = max(self._samples)
+        self.peak_bytes = max(peak - self.baseline, 0) * 1024
+
+
+def _proc_status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _trim_heap() -> None:
+    """glibc ``malloc_trim(0)``: return free heap pages to the OS (a no-op elsewhere)."""
+    with contextlib.suppress(OSError, AttributeError, TypeError):
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _rusage_kib() -> int:
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak // 1024 if sys.platform == "darwin" else peak  # macOS reports bytes
+
+
+def random_vectors(n: int, clients: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(n) * UPDATE_STD for _ in range(clients)]
+
+
+def run_throughput(
+    codecs: Sequence[Codec],
+    sizes: Sequence[int],
+    clients: int,
+    peer_max: int,
+    seed: int,
+    model_n: int | None = None,
+) -> tuple[list[dict], list[str]]:
+    """Every config at every size on the same vectors; the peer only up to ``peer_max``."""
+    rows: list[dict] = []
+    skipped: list[str] = []
+    weights = client_weights(clients)
+    for n in sizes:
+        vectors = random_vectors(n, clients, seed)
+        for codec in codecs:
+            label = size_label(n, model_n)
+            if codec.name == PeerBaselineCodec.name and n > peer_max:
+                skipped.append(
+                    f"{codec.name} at {label}: over --peer-max {peer_max:,} "
+                    "(memory and time; pass --peer-max 10000000 to include it)"
+                )
+                continue
+            print(f"  {label:>24}  {codec.name:<14}", end="", flush=True)
+            row = measure(codec, vectors, weights)
+            print(
+                f"  enc {row['encrypt_s_per_client']:.2f}s/client"
+                f"  sum {row['sum_s']:.2f}s  dec {row['decrypt_s']:.2f}s",
+                flush=True,
+            )
+            rows.append({"config": codec.name, "size": n, "label": label, **row})
+            gc.collect()
+        del vectors
+    return rows, skipped
+
+
+def run_scaling(codec: SecaggCkksCodec, n: int, client_counts: Sequence[int], seed: int) -> dict:
+    """Time and peak RSS of ``CkksServer.sum`` as clients grow, payloads streamed in.
+
+    As a control (and a check that the memory probe sees growth at all), the same sum is then
+    given a list holding every payload at once, the way a server that waits for all uploads
+    before adding would hold them.
+    """
+    distinct = min(SCALING_DISTINCT_PAYLOADS, max(client_counts))
+    payloads = [codec.client.encrypt(v) for v in random_vectors(n, distinct, seed)]
+    payload_bytes = len(payloads[0])
+
+    def arriving(clients: int) -> Iterator[bytes]:
+        # A fresh copy per client, as if read off the network; dropped once it has been added.
+        for index in range(clients):
+            yield bytes(memoryview(payloads[index % distinct]))
+
+    def timed(clients: int) -> Stopwatch:
+        gc.collect()
+        with Stopwatch() as watch:
+            codec.server.sum(arriving(clients))
+        return watch
+
+    def peak(clients: int, hold_all: bool) -> PeakRss:
+        # A separate run: PeakRss trims the heap first, and re-faulting it would be timed.
+        with PeakRss() as memory:
+            codec.server.sum(list(arriving(clients)) if hold_all else arriving(clients))
+        return memory
+
+    codec.server.sum(arriving(2))  # warm up SEAL's memory pool so the first count is not charged
+    rows = []
+    method = ""
+    # Streamed runs first: the list runs leave freed heap behind that later runs could reuse.
+    for clients in client_counts:
+        watch = timed(clients)
+        memory = peak(clients, hold_all=False)
+        method = memory.method
+        rows.append(
+            {
+                "clients": clients,
+                "sum_s": watch.wall,
+                "sum_s_per_client": watch.wall / clients,
+                "peak_rss_bytes": memory.peak_bytes,
+            }
+        )
+        print(
+            f"  {clients:>4} clients  sum {watch.wall:.3f}s  "
+            f"peak RSS +{memory.peak_bytes / 2**20:.1f} MiB",
+            flush=True,
+        )
+    for row in rows:
+        row["peak_rss_bytes_list"] = peak(row["clients"], hold_all=True).peak_bytes
+    counts = np.array([row["clients"] for row in rows], dtype=np.float64)
+    seconds = np.array([row["sum_s"] for row in rows])
+    fit: dict[str, float] = {}
+    if len(rows) >= 2:
+        time_slope, time_intercept = np.polyfit(counts, seconds, 1)
+        predicted = time_slope * counts + time_intercept
+        spread = float(((seconds - seconds.mean()) ** 2).sum())
+        r2 = 1 - float(((seconds - predicted) ** 2).sum()) / spread if spread > 0 else 1.0
+        fit = {
+            "time_s_per_client": float(time_slope),
+            "time_r2": r2,
+            "memory_bytes_per_client": _slope(counts, rows, "peak_rss_bytes"),
+            "memory_bytes_per_client_list": _slope(counts, rows, "peak_rss_bytes_list"),
+        }
+    return {
+        "config": codec.name,
+        "size": n,
+        "payload_bytes": payload_bytes,
+        "distinct_payloads": distinct,
+        "memory_method": method,
+        "rows": rows,
+        "fit": fit,
+    }
+
+
+def _slope(x: np.ndarray, rows: Sequence[dict], key: str) -> float:
+    values = np.array([row[key] for row in rows], dtype=np.float64)
+    return float(np.polyfit(x, values, 1)[0])
+
+
+def speedups(rows: Sequence[dict]) -> list[dict]:
+    """secagg-ckks over peer-baseline at every size both ran (>1: secagg is faster/smaller)."""
+    by_key = {(row["config"], row["size"]): row for row in rows}
+    out = []
+    for (config, n), ours in by_key.items():
+        peer = by_key.get((PeerBaselineCodec.name, n))
+        if config != SecaggCkksCodec.name or peer is None:
+            continue
+        out.append(
+            {
+                "size": n,
+                "label": ours["label"],
+                "encrypt": ours["encrypt_params_per_s"] / peer["encrypt_params_per_s"],
+                "sum": ours["sum_params_per_s"] / peer["sum_params_per_s"],
+                "decrypt": ours["decrypt_params_per_s"] / peer["decrypt_params_per_s"],
+                "enc_dec_cpu": peer["enc_dec_cpu_s_per_million"]
+                / ours["enc_dec_cpu_s_per_million"],
+                "bytes": peer["bytes_per_param"] / ours["bytes_per_param"],
+            }
+        )
+    return out
+
+
+def machine_info(peer_threads: int | None) -> dict:
+    cpu_model = platform.processor()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    return {
+        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": affinity,
+        "cpu_model": cpu_model,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "tenseal": ts.__version__,
+        "numpy": np.__version__,
+        "peer_tenseal_threads": peer_threads or os.cpu_count(),
+        # getrusage's peak is reset along with VmHWM, so this covers the throughput part
+        "process_peak_rss_bytes": _rusage_kib() * 1024,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def _rate(value: float) -> str:
+    for unit, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if value >= unit:
+            return f"{value / unit:.2f} {suffix}"
+    return f"{value:.0f}"
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return lines
+
+
+def render_markdown(results: dict) -> str:
+    machine, settings = results["machine"], results["settings"]
+    lines = [
+        f"# Codec benchmark, {machine['date']}",
+        "",
+        f"Total run time {results['elapsed_s']:.0f} s{' (--quick)' if settings['quick'] else ''}, "
+        f"peak RSS of the throughput part {machine['process_peak_rss_bytes'] / 2**30:.2f} GiB.",
+        "",
+        f"Machine: {machine['cpu_model']}, {machine['cpu_count']} CPUs "
+        f"({machine['cpus_usable']} usable), {machine['platform']}; Python {machine['python']}, "
+        f"TenSEAL {machine['tenseal']}, numpy {machine['numpy']}.",
+        "",
+        f"Round: {settings['clients']} clients, FedAvg weights proportional to 1..n, "
+        f"updates ~ N(0, {UPDATE_STD}), seed {settings['seed']}. Sum throughput counts every "
+        "incoming parameter (clients x size / s). Bytes per parameter: one client's upload.",
+        "",
+        "## Throughput (parameters per second, wall clock)",
+        "",
+    ]
+    lines += _table(
+        ["size", "config", "encrypt", "sum", "decrypt", "B/param up", "B/param sum", "max err"],
+        (
+            (
+                row["label"],
+                row["config"],
+                _rate(row["encrypt_params_per_s"]),
+                _rate(row["sum_params_per_s"]),
+                _rate(row["decrypt_params_per_s"]),
+                f"{row['bytes_per_param']:.2f}",
+                f"{row['result_bytes_per_param']:.2f}",
+                f"{row['max_abs_error']:.1e}",
+            )
+            for row in results["throughput"]
+        ),
+    )
+    for note in results["skipped"]:
+        lines.append(f"\nSkipped: {note}.")
+    lines += ["", "## Encrypt + decrypt on one core (CPU seconds per 1M parameters)", ""]
+    sizes = list(dict.fromkeys(row["label"] for row in results["throughput"]))
+    configs = list(dict.fromkeys(row["config"] for row in results["throughput"]))
+    threads = results["threads"]
+    cell = {
+        (r["config"], r["label"]): r["enc_dec_cpu_s_per_million"] for r in results["throughput"]
+    }
+    parallel = {
+        config: max(r["cpu_per_wall"] for r in results["throughput"] if r["config"] == config)
+        for config in configs
+    }
+    lines += _table(
+        ["config", "TenSEAL n_threads", "max CPU/wall", *sizes],
+        (
+            [config, threads[config], f"{parallel[config]:.2f}"]
+            + [f"{cell[(config, s)]:.3f}" if (config, s) in cell else "-" for s in sizes]
+            for config in configs
+        ),
+    )
+    lines += [
+        "",
+        "One client's encrypt plus one decrypt, in process CPU time (all threads added), so the "
+        "figure is seconds of one core whatever the thread count. CPU/wall is CPU over wall time "
+        "across all three steps (the largest over sizes): about 1 means one core did the work "
+        "even where TenSEAL was allowed more threads.",
+        "",
+        "## secagg-ckks vs peer-baseline (x times faster / smaller; >1 favours secagg)",
+        "",
+    ]
+    lines += _table(
+        ["size", "encrypt", "sum", "decrypt", "enc+dec CPU", "bytes"],
+        (
+            (
+                s["label"],
+                f"{s['encrypt']:.2f}x",
+                f"{s['sum']:.2f}x",
+                f"{s['decrypt']:.2f}x",
+                f"{s['enc_dec_cpu']:.2f}x",
+                f"{s['bytes']:.2f}x",
+            )
+            for s in results["speedup"]
+        ),
+    )
+    scaling = results["scaling"]
+    if scaling:
+        lines += [
+            "",
+            f"## Server sum scaling: {scaling['config']}, {scaling['size']:,} parameters",
+            "",
+            f"Payload {scaling['payload_bytes'] / 2**20:.2f} MiB. {scaling['distinct_payloads']} "
+            "distinct payloads are encrypted and cycled; each client's arrives as a fresh copy of "
+            "the bytes from a generator. Time and memory come from separate runs. Peak memory: "
+            f"{scaling['memory_method']}, above the RSS before the sum (after malloc_trim). "
+            "Control column: the same sum given a list of every payload at once.",
+            "",
+        ]
+        lines += _table(
+            ["clients", "sum s", "per client", "peak RSS MiB, streamed", "control: list, MiB"],
+            (
+                (
+                    r["clients"],
+                    f"{r['sum_s']:.3f}",
+                    f"{r['sum_s_per_client'] * 1e3:.2f} ms",
+                    f"{r['peak_rss_bytes'] / 2**20:.1f}",
+                    f"{r['peak_rss_bytes_list'] / 2**20:.1f}",
+                )
+                for r in scaling["rows"]
+            ),
+        )
+        fit = scaling["fit"]
+        if fit:
+            lines += [
+                "",
+                f"Linear fit: {fit['time_s_per_client'] * 1e3:.2f} ms per client "
+                f"(R^2 {fit['time_r2']:.3f}); peak memory "
+                f"{fit['memory_bytes_per_client'] / 2**20:+.3f} MiB per extra client streamed, "
+                f"{fit['memory_bytes_per_client_list'] / 2**20:+.2f} MiB per client with the list "
+                f"(one payload is {scaling['payload_bytes'] / 2**20:.2f} MiB).",
+            ]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(results: dict, out_dir: Path) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    md_path = out_dir / f"codec-{stamp}.md"
+    json_path = out_dir / f"codec-{stamp}.json"
+    md_path.write_text(results["markdown"])
+    json_path.write_text(
+        json.dumps({k: v for k, v in results.items() if k != "markdown"}, indent=2)
+    )
+    return md_path, json_path
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def _int_list(text: str) -> list[int]:
+    values = [int(part) for part in text.split(",") if part.strip()]
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def parse_sizes(text: str) -> tuple[list[int], int | None]:
+    """Comma list of parameter counts, ``cnn`` standing for ModerateCNN's; also that count."""
+    tokens = [part.strip() for part in text.split(",") if part.strip()]
+    model_n = model_param_count() if MODEL_SIZE in tokens else None
+    sizes: list[int] = []
+    for token in tokens:
+        if token == MODEL_SIZE and model_n is not None:
+            sizes.append(model_n)
+        elif token.isdigit() and int(token) > 0:
+            sizes.append(int(token))
+        else:
+            raise SystemExit(f"--sizes takes positive counts or '{MODEL_SIZE}', not {token!r}")
+    if not sizes:
+        raise SystemExit("--sizes is empty")
+    return sizes, model_n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Codec micro-benchmark: plain vs secagg-ckks vs the FLARE HE peer baseline."
+    )
+    parser.add_argument("--quick", action="store_true", help="skip 10M, use 2 clients")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="report folder")
+    parser.add_argument(
+        "--sizes",
+        help=f"comma list of parameter counts, '{MODEL_SIZE}' = ModerateCNN "
+        f"(default {DEFAULT_SIZES}; --quick {QUICK_SIZES})",
+    )
+    parser.add_argument(
+        "--round-clients", type=int, help="clients in the throughput round (default 3, quick 2)"
+    )
+    parser.add_argument(
+        "--clients",
+        type=_int_list,
+        default=_int_list(DEFAULT_SCALING_CLIENTS),
+        help=f"client counts for the sum-scaling part (default {DEFAULT_SCALING_CLIENTS})",
+    )
+    parser.add_argument(
+        "--scale-size", type=int, default=100_000, help="vector size for the scaling part"
+    )
+    parser.add_argument(
+        "--peer-max",
+        type=int,
+        default=4_000_000,
+        help="largest size the peer baseline runs at (default 4M: up to ModerateCNN; "
+        "10000000 adds the peer at 10M: over a minute more and up to ~7 GB peak RSS)",
+    )
+    parser.add_argument(
+        "--peer-threads", type=int, default=0, help="TenSEAL n_threads for the peer (0: default)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Run the benchmark, print the markdown report, write .md and .json; return the results."""
+    args = build_parser().parse_args(argv)
+    sizes, model_n = parse_sizes(args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES))
+    clients = args.round_clients or (2 if args.quick else 3)
+    peer_threads = args.peer_threads or None
+    started = time.perf_counter()
+    with secagg_ckks_codec(CkksParams()) as ckks:
+        codecs: list[Codec] = [
+            PlainCodec(),
+            ckks,
+            PeerBaselineCodec(peer_tensor_sizes, peer_threads),
+        ]
+        for codec in codecs:
+            warm_up(codec)
+        # Scaling first, while the heap is small: its memory figures are deltas over RSS.
+        print(f"Sum scaling, {args.scale_size:,} parameters:", flush=True)
+        scaling = run_scaling(ckks, args.scale_size, args.clients, args.seed)
+        print(f"Throughput, {clients} clients:", flush=True)
+        rows, skipped = run_throughput(codecs, sizes, clients, args.peer_max, args.seed, model_n)
+        threads = {codec.name: codec.threads for codec in codecs}
+    results: dict[str, Any] = {
+        "machine": machine_info(peer_threads),
+        "settings": {
+            "quick": args.quick,
+            "sizes": sizes,
+            "clients": clients,
+            "scaling_clients": args.clients,
+            "scale_size": args.scale_size,
+            "peer_max": args.peer_max,
+            "seed": args.seed,
+            "secagg_params": {
+                "poly_modulus_degree": CkksParams().poly_modulus_degree,
+                "coeff_mod_bit_sizes": list(CkksParams().coeff_mod_bit_sizes),
+                "global_scale_bits": CkksParams().global_scale_bits,
+            },
+            "peer_params": {
+                "poly_modulus_degree": PeerBaselineCodec.POLY_MODULUS_DEGREE,
+                "coeff_mod_bit_sizes": list(PeerBaselineCodec.COEFF_MOD_BIT_SIZES),
+                "global_scale_bits": PeerBaselineCodec.SCALE_BITS,
+            },
+        },
+        "threads": threads,
+        "throughput": rows,
+        "skipped": skipped,
+        "speedup": speedups(rows),
+        "scaling": scaling,
+    }
+    results["elapsed_s"] = time.perf_counter() - started
+    results["markdown"] = render_markdown(results)
+    md_path, json_path = write_outputs(results, args.out)
+    results["files"] = {"markdown": str(md_path), "json": str(json_path)}
+    print()
+    print(results["markdown"])
+    print(f"Wrote {md_path} and {json_path} ({results['elapsed_s']:.0f} s)")
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
