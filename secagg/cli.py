@@ -10,7 +10,16 @@ from typing import Any
 
 import click
 
-from secagg.config import CODECS, DATASETS, MODELS, CkksParams, RunConfig, load_job, with_overrides
+from secagg.config import (
+    CODECS,
+    DATASETS,
+    MODELS,
+    OPTIMIZERS,
+    CkksParams,
+    RunConfig,
+    load_job,
+    with_overrides,
+)
 from secagg.errors import SecAggError
 
 
@@ -89,6 +98,7 @@ def keygen(out_dir: str, force: bool, poly_degree: str, coeff_bits: str, scale_b
 @click.option("--rounds", type=click.IntRange(min=1))
 @click.option("--local-epochs", type=click.IntRange(min=1))
 @click.option("--batch-size", type=click.IntRange(min=1))
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), help="Local optimizer [sgd].")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True))
 @click.option("--alpha", type=click.FloatRange(min=0, min_open=True), help="Dirichlet label skew.")
 @click.option("--seed", type=int)

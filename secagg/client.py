@@ -26,6 +26,7 @@ from secagg.flatten import Layout, flatten, unflatten
 class TrainSettings:
     local_epochs: int
     batch_size: int
+    optimizer: str
     lr: float
     momentum: float
     seed: int
@@ -132,7 +133,12 @@ class Client:
         )
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
         self.model.train()
-        optimizer = torch.optim.SGD(self.model.parameters(), lr=s.lr, momentum=s.momentum)
+        # A fresh optimizer each round: its state (momentum, Adam moments) stays local.
+        optimizer: torch.optim.Optimizer
+        if s.optimizer == "adam":
+            optimizer = torch.optim.Adam(self.model.parameters(), lr=s.lr)
+        else:
+            optimizer = torch.optim.SGD(self.model.parameters(), lr=s.lr, momentum=s.momentum)
         loss_fn = nn.CrossEntropyLoss()
         total, count = 0.0, 0
         for _ in range(s.local_epochs):

@@ -17,6 +17,7 @@ from secagg.errors import ConfigError
 DATASETS = ("digits", "digits32", "mnist", "fashion-mnist", "cifar10")
 MODELS = ("mlp", "cnn", "moderate-cnn")
 CODECS = ("float",)
+OPTIMIZERS = ("sgd", "adam")
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class RunConfig:
     rounds: int = 10
     local_epochs: int = 2
     batch_size: int = 32
+    optimizer: str = "sgd"
     lr: float = 0.05
     momentum: float = 0.9
     alpha: float = 1.0
@@ -70,6 +72,7 @@ class RunConfig:
             (self.dataset in DATASETS, f"dataset must be one of {', '.join(DATASETS)}"),
             (self.model in MODELS, f"model must be one of {', '.join(MODELS)}"),
             (self.codec in CODECS, f"codec must be one of {', '.join(CODECS)}"),
+            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}"),
             (1 <= self.clients <= 1024, "clients must be between 1 and 1024"),
             (self.rounds >= 1, "rounds must be at least 1"),
             (self.local_epochs >= 1, "local_epochs must be at least 1"),

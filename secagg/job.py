@@ -87,7 +87,12 @@ def build_clients(
     )
     device = resolve_device(config.device)
     settings = TrainSettings(
-        config.local_epochs, config.batch_size, config.lr, config.momentum, config.seed
+        config.local_epochs,
+        config.batch_size,
+        config.optimizer,
+        config.lr,
+        config.momentum,
+        config.seed,
     )
     return [
         Client(
