@@ -73,6 +73,7 @@ import tenseal as ts
 
 from secagg import keys as secagg_keys
 from secagg.config import CkksParams
+from secagg.crypto import ClientCipher, ServerCipher
 from secagg.crypto.ckks import CkksClient, CkksServer
 from secagg.crypto.plain import PlainCipher
 
@@ -108,32 +109,16 @@ class Codec(Protocol):
 # Configs
 
 
-class PlainCodec:
-    """``PlainCipher``: the client weights its update, the server adds float32 vectors."""
+class CipherCodec:
+    """A secagg client/server cipher pair: the client weights its update, the server adds.
 
-    name = "plain"
-    threads = "n/a (numpy)"
+    ``plain`` (float32 vectors) and ``secagg-ckks`` (our CKKS ciphers, keys from
+    ``secagg.keys``) are both this adapter around different ciphers.
+    """
 
-    def __init__(self) -> None:
-        self._cipher = PlainCipher()
-
-    def encrypt(self, vector: np.ndarray, weight: float) -> Payload:
-        return self._cipher.encrypt(vector * weight)
-
-    def aggregate(self, payloads: Iterable[tuple[Payload, float]]) -> Payload:
-        return self._cipher.sum(payload for payload, _ in payloads)
-
-    def decrypt(self, payload: Payload) -> np.ndarray:
-        return self._cipher.decrypt(payload)
-
-
-class SecaggCkksCodec:
-    """Our CKKS ciphers with keys from ``secagg.keys``: client-side weighting, server adds."""
-
-    name = "secagg-ckks"
-    threads = "TenSEAL default (= CPU count); one ciphertext per vector"
-
-    def __init__(self, client: CkksClient, server: CkksServer) -> None:
+    def __init__(self, name: str, threads: str, client: ClientCipher, server: ServerCipher) -> None:
+        self.name = name
+        self.threads = threads
         self.client = client
         self.server = server
 
@@ -145,6 +130,14 @@ class SecaggCkksCodec:
 
     def decrypt(self, payload: Payload) -> np.ndarray:
         return self.client.decrypt(payload)
+
+
+def plain_codec() -> CipherCodec:
+    cipher = PlainCipher()
+    return CipherCodec("plain", "n/a (numpy)", cipher, cipher)
+
+
+SECAGG_CKKS = "secagg-ckks"
 
 
 class PeerBaselineCodec:
@@ -217,7 +210,7 @@ def quiet_stdout() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def secagg_ckks_codec(params: CkksParams) -> Iterator[SecaggCkksCodec]:
+def secagg_ckks_codec(params: CkksParams) -> Iterator[CipherCodec]:
     """Keys generated into a temporary directory and loaded per role, as a deployment would."""
     with tempfile.TemporaryDirectory(prefix="secagg-bench-keys-") as keys_dir:
         secagg_keys.generate(keys_dir, params)
@@ -225,7 +218,8 @@ def secagg_ckks_codec(params: CkksParams) -> Iterator[SecaggCkksCodec]:
         server_keys = secagg_keys.load_for_server(keys_dir)
         client = CkksClient(client_keys.context, client_keys.fingerprint, client_keys.params)
         server = CkksServer(server_keys.context, server_keys.fingerprint, server_keys.params)
-        yield SecaggCkksCodec(client, server)
+        threads = "TenSEAL default (= CPU count); one ciphertext per vector"
+        yield CipherCodec(SECAGG_CKKS, threads, client, server)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -466,7 +460,7 @@ def run_throughput(
     return rows, skipped
 
 
-def run_scaling(codec: SecaggCkksCodec, n: int, client_counts: Sequence[int], seed: int) -> dict:
+def run_scaling(codec: CipherCodec, n: int, client_counts: Sequence[int], seed: int) -> dict:
     """Time and peak RSS of ``CkksServer.sum`` as clients grow, payloads streamed in.
 
     As a control (and a check that the memory probe sees growth at all), the same sum is then
@@ -553,7 +547,7 @@ def speedups(rows: Sequence[dict]) -> list[dict]:
     out = []
     for (config, n), ours in by_key.items():
         peer = by_key.get((PeerBaselineCodec.name, n))
-        if config != SecaggCkksCodec.name or peer is None:
+        if config != SECAGG_CKKS or peer is None:
             continue
         out.append(
             {
@@ -815,7 +809,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     started = time.perf_counter()
     with secagg_ckks_codec(CkksParams()) as ckks:
         codecs: list[Codec] = [
-            PlainCodec(),
+            plain_codec(),
             ckks,
             PeerBaselineCodec(peer_tensor_sizes, peer_threads),
         ]

@@ -31,8 +31,12 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from typing import TYPE_CHECKING  # noqa: E402
+
 from secagg.config import RunConfig, load_job  # noqa: E402
-from secagg.job import RunResult, run_job  # noqa: E402
+
+if TYPE_CHECKING:
+    from secagg.job import RunResult
 
 HEADLINE_JOB = REPO / "jobs" / "bench_moderate_cnn.toml"
 QUICK_JOB = REPO / "jobs" / "digits.toml"
@@ -90,6 +94,10 @@ def ensure_keys(keys_dir: Path) -> Path:
 
 def run_pair(config: RunConfig, out: Path, stamp: str) -> tuple[RunResult, RunResult, str | None]:
     """Plaintext then HE, each in its own run folder, under one MLflow parent run."""
+    # Imported here, not at the top: the server memory probe runs this script and must not
+    # pay for torch, which secagg.job imports.
+    from secagg.job import run_job
+
     parent = _parent_run(config, stamp)
     tags = {"mlflow.parentRunId": parent} if parent else {}
     results = []
