@@ -164,13 +164,17 @@ def probe(role: str, config_file: Path, payload_file: Path) -> dict[str, float]:
     from secagg import crypto
 
     if role == "client":
+        from secagg.client import RoundPlan
         from secagg.data import load_dataset
         from secagg.job import build_clients
 
         dataset = load_dataset(config.dataset, config.data_dir)
-        client = build_clients(config, dataset, crypto.for_client(config))[0]
+        clients = build_clients(config, dataset, crypto.for_client(config))
+        total = sum(len(c.train_data) for c in clients)
+        client = clients[0]
+        del clients[1:]
         idle = _rss_mb()
-        payload = client.fit(1).payload
+        payload = client.fit(RoundPlan(1, config.clients, total)).payload
         payload_file.write_bytes(payload)
         client.apply(payload, 1)
     else:
@@ -182,10 +186,22 @@ def probe(role: str, config_file: Path, payload_file: Path) -> dict[str, float]:
         server_cipher.sum(payload_file.read_bytes() for _ in range(config.clients))
     peak = _peak_mb()
     result = {"idle_mb": idle, "peak_mb": peak, "growth_mb": peak - idle}
+    if role == "client":
+        result["worker_peak_mb"] = _workers_peak_mb()
     if role == "server":
         result["payload_mb"] = size / 1e6
         result["growth_in_payloads"] = (peak - idle) / (size / 1e6)
     return result
+
+
+def _workers_peak_mb() -> float:
+    """Peak RSS of the largest encryption worker process (they are stopped to read it)."""
+    import resource
+
+    from secagg.crypto import ckks
+
+    ckks.close_pools()
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
 
 def _rss_mb() -> float:

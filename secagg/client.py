@@ -1,9 +1,16 @@
-"""A federated client: train, flatten, weight, encrypt; decrypt, divide, unflatten, load.
+"""A federated client: train, flatten, weight, quantize, encrypt; decrypt, divide, apply.
 
-The client weights its own update by its sample count and appends that count as one extra
-value, so the server only adds (it needs no plaintext multiply) and every client divides by the
-total weight after decrypting. The divisor therefore counts exactly the clients whose updates
-were summed.
+A client sends its *update* relative to the global model, ``p_i * (w_i - w_global)`` with
+``p_i = n_i / N`` (its share of the round's samples), and ``p_i`` itself. The server only adds
+(it needs no plaintext multiply), and every client divides the sum by the summed weight after
+decrypting: the divisor counts exactly the clients whose updates were summed, so a client that
+dropped out does not skew the average.
+
+Every client holds the same global model, bit for bit: the decrypted aggregate is identical on
+every client (exactly, for the integer ``packed`` codec), and so is everything computed from
+it. That is what lets every client derive the same quantization steps (``secagg.quantize``)
+without talking to the others, and a client that rejoins replay the rounds' aggregates to
+reach the same model.
 """
 
 from __future__ import annotations
@@ -16,10 +23,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from secagg.crypto import ClientCipher
+from secagg import quantize
+from secagg.crypto import ClientCipher, Update
 from secagg.data import Split
 from secagg.errors import PayloadError
-from secagg.flatten import Layout, flatten, unflatten
+from secagg.flatten import flatten, unflatten
 
 
 @dataclass(frozen=True)
@@ -32,6 +40,19 @@ class TrainSettings:
     seed: int
 
 
+@dataclass(frozen=True)
+class RoundPlan:
+    """What every client is told at the start of a round.
+
+    ``total_samples`` is N, the samples of all clients asked to train, so that the weights
+    ``n_i / N`` add up to at most 1 (what the packed codec's headroom relies on).
+    """
+
+    round_num: int
+    clients: int
+    total_samples: int
+
+
 @dataclass
 class FitReply:
     """What one client sends for a round, and what it measured on the way."""
@@ -42,6 +63,16 @@ class FitReply:
     train_loss: float
     seconds: dict[str, float] = field(default_factory=dict)
     size: int = 0
+
+
+@dataclass(frozen=True)
+class ApplyReply:
+    """What a client measured applying an aggregate, and what the aggregate said."""
+
+    client_id: int
+    seconds: dict[str, float]
+    clipped: int
+    weight: float
 
 
 @dataclass(frozen=True)
@@ -72,19 +103,36 @@ class Client:
         self.test_data = None if test is None else Split(test.x.to(device), test.y.to(device))
         self.cipher = cipher
         self.settings = settings
-        self.layout: Layout = flatten(self.model.state_dict())[1]
+        #: the global model as a flat vector, identical on every client
+        self.global_vector, self.layout = flatten(self.model.state_dict())
+        #: the last round's decrypted global update, which sets the next quantization steps
+        self.last_update: np.ndarray | None = None
+        #: rounds so far whose aggregate reported clipped values (widens the steps)
+        self.clipped_rounds = 0
+        self.rounds_applied = 0
 
-    def fit(self, round_num: int) -> FitReply:
+    def fit(self, plan: RoundPlan) -> FitReply:
         """Train on local data from the current global model; return the encrypted update."""
+        round_num = plan.round_num
+        n = len(self.train_data)
+        if not 0 < n <= plan.total_samples:
+            raise PayloadError(
+                f"client {self.client_id} has {n} samples, the round plan counts "
+                f"{plan.total_samples} in all; the plan is wrong"
+            )
         start = time.perf_counter()
         loss = self._train(round_num)
         _sync(self.device)
         trained = time.perf_counter()
         vector, _ = flatten(self.model.state_dict())
-        weight = float(len(self.train_data))
-        weighted = np.append(vector * weight, weight)
+        weight = n / plan.total_samples
+        values = (vector - self.global_vector) * weight
+        clipped = 0
+        bound = self.cipher.value_bound
+        if bound is not None:
+            values, clipped = quantize.quantize(values, weight, self._steps(bound), bound)
         flat = time.perf_counter()
-        payload = self.cipher.encrypt(weighted, round_num)
+        payload = self.cipher.encrypt(Update(values, weight, clipped), round_num)
         seconds = {
             "train": trained - start,
             "flatten": flat - trained,
@@ -93,22 +141,42 @@ class Client:
         }
         return FitReply(self.client_id, payload, len(self.train_data), loss, seconds, len(payload))
 
-    def apply(self, payload: bytes, round_num: int) -> dict[str, float]:
-        """Decrypt the summed payload, divide by the total weight, load it; return timings."""
+    def apply(self, payload: bytes, round_num: int) -> ApplyReply:
+        """Decrypt the summed update, divide by the total weight, add it to the global model."""
         start = time.perf_counter()
-        values = self.cipher.decrypt(payload, round_num)
+        aggregate = self.cipher.decrypt(payload, round_num)
         decrypted = time.perf_counter()
-        if values.shape != (self.layout.size + 1,):
+        if aggregate.values.shape != (self.layout.size,):
             raise PayloadError(
-                f"global model has {values.size - 1} values, this client's model has "
+                f"global update has {aggregate.values.size} values, this client's model has "
                 f"{self.layout.size}; are all parties running the same job?"
             )
-        total = values[-1]
-        if not total >= 0.5:
-            raise PayloadError(f"summed weight {total:.3g} is not a sample count; bad aggregate")
-        state = unflatten(values[:-1] / total, self.layout)
+        # Weights are n_i / N: they sum to 1 when every client contributed, less on dropouts;
+        # more than 1 means a sample count was misreported, and the headroom is not safe.
+        if not 0 < aggregate.weight <= 1 + 1e-6:
+            raise PayloadError(
+                f"summed weight {aggregate.weight:.6g} is outside (0, 1]: the round plan's "
+                "sample counts were wrong or the aggregate is damaged"
+            )
+        update = aggregate.values / aggregate.weight
+        bound = self.cipher.value_bound
+        if bound is not None:
+            update *= self._steps(bound)
+        state = unflatten(self.global_vector + update, self.layout)
         self.model.load_state_dict(state)
-        return {"decrypt": decrypted - start, "unflatten": time.perf_counter() - decrypted}
+        self.global_vector = flatten(self.model.state_dict())[0]
+        self.last_update = update
+        self.clipped_rounds += aggregate.clipped > 0
+        self.rounds_applied = round_num
+        seconds = {"decrypt": decrypted - start, "unflatten": time.perf_counter() - decrypted}
+        return ApplyReply(self.client_id, seconds, aggregate.clipped, aggregate.weight)
+
+    def _steps(self, bound: int) -> np.ndarray:
+        """This round's quantization steps, from state every client shares."""
+        ranges = quantize.tensor_ranges(
+            self.layout, self.global_vector, self.last_update, self.clipped_rounds
+        )
+        return quantize.steps(self.layout, ranges, bound)
 
     def evaluate(self) -> EvalReply:
         """Loss and accuracy of the current (global) model on this client's test data."""

@@ -16,7 +16,7 @@ from secagg.errors import ConfigError
 
 DATASETS = ("digits", "digits32", "mnist", "fashion-mnist", "cifar10")
 MODELS = ("mlp", "cnn", "moderate-cnn")
-CODECS = ("float",)
+CODECS = ("packed", "float")
 OPTIMIZERS = ("sgd", "adam")
 
 
@@ -58,7 +58,7 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"
     he: bool = False
-    codec: str = "float"
+    codec: str = "packed"
     keys_dir: str = "keys"
     tracking: bool = True
     tracking_uri: str | None = None
@@ -89,6 +89,10 @@ class RunConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"invalid job setting: {message}")
+        if self.he and self.codec == "packed":
+            from secagg.crypto.packing import PackedParams
+
+            PackedParams().value_bound(self.clients)  # refuses more clients than its headroom
         return self
 
     def to_dict(self) -> dict[str, Any]:

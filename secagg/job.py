@@ -168,8 +168,9 @@ def run_job(
 
     first = 1
     if checkpoint is not None:
-        # Bring every client to the last checkpointed global model, then carry on after it.
-        transport.apply(checkpoint.round_num, checkpoint.payload)
+        # Replay the aggregates to rebuild the global model every client held, then go on.
+        for round_num in range(1, checkpoint.round_num + 1):
+            transport.apply(round_num, checkpoint.aggregate(round_num))
         first = checkpoint.round_num + 1
 
     def after_round(metrics: RoundMetrics, summed: bytes) -> None:

@@ -1,8 +1,10 @@
 """CKKS keys on disk: generate, save, and load them for the role that may hold them.
 
 ``keys/client.ctx`` holds the secret key and goes to clients only; ``keys/server.ctx`` holds
-public parameters only and is all the server ever reads; ``keys/manifest.json`` records the
-parameters and a fingerprint so every party can check it shares the same key pair. Key files
+the encryption parameters and no key at all, and is all the server ever reads;
+``keys/manifest.json`` records the parameters, the key's fingerprint (a one-way hash of the
+secret context, so a client can check its client.ctx is the deployment's key) and a hash of
+server.ctx (so the server can check its file). Key files
 are written 0600 through a temp file and a rename, and never overwritten without ``force``.
 """
 
@@ -65,9 +67,16 @@ def check_params(params: CkksParams) -> None:
         )
 
 
-def fingerprint_of(public_context: bytes) -> bytes:
-    """16-byte identity of a key pair: a hash of the server's public context file."""
-    return hashlib.sha256(public_context).digest()[:16]
+MANIFEST_FORMAT = 2
+
+
+def fingerprint_of(secret_context: bytes) -> bytes:
+    """16-byte identity of a key: a domain-separated one-way hash of the secret context.
+
+    The secret key has thousands of bits of entropy, so the hash reveals nothing about it; the
+    server's context holds only parameters, so it cannot identify a key by itself.
+    """
+    return hashlib.sha256(b"secagg key id\0" + secret_context).digest()[:16]
 
 
 def generate(out_dir: str | Path, params: CkksParams, force: bool = False) -> dict[str, object]:
@@ -86,7 +95,9 @@ def generate(out_dir: str | Path, params: CkksParams, force: bool = False) -> di
     manifest: dict[str, object] = {
         "scheme": "CKKS",
         "params": asdict(params),
-        "fingerprint": fingerprint_of(public).hex(),
+        "format": MANIFEST_FORMAT,
+        "fingerprint": fingerprint_of(secret).hex(),
+        "server_sha256": hashlib.sha256(public).hexdigest(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "files": {"client": CLIENT_FILE, "server": SERVER_FILE},
         "security_bits": 128,
@@ -106,6 +117,11 @@ def read_manifest(keys_dir: str | Path) -> dict[str, object]:
         manifest["params"]["coeff_mod_bit_sizes"] = tuple(manifest["params"]["coeff_mod_bit_sizes"])
         manifest["params_obj"] = CkksParams(**manifest["params"])
         bytes.fromhex(manifest["fingerprint"])
+        if manifest.get("format") != MANIFEST_FORMAT:
+            raise KeyFileError(
+                f"{path} was made by an older secagg; run 'secagg keygen --force' and give "
+                "every party the new files"
+            )
     except FileNotFoundError as err:
         raise KeyFileError(f"no keys in {keys_dir}/; run 'secagg keygen --out {keys_dir}'") from err
     except (ValueError, KeyError, TypeError) as err:
@@ -121,7 +137,7 @@ def load_for_server(keys_dir: str | Path) -> Keys:
 
     manifest = read_manifest(keys_dir)
     data = _read(Path(keys_dir) / SERVER_FILE)
-    if fingerprint_of(data).hex() != manifest["fingerprint"]:
+    if hashlib.sha256(data).hexdigest() != manifest["server_sha256"]:
         raise KeyFileError(
             f"{keys_dir}/{SERVER_FILE} does not match {MANIFEST_FILE}; copy both from one "
             "'secagg keygen'"
@@ -151,6 +167,11 @@ def load_for_client(keys_dir: str | Path) -> Keys:
         raise KeyFileError(
             f"{path} is a public context with no secret key; clients need the client.ctx "
             "made by 'secagg keygen'"
+        )
+    if fingerprint_of(data).hex() != manifest["fingerprint"]:
+        raise KeyFileError(
+            f"{path} is not the key in {MANIFEST_FILE} (fingerprint differs); copy client.ctx "
+            "and manifest.json from one 'secagg keygen'"
         )
     return Keys(data, bytes.fromhex(str(manifest["fingerprint"])), manifest["params_obj"])  # type: ignore[arg-type]
 

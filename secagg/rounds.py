@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
 
-from secagg.client import EvalReply, FitReply
+from secagg.client import ApplyReply, EvalReply, FitReply
 from secagg.server import Server
 from secagg.transport import Transport
 
@@ -37,6 +37,8 @@ class RoundMetrics:
     bytes_up_per_client: float
     bytes_down_per_client: float
     latency_seconds: float
+    #: values the clients' quantization clipped, summed (integer codecs; 0 for float)
+    clipped: int = 0
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -45,17 +47,18 @@ class RoundMetrics:
 def run_round(server: Server, transport: Transport, round_num: int) -> tuple[RoundMetrics, bytes]:
     """One round in the order the data moves; return its metrics and the summed payload."""
     start = time.perf_counter()
-    # 1-3 on every client: train, flatten, weight by sample count, encrypt
+    # 1-3 on every client: train, flatten, weight its update by its share of samples,
+    #     quantize (integer codecs), encrypt
     replies: list[FitReply] = []
     # 4 on the server: add ciphertexts as they arrive; it holds no secret key
     summed = server.sum(_payloads(transport.fit(round_num), replies))
-    # 5-6 on every client: decrypt, divide by the total weight, unflatten, load
+    # 5-6 on every client: decrypt, divide by the total weight, add to the global model
     applied = transport.apply(round_num, summed)
     # 7 the clients evaluate the global model they now hold (the server cannot)
     eval_start = time.perf_counter()
     evals = transport.evaluate(round_num)
     end = time.perf_counter()
-    metrics = _metrics(round_num, replies, summed, applied, evals, server.last_sum_seconds)
+    metrics = _metrics(round_num, replies, summed, applied, evals, server.last_sum_each)
     return replace(metrics, round_seconds=end - start, evaluate_seconds=end - eval_start), summed
 
 
@@ -82,20 +85,30 @@ def _payloads(replies: Iterator[FitReply], keep: list[FitReply]) -> Iterator[byt
         yield payload
 
 
+def _server_done(replies: list[FitReply], sum_each: list[float]) -> float:
+    """When the server would finish summing in a deployment: every client trains and encrypts
+    at once on its own machine, and the server adds each payload as soon as it arrives."""
+    arrivals = sorted(sum(r.seconds.values()) for r in replies)
+    done = 0.0
+    for arrival, seconds in zip(arrivals, sum_each, strict=False):
+        done = max(done, arrival) + seconds
+    return done
+
+
 def _metrics(
     round_num: int,
     replies: list[FitReply],
     summed: bytes,
-    applied: list[dict[str, float]],
+    applied: list[ApplyReply],
     evals: list[EvalReply],
-    aggregate_seconds: float,
+    sum_each: list[float],
 ) -> RoundMetrics:
     samples = sum(r.num_samples for r in replies)
     eval_n = sum(e.num_samples for e in evals) or 1
     up = sum(r.size for r in replies)
     down = len(summed) * len(applied)
-    slowest_client = max(sum(r.seconds.values()) for r in replies)
-    slowest_apply = max(a["decrypt"] + a["unflatten"] for a in applied)
+    aggregate_seconds = sum(sum_each)
+    slowest_apply = max(a.seconds["decrypt"] + a.seconds["unflatten"] for a in applied)
     return RoundMetrics(
         round=round_num,
         clients=len(replies),
@@ -108,11 +121,12 @@ def _metrics(
         encrypt_seconds=sum(r.seconds["encrypt"] for r in replies),
         serialize_seconds=sum(r.seconds["serialize"] for r in replies),
         aggregate_seconds=aggregate_seconds,
-        decrypt_seconds=sum(a["decrypt"] for a in applied),
+        decrypt_seconds=sum(a.seconds["decrypt"] for a in applied),
         evaluate_seconds=0.0,
         bytes_up=up,
         bytes_down=down,
         bytes_up_per_client=up / len(replies),
         bytes_down_per_client=down / len(applied),
-        latency_seconds=slowest_client + aggregate_seconds + slowest_apply,
+        latency_seconds=_server_done(replies, sum_each) + slowest_apply,
+        clipped=applied[0].clipped,
     )

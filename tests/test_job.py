@@ -25,8 +25,9 @@ def test_default_digits_job_reaches_090_and_he_matches_plaintext(tmp_path, sessi
     he = run_job(_config(tmp_path / "h", session_keys, he=True))
     assert plain.final_accuracy >= 0.90
     assert he.final_accuracy >= 0.90
+    # The bar: within 0.3 points every round (one test digit of 360 is 0.28 points).
     for p, h in zip(plain.rounds, he.rounds, strict=True):
-        assert abs(p.accuracy - h.accuracy) <= 0.01, f"round {p.round}"
+        assert abs(p.accuracy - h.accuracy) <= 0.003, f"round {p.round}"
     # HE ciphertexts are bigger than float32, and the server's sum took measurable time.
     assert he.rounds[0].bytes_up_per_client > plain.rounds[0].bytes_up_per_client
     assert all(r.encrypt_seconds > 0 and r.aggregate_seconds > 0 for r in he.rounds)
@@ -49,21 +50,26 @@ def test_resume_continues_from_the_last_round(tmp_path, session_keys, he: bool) 
     run_dir = Path(config.output_dir)
     state = json.loads((run_dir / "state.json").read_text())
     assert state["round"] == 2
-    checkpoint_before = (run_dir / "global.enc").read_bytes()
+    chain = sorted(p.name for p in (run_dir / "aggregates").iterdir())
+    assert chain == ["round-0001.enc", "round-0002.enc"]
+    checkpoint_before = (run_dir / "aggregates" / "round-0002.enc").read_bytes()
 
     seen: list[int] = []
     resumed = run_job(config, resume_dir=run_dir, on_round=lambda m: seen.append(m.round))
     assert seen == [3, 4]
     assert [m.round for m in resumed.rounds] == [1, 2, 3, 4]
-    assert (run_dir / "global.enc").read_bytes() != checkpoint_before
+    # The chain grew; what was checkpointed before the interruption is untouched.
+    assert (run_dir / "aggregates" / "round-0002.enc").read_bytes() == checkpoint_before
+    assert (run_dir / "aggregates" / "round-0004.enc").exists()
 
     straight = run_job(replace(config, output_dir=str(tmp_path / "straight")))
     resumed_model = torch.load(run_dir / "model.pt")
     straight_model = torch.load(tmp_path / "straight" / "model.pt")
     for key, value in straight_model.items():
-        # Plaintext: bit-identical. HE: equal within CKKS noise.
-        assert torch.allclose(resumed_model[key], value, atol=0 if not he else 1e-3), key
-    assert resumed.final_accuracy == pytest.approx(straight.final_accuracy, abs=0.01)
+        # Bit-identical, HE too: the packed codec's aggregates decrypt to exact integers, so
+        # replaying the chain rebuilds exactly the model every client held.
+        assert torch.equal(resumed_model[key], value), key
+    assert [m.accuracy for m in resumed.rounds] == [m.accuracy for m in straight.rounds]
 
 
 def test_run_refuses_to_overwrite_an_existing_run(tmp_path, session_keys) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import hashlib
 import io
 import json
 import os
@@ -29,8 +30,13 @@ def test_keygen_writes_secret_and_public_contexts_0600(tmp_path: Path) -> None:
     on_disk = json.loads((tmp_path / "manifest.json").read_text())
     assert on_disk["fingerprint"] == manifest["fingerprint"]
     assert on_disk["params"]["poly_modulus_degree"] == 8192
+    # The fingerprint identifies the secret key; the server's file is checked by its hash.
     assert (
-        keys.fingerprint_of((tmp_path / "server.ctx").read_bytes()).hex() == on_disk["fingerprint"]
+        keys.fingerprint_of((tmp_path / "client.ctx").read_bytes()).hex() == on_disk["fingerprint"]
+    )
+    assert (
+        hashlib.sha256((tmp_path / "server.ctx").read_bytes()).hexdigest()
+        == on_disk["server_sha256"]
     )
     assert not list(tmp_path.glob("*.tmp")), "no temp files left behind"
 
@@ -57,13 +63,13 @@ def test_keygen_refuses_parameters_below_128_bit_security(
 
 
 def test_server_loader_refuses_a_secret_context(keys_dir: Path) -> None:
-    # A user copies the client's file over the server's: the fingerprint no longer matches,
+    # A user copies the client's file over the server's: its hash no longer matches,
     # and even with a matching manifest the secret key is refused.
     (keys_dir / "server.ctx").write_bytes((keys_dir / "client.ctx").read_bytes())
     with pytest.raises(KeyFileError):
         keys.load_for_server(keys_dir)
     manifest = json.loads((keys_dir / "manifest.json").read_text())
-    manifest["fingerprint"] = keys.fingerprint_of((keys_dir / "server.ctx").read_bytes()).hex()
+    manifest["server_sha256"] = hashlib.sha256((keys_dir / "server.ctx").read_bytes()).hexdigest()
     (keys_dir / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(KeyFileError, match="must never have it"):
         keys.load_for_server(keys_dir)
@@ -100,7 +106,7 @@ def test_server_never_reads_the_secret_key(keys_dir: Path, monkeypatch) -> None:
     monkeypatch.setattr(builtins, "open", spy)
     monkeypatch.setattr(io, "open", spy)
     server_keys = keys.load_for_server(keys_dir)
-    Server(CkksServer(server_keys.context, server_keys.fingerprint, server_keys.params))
+    Server(CkksServer(server_keys, "packed"))
     monkeypatch.setattr(builtins, "open", real_open)
     monkeypatch.setattr(io, "open", real_io_open)
     assert any(name.endswith("server.ctx") for name in opened)
@@ -108,3 +114,29 @@ def test_server_never_reads_the_secret_key(keys_dir: Path, monkeypatch) -> None:
     # And the server works with the secret file gone altogether.
     (keys_dir / "client.ctx").unlink()
     assert keys.load_for_server(keys_dir).fingerprint == server_keys.fingerprint
+
+
+def test_client_loader_refuses_a_secret_key_from_another_keygen(keys_dir: Path, tmp_path) -> None:
+    """A client.ctx from another 'secagg keygen' would decrypt to garbage: refuse it by name."""
+    other = tmp_path / "other"
+    keys.generate(other, CkksParams())
+    (keys_dir / "client.ctx").write_bytes((other / "client.ctx").read_bytes())
+    with pytest.raises(KeyFileError, match=r"not the key in manifest\.json"):
+        keys.load_for_client(keys_dir)
+
+
+def test_server_context_holds_no_key_material(keys_dir: Path) -> None:
+    """server.ctx is the parameters alone: no secret key, and tiny next to the client's."""
+    from secagg.crypto import ckks
+
+    server_ctx = (keys_dir / "server.ctx").read_bytes()
+    assert not ckks.context_is_private(server_ctx)
+    assert len(server_ctx) < 1024 < len((keys_dir / "client.ctx").read_bytes())
+
+
+def test_keys_from_an_older_secagg_are_refused_with_the_fix(keys_dir: Path) -> None:
+    manifest = json.loads((keys_dir / "manifest.json").read_text())
+    del manifest["format"]
+    (keys_dir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(KeyFileError, match="older secagg; run 'secagg keygen --force'"):
+        keys.load_for_client(keys_dir)

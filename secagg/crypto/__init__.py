@@ -11,11 +11,26 @@ imports TenSEAL.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
 from secagg.config import RunConfig
+
+
+@dataclass
+class Update:
+    """What a client encrypts, and what the sum of them decrypts to.
+
+    ``values`` is the client's weighted model update ``p_i * (w_i - w_global)`` (float64; for an
+    integer codec, already quantized to integers), ``weight`` is ``p_i`` and ``clipped`` counts
+    the values quantization had to clip. Summed over clients each field is the total.
+    """
+
+    values: np.ndarray
+    weight: float
+    clipped: int = 0
 
 
 class ClientCipher(Protocol):
@@ -25,12 +40,16 @@ class ClientCipher(Protocol):
     #: the last ``encrypt`` split into "encrypt" and "serialize" seconds
     last_seconds: dict[str, float]
 
-    def encrypt(self, vector: np.ndarray, round_num: int = 0) -> bytes:
-        """Encrypt a flat float vector; return payload bytes."""
+    #: For an integer codec, the bound L: a client's values must be integers within
+    #: ``weight * L``. None for a float codec, which takes any float values.
+    value_bound: int | None
+
+    def encrypt(self, update: Update, round_num: int = 0) -> bytes:
+        """Encrypt one client's update; return payload bytes."""
         ...
 
-    def decrypt(self, payload: bytes, round_num: int | None = None) -> np.ndarray:
-        """Decrypt a payload (checked against ``round_num`` when given); return float64 values."""
+    def decrypt(self, payload: bytes, round_num: int | None = None) -> Update:
+        """Decrypt a payload (checked against ``round_num`` when given)."""
         ...
 
 
@@ -54,7 +73,7 @@ def for_client(config: RunConfig) -> Callable[[], ClientCipher]:
     from secagg.crypto.ckks import CkksClient
 
     loaded = keys.load_for_client(config.keys_dir)
-    return lambda: CkksClient(loaded.context, loaded.fingerprint, loaded.params)
+    return lambda: CkksClient(loaded, config.codec)
 
 
 def for_server(config: RunConfig) -> ServerCipher:
@@ -67,4 +86,22 @@ def for_server(config: RunConfig) -> ServerCipher:
     from secagg.crypto.ckks import CkksServer
 
     loaded = keys.load_for_server(config.keys_dir)
-    return CkksServer(loaded.context, loaded.fingerprint, loaded.params)
+    return CkksServer(loaded, config.codec)
+
+
+#: Float codecs carry the weight and the clipped count as two extra values after the update.
+FLOAT_TAIL = 2
+
+
+def to_float_vector(update: Update) -> np.ndarray:
+    """An update as one float64 vector: values, then weight and clipped count."""
+    return np.concatenate([np.asarray(update.values, np.float64), [update.weight, update.clipped]])
+
+
+def from_float_vector(vector: np.ndarray) -> Update:
+    """Inverse of ``to_float_vector``."""
+    if vector.size < FLOAT_TAIL:
+        from secagg.errors import PayloadError
+
+        raise PayloadError("payload is too short to hold an update")
+    return Update(vector[:-FLOAT_TAIL], float(vector[-2]), round(float(vector[-1])))

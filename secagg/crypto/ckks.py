@@ -2,44 +2,83 @@
 
 Clients weight their own update before encrypting, so the server only adds ciphertexts
 (multiplicative depth zero): it needs no relinearization, rotation or plaintext multiply, and
-one data prime is enough. Vectors are chunked to the slot count here, because TenSEAL would
-otherwise split them itself with a warning per call. TenSEAL objects do not pickle and are not
-safe to share, so everything that leaves this module is bytes.
+one data prime is enough. Every party that encrypts also holds the secret key, so clients
+encrypt with it (symmetric CKKS): that is twice as fast as public-key encryption and leaves a
+seventh of the noise, which is what lets the ``packed`` codec carry three values per slot. The
+server's context holds the parameters and no key at all.
+
+Two codecs share this module:
+
+- ``float``: one value per slot at the keys' scale (2**30), about 32 bytes per value.
+- ``packed``: integers quantized by the client, three per slot (see ``packing``), exact after
+  summing, about 10.7 bytes per value.
+
+Vectors are chunked to the slot count here, because TenSEAL would otherwise split them itself
+with a warning per call. TenSEAL objects do not pickle and are not safe to share, so everything
+that leaves this module is bytes. TenSEAL holds the GIL, so encryption and decryption are
+spread over worker processes (``SECAGG_WORKERS`` in all, default one per CPU core).
 """
 
 from __future__ import annotations
 
+import atexit
+import itertools
 import math
+import os
+import pickle
+import subprocess
+import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tenseal as ts
 
 from secagg.config import CkksParams
+from secagg.crypto import FLOAT_TAIL, Update, from_float_vector, to_float_vector
 from secagg.crypto.envelope import Envelope, check_round, from_bytes
-from secagg.errors import KeyFileError, PayloadError
+from secagg.crypto.packing import PackedParams
+from secagg.errors import ConfigError, KeyFileError, PayloadError
+from secagg.keys import Keys
 
-CODEC_ID = 1
-# Bound on how large any summed value may grow, so a sum can never wrap around the modulus
+CODEC_IDS = {"float": 1, "packed": 2}
+PACKED = PackedParams()
+# Bound on how large a summed float value may grow, so a sum can never wrap around the modulus
 # silently: |value| * 2**scale_bits must stay far below the data prime (2**59 for 60 bits).
 _HEADROOM_BITS = 3
+#: The packed codec's two whole-slot tail integers: weight in units of 2**-32, clipped count.
+_PACKED_TAIL = 2
+_WEIGHT_UNIT = 2.0**32
+# Fewer ciphertexts than this per worker are encrypted in-process: the pool would not pay.
+_MIN_PER_WORKER = 8
 
 
 def make_contexts(params: CkksParams) -> tuple[bytes, bytes]:
-    """Generate a key pair; return (client context with secret key, server context without)."""
+    """Generate a key; return (client context with the secret key, server context without).
+
+    The server's context holds the encryption parameters only: it can load and add
+    ciphertexts, and neither decrypt nor encrypt.
+    """
     try:
         context = ts.context(
             ts.SCHEME_TYPE.CKKS,
             poly_modulus_degree=params.poly_modulus_degree,
             coeff_mod_bit_sizes=list(params.coeff_mod_bit_sizes),
+            encryption_type=ts.ENCRYPTION_TYPE.SYMMETRIC,
         )
     except ValueError as err:
         raise KeyFileError(f"TenSEAL refused the CKKS parameters: {err}") from err
     context.global_scale = 2.0**params.global_scale_bits
     secret = context.serialize(save_secret_key=True)
-    context.make_context_public()
-    return secret, context.serialize()
+    public = context.serialize(
+        save_public_key=False,
+        save_secret_key=False,
+        save_galois_keys=False,
+        save_relin_keys=False,
+    )
+    return secret, public
 
 
 def _load_context(data: bytes) -> ts.Context:
@@ -55,28 +94,39 @@ def context_is_private(data: bytes) -> bool:
 
 
 def max_value(params: CkksParams) -> float:
-    """Largest magnitude a (summed) slot value may reach without wrapping the modulus."""
+    """Largest magnitude a (summed) float-codec value may reach without wrapping the modulus."""
     data_bits = params.coeff_mod_bit_sizes[0]
     return 2.0 ** (data_bits - params.global_scale_bits - _HEADROOM_BITS)
 
 
 class _CkksBase:
-    name = "ckks"
-
-    def __init__(self, context: bytes, fingerprint: bytes, params: CkksParams) -> None:
-        self._context = _load_context(context)
-        self._fingerprint = fingerprint
-        self._params = params
+    def __init__(self, keys: Keys, codec: str) -> None:
+        if codec not in CODEC_IDS:
+            raise ConfigError(f"unknown codec {codec!r}; use one of {', '.join(CODEC_IDS)}")
+        self.name = f"ckks-{codec}"
+        self.codec = codec
+        self._codec_id = CODEC_IDS[codec]
+        self._context_bytes = keys.context
+        self._context = _load_context(keys.context)
+        self._fingerprint = keys.fingerprint
+        self._params = keys.params
+        if codec == "packed":
+            PACKED.check(keys.params.coeff_mod_bit_sizes[0], keys.params.poly_modulus_degree)
         # A ciphertext is two polynomials of N coefficients, 8 bytes per prime; allow slack.
-        primes = len(params.coeff_mod_bit_sizes)
-        self._max_blob = 2 * params.poly_modulus_degree * 8 * primes + 65536
+        primes = len(keys.params.coeff_mod_bit_sizes)
+        self._max_blob = 2 * keys.params.poly_modulus_degree * 8 * primes + 65536
+
+    def _slots_for(self, length: int) -> int:
+        if self.codec == "packed":
+            return PACKED.slots_for(length, _PACKED_TAIL)
+        return length + FLOAT_TAIL
 
     def _open(self, payload: bytes, round_num: int | None) -> Envelope:
         envelope = from_bytes(
-            payload, codec=CODEC_ID, fingerprint=self._fingerprint, max_blob=self._max_blob
+            payload, codec=self._codec_id, fingerprint=self._fingerprint, max_blob=self._max_blob
         )
         check_round(envelope, round_num)
-        expected = math.ceil(envelope.length / self._params.slots)
+        expected = math.ceil(self._slots_for(envelope.length) / self._params.slots)
         if len(envelope.blobs) != expected:
             raise PayloadError(
                 f"payload has {len(envelope.blobs)} ciphertexts for {envelope.length} values "
@@ -94,20 +144,60 @@ class _CkksBase:
 class CkksClient(_CkksBase):
     """Client side: encrypts and decrypts; needs the secret context.
 
-    ``last_seconds`` splits the last ``encrypt`` into encryption and serialization time.
+    ``last_seconds`` splits the last ``encrypt`` into encoding plus encryption, and the
+    serialization of the envelope.
     """
 
-    def __init__(self, context: bytes, fingerprint: bytes, params: CkksParams) -> None:
-        super().__init__(context, fingerprint, params)
+    def __init__(self, keys: Keys, codec: str = "packed") -> None:
+        super().__init__(keys, codec)
         self.last_seconds: dict[str, float] = {}
         if not self._context.is_private():
             raise KeyFileError(
                 "a client needs the secret context (keys/client.ctx), "
                 "but was given a public one (server.ctx)"
             )
+        self._pool = _pool_for(self._context_bytes)
+        self.value_bound = PACKED.value_bound(PACKED.max_clients) if codec == "packed" else None
 
-    def encrypt(self, vector: np.ndarray, round_num: int = 0) -> bytes:
-        vector = np.asarray(vector, dtype=np.float64)
+    def encrypt(self, update: Update, round_num: int = 0) -> bytes:
+        start_time = time.perf_counter()
+        if self.codec == "packed":
+            weight = np.rint(update.weight * _WEIGHT_UNIT)
+            slots = PACKED.pack(update.values, np.array([weight, update.clipped]))
+            scale = 2.0**PACKED.scale_bits
+        else:
+            slots = self._check_float(to_float_vector(update))
+            scale = 2.0**self._params.global_scale_bits
+        blobs = self._pool.encrypt(self._context, slots, self._params.slots, scale)
+        encrypted = time.perf_counter()
+        payload = Envelope(
+            self._codec_id, self._fingerprint, round_num, update.values.size, tuple(blobs)
+        )
+        data = payload.to_bytes()
+        self.last_seconds = {
+            "encrypt": encrypted - start_time,
+            "serialize": time.perf_counter() - encrypted,
+        }
+        return data
+
+    def decrypt(self, payload: bytes, round_num: int | None = None) -> Update:
+        envelope = self._open(payload, round_num)
+        n_slots = self._slots_for(envelope.length)
+        try:
+            slots = self._pool.decrypt(self._context, envelope.blobs, n_slots, self._params.slots)
+        except PayloadError:
+            raise
+        except Exception as err:
+            raise PayloadError(f"ciphertext does not decrypt under these keys: {err}") from err
+        if self.codec == "packed":
+            values, tail = PACKED.unpack(slots, envelope.length, _PACKED_TAIL)
+            return Update(values.astype(np.float64), float(tail[0] / _WEIGHT_UNIT), int(tail[1]))
+        update = from_float_vector(slots)
+        if update.values.size != envelope.length:
+            raise PayloadError("payload length does not match its values")
+        return update
+
+    def _check_float(self, vector: np.ndarray) -> np.ndarray:
         limit = max_value(self._params)
         if vector.size and not np.isfinite(vector).all():
             raise PayloadError("update has NaN or infinite values; training diverged")
@@ -116,40 +206,14 @@ class CkksClient(_CkksBase):
                 f"update value {np.abs(vector).max():.3g} exceeds the CKKS range {limit:.3g}; "
                 "lower --lr or make keys with fewer scale bits"
             )
-        slots = self._params.slots
-        start_time = time.perf_counter()
-        ciphertexts = [
-            ts.ckks_vector(self._context, vector[start : start + slots].tolist())
-            for start in range(0, vector.size, slots)
-        ]
-        encrypted = time.perf_counter()
-        blobs = tuple(ciphertext.serialize() for ciphertext in ciphertexts)
-        payload = Envelope(CODEC_ID, self._fingerprint, round_num, vector.size, blobs).to_bytes()
-        self.last_seconds = {
-            "encrypt": encrypted - start_time,
-            "serialize": time.perf_counter() - encrypted,
-        }
-        return payload
-
-    def decrypt(self, payload: bytes, round_num: int | None = None) -> np.ndarray:
-        envelope = self._open(payload, round_num)
-        out = np.empty(envelope.length, dtype=np.float64)
-        slots = self._params.slots
-        for index, blob in enumerate(envelope.blobs):
-            start = index * slots
-            stop = min(start + slots, envelope.length)
-            values = self._vector(blob).decrypt()
-            if len(values) != stop - start:
-                raise PayloadError("a ciphertext holds a different number of values than declared")
-            out[start:stop] = values
-        return out
+        return vector
 
 
 class CkksServer(_CkksBase):
     """Server side: adds ciphertexts; refuses any context that holds a secret key."""
 
-    def __init__(self, context: bytes, fingerprint: bytes, params: CkksParams) -> None:
-        super().__init__(context, fingerprint, params)
+    def __init__(self, keys: Keys, codec: str = "packed") -> None:
+        super().__init__(keys, codec)
         if self._context.is_private():
             raise KeyFileError(
                 "the server was given a context with the secret key; it must only ever load "
@@ -160,8 +224,16 @@ class CkksServer(_CkksBase):
         """Add payloads as they arrive: holds the running sum and one payload, never all."""
         totals: list[ts.CKKSVector] = []
         first: Envelope | None = None
+        count = 0
         for payload in payloads:
             envelope = self._open(payload, first.round_num if first else None)
+            del payload
+            count += 1
+            if self.codec == "packed" and count > PACKED.max_clients:
+                raise PayloadError(
+                    f"the packed codec sums at most {PACKED.max_clients} clients per round; "
+                    "more could overflow its headroom"
+                )
             if first is None:
                 first = envelope
                 totals = [self._vector(blob) for blob in envelope.blobs]
@@ -175,9 +247,156 @@ class CkksServer(_CkksBase):
                     total += self._vector(blob)
                 except ValueError as err:
                     raise PayloadError(f"ciphertexts cannot be added: {err}") from err
+            del envelope
         if first is None:
             raise PayloadError("no payloads to sum")
         blobs = tuple(total.serialize() for total in totals)
         return Envelope(
-            CODEC_ID, self._fingerprint, first.round_num, first.length, blobs
+            self._codec_id, self._fingerprint, first.round_num, first.length, blobs
         ).to_bytes()
+
+
+# --- encryption and decryption across processes ----------------------------------------------
+
+
+def encrypt_chunks(context: ts.Context, slots: np.ndarray, size: int, scale: float) -> list[bytes]:
+    """Encrypt ``slots`` in ciphertexts of ``size`` slots; return their serialized bytes."""
+    return [
+        ts.ckks_vector(context, slots[start : start + size], scale).serialize()
+        for start in range(0, slots.size, size)
+    ]
+
+
+def decrypt_chunks(context: ts.Context, blobs: Sequence[bytes]) -> np.ndarray:
+    """Decrypt serialized ciphertexts into one float64 array."""
+    parts = [np.asarray(ts.ckks_vector_from(context, blob).decrypt()) for blob in blobs]
+    return np.concatenate(parts) if parts else np.empty(0)
+
+
+def load_context(data: bytes) -> ts.Context:
+    return _load_context(data)
+
+
+class _Pool:
+    """Worker processes that each hold the client context; work is split by ciphertext.
+
+    Workers are plain subprocesses (``python -m secagg.crypto.worker``) fed over pipes, not
+    ``multiprocessing``: they never import the user's main script, and a worker that dies
+    (TenSEAL can crash on bytes it does not expect) becomes a named error, not a dead client.
+    The calling process takes one share of the work itself.
+    """
+
+    def __init__(self, context: bytes, workers: int) -> None:
+        self.workers: list[subprocess.Popen[bytes]] = []
+        # The worker imports this very package, wherever it was imported from.
+        root = str(Path(__file__).resolve().parents[2])
+        path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+        for _ in range(workers - 1):
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "secagg.crypto.worker"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                env={**os.environ, "PYTHONPATH": path},
+            )
+            self._send(proc, context)
+            self.workers.append(proc)
+
+    def _batches(self, count: int) -> list[tuple[int, int]]:
+        parts = len(self.workers) + 1
+        if count < parts * _MIN_PER_WORKER:
+            parts = 1
+        bounds = np.linspace(0, count, parts + 1).round().astype(int)
+        return [(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
+
+    def encrypt(
+        self, context: ts.Context, slots: np.ndarray, size: int, scale: float
+    ) -> list[bytes]:
+        batches = self._batches(math.ceil(slots.size / size))
+        for proc, (a, b) in zip(self.workers, batches[1:], strict=False):
+            self._send(proc, ("encrypt", slots[a * size : b * size], size, scale))
+        a, b = batches[0]
+        blobs = encrypt_chunks(context, slots[a * size : b * size], size, scale)
+        for proc, _ in zip(self.workers, batches[1:], strict=False):
+            blobs.extend(self._receive(proc))
+        return blobs
+
+    def decrypt(
+        self, context: ts.Context, blobs: Sequence[bytes], n_slots: int, size: int
+    ) -> np.ndarray:
+        batches = self._batches(len(blobs))
+        for proc, (a, b) in zip(self.workers, batches[1:], strict=False):
+            self._send(proc, ("decrypt", list(blobs[a:b])))
+        a, b = batches[0]
+        parts = [decrypt_chunks(context, blobs[a:b])]
+        parts.extend(
+            self._receive(proc) for proc, _ in zip(self.workers, batches[1:], strict=False)
+        )
+        out = np.concatenate(parts)
+        if out.size != n_slots:
+            raise PayloadError("the ciphertexts hold a different number of values than declared")
+        return out
+
+    @staticmethod
+    def _send(proc: subprocess.Popen[bytes], message: object) -> None:
+        assert proc.stdin is not None
+        try:
+            pickle.dump(message, proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+            proc.stdin.flush()
+        except (BrokenPipeError, OSError) as err:
+            raise PayloadError(
+                f"a CKKS worker process is gone ({err}); restart the client"
+            ) from err
+
+    @staticmethod
+    def _receive(proc: subprocess.Popen[bytes]) -> Any:
+        assert proc.stdout is not None
+        try:
+            result = pickle.load(proc.stdout)
+        except EOFError as err:
+            code = proc.wait()
+            raise PayloadError(
+                f"a CKKS worker process died (exit code {code}) on this payload"
+            ) from err
+        if isinstance(result, WorkerFailure):
+            raise PayloadError(f"ciphertext could not be processed: {result.message}")
+        return result
+
+    def close(self) -> None:
+        for proc in self.workers:
+            if proc.stdin is not None:
+                proc.stdin.close()
+        for proc in self.workers:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        self.workers = []
+
+
+class WorkerFailure:
+    """What a worker sends back instead of a result when an operation raised."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+_POOLS: dict[bytes, _Pool] = {}
+
+
+def _pool_for(context: bytes) -> _Pool:
+    """One pool per process and key: every in-process client shares it."""
+    import hashlib
+
+    key = hashlib.sha256(context).digest()
+    if key not in _POOLS:
+        workers = int(os.environ.get("SECAGG_WORKERS", os.cpu_count() or 1))
+        _POOLS[key] = _Pool(context, max(1, workers))
+    return _POOLS[key]
+
+
+@atexit.register
+def close_pools() -> None:
+    """Stop every worker process (a new client cipher starts them again)."""
+    for pool in _POOLS.values():
+        pool.close()
+    _POOLS.clear()

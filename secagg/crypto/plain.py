@@ -8,6 +8,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from secagg.crypto import Update, from_float_vector, to_float_vector
 from secagg.crypto.envelope import Envelope, check_round, from_bytes
 from secagg.errors import PayloadError
 
@@ -20,20 +21,24 @@ class PlainCipher:
     """Both sides of plaintext FedAvg: float32 on the wire, float64 while summing."""
 
     name = "plain"
+    value_bound: int | None = None
 
     def __init__(self) -> None:
         self.last_seconds: dict[str, float] = {}
 
-    def encrypt(self, vector: np.ndarray, round_num: int = 0) -> bytes:
+    def encrypt(self, update: Update, round_num: int = 0) -> bytes:
+        return self._encode(to_float_vector(update), round_num)
+
+    def decrypt(self, payload: bytes, round_num: int | None = None) -> Update:
+        envelope = self._open(payload, round_num)
+        return from_float_vector(np.frombuffer(envelope.blobs[0], dtype="<f4").astype(np.float64))
+
+    def _encode(self, vector: np.ndarray, round_num: int) -> bytes:
         start = time.perf_counter()
         data = np.ascontiguousarray(vector, dtype="<f4").tobytes()
         payload = Envelope(CODEC_ID, FINGERPRINT, round_num, len(vector), (data,)).to_bytes()
         self.last_seconds = {"encrypt": 0.0, "serialize": time.perf_counter() - start}
         return payload
-
-    def decrypt(self, payload: bytes, round_num: int | None = None) -> np.ndarray:
-        envelope = self._open(payload, round_num)
-        return np.frombuffer(envelope.blobs[0], dtype="<f4").astype(np.float64)
 
     def sum(self, payloads: Iterable[bytes]) -> bytes:
         total: np.ndarray | None = None
@@ -51,7 +56,7 @@ class PlainCipher:
                 total += values
         if first is None or total is None:
             raise PayloadError("no payloads to sum")
-        return self.encrypt(total, first.round_num)
+        return self._encode(total, first.round_num)
 
     def _open(self, payload: bytes, round_num: int | None) -> Envelope:
         envelope = from_bytes(payload, codec=CODEC_ID, fingerprint=FINGERPRINT, max_blob=1 << 34)

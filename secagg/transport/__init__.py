@@ -10,16 +10,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Protocol
 
-from secagg.client import EvalReply, FitReply
+from secagg.client import ApplyReply, EvalReply, FitReply
 
 
 class Transport(Protocol):
     def fit(self, round_num: int) -> Iterator[FitReply]:
-        """Ask every client to train; yield each reply as it arrives."""
+        """Tell every client the round plan and ask it to train; yield replies as they arrive."""
         ...
 
-    def apply(self, round_num: int, payload: bytes) -> list[dict[str, float]]:
-        """Send the summed payload to every client to decrypt and load; return their timings."""
+    def apply(self, round_num: int, payload: bytes) -> list[ApplyReply]:
+        """Send the summed payload to every client to decrypt and apply; return their replies."""
         ...
 
     def evaluate(self, round_num: int) -> list[EvalReply]:

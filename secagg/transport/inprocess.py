@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-from secagg.client import Client, EvalReply, FitReply
+from secagg.client import ApplyReply, Client, EvalReply, FitReply, RoundPlan
 
 
 class InProcessTransport:
@@ -17,10 +17,12 @@ class InProcessTransport:
         self.evaluators = list(evaluators)
 
     def fit(self, round_num: int) -> Iterator[FitReply]:
+        total = sum(len(client.train_data) for client in self.clients)
+        plan = RoundPlan(round_num, len(self.clients), total)
         for client in self.clients:
-            yield client.fit(round_num)
+            yield client.fit(plan)
 
-    def apply(self, round_num: int, payload: bytes) -> list[dict[str, float]]:
+    def apply(self, round_num: int, payload: bytes) -> list[ApplyReply]:
         return [client.apply(payload, round_num) for client in self.clients]
 
     def evaluate(self, round_num: int) -> list[EvalReply]:

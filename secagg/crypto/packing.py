@@ -1,0 +1,181 @@
+"""Integer packing for CKKS slots: several quantized values per slot, exact after summing.
+
+A CKKS slot carries a real number with an absolute error set by the encryption noise, not a
+number of significant digits. With one 60-bit data prime, a scale of 2**17 and symmetric
+encryption, a slot carries an integer of up to 2**41 in magnitude that decrypts *exactly*
+after adding the ciphertexts of up to 128 clients (see ``PackedParams``). That is room for
+three 14-bit digits, so three quantized values share one slot and a ciphertext costs
+32 / 3 = 10.7 bytes per value instead of 32.
+
+Digits are balanced (signed): a slot holds ``d0 + d1 * 2**B + d2 * 2**(2B)`` with every digit in
+``[-2**(B-1), 2**(B-1))``. Adding slots adds digits; it stays exact as long as every *summed*
+digit stays inside that range, which is what the per-client bound ``value_bound`` guarantees:
+clients weight their values by ``p_i = n_i / N`` (the weights sum to at most 1), so a sum of
+values each at most ``p_i * L`` plus a rounding half stays within ``L + clients / 2``.
+
+Some values must not be quantized to B bits (the total weight, the clipped count): they go in
+the *tail*, one whole slot each.
+
+This module is pure numpy; ``ckks`` does the encryption.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from secagg.errors import ConfigError, PayloadError
+
+#: Noise of one freshly (symmetric-key) encrypted slot, in units of the scaled integer:
+#: the error polynomial (sigma 3.19 per coefficient) mapped through the canonical embedding,
+#: sqrt(N * 3.19**2 / 2); 204 for N=8192, measured 209 (tests check it). Independent between
+#: clients, so it adds up like sqrt(clients).
+_ENCRYPTION_NOISE = {n: math.sqrt(n * 3.19**2 / 2) for n in (4096, 8192, 16384, 32768)}
+#: Error of encoding a slot vector (rounding each coefficient to an integer): sqrt(N / 24),
+#: 18.5 for N=8192. Clients that encrypt *identical* vectors make identical rounding errors,
+#: so in the worst case it adds up like the number of clients, not its square root.
+_ENCODING_NOISE = {n: math.sqrt(n / 24) for n in (4096, 8192, 16384, 32768)}
+#: The summed noise must stay below half a unit with this many standard deviations to spare
+#: (a Gaussian tail of 8 sigma: about 1e-15 per slot, so about 1e-9 per 1M-slot model).
+_NOISE_SIGMAS = 8.0
+#: A decrypted slot further than this from an integer is refused: honest noise stays below
+#: 8 sigma < 0.4 at the largest client count, while a wrong key or a damaged ciphertext
+#: decrypts to values that are anywhere (or astronomically large).
+_MAX_OFF_INTEGER = 0.45
+
+
+def noise_std(poly_modulus_degree: int, clients: int) -> float:
+    """Worst-case standard deviation of a sum of ``clients`` fresh ciphertexts' slots."""
+    encryption = _ENCRYPTION_NOISE[poly_modulus_degree] ** 2 * clients
+    encoding = (_ENCODING_NOISE[poly_modulus_degree] * clients) ** 2
+    return math.sqrt(encryption + encoding)
+
+
+@dataclass(frozen=True)
+class PackedParams:
+    """How quantized integers share CKKS slots.
+
+    ``values_per_slot`` x ``digit_bits`` plus ``scale_bits`` must stay below the data prime
+    minus one bit: a balanced slot value is below ``2**(k*B - 1)``, so its scaled coefficients
+    stay below a quarter of the prime. The scale must lift the summed noise of
+    ``max_clients`` clients (``noise_std``) below half a unit with 8 sigma to spare.
+    """
+
+    values_per_slot: int = 3
+    digit_bits: int = 14
+    scale_bits: int = 17
+    max_clients: int = 128
+
+    @property
+    def digit_limit(self) -> int:
+        """Summed digits must lie in ``[-digit_limit, digit_limit)``."""
+        return 1 << (self.digit_bits - 1)
+
+    @property
+    def tail_limit(self) -> int:
+        """Largest magnitude of a summed whole-slot (tail) integer."""
+        return 1 << (self.values_per_slot * self.digit_bits - 1)
+
+    def check(self, data_prime_bits: int, poly_modulus_degree: int) -> None:
+        """Refuse a setting where a sum could wrap the modulus or noise could flip a digit."""
+        used = self.values_per_slot * self.digit_bits + self.scale_bits
+        if used > data_prime_bits - 1:
+            raise ConfigError(
+                f"packing {self.values_per_slot} x {self.digit_bits} bits at scale "
+                f"2^{self.scale_bits} needs {used + 1} bits, the data prime has "
+                f"{data_prime_bits}"
+            )
+        if poly_modulus_degree not in _ENCRYPTION_NOISE:
+            raise ConfigError(f"no noise estimate for N={poly_modulus_degree}")
+        sigma = noise_std(poly_modulus_degree, self.max_clients)
+        if _NOISE_SIGMAS * sigma > 2.0 ** (self.scale_bits - 1):
+            raise ConfigError(
+                f"scale 2^{self.scale_bits} is too small to decrypt the sum of "
+                f"{self.max_clients} clients exactly"
+            )
+
+    def value_bound(self, clients: int) -> int:
+        """Per-client quantization bound L: a client sends integers within ``p_i * L``.
+
+        The sum over ``clients`` of values within ``p_i * L`` (rounded) stays within
+        ``L + clients / 2`` because the weights ``p_i`` add up to at most 1.
+        """
+        if not 1 <= clients <= self.max_clients:
+            raise ConfigError(
+                f"the packed codec sums at most {self.max_clients} clients per round, "
+                f"this round has {clients}; use --codec float"
+            )
+        bound = self.digit_limit - 1 - math.ceil(clients / 2)
+        if bound < self.digit_limit // 2:
+            raise ConfigError(
+                f"{clients} clients leave too little headroom in {self.digit_bits}-bit digits"
+            )
+        return bound
+
+    def slots_for(self, values: int, tail: int) -> int:
+        return math.ceil(values / self.values_per_slot) + tail
+
+    def pack(self, values: np.ndarray, tail: np.ndarray) -> np.ndarray:
+        """Integer values (and whole-slot tail integers) to float64 slot values, exactly."""
+        values = np.asarray(values)
+        k, bits = self.values_per_slot, self.digit_bits
+        ints = _as_int64(values, "value")
+        if ints.size and np.abs(ints).max() >= self.digit_limit:
+            raise PayloadError(
+                f"quantized value {np.abs(ints).max()} is outside the packable range "
+                f"of +-{self.digit_limit - 1}"
+            )
+        padded = np.zeros(math.ceil(ints.size / k) * k, dtype=np.int64)
+        padded[: ints.size] = ints
+        digits = padded.reshape(-1, k)
+        slots = np.zeros(digits.shape[0], dtype=np.int64)
+        for j in range(k - 1, -1, -1):
+            slots = (slots << bits) + digits[:, j]
+        tail_ints = _as_int64(np.asarray(tail), "tail value")
+        if tail_ints.size and np.abs(tail_ints).max() >= self.tail_limit:
+            raise PayloadError(f"tail value {np.abs(tail_ints).max()} is too large to pack")
+        return np.concatenate([slots, tail_ints]).astype(np.float64)
+
+    def unpack(self, slots: np.ndarray, values: int, tail: int) -> tuple[np.ndarray, np.ndarray]:
+        """Decrypted slot values back to the summed integers (values, tail).
+
+        Refuses slots that are not close to integers: that is what a wrong key, a corrupted
+        ciphertext or an overflowing sum decrypts to.
+        """
+        slots = np.asarray(slots, dtype=np.float64)
+        if slots.shape != (self.slots_for(values, tail),):
+            raise PayloadError(
+                f"aggregate has {slots.size} slots, expected {self.slots_for(values, tail)}"
+            )
+        rounded = np.rint(slots)
+        off = np.abs(slots - rounded)
+        worst = float(off.max()) if off.size else 0.0
+        if not worst < _MAX_OFF_INTEGER or np.abs(rounded).max(initial=0.0) >= 2 * self.tail_limit:
+            raise PayloadError(
+                "aggregate does not decrypt to integers (noise or overflow); it was made with "
+                "other keys, corrupted, or summed more clients than the codec allows"
+            )
+        ints = rounded.astype(np.int64)
+        body, tail_ints = ints[: ints.size - tail], ints[ints.size - tail :]
+        k, bits = self.values_per_slot, self.digit_bits
+        digits = np.empty((body.size, k), dtype=np.int64)
+        half, mask = self.digit_limit, (1 << bits) - 1
+        rest = body
+        for j in range(k):
+            digit = ((rest + half) & mask) - half
+            digits[:, j] = digit
+            rest = (rest - digit) >> bits
+        return digits.reshape(-1)[:values], tail_ints
+
+
+def _as_int64(values: np.ndarray, what: str) -> np.ndarray:
+    if values.dtype.kind in "iu":
+        return values.astype(np.int64)
+    if values.size and not np.isfinite(values).all():
+        raise PayloadError(f"{what} is NaN or infinite")
+    ints = np.rint(values)
+    if values.size and not np.array_equal(ints, values):
+        raise PayloadError(f"{what}s must be integers for the packed codec (quantize first)")
+    return ints.astype(np.int64)

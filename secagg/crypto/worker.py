@@ -1,0 +1,43 @@
+"""A CKKS worker process: ``python -m secagg.crypto.worker``, driven by ``ckks._Pool``.
+
+It reads the client context, then (operation, arguments) requests, as pickles on stdin, and
+writes each result as a pickle on stdout. Both ends are the same user's processes on one
+machine, joined by a private pipe: the secret context never touches the disk or the command
+line. It exits when stdin closes (the parent exited or closed the pool).
+"""
+
+from __future__ import annotations
+
+import pickle
+import sys
+from typing import Any
+
+from secagg.crypto import ckks
+
+
+def main() -> None:
+    requests, replies = sys.stdin.buffer, sys.stdout.buffer
+    # Nothing else may write to the reply pipe.
+    sys.stdout = sys.stderr
+    context = ckks.load_context(pickle.load(requests))
+    while True:
+        try:
+            op, *args = pickle.load(requests)
+        except EOFError:
+            return
+        result: Any
+        try:
+            if op == "encrypt":
+                result = ckks.encrypt_chunks(context, *args)
+            elif op == "decrypt":
+                result = ckks.decrypt_chunks(context, *args)
+            else:
+                result = ckks.WorkerFailure(f"unknown operation {op!r}")
+        except Exception as err:  # reported to the parent, which raises a named error
+            result = ckks.WorkerFailure(f"{type(err).__name__}: {err}")
+        pickle.dump(result, replies, protocol=pickle.HIGHEST_PROTOCOL)
+        replies.flush()
+
+
+if __name__ == "__main__":
+    main()

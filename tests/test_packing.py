@@ -1,0 +1,131 @@
+"""The packed codec: aggregates equal the exact integer sums, up to the overflow edge.
+
+Property tests drive random clients through the client-side quantizer and the packer, add the
+packed slots as integers (what homomorphic addition does, minus the noise), and unpack; the
+CKKS tests then do the same through real encryption at the edge of the headroom.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tenseal as ts
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from secagg.config import RunConfig
+from secagg.crypto import Update
+from secagg.crypto.ckks import PACKED
+from secagg.crypto.packing import PackedParams, noise_std
+from secagg.errors import ConfigError
+from secagg.quantize import quantize
+
+BOUND = PACKED.value_bound(PACKED.max_clients)
+
+
+def _clients(draw, count: int, size: int, extreme: bool) -> list[tuple[np.ndarray, float]]:
+    weights = np.asarray(draw(st.lists(st.floats(0.01, 1.0), min_size=count, max_size=count)))
+    weights = weights / weights.sum()
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    out = []
+    for w in weights:
+        # Quantize like a client: weighted values over a step, clipped to w * L and rounded.
+        step = np.full(size, 0.01)
+        raw = rng.choice([-1.0, 1.0], size) * 10.0 if extreme else rng.normal(0, 0.3, size)
+        values, _ = quantize(raw * w, float(w), step, BOUND)
+        out.append((values, float(w)))
+    return out
+
+
+@st.composite
+def rounds(draw) -> list[tuple[np.ndarray, float]]:
+    count = draw(st.integers(1, PACKED.max_clients))
+    size = draw(st.integers(1, 40))
+    return _clients(draw, count, size, extreme=draw(st.booleans()))
+
+
+@settings(max_examples=150, deadline=None)
+@given(rounds())
+def test_packed_sum_unpacks_to_the_exact_integer_sum(clients) -> None:
+    size = clients[0][0].size
+    slots = sum(PACKED.pack(v, np.array([0])).astype(np.int64) for v, _ in clients)
+    values, _ = PACKED.unpack(slots.astype(np.float64), size, 1)
+    assert np.array_equal(values, np.sum([v for v, _ in clients], axis=0).astype(np.int64))
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, PACKED.max_clients), st.integers(1, 30), st.sampled_from([-1, 1]))
+def test_every_client_at_its_limit_still_unpacks_exactly(count: int, size: int, sign: int) -> None:
+    """The overflow edge: every client at +-round(w * L) in every position, equal weights."""
+    weight = 1.0 / count
+    edge = sign * np.rint(weight * BOUND)
+    slots = sum(
+        PACKED.pack(np.full(size, edge), np.array([0])).astype(np.int64) for _ in range(count)
+    )
+    values, _ = PACKED.unpack(slots.astype(np.float64), size, 1)
+    assert np.all(values == count * edge)
+    assert abs(count * edge) < PACKED.digit_limit
+
+
+@pytest.mark.parametrize("pattern", ["plus", "minus", "mixed"])
+def test_max_clients_at_the_edge_decrypt_exactly_through_ckks(ckks_ciphers, pattern) -> None:
+    """max_clients real ciphertexts, every value at its limit: the sum decrypts exactly.
+
+    All but one client send the *same* vector, the worst case for CKKS encoding error, which
+    is then identical in every ciphertext and adds up coherently.
+    """
+    client, server = ckks_ciphers["packed"]
+    count = PACKED.max_clients
+    weight = 1.0 / count
+    rng = np.random.default_rng(3)
+    signs = {"plus": 1.0, "minus": -1.0, "mixed": rng.choice([-1.0, 1.0], 12_000)}[pattern]
+    edge = np.full(12_000, np.rint(weight * BOUND)) * signs
+    ups = [Update(edge, weight) for _ in range(count - 1)]
+    ups.append(Update(np.rint(rng.uniform(-1, 1, 12_000) * weight * BOUND), weight))
+    total = client.decrypt(server.sum(client.encrypt(u, 1) for u in ups), 1)
+    assert np.array_equal(total.values, np.sum([u.values for u in ups], axis=0))
+    assert total.weight == pytest.approx(1.0, abs=1e-8)
+
+
+def test_too_many_clients_for_the_headroom_is_refused_up_front() -> None:
+    with pytest.raises(ConfigError, match="at most 128 clients"):
+        PACKED.value_bound(PACKED.max_clients + 1)
+    with pytest.raises(ConfigError, match="at most 128 clients"):
+        RunConfig(he=True, codec="packed", clients=200).validate()
+    RunConfig(he=True, codec="float", clients=200).validate()  # the float codec has no limit
+
+
+def test_settings_that_could_wrap_or_lose_digits_are_refused() -> None:
+    with pytest.raises(ConfigError, match="data prime"):
+        PackedParams(values_per_slot=3, digit_bits=15, scale_bits=16).check(60, 8192)
+    with pytest.raises(ConfigError, match="too small"):
+        PackedParams(scale_bits=10).check(60, 8192)
+    with pytest.raises(ConfigError, match="too small"):
+        PackedParams(max_clients=100_000).check(60, 8192)
+    PACKED.check(60, 8192)
+
+
+def test_noise_model_matches_measured_fresh_noise() -> None:
+    """The headroom rests on the noise estimate; measure it with symmetric encryption."""
+    context = ts.context(
+        ts.SCHEME_TYPE.CKKS,
+        8192,
+        coeff_mod_bit_sizes=[60, 60],
+        encryption_type=ts.ENCRYPTION_TYPE.SYMMETRIC,
+    )
+    scale = 2.0**PACKED.scale_bits
+    x = np.random.default_rng(0).integers(-(2**40), 2**40, 4096).astype(np.float64)
+    errors = np.concatenate(
+        [(np.asarray(ts.ckks_vector(context, x, scale).decrypt()) - x) * scale for _ in range(8)]
+    )
+    assert 0.8 < errors.std() / noise_std(8192, 1) < 1.25
+
+
+def test_slots_that_are_not_integers_are_refused() -> None:
+    slots = PACKED.pack(np.array([1.0, -2.0, 3.0]), np.array([5]))
+    noisy = slots + np.array([0.47, 0.0])
+    with pytest.raises(Exception, match="does not decrypt to integers"):
+        PACKED.unpack(noisy, 3, 1)
+    with pytest.raises(Exception, match="does not decrypt to integers"):
+        PACKED.unpack(np.array([1e31, 0.0]), 3, 1)
