@@ -53,6 +53,16 @@ class RoundPlan:
     total_samples: int
 
 
+@dataclass(frozen=True)
+class Trained:
+    """A client's update after training, before encryption."""
+
+    round_num: int
+    update: Update
+    loss: float
+    seconds: dict[str, float]
+
+
 @dataclass
 class FitReply:
     """What one client sends for a round, and what it measured on the way."""
@@ -113,7 +123,10 @@ class Client:
 
     def fit(self, plan: RoundPlan) -> FitReply:
         """Train on local data from the current global model; return the encrypted update."""
-        round_num = plan.round_num
+        return self.seal(self.train(plan))
+
+    def train(self, plan: RoundPlan) -> Trained:
+        """Steps 1-2 of a round: train, then flatten, weight and quantize the update."""
         n = len(self.train_data)
         if not 0 < n <= plan.total_samples:
             raise PayloadError(
@@ -121,25 +134,31 @@ class Client:
                 f"{plan.total_samples} in all; the plan is wrong"
             )
         start = time.perf_counter()
-        loss = self._train(round_num)
+        loss = self._train(plan.round_num)
         _sync(self.device)
         trained = time.perf_counter()
         vector, _ = flatten(self.model.state_dict())
         weight = n / plan.total_samples
-        values = (vector - self.global_vector) * weight
+        values = vector - self.global_vector
+        values *= weight
         clipped = 0
         bound = self.cipher.value_bound
         if bound is not None:
-            values, clipped = quantize.quantize(values, weight, self._steps(bound), bound)
-        flat = time.perf_counter()
-        payload = self.cipher.encrypt(Update(values, weight, clipped), round_num)
+            values, clipped = quantize.quantize(values, weight, self.layout, self._ranges(), bound)
+        seconds = {"train": trained - start, "flatten": time.perf_counter() - trained}
+        return Trained(plan.round_num, Update(values, weight, clipped), loss, seconds)
+
+    def seal(self, trained: Trained) -> FitReply:
+        """Step 3: encrypt the update. Safe to run in another thread while this or another
+        client trains (the cipher's TenSEAL work runs in worker processes)."""
+        payload = self.cipher.encrypt(trained.update, trained.round_num)
         seconds = {
-            "train": trained - start,
-            "flatten": flat - trained,
+            **trained.seconds,
             "encrypt": self.cipher.last_seconds["encrypt"],
             "serialize": self.cipher.last_seconds["serialize"],
         }
-        return FitReply(self.client_id, payload, len(self.train_data), loss, seconds, len(payload))
+        n = len(self.train_data)
+        return FitReply(self.client_id, payload, n, trained.loss, seconds, len(payload))
 
     def apply(self, payload: bytes, round_num: int) -> ApplyReply:
         """Decrypt the summed update, divide by the total weight, add it to the global model."""
@@ -161,7 +180,7 @@ class Client:
         update = aggregate.values / aggregate.weight
         bound = self.cipher.value_bound
         if bound is not None:
-            update *= self._steps(bound)
+            quantize.dequantize(update, self.layout, self._ranges(), bound)
         state = unflatten(self.global_vector + update, self.layout)
         self.model.load_state_dict(state)
         self.global_vector = flatten(self.model.state_dict())[0]
@@ -171,12 +190,11 @@ class Client:
         seconds = {"decrypt": decrypted - start, "unflatten": time.perf_counter() - decrypted}
         return ApplyReply(self.client_id, seconds, aggregate.clipped, aggregate.weight)
 
-    def _steps(self, bound: int) -> np.ndarray:
-        """This round's quantization steps, from state every client shares."""
-        ranges = quantize.tensor_ranges(
+    def _ranges(self) -> np.ndarray:
+        """This round's quantization ranges per tensor, from state every client shares."""
+        return quantize.tensor_ranges(
             self.layout, self.global_vector, self.last_update, self.clipped_rounds
         )
-        return quantize.steps(self.layout, ranges, bound)
 
     def evaluate(self) -> EvalReply:
         """Loss and accuracy of the current (global) model on this client's test data."""

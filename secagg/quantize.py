@@ -53,18 +53,24 @@ def tensor_ranges(
     return ranges
 
 
-def steps(layout: Layout, ranges: np.ndarray, bound: int) -> np.ndarray:
-    """Per-value quantization step: each tensor's range over the bound L."""
-    sizes = [entry.size for entry in layout.entries]
-    return np.repeat(ranges / bound, sizes)
-
-
 def quantize(
-    values: np.ndarray, weight: float, step: np.ndarray, bound: int
+    values: np.ndarray, weight: float, layout: Layout, ranges: np.ndarray, bound: int
 ) -> tuple[np.ndarray, int]:
-    """Weighted values to integers within ``weight * bound``; return them and the clipped count."""
+    """Weighted values to integers within ``weight * bound``; return them and the clipped count.
+
+    A tensor's values are scaled by ``bound / range``, so a value of ``weight * range`` maps to
+    the largest integer a client may send. Works in place on ``values``.
+    """
+    for entry, scale in zip(layout.entries, bound / ranges, strict=True):
+        values[entry.offset : entry.offset + entry.size] *= scale
     limit = weight * bound
-    scaled = values / step
-    clipped = int(np.count_nonzero(np.abs(scaled) > limit))
-    np.clip(scaled, -limit, limit, out=scaled)
-    return np.rint(scaled, out=scaled), clipped
+    clipped = int(np.count_nonzero(values > limit) + np.count_nonzero(values < -limit))
+    np.clip(values, -limit, limit, out=values)
+    return np.rint(values, out=values), clipped
+
+
+def dequantize(values: np.ndarray, layout: Layout, ranges: np.ndarray, bound: int) -> np.ndarray:
+    """Integers back to values: the inverse scaling of ``quantize``, in place."""
+    for entry, step in zip(layout.entries, ranges / bound, strict=True):
+        values[entry.offset : entry.offset + entry.size] *= step
+    return values

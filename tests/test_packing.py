@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tenseal as ts
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -18,6 +19,7 @@ from secagg.crypto import Update
 from secagg.crypto.ckks import PACKED
 from secagg.crypto.packing import PackedParams, noise_std
 from secagg.errors import ConfigError
+from secagg.flatten import Entry, Layout
 from secagg.quantize import quantize
 
 BOUND = PACKED.value_bound(PACKED.max_clients)
@@ -31,9 +33,9 @@ def _clients(draw, count: int, size: int, extreme: bool) -> list[tuple[np.ndarra
     out = []
     for w in weights:
         # Quantize like a client: weighted values over a step, clipped to w * L and rounded.
-        step = np.full(size, 0.01)
+        layout = Layout((Entry("t", (size,), torch.float32, 0, size),))
         raw = rng.choice([-1.0, 1.0], size) * 10.0 if extreme else rng.normal(0, 0.3, size)
-        values, _ = quantize(raw * w, float(w), step, BOUND)
+        values, _ = quantize(raw * w, float(w), layout, np.array([0.01 * BOUND]), BOUND)
         out.append((values, float(w)))
     return out
 

@@ -134,9 +134,9 @@ class _CkksBase:
             )
         return envelope
 
-    def _vector(self, blob: bytes) -> ts.CKKSVector:
+    def _vector(self, blob: bytes | memoryview) -> ts.CKKSVector:
         try:
-            return ts.ckks_vector_from(self._context, blob)
+            return ts.ckks_vector_from(self._context, bytes(blob))
         except Exception as err:
             raise PayloadError(f"ciphertext does not load under these keys: {err}") from err
 
@@ -191,7 +191,7 @@ class CkksClient(_CkksBase):
             raise PayloadError(f"ciphertext does not decrypt under these keys: {err}") from err
         if self.codec == "packed":
             values, tail = PACKED.unpack(slots, envelope.length, _PACKED_TAIL)
-            return Update(values.astype(np.float64), float(tail[0] / _WEIGHT_UNIT), int(tail[1]))
+            return Update(values, float(tail[0] / _WEIGHT_UNIT), int(tail[1]))
         update = from_float_vector(slots)
         if update.values.size != envelope.length:
             raise PayloadError("payload length does not match its values")
@@ -250,9 +250,12 @@ class CkksServer(_CkksBase):
             del envelope
         if first is None:
             raise PayloadError("no payloads to sum")
-        blobs = tuple(total.serialize() for total in totals)
+        blobs: list[bytes | memoryview] = []
+        totals.reverse()
+        while totals:  # serialize and free one running total at a time
+            blobs.append(totals.pop().serialize())
         return Envelope(
-            self._codec_id, self._fingerprint, first.round_num, first.length, blobs
+            self._codec_id, self._fingerprint, first.round_num, first.length, tuple(blobs)
         ).to_bytes()
 
 
@@ -267,9 +270,9 @@ def encrypt_chunks(context: ts.Context, slots: np.ndarray, size: int, scale: flo
     ]
 
 
-def decrypt_chunks(context: ts.Context, blobs: Sequence[bytes]) -> np.ndarray:
+def decrypt_chunks(context: ts.Context, blobs: Sequence[bytes | memoryview]) -> np.ndarray:
     """Decrypt serialized ciphertexts into one float64 array."""
-    parts = [np.asarray(ts.ckks_vector_from(context, blob).decrypt()) for blob in blobs]
+    parts = [np.asarray(ts.ckks_vector_from(context, bytes(blob)).decrypt()) for blob in blobs]
     return np.concatenate(parts) if parts else np.empty(0)
 
 
@@ -283,15 +286,19 @@ class _Pool:
     Workers are plain subprocesses (``python -m secagg.crypto.worker``) fed over pipes, not
     ``multiprocessing``: they never import the user's main script, and a worker that dies
     (TenSEAL can crash on bytes it does not expect) becomes a named error, not a dead client.
-    The calling process takes one share of the work itself.
+    With more than one worker the calling process does no TenSEAL work itself: TenSEAL holds
+    the GIL, and a client encrypting in a background thread must not stall the thread that
+    trains the next model. ``SECAGG_WORKERS=1`` runs everything in-process.
     """
 
     def __init__(self, context: bytes, workers: int) -> None:
         self.workers: list[subprocess.Popen[bytes]] = []
+        if workers <= 1:
+            return
         # The worker imports this very package, wherever it was imported from.
         root = str(Path(__file__).resolve().parents[2])
         path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
-        for _ in range(workers - 1):
+        for _ in range(workers):
             proc = subprocess.Popen(
                 [sys.executable, "-m", "secagg.crypto.worker"],
                 stdin=subprocess.PIPE,
@@ -302,36 +309,36 @@ class _Pool:
             self.workers.append(proc)
 
     def _batches(self, count: int) -> list[tuple[int, int]]:
-        parts = len(self.workers) + 1
-        if count < parts * _MIN_PER_WORKER:
-            parts = 1
+        parts = max(1, min(len(self.workers), count // _MIN_PER_WORKER))
         bounds = np.linspace(0, count, parts + 1).round().astype(int)
         return [(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
 
     def encrypt(
         self, context: ts.Context, slots: np.ndarray, size: int, scale: float
     ) -> list[bytes]:
-        batches = self._batches(math.ceil(slots.size / size))
-        for proc, (a, b) in zip(self.workers, batches[1:], strict=False):
+        count = math.ceil(slots.size / size)
+        if not self.workers or count < _MIN_PER_WORKER:
+            return encrypt_chunks(context, slots, size, scale)
+        batches = self._batches(count)
+        for proc, (a, b) in zip(self.workers, batches, strict=False):
             self._send(proc, ("encrypt", slots[a * size : b * size], size, scale))
-        a, b = batches[0]
-        blobs = encrypt_chunks(context, slots[a * size : b * size], size, scale)
-        for proc, _ in zip(self.workers, batches[1:], strict=False):
+        blobs: list[bytes] = []
+        for proc, _ in zip(self.workers, batches, strict=False):
             blobs.extend(self._receive(proc))
         return blobs
 
     def decrypt(
-        self, context: ts.Context, blobs: Sequence[bytes], n_slots: int, size: int
+        self, context: ts.Context, blobs: Sequence[bytes | memoryview], n_slots: int, size: int
     ) -> np.ndarray:
-        batches = self._batches(len(blobs))
-        for proc, (a, b) in zip(self.workers, batches[1:], strict=False):
-            self._send(proc, ("decrypt", list(blobs[a:b])))
-        a, b = batches[0]
-        parts = [decrypt_chunks(context, blobs[a:b])]
-        parts.extend(
-            self._receive(proc) for proc, _ in zip(self.workers, batches[1:], strict=False)
-        )
-        out = np.concatenate(parts)
+        if not self.workers or len(blobs) < _MIN_PER_WORKER:
+            out = decrypt_chunks(context, blobs)
+        else:
+            batches = self._batches(len(blobs))
+            for proc, (a, b) in zip(self.workers, batches, strict=False):
+                self._send(proc, ("decrypt", [bytes(blob) for blob in blobs[a:b]]))
+            out = np.concatenate(
+                [self._receive(proc) for proc, _ in zip(self.workers, batches, strict=False)]
+            )
         if out.size != n_slots:
             raise PayloadError("the ciphertexts hold a different number of values than declared")
         return out

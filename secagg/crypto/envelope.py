@@ -34,7 +34,7 @@ class Envelope:
     fingerprint: bytes
     round_num: int
     length: int
-    blobs: tuple[bytes, ...]
+    blobs: tuple[bytes | memoryview, ...]
 
     def to_bytes(self) -> bytes:
         """Serialize with a trailing digest."""
@@ -89,9 +89,10 @@ def from_bytes(payload: bytes, *, codec: int, fingerprint: bytes, max_blob: int)
         )
     if hashlib.sha256(view[:end]).digest() != bytes(view[end:]):
         raise PayloadError("payload digest mismatch: corrupted in transit")
+    # Views into the payload, not copies: a consumer copies one blob at a time when it needs to.
     blobs, offset = [], sizes_end
     for size in sizes:
-        blobs.append(bytes(view[offset : offset + size]))
+        blobs.append(view[offset : offset + size])
         offset += size
     return Envelope(got_codec, got_fp, round_num, length, tuple(blobs))
 

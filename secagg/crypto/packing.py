@@ -118,28 +118,34 @@ class PackedParams:
         return math.ceil(values / self.values_per_slot) + tail
 
     def pack(self, values: np.ndarray, tail: np.ndarray) -> np.ndarray:
-        """Integer values (and whole-slot tail integers) to float64 slot values, exactly."""
-        values = np.asarray(values)
-        k, bits = self.values_per_slot, self.digit_bits
-        ints = _as_int64(values, "value")
-        if ints.size and np.abs(ints).max() >= self.digit_limit:
+        """Integer values (and whole-slot tail integers) to float64 slot values, exactly.
+
+        Slot values stay below 2**42, so float64 arithmetic on them is exact integer arithmetic.
+        """
+        k = self.values_per_slot
+        values = _integers(np.asarray(values, dtype=np.float64), "value")
+        if values.size and np.abs(values).max() >= self.digit_limit:
             raise PayloadError(
-                f"quantized value {np.abs(ints).max()} is outside the packable range "
+                f"quantized value {np.abs(values).max():.0f} is outside the packable range "
                 f"of +-{self.digit_limit - 1}"
             )
-        padded = np.zeros(math.ceil(ints.size / k) * k, dtype=np.int64)
-        padded[: ints.size] = ints
-        digits = padded.reshape(-1, k)
-        slots = np.zeros(digits.shape[0], dtype=np.int64)
-        for j in range(k - 1, -1, -1):
-            slots = (slots << bits) + digits[:, j]
-        tail_ints = _as_int64(np.asarray(tail), "tail value")
-        if tail_ints.size and np.abs(tail_ints).max() >= self.tail_limit:
-            raise PayloadError(f"tail value {np.abs(tail_ints).max()} is too large to pack")
-        return np.concatenate([slots, tail_ints]).astype(np.float64)
+        tail = _integers(np.asarray(tail, dtype=np.float64), "tail value")
+        if tail.size and np.abs(tail).max() >= self.tail_limit:
+            raise PayloadError(f"tail value {np.abs(tail).max():.0f} is too large to pack")
+        body = math.ceil(values.size / k)
+        out = np.empty(body + tail.size)
+        flat = np.zeros(body * k)
+        flat[: values.size] = values
+        digits = flat.reshape(body, k)
+        np.copyto(out[:body], digits[:, k - 1])
+        for j in range(k - 2, -1, -1):
+            out[:body] *= 2.0**self.digit_bits
+            out[:body] += digits[:, j]
+        out[body:] = tail
+        return out
 
     def unpack(self, slots: np.ndarray, values: int, tail: int) -> tuple[np.ndarray, np.ndarray]:
-        """Decrypted slot values back to the summed integers (values, tail).
+        """Decrypted slot values back to the summed integers (values, tail), as float64.
 
         Refuses slots that are not close to integers: that is what a wrong key, a corrupted
         ciphertext or an overflowing sum decrypts to.
@@ -151,31 +157,29 @@ class PackedParams:
             )
         rounded = np.rint(slots)
         off = np.abs(slots - rounded)
-        worst = float(off.max()) if off.size else 0.0
-        if not worst < _MAX_OFF_INTEGER or np.abs(rounded).max(initial=0.0) >= 2 * self.tail_limit:
+        if slots.size and (
+            not off.max() < _MAX_OFF_INTEGER or np.abs(rounded).max() >= 2 * self.tail_limit
+        ):
             raise PayloadError(
                 "aggregate does not decrypt to integers (noise or overflow); it was made with "
                 "other keys, corrupted, or summed more clients than the codec allows"
             )
-        ints = rounded.astype(np.int64)
-        body, tail_ints = ints[: ints.size - tail], ints[ints.size - tail :]
-        k, bits = self.values_per_slot, self.digit_bits
-        digits = np.empty((body.size, k), dtype=np.int64)
-        half, mask = self.digit_limit, (1 << bits) - 1
+        body = rounded[: rounded.size - tail]
+        k, base = self.values_per_slot, 2.0**self.digit_bits
+        digits = np.empty((body.size, k))
         rest = body
-        for j in range(k):
-            digit = ((rest + half) & mask) - half
-            digits[:, j] = digit
-            rest = (rest - digit) >> bits
-        return digits.reshape(-1)[:values], tail_ints
+        for j in range(k - 1):
+            # Balanced digit: rest - base * round(rest / base), exact in float64.
+            upper = np.rint(rest / base)
+            np.subtract(rest, upper * base, out=digits[:, j])
+            rest = upper
+        digits[:, k - 1] = rest
+        return digits.reshape(-1)[:values], rounded[rounded.size - tail :]
 
 
-def _as_int64(values: np.ndarray, what: str) -> np.ndarray:
-    if values.dtype.kind in "iu":
-        return values.astype(np.int64)
+def _integers(values: np.ndarray, what: str) -> np.ndarray:
     if values.size and not np.isfinite(values).all():
         raise PayloadError(f"{what} is NaN or infinite")
-    ints = np.rint(values)
-    if values.size and not np.array_equal(ints, values):
+    if values.size and not np.array_equal(np.rint(values), values):
         raise PayloadError(f"{what}s must be integers for the packed codec (quantize first)")
-    return ints.astype(np.int64)
+    return values
