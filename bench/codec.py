@@ -7,15 +7,17 @@ What is measured, and why
 One federated round moves every model parameter through three steps: each client encrypts its
 (weighted) update, the server adds the payloads it cannot read, and a client decrypts the sum.
 For each step this script reports throughput in parameters per second, and for the wire the
-payload size in bytes per parameter (upload payload length / number of values). Three configs
+payload size in bytes per parameter (upload payload length / number of values). Four configs
 run in the same process, on the same machine, on the same random vectors:
 
 ``plain``
     ``secagg.crypto.plain.PlainCipher``: float32 in the secagg envelope. The floor: no privacy.
-``secagg-ckks``
-    ``CkksClient``/``CkksServer`` with the default ``CkksParams`` (N=8192, primes (60, 60),
-    scale 2**30), keys made by ``secagg.keys.generate`` and loaded per role. Clients weight their
-    own update before encrypting, so the server only adds ciphertexts.
+``secagg-float`` and ``secagg-packed``
+    ``CkksClient``/``CkksServer`` with the default ``CkksParams`` (N=8192, primes (60, 60)),
+    keys made by ``secagg.keys.generate`` and loaded per role. Clients weight their own update
+    before encrypting, so the server only adds ciphertexts. ``float`` puts one value per slot at
+    scale 2**30; ``packed`` (the default codec) quantizes like a client (``secagg.quantize``,
+    one range for the whole vector) and puts three 14-bit values in each slot.
 ``peer-baseline``
     NVIDIA FLARE's HE example setting, written here directly against TenSEAL: N=8192, primes
     (60, 40, 40, 60), scale 2**40, public-key encryption, one CKKS vector per model tensor
@@ -43,9 +45,10 @@ to ~2 GB more peak RSS (7.3 GB seen), while its per-parameter costs are already 
 up; ``--peer-max 10000000`` includes it. ``--quick`` skips 10M for every config, uses 2 clients
 and takes about 40 s.
 
-Timing is wall clock (``time.perf_counter``) and process CPU time (``time.process_time``, all
-threads). CPU seconds are what the "one core" figures use, so they do not depend on how many
-threads TenSEAL used. Throughputs use wall time.
+Timing is wall clock (``time.perf_counter``) and CPU time: this process's (all threads) plus
+that of secagg's CKKS worker processes (read from /proc). CPU seconds are what the "one core"
+figures use, so they do not depend on how many processes or threads did the work.
+Throughputs use wall time.
 """
 
 from __future__ import annotations
@@ -70,12 +73,15 @@ from typing import Any, Protocol
 
 import numpy as np
 import tenseal as ts
+import torch
 
 from secagg import keys as secagg_keys
+from secagg import quantize
 from secagg.config import CkksParams
-from secagg.crypto import ClientCipher, ServerCipher
+from secagg.crypto import ClientCipher, ServerCipher, Update, ckks
 from secagg.crypto.ckks import CkksClient, CkksServer
 from secagg.crypto.plain import PlainCipher
+from secagg.flatten import Entry, Layout
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 MODEL_SIZE = "cnn"  # --sizes token for the ModerateCNN parameter count
@@ -112,8 +118,11 @@ class Codec(Protocol):
 class CipherCodec:
     """A secagg client/server cipher pair: the client weights its update, the server adds.
 
-    ``plain`` (float32 vectors) and ``secagg-ckks`` (our CKKS ciphers, keys from
-    ``secagg.keys``) are both this adapter around different ciphers.
+    ``plain`` (float32 vectors), ``secagg-float`` and ``secagg-packed`` (our CKKS codecs, keys
+    from ``secagg.keys``) are all this adapter around different ciphers. For an integer codec
+    the adapter quantizes like a client does (``secagg.quantize``), with one range for the
+    whole vector that every client shares: ``QUANT_RANGE`` standard deviations of the update,
+    wide enough that nothing is clipped.
     """
 
     def __init__(self, name: str, threads: str, client: ClientCipher, server: ServerCipher) -> None:
@@ -123,13 +132,30 @@ class CipherCodec:
         self.server = server
 
     def encrypt(self, vector: np.ndarray, weight: float) -> Payload:
-        return self.client.encrypt(vector * weight)
+        values = vector * weight
+        bound = self.client.value_bound
+        if bound is not None:
+            values, _ = quantize.quantize(values, weight, _layout(values.size), _RANGE, bound)
+        return self.client.encrypt(Update(values, weight))
 
     def aggregate(self, payloads: Iterable[tuple[Payload, float]]) -> Payload:
         return self.server.sum(payload for payload, _ in payloads)
 
     def decrypt(self, payload: Payload) -> np.ndarray:
-        return self.client.decrypt(payload)
+        values = self.client.decrypt(payload).values
+        bound = self.client.value_bound
+        if bound is not None:
+            quantize.dequantize(values, _layout(values.size), _RANGE, bound)
+        return values
+
+
+QUANT_RANGE = 8.0
+_RANGE = np.array([QUANT_RANGE * 0.01])
+
+
+def _layout(size: int) -> Layout:
+    """The whole vector as one float tensor: one quantization range for all of it."""
+    return Layout((Entry("update", (size,), torch.float32, 0, size),))
 
 
 def plain_codec() -> CipherCodec:
@@ -137,7 +163,7 @@ def plain_codec() -> CipherCodec:
     return CipherCodec("plain", "n/a (numpy)", cipher, cipher)
 
 
-SECAGG_CKKS = "secagg-ckks"
+SECAGG_CODECS = ("float", "packed")
 
 
 class PeerBaselineCodec:
@@ -210,16 +236,24 @@ def quiet_stdout() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def secagg_ckks_codec(params: CkksParams) -> Iterator[CipherCodec]:
-    """Keys generated into a temporary directory and loaded per role, as a deployment would."""
+def secagg_ckks_codecs(params: CkksParams) -> Iterator[list[CipherCodec]]:
+    """Both secagg CKKS codecs, keys generated into a temporary directory and loaded per role,
+    as a deployment would."""
     with tempfile.TemporaryDirectory(prefix="secagg-bench-keys-") as keys_dir:
         secagg_keys.generate(keys_dir, params)
         client_keys = secagg_keys.load_for_client(keys_dir)
         server_keys = secagg_keys.load_for_server(keys_dir)
-        client = CkksClient(client_keys.context, client_keys.fingerprint, client_keys.params)
-        server = CkksServer(server_keys.context, server_keys.fingerprint, server_keys.params)
-        threads = "TenSEAL default (= CPU count); one ciphertext per vector"
-        yield CipherCodec(SECAGG_CKKS, threads, client, server)
+        workers = ckks.worker_count()
+        threads = f"{workers} worker process{'es' if workers > 1 else ''} (SECAGG_WORKERS)"
+        yield [
+            CipherCodec(
+                f"secagg-{codec}",
+                threads,
+                CkksClient(client_keys, codec),
+                CkksServer(server_keys, codec),
+            )
+            for codec in SECAGG_CODECS
+        ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,16 +303,28 @@ def size_label(n: int, model_n: int | None) -> str:
 
 
 class Stopwatch:
-    """Wall and process-CPU seconds of a ``with`` block."""
+    """Wall and CPU seconds of a ``with`` block; CPU counts this process and its CKKS workers."""
 
     def __enter__(self) -> Stopwatch:
         self._wall = time.perf_counter()
-        self._cpu = time.process_time()
+        self._cpu = cpu_seconds()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.wall = time.perf_counter() - self._wall
-        self.cpu = time.process_time() - self._cpu
+        self.cpu = cpu_seconds() - self._cpu
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process (all threads) plus its live CKKS worker processes."""
+    total = time.process_time()
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    for pid in ckks.worker_pids():
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            # Fields after the command name: utime and stime are the 12th and 13th.
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
 
 
 def payload_size(payload: Payload) -> int:
@@ -296,8 +342,8 @@ def client_weights(clients: int) -> list[float]:
 def warm_up(codec: Codec) -> None:
     """One tiny round so first-call costs (memory pools, lazy setup) are not timed."""
     vector = np.linspace(-0.01, 0.01, 1000)
-    payload = codec.encrypt(vector, 1.0)
-    codec.decrypt(codec.aggregate([(payload, 1.0), (payload, 1.0)]))
+    payload = codec.encrypt(vector, 0.5)
+    codec.decrypt(codec.aggregate([(payload, 0.5), (payload, 0.5)]))
 
 
 def measure(codec: Codec, vectors: Sequence[np.ndarray], weights: Sequence[float]) -> dict:
@@ -468,7 +514,10 @@ def run_scaling(codec: CipherCodec, n: int, client_counts: Sequence[int], seed: 
     before adding would hold them.
     """
     distinct = min(SCALING_DISTINCT_PAYLOADS, max(client_counts))
-    payloads = [codec.client.encrypt(v) for v in random_vectors(n, distinct, seed)]
+    # Every client's weight is 1 / the largest count, so the weights of any round add up to
+    # at most 1, as FedAvg's do (the packed codec's headroom relies on it).
+    weight = 1.0 / max(client_counts)
+    payloads = [codec.encrypt(v, weight) for v in random_vectors(n, distinct, seed)]
     payload_bytes = len(payloads[0])
 
     def arriving(clients: int) -> Iterator[bytes]:
@@ -542,17 +591,18 @@ def _slope(x: np.ndarray, rows: Sequence[dict], key: str) -> float:
 
 
 def speedups(rows: Sequence[dict]) -> list[dict]:
-    """secagg-ckks over peer-baseline at every size both ran (>1: secagg is faster/smaller)."""
+    """Each secagg CKKS codec over peer-baseline at every size both ran (>1: secagg wins)."""
     by_key = {(row["config"], row["size"]): row for row in rows}
     out = []
     for (config, n), ours in by_key.items():
         peer = by_key.get((PeerBaselineCodec.name, n))
-        if config != SECAGG_CKKS or peer is None:
+        if not config.startswith("secagg-") or peer is None:
             continue
         out.append(
             {
                 "size": n,
                 "label": ours["label"],
+                "config": config,
                 "encrypt": ours["encrypt_params_per_s"] / peer["encrypt_params_per_s"],
                 "sum": ours["sum_params_per_s"] / peer["sum_params_per_s"],
                 "decrypt": ours["decrypt_params_per_s"] / peer["decrypt_params_per_s"],
@@ -667,14 +717,15 @@ def render_markdown(results: dict) -> str:
         "across all three steps (the largest over sizes): about 1 means one core did the work "
         "even where TenSEAL was allowed more threads.",
         "",
-        "## secagg-ckks vs peer-baseline (x times faster / smaller; >1 favours secagg)",
+        "## secagg codecs vs peer-baseline (x times faster / smaller; >1 favours secagg)",
         "",
     ]
     lines += _table(
-        ["size", "encrypt", "sum", "decrypt", "enc+dec CPU", "bytes"],
+        ["size", "config", "encrypt", "sum", "decrypt", "enc+dec CPU", "bytes"],
         (
             (
                 s["label"],
+                s["config"],
                 f"{s['encrypt']:.2f}x",
                 f"{s['sum']:.2f}x",
                 f"{s['decrypt']:.2f}x",
@@ -765,7 +816,7 @@ def parse_sizes(text: str) -> tuple[list[int], int | None]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Codec micro-benchmark: plain vs secagg-ckks vs the FLARE HE peer baseline."
+        description="Codec micro-benchmark: plain vs secagg's CKKS codecs vs the FLARE HE peer."
     )
     parser.add_argument("--quick", action="store_true", help="skip 10M, use 2 clients")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="report folder")
@@ -807,17 +858,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
     clients = args.round_clients or (2 if args.quick else 3)
     peer_threads = args.peer_threads or None
     started = time.perf_counter()
-    with secagg_ckks_codec(CkksParams()) as ckks:
+    with secagg_ckks_codecs(CkksParams()) as secagg_codecs:
+        packed = secagg_codecs[-1]
         codecs: list[Codec] = [
             plain_codec(),
-            ckks,
+            *secagg_codecs,
             PeerBaselineCodec(peer_tensor_sizes, peer_threads),
         ]
         for codec in codecs:
             warm_up(codec)
         # Scaling first, while the heap is small: its memory figures are deltas over RSS.
         print(f"Sum scaling, {args.scale_size:,} parameters:", flush=True)
-        scaling = run_scaling(ckks, args.scale_size, args.clients, args.seed)
+        scaling = run_scaling(packed, args.scale_size, args.clients, args.seed)
         print(f"Throughput, {clients} clients:", flush=True)
         rows, skipped = run_throughput(codecs, sizes, clients, args.peer_max, args.seed, model_n)
         threads = {codec.name: codec.threads for codec in codecs}

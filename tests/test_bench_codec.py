@@ -14,13 +14,16 @@ if str(ROOT) not in sys.path:
 
 from bench import codec  # noqa: E402
 
-CONFIGS = {"plain", "secagg-ckks", "peer-baseline"}
+SIZE = 12_282
+CONFIGS = {"plain", "secagg-float", "secagg-packed", "peer-baseline"}
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("bench")
-    argv = ["--quick", "--sizes", "5000", "--clients", "2,3", "--scale-size", "5000"]
+    # 12,282 values fill one packed ciphertext exactly (4,094 slots of three, plus two tail
+    # slots), so bytes per parameter show the codec's density, not padding.
+    argv = ["--quick", "--sizes", str(SIZE), "--clients", "2,3", "--scale-size", "5000"]
     return codec.main([*argv, "--out", str(out)])
 
 
@@ -28,7 +31,7 @@ def test_every_config_reports_throughput_and_size(results: dict) -> None:
     rows = results["throughput"]
     assert {row["config"] for row in rows} == CONFIGS
     for row in rows:
-        assert row["size"] == 5000
+        assert row["size"] == SIZE
         for step in ("encrypt", "sum", "decrypt"):
             assert row[f"{step}_params_per_s"] > 0, (row["config"], step)
         assert row["bytes_per_param"] > 0
@@ -41,8 +44,18 @@ def test_plain_is_four_bytes_per_parameter(results: dict) -> None:
     assert plain["bytes_per_param"] == pytest.approx(4.0, abs=0.05)
 
 
+def test_packed_codec_is_at_most_twelve_bytes_per_parameter(results: dict) -> None:
+    """Issue 4's wire target: three values per slot, about a third of the float codec."""
+    by_config = {row["config"]: row for row in results["throughput"]}
+    packed, floats = by_config["secagg-packed"], by_config["secagg-float"]
+    assert packed["bytes_per_param"] <= 12
+    assert packed["result_bytes_per_param"] <= 12
+    assert packed["bytes_per_param"] < floats["bytes_per_param"] / 2.5
+
+
 def test_speedup_and_scaling_sections(results: dict) -> None:
-    assert [s["size"] for s in results["speedup"]] == [5000]
+    speedups = {(s["config"], s["size"]) for s in results["speedup"]}
+    assert speedups == {("secagg-float", SIZE), ("secagg-packed", SIZE)}
     scaling = results["scaling"]
     assert [row["clients"] for row in scaling["rows"]] == [2, 3]
     assert all(row["sum_s"] > 0 and row["peak_rss_bytes"] >= 0 for row in scaling["rows"])

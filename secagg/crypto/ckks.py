@@ -390,14 +390,27 @@ class WorkerFailure:
 _POOLS: dict[bytes, _Pool] = {}
 
 
+def worker_count() -> int:
+    """Processes a client spreads CKKS work over: ``SECAGG_WORKERS``, default one per core."""
+    raw = os.environ.get("SECAGG_WORKERS", "")
+    try:
+        return max(1, int(raw)) if raw else max(1, os.cpu_count() or 1)
+    except ValueError as err:
+        raise ConfigError(f"SECAGG_WORKERS={raw!r} is not a number of processes") from err
+
+
+def worker_pids() -> list[int]:
+    """Process ids of every live CKKS worker (for benchmarks that count their CPU time)."""
+    return [proc.pid for pool in _POOLS.values() for proc in pool.workers]
+
+
 def _pool_for(context: bytes) -> _Pool:
     """One pool per process and key: every in-process client shares it."""
     import hashlib
 
     key = hashlib.sha256(context).digest()
     if key not in _POOLS:
-        workers = int(os.environ.get("SECAGG_WORKERS", os.cpu_count() or 1))
-        _POOLS[key] = _Pool(context, max(1, workers))
+        _POOLS[key] = _Pool(context, worker_count())
     return _POOLS[key]
 
 
