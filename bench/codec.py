@@ -7,17 +7,16 @@ What is measured, and why
 One federated round moves every model parameter through three steps: each client encrypts its
 (weighted) update, the server adds the payloads it cannot read, and a client decrypts the sum.
 For each step this script reports throughput in parameters per second, and for the wire the
-payload size in bytes per parameter (upload payload length / number of values). Four configs
+payload size in bytes per parameter (upload payload length / number of values). Three configs
 run in the same process, on the same machine, on the same random vectors:
 
 ``plain``
     ``secagg.crypto.plain.PlainCipher``: float32 in the secagg envelope. The floor: no privacy.
-``secagg-float`` and ``secagg-packed``
+``secagg-packed``
     ``CkksClient``/``CkksServer`` with the default ``CkksParams`` (N=8192, primes (60, 60)),
     keys made by ``secagg.keys.generate`` and loaded per role. Clients weight their own update
-    before encrypting, so the server only adds ciphertexts. ``float`` puts one value per slot at
-    scale 2**30; ``packed`` (the default codec) quantizes like a client (``secagg.quantize``,
-    one range for the whole vector) and puts three 14-bit values in each slot.
+    and quantize it like a client does (``secagg.quantize``, one range for the whole vector),
+    three 14-bit values per slot; the server only adds ciphertexts, as numbers mod q.
 ``peer-baseline``
     NVIDIA FLARE's HE example setting, written here directly against TenSEAL: N=8192, primes
     (60, 40, 40, 60), scale 2**40, public-key encryption, one CKKS vector per model tensor
@@ -57,12 +56,14 @@ import argparse
 import contextlib
 import ctypes
 import ctypes.util
+import dataclasses
 import datetime as dt
 import functools
 import gc
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import threading
@@ -78,8 +79,10 @@ import torch
 from secagg import keys as secagg_keys
 from secagg import quantize
 from secagg.config import CkksParams
-from secagg.crypto import ClientCipher, ServerCipher, Update, ckks
-from secagg.crypto.ckks import CkksClient, CkksServer
+from secagg.crypto import SERVER, ClientCipher, ServerCipher, Stamp, Update, ckks
+from secagg.crypto.ckks import CkksClient
+from secagg.crypto.ckks_server import CkksServer
+from secagg.crypto.packing import PACKED
 from secagg.crypto.plain import PlainCipher
 from secagg.flatten import Entry, Layout
 
@@ -88,11 +91,9 @@ MODEL_SIZE = "cnn"  # --sizes token for the ModerateCNN parameter count
 DEFAULT_SIZES = "100000,1000000,cnn,10000000"
 QUICK_SIZES = "100000,1000000,cnn"
 DEFAULT_SCALING_CLIENTS = "2,8,32,128"
-# Distinct payloads encrypted for the scaling part; clients beyond this reuse them in turn
-# (each arriving as a fresh copy of the bytes), since encrypting 128 distinct 100k-parameter
-# payloads would take longer than the summing being measured. Adding the same ciphertext
-# twice costs exactly what adding a different one does.
-SCALING_DISTINCT_PAYLOADS = 4
+# Distinct update vectors for the scaling part; clients beyond this encrypt them again in turn
+# (every client's payload is its own encryption, so the server sees no duplicate).
+SCALING_DISTINCT_VECTORS = 4
 UPDATE_STD = 0.01  # model updates are small; any value well inside the CKKS range would do
 
 Payload = Any  # bytes for the secagg envelopes, tuple[bytes, ...] (one per tensor) for the peer
@@ -104,7 +105,7 @@ class Codec(Protocol):
     name: str
     threads: str
 
-    def encrypt(self, vector: np.ndarray, weight: float) -> Payload: ...
+    def encrypt(self, vector: np.ndarray, weight: float, sender: int) -> Payload: ...
 
     def aggregate(self, payloads: Iterable[tuple[Payload, float]]) -> Payload: ...
 
@@ -118,31 +119,37 @@ class Codec(Protocol):
 class CipherCodec:
     """A secagg client/server cipher pair: the client weights its update, the server adds.
 
-    ``plain`` (float32 vectors), ``secagg-float`` and ``secagg-packed`` (our CKKS codecs, keys
-    from ``secagg.keys``) are all this adapter around different ciphers. For an integer codec
-    the adapter quantizes like a client does (``secagg.quantize``), with one range for the
-    whole vector that every client shares: ``QUANT_RANGE`` standard deviations of the update,
-    wide enough that nothing is clipped.
+    ``plain`` (float32 vectors) and ``secagg-packed`` (our CKKS codec, keys from
+    ``secagg.keys``) are both this adapter around different ciphers. For an integer codec the
+    adapter quantizes like a client does (``secagg.quantize``), with one range for the whole
+    vector that every client shares: ``QUANT_RANGE`` standard deviations of the update, wide
+    enough that nothing is clipped. Every payload is stamped for one round of a roster of
+    ``ROSTER`` clients (their tally costs 128 values per payload, nothing at these sizes).
     """
+
+    ROSTER = 128
 
     def __init__(self, name: str, threads: str, client: ClientCipher, server: ServerCipher) -> None:
         self.name = name
         self.threads = threads
         self.client = client
         self.server = server
+        self.round = Stamp(bytes(16), 1, SERVER, self.ROSTER)
+        #: where the keys are, for the server-memory probe (secagg codecs only)
+        self.keys_dir = ""
 
-    def encrypt(self, vector: np.ndarray, weight: float) -> Payload:
+    def encrypt(self, vector: np.ndarray, weight: float, sender: int) -> Payload:
         values = vector * weight
         bound = self.client.value_bound
         if bound is not None:
             values, _ = quantize.quantize(values, weight, _layout(values.size), _RANGE, bound)
-        return self.client.encrypt(Update(values, weight))
+        return self.client.encrypt(Update(values, weight), self.round.for_sender(sender))
 
     def aggregate(self, payloads: Iterable[tuple[Payload, float]]) -> Payload:
-        return self.server.sum(payload for payload, _ in payloads)
+        return self.server.sum((payload for payload, _ in payloads), self.round)
 
     def decrypt(self, payload: Payload) -> np.ndarray:
-        values = self.client.decrypt(payload).values
+        values = self.client.decrypt(payload, self.round).values
         bound = self.client.value_bound
         if bound is not None:
             quantize.dequantize(values, _layout(values.size), _RANGE, bound)
@@ -163,7 +170,7 @@ def plain_codec() -> CipherCodec:
     return CipherCodec("plain", "n/a (numpy)", cipher, cipher)
 
 
-SECAGG_CODECS = ("float", "packed")
+SECAGG_PACKED = "secagg-packed"
 
 
 class PeerBaselineCodec:
@@ -193,8 +200,8 @@ class PeerBaselineCodec:
             f"{n_threads}, set by --peer-threads" if n_threads else "TenSEAL default (= CPU count)"
         )
 
-    def encrypt(self, vector: np.ndarray, weight: float) -> Payload:
-        del weight  # the server weights in this design
+    def encrypt(self, vector: np.ndarray, weight: float, sender: int) -> Payload:
+        del weight, sender  # the server weights in this design; one ciphertext per tensor
         blobs = []
         start = 0
         for size in self._tensor_sizes(vector.size):
@@ -236,24 +243,17 @@ def quiet_stdout() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def secagg_ckks_codecs(params: CkksParams) -> Iterator[list[CipherCodec]]:
-    """Both secagg CKKS codecs, keys generated into a temporary directory and loaded per role,
-    as a deployment would."""
+def secagg_packed_codec(params: CkksParams) -> Iterator[CipherCodec]:
+    """Keys generated into a temporary directory and loaded per role, as a deployment would."""
     with tempfile.TemporaryDirectory(prefix="secagg-bench-keys-") as keys_dir:
         secagg_keys.generate(keys_dir, params)
-        client_keys = secagg_keys.load_for_client(keys_dir)
-        server_keys = secagg_keys.load_for_server(keys_dir)
+        client = CkksClient(secagg_keys.load_for_client(keys_dir))
+        server = CkksServer(secagg_keys.load_for_server(keys_dir))
         workers = ckks.worker_count()
         threads = f"{workers} worker process{'es' if workers > 1 else ''} (SECAGG_WORKERS)"
-        yield [
-            CipherCodec(
-                f"secagg-{codec}",
-                threads,
-                CkksClient(client_keys, codec),
-                CkksServer(server_keys, codec),
-            )
-            for codec in SECAGG_CODECS
-        ]
+        codec = CipherCodec(SECAGG_PACKED, threads, client, server)
+        codec.keys_dir = keys_dir
+        yield codec
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,8 +342,8 @@ def client_weights(clients: int) -> list[float]:
 def warm_up(codec: Codec) -> None:
     """One tiny round so first-call costs (memory pools, lazy setup) are not timed."""
     vector = np.linspace(-0.01, 0.01, 1000)
-    payload = codec.encrypt(vector, 0.5)
-    codec.decrypt(codec.aggregate([(payload, 0.5), (payload, 0.5)]))
+    payloads = [(codec.encrypt(vector, 0.5, sender), 0.5) for sender in (0, 1)]
+    codec.decrypt(codec.aggregate(payloads))
 
 
 def measure(codec: Codec, vectors: Sequence[np.ndarray], weights: Sequence[float]) -> dict:
@@ -352,9 +352,9 @@ def measure(codec: Codec, vectors: Sequence[np.ndarray], weights: Sequence[float
     clients = len(vectors)
     payloads = []
     enc_wall = enc_cpu = 0.0
-    for vector, weight in zip(vectors, weights, strict=True):
+    for sender, (vector, weight) in enumerate(zip(vectors, weights, strict=True)):
         with Stopwatch() as watch:
-            payloads.append(codec.encrypt(vector, weight))
+            payloads.append(codec.encrypt(vector, weight, sender))
         enc_wall += watch.wall
         enc_cpu += watch.cpu
     upload = sum(payload_size(p) for p in payloads) / clients
@@ -513,31 +513,34 @@ def run_scaling(codec: CipherCodec, n: int, client_counts: Sequence[int], seed: 
     given a list holding every payload at once, the way a server that waits for all uploads
     before adding would hold them.
     """
-    distinct = min(SCALING_DISTINCT_PAYLOADS, max(client_counts))
+    most = max(client_counts)
     # Every client's weight is 1 / the largest count, so the weights of any round add up to
     # at most 1, as FedAvg's do (the packed codec's headroom relies on it).
-    weight = 1.0 / max(client_counts)
-    payloads = [codec.encrypt(v, weight) for v in random_vectors(n, distinct, seed)]
+    vectors = random_vectors(n, min(SCALING_DISTINCT_VECTORS, most), seed)
+    payloads = [
+        codec.encrypt(vectors[sender % len(vectors)], 1.0 / most, sender) for sender in range(most)
+    ]
     payload_bytes = len(payloads[0])
 
     def arriving(clients: int) -> Iterator[bytes]:
         # A fresh copy per client, as if read off the network; dropped once it has been added.
         for index in range(clients):
-            yield bytes(memoryview(payloads[index % distinct]))
+            yield bytes(memoryview(payloads[index]))
 
     def timed(clients: int) -> Stopwatch:
         gc.collect()
         with Stopwatch() as watch:
-            codec.server.sum(arriving(clients))
+            codec.aggregate((p, 0.0) for p in arriving(clients))
         return watch
 
     def peak(clients: int, hold_all: bool) -> PeakRss:
         # A separate run: PeakRss trims the heap first, and re-faulting it would be timed.
         with PeakRss() as memory:
-            codec.server.sum(list(arriving(clients)) if hold_all else arriving(clients))
+            stream = list(arriving(clients)) if hold_all else arriving(clients)
+            codec.aggregate((p, 0.0) for p in stream)
         return memory
 
-    codec.server.sum(arriving(2))  # warm up SEAL's memory pool so the first count is not charged
+    codec.aggregate((p, 0.0) for p in arriving(2))  # warm up, so the first count is not charged
     rows = []
     method = ""
     # Streamed runs first: the list runs leave freed heap behind that later runs could reuse.
@@ -578,10 +581,69 @@ def run_scaling(codec: CipherCodec, n: int, client_counts: Sequence[int], seed: 
         "config": codec.name,
         "size": n,
         "payload_bytes": payload_bytes,
-        "distinct_payloads": distinct,
+        "distinct_vectors": len(vectors),
         "memory_method": method,
         "rows": rows,
         "fit": fit,
+    }
+
+
+# A server process, as deployed: it imports neither torch nor TenSEAL, loads the public keys,
+# then sums payloads read one at a time. It prints its idle and peak RSS (kernel high-water
+# mark, reset after loading the keys) as JSON.
+_SERVER_PROBE = """
+import gc, json, sys
+from pathlib import Path
+from secagg import keys
+from secagg.crypto import SERVER, Stamp
+from secagg.crypto.ckks_server import CkksServer
+folder, keys_dir, clients, roster = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+server = CkksServer(keys.load_for_server(keys_dir))
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+gc.collect()
+with open("/proc/self/clear_refs", "w") as refs:
+    refs.write("5")
+idle = status("VmRSS")
+paths = (Path(folder) / f"p{i}" for i in range(clients))
+server.sum((path.read_bytes() for path in paths), Stamp(bytes(16), 1, SERVER, roster))
+print(json.dumps({"idle_rss_bytes": idle, "peak_rss_bytes": status("VmHWM")}))
+"""
+
+
+def run_server_memory(codec: CipherCodec, n: int, clients: int, seed: int) -> dict:
+    """Peak RSS of a separate server process summing ``clients`` payloads of ``n`` values,
+    above its idle RSS, in bytes and in payloads (issue 4's target: at most 3)."""
+    with tempfile.TemporaryDirectory(prefix="secagg-bench-payloads-") as folder:
+        for sender, vector in enumerate(random_vectors(n, clients, seed)):
+            payload = codec.encrypt(vector, 1.0 / clients, sender)
+            (Path(folder) / f"p{sender}").write_bytes(payload)
+            del payload
+        size = (Path(folder) / "p0").stat().st_size
+        root = str(Path(__file__).resolve().parents[1])
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+        }
+        argv = [folder, codec.keys_dir, str(clients), str(codec.ROSTER)]
+        done = subprocess.run(
+            [sys.executable, "-c", _SERVER_PROBE, *argv],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=True,
+        )
+    probe = json.loads(done.stdout.strip().splitlines()[-1])
+    growth = probe["peak_rss_bytes"] - probe["idle_rss_bytes"]
+    return {
+        "size": n,
+        "clients": clients,
+        "payload_bytes": size,
+        **probe,
+        "growth_bytes": growth,
+        "growth_in_payloads": growth / size,
     }
 
 
@@ -741,8 +803,9 @@ def render_markdown(results: dict) -> str:
             "",
             f"## Server sum scaling: {scaling['config']}, {scaling['size']:,} parameters",
             "",
-            f"Payload {scaling['payload_bytes'] / 2**20:.2f} MiB. {scaling['distinct_payloads']} "
-            "distinct payloads are encrypted and cycled; each client's arrives as a fresh copy of "
+            f"Payload {scaling['payload_bytes'] / 2**20:.2f} MiB. Every client encrypts its own "
+            f"payload (of {scaling['distinct_vectors']} distinct vectors, cycled); each arrives as "
+            "a fresh copy of "
             "the bytes from a generator. Time and memory come from separate runs. Peak memory: "
             f"{scaling['memory_method']}, above the RSS before the sum (after malloc_trim). "
             "Control column: the same sum given a list of every payload at once.",
@@ -771,6 +834,19 @@ def render_markdown(results: dict) -> str:
                 f"{fit['memory_bytes_per_client_list'] / 2**20:+.2f} MiB per client with the list "
                 f"(one payload is {scaling['payload_bytes'] / 2**20:.2f} MiB).",
             ]
+    memory = results.get("server_memory")
+    if memory:
+        lines += [
+            "",
+            f"## Server process memory: {memory['clients']} clients x {memory['size']:,} "
+            "parameters",
+            "",
+            f"A separate server process (no torch, no TenSEAL) loads the public keys and sums "
+            f"{memory['clients']} payloads of {memory['payload_bytes'] / 2**20:.1f} MiB, read "
+            f"one at a time. Idle RSS {memory['idle_rss_bytes'] / 2**20:.0f} MiB, peak "
+            f"{memory['peak_rss_bytes'] / 2**20:.0f} MiB: **"
+            f"{memory['growth_in_payloads']:.2f} payloads above idle**.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -847,6 +923,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--peer-threads", type=int, default=0, help="TenSEAL n_threads for the peer (0: default)"
     )
+    parser.add_argument(
+        "--server-size",
+        type=int,
+        help="model size for the server-process memory part (default 10M; --quick: skipped; "
+        "0 skips it)",
+    )
+    parser.add_argument(
+        "--server-clients", type=int, default=8, help="clients in the server-memory part"
+    )
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -854,15 +939,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run the benchmark, print the markdown report, write .md and .json; return the results."""
     args = build_parser().parse_args(argv)
+    if args.server_size is None:
+        args.server_size = 0 if args.quick else 10_000_000
     sizes, model_n = parse_sizes(args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES))
     clients = args.round_clients or (2 if args.quick else 3)
     peer_threads = args.peer_threads or None
     started = time.perf_counter()
-    with secagg_ckks_codecs(CkksParams()) as secagg_codecs:
-        packed = secagg_codecs[-1]
+    with secagg_packed_codec(CkksParams()) as packed:
         codecs: list[Codec] = [
             plain_codec(),
-            *secagg_codecs,
+            packed,
             PeerBaselineCodec(peer_tensor_sizes, peer_threads),
         ]
         for codec in codecs:
@@ -873,6 +959,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print(f"Throughput, {clients} clients:", flush=True)
         rows, skipped = run_throughput(codecs, sizes, clients, args.peer_max, args.seed, model_n)
         threads = {codec.name: codec.threads for codec in codecs}
+        server_memory = None
+        if args.server_size:
+            print(
+                f"Server process memory, {args.server_clients} clients x "
+                f"{args.server_size:,} parameters:",
+                flush=True,
+            )
+            server_memory = run_server_memory(
+                packed, args.server_size, args.server_clients, args.seed
+            )
+            print(f"  {server_memory['growth_in_payloads']:.2f} payloads above idle", flush=True)
     results: dict[str, Any] = {
         "machine": machine_info(peer_threads),
         "settings": {
@@ -886,7 +983,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "secagg_params": {
                 "poly_modulus_degree": CkksParams().poly_modulus_degree,
                 "coeff_mod_bit_sizes": list(CkksParams().coeff_mod_bit_sizes),
-                "global_scale_bits": CkksParams().global_scale_bits,
+                "packing": dataclasses.asdict(PACKED),
             },
             "peer_params": {
                 "poly_modulus_degree": PeerBaselineCodec.POLY_MODULUS_DEGREE,
@@ -899,6 +996,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "skipped": skipped,
         "speedup": speedups(rows),
         "scaling": scaling,
+        "server_memory": server_memory,
     }
     results["elapsed_s"] = time.perf_counter() - started
     results["markdown"] = render_markdown(results)

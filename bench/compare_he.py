@@ -162,7 +162,9 @@ def probe(role: str, config_file: Path, payload_file: Path) -> dict[str, float]:
     """Runs in a child process: one client's round, or the server's sum of every client."""
     config = RunConfig(**json.loads(config_file.read_text()))
     from secagg import crypto
+    from secagg.crypto import SERVER, Stamp
 
+    stamp = Stamp(bytes(16), 1, SERVER, config.clients)
     if role == "client":
         from secagg.client import RoundPlan
         from secagg.data import load_dataset
@@ -174,17 +176,24 @@ def probe(role: str, config_file: Path, payload_file: Path) -> dict[str, float]:
         client = clients[0]
         del clients[1:]
         idle = _rss_mb()
-        payload = client.fit(RoundPlan(1, config.clients, total)).payload
-        payload_file.write_bytes(payload)
-        client.apply(payload, 1)
+        trained = client.train(RoundPlan(stamp, total))
+        payload = client.seal(trained).payload
+        # The client's own update, summed alone, stands in for the round's aggregate.
+        client.apply(crypto.for_server(config).sum([payload], stamp), stamp)
+        peak = _peak_mb()
+        # The server probe gets one payload per roster member (after the peak was read).
+        for sender in range(config.clients):
+            update = client.cipher.encrypt(trained.update, stamp.for_sender(sender))
+            payload_file.with_name(f"{payload_file.name}.{sender}").write_bytes(update)
     else:
-        # The server process never imports torch or loads the secret key.
+        # The server process never imports torch or TenSEAL, nor loads the secret key.
         server_cipher = crypto.for_server(config)
         idle = _rss_mb()
-        size = payload_file.stat().st_size
-        # The same client payload arrives `clients` times: memory and time depend on sizes only.
-        server_cipher.sum(payload_file.read_bytes() for _ in range(config.clients))
-    peak = _peak_mb()
+        files = [payload_file.with_name(f"{payload_file.name}.{i}") for i in range(config.clients)]
+        size = files[0].stat().st_size
+        # Payloads arrive one at a time, as over the network; the sum holds one at a time.
+        server_cipher.sum((path.read_bytes() for path in files), stamp)
+        peak = _peak_mb()
     result = {"idle_mb": idle, "peak_mb": peak, "growth_mb": peak - idle}
     if role == "client":
         result["worker_peak_mb"] = _workers_peak_mb()

@@ -11,7 +11,6 @@ from typing import Any
 import click
 
 from secagg.config import (
-    CODECS,
     DATASETS,
     MODELS,
     OPTIMIZERS,
@@ -66,9 +65,8 @@ def main(debug: bool) -> None:
     show_default=True,
     help="Bit sizes of the coefficient-modulus primes, data primes first, special prime last.",
 )
-@click.option("--scale-bits", type=click.IntRange(10, 59), default=30, show_default=True)
 @_friendly
-def keygen(out_dir: str, force: bool, poly_degree: str, coeff_bits: str, scale_bits: int) -> None:
+def keygen(out_dir: str, force: bool, poly_degree: str, coeff_bits: str) -> None:
     """Make CKKS keys: client.ctx (secret, for clients), server.ctx (public), manifest.json."""
     from secagg import keys
 
@@ -78,10 +76,8 @@ def keygen(out_dir: str, force: bool, poly_degree: str, coeff_bits: str, scale_b
         raise click.BadParameter(
             "give comma-separated integers, e.g. 60,60", param_hint="--coeff-bits"
         ) from err
-    params = CkksParams(int(poly_degree), bits, scale_bits)
-    click.echo(
-        f"generating CKKS keys (N={poly_degree}, primes {list(bits)}, scale 2^{scale_bits})..."
-    )
+    params = CkksParams(int(poly_degree), bits)
+    click.echo(f"generating CKKS keys (N={poly_degree}, primes {list(bits)})...")
     manifest = keys.generate(out_dir, params, force=force)
     out = Path(out_dir)
     click.echo(f"  {out / keys.CLIENT_FILE}  secret context: clients only (mode 600)")
@@ -104,7 +100,6 @@ def keygen(out_dir: str, force: bool, poly_degree: str, coeff_bits: str, scale_b
 @click.option("--seed", type=int)
 @click.option("--dataset", type=click.Choice(DATASETS))
 @click.option("--model", type=click.Choice(MODELS))
-@click.option("--codec", type=click.Choice(CODECS))
 @click.option("--data-dir", type=click.Path(file_okay=False))
 @click.option("--download/--no-download", default=None, help="Download torchvision datasets.")
 @click.option("--device", help="auto (CUDA when available), cpu, cuda, cuda:N.")

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from secagg import quantize
-from secagg.crypto import ClientCipher, Update
+from secagg.crypto import ClientCipher, Stamp, Update
 from secagg.data import Split
 from secagg.errors import PayloadError
 from secagg.flatten import flatten, unflatten
@@ -44,12 +44,12 @@ class TrainSettings:
 class RoundPlan:
     """What every client is told at the start of a round.
 
+    ``round`` names the job, the round and the roster size (its sender is the server's);
     ``total_samples`` is N, the samples of all clients asked to train, so that the weights
     ``n_i / N`` add up to at most 1 (what the packed codec's headroom relies on).
     """
 
-    round_num: int
-    clients: int
+    round: Stamp
     total_samples: int
 
 
@@ -57,7 +57,7 @@ class RoundPlan:
 class Trained:
     """A client's update after training, before encryption."""
 
-    round_num: int
+    stamp: Stamp
     update: Update
     loss: float
     seconds: dict[str, float]
@@ -83,6 +83,7 @@ class ApplyReply:
     seconds: dict[str, float]
     clipped: int
     weight: float
+    contributors: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -131,10 +132,11 @@ class Client:
         if not 0 < n <= plan.total_samples:
             raise PayloadError(
                 f"client {self.client_id} has {n} samples, the round plan counts "
-                f"{plan.total_samples} in all; the plan is wrong"
+                f"{plan.total_samples} in all; the plan is wrong",
+                "bad-plan",
             )
         start = time.perf_counter()
-        loss = self._train(plan.round_num)
+        loss = self._train(plan.round.round_num)
         _sync(self.device)
         trained = time.perf_counter()
         vector, _ = flatten(self.model.state_dict())
@@ -146,12 +148,13 @@ class Client:
         if bound is not None:
             values, clipped = quantize.quantize(values, weight, self.layout, self._ranges(), bound)
         seconds = {"train": trained - start, "flatten": time.perf_counter() - trained}
-        return Trained(plan.round_num, Update(values, weight, clipped), loss, seconds)
+        stamp = plan.round.for_sender(self.client_id)
+        return Trained(stamp, Update(values, weight, clipped), loss, seconds)
 
     def seal(self, trained: Trained) -> FitReply:
         """Step 3: encrypt the update. Safe to run in another thread while this or another
         client trains (the cipher's TenSEAL work runs in worker processes)."""
-        payload = self.cipher.encrypt(trained.update, trained.round_num)
+        payload = self.cipher.encrypt(trained.update, trained.stamp)
         seconds = {
             **trained.seconds,
             "encrypt": self.cipher.last_seconds["encrypt"],
@@ -160,22 +163,17 @@ class Client:
         n = len(self.train_data)
         return FitReply(self.client_id, payload, n, trained.loss, seconds, len(payload))
 
-    def apply(self, payload: bytes, round_num: int) -> ApplyReply:
-        """Decrypt the summed update, divide by the total weight, add it to the global model."""
+    def apply(self, payload: bytes, round_stamp: Stamp) -> ApplyReply:
+        """Decrypt the summed update, check its ledger, divide by the total weight, and add it
+        to the global model."""
         start = time.perf_counter()
-        aggregate = self.cipher.decrypt(payload, round_num)
+        aggregate = self.cipher.decrypt(payload, round_stamp)
         decrypted = time.perf_counter()
         if aggregate.values.shape != (self.layout.size,):
             raise PayloadError(
                 f"global update has {aggregate.values.size} values, this client's model has "
-                f"{self.layout.size}; are all parties running the same job?"
-            )
-        # Weights are n_i / N: they sum to 1 when every client contributed, less on dropouts;
-        # more than 1 means a sample count was misreported, and the headroom is not safe.
-        if not 0 < aggregate.weight <= 1 + 1e-6:
-            raise PayloadError(
-                f"summed weight {aggregate.weight:.6g} is outside (0, 1]: the round plan's "
-                "sample counts were wrong or the aggregate is damaged"
+                f"{self.layout.size}; are all parties running the same job?",
+                "wrong-length",
             )
         update = aggregate.values / aggregate.weight
         bound = self.cipher.value_bound
@@ -186,9 +184,11 @@ class Client:
         self.global_vector = flatten(self.model.state_dict())[0]
         self.last_update = update
         self.clipped_rounds += aggregate.clipped > 0
-        self.rounds_applied = round_num
+        self.rounds_applied = round_stamp.round_num
         seconds = {"decrypt": decrypted - start, "unflatten": time.perf_counter() - decrypted}
-        return ApplyReply(self.client_id, seconds, aggregate.clipped, aggregate.weight)
+        return ApplyReply(
+            self.client_id, seconds, aggregate.clipped, aggregate.weight, aggregate.contributors
+        )
 
     def _ranges(self) -> np.ndarray:
         """This round's quantization ranges per tensor, from state every client shares."""

@@ -16,7 +16,6 @@ from secagg.errors import ConfigError
 
 DATASETS = ("digits", "digits32", "mnist", "fashion-mnist", "cifar10")
 MODELS = ("mlp", "cnn", "moderate-cnn")
-CODECS = ("packed", "float")
 OPTIMIZERS = ("sgd", "adam")
 
 
@@ -26,12 +25,12 @@ class CkksParams:
 
     The default is one 60-bit data prime plus a 60-bit special prime at N=8192: the server
     only adds ciphertexts (multiplicative depth zero), so one data prime is enough and a
-    ciphertext is two polynomials of one prime each, 32 bytes per slot.
+    ciphertext is two polynomials of one prime each, 32 bytes per slot. The packed codec
+    needs the 60-bit data prime (``secagg.crypto.packing``); its scale is the codec's own.
     """
 
     poly_modulus_degree: int = 8192
     coeff_mod_bit_sizes: tuple[int, ...] = (60, 60)
-    global_scale_bits: int = 30
 
     @property
     def slots(self) -> int:
@@ -58,7 +57,6 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"
     he: bool = False
-    codec: str = "packed"
     keys_dir: str = "keys"
     tracking: bool = True
     tracking_uri: str | None = None
@@ -71,7 +69,6 @@ class RunConfig:
         checks: list[tuple[bool, str]] = [
             (self.dataset in DATASETS, f"dataset must be one of {', '.join(DATASETS)}"),
             (self.model in MODELS, f"model must be one of {', '.join(MODELS)}"),
-            (self.codec in CODECS, f"codec must be one of {', '.join(CODECS)}"),
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}"),
             (1 <= self.clients <= 1024, "clients must be between 1 and 1024"),
             (self.rounds >= 1, "rounds must be at least 1"),
@@ -89,10 +86,10 @@ class RunConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"invalid job setting: {message}")
-        if self.he and self.codec == "packed":
-            from secagg.crypto.packing import PackedParams
+        if self.he:
+            from secagg.crypto.packing import PACKED
 
-            PackedParams().value_bound(self.clients)  # refuses more clients than its headroom
+            PACKED.value_bound(self.clients)  # refuses more clients than its headroom
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -21,7 +21,15 @@ class WeakParametersError(KeyFileError):
 
 
 class PayloadError(SecAggError):
-    """A payload is corrupt, truncated, or was made with other keys or settings."""
+    """A payload is corrupt, truncated, forged, replayed, or was made with other keys or settings.
+
+    ``reason`` names what was wrong in one word (``truncated``, ``wrong-key``, ``wrong-round``,
+    ``duplicate``, ...), for logs, tests and the server's refusal messages.
+    """
+
+    def __init__(self, message: str, reason: str = "invalid") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class DatasetError(SecAggError):

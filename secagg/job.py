@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -138,12 +139,15 @@ def run_job(
     history: list[RoundMetrics] = []
     run_id = None
     checkpoint = None
+    # Every payload of this run carries its id, so nothing from another run is ever added.
+    job_id = os.urandom(16)
     if resume_dir is not None:
         checkpoint = load_checkpoint(resume_dir)
         saved = checkpoint.state["config"]
         config = RunConfig(**{**saved, "output_dir": str(resume_dir)})
         history = [RoundMetrics(**m) for m in checkpoint.state.get("history", [])]
         run_id = checkpoint.state.get("mlflow_run_id")
+        job_id = checkpoint.job_id
     config.validate()
     output = Path(resume_dir) if resume_dir is not None else new_output_dir(config)
     if resume_dir is None and (output / "state.json").exists():
@@ -170,13 +174,19 @@ def run_job(
     if checkpoint is not None:
         # Replay the aggregates to rebuild the global model every client held, then go on.
         for round_num in range(1, checkpoint.round_num + 1):
-            transport.apply(round_num, checkpoint.aggregate(round_num))
+            stamp = rounds.round_stamp(job_id, round_num, transport.roster)
+            transport.apply(stamp, checkpoint.aggregate(round_num))
         first = checkpoint.round_num + 1
 
     def after_round(metrics: RoundMetrics, summed: bytes) -> None:
         history.append(metrics)
-        state = {"config": config.to_dict(), "history": [m.to_dict() for m in history]}
-        server.checkpoint(metrics.round, summed, {**state, "mlflow_run_id": run_id})
+        state: dict[str, object] = {
+            "config": config.to_dict(),
+            "history": [m.to_dict() for m in history],
+            "job_id": job_id.hex(),
+            "mlflow_run_id": run_id,
+        }
+        server.checkpoint(metrics.round, summed, state)
         tracker.log_round(metrics.round, _tracked(metrics))
         result.seconds = time.perf_counter() - started
         atomic_write_json(output / RESULTS_FILE, result.to_dict())
@@ -184,7 +194,7 @@ def run_job(
             on_round(metrics)
 
     try:
-        rounds.run(server, transport, range(first, config.rounds + 1), after_round)
+        rounds.run(server, transport, job_id, range(first, config.rounds + 1), after_round)
     except BaseException:
         tracker.finish("KILLED")
         raise

@@ -60,14 +60,9 @@ def check_params(params: CkksParams) -> None:
         raise KeyFileError(
             "coefficient modulus needs at least two primes (data + special) of 20 to 60 bits"
         )
-    if not 10 <= params.global_scale_bits < params.coeff_mod_bit_sizes[0]:
-        raise KeyFileError(
-            f"scale of {params.global_scale_bits} bits must be at least 10 and below the "
-            f"first prime's {params.coeff_mod_bit_sizes[0]} bits"
-        )
 
 
-MANIFEST_FORMAT = 2
+MANIFEST_FORMAT = 3
 
 
 def fingerprint_of(secret_context: bytes) -> bytes:
@@ -132,8 +127,9 @@ def read_manifest(keys_dir: str | Path) -> dict[str, object]:
 
 
 def load_for_server(keys_dir: str | Path) -> Keys:
-    """The server's keys: the public context only. Never opens the client's secret file."""
-    from secagg.crypto import ckks
+    """The server's keys: the public context only. Never opens the client's secret file, and
+    never imports TenSEAL: the context is read as bytes (``seal_format``)."""
+    from secagg.crypto import seal_format
 
     manifest = read_manifest(keys_dir)
     data = _read(Path(keys_dir) / SERVER_FILE)
@@ -142,7 +138,7 @@ def load_for_server(keys_dir: str | Path) -> Keys:
             f"{keys_dir}/{SERVER_FILE} does not match {MANIFEST_FILE}; copy both from one "
             "'secagg keygen'"
         )
-    if ckks.context_is_private(data):
+    if seal_format.context_has_secret_key(data):
         raise KeyFileError(
             f"{keys_dir}/{SERVER_FILE} holds a secret key; the server must never have it. "
             "Give the server only the server.ctx made by 'secagg keygen'"
@@ -163,7 +159,7 @@ def load_for_client(keys_dir: str | Path) -> Keys:
             f"{path} holds the secret key but is readable by others (mode {mode:o}); "
             f"run 'chmod 600 {path}'"
         )
-    if not ckks.context_is_private(data):
+    if not ckks.load_context(data).is_private():
         raise KeyFileError(
             f"{path} is a public context with no secret key; clients need the client.ctx "
             "made by 'secagg keygen'"

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
 
 from secagg.client import ApplyReply, EvalReply, FitReply
+from secagg.crypto import SERVER, Stamp
 from secagg.server import Server
 from secagg.transport import Transport
 
@@ -44,34 +45,45 @@ class RoundMetrics:
         return asdict(self)
 
 
-def run_round(server: Server, transport: Transport, round_num: int) -> tuple[RoundMetrics, bytes]:
+def run_round(
+    server: Server, transport: Transport, round_stamp: Stamp
+) -> tuple[RoundMetrics, bytes]:
     """One round in the order the data moves; return its metrics and the summed payload."""
     start = time.perf_counter()
     # 1-3 on every client: train, flatten, weight its update by its share of samples,
-    #     quantize (integer codecs), encrypt
+    #     quantize (integer codecs), encrypt it with its ledger entries
     replies: list[FitReply] = []
     # 4 on the server: add ciphertexts as they arrive; it holds no secret key
-    summed = server.sum(_payloads(transport.fit(round_num), replies))
-    # 5-6 on every client: decrypt, divide by the total weight, add to the global model
-    applied = transport.apply(round_num, summed)
+    summed = server.sum(_payloads(transport.fit(round_stamp), replies), round_stamp)
+    # 5-6 on every client: decrypt, check the ledger, divide by the total weight, apply
+    applied = transport.apply(round_stamp, summed)
     # 7 the clients evaluate the global model they now hold (the server cannot)
     eval_start = time.perf_counter()
-    evals = transport.evaluate(round_num)
+    evals = transport.evaluate(round_stamp.round_num)
     end = time.perf_counter()
-    metrics = _metrics(round_num, replies, summed, applied, evals, server.last_sum_each)
+    metrics = _metrics(round_stamp.round_num, replies, summed, applied, evals, server.last_sum_each)
     return replace(metrics, round_seconds=end - start, evaluate_seconds=end - eval_start), summed
+
+
+def round_stamp(job: bytes, round_num: int, roster: int) -> Stamp:
+    """The identity of one round of one job, as the server stamps its aggregate."""
+    return Stamp(job, round_num, SERVER, roster)
 
 
 def run(
     server: Server,
     transport: Transport,
+    job: bytes,
     rounds: Iterable[int],
     on_round: Callable[[RoundMetrics, bytes], None],
 ) -> list[RoundMetrics]:
-    """Run ``rounds`` in order, calling ``on_round`` after each; return every round's metrics."""
+    """Run ``rounds`` of ``job`` in order, calling ``on_round`` after each; return every
+    round's metrics."""
     history = []
     for round_num in rounds:
-        metrics, summed = run_round(server, transport, round_num)
+        metrics, summed = run_round(
+            server, transport, round_stamp(job, round_num, transport.roster)
+        )
         on_round(metrics, summed)
         history.append(metrics)
     return history

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from secagg.crypto import ServerCipher
+from secagg.crypto import ServerCipher, Stamp
 from secagg.errors import CheckpointError
 from secagg.files import atomic_write, atomic_write_json
 
@@ -36,6 +36,11 @@ class Checkpoint:
     round_num: int
     state: dict[str, Any]
     workdir: Path
+
+    @property
+    def job_id(self) -> bytes:
+        """The run's id, which every payload of the run carries."""
+        return bytes.fromhex(str(self.state["job_id"]))
 
     def aggregate(self, round_num: int) -> bytes:
         """The encrypted aggregate of ``round_num`` (1 to ``self.round_num``)."""
@@ -62,10 +67,11 @@ class Server:
         #: includes serializing the total)
         self.last_sum_each: list[float] = []
 
-    def sum(self, payloads: Iterable[bytes]) -> bytes:
-        """Add payloads as they arrive; the time spent adding is kept in ``last_sum_seconds``."""
+    def sum(self, payloads: Iterable[bytes], round_stamp: Stamp) -> bytes:
+        """Add a round's payloads as they arrive; the time spent adding is kept in
+        ``last_sum_seconds``."""
         timed = _Timed(payloads)
-        summed = self.cipher.sum(timed)
+        summed = self.cipher.sum(timed, round_stamp)
         timed.close()
         self.last_sum_each = timed.each
         self.last_sum_seconds = sum(timed.each)
@@ -84,7 +90,9 @@ def load_checkpoint(workdir: str | Path) -> Checkpoint:
     workdir = Path(workdir)
     try:
         state = json.loads((workdir / STATE_FILE).read_text())
-        return Checkpoint(int(state["round"]), state, workdir)
+        checkpoint = Checkpoint(int(state["round"]), state, workdir)
+        checkpoint.job_id  # noqa: B018  (checked here, so a damaged file fails early)
+        return checkpoint
     except FileNotFoundError as err:
         raise CheckpointError(
             f"{workdir}/ has no checkpoint to resume (no completed round); start a new run"

@@ -1,4 +1,4 @@
-"""Shared fixtures: one CKKS key set per test session (keygen takes ~0.5 s)."""
+"""Shared fixtures: one CKKS key set per test session (keygen takes ~0.5 s), and helpers."""
 
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ import pytest
 
 from secagg import keys
 from secagg.config import CkksParams
-from secagg.crypto import ClientCipher, Update
-from secagg.crypto.ckks import CkksClient, CkksServer
+from secagg.crypto import SERVER, ClientCipher, Stamp, Update
+from secagg.crypto.ckks import CkksClient
+from secagg.crypto.ckks_server import CkksServer
+
+JOB = bytes(range(16))
 
 
 @pytest.fixture(scope="session")
@@ -30,25 +33,27 @@ def keys_dir(session_keys: Path, tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ckks_ciphers(session_keys: Path) -> dict[str, tuple[CkksClient, CkksServer]]:
-    """(client, server) CKKS ciphers per codec, built from the keys each role may load."""
-    client_keys = keys.load_for_client(session_keys)
-    server_keys = keys.load_for_server(session_keys)
-    return {
-        codec: (CkksClient(client_keys, codec), CkksServer(server_keys, codec))
-        for codec in ("float", "packed")
-    }
+def ckks_pair(session_keys: Path) -> tuple[CkksClient, CkksServer]:
+    """(client, server) CKKS ciphers, built from the keys each role may load."""
+    return (
+        CkksClient(keys.load_for_client(session_keys)),
+        CkksServer(keys.load_for_server(session_keys)),
+    )
 
 
-@pytest.fixture(params=["plain", "float", "packed"])
-def cipher_pair(request: pytest.FixtureRequest, ckks_ciphers):  # type: ignore[no-untyped-def]
-    """(client cipher, server cipher, tolerance) for each codec; plain is the oracle."""
+@pytest.fixture(params=["plain", "packed"])
+def cipher_pair(request: pytest.FixtureRequest, ckks_pair):  # type: ignore[no-untyped-def]
+    """(client cipher, server cipher) for each codec; plain is the oracle."""
     if request.param == "plain":
         from secagg.crypto.plain import PlainCipher
 
-        return PlainCipher(), PlainCipher(), PLAIN_TOLERANCE
-    client, server = ckks_ciphers[request.param]
-    return client, server, CKKS_TOLERANCE if request.param == "float" else 0.0
+        return PlainCipher(), PlainCipher()
+    return ckks_pair
+
+
+def round_of(round_num: int = 1, roster: int = 8, job: bytes = JOB) -> Stamp:
+    """A round's stamp, as the server stamps its aggregate."""
+    return Stamp(job, round_num, SERVER, roster)
 
 
 def update_for(cipher: ClientCipher, values: np.ndarray, weight: float = 1.0) -> Update:
@@ -60,10 +65,14 @@ def update_for(cipher: ClientCipher, values: np.ndarray, weight: float = 1.0) ->
     return Update(values, weight)
 
 
-# float32 on the wire: relative error 2**-24 on values of magnitude <= ~10.
-PLAIN_TOLERANCE = 1e-5
-# CKKS at scale 2**30 with one 60-bit data prime, symmetric encryption: a fresh ciphertext
-# carries about 2**8 / 2**30 = 2e-7 of noise per slot (encoding plus encryption), a sum of k
-# ciphertexts sqrt(k) times that. 1e-4 per value is a wide margin for sums of up to 16
-# clients. (The packed codec is exact: tolerance 0.)
-CKKS_TOLERANCE = 1e-4
+def encrypt_all(
+    cipher: ClientCipher,
+    updates: list[Update],
+    round_stamp: Stamp,
+    senders: list[int] | None = None,
+) -> list[bytes]:
+    """Each update encrypted by its client (roster index ``senders[i]``, default ``i``)."""
+    senders = list(range(len(updates))) if senders is None else senders
+    return [
+        cipher.encrypt(u, round_stamp.for_sender(s)) for u, s in zip(updates, senders, strict=True)
+    ]

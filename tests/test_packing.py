@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import tenseal as ts
 import torch
+from conftest import encrypt_all, round_of
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from secagg.config import RunConfig
 from secagg.crypto import Update
-from secagg.crypto.ckks import PACKED
-from secagg.crypto.packing import PackedParams, noise_std
+from secagg.crypto.packing import PACKED, PackedParams, noise_std
 from secagg.errors import ConfigError
 from secagg.flatten import Entry, Layout
 from secagg.quantize import quantize
@@ -71,13 +71,13 @@ def test_every_client_at_its_limit_still_unpacks_exactly(count: int, size: int, 
 
 
 @pytest.mark.parametrize("pattern", ["plus", "minus", "mixed"])
-def test_max_clients_at_the_edge_decrypt_exactly_through_ckks(ckks_ciphers, pattern) -> None:
+def test_max_clients_at_the_edge_decrypt_exactly_through_ckks(ckks_pair, pattern) -> None:
     """max_clients real ciphertexts, every value at its limit: the sum decrypts exactly.
 
     All but one client send the *same* vector, the worst case for CKKS encoding error, which
     is then identical in every ciphertext and adds up coherently.
     """
-    client, server = ckks_ciphers["packed"]
+    client, server = ckks_pair
     count = PACKED.max_clients
     weight = 1.0 / count
     rng = np.random.default_rng(3)
@@ -85,7 +85,8 @@ def test_max_clients_at_the_edge_decrypt_exactly_through_ckks(ckks_ciphers, patt
     edge = np.full(12_000, np.rint(weight * BOUND)) * signs
     ups = [Update(edge, weight) for _ in range(count - 1)]
     ups.append(Update(np.rint(rng.uniform(-1, 1, 12_000) * weight * BOUND), weight))
-    total = client.decrypt(server.sum(client.encrypt(u, 1) for u in ups), 1)
+    stamp = round_of(1, roster=count)
+    total = client.decrypt(server.sum(encrypt_all(client, ups, stamp), stamp), stamp)
     assert np.array_equal(total.values, np.sum([u.values for u in ups], axis=0))
     assert total.weight == pytest.approx(1.0, abs=1e-8)
 
@@ -94,8 +95,8 @@ def test_too_many_clients_for_the_headroom_is_refused_up_front() -> None:
     with pytest.raises(ConfigError, match="at most 128 clients"):
         PACKED.value_bound(PACKED.max_clients + 1)
     with pytest.raises(ConfigError, match="at most 128 clients"):
-        RunConfig(he=True, codec="packed", clients=200).validate()
-    RunConfig(he=True, codec="float", clients=200).validate()  # the float codec has no limit
+        RunConfig(he=True, clients=200).validate()
+    RunConfig(he=False, clients=200).validate()  # plaintext FedAvg has no such limit
 
 
 def test_settings_that_could_wrap_or_lose_digits_are_refused() -> None:

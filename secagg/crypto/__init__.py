@@ -1,36 +1,22 @@
 """Ciphers: the one place where plaintext and homomorphic aggregation differ.
 
-A client-side cipher turns a flat float vector into payload bytes and back; a server-side
-cipher adds payloads. Payloads are bytes (see ``envelope``), so the same round loop runs
-in-process or over a network and measures exactly what would be sent.
+A client-side cipher turns an update into payload bytes and an aggregate's bytes back into an
+audited sum; a server-side cipher adds payloads. Payloads are bytes (``envelope``), so the same
+round loop runs in-process or over a network and measures exactly what would be sent. Every
+payload carries a ledger (``ledger``) the clients check after decrypting.
 
-``plain`` is the reference implementation and the test oracle; ``ckks`` is the only module that
-imports TenSEAL.
+``plain`` is the reference implementation and the test oracle; ``ckks`` (client side) is the
+only module that imports TenSEAL, and ``ckks_server`` adds ciphertexts without it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Protocol
 
-import numpy as np
-
 from secagg.config import RunConfig
-
-
-@dataclass
-class Update:
-    """What a client encrypts, and what the sum of them decrypts to.
-
-    ``values`` is the client's weighted model update ``p_i * (w_i - w_global)`` (float64; for an
-    integer codec, already quantized to integers), ``weight`` is ``p_i`` and ``clipped`` counts
-    the values quantization had to clip. Summed over clients each field is the total.
-    """
-
-    values: np.ndarray
-    weight: float
-    clipped: int = 0
+from secagg.crypto.envelope import SERVER, Stamp
+from secagg.crypto.ledger import Aggregate, Update
 
 
 class ClientCipher(Protocol):
@@ -39,17 +25,16 @@ class ClientCipher(Protocol):
     name: str
     #: the last ``encrypt`` split into "encrypt" and "serialize" seconds
     last_seconds: dict[str, float]
-
     #: For an integer codec, the bound L: a client's values must be integers within
     #: ``weight * L``. None for a float codec, which takes any float values.
     value_bound: int | None
 
-    def encrypt(self, update: Update, round_num: int = 0) -> bytes:
-        """Encrypt one client's update; return payload bytes."""
+    def encrypt(self, update: Update, stamp: Stamp) -> bytes:
+        """Encrypt one client's update, stamped with its job, round and roster index."""
         ...
 
-    def decrypt(self, payload: bytes, round_num: int | None = None) -> Update:
-        """Decrypt a payload (checked against ``round_num`` when given)."""
+    def decrypt(self, payload: bytes, stamp: Stamp) -> Aggregate:
+        """Decrypt the aggregate of ``stamp``'s job and round and check its ledger."""
         ...
 
 
@@ -58,8 +43,8 @@ class ServerCipher(Protocol):
 
     name: str
 
-    def sum(self, payloads: Iterable[bytes]) -> bytes:
-        """Add payloads one at a time as they arrive; return the summed payload."""
+    def sum(self, payloads: Iterable[bytes], stamp: Stamp) -> bytes:
+        """Add the round's payloads one at a time as they arrive; return the aggregate."""
         ...
 
 
@@ -73,7 +58,7 @@ def for_client(config: RunConfig) -> Callable[[], ClientCipher]:
     from secagg.crypto.ckks import CkksClient
 
     loaded = keys.load_for_client(config.keys_dir)
-    return lambda: CkksClient(loaded, config.codec)
+    return lambda: CkksClient(loaded)
 
 
 def for_server(config: RunConfig) -> ServerCipher:
@@ -83,25 +68,18 @@ def for_server(config: RunConfig) -> ServerCipher:
 
         return PlainCipher()
     from secagg import keys
-    from secagg.crypto.ckks import CkksServer
+    from secagg.crypto.ckks_server import CkksServer
 
-    loaded = keys.load_for_server(config.keys_dir)
-    return CkksServer(loaded, config.codec)
-
-
-#: Float codecs carry the weight and the clipped count as two extra values after the update.
-FLOAT_TAIL = 2
+    return CkksServer(keys.load_for_server(config.keys_dir))
 
 
-def to_float_vector(update: Update) -> np.ndarray:
-    """An update as one float64 vector: values, then weight and clipped count."""
-    return np.concatenate([np.asarray(update.values, np.float64), [update.weight, update.clipped]])
-
-
-def from_float_vector(vector: np.ndarray) -> Update:
-    """Inverse of ``to_float_vector``."""
-    if vector.size < FLOAT_TAIL:
-        from secagg.errors import PayloadError
-
-        raise PayloadError("payload is too short to hold an update")
-    return Update(vector[:-FLOAT_TAIL], float(vector[-2]), round(float(vector[-1])))
+__all__ = [
+    "SERVER",
+    "Aggregate",
+    "ClientCipher",
+    "ServerCipher",
+    "Stamp",
+    "Update",
+    "for_client",
+    "for_server",
+]

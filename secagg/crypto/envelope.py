@@ -1,103 +1,284 @@
-"""The payload wire format: a checked envelope around a codec's blobs.
+"""The payload wire format: a checked envelope around a codec's ciphertexts.
 
-Every payload a cipher produces or accepts is an envelope. The receiver checks its structure,
-its key fingerprint, its codec and its digest before any blob reaches the crypto library, so a
-truncated, corrupted or foreign payload fails with a named reason instead of garbage.
+Every payload a cipher makes or accepts is an envelope. The receiver checks all of it (its
+structure, the key fingerprint, job, round, sender, codec and codec settings, sizes and the
+digest) before a codec looks at a single ciphertext, and the codec then checks every
+ciphertext's structure before any byte could reach the crypto library. Anything wrong is a
+``PayloadError`` whose ``reason`` names it.
 
 Layout (big-endian)::
 
-    magic "SAGG" | version u8 | codec u8 | reserved u16 | fingerprint 16B | round u32
-    | length u64 (values in the vector) | count u32 (blobs) | count x u64 (blob lengths)
-    | blobs | sha256 of everything before (32B)
+    magic "SAGG" | version u8 | kind u8 | codec u8 | reserved u8 | key fingerprint 16B
+    | job 16B | round u32 | sender u32 | roster u32 | values u64 | codec settings 4B
+    | blob count u32 | blob size u64 | contributor count u32
+    | contributor ids (count x u32, ascending) | blobs (count x size bytes)
+    | sha256 of everything before (32B)
+
+``kind`` tells a client's update (``sender`` is its index in the round's roster) from the
+server's aggregate (``sender`` is ``SERVER``, and the contributor ids say whose updates were
+added). The digest catches corruption in transit; it is no signature: who sent a payload is
+established by the transport (mutual TLS in a deployment), and what the aggregate holds is
+checked by the clients after decrypting (``secagg.crypto.ledger``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
+
+import numpy as np
 
 from secagg.errors import PayloadError
 
 MAGIC = b"SAGG"
-VERSION = 1
-_HEAD = struct.Struct(">4sBBH16sIQI")
+VERSION = 2
+UPDATE, AGGREGATE = 1, 2
+SERVER = 0xFFFFFFFF
+_HEAD = struct.Struct(">4sBBBB16s16sIIIQ4sIQI")
+HEADER_SIZE = _HEAD.size
 _DIGEST = 32
-MAX_BLOBS = 1 << 20
+_CODEC_NAMES = {0: "plaintext", 2: "packed CKKS (HE)"}
+#: Largest roster a payload may name (the packed codec itself allows fewer clients).
+MAX_ROSTER = 1 << 16
+
+
+@dataclass(frozen=True)
+class Stamp:
+    """Which job, round and party a payload belongs to; every field is checked on receipt.
+
+    ``roster`` is the number of clients the round's plan names; clients are numbered
+    ``0 .. roster - 1`` and ``sender`` is one of them, or ``SERVER`` for an aggregate.
+    """
+
+    job: bytes
+    round_num: int
+    sender: int
+    roster: int
+
+    def __post_init__(self) -> None:
+        if len(self.job) != 16:
+            raise ValueError("job id must be 16 bytes")
+        if not 1 <= self.roster <= MAX_ROSTER:
+            raise ValueError(f"roster must be 1..{MAX_ROSTER}")
+        if self.sender != SERVER and not 0 <= self.sender < self.roster:
+            raise ValueError("sender must be a roster index or SERVER")
+
+    def for_sender(self, sender: int) -> Stamp:
+        return Stamp(self.job, self.round_num, sender, self.roster)
+
+
+@dataclass(frozen=True)
+class Codec:
+    """What a receiver expects of a codec's payloads; ``settings`` are its parameters."""
+
+    codec_id: int
+    fingerprint: bytes
+    settings: bytes
 
 
 @dataclass(frozen=True)
 class Envelope:
-    """One payload: which codec made it, under which keys, for which round, and its blobs."""
+    """One parsed payload. ``body`` is a view into the payload, not a copy."""
 
-    codec: int
-    fingerprint: bytes
-    round_num: int
-    length: int
-    blobs: tuple[bytes | memoryview, ...]
+    kind: int
+    stamp: Stamp
+    values: int
+    blob_count: int
+    blob_size: int
+    contributors: tuple[int, ...]
+    body: memoryview
 
-    def to_bytes(self) -> bytes:
-        """Serialize with a trailing digest."""
-        head = _HEAD.pack(
-            MAGIC,
-            VERSION,
-            self.codec,
-            0,
-            self.fingerprint,
-            self.round_num,
-            self.length,
-            len(self.blobs),
-        )
-        sizes = struct.pack(f">{len(self.blobs)}Q", *(len(b) for b in self.blobs))
-        body = b"".join((head, sizes, *self.blobs))
-        return body + hashlib.sha256(body).digest()
+    def blob(self, index: int) -> memoryview:
+        return self.body[index * self.blob_size : (index + 1) * self.blob_size]
 
 
-def from_bytes(payload: bytes, *, codec: int, fingerprint: bytes, max_blob: int) -> Envelope:
-    """Parse and check a payload; raise PayloadError naming the first thing wrong."""
-    if not isinstance(payload, bytes | bytearray | memoryview):
-        raise PayloadError(f"payload must be bytes, got {type(payload).__name__}")
-    view = memoryview(payload)
-    if len(view) < _HEAD.size + _DIGEST:
-        raise PayloadError(f"payload truncated: {len(view)} bytes is shorter than any envelope")
-    magic, version, got_codec, _, got_fp, round_num, length, count = _HEAD.unpack_from(view)
-    if magic != MAGIC:
-        raise PayloadError("not a secagg payload (bad magic bytes)")
-    if version != VERSION:
-        raise PayloadError(f"payload format version {version} is not supported (need {VERSION})")
-    if got_fp != fingerprint:
+def to_bytes(
+    codec: Codec,
+    kind: int,
+    stamp: Stamp,
+    values: int,
+    blob_count: int,
+    blob_size: int,
+    body: list[bytes | memoryview | np.ndarray],
+    contributors: tuple[int, ...] = (),
+) -> bytes:
+    """Serialize a payload, digest last. ``body`` holds the blobs back to back, in pieces."""
+    parts = [(p.data if isinstance(p, np.ndarray) else memoryview(p)).cast("B") for p in body]
+    if sum(len(part) for part in parts) != blob_count * blob_size:
+        raise ValueError("payload body does not hold blob_count x blob_size bytes")
+    head = _HEAD.pack(
+        MAGIC,
+        VERSION,
+        kind,
+        codec.codec_id,
+        0,
+        codec.fingerprint,
+        stamp.job,
+        stamp.round_num,
+        stamp.sender,
+        stamp.roster,
+        values,
+        codec.settings,
+        blob_count,
+        blob_size,
+        len(contributors),
+    )
+    ids = struct.pack(f">{len(contributors)}I", *contributors)
+    digest = hashlib.sha256(head)
+    digest.update(ids)
+    for part in parts:
+        digest.update(part)
+    return b"".join((head, ids, *parts, digest.digest()))
+
+
+def read_header(payload: bytes | memoryview, codec: Codec, expect: Stamp, kind: int) -> Envelope:
+    """Check everything the fixed header says against what this receiver expects.
+
+    Works on the header alone (the first ``HEADER_SIZE`` bytes), so a network receiver can
+    refuse a payload before reading its body; ``from_bytes`` then checks the rest.
+    """
+    view = memoryview(payload).cast("B")
+    if len(view) < _HEAD.size:
         raise PayloadError(
-            "payload was made with other keys (key fingerprint "
-            f"{got_fp.hex()[:12]} != ours {fingerprint.hex()[:12]}); "
-            "every party must use the keys from one 'secagg keygen'"
+            f"payload truncated: {len(view)} bytes is shorter than any envelope", "truncated"
         )
-    if got_codec != codec:
-        raise PayloadError(f"payload uses codec {got_codec}, this party expects codec {codec}")
-    if count > MAX_BLOBS:
-        raise PayloadError(f"payload claims {count} blobs, more than the limit {MAX_BLOBS}")
-    sizes_end = _HEAD.size + 8 * count
-    if len(view) < sizes_end + _DIGEST:
-        raise PayloadError("payload truncated inside its blob table")
-    sizes = struct.unpack_from(f">{count}Q", view, _HEAD.size)
-    if any(size > max_blob for size in sizes):
-        raise PayloadError(f"payload has a blob larger than the limit of {max_blob} bytes")
-    end = sizes_end + sum(sizes)
+    (
+        magic,
+        version,
+        got_kind,
+        codec_id,
+        _,
+        fingerprint,
+        job,
+        round_num,
+        sender,
+        roster,
+        values,
+        settings,
+        blob_count,
+        blob_size,
+        count,
+    ) = _HEAD.unpack_from(view)
+    if magic != MAGIC:
+        raise PayloadError("not a secagg payload (bad magic bytes)", "bad-magic")
+    if version != VERSION:
+        raise PayloadError(
+            f"payload format version {version} is not supported (need {VERSION}); "
+            "every party must run the same secagg release",
+            "bad-version",
+        )
+    if codec_id != codec.codec_id:
+        raise PayloadError(
+            f"payload is {_CODEC_NAMES.get(codec_id, f'codec {codec_id}')}, this party expects "
+            f"{_CODEC_NAMES.get(codec.codec_id, f'codec {codec.codec_id}')}: run every party "
+            "with the same --he setting",
+            "wrong-codec",
+        )
+    if settings != codec.settings:
+        raise PayloadError(
+            f"payload's codec settings {settings.hex()} differ from this party's "
+            f"{codec.settings.hex()}; run one secagg release and one key set everywhere",
+            "wrong-codec",
+        )
+    if fingerprint != codec.fingerprint:
+        raise PayloadError(
+            f"payload was made with other keys (key fingerprint {fingerprint.hex()[:12]} != "
+            f"ours {codec.fingerprint.hex()[:12]}); every party must use the keys from one "
+            "'secagg keygen'",
+            "wrong-key",
+        )
+    if got_kind != kind:
+        names = {UPDATE: "a client update", AGGREGATE: "an aggregate"}
+        raise PayloadError(
+            f"payload is {names.get(got_kind, f'of kind {got_kind}')}, expected {names[kind]}",
+            "wrong-kind",
+        )
+    if job != expect.job:
+        raise PayloadError(
+            f"payload belongs to job {job.hex()[:12]}, not this job ({expect.job.hex()[:12]})",
+            "wrong-job",
+        )
+    if round_num != expect.round_num:
+        raise PayloadError(
+            f"payload is for round {round_num}, expected round {expect.round_num}: stale or "
+            "replayed",
+            "wrong-round",
+        )
+    if roster != expect.roster:
+        raise PayloadError(
+            f"payload names a roster of {roster} clients, the round has {expect.roster}",
+            "wrong-roster",
+        )
+    if kind == AGGREGATE and sender != SERVER:
+        raise PayloadError("aggregate does not come from the server", "wrong-sender")
+    if kind == UPDATE and not sender < roster:
+        raise PayloadError(f"sender {sender} is not in the round's roster", "wrong-sender")
+    if kind == UPDATE and expect.sender != SERVER and sender != expect.sender:
+        raise PayloadError(
+            f"payload claims to come from client {sender}, but was sent by client {expect.sender}",
+            "wrong-sender",
+        )
+    if count > roster or (kind == UPDATE and count):
+        raise PayloadError(f"payload lists {count} contributors", "malformed")
+    stamp = Stamp(job, round_num, sender, roster)
+    return Envelope(kind, stamp, values, blob_count, blob_size, (), memoryview(b""))
+
+
+def from_bytes(
+    payload: bytes | memoryview,
+    codec: Codec,
+    expect: Stamp,
+    kind: int,
+    *,
+    blobs_for: Callable[[int], tuple[int, int]],
+    max_values: int,
+) -> Envelope:
+    """Parse and check a whole payload; raise PayloadError naming the first thing wrong.
+
+    ``blobs_for(values)`` is the codec's (blob count, blob size) for a number of values;
+    ``max_values`` bounds the model size this receiver accepts. The body is not looked into:
+    the codec checks each blob's structure next.
+    """
+    if not isinstance(payload, bytes | bytearray | memoryview):
+        raise PayloadError(f"payload must be bytes, got {type(payload).__name__}", "malformed")
+    head = read_header(payload, codec, expect, kind)
+    view = memoryview(payload).cast("B")
+    if not 0 < head.values <= max_values:
+        raise PayloadError(
+            f"payload declares {head.values} values; this party accepts 1 to {max_values}",
+            "oversize",
+        )
+    blob_count, blob_size = blobs_for(head.values)
+    if (head.blob_count, head.blob_size) != (blob_count, blob_size):
+        raise PayloadError(
+            f"payload has {head.blob_count} ciphertexts of {head.blob_size} bytes for "
+            f"{head.values} values; the codec makes {blob_count} of {blob_size}",
+            "malformed",
+        )
+    ids_end = _HEAD.size + 4 * _contributor_count(view)
+    end = ids_end + blob_count * blob_size
     if len(view) != end + _DIGEST:
+        short = len(view) < end + _DIGEST
         raise PayloadError(
             f"payload length {len(view)} does not match its header ({end + _DIGEST}): "
-            "truncated or padded"
+            f"{'truncated' if short else 'padded'}",
+            "truncated" if short else "malformed",
         )
     if hashlib.sha256(view[:end]).digest() != bytes(view[end:]):
-        raise PayloadError("payload digest mismatch: corrupted in transit")
-    # Views into the payload, not copies: a consumer copies one blob at a time when it needs to.
-    blobs, offset = [], sizes_end
-    for size in sizes:
-        blobs.append(view[offset : offset + size])
-        offset += size
-    return Envelope(got_codec, got_fp, round_num, length, tuple(blobs))
+        raise PayloadError("payload digest mismatch: corrupted in transit", "bad-digest")
+    contributors = struct.unpack_from(f">{(ids_end - _HEAD.size) // 4}I", view, _HEAD.size)
+    ascending = all(a < b for a, b in itertools.pairwise(contributors))
+    if not ascending or any(c >= head.stamp.roster for c in contributors):
+        raise PayloadError("aggregate's contributor list is not ascending roster ids", "malformed")
+    if kind == AGGREGATE and not contributors:
+        raise PayloadError("aggregate names no contributors", "malformed")
+    return Envelope(
+        kind, head.stamp, head.values, blob_count, blob_size, contributors, view[ids_end:end]
+    )
 
 
-def check_round(envelope: Envelope, round_num: int | None) -> None:
-    """Refuse a payload from another round (stale or replayed)."""
-    if round_num is not None and envelope.round_num != round_num:
-        raise PayloadError(f"payload is for round {envelope.round_num}, expected round {round_num}")
+def _contributor_count(view: memoryview) -> int:
+    return int(struct.unpack_from(">I", view, _HEAD.size - 4)[0])

@@ -183,3 +183,7 @@ def _integers(values: np.ndarray, what: str) -> np.ndarray:
     if values.size and not np.array_equal(np.rint(values), values):
         raise PayloadError(f"{what}s must be integers for the packed codec (quantize first)")
     return values
+
+
+#: The codec's one setting: three 14-bit digits per slot at scale 2**17, up to 128 clients.
+PACKED = PackedParams()

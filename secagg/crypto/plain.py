@@ -1,4 +1,8 @@
-"""Plaintext FedAvg: float32 vectors in the same envelope. The reference for every test."""
+"""Plaintext FedAvg: float32 vectors in the same envelope and ledger. The reference for tests.
+
+A payload's one blob is ``values ++ tally ++ tail`` (see ``ledger``) as little-endian float32,
+what plaintext FedAvg sends; the server adds in float64 and sends the sum back as float32.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +12,14 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from secagg.crypto import Update, from_float_vector, to_float_vector
-from secagg.crypto.envelope import Envelope, check_round, from_bytes
+from secagg.crypto import envelope, ledger
+from secagg.crypto.envelope import AGGREGATE, UPDATE, Stamp
+from secagg.crypto.ledger import Aggregate, Update
 from secagg.errors import PayloadError
 
-CODEC_ID = 0
 # No keys in a plaintext run; a fixed fingerprint still stops HE payloads being read as plain.
-FINGERPRINT = hashlib.sha256(b"secagg-plaintext").digest()[:16]
+CODEC = envelope.Codec(0, hashlib.sha256(b"secagg-plaintext").digest()[:16], b"f32\0")
+MAX_VALUES = 1 << 31
 
 
 class PlainCipher:
@@ -26,41 +31,51 @@ class PlainCipher:
     def __init__(self) -> None:
         self.last_seconds: dict[str, float] = {}
 
-    def encrypt(self, update: Update, round_num: int = 0) -> bytes:
-        return self._encode(to_float_vector(update), round_num)
-
-    def decrypt(self, payload: bytes, round_num: int | None = None) -> Update:
-        envelope = self._open(payload, round_num)
-        return from_float_vector(np.frombuffer(envelope.blobs[0], dtype="<f4").astype(np.float64))
-
-    def _encode(self, vector: np.ndarray, round_num: int) -> bytes:
+    def encrypt(self, update: Update, stamp: Stamp) -> bytes:
         start = time.perf_counter()
-        data = np.ascontiguousarray(vector, dtype="<f4").tobytes()
-        payload = Envelope(CODEC_ID, FINGERPRINT, round_num, len(vector), (data,)).to_bytes()
+        tally, tail = ledger.entries(update, stamp)
+        vector = np.concatenate([np.asarray(update.values, np.float64), tally, tail])
+        payload = _payload(UPDATE, stamp, update.values.size, vector)
         self.last_seconds = {"encrypt": 0.0, "serialize": time.perf_counter() - start}
         return payload
 
-    def sum(self, payloads: Iterable[bytes]) -> bytes:
-        total: np.ndarray | None = None
-        first: Envelope | None = None
-        for payload in payloads:
-            envelope = self._open(payload, first.round_num if first else None)
-            if first is not None and envelope.length != first.length:
-                raise PayloadError(
-                    f"payload has {envelope.length} values, the round has {first.length}"
-                )
-            values = np.frombuffer(envelope.blobs[0], dtype="<f4")
-            if total is None:
-                first, total = envelope, values.astype(np.float64)
-            else:
-                total += values
-        if first is None or total is None:
-            raise PayloadError("no payloads to sum")
-        return self._encode(total, first.round_num)
+    def decrypt(self, payload: bytes, stamp: Stamp) -> Aggregate:
+        opened = _open(payload, stamp, AGGREGATE)
+        vector = np.frombuffer(opened.body, dtype="<f4").astype(np.float64)
+        n, roster = opened.values, stamp.roster
+        return ledger.settle(
+            vector[:n], vector[n : n + roster], vector[n + roster :], stamp, opened.contributors
+        )
 
-    def _open(self, payload: bytes, round_num: int | None) -> Envelope:
-        envelope = from_bytes(payload, codec=CODEC_ID, fingerprint=FINGERPRINT, max_blob=1 << 34)
-        check_round(envelope, round_num)
-        if len(envelope.blobs) != 1 or len(envelope.blobs[0]) != 4 * envelope.length:
-            raise PayloadError("plaintext payload blob does not match its declared length")
-        return envelope
+    def sum(self, payloads: Iterable[bytes], stamp: Stamp) -> bytes:
+        total: np.ndarray | None = None
+        values = 0
+        senders: list[int] = []
+        for payload in payloads:
+            opened = _open(payload, stamp, UPDATE)
+            ledger.admit(opened.stamp.sender, senders, opened.values, values)
+            vector = np.frombuffer(opened.body, dtype="<f4")
+            if total is None:
+                total, values = vector.astype(np.float64), opened.values
+            else:
+                total += vector
+            senders.append(opened.stamp.sender)
+        if total is None:
+            raise PayloadError("no payloads to sum", "empty")
+        return _payload(AGGREGATE, stamp, values, total, tuple(sorted(senders)))
+
+
+def _payload(
+    kind: int, stamp: Stamp, values: int, vector: np.ndarray, contributors: tuple[int, ...] = ()
+) -> bytes:
+    data = np.ascontiguousarray(vector, dtype="<f4")
+    return envelope.to_bytes(CODEC, kind, stamp, values, 1, data.nbytes, [data], contributors)
+
+
+def _open(payload: bytes, stamp: Stamp, kind: int) -> envelope.Envelope:
+    def blobs_for(values: int) -> tuple[int, int]:
+        return 1, 4 * (values + stamp.roster + ledger.TAIL)
+
+    return envelope.from_bytes(
+        payload, CODEC, stamp, kind, blobs_for=blobs_for, max_values=MAX_VALUES
+    )

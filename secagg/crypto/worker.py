@@ -3,7 +3,8 @@
 It reads the client context, then (operation, arguments) requests, as pickles on stdin, and
 writes each result as a pickle on stdout. Both ends are the same user's processes on one
 machine, joined by a private pipe: the secret context never touches the disk or the command
-line. It exits when stdin closes (the parent exited or closed the pool).
+line, and nothing from the network reaches a worker except coefficients the parent has
+checked. It exits when stdin closes (the parent exited or closed the pool).
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ def main() -> None:
         result: Any
         try:
             if op == "encrypt":
-                result = ckks.encrypt_chunks(context, *args)
+                slots, shape, scale = args
+                result = ckks.encrypt_chunks(context, slots, shape, scale)
             elif op == "decrypt":
-                result = ckks.decrypt_chunks(context, *args)
+                coefficients, sizes, shape = args
+                result = ckks.decrypt_chunks(context, coefficients, sizes, shape)
             else:
                 result = ckks.WorkerFailure(f"unknown operation {op!r}")
         except Exception as err:  # reported to the parent, which raises a named error

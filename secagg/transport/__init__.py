@@ -11,14 +11,18 @@ from collections.abc import Iterator
 from typing import Protocol
 
 from secagg.client import ApplyReply, EvalReply, FitReply
+from secagg.crypto import Stamp
 
 
 class Transport(Protocol):
-    def fit(self, round_num: int) -> Iterator[FitReply]:
+    #: how many clients the job has; they are numbered 0 .. roster - 1
+    roster: int
+
+    def fit(self, round_stamp: Stamp) -> Iterator[FitReply]:
         """Tell every client the round plan and ask it to train; yield replies as they arrive."""
         ...
 
-    def apply(self, round_num: int, payload: bytes) -> list[ApplyReply]:
+    def apply(self, round_stamp: Stamp, payload: bytes) -> list[ApplyReply]:
         """Send the summed payload to every client to decrypt and apply; return their replies."""
         ...
 

@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from secagg.client import ApplyReply, Client, EvalReply, FitReply, RoundPlan
+from secagg.crypto import Stamp
 
 
 class InProcessTransport:
@@ -22,10 +23,11 @@ class InProcessTransport:
         self.clients = list(clients)
         self.evaluators = list(evaluators)
         self.overlap = overlap
+        self.roster = len(self.clients)
 
-    def fit(self, round_num: int) -> Iterator[FitReply]:
+    def fit(self, round_stamp: Stamp) -> Iterator[FitReply]:
         total = sum(len(client.train_data) for client in self.clients)
-        plan = RoundPlan(round_num, len(self.clients), total)
+        plan = RoundPlan(round_stamp, total)
         if not self.overlap:
             for client in self.clients:
                 yield client.fit(plan)
@@ -40,8 +42,8 @@ class InProcessTransport:
             if pending is not None:
                 yield pending.result()
 
-    def apply(self, round_num: int, payload: bytes) -> list[ApplyReply]:
-        return [client.apply(payload, round_num) for client in self.clients]
+    def apply(self, round_stamp: Stamp, payload: bytes) -> list[ApplyReply]:
+        return [client.apply(payload, round_stamp) for client in self.clients]
 
     def evaluate(self, round_num: int) -> list[EvalReply]:
         return [self.clients[i].evaluate() for i in self.evaluators]

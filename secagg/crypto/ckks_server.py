@@ -1,0 +1,107 @@
+"""The server side of CKKS: adds ciphertexts as numbers mod q. It imports no TenSEAL.
+
+A ciphertext travels as its coefficients (``seal_format``), and two ciphertexts at the same
+level add coefficient by coefficient mod the data prime ``q``: that is all SEAL's own ``add``
+does. So the server needs only the public parameters (N and q, read from ``server.ctx``), never
+parses bytes with a C++ library, and cannot be crashed by a crafted payload: every word is
+checked to be below ``q`` before it is added. The codec description both sides must agree on
+(``codec_for``, ``blobs_for``) lives here too, because the client side imports TenSEAL.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import numpy as np
+
+from secagg.crypto import envelope, ledger, seal_format
+from secagg.crypto.envelope import AGGREGATE, SERVER, UPDATE, Stamp
+from secagg.crypto.packing import PACKED, PackedParams
+from secagg.crypto.seal_format import CiphertextShape
+from secagg.errors import KeyFileError, PayloadError
+from secagg.keys import Keys
+
+CODEC_ID = 2
+#: The most values a payload may declare: a 2-billion-parameter model.
+MAX_VALUES = 1 << 31
+
+
+def codec_for(keys: Keys, packed: PackedParams = PACKED) -> tuple[envelope.Codec, CiphertextShape]:
+    """The envelope codec and ciphertext shape of the packed CKKS codec under ``keys``."""
+    shape = seal_format.shape_of_context(keys.context)
+    packed.check(shape.modulus.bit_length(), shape.poly_modulus_degree)
+    settings = bytes(
+        [
+            packed.values_per_slot,
+            packed.digit_bits,
+            packed.scale_bits,
+            shape.poly_modulus_degree.bit_length() - 1,
+        ]
+    )
+    return envelope.Codec(CODEC_ID, keys.fingerprint, settings), shape
+
+
+def blobs_for(
+    shape: CiphertextShape, roster: int, packed: PackedParams = PACKED
+) -> Callable[[int], tuple[int, int]]:
+    """(ciphertext count, bytes per ciphertext) of a payload of ``values`` update values."""
+
+    def layout(values: int) -> tuple[int, int]:
+        slots = packed.slots_for(values + roster, ledger.TAIL)
+        return math.ceil(slots / (shape.poly_modulus_degree // 2)), shape.nbytes
+
+    return layout
+
+
+class CkksServer:
+    """Adds packed-CKKS payloads; refuses any context that holds a secret key."""
+
+    name = "ckks-packed"
+
+    def __init__(self, keys: Keys) -> None:
+        if seal_format.context_has_secret_key(keys.context):
+            raise KeyFileError(
+                "the server was given a context with the secret key; it must only ever load "
+                "the public context (keys/server.ctx)"
+            )
+        self._codec, self._shape = codec_for(keys)
+
+    def sum(self, payloads: Iterable[bytes], stamp: Stamp) -> bytes:
+        """Add payloads as they arrive: holds the running sum and one payload, never all."""
+        total: np.ndarray | None = None
+        values = 0
+        senders: list[int] = []
+        layout = blobs_for(self._shape, stamp.roster)
+        for payload in payloads:
+            opened = envelope.from_bytes(
+                payload, self._codec, stamp, UPDATE, blobs_for=layout, max_values=MAX_VALUES
+            )
+            ledger.admit(opened.stamp.sender, senders, opened.values, values)
+            if len(senders) >= PACKED.max_clients:
+                raise PayloadError(
+                    f"the packed codec sums at most {PACKED.max_clients} clients per round; "
+                    "more could overflow its headroom",
+                    "too-many",
+                )
+            words = np.frombuffer(opened.body, dtype="<u8")
+            seal_format.check_coefficients(words, self._shape.modulus)
+            if total is None:
+                total, values = words.copy(), opened.values
+            else:
+                seal_format.add_mod(total, words, self._shape.modulus)
+            senders.append(opened.stamp.sender)
+            del opened, words, payload
+        if total is None:
+            raise PayloadError("no payloads to sum", "empty")
+        count, size = layout(values)
+        return envelope.to_bytes(
+            self._codec,
+            AGGREGATE,
+            stamp.for_sender(SERVER),
+            values,
+            count,
+            size,
+            [total],
+            tuple(sorted(senders)),
+        )

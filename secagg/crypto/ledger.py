@@ -1,0 +1,135 @@
+"""What every payload carries besides the update, so the clients can audit the aggregate.
+
+The server adds updates it cannot read, so only the clients can check what it added, and only
+after decrypting. Each client therefore encrypts, next to its update:
+
+- a **tally**: one value per roster member, 1 at its own index and 0 elsewhere. Summed, the
+  tallies count every member's contributions: a client sees at once whether an update the
+  server lists as added is missing (0), was added twice (2), or was added but not listed.
+- its **weight** ``p_i = n_i / N`` (in units of 2**-32): the sum is the divisor of the
+  weighted average, right by construction whoever dropped out.
+- how many values its quantization **clipped** (integer codecs), so everyone sees the total.
+- a **round tag**, the round number: the sum must be ``round x contributors``, so a
+  ciphertext replayed from another round, even with a forged envelope, breaks it.
+
+The ledger holds the same integers whatever the codec, and is checked in one place
+(``settle``). It detects a dropped, duplicated, replayed or unlisted contribution; it is not a
+MAC: a server that knows the encoding could still add a crafted ciphertext that leaves the
+ledger intact, which is why the threat model is an honest-but-curious server.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from secagg.crypto.envelope import Stamp
+from secagg.errors import PayloadError
+
+#: Whole-number values after the tallies: weight units, clipped count, round tag.
+TAIL = 3
+WEIGHT_UNIT = 2.0**32
+
+
+@dataclass
+class Update:
+    """What a client encrypts.
+
+    ``values`` is the client's weighted model update ``p_i * (w_i - w_global)`` (float64; for
+    an integer codec, already quantized to integers), ``weight`` is ``p_i`` and ``clipped``
+    counts the values quantization had to clip.
+    """
+
+    values: np.ndarray
+    weight: float
+    clipped: int = 0
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """A decrypted, audited sum of updates: each field is the total over ``contributors``."""
+
+    values: np.ndarray
+    weight: float
+    clipped: int
+    contributors: tuple[int, ...]
+
+
+def entries(update: Update, stamp: Stamp) -> tuple[np.ndarray, np.ndarray]:
+    """The sender's tally (one value per roster member) and its tail, as float64 integers."""
+    tally = np.zeros(stamp.roster)
+    tally[stamp.sender] = 1.0
+    tail = np.array([np.rint(update.weight * WEIGHT_UNIT), update.clipped, stamp.round_num])
+    return tally, tail
+
+
+def settle(
+    values: np.ndarray,
+    tally: np.ndarray,
+    tail: np.ndarray,
+    stamp: Stamp,
+    contributors: tuple[int, ...],
+) -> Aggregate:
+    """Check a decrypted sum's ledger against the contributors the server listed.
+
+    ``tally`` and ``tail`` must already be integers (the integer codec decrypts exactly; the
+    plaintext codec's are exact in float). Raises PayloadError naming what was wrong.
+    """
+    listed = np.zeros(stamp.roster)
+    listed[list(contributors)] = 1.0
+    counts = np.rint(tally)
+    if not np.array_equal(counts, listed):
+        missing = [int(i) for i in np.flatnonzero((listed == 1) & (counts == 0))]
+        twice = [int(i) for i in np.flatnonzero(counts > 1)]
+        unlisted = [int(i) for i in np.flatnonzero((listed == 0) & (counts == 1))]
+        if missing:
+            raise PayloadError(
+                f"the aggregate lacks the update of client(s) {missing} although the server "
+                "lists them: a contribution was dropped",
+                "dropped",
+            )
+        if twice:
+            raise PayloadError(
+                f"the aggregate holds client(s) {twice} more than once: a contribution was "
+                "duplicated",
+                "duplicate",
+            )
+        detail = f"client(s) {unlisted} unlisted" if unlisted else "a tally that is not 0 or 1"
+        raise PayloadError(
+            f"the aggregate's contributor tally does not match the server's list ({detail})",
+            "tampered",
+        )
+    weight_units, clipped, rounds = (float(v) for v in np.rint(tail))
+    if rounds != stamp.round_num * len(contributors):
+        raise PayloadError(
+            f"the aggregate's round tags add up to {rounds:.0f}, not {stamp.round_num} x "
+            f"{len(contributors)}: it holds a contribution replayed from another round",
+            "replayed",
+        )
+    weight = weight_units / WEIGHT_UNIT
+    # Weights are n_i / N: they sum to 1 when every client contributed, less on dropouts;
+    # more than 1 means a sample count was misreported, and the headroom is not safe.
+    if not 0 < weight <= 1 + 1e-6:
+        raise PayloadError(
+            f"summed weight {weight:.6g} is outside (0, 1]: the round plan's sample counts "
+            "were wrong or the aggregate is damaged",
+            "bad-weight",
+        )
+    if clipped < 0:
+        raise PayloadError("the aggregate's clipped count is negative", "tampered")
+    return Aggregate(values, weight, int(clipped), contributors)
+
+
+def admit(sender: int, seen: list[int], values: int, round_values: int) -> None:
+    """The server's check before adding an update: one per client per round, all one size."""
+    if sender in seen:
+        raise PayloadError(
+            f"client {sender} already contributed to this round; a duplicate or replayed "
+            "update is refused",
+            "duplicate",
+        )
+    if seen and values != round_values:
+        raise PayloadError(
+            f"payload has {values} values, the round has {round_values}", "wrong-length"
+        )

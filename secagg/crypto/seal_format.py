@@ -1,0 +1,261 @@
+"""SEAL's and TenSEAL's byte formats, read and written with numpy: no TenSEAL here.
+
+Why this exists: TenSEAL is not safe on untrusted bytes (a crafted ciphertext can crash the
+process). So secagg never hands it bytes that came off the wire. A CKKS ciphertext travels as
+its raw coefficients, ``2 x N`` unsigned 64-bit words below the data prime ``q``; the receiver
+checks every word against ``q`` with one vectorized compare and, on a client, rebuilds the
+exact bytes TenSEAL expects from those checked numbers (``to_tenseal``). The server never loads
+TenSEAL at all: adding ciphertexts is adding their coefficients mod ``q`` (``add_mod``), which
+is all SEAL's own ``add`` does for two ciphertexts at the same level.
+
+Formats, as TenSEAL 0.3 and SEAL 4 write them (little-endian):
+
+- TenSEAL ``CKKSVector``: protobuf ``{1: packed uint32 sizes, 2: bytes ciphertext, 3: double
+  scale}``; the ciphertext field is a SEAL ``Ciphertext``.
+- SEAL object: a 16-byte header ``magic 0xA15E | header size 16 | version major | minor |
+  compression (0 none, 1 zlib, 2 zstd) | reserved u16 | total size u64``, then the body,
+  compressed as the header says.
+- SEAL ``Ciphertext`` body: ``parms_id 4 x u64 | is_ntt_form u8 | size u64 | N u64 |
+  primes u64 | scale f64 | correction factor u64`` and a SEAL ``DynArray`` of the
+  ``size x primes x N`` coefficients (its own header, a u64 count, the words).
+- TenSEAL context: protobuf whose field 1 is SEAL ``EncryptionParameters`` (scheme u8, N u64,
+  prime count u64, each prime as a SEAL ``Modulus`` object, then the plain modulus). Field 3
+  holds the secret key; a public context has none.
+- ``parms_id`` is BLAKE2b-256 over the u64 words ``scheme, N, primes..., plain modulus``;
+  fresh ciphertexts live at the first level, whose only prime is the first one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+from secagg.errors import KeyFileError, PayloadError
+
+SEAL_MAGIC = 0xA15E
+_HEADER = struct.Struct("<HBBBBHQ")
+_CT_META = struct.Struct("<32sBQQQdQ")
+_COMPRESSION_NONE, _COMPRESSION_ZSTD = 0, 2
+_SCHEME_CKKS = 2
+#: TenSEAL context protobuf fields: parameters, public keys/settings, secret key, flags.
+_CONTEXT_FIELDS = {1, 2, 3, 4}
+_SECRET_FIELD = 3
+#: Ciphertexts carry two polynomials (c0, c1) after encryption or addition.
+POLYS = 2
+
+
+@dataclass(frozen=True)
+class CiphertextShape:
+    """What every fresh ciphertext under one key set looks like; all public information."""
+
+    poly_modulus_degree: int
+    modulus: int
+    parms_id: bytes
+    seal_version: tuple[int, int]
+
+    @property
+    def words(self) -> int:
+        """Coefficient words per ciphertext: two polynomials of N coefficients."""
+        return POLYS * self.poly_modulus_degree
+
+    @property
+    def nbytes(self) -> int:
+        return 8 * self.words
+
+
+# --- contexts ---------------------------------------------------------------------------------
+
+
+def shape_of_context(context: bytes) -> CiphertextShape:
+    """The ciphertext shape a serialized TenSEAL CKKS context implies (public or secret)."""
+    fields = _context_fields(context)
+    params = _seal_object(fields[1], "context parameters")
+    try:
+        scheme, n, count = struct.unpack_from("<BQQ", params)
+        offset = 17
+        primes = []
+        for _ in range(count):
+            head = _HEADER.unpack_from(params, offset)
+            primes.append(struct.unpack_from("<Q", params, offset + _HEADER.size)[0])
+            offset += head[-1]
+    except struct.error as err:
+        raise KeyFileError("context parameters are truncated; run 'secagg keygen'") from err
+    if scheme != _SCHEME_CKKS or not primes or n & (n - 1):
+        raise KeyFileError("context is not a CKKS context; run 'secagg keygen'")
+    # The first level's parms_id: scheme, N, the first prime, and a plain modulus of zero.
+    words = struct.pack("<4Q", scheme, n, primes[0], 0)
+    parms_id = hashlib.blake2b(words, digest_size=32).digest()
+    version = _HEADER.unpack_from(fields[1])[2:4]
+    return CiphertextShape(n, primes[0], parms_id, (version[0], version[1]))
+
+
+def context_has_secret_key(context: bytes) -> bool:
+    """True when a serialized TenSEAL context carries a secret key (protobuf field 3)."""
+    return _SECRET_FIELD in _context_fields(context)
+
+
+def _context_fields(context: bytes) -> dict[int, bytes]:
+    try:
+        fields = dict(_protobuf(context))
+    except (IndexError, ValueError) as err:
+        raise KeyFileError(f"not a TenSEAL context ({err}); run 'secagg keygen'") from err
+    if 1 not in fields or not set(fields) <= _CONTEXT_FIELDS:
+        raise KeyFileError("not a TenSEAL CKKS context; run 'secagg keygen'")
+    return {key: value for key, value in fields.items() if isinstance(value, bytes)}
+
+
+# --- ciphertexts ------------------------------------------------------------------------------
+
+
+def from_tenseal(blob: bytes, shape: CiphertextShape) -> tuple[np.ndarray, int, float]:
+    """A TenSEAL CKKSVector's bytes as (coefficients (2, N) uint64, vector size, scale).
+
+    Used on a client's own fresh ciphertexts; every field is still checked against ``shape``.
+    """
+    fields = dict(_protobuf(blob))
+    sizes, body, scale = fields.get(1), fields.get(2), fields.get(3)
+    if not isinstance(sizes, bytes) or not isinstance(body, bytes) or not isinstance(scale, float):
+        raise PayloadError("not a TenSEAL CKKS vector", reason="malformed")
+    (size,) = _varints(sizes)
+    data = _seal_object(body, "ciphertext")
+    parms_id, ntt, polys, n, primes, ct_scale, _ = _CT_META.unpack_from(data)
+    if (parms_id, ntt, polys, n, primes) != (
+        shape.parms_id,
+        1,
+        POLYS,
+        shape.poly_modulus_degree,
+        1,
+    ):
+        raise PayloadError("ciphertext is not a fresh CKKS ciphertext of these keys", "malformed")
+    array = _HEADER.size + 8 + _CT_META.size
+    count = struct.unpack_from("<Q", data, _CT_META.size + _HEADER.size)[0]
+    if count != shape.words or len(data) != array + 8 * count:
+        raise PayloadError("ciphertext data has the wrong length", reason="malformed")
+    coefficients = np.frombuffer(data, dtype="<u8", offset=array).reshape(POLYS, -1)
+    check_coefficients(coefficients, shape.modulus)
+    return coefficients, size, ct_scale
+
+
+def to_tenseal(coefficients: np.ndarray, size: int, scale: float, shape: CiphertextShape) -> bytes:
+    """TenSEAL CKKSVector bytes for checked coefficients: the only bytes TenSEAL ever loads.
+
+    Written uncompressed; SEAL reads any compression mode its header names.
+    """
+    words = np.ascontiguousarray(coefficients, dtype="<u8")
+    if words.shape != (POLYS, shape.poly_modulus_degree):
+        raise PayloadError("ciphertext has the wrong shape", reason="malformed")
+    meta = _CT_META.pack(shape.parms_id, 1, POLYS, shape.poly_modulus_degree, 1, scale, 1)
+    array = _seal_header(shape, 8 + words.nbytes) + struct.pack("<Q", words.size)
+    body = b"".join((meta, array, words.tobytes()))
+    ciphertext = _seal_header(shape, len(body)) + body
+    sizes = _varint(size)
+    return b"".join(
+        (
+            b"\x0a" + _varint(len(sizes)) + sizes,
+            b"\x12" + _varint(len(ciphertext)) + ciphertext,
+            b"\x19" + struct.pack("<d", scale),
+        )
+    )
+
+
+def check_coefficients(coefficients: np.ndarray, modulus: int) -> None:
+    """Refuse any coefficient that is not reduced mod q: no honest party ever makes one."""
+    if coefficients.size and int(coefficients.max()) >= modulus:
+        raise PayloadError(
+            "ciphertext coefficient is not below the key's modulus: the payload was forged "
+            "or made with other CKKS parameters",
+            reason="bad-ciphertext",
+        )
+
+
+def add_mod(total: np.ndarray, other: np.ndarray, modulus: int) -> None:
+    """``total = (total + other) mod q`` in place, for words already below ``q < 2**63``."""
+    np.add(total, other, out=total)
+    np.subtract(total, modulus, out=total, where=total >= modulus)
+
+
+# --- byte-level helpers -----------------------------------------------------------------------
+
+
+def _seal_header(shape: CiphertextShape, body: int) -> bytes:
+    major, minor = shape.seal_version
+    return _HEADER.pack(SEAL_MAGIC, _HEADER.size, major, minor, _COMPRESSION_NONE, 0, 16 + body)
+
+
+def _seal_object(data: bytes, what: str) -> bytes:
+    """The body of one SEAL object (header checked, decompressed when zstd-compressed)."""
+    try:
+        magic, head, _, _, compression, _, size = _HEADER.unpack_from(data)
+    except struct.error as err:
+        raise PayloadError(f"{what} is truncated", reason="malformed") from err
+    if magic != SEAL_MAGIC or head != _HEADER.size or size != len(data):
+        raise PayloadError(f"{what} is not a SEAL object", reason="malformed")
+    body = data[_HEADER.size :]
+    if compression == _COMPRESSION_NONE:
+        return body
+    if compression == _COMPRESSION_ZSTD:
+        import zstandard
+
+        try:
+            return zstandard.ZstdDecompressor().decompress(body, max_output_size=1 << 28)
+        except zstandard.ZstdError as err:
+            raise PayloadError(f"{what} does not decompress", reason="malformed") from err
+    raise PayloadError(f"{what} uses unsupported compression {compression}", reason="malformed")
+
+
+def _protobuf(data: bytes) -> list[tuple[int, bytes | int | float]]:
+    """Top-level fields of a protobuf message: varints, length-delimited bytes and doubles."""
+    out: list[tuple[int, bytes | int | float]] = []
+    i = 0
+    while i < len(data):
+        key, i = _read_varint(data, i)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, i = _read_varint(data, i)
+            out.append((field, value))
+        elif wire == 2:
+            length, i = _read_varint(data, i)
+            if i + length > len(data):
+                raise ValueError("length-delimited field runs past the end")
+            out.append((field, bytes(data[i : i + length])))
+            i += length
+        elif wire == 1:
+            if i + 8 > len(data):
+                raise ValueError("fixed64 field runs past the end")
+            out.append((field, struct.unpack_from("<d", data, i)[0]))
+            i += 8
+        else:
+            raise ValueError(f"unexpected protobuf wire type {wire}")
+    return out
+
+
+def _read_varint(data: bytes, i: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while shift < 64:
+        byte = data[i]
+        i += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, i
+        shift += 7
+    raise ValueError("varint is too long")
+
+
+def _varints(data: bytes) -> list[int]:
+    values, i = [], 0
+    while i < len(data):
+        value, i = _read_varint(data, i)
+        values.append(value)
+    return values
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)

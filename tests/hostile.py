@@ -1,0 +1,88 @@
+"""What a dishonest server or a forger could do to payloads, for the tests that must catch it.
+
+These helpers bypass every check on purpose: they add updates the way a server that skipped
+its own refusals would, list whatever contributors they like, and rewrite envelope headers
+with a valid digest (a digest is no signature).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+
+import numpy as np
+
+from secagg.crypto import SERVER, Stamp, envelope
+from secagg.crypto.ckks_server import CkksServer
+from secagg.crypto.plain import PlainCipher
+from secagg.crypto.seal_format import add_mod
+
+# Offsets into the fixed header (see secagg.crypto.envelope).
+ROUND_OFFSET = 4 + 4 + 16 + 16
+SENDER_OFFSET = ROUND_OFFSET + 4
+
+
+def codec_of(server: CkksServer | PlainCipher) -> envelope.Codec:
+    if isinstance(server, PlainCipher):
+        from secagg.crypto.plain import CODEC
+
+        return CODEC
+    return server._codec
+
+
+def body_of(payload: bytes) -> tuple[bytes, int, int, int, memoryview]:
+    """(header, values, blob count, blob size, body) of any well-formed payload, unchecked."""
+    head = payload[: envelope.HEADER_SIZE]
+    values, _, count, size, contributors = struct.unpack_from(">Q4sIQI", head, ROUND_OFFSET + 12)
+    start = envelope.HEADER_SIZE + 4 * contributors
+    return head, values, count, size, memoryview(payload)[start : start + count * size]
+
+
+def forge_aggregate(
+    server: CkksServer | PlainCipher,
+    payloads: list[bytes],
+    round_stamp: Stamp,
+    contributors: tuple[int, ...],
+) -> bytes:
+    """Add ``payloads`` without any check and claim ``contributors`` added them."""
+    total: np.ndarray | None = None
+    values = count = size = 0
+    for payload in payloads:
+        _, values, count, size, body = body_of(payload)
+        if isinstance(server, PlainCipher):
+            part = np.frombuffer(body, dtype="<f4").astype(np.float64)
+            total = part if total is None else total + part
+        else:
+            words = np.frombuffer(body, dtype="<u8")
+            if total is None:
+                total = words.copy()
+            else:
+                add_mod(total, words, server._shape.modulus)
+    assert total is not None
+    if isinstance(server, PlainCipher):
+        total = total.astype("<f4")
+    return envelope.to_bytes(
+        codec_of(server),
+        envelope.AGGREGATE,
+        round_stamp.for_sender(SERVER),
+        values,
+        count,
+        size,
+        [total],
+        contributors,
+    )
+
+
+def restamp(payload: bytes, *, round_num: int | None = None, sender: int | None = None) -> bytes:
+    """The same payload with its round or sender rewritten and a valid digest."""
+    data = bytearray(payload[:-32])
+    if round_num is not None:
+        struct.pack_into(">I", data, ROUND_OFFSET, round_num)
+    if sender is not None:
+        struct.pack_into(">I", data, SENDER_OFFSET, sender)
+    return bytes(data) + hashlib.sha256(data).digest()
+
+
+def with_digest(body_without_digest: bytes | bytearray) -> bytes:
+    """Re-seal edited payload bytes (everything but the old digest) with a valid digest."""
+    return bytes(body_without_digest) + hashlib.sha256(body_without_digest).digest()
