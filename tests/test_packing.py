@@ -132,3 +132,14 @@ def test_slots_that_are_not_integers_are_refused() -> None:
         PACKED.unpack(noisy, 3, 1)
     with pytest.raises(Exception, match="does not decrypt to integers"):
         PACKED.unpack(np.array([1e31, 0.0]), 3, 1)
+
+
+def test_slots_off_by_more_than_the_noise_allows_are_refused() -> None:
+    """A forged ciphertext shifts slots by less than half a unit: the noise bound catches it."""
+    tolerance = PACKED.tolerance(8192, 3)
+    assert 0 < tolerance < 0.05  # ten standard deviations of three clients' noise
+    assert PACKED.tolerance(8192, PACKED.max_clients) <= 0.45
+    slots = PACKED.pack(np.array([1.0, -2.0, 3.0]), np.array([5]))
+    PACKED.unpack(slots + tolerance / 2, 3, 1, tolerance)  # honest noise passes
+    with pytest.raises(Exception, match="does not decrypt to integers"):
+        PACKED.unpack(slots + np.array([0.1, 0.0]), 3, 1, tolerance)

@@ -133,7 +133,8 @@ class CkksClient:
         n, roster = opened.values, stamp.roster
         n_slots = PACKED.slots_for(n + roster, ledger.TAIL)
         slots = self._pool.decrypt(self._context, coefficients, n_slots, self._shape)
-        digits, tail = PACKED.unpack(slots, n + roster, ledger.TAIL)
+        tolerance = PACKED.tolerance(self._shape.poly_modulus_degree, len(opened.contributors))
+        digits, tail = PACKED.unpack(slots, n + roster, ledger.TAIL, tolerance)
         return ledger.settle(digits[:n], digits[n:], tail, stamp, opened.contributors)
 
 

@@ -83,17 +83,17 @@ def settle(
         missing = [int(i) for i in np.flatnonzero((listed == 1) & (counts == 0))]
         twice = [int(i) for i in np.flatnonzero(counts > 1)]
         unlisted = [int(i) for i in np.flatnonzero((listed == 0) & (counts == 1))]
-        if missing:
-            raise PayloadError(
-                f"the aggregate lacks the update of client(s) {missing} although the server "
-                "lists them: a contribution was dropped",
-                "dropped",
-            )
         if twice:
             raise PayloadError(
                 f"the aggregate holds client(s) {twice} more than once: a contribution was "
                 "duplicated",
                 "duplicate",
+            )
+        if missing:
+            raise PayloadError(
+                f"the aggregate lacks the update of client(s) {missing} although the server "
+                "lists them: a contribution was dropped",
+                "dropped",
             )
         detail = f"client(s) {unlisted} unlisted" if unlisted else "a tally that is not 0 or 1"
         raise PayloadError(

@@ -40,9 +40,12 @@ _ENCODING_NOISE = {n: math.sqrt(n / 24) for n in (4096, 8192, 16384, 32768)}
 #: The summed noise must stay below half a unit with this many standard deviations to spare
 #: (a Gaussian tail of 8 sigma: about 1e-15 per slot, so about 1e-9 per 1M-slot model).
 _NOISE_SIGMAS = 8.0
-#: A decrypted slot further than this from an integer is refused: honest noise stays below
-#: 8 sigma < 0.4 at the largest client count, while a wrong key or a damaged ciphertext
-#: decrypts to values that are anywhere (or astronomically large).
+#: A decrypted slot further from an integer than this many standard deviations of the honest
+#: noise (``noise_std``) is refused: a wrong key, a damaged or forged ciphertext decrypt to
+#: values that are anywhere, or astronomically large. (Honest noise passes 10 sigma about once
+#: in 1e23 slots.)
+_TOLERANCE_SIGMAS = 10.0
+#: ... and never more than this: beyond half a unit a slot could round to the wrong integer.
 _MAX_OFF_INTEGER = 0.45
 
 
@@ -144,25 +147,34 @@ class PackedParams:
         out[body:] = tail
         return out
 
-    def unpack(self, slots: np.ndarray, values: int, tail: int) -> tuple[np.ndarray, np.ndarray]:
+    def tolerance(self, poly_modulus_degree: int, clients: int) -> float:
+        """How far from an integer a decrypted sum of ``clients`` ciphertexts' slot may lie."""
+        noise = noise_std(poly_modulus_degree, max(clients, 1)) / 2.0**self.scale_bits
+        return min(_MAX_OFF_INTEGER, _TOLERANCE_SIGMAS * noise)
+
+    def unpack(
+        self, slots: np.ndarray, values: int, tail: int, tolerance: float = _MAX_OFF_INTEGER
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Decrypted slot values back to the summed integers (values, tail), as float64.
 
-        Refuses slots that are not close to integers: that is what a wrong key, a corrupted
-        ciphertext or an overflowing sum decrypts to.
+        Refuses slots further than ``tolerance`` from an integer (see ``tolerance``): that is
+        what a wrong key, a corrupted or forged ciphertext or an overflowing sum decrypts to.
         """
         slots = np.asarray(slots, dtype=np.float64)
         if slots.shape != (self.slots_for(values, tail),):
             raise PayloadError(
-                f"aggregate has {slots.size} slots, expected {self.slots_for(values, tail)}"
+                f"aggregate has {slots.size} slots, expected {self.slots_for(values, tail)}",
+                "malformed",
             )
         rounded = np.rint(slots)
         off = np.abs(slots - rounded)
         if slots.size and (
-            not off.max() < _MAX_OFF_INTEGER or np.abs(rounded).max() >= 2 * self.tail_limit
+            not off.max() <= tolerance or np.abs(rounded).max() >= 2 * self.tail_limit
         ):
             raise PayloadError(
                 "aggregate does not decrypt to integers (noise or overflow); it was made with "
-                "other keys, corrupted, or summed more clients than the codec allows"
+                "other keys, corrupted or forged, or summed more clients than the codec allows",
+                "not-integer",
             )
         body = rounded[: rounded.size - tail]
         k, base = self.values_per_slot, 2.0**self.digit_bits
