@@ -35,12 +35,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hostile import ROUND_OFFSET, SENDER_OFFSET, restamp, with_digest  # noqa: E402
+from hostile import ROUND_OFFSET, SENDER_OFFSET, restamp, with_digest
 
-from secagg import keys  # noqa: E402
-from secagg.config import CkksParams  # noqa: E402
-from secagg.crypto import SERVER, Stamp, Update, envelope  # noqa: E402
-from secagg.errors import PayloadError  # noqa: E402
+from secagg import keys
+from secagg.config import CkksParams
+from secagg.crypto import SERVER, Stamp, Update, envelope
+from secagg.errors import PayloadError
 
 JOB = b"fuzz-job-0000000"
 ROSTER = 3
