@@ -161,8 +161,10 @@ def measure_memory(config: RunConfig, work: Path) -> dict[str, dict[str, float]]
 def probe(role: str, config_file: Path, payload_file: Path) -> dict[str, float]:
     """Runs in a child process: one client's round, or the server's sum of every client."""
     config = RunConfig(**json.loads(config_file.read_text()))
+    import numpy as np
+
     from secagg import crypto
-    from secagg.crypto import SERVER, Stamp
+    from secagg.crypto import SERVER, Stamp, Update
 
     stamp = Stamp(bytes(16), 1, SERVER, config.clients)
     if role == "client":
@@ -176,14 +178,19 @@ def probe(role: str, config_file: Path, payload_file: Path) -> dict[str, float]:
         client = clients[0]
         del clients[1:]
         idle = _rss_mb()
-        trained = client.train(RoundPlan(stamp, total))
-        payload = client.seal(trained).payload
-        # The client's own update, summed alone, stands in for the round's aggregate.
-        client.apply(crypto.for_server(config).sum([payload], stamp), stamp)
+        server_cipher = crypto.for_server(config)
+        scales = client.train(RoundPlan(stamp, total))
+        # The client's own payloads, summed alone, stand in for the round's aggregates.
+        if scales is not None:
+            scales = server_cipher.sum([scales], stamp.scales())
+        payload = client.seal(stamp, scales).payload
+        client.apply(server_cipher.sum([payload], stamp), stamp, scales)
         peak = _peak_mb()
         # The server probe gets one payload per roster member (after the peak was read).
+        # Ciphertexts look random whatever they hold, so zeros cost what an update does.
+        zeros = Update(np.zeros(client.layout.size), 1.0 / config.clients)
         for sender in range(config.clients):
-            update = client.cipher.encrypt(trained.update, stamp.for_sender(sender))
+            update = client.cipher.encrypt(zeros, stamp.for_sender(sender))
             payload_file.with_name(f"{payload_file.name}.{sender}").write_bytes(update)
     else:
         # The server process never imports torch or TenSEAL, nor loads the secret key.

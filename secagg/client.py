@@ -1,4 +1,4 @@
-"""A federated client: train, flatten, weight, quantize, encrypt; decrypt, divide, apply.
+"""A federated client: train, flatten, weight; agree on steps, quantize, encrypt; decrypt, apply.
 
 A client sends its *update* relative to the global model, ``p_i * (w_i - w_global)`` with
 ``p_i = n_i / N`` (its share of the round's samples), and ``p_i`` itself. The server only adds
@@ -6,11 +6,12 @@ A client sends its *update* relative to the global model, ``p_i * (w_i - w_globa
 decrypting: the divisor counts exactly the clients whose updates were summed, so a client that
 dropped out does not skew the average.
 
-Every client holds the same global model, bit for bit: the decrypted aggregate is identical on
-every client (exactly, for the integer ``packed`` codec), and so is everything computed from
-it. That is what lets every client derive the same quantization steps (``secagg.quantize``)
-without talking to the others, and a client that rejoins replay the rounds' aggregates to
-reach the same model.
+With an integer codec a round has two exchanges: first the clients agree on quantization steps
+(``secagg.quantize``: each encrypts how large its update is per block, the server adds), then
+each quantizes on those steps and sends its update. Every client holds the same global model,
+bit for bit: the decrypted aggregates are exact integers, identical on every client, and so is
+everything computed from them. A client that rejoins replays the rounds' aggregates (the
+update and its scales) to reach the same model.
 """
 
 from __future__ import annotations
@@ -53,12 +54,13 @@ class RoundPlan:
     total_samples: int
 
 
-@dataclass(frozen=True)
+@dataclass
 class Trained:
-    """A client's update after training, before encryption."""
+    """A client's weighted update after training, waiting for the round's steps."""
 
     stamp: Stamp
-    update: Update
+    values: np.ndarray
+    weight: float
     loss: float
     seconds: dict[str, float]
 
@@ -116,18 +118,28 @@ class Client:
         self.settings = settings
         #: the global model as a flat vector, identical on every client
         self.global_vector, self.layout = flatten(self.model.state_dict())
-        #: the last round's decrypted global update, which sets the next quantization steps
-        self.last_update: np.ndarray | None = None
-        #: rounds so far whose aggregate reported clipped values (widens the steps)
-        self.clipped_rounds = 0
-        self.rounds_applied = 0
+        self.blocks = quantize.block_sizes(self.layout)
+        self._trained: Trained | None = None
+        #: the last scale aggregate decrypted: (its key, the steps, who contributed)
+        self._steps: tuple[bytes, np.ndarray, tuple[int, ...]] | None = None
+
+    @property
+    def quantizes(self) -> bool:
+        """Whether this client's codec needs the round's scale exchange."""
+        return self.cipher.sum_limit is not None
 
     def fit(self, plan: RoundPlan) -> FitReply:
-        """Train on local data from the current global model; return the encrypted update."""
-        return self.seal(self.train(plan))
+        """Train and encrypt in one go: for a codec without a scale exchange (plaintext)."""
+        if self.train(plan) is not None:
+            raise PayloadError("this codec needs the round's scale exchange before sealing")
+        return self.seal(plan.round, None)
 
-    def train(self, plan: RoundPlan) -> Trained:
-        """Steps 1-2 of a round: train, then flatten, weight and quantize the update."""
+    def train(self, plan: RoundPlan) -> bytes | None:
+        """Step 1 of a round: train from the global model, flatten, weight; keep the update.
+
+        Returns the encrypted magnitude histogram of the update for the scale exchange, or None
+        when the codec does not quantize.
+        """
         n = len(self.train_data)
         if not 0 < n <= plan.total_samples:
             raise PayloadError(
@@ -143,18 +155,41 @@ class Client:
         weight = n / plan.total_samples
         values = vector - self.global_vector
         values *= weight
-        clipped = 0
-        bound = self.cipher.value_bound
-        if bound is not None:
-            values, clipped = quantize.quantize(values, weight, self.layout, self._ranges(), bound)
-        seconds = {"train": trained - start, "flatten": time.perf_counter() - trained}
+        if not np.isfinite(values).all():
+            raise PayloadError(
+                f"client {self.client_id}'s update has NaN or infinite values: training "
+                "diverged; lower --lr",
+                "diverged",
+            )
         stamp = plan.round.for_sender(self.client_id)
-        return Trained(stamp, Update(values, weight, clipped), loss, seconds)
+        seconds = {"train": trained - start, "flatten": time.perf_counter() - trained}
+        self._trained = Trained(stamp, values, weight, loss, seconds)
+        if not self.quantizes:
+            return None
+        start = time.perf_counter()
+        scales = Update(quantize.histogram(values, self.blocks), weight)
+        payload = self.cipher.encrypt(scales, stamp.scales())
+        seconds["scales_encrypt"] = time.perf_counter() - start
+        return payload
 
-    def seal(self, trained: Trained) -> FitReply:
-        """Step 3: encrypt the update. Safe to run in another thread while this or another
-        client trains (the cipher's TenSEAL work runs in worker processes)."""
-        payload = self.cipher.encrypt(trained.update, trained.stamp)
+    def seal(self, round_stamp: Stamp, scales: bytes | None) -> FitReply:
+        """Step 3: quantize the update on the round's agreed steps (decrypted from ``scales``,
+        the summed histograms) and encrypt it."""
+        trained = self._trained
+        if trained is None or trained.stamp != round_stamp.for_sender(self.client_id):
+            raise PayloadError(
+                f"client {self.client_id} has no trained update for round {round_stamp.round_num}",
+                "bad-plan",
+            )
+        self._trained = None
+        clipped = 0
+        values = trained.values
+        if self.quantizes:
+            start = time.perf_counter()
+            steps = self._round_steps(round_stamp, scales)
+            trained.seconds["scales_decrypt"] = time.perf_counter() - start
+            values, clipped = quantize.quantize(values, steps, self.blocks)
+        payload = self.cipher.encrypt(Update(values, trained.weight, clipped), trained.stamp)
         seconds = {
             **trained.seconds,
             "encrypt": self.cipher.last_seconds["encrypt"],
@@ -163,12 +198,11 @@ class Client:
         n = len(self.train_data)
         return FitReply(self.client_id, payload, n, trained.loss, seconds, len(payload))
 
-    def apply(self, payload: bytes, round_stamp: Stamp) -> ApplyReply:
-        """Decrypt the summed update, check its ledger, divide by the total weight, and add it
-        to the global model."""
+    def apply(self, payload: bytes, round_stamp: Stamp, scales: bytes | None) -> ApplyReply:
+        """Decrypt the summed update, check its ledger, dequantize it on the round's steps,
+        divide by the total weight, and add it to the global model."""
         start = time.perf_counter()
         aggregate = self.cipher.decrypt(payload, round_stamp)
-        decrypted = time.perf_counter()
         if aggregate.values.shape != (self.layout.size,):
             raise PayloadError(
                 f"global update has {aggregate.values.size} values, this client's model has "
@@ -176,25 +210,44 @@ class Client:
                 "wrong-length",
             )
         update = aggregate.values / aggregate.weight
-        bound = self.cipher.value_bound
-        if bound is not None:
-            quantize.dequantize(update, self.layout, self._ranges(), bound)
+        if self.quantizes:
+            steps = self._round_steps(round_stamp, scales, aggregate.contributors)
+            quantize.dequantize(update, steps, self.blocks)
+        decrypted = time.perf_counter()
         state = unflatten(self.global_vector + update, self.layout)
         self.model.load_state_dict(state)
         self.global_vector = flatten(self.model.state_dict())[0]
-        self.last_update = update
-        self.clipped_rounds += aggregate.clipped > 0
-        self.rounds_applied = round_stamp.round_num
         seconds = {"decrypt": decrypted - start, "unflatten": time.perf_counter() - decrypted}
         return ApplyReply(
             self.client_id, seconds, aggregate.clipped, aggregate.weight, aggregate.contributors
         )
 
-    def _ranges(self) -> np.ndarray:
-        """This round's quantization ranges per tensor, from state every client shares."""
-        return quantize.tensor_ranges(
-            self.layout, self.global_vector, self.last_update, self.clipped_rounds
-        )
+    def _round_steps(
+        self, round_stamp: Stamp, scales: bytes | None, updaters: tuple[int, ...] = ()
+    ) -> np.ndarray:
+        """The round's quantization steps, from its summed histograms (decrypted once)."""
+        if scales is None:
+            raise PayloadError("an integer codec needs the round's scale aggregate", "malformed")
+        key = bytes(scales[-32:]) + round_stamp.job + round_stamp.round_num.to_bytes(4, "big")
+        if self._steps is None or self._steps[0] != key:
+            summed = self.cipher.decrypt(scales, round_stamp.scales())
+            if summed.values.shape != (self.blocks.size * quantize.BINS,):
+                raise PayloadError(
+                    "the scale aggregate does not match this client's model; are all parties "
+                    "running the same job?",
+                    "wrong-length",
+                )
+            limit = self.cipher.sum_limit or 0
+            steps = quantize.steps(summed.values, len(summed.contributors), limit)
+            self._steps = (key, steps, summed.contributors)
+        _, steps, agreed = self._steps
+        if not set(updaters) <= set(agreed):
+            raise PayloadError(
+                f"the aggregate adds updates of client(s) {sorted(set(updaters) - set(agreed))} "
+                "that took no part in the round's scale exchange: the sum may have overflowed",
+                "not-in-round",
+            )
+        return steps
 
     def evaluate(self) -> EvalReply:
         """Loss and accuracy of the current (global) model on this client's test data."""

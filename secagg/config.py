@@ -89,7 +89,7 @@ class RunConfig:
         if self.he:
             from secagg.crypto.packing import PACKED
 
-            PACKED.value_bound(self.clients)  # refuses more clients than its headroom
+            PACKED.check_clients(self.clients)
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from secagg.data import Dataset, dirichlet_partition, load_dataset
 from secagg.errors import CheckpointError, ConfigError
 from secagg.files import atomic_write, atomic_write_json
 from secagg.models import build_model
-from secagg.rounds import RoundMetrics
+from secagg.rounds import RoundAggregates, RoundMetrics
 from secagg.server import Server, load_checkpoint
 from secagg.tracking import make_tracker
 from secagg.transport.inprocess import InProcessTransport
@@ -130,10 +130,12 @@ def run_job(
     resume_dir: str | Path | None = None,
     on_round: Callable[[RoundMetrics], None] | None = None,
     tags: dict[str, str] | None = None,
+    reverse_arrivals: bool = False,
 ) -> RunResult:
     """Run a job (or continue the interrupted one in ``resume_dir``); return its result.
 
     ``tags`` are added to the MLflow run (``mlflow.parentRunId`` nests it under another run).
+    ``reverse_arrivals`` hands the server the updates in reverse roster order (benchmarks).
     """
     started = time.perf_counter()
     history: list[RoundMetrics] = []
@@ -159,7 +161,7 @@ def run_job(
     dataset = load_dataset(config.dataset, config.data_dir, config.download)
     server = Server(crypto.for_server(config), output)
     clients = build_clients(config, dataset, crypto.for_client(config))
-    transport = InProcessTransport(clients)
+    transport = InProcessTransport(clients, reverse=reverse_arrivals)
     num_parameters = sum(p.numel() for p in clients[0].model.parameters())
 
     output.mkdir(parents=True, exist_ok=True)
@@ -175,10 +177,10 @@ def run_job(
         # Replay the aggregates to rebuild the global model every client held, then go on.
         for round_num in range(1, checkpoint.round_num + 1):
             stamp = rounds.round_stamp(job_id, round_num, transport.roster)
-            transport.apply(stamp, checkpoint.aggregate(round_num))
+            transport.apply(stamp, *checkpoint.aggregates(round_num))
         first = checkpoint.round_num + 1
 
-    def after_round(metrics: RoundMetrics, summed: bytes) -> None:
+    def after_round(metrics: RoundMetrics, aggregates: RoundAggregates) -> None:
         history.append(metrics)
         state: dict[str, object] = {
             "config": config.to_dict(),
@@ -186,7 +188,7 @@ def run_job(
             "job_id": job_id.hex(),
             "mlflow_run_id": run_id,
         }
-        server.checkpoint(metrics.round, summed, state)
+        server.checkpoint(metrics.round, aggregates.update, aggregates.scales, state)
         tracker.log_round(metrics.round, _tracked(metrics))
         result.seconds = time.perf_counter() - started
         atomic_write_json(output / RESULTS_FILE, result.to_dict())

@@ -54,7 +54,15 @@ class SmallCNN(nn.Module):
 
 
 class ModerateCNN(nn.Module):
-    """The CIFAR-10 model of NVIDIA FLARE's HE example, layer for layer: 3,491,530 parameters."""
+    """The CIFAR-10 model of NVIDIA FLARE's HE example, layer for layer: 3,491,530 parameters.
+
+    Weights start from He (Kaiming) normal initialisation for ReLU, biases from zero. With
+    PyTorch's default initialisation this eight-layer ReLU network without BatchNorm sits at
+    chance for hundreds of SGD steps (measured on digits32, one client, SGD at lr 0.01 with
+    momentum 0.9: 180 steps stay at 10% accuracy; with He initialisation 90 steps reach 95%),
+    which on a small federated job turns the first rounds into a plateau whose escape is
+    decided by rounding noise.
+    """
 
     def __init__(self, in_shape: tuple[int, ...] = (3, 32, 32), classes: int = 10) -> None:
         super().__init__()
@@ -88,6 +96,12 @@ class ModerateCNN(nn.Module):
             nn.Dropout(p=0.1),
             nn.Linear(512, classes),
         )
+
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d | nn.Linear):
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc_layer(torch.flatten(self.conv_layer(x), 1))

@@ -1,22 +1,24 @@
-"""Quantization of model updates for integer codecs, with a scale every client derives alike.
+"""Quantization of model updates for the packed codec, with steps every client derives alike.
 
-A client's weighted update ``p_i * (w_i - w_global)`` becomes integers ``round(x / step)``
-within ``p_i * L`` (L from the codec). The step is per tensor and must be the same on every
-client, or the integers could not be added; it is derived only from what every client already
-holds, bit for bit, after decrypting the last round:
+Integers from different clients can only be added if every client used the same quantization
+step, and the sum must stay inside the packed digit (``|sum| <= 8191``). So each round starts
+with a **scale exchange**: every client splits its weighted update ``v_i = p_i * (w_i -
+w_global)`` into blocks (``BLOCK`` values, never across tensors), and encrypts, for each block,
+a one-hot histogram of ``e_i = ceil(log2(max |v_i|))`` over ``BINS`` exponents. The server adds
+the histograms without reading them; every client decrypts the same sum ``H`` and derives, for
+each block, ``S = sum_e H[e] * 2**e``, an upper bound of ``sum_i max |v_i|`` within a factor of
+two, and the step ``S / (8191 - ceil(c / 2))`` for ``c`` contributing clients.
 
-- the last global update ``U`` (the previous round's decrypted aggregate): a tensor's range is
-  ``GROWTH`` times the largest change any of its values made last round;
-- in the first round (and for a tensor that did not move), ``FIRST_RANGE`` times the largest
-  magnitude of the tensor in the global model, so an update may move a weight by that much.
+That step can never overflow: each client's rounded integers are within ``max |v_i| / step +
+1/2``, so their sum is within ``S / step + c / 2 <= 8191``. Nothing is clipped (except values
+beyond ``2**E_MAX``, which only a diverged training produces; they are clipped and counted). And
+the step adapts to every block in every round, the first one included, with no state carried
+between rounds: a client that rejoins needs nothing but the round's two aggregates.
 
-Values beyond the range are clipped to it and counted; the count travels encrypted with the
-update and every client sees the total. A round that clipped widens the next round's ranges
-(``GROWTH`` doubles for each such round), so the scale adapts instead of clipping again.
-
-With L = 2**13 - 1 - clients/2 (14-bit digits), the quantization error of the aggregate is at
-most ``clients / 2`` steps, that is about ``clients / 2**14`` of a tensor's range, and its
-typical size is ``0.3 * sqrt(clients)`` steps.
+Precision: rounding adds at most ``c / 2`` steps to each summed value, typically
+``sqrt(c / 12)`` steps. With clients of similar updates that is about ``2 * sqrt(c / 12) /
+8191`` of the block's largest weighted change (about 2e-4 for 8 clients); the average divides
+by the total weight, which is 1 when every client contributed.
 """
 
 from __future__ import annotations
@@ -25,52 +27,60 @@ import numpy as np
 
 from secagg.flatten import Layout
 
-#: A tensor's range is this many times its largest change in the last global update.
-GROWTH = 4.0
-#: Range in the first round: this many times the tensor's largest magnitude.
-FIRST_RANGE = 8.0
-#: Range of a tensor that is all zeros and never moved (e.g. a counter before training).
-DEFAULT_RANGE = 1.0
+#: Values per block: one quantization step each. Blocks never straddle two tensors.
+BLOCK = 4096
+#: Exponent range of the magnitude histogram: blocks whose largest weighted change is below
+#: 2**E_MIN share that bin; changes beyond 2**E_MAX are clipped.
+E_MIN, E_MAX = -48, 15
+BINS = E_MAX - E_MIN + 1
 
 
-def tensor_ranges(
-    layout: Layout,
-    global_vector: np.ndarray,
-    last_update: np.ndarray | None,
-    clipped_rounds: int = 0,
-) -> np.ndarray:
-    """Clipping range of each tensor of ``layout`` (one value per entry)."""
-    growth = GROWTH * 2.0**clipped_rounds
-    ranges = np.empty(len(layout.entries))
-    for index, entry in enumerate(layout.entries):
-        part = slice(entry.offset, entry.offset + entry.size)
-        moved = float(np.abs(last_update[part]).max(initial=0.0)) if last_update is not None else 0
-        if moved > 0:
-            ranges[index] = growth * moved
-        else:
-            size = float(np.abs(global_vector[part]).max(initial=0.0))
-            ranges[index] = FIRST_RANGE * size if size > 0 else DEFAULT_RANGE
-    return ranges
+def block_sizes(layout: Layout) -> np.ndarray:
+    """Sizes of the quantization blocks of ``layout``, in order: tensor-aligned, BLOCK at most."""
+    sizes: list[int] = []
+    for entry in layout.entries:
+        full, rest = divmod(entry.size, BLOCK)
+        sizes += [BLOCK] * full + ([rest] if rest else [])
+    return np.asarray(sizes, dtype=np.int64)
+
+
+def histogram(values: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """One-hot (blocks x BINS, flattened) of each block's magnitude exponent ``ceil(log2 max)``."""
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    peaks = np.maximum.reduceat(np.abs(values), starts) if values.size else np.empty(0)
+    _, exponents = np.frexp(peaks)  # peak < 2**exponent (peak = 0 gives exponent 0)
+    bins = np.clip(exponents - E_MIN, 0, BINS - 1)
+    bins[peaks == 0] = 0
+    onehot = np.zeros((sizes.size, BINS))
+    onehot[np.arange(sizes.size), bins] = 1.0
+    return onehot.reshape(-1)
+
+
+def steps(summed: np.ndarray, clients: int, limit: int) -> np.ndarray:
+    """Each block's step from the summed histograms of ``clients`` clients.
+
+    ``limit`` is the largest magnitude a summed integer may reach (the packed digit's).
+    """
+    counts = summed.reshape(-1, BINS)
+    # Exact products summed in numpy's fixed pairwise order (not BLAS, whose order varies by
+    # machine): every client derives bit-identical steps.
+    bound = np.sum(counts * np.exp2(np.arange(E_MIN, E_MAX + 1, dtype=np.float64)), axis=1)
+    return bound / (limit - (clients + 1) // 2)
 
 
 def quantize(
-    values: np.ndarray, weight: float, layout: Layout, ranges: np.ndarray, bound: int
+    values: np.ndarray, block_steps: np.ndarray, sizes: np.ndarray
 ) -> tuple[np.ndarray, int]:
-    """Weighted values to integers within ``weight * bound``; return them and the clipped count.
-
-    A tensor's values are scaled by ``bound / range``, so a value of ``weight * range`` maps to
-    the largest integer a client may send. Works in place on ``values``.
-    """
-    for entry, scale in zip(layout.entries, bound / ranges, strict=True):
-        values[entry.offset : entry.offset + entry.size] *= scale
-    limit = weight * bound
+    """Weighted values to integers on the agreed steps, in place; return them and the clipped
+    count (values beyond ``2**E_MAX``)."""
+    limit = 2.0**E_MAX
     clipped = int(np.count_nonzero(values > limit) + np.count_nonzero(values < -limit))
     np.clip(values, -limit, limit, out=values)
+    values /= np.repeat(block_steps, sizes)
     return np.rint(values, out=values), clipped
 
 
-def dequantize(values: np.ndarray, layout: Layout, ranges: np.ndarray, bound: int) -> np.ndarray:
-    """Integers back to values: the inverse scaling of ``quantize``, in place."""
-    for entry, step in zip(layout.entries, ranges / bound, strict=True):
-        values[entry.offset : entry.offset + entry.size] *= step
+def dequantize(values: np.ndarray, block_steps: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Summed integers back to values: the inverse scaling of ``quantize``, in place."""
+    values *= np.repeat(block_steps, sizes)
     return values

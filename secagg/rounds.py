@@ -1,7 +1,8 @@
 """One federated round, top to bottom, and the loop over rounds.
 
-Plaintext and HE runs differ only in the cipher the clients and server were built with;
-in-process and networked runs differ only in the transport.
+Plaintext and HE runs differ only in the cipher the clients and server were built with (an
+integer codec adds the scale exchange of step 2); in-process and networked runs differ only in
+the transport.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
 
 from secagg.client import ApplyReply, EvalReply, FitReply
-from secagg.crypto import SERVER, Stamp
+from secagg.crypto import SERVER, Stamp, contributors
 from secagg.server import Server
 from secagg.transport import Transport
 
@@ -28,41 +29,70 @@ class RoundMetrics:
     round_seconds: float
     train_seconds: float
     flatten_seconds: float
+    #: the scale exchange, client side: encrypting the histogram, decrypting the summed one
+    scales_seconds: float
     encrypt_seconds: float
     serialize_seconds: float
+    #: the server's adding, scale payloads and updates
     aggregate_seconds: float
     decrypt_seconds: float
     evaluate_seconds: float
+    #: bytes on the wire, scale exchange included
     bytes_up: int
     bytes_down: int
     bytes_up_per_client: float
     bytes_down_per_client: float
     latency_seconds: float
-    #: values the clients' quantization clipped, summed (integer codecs; 0 for float)
+    #: values the clients' quantization clipped, summed (only a diverged training clips)
     clipped: int = 0
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class RoundAggregates:
+    """What a round leaves behind, encrypted: the summed update and the summed scales that
+    decode it (None without a scale exchange). Replaying them rebuilds the global model."""
+
+    update: bytes
+    scales: bytes | None
+
+
 def run_round(
     server: Server, transport: Transport, round_stamp: Stamp
-) -> tuple[RoundMetrics, bytes]:
-    """One round in the order the data moves; return its metrics and the summed payload."""
+) -> tuple[RoundMetrics, RoundAggregates]:
+    """One round in the order the data moves; return its metrics and its aggregates."""
     start = time.perf_counter()
-    # 1-3 on every client: train, flatten, weight its update by its share of samples,
-    #     quantize (integer codecs), encrypt it with its ledger entries
+    # 1 on every client: train, flatten, weight its update by its share of samples
+    scale_payloads = transport.train(round_stamp)
+    # 2 integer codecs: the clients agree on quantization steps. Each encrypted how large its
+    #   update is, per block; the server adds those histograms without reading them
+    scales, scale_sums = None, []
+    if scale_payloads:
+        scales = server.sum(scale_payloads, round_stamp.scales())
+        scale_sums = server.last_sum_each
+    up = sum(len(p) for p in scale_payloads)
+    # 3 on every client: decrypt the summed scales, quantize on the steps, encrypt; 4 on the
+    #   server: add the updates as they arrive, only from clients that took part in step 2
     replies: list[FitReply] = []
-    # 4 on the server: add ciphertexts as they arrive; it holds no secret key
-    summed = server.sum(_payloads(transport.fit(round_stamp), replies), round_stamp)
-    # 5-6 on every client: decrypt, check the ledger, divide by the total weight, apply
-    applied = transport.apply(round_stamp, summed)
+    allowed = frozenset(contributors(scales)) if scales is not None else None
+    summed = server.sum(
+        _payloads(transport.seal(round_stamp, scales), replies), round_stamp, allowed
+    )
+    # 5-6 on every client: decrypt, check the ledger, dequantize, divide by the total weight,
+    #     add to the global model
+    applied = transport.apply(round_stamp, summed, scales)
     # 7 the clients evaluate the global model they now hold (the server cannot)
     eval_start = time.perf_counter()
     evals = transport.evaluate(round_stamp.round_num)
     end = time.perf_counter()
-    metrics = _metrics(round_stamp.round_num, replies, summed, applied, evals, server.last_sum_each)
-    return replace(metrics, round_seconds=end - start, evaluate_seconds=end - eval_start), summed
+    down = len(summed) + (len(scales) if scales is not None else 0)
+    metrics = _metrics(
+        round_stamp.round_num, replies, applied, evals, (up, down), scale_sums, server.last_sum_each
+    )
+    metrics = replace(metrics, round_seconds=end - start, evaluate_seconds=end - eval_start)
+    return metrics, RoundAggregates(summed, scales)
 
 
 def round_stamp(job: bytes, round_num: int, roster: int) -> Stamp:
@@ -75,16 +105,15 @@ def run(
     transport: Transport,
     job: bytes,
     rounds: Iterable[int],
-    on_round: Callable[[RoundMetrics, bytes], None],
+    on_round: Callable[[RoundMetrics, RoundAggregates], None],
 ) -> list[RoundMetrics]:
     """Run ``rounds`` of ``job`` in order, calling ``on_round`` after each; return every
     round's metrics."""
     history = []
     for round_num in rounds:
-        metrics, summed = run_round(
-            server, transport, round_stamp(job, round_num, transport.roster)
-        )
-        on_round(metrics, summed)
+        stamp = round_stamp(job, round_num, transport.roster)
+        metrics, aggregates = run_round(server, transport, stamp)
+        on_round(metrics, aggregates)
         history.append(metrics)
     return history
 
@@ -97,30 +126,49 @@ def _payloads(replies: Iterator[FitReply], keep: list[FitReply]) -> Iterator[byt
         yield payload
 
 
-def _server_done(replies: list[FitReply], sum_each: list[float]) -> float:
-    """When the server would finish summing in a deployment: every client trains and encrypts
-    at once on its own machine, and the server adds each payload as soon as it arrives."""
-    arrivals = sorted(sum(r.seconds.values()) for r in replies)
+def _streamed(arrivals: list[float], each: list[float]) -> float:
+    """When a server that adds each payload as soon as it arrives is done."""
     done = 0.0
-    for arrival, seconds in zip(arrivals, sum_each, strict=False):
+    for arrival, seconds in zip(sorted(arrivals), each, strict=False):
         done = max(done, arrival) + seconds
     return done
+
+
+def _latency(
+    replies: list[FitReply], scale_sums: list[float], sums: list[float], applied: list[ApplyReply]
+) -> float:
+    """The round's latency in a deployment, where every client works at once on its own
+    machine: the last update the server adds, then the slowest client's decrypt and apply."""
+    ready = [r.seconds["train"] + r.seconds["flatten"] for r in replies]
+    if scale_sums:  # every client waits for the summed scales before it quantizes
+        ready = [t + r.seconds["scales_encrypt"] for t, r in zip(ready, replies, strict=True)]
+        agreed = _streamed(ready, scale_sums)
+        ready = [agreed + r.seconds["scales_decrypt"] for r in replies]
+    arrivals = [
+        t + r.seconds["encrypt"] + r.seconds["serialize"]
+        for t, r in zip(ready, replies, strict=True)
+    ]
+    slowest_apply = max(a.seconds["decrypt"] + a.seconds["unflatten"] for a in applied)
+    return _streamed(arrivals, sums) + slowest_apply
 
 
 def _metrics(
     round_num: int,
     replies: list[FitReply],
-    summed: bytes,
     applied: list[ApplyReply],
     evals: list[EvalReply],
-    sum_each: list[float],
+    wire: tuple[int, int],
+    scale_sums: list[float],
+    sums: list[float],
 ) -> RoundMetrics:
     samples = sum(r.num_samples for r in replies)
     eval_n = sum(e.num_samples for e in evals) or 1
-    up = sum(r.size for r in replies)
-    down = len(summed) * len(applied)
-    aggregate_seconds = sum(sum_each)
-    slowest_apply = max(a.seconds["decrypt"] + a.seconds["unflatten"] for a in applied)
+    up = wire[0] + sum(r.size for r in replies)
+    down = wire[1] * len(applied)
+
+    def total(step: str) -> float:
+        return sum(r.seconds.get(step, 0.0) for r in replies)
+
     return RoundMetrics(
         round=round_num,
         clients=len(replies),
@@ -128,17 +176,18 @@ def _metrics(
         loss=sum(e.loss * e.num_samples for e in evals) / eval_n,
         train_loss=sum(r.train_loss * r.num_samples for r in replies) / max(samples, 1),
         round_seconds=0.0,
-        train_seconds=sum(r.seconds["train"] for r in replies),
-        flatten_seconds=sum(r.seconds["flatten"] for r in replies),
-        encrypt_seconds=sum(r.seconds["encrypt"] for r in replies),
-        serialize_seconds=sum(r.seconds["serialize"] for r in replies),
-        aggregate_seconds=aggregate_seconds,
+        train_seconds=total("train"),
+        flatten_seconds=total("flatten"),
+        scales_seconds=total("scales_encrypt") + total("scales_decrypt"),
+        encrypt_seconds=total("encrypt"),
+        serialize_seconds=total("serialize"),
+        aggregate_seconds=sum(scale_sums) + sum(sums),
         decrypt_seconds=sum(a.seconds["decrypt"] for a in applied),
         evaluate_seconds=0.0,
         bytes_up=up,
         bytes_down=down,
         bytes_up_per_client=up / len(replies),
         bytes_down_per_client=down / len(applied),
-        latency_seconds=_server_done(replies, sum_each) + slowest_apply,
+        latency_seconds=_latency(replies, scale_sums, sums, applied),
         clipped=applied[0].clipped,
     )

@@ -4,12 +4,12 @@ It is built from a server-side cipher only; the CKKS one refuses a context with 
 the server can never decrypt an update or the global model.
 
 Clients send updates relative to the global model, so the encrypted global model is the chain
-of every round's encrypted aggregate: all clients start from the same seeded model, and the
+of every round's encrypted aggregates: all clients start from the same seeded model, and the
 global model after round R is that model plus R aggregated updates, applied in order. Each
-round's aggregate is written to ``aggregates/round-NNNN.enc`` through a temp file and a rename
-before ``state.json`` records the round; ``secagg run --resume`` and a rejoining client replay
-the chain and reach the global model bit for bit. The chain grows by one aggregate per round
-(10.7 bytes per parameter with the packed codec).
+round's aggregate is written to ``aggregates/round-NNNN.enc`` (and the summed scales that decode
+it to ``round-NNNN.scales.enc``) through a temp file and a rename before ``state.json`` records
+the round; ``secagg run --resume`` and a rejoining client replay the chain and reach the global
+model bit for bit. The chain grows by about 11 bytes per parameter per round.
 """
 
 from __future__ import annotations
@@ -42,20 +42,22 @@ class Checkpoint:
         """The run's id, which every payload of the run carries."""
         return bytes.fromhex(str(self.state["job_id"]))
 
-    def aggregate(self, round_num: int) -> bytes:
-        """The encrypted aggregate of ``round_num`` (1 to ``self.round_num``)."""
-        path = aggregate_path(self.workdir, round_num)
+    def aggregates(self, round_num: int) -> tuple[bytes, bytes | None]:
+        """The encrypted aggregate of ``round_num`` (1 to ``self.round_num``) and its scales."""
+        update, scales = aggregate_paths(self.workdir, round_num)
         try:
-            return path.read_bytes()
+            return update.read_bytes(), scales.read_bytes() if scales.exists() else None
         except FileNotFoundError as err:
             raise CheckpointError(
-                f"{path} is missing: the checkpoint chain is broken, so the global model "
+                f"{update} is missing: the checkpoint chain is broken, so the global model "
                 "cannot be rebuilt; start a new run"
             ) from err
 
 
-def aggregate_path(workdir: Path, round_num: int) -> Path:
-    return workdir / AGGREGATES_DIR / f"round-{round_num:04d}.enc"
+def aggregate_paths(workdir: Path, round_num: int) -> tuple[Path, Path]:
+    """Where a round's aggregate and its summed scales are kept."""
+    folder = workdir / AGGREGATES_DIR
+    return folder / f"round-{round_num:04d}.enc", folder / f"round-{round_num:04d}.scales.enc"
 
 
 class Server:
@@ -67,21 +69,28 @@ class Server:
         #: includes serializing the total)
         self.last_sum_each: list[float] = []
 
-    def sum(self, payloads: Iterable[bytes], round_stamp: Stamp) -> bytes:
-        """Add a round's payloads as they arrive; the time spent adding is kept in
-        ``last_sum_seconds``."""
+    def sum(
+        self, payloads: Iterable[bytes], round_stamp: Stamp, allowed: frozenset[int] | None = None
+    ) -> bytes:
+        """Add a round's payloads as they arrive (only ``allowed`` senders' when given); the
+        time spent adding each is kept in ``last_sum_each``."""
         timed = _Timed(payloads)
-        summed = self.cipher.sum(timed, round_stamp)
+        summed = self.cipher.sum(timed, round_stamp, allowed)
         timed.close()
         self.last_sum_each = timed.each
         self.last_sum_seconds = sum(timed.each)
         return summed
 
-    def checkpoint(self, round_num: int, summed: bytes, state: dict[str, object]) -> None:
-        """Persist the encrypted global model and the run state after ``round_num``."""
+    def checkpoint(
+        self, round_num: int, summed: bytes, scales: bytes | None, state: dict[str, object]
+    ) -> None:
+        """Persist the round's encrypted aggregates, then the run state after ``round_num``."""
         if self.workdir is None:
             return
-        atomic_write(aggregate_path(self.workdir, round_num), summed, mode=0o600)
+        update_path, scales_path = aggregate_paths(self.workdir, round_num)
+        if scales is not None:
+            atomic_write(scales_path, scales, mode=0o600)
+        atomic_write(update_path, summed, mode=0o600)
         atomic_write_json(self.workdir / STATE_FILE, {**state, "round": round_num})
 
 

@@ -59,8 +59,8 @@ def round_of(round_num: int = 1, roster: int = 8, job: bytes = JOB) -> Stamp:
 def update_for(cipher: ClientCipher, values: np.ndarray, weight: float = 1.0) -> Update:
     """An update the cipher accepts: integer codecs get the values rounded into their bound."""
     values = np.asarray(values, dtype=np.float64)
-    if cipher.value_bound is not None:
-        limit = np.floor(weight * cipher.value_bound)
+    if cipher.sum_limit is not None:
+        limit = np.floor(weight * cipher.sum_limit)
         values = np.clip(np.rint(values), -limit, limit)
     return Update(values, weight)
 

@@ -70,7 +70,7 @@ class Setup:
         self.client, self.server = _ciphers(keys_dir, codec)
         self.round = Stamp(JOB, 7, SERVER, ROSTER)
         rng = np.random.default_rng(0)
-        bound = self.client.value_bound or 1000
+        bound = self.client.sum_limit or 1000
         weights = (0.5, 0.3, 0.2)
         self.updates = [
             Update(np.rint(rng.uniform(-w * bound, w * bound, VALUES)), w) for w in weights

@@ -24,7 +24,7 @@ from secagg.errors import KeyFileError, PayloadError
 def _updates(cipher, count: int, size: int, seed: int = 0) -> list[Update]:  # type: ignore[no-untyped-def]
     rng = np.random.default_rng(seed)
     weights = rng.dirichlet(np.ones(count))
-    scale = 1.0 if cipher.value_bound is None else cipher.value_bound
+    scale = 1.0 if cipher.sum_limit is None else cipher.sum_limit
     return [update_for(cipher, rng.uniform(-w * scale, w * scale, size), float(w)) for w in weights]
 
 
@@ -41,7 +41,7 @@ def test_aggregate_is_the_sum_of_the_updates(cipher_pair, size: int) -> None:
     exact = np.sum([u.values for u in updates], axis=0)
     assert total.values.shape == (size,)
     # The packed codec is exact; plaintext travels as float32.
-    tolerance = 0.0 if client.value_bound is not None else 1e-6
+    tolerance = 0.0 if client.sum_limit is not None else 1e-6
     assert np.max(np.abs(total.values - exact)) <= tolerance
     assert total.weight == pytest.approx(1.0, abs=1e-6)
     assert total.clipped == 7

@@ -51,7 +51,12 @@ def test_resume_continues_from_the_last_round(tmp_path, session_keys, he: bool) 
     state = json.loads((run_dir / "state.json").read_text())
     assert state["round"] == 2
     chain = sorted(p.name for p in (run_dir / "aggregates").iterdir())
-    assert chain == ["round-0001.enc", "round-0002.enc"]
+    # Each round keeps its aggregate; HE also the summed scales that decode it.
+    expected = ["round-0001.enc", "round-0002.enc"]
+    if he:
+        expected = ["round-0001.enc", "round-0001.scales.enc", "round-0002.enc"]
+        expected.append("round-0002.scales.enc")
+    assert chain == expected
     checkpoint_before = (run_dir / "aggregates" / "round-0002.enc").read_bytes()
 
     seen: list[int] = []

@@ -10,64 +10,72 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tenseal as ts
-import torch
 from conftest import encrypt_all, round_of
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from secagg import quantize
 from secagg.config import RunConfig
 from secagg.crypto import Update
 from secagg.crypto.packing import PACKED, PackedParams, noise_std
 from secagg.errors import ConfigError
-from secagg.flatten import Entry, Layout
-from secagg.quantize import quantize
-
-BOUND = PACKED.value_bound(PACKED.max_clients)
 
 
-def _clients(draw, count: int, size: int, extreme: bool) -> list[tuple[np.ndarray, float]]:
+def _weighted_updates(draw, count: int, size: int, edge: bool) -> list[np.ndarray]:
+    """Random clients' weighted updates; at the edge every value sits just below a power of
+    two, all of one sign, which is where the agreed steps are tightest."""
     weights = np.asarray(draw(st.lists(st.floats(0.01, 1.0), min_size=count, max_size=count)))
     weights = weights / weights.sum()
-    seed = draw(st.integers(0, 2**32 - 1))
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     out = []
     for w in weights:
-        # Quantize like a client: weighted values over a step, clipped to w * L and rounded.
-        layout = Layout((Entry("t", (size,), torch.float32, 0, size),))
-        raw = rng.choice([-1.0, 1.0], size) * 10.0 if extreme else rng.normal(0, 0.3, size)
-        values, _ = quantize(raw * w, float(w), layout, np.array([0.01 * BOUND]), BOUND)
-        out.append((values, float(w)))
+        if edge:
+            exponent = int(rng.integers(-30, 10))
+            out.append(np.full(size, (2.0**exponent) * (1 - 2.0**-40)))
+        else:
+            out.append(rng.normal(0, 0.3, size) * w * 10.0 ** rng.integers(-6, 3))
     return out
 
 
 @st.composite
-def rounds(draw) -> list[tuple[np.ndarray, float]]:
+def rounds(draw) -> list[np.ndarray]:
     count = draw(st.integers(1, PACKED.max_clients))
     size = draw(st.integers(1, 40))
-    return _clients(draw, count, size, extreme=draw(st.booleans()))
+    return _weighted_updates(draw, count, size, edge=draw(st.booleans()))
 
 
-@settings(max_examples=150, deadline=None)
+def _quantized(clients: list[np.ndarray]) -> list[np.ndarray]:
+    """The round's protocol: histograms summed, steps agreed, every client quantizes."""
+    sizes = np.array([clients[0].size])
+    summed = np.sum([quantize.histogram(v, sizes) for v in clients], axis=0)
+    steps = quantize.steps(summed, len(clients), PACKED.sum_limit)
+    return [quantize.quantize(v.copy(), steps, sizes)[0] for v in clients]
+
+
+@settings(max_examples=200, deadline=None)
 @given(rounds())
-def test_packed_sum_unpacks_to_the_exact_integer_sum(clients) -> None:
-    size = clients[0][0].size
-    slots = sum(PACKED.pack(v, np.array([0])).astype(np.int64) for v, _ in clients)
-    values, _ = PACKED.unpack(slots.astype(np.float64), size, 1)
-    assert np.array_equal(values, np.sum([v for v, _ in clients], axis=0).astype(np.int64))
+def test_agreed_steps_never_overflow_and_sums_unpack_exactly(clients) -> None:
+    quantized = _quantized(clients)
+    total = np.sum(quantized, axis=0)
+    assert np.abs(total).max() <= PACKED.sum_limit  # the headroom holds, whatever the clients
+    slots = sum(PACKED.pack(q, np.array([0])).astype(np.int64) for q in quantized)
+    values, _ = PACKED.unpack(slots.astype(np.float64), total.size, 1)
+    assert np.array_equal(values, total)
 
 
 @settings(max_examples=50, deadline=None)
-@given(st.integers(1, PACKED.max_clients), st.integers(1, 30), st.sampled_from([-1, 1]))
-def test_every_client_at_its_limit_still_unpacks_exactly(count: int, size: int, sign: int) -> None:
-    """The overflow edge: every client at +-round(w * L) in every position, equal weights."""
-    weight = 1.0 / count
-    edge = sign * np.rint(weight * BOUND)
-    slots = sum(
-        PACKED.pack(np.full(size, edge), np.array([0])).astype(np.int64) for _ in range(count)
-    )
+@given(st.integers(1, 30), st.sampled_from([-1.0, 1.0]))
+def test_max_clients_at_the_overflow_edge_still_unpack_exactly(size: int, sign: float) -> None:
+    """128 clients, each at the largest value its exponent allows, all of one sign: the sum
+    comes within a few units of the digit's limit and never past it."""
+    clients = [np.full(size, sign * (1 - 2.0**-40)) for _ in range(PACKED.max_clients)]
+    quantized = _quantized(clients)
+    total = np.sum(quantized, axis=0)
+    assert PACKED.sum_limit - PACKED.max_clients <= np.abs(total).min()
+    assert np.abs(total).max() <= PACKED.sum_limit
+    slots = sum(PACKED.pack(q, np.array([0])).astype(np.int64) for q in quantized)
     values, _ = PACKED.unpack(slots.astype(np.float64), size, 1)
-    assert np.all(values == count * edge)
-    assert abs(count * edge) < PACKED.digit_limit
+    assert np.array_equal(values, total)
 
 
 @pytest.mark.parametrize("pattern", ["plus", "minus", "mixed"])
@@ -82,9 +90,10 @@ def test_max_clients_at_the_edge_decrypt_exactly_through_ckks(ckks_pair, pattern
     weight = 1.0 / count
     rng = np.random.default_rng(3)
     signs = {"plus": 1.0, "minus": -1.0, "mixed": rng.choice([-1.0, 1.0], 12_000)}[pattern]
-    edge = np.full(12_000, np.rint(weight * BOUND)) * signs
+    bound = PACKED.sum_limit
+    edge = np.full(12_000, np.floor(weight * bound)) * signs
     ups = [Update(edge, weight) for _ in range(count - 1)]
-    ups.append(Update(np.rint(rng.uniform(-1, 1, 12_000) * weight * BOUND), weight))
+    ups.append(Update(np.rint(rng.uniform(-1, 1, 12_000) * np.floor(weight * bound)), weight))
     stamp = round_of(1, roster=count)
     total = client.decrypt(server.sum(encrypt_all(client, ups, stamp), stamp), stamp)
     assert np.array_equal(total.values, np.sum([u.values for u in ups], axis=0))
@@ -93,7 +102,7 @@ def test_max_clients_at_the_edge_decrypt_exactly_through_ckks(ckks_pair, pattern
 
 def test_too_many_clients_for_the_headroom_is_refused_up_front() -> None:
     with pytest.raises(ConfigError, match="at most 128 clients"):
-        PACKED.value_bound(PACKED.max_clients + 1)
+        PACKED.check_clients(PACKED.max_clients + 1)
     with pytest.raises(ConfigError, match="at most 128 clients"):
         RunConfig(he=True, clients=200).validate()
     RunConfig(he=False, clients=200).validate()  # plaintext FedAvg has no such limit

@@ -46,13 +46,13 @@ def test_server_receives_and_stores_no_secret_key_material(
     received: list[bytes] = []
     real_sum = Server.sum
 
-    def recording_sum(self, payloads, round_stamp):  # type: ignore[no-untyped-def]
+    def recording_sum(self, payloads, round_stamp, allowed=None):  # type: ignore[no-untyped-def]
         def tap():  # type: ignore[no-untyped-def]
             for payload in payloads:
                 received.append(bytes(payload))
                 yield payload
 
-        summed = real_sum(self, tap(), round_stamp)
+        summed = real_sum(self, tap(), round_stamp, allowed)
         received.append(summed)
         return summed
 
@@ -67,7 +67,8 @@ def test_server_receives_and_stores_no_secret_key_material(
         output_dir=str(out),
     )
     run_job(config)
-    assert len(received) == 2 * (3 + 1)
+    # Per round: three scale payloads and their sum, three updates and their sum.
+    assert len(received) == 2 * (3 + 1 + 3 + 1)
 
     windows = secret_key_windows((session_keys / "client.ctx").read_bytes())
     stored = [path for path in out.rglob("*") if path.is_file()]

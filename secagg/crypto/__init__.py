@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from secagg.config import RunConfig
-from secagg.crypto.envelope import SERVER, Stamp
+from secagg.crypto.envelope import SERVER, Stamp, contributors
 from secagg.crypto.ledger import Aggregate, Update
 
 
@@ -25,9 +25,9 @@ class ClientCipher(Protocol):
     name: str
     #: the last ``encrypt`` split into "encrypt" and "serialize" seconds
     last_seconds: dict[str, float]
-    #: For an integer codec, the bound L: a client's values must be integers within
-    #: ``weight * L``. None for a float codec, which takes any float values.
-    value_bound: int | None
+    #: For an integer codec, the largest magnitude a *summed* value may reach (the clients'
+    #: quantization steps keep every sum within it); None for a float codec.
+    sum_limit: int | None
 
     def encrypt(self, update: Update, stamp: Stamp) -> bytes:
         """Encrypt one client's update, stamped with its job, round and roster index."""
@@ -43,8 +43,13 @@ class ServerCipher(Protocol):
 
     name: str
 
-    def sum(self, payloads: Iterable[bytes], stamp: Stamp) -> bytes:
-        """Add the round's payloads one at a time as they arrive; return the aggregate."""
+    def sum(
+        self, payloads: Iterable[bytes], stamp: Stamp, allowed: frozenset[int] | None = None
+    ) -> bytes:
+        """Add a round's payloads one at a time as they arrive; return the aggregate.
+
+        ``allowed``: the only senders whose payloads may be added (None: any roster member).
+        """
         ...
 
 
@@ -80,6 +85,7 @@ __all__ = [
     "ServerCipher",
     "Stamp",
     "Update",
+    "contributors",
     "for_client",
     "for_server",
 ]

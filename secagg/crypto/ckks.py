@@ -98,7 +98,7 @@ class CkksClient:
             )
         self._codec, self._shape = codec_for(keys)
         self._pool = _pool_for(keys.context)
-        self.value_bound: int | None = PACKED.value_bound(PACKED.max_clients)
+        self.sum_limit: int | None = PACKED.sum_limit
         self.last_seconds: dict[str, float] = {}
 
     def encrypt(self, update: Update, stamp: Stamp) -> bytes:

@@ -67,7 +67,9 @@ class CkksServer:
             )
         self._codec, self._shape = codec_for(keys)
 
-    def sum(self, payloads: Iterable[bytes], stamp: Stamp) -> bytes:
+    def sum(
+        self, payloads: Iterable[bytes], stamp: Stamp, allowed: frozenset[int] | None = None
+    ) -> bytes:
         """Add payloads as they arrive: holds the running sum and one payload, never all."""
         total: np.ndarray | None = None
         values = 0
@@ -77,7 +79,7 @@ class CkksServer:
             opened = envelope.from_bytes(
                 payload, self._codec, stamp, UPDATE, blobs_for=layout, max_values=MAX_VALUES
             )
-            ledger.admit(opened.stamp.sender, senders, opened.values, values)
+            ledger.admit(opened.stamp.sender, senders, opened.values, values, allowed)
             if len(senders) >= PACKED.max_clients:
                 raise PayloadError(
                     f"the packed codec sums at most {PACKED.max_clients} clients per round; "

@@ -8,7 +8,7 @@ ciphertext's structure before any byte could reach the crypto library. Anything 
 
 Layout (big-endian)::
 
-    magic "SAGG" | version u8 | kind u8 | codec u8 | reserved u8 | key fingerprint 16B
+    magic "SAGG" | version u8 | kind u8 | codec u8 | phase u8 | key fingerprint 16B
     | job 16B | round u32 | sender u32 | roster u32 | values u64 | codec settings 4B
     | blob count u32 | blob size u64 | contributor count u32
     | contributor ids (count x u32, ascending) | blobs (count x size bytes)
@@ -16,9 +16,10 @@ Layout (big-endian)::
 
 ``kind`` tells a client's update (``sender`` is its index in the round's roster) from the
 server's aggregate (``sender`` is ``SERVER``, and the contributor ids say whose updates were
-added). The digest catches corruption in transit; it is no signature: who sent a payload is
-established by the transport (mutual TLS in a deployment), and what the aggregate holds is
-checked by the clients after decrypting (``secagg.crypto.ledger``).
+added). ``phase`` tells a round's scale exchange (``SCALES``, see ``secagg.quantize``) from its
+model update (``UPDATE_PHASE``). The digest catches corruption in transit; it is no signature:
+who sent a payload is established by the transport (mutual TLS in a deployment), and what the
+aggregate holds is checked by the clients after decrypting (``secagg.crypto.ledger``).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from secagg.errors import PayloadError
 MAGIC = b"SAGG"
 VERSION = 2
 UPDATE, AGGREGATE = 1, 2
+UPDATE_PHASE, SCALES = 0, 1
 SERVER = 0xFFFFFFFF
 _HEAD = struct.Struct(">4sBBBB16s16sIIIQ4sIQI")
 HEADER_SIZE = _HEAD.size
@@ -57,6 +59,7 @@ class Stamp:
     round_num: int
     sender: int
     roster: int
+    phase: int = UPDATE_PHASE
 
     def __post_init__(self) -> None:
         if len(self.job) != 16:
@@ -66,8 +69,15 @@ class Stamp:
         if self.sender != SERVER and not 0 <= self.sender < self.roster:
             raise ValueError("sender must be a roster index or SERVER")
 
+        if self.phase not in (UPDATE_PHASE, SCALES):
+            raise ValueError("phase must be UPDATE_PHASE or SCALES")
+
     def for_sender(self, sender: int) -> Stamp:
-        return Stamp(self.job, self.round_num, sender, self.roster)
+        return Stamp(self.job, self.round_num, sender, self.roster, self.phase)
+
+    def scales(self) -> Stamp:
+        """The same round's scale exchange."""
+        return Stamp(self.job, self.round_num, self.sender, self.roster, SCALES)
 
 
 @dataclass(frozen=True)
@@ -114,7 +124,7 @@ def to_bytes(
         VERSION,
         kind,
         codec.codec_id,
-        0,
+        stamp.phase,
         codec.fingerprint,
         stamp.job,
         stamp.round_num,
@@ -150,7 +160,7 @@ def read_header(payload: bytes | memoryview, codec: Codec, expect: Stamp, kind: 
         version,
         got_kind,
         codec_id,
-        _,
+        phase,
         fingerprint,
         job,
         round_num,
@@ -201,6 +211,12 @@ def read_header(payload: bytes | memoryview, codec: Codec, expect: Stamp, kind: 
             f"payload belongs to job {job.hex()[:12]}, not this job ({expect.job.hex()[:12]})",
             "wrong-job",
         )
+    if phase != expect.phase:
+        names = {UPDATE_PHASE: "a model update", SCALES: "a scale exchange"}
+        raise PayloadError(
+            f"payload is {names.get(phase, f'of phase {phase}')}, expected {names[expect.phase]}",
+            "wrong-phase",
+        )
     if round_num != expect.round_num:
         raise PayloadError(
             f"payload is for round {round_num}, expected round {expect.round_num}: stale or "
@@ -223,7 +239,7 @@ def read_header(payload: bytes | memoryview, codec: Codec, expect: Stamp, kind: 
         )
     if count > roster or (kind == UPDATE and count):
         raise PayloadError(f"payload lists {count} contributors", "malformed")
-    stamp = Stamp(job, round_num, sender, roster)
+    stamp = Stamp(job, round_num, sender, roster, phase)
     return Envelope(kind, stamp, values, blob_count, blob_size, (), memoryview(b""))
 
 
@@ -282,3 +298,10 @@ def from_bytes(
 
 def _contributor_count(view: memoryview) -> int:
     return int(struct.unpack_from(">I", view, _HEAD.size - 4)[0])
+
+
+def contributors(payload: bytes) -> tuple[int, ...]:
+    """The contributor ids an aggregate lists (unchecked: for the party that made it)."""
+    view = memoryview(payload).cast("B")
+    count = _contributor_count(view)
+    return tuple(struct.unpack_from(f">{count}I", view, _HEAD.size))

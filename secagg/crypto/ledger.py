@@ -9,8 +9,8 @@ after decrypting. Each client therefore encrypts, next to its update:
 - its **weight** ``p_i = n_i / N`` (in units of 2**-32): the sum is the divisor of the
   weighted average, right by construction whoever dropped out.
 - how many values its quantization **clipped** (integer codecs), so everyone sees the total.
-- a **round tag**, the round number: the sum must be ``round x contributors``, so a
-  ciphertext replayed from another round, even with a forged envelope, breaks it.
+- a **round tag**, ``2 x round + phase``: the sum must be ``tag x contributors``, so a
+  ciphertext replayed from another round or phase, even with a forged envelope, breaks it.
 
 The ledger holds the same integers whatever the codec, and is checked in one place
 (``settle``). It detects a dropped, duplicated, replayed or unlisted contribution; it is not a
@@ -60,8 +60,12 @@ def entries(update: Update, stamp: Stamp) -> tuple[np.ndarray, np.ndarray]:
     """The sender's tally (one value per roster member) and its tail, as float64 integers."""
     tally = np.zeros(stamp.roster)
     tally[stamp.sender] = 1.0
-    tail = np.array([np.rint(update.weight * WEIGHT_UNIT), update.clipped, stamp.round_num])
+    tail = np.array([np.rint(update.weight * WEIGHT_UNIT), update.clipped, round_tag(stamp)])
     return tally, tail
+
+
+def round_tag(stamp: Stamp) -> int:
+    return 2 * stamp.round_num + stamp.phase
 
 
 def settle(
@@ -101,9 +105,9 @@ def settle(
             "tampered",
         )
     weight_units, clipped, rounds = (float(v) for v in np.rint(tail))
-    if rounds != stamp.round_num * len(contributors):
+    if rounds != round_tag(stamp) * len(contributors):
         raise PayloadError(
-            f"the aggregate's round tags add up to {rounds:.0f}, not {stamp.round_num} x "
+            f"the aggregate's round tags add up to {rounds:.0f}, not {round_tag(stamp)} x "
             f"{len(contributors)}: it holds a contribution replayed from another round",
             "replayed",
         )
@@ -121,8 +125,21 @@ def settle(
     return Aggregate(values, weight, int(clipped), contributors)
 
 
-def admit(sender: int, seen: list[int], values: int, round_values: int) -> None:
-    """The server's check before adding an update: one per client per round, all one size."""
+def admit(
+    sender: int,
+    seen: list[int],
+    values: int,
+    round_values: int,
+    allowed: frozenset[int] | None = None,
+) -> None:
+    """The server's check before adding an update: one per client per round, all one size,
+    and (``allowed``) only from clients that took part in the round's scale exchange."""
+    if allowed is not None and sender not in allowed:
+        raise PayloadError(
+            f"client {sender} did not take part in this round's scale exchange, so its update "
+            "could overflow the agreed quantization steps; it is refused",
+            "not-in-round",
+        )
     if sender in seen:
         raise PayloadError(
             f"client {sender} already contributed to this round; a duplicate or replayed "

@@ -99,23 +99,18 @@ class PackedParams:
                 f"{self.max_clients} clients exactly"
             )
 
-    def value_bound(self, clients: int) -> int:
-        """Per-client quantization bound L: a client sends integers within ``p_i * L``.
+    @property
+    def sum_limit(self) -> int:
+        """Largest magnitude a summed value may reach: the balanced digit's."""
+        return self.digit_limit - 1
 
-        The sum over ``clients`` of values within ``p_i * L`` (rounded) stays within
-        ``L + clients / 2`` because the weights ``p_i`` add up to at most 1.
-        """
+    def check_clients(self, clients: int) -> None:
+        """Refuse more clients per round than the noise budget allows."""
         if not 1 <= clients <= self.max_clients:
             raise ConfigError(
-                f"the packed codec sums at most {self.max_clients} clients per round, "
-                f"this round has {clients}; use --codec float"
+                f"HE aggregation sums at most {self.max_clients} clients per round, this job "
+                f"has {clients}; run fewer clients per job"
             )
-        bound = self.digit_limit - 1 - math.ceil(clients / 2)
-        if bound < self.digit_limit // 2:
-            raise ConfigError(
-                f"{clients} clients leave too little headroom in {self.digit_bits}-bit digits"
-            )
-        return bound
 
     def slots_for(self, values: int, tail: int) -> int:
         return math.ceil(values / self.values_per_slot) + tail

@@ -26,7 +26,7 @@ class PlainCipher:
     """Both sides of plaintext FedAvg: float32 on the wire, float64 while summing."""
 
     name = "plain"
-    value_bound: int | None = None
+    sum_limit: int | None = None
 
     def __init__(self) -> None:
         self.last_seconds: dict[str, float] = {}
@@ -47,13 +47,15 @@ class PlainCipher:
             vector[:n], vector[n : n + roster], vector[n + roster :], stamp, opened.contributors
         )
 
-    def sum(self, payloads: Iterable[bytes], stamp: Stamp) -> bytes:
+    def sum(
+        self, payloads: Iterable[bytes], stamp: Stamp, allowed: frozenset[int] | None = None
+    ) -> bytes:
         total: np.ndarray | None = None
         values = 0
         senders: list[int] = []
         for payload in payloads:
             opened = _open(payload, stamp, UPDATE)
-            ledger.admit(opened.stamp.sender, senders, opened.values, values)
+            ledger.admit(opened.stamp.sender, senders, opened.values, values, allowed)
             vector = np.frombuffer(opened.body, dtype="<f4")
             if total is None:
                 total, values = vector.astype(np.float64), opened.values

@@ -1,7 +1,7 @@
 """Transports carry bytes between the round loop and the clients.
 
 The round loop only sees this interface, so an in-process simulation and a networked
-deployment run the same round code. ``fit`` yields replies as clients finish, so the server can
+deployment run the same round code. ``seal`` yields replies as clients finish, so the server can
 add each payload as it arrives.
 """
 
@@ -18,12 +18,17 @@ class Transport(Protocol):
     #: how many clients the job has; they are numbered 0 .. roster - 1
     roster: int
 
-    def fit(self, round_stamp: Stamp) -> Iterator[FitReply]:
-        """Tell every client the round plan and ask it to train; yield replies as they arrive."""
+    def train(self, round_stamp: Stamp) -> list[bytes]:
+        """Tell every client the round plan and have it train; return the clients' encrypted
+        scale payloads (empty when the codec does not quantize)."""
         ...
 
-    def apply(self, round_stamp: Stamp, payload: bytes) -> list[ApplyReply]:
-        """Send the summed payload to every client to decrypt and apply; return their replies."""
+    def seal(self, round_stamp: Stamp, scales: bytes | None) -> Iterator[FitReply]:
+        """Send every client the summed scales; yield their encrypted updates as they arrive."""
+        ...
+
+    def apply(self, round_stamp: Stamp, payload: bytes, scales: bytes | None) -> list[ApplyReply]:
+        """Send the summed update (and its scales) to every client to decrypt and apply."""
         ...
 
     def evaluate(self, round_num: int) -> list[EvalReply]:
