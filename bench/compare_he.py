@@ -8,12 +8,18 @@ Two time figures are reported, and they answer different questions:
 * **simulated wall time**: the sum of round times of this in-process simulation, where the
   clients run one after another on this machine;
 * **deployment round latency**: what a deployment with the clients on their own machines would
-  see per round: the slowest client's train + flatten + encrypt, plus the server's sum, plus the
-  slowest client's decrypt.
+  see per round, every client working at once: training, the scale exchange (HE), encrypting,
+  the server adding each update as it arrives, and the slowest client's decrypt.
+
+Accuracy is compared per round, and against a floor: a third run repeats the plaintext job with
+the server adding the same updates in reverse order, a change at the level of float rounding.
+How far that moves the accuracy of a round is how far a job's own chaos moves it; an HE run
+cannot be expected to track plaintext closer than plaintext tracks itself (``--no-floor`` skips
+that run).
 
 Peak memory is measured in separate processes (one playing a client, one the server) so the
 figures are not mixed with the simulation's. Results go to stdout and to
-``bench/results/<timestamp>.{md,json,png}``; both runs are logged to MLflow under one parent run.
+``bench/results/<timestamp>.{md,json,png}``; the runs are logged to MLflow under one parent run.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ if TYPE_CHECKING:
 
 HEADLINE_JOB = REPO / "jobs" / "bench_moderate_cnn.toml"
 QUICK_JOB = REPO / "jobs" / "digits.toml"
-STEPS = ("train", "flatten", "encrypt", "serialize", "aggregate", "decrypt", "evaluate")
+STEPS = ("train", "flatten", "scales", "encrypt", "serialize", "aggregate", "decrypt", "evaluate")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -57,6 +63,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tracking-uri")
     parser.add_argument("--no-tracking", action="store_true")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory probes")
+    parser.add_argument(
+        "--no-floor",
+        action="store_true",
+        help="skip the third run (plaintext, summed in reverse order) that measures how much "
+        "per-round accuracy moves under a rounding-level change alone",
+    )
     parser.add_argument("--probe", choices=("client", "server"), help=argparse.SUPPRESS)
     parser.add_argument("--probe-config", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--probe-payload", type=Path, help=argparse.SUPPRESS)
@@ -92,21 +104,27 @@ def ensure_keys(keys_dir: Path) -> Path:
     return temp
 
 
-def run_pair(config: RunConfig, out: Path, stamp: str) -> tuple[RunResult, RunResult, str | None]:
-    """Plaintext then HE, each in its own run folder, under one MLflow parent run."""
+def run_pair(
+    config: RunConfig, out: Path, stamp: str, floor: bool = True
+) -> tuple[RunResult, RunResult, RunResult | None, str | None]:
+    """Plaintext, HE and (``floor``) plaintext again with its sum in reverse order, each in its
+    own run folder, under one MLflow parent run."""
     # Imported here, not at the top: the server memory probe runs this script and must not
     # pay for torch, which secagg.job imports.
     from secagg.job import run_job
 
     parent = _parent_run(config, stamp)
     tags = {"mlflow.parentRunId": parent} if parent else {}
+    runs = [("plain", False, False), ("he", True, False)]
+    if floor:
+        runs.append(("reordered", False, True))
     results = []
-    for he in (False, True):
-        label = "he" if he else "plain"
+    for label, he, reverse in runs:
         print(f"--- {label} run ---", file=sys.stderr)
         run_config = replace(config, he=he, output_dir=str(out / f"{stamp}-{label}"))
-        results.append(run_job(run_config, on_round=_progress(label, config.rounds), tags=tags))
-    return results[0], results[1], parent
+        progress = _progress(label, config.rounds)
+        results.append(run_job(run_config, on_round=progress, tags=tags, reverse_arrivals=reverse))
+    return results[0], results[1], results[2] if floor else None, parent
 
 
 def _parent_run(config: RunConfig, stamp: str) -> str | None:
@@ -122,7 +140,7 @@ def _parent_run(config: RunConfig, stamp: str) -> str | None:
 def _progress(label: str, total: int):  # type: ignore[no-untyped-def]
     def show(m) -> None:  # type: ignore[no-untyped-def]
         print(
-            f"  {label:5} round {m.round:>2}/{total} acc {m.accuracy:.4f} {m.round_seconds:6.2f}s",
+            f"  {label:9} round {m.round:>2}/{total} acc {m.accuracy:.4f} {m.round_seconds:6.2f}s",
             file=sys.stderr,
         )
 
@@ -235,17 +253,22 @@ def _status_field(name: str) -> float:
     return float("nan")
 
 
-def summarize(plain: RunResult, he: RunResult, memory: dict[str, Any]) -> dict[str, Any]:
+def summarize(
+    plain: RunResult, he: RunResult, reordered: RunResult | None, memory: dict[str, Any]
+) -> dict[str, Any]:
     """Every figure of the report, as plain values."""
     params = plain.num_parameters
+    floor = reordered.rounds if reordered is not None else [None] * len(plain.rounds)
     rounds = [
         {
             "round": p.round,
             "plain_accuracy": p.accuracy,
             "he_accuracy": h.accuracy,
             "difference_points": 100 * (h.accuracy - p.accuracy),
+            "reordered_accuracy": f.accuracy if f is not None else None,
+            "floor_points": 100 * (f.accuracy - p.accuracy) if f is not None else None,
         }
-        for p, h in zip(plain.rounds, he.rounds, strict=True)
+        for p, h, f in zip(plain.rounds, he.rounds, floor, strict=True)
     ]
 
     def side(result: RunResult) -> dict[str, Any]:
@@ -277,6 +300,9 @@ def summarize(plain: RunResult, he: RunResult, memory: dict[str, Any]) -> dict[s
         "he": h,
         "rounds": rounds,
         "max_abs_difference_points": max(abs(r["difference_points"]) for r in rounds),
+        "max_abs_floor_points": (
+            max(abs(r["floor_points"]) for r in rounds) if reordered is not None else None
+        ),
         "ratios": {
             "simulated_wall_time": h["simulated_wall_seconds"] / p["simulated_wall_seconds"],
             "deployment_latency": h["deployment_latency_seconds"] / p["deployment_latency_seconds"],
@@ -342,15 +368,19 @@ def to_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {label} | {cells} |")
     lines += [
         "",
-        "Accuracy per round:",
+        "Accuracy per round. The last column is the floor: plaintext FedAvg against itself,"
+        " with only the order of its float additions changed (the server adds the same updates"
+        " in reverse). An HE sum is exact integer arithmetic, the same in any order.",
         "",
-        "| round | plaintext | HE | HE − plaintext (points) |",
-        "| ---: | ---: | ---: | ---: |",
+        "| round | plaintext | HE | HE − plaintext (points) | reordered plaintext − plaintext |",
+        "| ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in report["rounds"]:
+        floor = row["floor_points"]
         lines.append(
             f"| {row['round']} | {row['plain_accuracy']:.4f} | {row['he_accuracy']:.4f} | "
-            f"{row['difference_points']:+.2f} |"
+            f"{row['difference_points']:+.2f} | "
+            f"{'-' if floor is None else f'{floor:+.2f}'} |"
         )
     if report["memory_mb"]:
         lines += [
@@ -382,6 +412,9 @@ def plot(report: dict[str, Any], path: Path) -> Path:
     rounds = [r["round"] for r in report["rounds"]]
     acc.plot(rounds, [r["plain_accuracy"] for r in report["rounds"]], "o-", label="plaintext")
     acc.plot(rounds, [r["he_accuracy"] for r in report["rounds"]], "s--", label="HE")
+    if report["rounds"][0]["reordered_accuracy"] is not None:
+        reordered = [r["reordered_accuracy"] for r in report["rounds"]]
+        acc.plot(rounds, reordered, "^:", label="plaintext, reordered sum")
     acc.set(title="global test accuracy", xlabel="round", ylabel="accuracy")
     acc.legend()
     labels = ["plaintext", "HE"]
@@ -417,9 +450,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    plain, he, parent = run_pair(config, out / "runs", stamp)
+    plain, he, reordered, parent = run_pair(config, out / "runs", stamp, not args.no_floor)
     memory = {} if args.no_memory else measure_memory(config, out / "runs" / f"{stamp}-memory")
-    report = summarize(plain, he, memory)
+    report = summarize(plain, he, reordered, memory)
     markdown = to_markdown(report)
     paths = {
         "md": out / f"{stamp}.md",
@@ -447,6 +480,11 @@ def _finish_parent(config: RunConfig, parent: str, report: dict[str, Any], paths
             "ratio_deployment_latency": report["ratios"]["deployment_latency"],
             "ratio_upload_bytes": report["ratios"]["upload_bytes"],
             "max_abs_accuracy_difference_points": report["max_abs_difference_points"],
+            **(
+                {"max_abs_floor_points": report["max_abs_floor_points"]}
+                if report["max_abs_floor_points"] is not None
+                else {}
+            ),
         },
     )
     for path in paths.values():

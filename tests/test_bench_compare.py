@@ -41,6 +41,11 @@ def test_compare_he_reports_both_runs_side_by_side(tmp_path: Path, session_keys:
     assert report["plain"]["upload_bytes_per_parameter"] == pytest.approx(4.0, rel=0.05)
     assert report["he"]["seconds_per_round"]["encrypt"] > 0
     assert [r["round"] for r in report["rounds"]] == [1, 2]
+    for row in report["rounds"]:  # the floor: plaintext against itself, summed in reverse
+        assert 0 <= row["reordered_accuracy"] <= 1
+        assert row["floor_points"] == pytest.approx(
+            100 * (row["reordered_accuracy"] - row["plain_accuracy"])
+        )
     assert report["ratios"]["upload_bytes"] > 1
     for process in ("plain_client", "plain_server", "he_client", "he_server"):
         assert report["memory_mb"][process]["peak_mb"] > 0
@@ -53,8 +58,14 @@ def test_compare_he_reports_both_runs_side_by_side(tmp_path: Path, session_keys:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([he_run_experiment(client, report)])
+    assert len(runs) == 4  # the parent, plaintext, HE and the reordered plaintext run
     he_run = client.get_run(report["he"]["mlflow_run_id"])
     plain_run = client.get_run(report["plain"]["mlflow_run_id"])
     parent = he_run.data.tags["mlflow.parentRunId"]
     assert plain_run.data.tags["mlflow.parentRunId"] == parent
     assert "ratio_simulated_wall_time" in client.get_run(parent).data.metrics
+
+
+def he_run_experiment(client, report) -> str:  # type: ignore[no-untyped-def]
+    return client.get_run(report["he"]["mlflow_run_id"]).info.experiment_id
