@@ -12,10 +12,9 @@ Two time figures are reported, and they answer different questions:
   the server adding each update as it arrives, and the slowest client's decrypt.
 
 Accuracy is compared per round, and against a floor: a third run repeats the plaintext job with
-the server adding the same updates in reverse order, a change at the level of float rounding.
-How far that moves the accuracy of a round is how far a job's own chaos moves it; an HE run
-cannot be expected to track plaintext closer than plaintext tracks itself (``--no-floor`` skips
-that run).
+its updates sent as float64 instead of float32, a change at the level of float32 rounding. How
+far that moves the accuracy of a round is how far the job's own chaos moves it; an HE run cannot
+be expected to track plaintext closer than plaintext tracks itself (``--no-floor`` skips it).
 
 Peak memory is measured in separate processes (one playing a client, one the server) so the
 figures are not mixed with the simulation's. Results go to stdout and to
@@ -42,7 +41,7 @@ from typing import TYPE_CHECKING  # noqa: E402
 from secagg.config import RunConfig, load_job  # noqa: E402
 
 if TYPE_CHECKING:
-    from secagg.job import RunResult
+    from secagg.records import RunResult
 
 HEADLINE_JOB = REPO / "jobs" / "bench_moderate_cnn.toml"
 QUICK_JOB = REPO / "jobs" / "digits.toml"
@@ -66,7 +65,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--no-floor",
         action="store_true",
-        help="skip the third run (plaintext, summed in reverse order) that measures how much "
+        help="skip the third run (plaintext with float64 updates) that measures how much "
         "per-round accuracy moves under a rounding-level change alone",
     )
     parser.add_argument("--probe", choices=("client", "server"), help=argparse.SUPPRESS)
@@ -107,23 +106,23 @@ def ensure_keys(keys_dir: Path) -> Path:
 def run_pair(
     config: RunConfig, out: Path, stamp: str, floor: bool = True
 ) -> tuple[RunResult, RunResult, RunResult | None, str | None]:
-    """Plaintext, HE and (``floor``) plaintext again with its sum in reverse order, each in its
-    own run folder, under one MLflow parent run."""
+    """Plaintext, HE and (``floor``) plaintext again with float64 updates, each in its own run
+    folder, under one MLflow parent run."""
     # Imported here, not at the top: the server memory probe runs this script and must not
     # pay for torch, which secagg.job imports.
     from secagg.job import run_job
 
     parent = _parent_run(config, stamp)
     tags = {"mlflow.parentRunId": parent} if parent else {}
-    runs = [("plain", False, False), ("he", True, False)]
+    runs = [("plain", False, "float32"), ("he", True, "float32")]
     if floor:
-        runs.append(("reordered", False, True))
+        runs.append(("float64", False, "float64"))
     results = []
-    for label, he, reverse in runs:
+    for label, he, precision in runs:
         print(f"--- {label} run ---", file=sys.stderr)
-        run_config = replace(config, he=he, output_dir=str(out / f"{stamp}-{label}"))
-        progress = _progress(label, config.rounds)
-        results.append(run_job(run_config, on_round=progress, tags=tags, reverse_arrivals=reverse))
+        folder = str(out / f"{stamp}-{label}")
+        run_config = replace(config, he=he, plain_precision=precision, output_dir=folder)
+        results.append(run_job(run_config, on_round=_progress(label, config.rounds), tags=tags))
     return results[0], results[1], results[2] if floor else None, parent
 
 
@@ -186,9 +185,9 @@ def probe(role: str, config_file: Path, payload_file: Path) -> dict[str, float]:
 
     stamp = Stamp(bytes(16), 1, SERVER, config.clients)
     if role == "client":
-        from secagg.client import RoundPlan
         from secagg.data import load_dataset
         from secagg.job import build_clients
+        from secagg.messages import RoundPlan
 
         dataset = load_dataset(config.dataset, config.data_dir)
         clients = build_clients(config, dataset, crypto.for_client(config))
@@ -254,18 +253,18 @@ def _status_field(name: str) -> float:
 
 
 def summarize(
-    plain: RunResult, he: RunResult, reordered: RunResult | None, memory: dict[str, Any]
+    plain: RunResult, he: RunResult, float64_run: RunResult | None, memory: dict[str, Any]
 ) -> dict[str, Any]:
     """Every figure of the report, as plain values."""
     params = plain.num_parameters
-    floor = reordered.rounds if reordered is not None else [None] * len(plain.rounds)
+    floor = float64_run.rounds if float64_run is not None else [None] * len(plain.rounds)
     rounds = [
         {
             "round": p.round,
             "plain_accuracy": p.accuracy,
             "he_accuracy": h.accuracy,
             "difference_points": 100 * (h.accuracy - p.accuracy),
-            "reordered_accuracy": f.accuracy if f is not None else None,
+            "float64_accuracy": f.accuracy if f is not None else None,
             "floor_points": 100 * (f.accuracy - p.accuracy) if f is not None else None,
         }
         for p, h, f in zip(plain.rounds, he.rounds, floor, strict=True)
@@ -301,7 +300,7 @@ def summarize(
         "rounds": rounds,
         "max_abs_difference_points": max(abs(r["difference_points"]) for r in rounds),
         "max_abs_floor_points": (
-            max(abs(r["floor_points"]) for r in rounds) if reordered is not None else None
+            max(abs(r["floor_points"]) for r in rounds) if float64_run is not None else None
         ),
         "ratios": {
             "simulated_wall_time": h["simulated_wall_seconds"] / p["simulated_wall_seconds"],
@@ -369,10 +368,10 @@ def to_markdown(report: dict[str, Any]) -> str:
     lines += [
         "",
         "Accuracy per round. The last column is the floor: plaintext FedAvg against itself,"
-        " with only the order of its float additions changed (the server adds the same updates"
-        " in reverse). An HE sum is exact integer arithmetic, the same in any order.",
+        " with its updates sent as float64 instead of float32, a change at the level of"
+        " float32 rounding.",
         "",
-        "| round | plaintext | HE | HE − plaintext (points) | reordered plaintext − plaintext |",
+        "| round | plaintext | HE | HE − plaintext (points) | float64 − float32 plaintext |",
         "| ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in report["rounds"]:
@@ -412,9 +411,9 @@ def plot(report: dict[str, Any], path: Path) -> Path:
     rounds = [r["round"] for r in report["rounds"]]
     acc.plot(rounds, [r["plain_accuracy"] for r in report["rounds"]], "o-", label="plaintext")
     acc.plot(rounds, [r["he_accuracy"] for r in report["rounds"]], "s--", label="HE")
-    if report["rounds"][0]["reordered_accuracy"] is not None:
-        reordered = [r["reordered_accuracy"] for r in report["rounds"]]
-        acc.plot(rounds, reordered, "^:", label="plaintext, reordered sum")
+    if report["rounds"][0]["float64_accuracy"] is not None:
+        float64_run = [r["float64_accuracy"] for r in report["rounds"]]
+        acc.plot(rounds, float64_run, "^:", label="plaintext, float64 updates")
     acc.set(title="global test accuracy", xlabel="round", ylabel="accuracy")
     acc.legend()
     labels = ["plaintext", "HE"]
@@ -450,9 +449,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    plain, he, reordered, parent = run_pair(config, out / "runs", stamp, not args.no_floor)
+    plain, he, float64_run, parent = run_pair(config, out / "runs", stamp, not args.no_floor)
     memory = {} if args.no_memory else measure_memory(config, out / "runs" / f"{stamp}-memory")
-    report = summarize(plain, he, reordered, memory)
+    report = summarize(plain, he, float64_run, memory)
     markdown = to_markdown(report)
     paths = {
         "md": out / f"{stamp}.md",

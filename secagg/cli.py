@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import json
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ from secagg.config import (
     DATASETS,
     MODELS,
     OPTIMIZERS,
+    TRANSPORTS,
     CkksParams,
     RunConfig,
     load_job,
@@ -109,42 +112,67 @@ def keygen(out_dir: str, force: bool, poly_degree: str, coeff_bits: str) -> None
 @click.option("--no-tracking", is_flag=True, help="Do not log to MLflow.")
 @click.option("--experiment", help="MLflow experiment name [secagg].")
 @click.option(
+    "--transport",
+    type=click.Choice(TRANSPORTS),
+    help="inprocess (default): clients are objects in this process; grpc: a server process "
+    "and one process per client on localhost, over mutual TLS.",
+)
+@click.option("--min-clients", type=click.IntRange(min=0), help="Sites a round needs [all].")
+@click.option("--round-timeout", type=click.FloatRange(min=0, min_open=True), help="Seconds.")
+@click.option(
     "--resume", is_flag=True, help="Continue the interrupted run in --output (or the latest)."
 )
 @_friendly
 def run(job: str | None, resume: bool, no_tracking: bool, **flags: Any) -> None:
     """Run a federated job: JOB is an optional TOML job file; flags override it."""
-    from secagg.job import latest_run_dir, run_job
+    from secagg.records import latest_run_dir
 
     config = load_job(job) if job else RunConfig()
     config = with_overrides(config, **flags, tracking=False if no_tracking else None).validate()
     resume_dir = None
     if resume:
+        if config.transport == "grpc":
+            raise click.UsageError("--resume is for in-process runs; a restarted server resumes")
         resume_dir = Path(flags["output_dir"]) if flags["output_dir"] else latest_run_dir()
         click.echo(f"resuming {resume_dir}")
     else:
         mode = "HE (CKKS)" if config.he else "plaintext FedAvg"
+        where = "in one process" if config.transport == "inprocess" else "over gRPC on localhost"
         click.echo(
             f"secagg run: {config.dataset}/{config.model}, {config.clients} clients, "
-            f"{config.rounds} rounds, {mode}"
+            f"{config.rounds} rounds, {mode}, {where}"
         )
-    total = config.rounds
+    if config.transport == "grpc":
+        from secagg.deploy import run_local
 
-    def progress(m: Any) -> None:
+        result = run_local(config, log=click.echo)
+    else:
+        from secagg.job import run_job
+
+        result = run_job(config, resume_dir=resume_dir, on_round=_progress(config.rounds))
+    parameters = f" ({result.num_parameters:,} parameters)" if result.num_parameters else ""
+    click.echo(
+        f"done: final accuracy {result.final_accuracy:.4f} after {len(result.rounds)} rounds "
+        f"in {result.seconds:.1f}s{parameters}"
+    )
+    click.echo(f"  results: {result.output_dir / 'results.json'}")
+    click.echo(f"  model:   {result.output_dir / 'model.pt'}")
+    _mlflow_lines(result)
+
+
+def _progress(total: int) -> Callable[[Any], None]:
+    def show(m: Any) -> None:
         click.echo(
             f"round {m.round:>3}/{total}  acc {m.accuracy:.4f}  loss {m.loss:.4f}  "
             f"{m.round_seconds:6.2f}s  up {_mb(m.bytes_up)} down {_mb(m.bytes_down)}  "
             f"enc {m.encrypt_seconds:.2f}s agg {m.aggregate_seconds:.2f}s "
-            f"dec {m.decrypt_seconds:.2f}s"
+            f"dec {m.decrypt_seconds:.2f}s",
         )
 
-    result = run_job(config, resume_dir=resume_dir, on_round=progress)
-    click.echo(
-        f"done: final accuracy {result.final_accuracy:.4f} after {len(result.rounds)} rounds "
-        f"in {result.seconds:.1f}s ({result.num_parameters:,} parameters)"
-    )
-    click.echo(f"  results: {result.output_dir / 'results.json'}")
-    click.echo(f"  model:   {result.output_dir / 'model.pt'}")
+    return show
+
+
+def _mlflow_lines(result: Any) -> None:
     if result.mlflow_run_id:
         click.echo(
             f"  MLflow run {result.mlflow_run_id} in {result.tracking_uri}\n"
@@ -154,6 +182,196 @@ def run(job: str | None, resume: bool, no_tracking: bool, **flags: Any) -> None:
 
 def _mb(n: float) -> str:
     return f"{n / 1e6:7.2f} MB"
+
+
+# --- deployment: provision, server, client, status, abort --------------------------------------
+
+
+@main.command()
+@click.option("--server", "server_address", help="The server's HOST[:PORT] as sites will reach it.")
+@click.option("--clients", "sites", help="Site names, comma-separated: site-1,site-2,...")
+@click.option(
+    "--project-file",
+    type=click.Path(dir_okay=False, exists=True),
+    help="A TOML file with name, server and clients, instead of the two flags.",
+)
+@click.option("--project", "project_name", default="secagg", show_default=True)
+@click.option(
+    "--out", "out_dir", default="project", show_default=True, type=click.Path(file_okay=False)
+)
+@click.option("--force", is_flag=True, help="Replace existing kits.")
+@_friendly
+def provision(
+    server_address: str | None,
+    sites: str | None,
+    project_file: str | None,
+    project_name: str,
+    out_dir: str,
+    force: bool,
+) -> None:
+    """Make a CA, certificates, CKKS keys and one startup kit per party."""
+    from secagg import provision as kits
+
+    if project_file:
+        import tomllib
+
+        spec = tomllib.loads(Path(project_file).read_text())
+        server_address = spec.get("server", server_address)
+        names = list(spec.get("clients", []))
+        project_name = spec.get("name", project_name)
+    else:
+        names = [name.strip() for name in (sites or "").split(",") if name.strip()]
+    if not server_address or not names:
+        raise click.UsageError(
+            "give --server HOST[:PORT] and --clients a,b,... (or --project-file)"
+        )
+    click.echo(
+        f"provisioning project '{project_name}': server {server_address}, {len(names)} sites"
+    )
+    folders = kits.provision(out_dir, server_address, names, project_name, force=force)
+    click.echo(f"  {folders['ca']}/  certificate authority (keep ca.key offline)")
+    click.echo(f"  {folders['server']}/  server kit: public CKKS context, no secret key")
+    for name in names:
+        click.echo(f"  {folders[name]}/  kit of site {name}: holds the secret CKKS context")
+    click.echo(f"  {folders['admin']}/  admin kit for 'secagg status' and 'secagg abort'")
+    click.echo(
+        "give each party its own folder (files are 0600); never give a site kit to the server"
+    )
+
+
+@main.command()
+@click.argument("job", required=False, type=click.Path(dir_okay=False))
+@click.option("--kit", "kit_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--workdir", type=click.Path(file_okay=False), help="Checkpoints and results.")
+@click.option("--bind", help="Address to listen on [all interfaces, the kit's port].")
+@click.option("--rounds", type=click.IntRange(min=1))
+@click.option("--he/--no-he", default=None)
+@click.option("--min-clients", type=click.IntRange(min=0), help="Sites a round needs [all].")
+@click.option("--round-timeout", type=click.FloatRange(min=0, min_open=True), help="Seconds.")
+@click.option(
+    "--liveness",
+    type=click.FloatRange(min=1),
+    default=15.0,
+    show_default=True,
+    help="Seconds without a heartbeat before a site is taken for gone.",
+)
+@click.option("--tracking-uri", help="MLflow tracking URI [sqlite:///mlflow.db].")
+@click.option("--no-tracking", is_flag=True, help="Do not log to MLflow.")
+@click.option("--experiment", help="MLflow experiment name [secagg].")
+@_friendly
+def server(
+    job: str | None,
+    kit_dir: str,
+    workdir: str | None,
+    bind: str | None,
+    liveness: float,
+    no_tracking: bool,
+    **flags: Any,
+) -> None:
+    """Serve a job (JOB.toml, flags override it) to the sites of a provisioned project."""
+    from secagg.deploy import serve
+
+    config = load_job(job) if job else RunConfig()
+    config = with_overrides(config, **flags, tracking=False if no_tracking else None)
+    result = serve(
+        kit_dir,
+        config,
+        workdir,
+        bind,
+        liveness,
+        on_round=_progress(config.rounds),
+        log=click.echo,
+    )
+    click.echo(
+        f"done: final accuracy {result.final_accuracy:.4f} after {len(result.rounds)} rounds "
+        f"in {result.seconds:.1f}s"
+    )
+    click.echo(f"  results: {result.output_dir / 'results.json'}")
+    _mlflow_lines(result)
+
+
+@main.command()
+@click.option("--kit", "kit_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--data-dir", default="data", show_default=True, type=click.Path(file_okay=False))
+@click.option("--download/--no-download", default=False, help="Download torchvision datasets.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--workdir", type=click.Path(file_okay=False), help="Model and metrics [runs/].")
+@click.option(
+    "--shard",
+    type=click.Choice(["auto", "all"]),
+    default="auto",
+    show_default=True,
+    help="auto: the job's Dirichlet shard for this site; all: every example in --data-dir.",
+)
+@click.option(
+    "--wait",
+    type=click.FloatRange(min=0),
+    default=600.0,
+    show_default=True,
+    help="Seconds to keep retrying while the server is not up.",
+)
+@_friendly
+def client(
+    kit_dir: str,
+    data_dir: str,
+    download: bool,
+    device: str,
+    workdir: str | None,
+    shard: str,
+    wait: float,
+) -> None:
+    """Take part in a job as one site: train when asked, keep the global model locally."""
+    from secagg.deploy import participate
+
+    def log(line: str) -> None:
+        click.echo(f"[{time.strftime('%H:%M:%S')}] {line}")
+
+    outcome = participate(kit_dir, data_dir, download, device, workdir, shard, wait, log)
+    if outcome != "done":
+        raise SecAggError(f"the job was aborted: {outcome}")
+    log("the job is done")
+
+
+@main.command()
+@click.option("--kit", "kit_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the raw status as JSON.")
+@_friendly
+def status(kit_dir: str, as_json: bool) -> None:
+    """Show the job's state: round, connected sites, last metrics (admin kit)."""
+    from secagg.deploy import admin_call
+
+    info = admin_call(kit_dir, "Status", {})
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(
+        f"project {info['project']}, job {info['job']} ({info['job_id'][:12]}): "
+        f"{info['completed']}/{info['rounds']} rounds done; {info['phase']}"
+    )
+    if info.get("aborted"):
+        click.echo(f"  aborted: {info['aborted']}")
+    for site in info["sites"]:
+        state = "connected" if site["connected"] else "not connected"
+        click.echo(f"  {site['name']:<16} {state:<14} round {site['applied']}")
+    for row in info["history"]:
+        click.echo(
+            f"  round {row['round']:>3}: accuracy {row['accuracy']:.4f}, loss {row['loss']:.4f}, "
+            f"{row['clients']} sites"
+        )
+    for line in info.get("refusals", []):
+        click.echo(f"  refused: {line}")
+
+
+@main.command()
+@click.option("--kit", "kit_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--reason", default="aborted by the administrator", show_default=True)
+@_friendly
+def abort(kit_dir: str, reason: str) -> None:
+    """Stop the job: the server tells every site and exits (admin kit)."""
+    from secagg.deploy import admin_call
+
+    admin_call(kit_dir, "Abort", {"reason": reason})
+    click.echo(f"abort sent: {reason}")
 
 
 if __name__ == "__main__":

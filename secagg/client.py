@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from secagg.crypto import ClientCipher, Stamp, Update
 from secagg.data import Split
 from secagg.errors import PayloadError
 from secagg.flatten import flatten, unflatten
+from secagg.messages import ApplyReply, EvalReply, FitReply, RoundPlan
 
 
 @dataclass(frozen=True)
@@ -41,19 +42,6 @@ class TrainSettings:
     seed: int
 
 
-@dataclass(frozen=True)
-class RoundPlan:
-    """What every client is told at the start of a round.
-
-    ``round`` names the job, the round and the roster size (its sender is the server's);
-    ``total_samples`` is N, the samples of all clients asked to train, so that the weights
-    ``n_i / N`` add up to at most 1 (what the packed codec's headroom relies on).
-    """
-
-    round: Stamp
-    total_samples: int
-
-
 @dataclass
 class Trained:
     """A client's weighted update after training, waiting for the round's steps."""
@@ -63,37 +51,6 @@ class Trained:
     weight: float
     loss: float
     seconds: dict[str, float]
-
-
-@dataclass
-class FitReply:
-    """What one client sends for a round, and what it measured on the way."""
-
-    client_id: int
-    payload: bytes
-    num_samples: int
-    train_loss: float
-    seconds: dict[str, float] = field(default_factory=dict)
-    size: int = 0
-
-
-@dataclass(frozen=True)
-class ApplyReply:
-    """What a client measured applying an aggregate, and what the aggregate said."""
-
-    client_id: int
-    seconds: dict[str, float]
-    clipped: int
-    weight: float
-    contributors: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class EvalReply:
-    client_id: int
-    loss: float
-    accuracy: float
-    num_samples: int
 
 
 class Client:

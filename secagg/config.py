@@ -6,6 +6,7 @@ Job files hold values only. Precedence: dataclass defaults < job file < command-
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from secagg.errors import ConfigError
 DATASETS = ("digits", "digits32", "mnist", "fashion-mnist", "cifar10")
 MODELS = ("mlp", "cnn", "moderate-cnn")
 OPTIMIZERS = ("sgd", "adam")
+TRANSPORTS = ("inprocess", "grpc")
+PRECISIONS = ("float32", "float64")
 
 
 @dataclass(frozen=True)
@@ -57,12 +60,23 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"
     he: bool = False
+    #: what plaintext FedAvg sends: float32 (as usual) or float64
+    plain_precision: str = "float32"
     keys_dir: str = "keys"
     tracking: bool = True
     tracking_uri: str | None = None
     experiment: str = "secagg"
     output_dir: str | None = None
     job_name: str = "digits"
+    #: ``inprocess`` (clients are objects in one process) or ``grpc`` (a server process and
+    #: one process per client on localhost, over mutual TLS: the deployment's code path)
+    transport: str = "inprocess"
+    #: a round goes on without sites that do not deliver, as long as this many do (0: all)
+    min_clients: int = 0
+    #: seconds each phase of a round waits for the sites (network transport)
+    round_timeout: float = 900.0
+    #: how often a round that failed (too few sites delivered) is tried again
+    round_retries: int = 3
 
     def validate(self) -> RunConfig:
         """Check every value where it enters; return self so calls can chain."""
@@ -78,6 +92,17 @@ class RunConfig:
             (0 <= self.momentum < 1, "momentum must be in [0, 1)"),
             (self.alpha > 0, "alpha must be positive (large values approach IID)"),
             (self.min_client_samples >= 1, "min_client_samples must be at least 1"),
+            (self.transport in TRANSPORTS, f"transport must be one of {', '.join(TRANSPORTS)}"),
+            (
+                self.plain_precision in PRECISIONS,
+                f"plain_precision must be one of {', '.join(PRECISIONS)}",
+            ),
+            (
+                0 <= self.min_clients <= self.clients,
+                "min_clients must be between 0 (all clients) and the number of clients",
+            ),
+            (self.round_timeout > 0, "round_timeout must be positive (seconds)"),
+            (self.round_retries >= 0, "round_retries must be 0 or more"),
             (
                 self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
                 "device must be auto, cpu, cuda, cuda:N or mps",
@@ -125,6 +150,22 @@ def load_job(path: str | Path) -> RunConfig:
         return replace(RunConfig(), **values)
     except TypeError as err:
         raise ConfigError(f"job file {path}: {err}") from err
+
+
+def dump_job(config: RunConfig) -> str:
+    """A TOML job file holding ``config`` (values that are set), for ``load_job`` to read."""
+    lines = []
+    for key, value in config.to_dict().items():
+        if value is None:
+            continue
+        if isinstance(value, str):
+            text = json.dumps(value)  # a JSON string is a valid TOML basic string
+        elif isinstance(value, bool):
+            text = "true" if value else "false"
+        else:
+            text = repr(value)
+        lines.append(f"{key} = {text}")
+    return "\n".join(lines) + "\n"
 
 
 def with_overrides(config: RunConfig, **overrides: Any) -> RunConfig:

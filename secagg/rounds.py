@@ -7,12 +7,14 @@ the transport.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
 
-from secagg.client import ApplyReply, EvalReply, FitReply
 from secagg.crypto import SERVER, Stamp, contributors
+from secagg.errors import SecAggError
+from secagg.messages import ApplyReply, EvalReply, FitReply
 from secagg.server import Server
 from secagg.transport import Transport
 
@@ -60,9 +62,16 @@ class RoundAggregates:
 
 
 def run_round(
-    server: Server, transport: Transport, round_stamp: Stamp
+    server: Server,
+    transport: Transport,
+    round_stamp: Stamp,
+    on_aggregate: Callable[[int, RoundAggregates], None] = lambda r, a: None,
 ) -> tuple[RoundMetrics, RoundAggregates]:
-    """One round in the order the data moves; return its metrics and its aggregates."""
+    """One round in the order the data moves; return its metrics and its aggregates.
+
+    ``on_aggregate`` runs once the round's aggregates exist, before any client applies them:
+    where the server checkpoints, so that no client is ever ahead of the checkpoint.
+    """
     start = time.perf_counter()
     # 1 on every client: train, flatten, weight its update by its share of samples
     scale_payloads = transport.train(round_stamp)
@@ -80,6 +89,8 @@ def run_round(
     summed = server.sum(
         _payloads(transport.seal(round_stamp, scales), replies), round_stamp, allowed
     )
+    aggregates = RoundAggregates(summed, scales)
+    on_aggregate(round_stamp.round_num, aggregates)
     # 5-6 on every client: decrypt, check the ledger, dequantize, divide by the total weight,
     #     add to the global model
     applied = transport.apply(round_stamp, summed, scales)
@@ -92,7 +103,7 @@ def run_round(
         round_stamp.round_num, replies, applied, evals, (up, down), scale_sums, server.last_sum_each
     )
     metrics = replace(metrics, round_seconds=end - start, evaluate_seconds=end - eval_start)
-    return metrics, RoundAggregates(summed, scales)
+    return metrics, aggregates
 
 
 def round_stamp(job: bytes, round_num: int, roster: int) -> Stamp:
@@ -100,20 +111,38 @@ def round_stamp(job: bytes, round_num: int, roster: int) -> Stamp:
     return Stamp(job, round_num, SERVER, roster)
 
 
+class RoundFailed(SecAggError):
+    """A round could not complete (too few clients delivered in time); it may be retried."""
+
+
 def run(
     server: Server,
     transport: Transport,
     job: bytes,
     rounds: Iterable[int],
-    on_round: Callable[[RoundMetrics, RoundAggregates], None],
+    on_round: Callable[[RoundMetrics], None],
+    on_aggregate: Callable[[int, RoundAggregates], None] = lambda r, a: None,
+    retries: int = 0,
+    on_retry: Callable[[int, RoundFailed], None] = lambda r, err: None,
 ) -> list[RoundMetrics]:
-    """Run ``rounds`` of ``job`` in order, calling ``on_round`` after each; return every
-    round's metrics."""
+    """Run ``rounds`` of ``job`` in order; return every round's metrics.
+
+    ``on_aggregate`` sees each round's aggregates before the clients apply them, ``on_round``
+    its metrics once it is over. A round that fails with RoundFailed starts again, up to
+    ``retries`` times (``on_retry`` hears why).
+    """
     history = []
     for round_num in rounds:
         stamp = round_stamp(job, round_num, transport.roster)
-        metrics, aggregates = run_round(server, transport, stamp)
-        on_round(metrics, aggregates)
+        for attempt in itertools.count():
+            try:
+                metrics, _ = run_round(server, transport, stamp, on_aggregate)
+                break
+            except RoundFailed as err:
+                if attempt >= retries:
+                    raise
+                on_retry(round_num, err)
+        on_round(metrics)
         history.append(metrics)
     return history
 

@@ -91,7 +91,12 @@ class Server:
         if scales is not None:
             atomic_write(scales_path, scales, mode=0o600)
         atomic_write(update_path, summed, mode=0o600)
-        atomic_write_json(self.workdir / STATE_FILE, {**state, "round": round_num})
+        self.save_state({**state, "round": round_num})
+
+    def save_state(self, state: dict[str, object]) -> None:
+        """Rewrite ``state.json`` (its ``round`` names the last checkpointed round)."""
+        if self.workdir is not None:
+            atomic_write_json(self.workdir / STATE_FILE, state)
 
 
 def load_checkpoint(workdir: str | Path) -> Checkpoint:

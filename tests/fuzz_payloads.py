@@ -225,7 +225,7 @@ def foreign(s: Setup, rng: random.Random) -> Case:
     target = "server" if index % 2 == 0 else "client"
     if rng.random() < 0.5:
         data = bytearray(payload[:-32])
-        data[8:24] = s.client._codec.fingerprint  # type: ignore[attr-defined]
+        data[8:24] = s.client.codec.fingerprint  # type: ignore[attr-defined]
         payload = with_digest(data)
     return "foreign-key", target, payload
 

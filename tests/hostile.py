@@ -23,11 +23,7 @@ SENDER_OFFSET = ROUND_OFFSET + 4
 
 
 def codec_of(server: CkksServer | PlainCipher) -> envelope.Codec:
-    if isinstance(server, PlainCipher):
-        from secagg.crypto.plain import CODEC
-
-        return CODEC
-    return server._codec
+    return server.codec
 
 
 def body_of(payload: bytes) -> tuple[bytes, int, int, int, memoryview]:

@@ -41,10 +41,10 @@ def test_compare_he_reports_both_runs_side_by_side(tmp_path: Path, session_keys:
     assert report["plain"]["upload_bytes_per_parameter"] == pytest.approx(4.0, rel=0.05)
     assert report["he"]["seconds_per_round"]["encrypt"] > 0
     assert [r["round"] for r in report["rounds"]] == [1, 2]
-    for row in report["rounds"]:  # the floor: plaintext against itself, summed in reverse
-        assert 0 <= row["reordered_accuracy"] <= 1
+    for row in report["rounds"]:  # the floor: plaintext against itself, float64 updates
+        assert 0 <= row["float64_accuracy"] <= 1
         assert row["floor_points"] == pytest.approx(
-            100 * (row["reordered_accuracy"] - row["plain_accuracy"])
+            100 * (row["float64_accuracy"] - row["plain_accuracy"])
         )
     assert report["ratios"]["upload_bytes"] > 1
     for process in ("plain_client", "plain_server", "he_client", "he_server"):
@@ -59,7 +59,7 @@ def test_compare_he_reports_both_runs_side_by_side(tmp_path: Path, session_keys:
 
     client = MlflowClient(tracking_uri=uri)
     runs = client.search_runs([he_run_experiment(client, report)])
-    assert len(runs) == 4  # the parent, plaintext, HE and the reordered plaintext run
+    assert len(runs) == 4  # the parent, plaintext, HE and the float64 plaintext run
     he_run = client.get_run(report["he"]["mlflow_run_id"])
     plain_run = client.get_run(report["plain"]["mlflow_run_id"])
     parent = he_run.data.tags["mlflow.parentRunId"]

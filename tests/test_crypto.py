@@ -113,7 +113,7 @@ def test_aggregate_of_other_keys_with_a_forged_fingerprint_is_refused(ckks_pair,
     stamp = round_of(1, roster=2)
     ups = [Update(np.full(100, 5.0), 0.5), Update(np.full(100, 7.0), 0.5)]
     theirs = stranger_server.sum(encrypt_all(stranger, ups, stamp), stamp)
-    ours_fp = client._codec.fingerprint
+    ours_fp = client.codec.fingerprint
     forged = bytearray(theirs[:-32])
     forged[8:24] = ours_fp
     from hostile import with_digest

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from secagg.config import RunConfig
+from secagg.crypto import envelope
 from secagg.crypto.envelope import SERVER, Stamp, contributors
 from secagg.crypto.ledger import Aggregate, Update
 
@@ -42,6 +43,14 @@ class ServerCipher(Protocol):
     """What the server can do: add payloads it cannot read."""
 
     name: str
+    #: what this codec's payloads must say in their envelope (a receiver checks headers early)
+    codec: envelope.Codec
+    #: whether rounds start with the scale exchange (integer codecs)
+    quantizes: bool
+
+    def check(self, payload: bytes | memoryview, stamp: Stamp) -> envelope.Envelope:
+        """Refuse (PayloadError) an update ``sum`` would refuse, without adding it."""
+        ...
 
     def sum(
         self, payloads: Iterable[bytes], stamp: Stamp, allowed: frozenset[int] | None = None
@@ -58,7 +67,7 @@ def for_client(config: RunConfig) -> Callable[[], ClientCipher]:
     if not config.he:
         from secagg.crypto.plain import PlainCipher
 
-        return PlainCipher
+        return lambda: PlainCipher(config.plain_precision)
     from secagg import keys
     from secagg.crypto.ckks import CkksClient
 
@@ -71,7 +80,7 @@ def for_server(config: RunConfig) -> ServerCipher:
     if not config.he:
         from secagg.crypto.plain import PlainCipher
 
-        return PlainCipher()
+        return PlainCipher(config.plain_precision)
     from secagg import keys
     from secagg.crypto.ckks_server import CkksServer
 

@@ -96,7 +96,7 @@ class CkksClient:
                 "a client needs the secret context (keys/client.ctx), "
                 "but was given a public one (server.ctx)"
             )
-        self._codec, self._shape = codec_for(keys)
+        self.codec, self._shape = codec_for(keys)
         self._pool = _pool_for(keys.context)
         self.sum_limit: int | None = PACKED.sum_limit
         self.last_seconds: dict[str, float] = {}
@@ -109,7 +109,7 @@ class CkksClient:
         encrypted = time.perf_counter()
         count, size = blobs_for(self._shape, stamp.roster)(update.values.size)
         payload = envelope.to_bytes(
-            self._codec, UPDATE, stamp, update.values.size, count, size, [coefficients]
+            self.codec, UPDATE, stamp, update.values.size, count, size, [coefficients]
         )
         self.last_seconds = {
             "encrypt": encrypted - start,
@@ -120,7 +120,7 @@ class CkksClient:
     def decrypt(self, payload: bytes, stamp: Stamp) -> Aggregate:
         opened = envelope.from_bytes(
             payload,
-            self._codec,
+            self.codec,
             stamp,
             AGGREGATE,
             blobs_for=blobs_for(self._shape, stamp.roster),

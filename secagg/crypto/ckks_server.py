@@ -58,6 +58,7 @@ class CkksServer:
     """Adds packed-CKKS payloads; refuses any context that holds a secret key."""
 
     name = "ckks-packed"
+    quantizes = True
 
     def __init__(self, keys: Keys) -> None:
         if seal_format.context_has_secret_key(keys.context):
@@ -65,7 +66,21 @@ class CkksServer:
                 "the server was given a context with the secret key; it must only ever load "
                 "the public context (keys/server.ctx)"
             )
-        self._codec, self._shape = codec_for(keys)
+        self.codec, self._shape = codec_for(keys)
+
+    def check(self, payload: bytes | memoryview, stamp: Stamp) -> envelope.Envelope:
+        """Everything ``sum`` refuses an update for, short of adding it: its envelope against
+        the round, and every ciphertext word below q. Returns the opened envelope."""
+        opened = envelope.from_bytes(
+            payload,
+            self.codec,
+            stamp,
+            UPDATE,
+            blobs_for=blobs_for(self._shape, stamp.roster),
+            max_values=MAX_VALUES,
+        )
+        seal_format.check_coefficients(np.frombuffer(opened.body, dtype="<u8"), self._shape.modulus)
+        return opened
 
     def sum(
         self, payloads: Iterable[bytes], stamp: Stamp, allowed: frozenset[int] | None = None
@@ -74,11 +89,8 @@ class CkksServer:
         total: np.ndarray | None = None
         values = 0
         senders: list[int] = []
-        layout = blobs_for(self._shape, stamp.roster)
         for payload in payloads:
-            opened = envelope.from_bytes(
-                payload, self._codec, stamp, UPDATE, blobs_for=layout, max_values=MAX_VALUES
-            )
+            opened = self.check(payload, stamp)
             ledger.admit(opened.stamp.sender, senders, opened.values, values, allowed)
             if len(senders) >= PACKED.max_clients:
                 raise PayloadError(
@@ -87,7 +99,6 @@ class CkksServer:
                     "too-many",
                 )
             words = np.frombuffer(opened.body, dtype="<u8")
-            seal_format.check_coefficients(words, self._shape.modulus)
             if total is None:
                 total, values = words.copy(), opened.values
             else:
@@ -96,9 +107,9 @@ class CkksServer:
             del opened, words, payload
         if total is None:
             raise PayloadError("no payloads to sum", "empty")
-        count, size = layout(values)
+        count, size = blobs_for(self._shape, stamp.roster)(values)
         return envelope.to_bytes(
-            self._codec,
+            self.codec,
             AGGREGATE,
             stamp.for_sender(SERVER),
             values,

@@ -296,6 +296,13 @@ def from_bytes(
     )
 
 
+def declared_size(head: bytes | bytearray | memoryview) -> int:
+    """The whole length a payload's (already checked) fixed header declares, so a receiver
+    that streams can refuse an oversized payload before reading it."""
+    *_, blob_count, blob_size, count = _HEAD.unpack_from(head)
+    return int(_HEAD.size + 4 * count + blob_count * blob_size + _DIGEST)
+
+
 def _contributor_count(view: memoryview) -> int:
     return int(struct.unpack_from(">I", view, _HEAD.size - 4)[0])
 

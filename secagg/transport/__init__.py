@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Protocol
 
-from secagg.client import ApplyReply, EvalReply, FitReply
 from secagg.crypto import Stamp
+from secagg.messages import ApplyReply, EvalReply, FitReply
 
 
 class Transport(Protocol):

@@ -1,28 +1,23 @@
 """In-process transport: clients are objects in this process, run one after another.
 
 Payloads still cross as bytes, so bytes on the wire are measured exactly as a network run
-would send them. ``reverse`` delivers the clients' updates in reverse roster order: a network
-delivers them in whatever order they arrive, and the benchmark uses it to measure how much a
-plaintext run moves when only the order of its float additions changes (an HE sum is exact
-integer arithmetic, the same in any order).
+would send them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-from secagg.client import ApplyReply, Client, EvalReply, FitReply, RoundPlan
+from secagg.client import Client
 from secagg.crypto import Stamp
+from secagg.messages import ApplyReply, EvalReply, FitReply, RoundPlan
 
 
 class InProcessTransport:
-    def __init__(
-        self, clients: Sequence[Client], evaluators: Sequence[int] = (0,), reverse: bool = False
-    ) -> None:
+    def __init__(self, clients: Sequence[Client], evaluators: Sequence[int] = (0,)) -> None:
         self.clients = list(clients)
         self.evaluators = list(evaluators)
         self.roster = len(self.clients)
-        self.arrivals = self.clients[::-1] if reverse else self.clients
 
     def train(self, round_stamp: Stamp) -> list[bytes]:
         plan = RoundPlan(round_stamp, sum(len(client.train_data) for client in self.clients))
@@ -30,7 +25,7 @@ class InProcessTransport:
         return [payload for payload in scales if payload is not None]
 
     def seal(self, round_stamp: Stamp, scales: bytes | None) -> Iterator[FitReply]:
-        for client in self.arrivals:
+        for client in self.clients:
             yield client.seal(round_stamp, scales)
 
     def apply(self, round_stamp: Stamp, payload: bytes, scales: bytes | None) -> list[ApplyReply]:

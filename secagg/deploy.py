@@ -1,0 +1,303 @@
+"""Deployment: a server and its sites on their own machines, over gRPC with mutual TLS.
+
+- ``serve``: ``secagg server``. Runs the job's rounds with the same round code as an
+  in-process run (``secagg.rounds``), over ``GrpcTransport``. It loads the public context from
+  its kit and nothing else; it checkpoints every round's aggregates before any site applies
+  them, and a restarted server resumes from its work folder where it was.
+- ``participate``: ``secagg client``. One site: joins, trains when asked, keeps the decrypted
+  global model and its metrics in its work folder.
+- ``run_local``: ``secagg run --transport grpc``. A throwaway project on localhost: a server
+  process and one client process per site, the deployment's code path on one machine.
+
+Which data a site trains on: ``shard="auto"`` takes the job's Dirichlet shard for the site's
+position in the roster, from the dataset in ``--data-dir`` (what a simulation partitions, so
+the result equals an in-process run with the same seed); ``shard="all"`` takes every training
+example in ``--data-dir`` (a real site with its own data).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from secagg import crypto, rounds
+from secagg.config import RunConfig, dump_job
+from secagg.errors import CheckpointError, ConfigError, SecAggError
+from secagg.provision import load_kit, provision
+from secagg.records import RESULTS_FILE, RunRecords, RunResult, new_output_dir
+from secagg.rounds import RoundAggregates, RoundFailed, RoundMetrics
+from secagg.server import STATE_FILE, Server, load_checkpoint
+
+#: Local settings a site keeps from its own command line, not from the server's job.
+SITE_LOCAL = ("data_dir", "download", "device", "keys_dir", "output_dir", "tracking")
+#: The largest payload a server accepts (bytes): a 100M-parameter model is about 1.1 GB.
+MAX_PAYLOAD = 16 << 30
+
+
+def serve(
+    kit_dir: str | Path,
+    config: RunConfig,
+    workdir: str | Path | None = None,
+    bind: str | None = None,
+    liveness: float = 15.0,
+    on_round: Callable[[RoundMetrics], None] | None = None,
+    log: Callable[[str], None] = lambda line: None,
+) -> RunResult:
+    """Serve the job to the kit's sites until its last round; return the run's result."""
+    from secagg.transport.grpc_server import Aborted, Coordinator, GrpcTransport, Service, start
+
+    kit = load_kit(kit_dir, "server")
+    workdir = Path(workdir or Path("runs") / f"{config.job_name}-server")
+    config = replace(
+        config,
+        keys_dir=str(kit.folder),
+        clients=len(kit.roster),
+        output_dir=str(workdir),
+        transport="grpc",
+    ).validate()
+    resume = (workdir / STATE_FILE).exists()
+    if resume:
+        saved = load_checkpoint(workdir).state["config"]
+        if saved.get("job_name") != config.job_name:
+            raise CheckpointError(
+                f"{workdir}/ holds job '{saved.get('job_name')}', not '{config.job_name}'; "
+                "pass another --workdir"
+            )
+        log(f"resuming from {workdir}/")
+    records = RunRecords.open(config, workdir if resume else None)
+    config = records.config
+    cipher = crypto.for_server(config)
+    server = Server(cipher, workdir)
+    shared = {k: v for k, v in config.to_dict().items() if k not in SITE_LOCAL}
+    coordinator = Coordinator(
+        kit, cipher, shared, records.job_id, workdir, records.first_round - 1, liveness
+    )
+    grpc_server, port = start(Service(coordinator, MAX_PAYLOAD), kit, bind or f"[::]:{kit.port}")
+    log(
+        f"serving job '{config.job_name}' to {len(kit.roster)} sites on port {port} "
+        f"({'HE' if config.he else 'plaintext'}, rounds {records.first_round}-{config.rounds})"
+    )
+    records.start(None)
+    minimum = config.min_clients or len(kit.roster)
+    transport = GrpcTransport(coordinator, minimum, config.round_timeout)
+
+    def checkpoint(round_num: int, aggregates: RoundAggregates) -> None:
+        records.checkpoint(server, round_num, aggregates)
+
+    def after_round(metrics: RoundMetrics) -> None:
+        records.after_round(server, metrics)
+        coordinator.history.append(
+            {key: getattr(metrics, key) for key in ("round", "clients", "accuracy", "loss")}
+        )
+        if on_round is not None:
+            on_round(metrics)
+
+    def retry(round_num: int, err: RoundFailed) -> None:
+        log(f"{err}; trying round {round_num} again")
+
+    span = range(records.first_round, config.rounds + 1)
+    try:
+        rounds.run(
+            server,
+            transport,
+            records.job_id,
+            span,
+            after_round,
+            checkpoint,
+            config.round_retries,
+            retry,
+        )
+        coordinator.post("done", config.rounds, frozenset(range(len(kit.roster))))
+        coordinator.wait_told(timeout=min(liveness, 10.0))
+        records.result.num_parameters = coordinator.parameters
+        return records.finish()
+    except Aborted:
+        records.fail()
+        coordinator.wait_told(timeout=min(liveness, 10.0))
+        raise
+    except BaseException:
+        records.fail()
+        raise
+    finally:
+        grpc_server.stop(grace=2)
+
+
+def participate(
+    kit_dir: str | Path,
+    data_dir: str = "data",
+    download: bool = False,
+    device: str = "auto",
+    workdir: str | Path | None = None,
+    shard: str = "auto",
+    wait: float = 600.0,
+    log: Callable[[str], None] = lambda line: None,
+) -> str:
+    """Take part in the kit's job until it ends; return ``done`` or why it was aborted."""
+    from secagg import keys
+    from secagg.data import load_dataset
+    from secagg.job import build_client, partition
+    from secagg.transport.grpc_client import Connection, ServerGone, Site, check_keys, join
+
+    kit = load_kit(kit_dir, "client")
+    secret = keys.load_for_client(kit.folder)
+    connection = Connection(kit)
+    joined = join(connection, 0, 0, wait, log)
+    check_keys(joined, secret.fingerprint)
+    local = {"data_dir": data_dir, "download": download, "device": device}
+    config = RunConfig(**{**joined.config, **local, "keys_dir": str(kit.folder)})
+    config = replace(config, tracking=False).validate()
+    dataset = load_dataset(config.dataset, config.data_dir, config.download)
+    if shard == "all":
+        train = dataset.train
+    elif shard == "auto":
+        train = dataset.train.subset(partition(config, dataset)[joined.index])
+    else:
+        raise ConfigError(f"--shard must be auto or all, not {shard!r}")
+    cipher = crypto.for_client(config)()
+    client = build_client(config, dataset, joined.index, train, cipher)
+    folder = Path(workdir or Path("runs") / f"{config.job_name}-{kit.name}")
+    folder.mkdir(parents=True, exist_ok=True)
+    site = Site(connection, client, joined, folder, log)
+    log(f"joined job '{config.job_name}' as {kit.name} ({len(train)} training examples)")
+    parameters = sum(p.numel() for p in client.model.parameters())
+    while True:
+        try:
+            again = join(connection, len(train), site.applied, wait, log, parameters)
+            if again.job != joined.job:
+                raise CheckpointError(
+                    "the server now runs another job; start this client again to join it"
+                )
+            site.joined = again
+            return site.run()
+        except ServerGone as err:
+            log(f"lost the server ({err}); reconnecting")
+
+
+def run_local(config: RunConfig, log: Callable[[str], None] = lambda line: None) -> RunResult:
+    """``secagg run --transport grpc``: provision a throwaway project on localhost, start a
+    server process and one client process per site, and return the server's result."""
+    output = new_output_dir(config)
+    if (output / STATE_FILE).exists():
+        raise CheckpointError(f"{output}/ already holds a run; choose another --output")
+    output.mkdir(parents=True, exist_ok=True)
+    sites = [f"site-{i + 1}" for i in range(config.clients)]
+    secagg = [sys.executable, "-m", "secagg.cli"]
+    with tempfile.TemporaryDirectory(prefix="secagg-project-") as project:
+        port = _free_port()
+        provision(project, f"localhost:{port}", sites, project="secagg-local")
+        job_file = output / "job.toml"
+        job_file.write_text(dump_job(replace(config, output_dir=None, transport="grpc")))
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        server = subprocess.Popen(
+            [
+                *secagg,
+                "server",
+                str(job_file),
+                "--kit",
+                f"{project}/server",
+                "--workdir",
+                str(output),
+                "--bind",
+                f"127.0.0.1:{port}",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        threads = max(1, (os.cpu_count() or 1) // len(sites))
+        site_env = {**env, "OMP_NUM_THREADS": str(threads), "SECAGG_WORKERS": "1"}
+        clients = [
+            subprocess.Popen(
+                [
+                    *secagg,
+                    "client",
+                    "--kit",
+                    f"{project}/{site}",
+                    "--data-dir",
+                    config.data_dir,
+                    "--device",
+                    config.device,
+                    "--workdir",
+                    str(output / "sites" / site),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=site_env,
+            )
+            for site in sites
+        ]
+        lines: list[str] = []
+        try:
+            _relay(server, lines, log)
+            code = server.wait()
+        finally:
+            for proc in [server, *clients]:
+                if proc.poll() is None:
+                    proc.terminate()
+            for proc in clients:
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        if code != 0:
+            detail = lines[-1] if lines else f"exit code {code}"
+            raise SecAggError(f"the server process failed: {detail}")
+    model = output / "sites" / sites[0] / "model.pt"
+    if model.exists():
+        (output / "model.pt").write_bytes(model.read_bytes())
+    return _result(output)
+
+
+def _relay(proc: subprocess.Popen[str], lines: list[str], log: Callable[[str], None]) -> None:
+    """Pass the server's output on, line by line, until it exits."""
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line.rstrip())
+        log(line.rstrip())
+
+
+def _result(output: Path) -> RunResult:
+    import json
+
+    data = json.loads((output / RESULTS_FILE).read_text())
+    config = RunConfig(**data["config"])
+    history = [RoundMetrics(**m) for m in data["rounds"]]
+    mlflow = data.get("mlflow", {})
+    return RunResult(
+        config,
+        output,
+        history,
+        data.get("num_parameters"),
+        mlflow.get("tracking_uri"),
+        mlflow.get("run_id"),
+        float(data.get("seconds", 0.0)),
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def admin_call(kit_dir: str | Path, method: str, message: dict[str, Any]) -> dict[str, Any]:
+    """One admin RPC (``Status``, ``Abort``) with the admin kit's certificate."""
+    from secagg.transport.grpc_client import Connection, ServerGone
+
+    kit = load_kit(kit_dir, "admin")
+    connection = Connection(kit)
+    try:
+        return connection.call(method, message, timeout=20)
+    except ServerGone as err:
+        raise ServerGone(f"no server at {kit.server}: {err}") from err
+    finally:
+        connection.close()

@@ -1,0 +1,270 @@
+"""A site's side of the network transport: connect, join, and do what the server asks.
+
+The site holds the same ``secagg.client.Client`` an in-process run uses, with the secret
+context from its kit; the server never sees anything but its payloads. The loop:
+
+- connect over mutual TLS and join, retrying with backoff while the server is not up;
+- catch up: apply the aggregates of every round completed before it joined (a late or
+  rejoining site), fetched from the server's checkpoint chain;
+- then, per task: ``train`` (train, upload the encrypted scales), ``seal`` (download the summed
+  scales, upload the encrypted update), ``apply`` (download the aggregate, decrypt, apply,
+  evaluate, report), until ``done`` or ``abort``.
+
+A heartbeat thread pings the server while the site trains, so a slow site is not taken for a
+dead one. If the connection breaks mid-round, the site drops that round's work, reconnects and
+joins again. After every round it keeps the decrypted global model (``model.pt``) and what it
+measured (``metrics.json``) in its work folder.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from secagg.client import Client
+from secagg.crypto import SERVER, Stamp
+from secagg.errors import ConfigError, PayloadError, SecAggError
+from secagg.files import atomic_write_json
+from secagg.messages import RoundPlan
+from secagg.provision import Kit
+from secagg.transport import grpc_wire as wire
+
+HEARTBEAT_SECONDS = 2.0
+
+
+class ServerGone(SecAggError):
+    """The server could not be reached (it is down, or the network is)."""
+
+
+@dataclass
+class Joined:
+    """What the server told a site when it joined."""
+
+    job: bytes
+    index: int
+    roster: int
+    config: dict[str, Any]
+    completed: int
+    fingerprint: str
+
+
+class Connection:
+    """One mutual-TLS channel to the server, with a method per RPC (bytes in, bytes out)."""
+
+    def __init__(self, kit: Kit, target: str | None = None) -> None:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=kit.ca, private_key=kit.private_key, certificate_chain=kit.certificate
+        )
+        self.target = target or kit.server
+        self.channel = grpc.secure_channel(self.target, credentials, options=wire.CHANNEL_OPTIONS)
+
+    def call(self, method: str, message: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
+        rpc = self.channel.unary_unary(wire.path(method))
+        return wire.decode(_guard(lambda: rpc(wire.encode(message), timeout=timeout)))
+
+    def upload(self, header: dict[str, Any], payload: bytes) -> None:
+        rpc = self.channel.stream_unary(wire.path("Upload"))
+        _guard(lambda: rpc(iter(wire.upload_messages(header, payload)), timeout=3600))
+
+    def download(self, round_num: int, what: str) -> bytes:
+        rpc = self.channel.unary_stream(wire.path("Download"))
+        request = wire.encode({"round": round_num, "what": what})
+        return _guard(lambda: b"".join(rpc(request, timeout=3600)))
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def _guard(call: Callable[[], Any]) -> Any:
+    """Run an RPC; turn gRPC's errors into secagg's."""
+    try:
+        return call()
+    except grpc.RpcError as err:
+        code, details = err.code(), err.details() or ""
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            raise ServerGone(f"server unreachable ({code.name.lower()}): {details}") from err
+        if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS):
+            reason, _, message = details.partition(": ")
+            raise PayloadError(f"the server refused the payload: {message}", reason) from err
+        raise SecAggError(f"the server answered {code.name}: {details}") from err
+
+
+def join(
+    connection: Connection,
+    samples: int,
+    applied: int,
+    wait: float,
+    log: Callable[[str], None],
+    parameters: int = 0,
+) -> Joined:
+    """Join the job, retrying with backoff (1 s doubling to 30 s) for up to ``wait`` seconds.
+
+    A site first joins with no samples, to learn the job; it takes part in rounds once it has
+    joined again with its sample count.
+    """
+    deadline = time.monotonic() + wait
+    delay = 1.0
+    hello = {"samples": samples, "applied": applied, "parameters": parameters}
+    while True:
+        try:
+            reply = connection.call("Join", hello, timeout=20)
+            return Joined(
+                bytes.fromhex(reply["job"]),
+                int(reply["index"]),
+                len(reply["roster"]),
+                reply["config"],
+                int(reply["completed"]),
+                str(reply["fingerprint"]),
+            )
+        except ServerGone as err:
+            if time.monotonic() + delay > deadline:
+                raise ServerGone(
+                    f"no server at {connection.target} after {wait:.0f} s ({err}); start "
+                    "'secagg server' there, or check the address in the kit"
+                ) from err
+            log(f"server not reachable yet; retrying in {delay:.0f} s")
+            time.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+
+class Site:
+    """Runs a Client against a server until the job is done."""
+
+    def __init__(
+        self,
+        connection: Connection,
+        client: Client,
+        joined: Joined,
+        workdir: Path,
+        log: Callable[[str], None],
+    ) -> None:
+        self.connection = connection
+        self.client = client
+        self.joined = joined
+        self.workdir = workdir
+        self.log = log
+        #: the last round whose aggregate this site applied
+        self.applied = 0
+        self.metrics: list[dict[str, Any]] = []
+        self._scales: dict[int, bytes] = {}
+
+    def round_stamp(self, round_num: int) -> Stamp:
+        return Stamp(self.joined.job, round_num, SERVER, self.joined.roster)
+
+    def run(self) -> str:
+        """Do tasks until the job ends; return how it ended (``done`` or the abort reason)."""
+        stop = threading.Event()
+        beat = threading.Thread(target=self._heartbeat, args=(stop,), daemon=True)
+        beat.start()
+        after = 0
+        try:
+            while True:
+                task = self.connection.call("Task", {"after": after, "wait": 10.0}, timeout=30)
+                kind = task["kind"]
+                if kind == "done":
+                    return "done"
+                if kind == "abort":
+                    return str(task.get("reason", "aborted"))
+                if kind == "catchup":
+                    self.catch_up(int(task["completed"]))
+                    continue
+                if kind == "wait":
+                    continue
+                after = int(task["id"])
+                getattr(self, f"do_{kind}")(task)
+        finally:
+            stop.set()
+
+    def catch_up(self, completed: int) -> None:
+        """Apply every round this site missed, in order, from the server's chain."""
+        while self.applied < completed:
+            round_num = self.applied + 1
+            self.log(f"catching up: applying round {round_num} of {completed}")
+            self._apply(round_num, task_id=None)
+
+    def do_train(self, task: dict[str, Any]) -> None:
+        round_num = int(task["round"])
+        self.log(f"round {round_num}: training")
+        plan = RoundPlan(self.round_stamp(round_num), int(task["total_samples"]))
+        scales = self.client.train(plan)
+        header = {"task": task["id"], "samples": len(self.client.train_data)}
+        self.connection.upload(header, scales or b"")
+
+    def do_seal(self, task: dict[str, Any]) -> None:
+        round_num = int(task["round"])
+        scales = self._fetch_scales(round_num)
+        reply = self.client.seal(self.round_stamp(round_num), scales)
+        header = {
+            "task": task["id"],
+            "samples": reply.num_samples,
+            "loss": reply.train_loss,
+            "seconds": reply.seconds,
+        }
+        self.log(f"round {round_num}: sending {reply.size / 1e6:.1f} MB")
+        self.connection.upload(header, reply.payload)
+
+    def do_apply(self, task: dict[str, Any]) -> None:
+        self._apply(int(task["round"]), task["id"])
+
+    def _apply(self, round_num: int, task_id: int | None) -> None:
+        update = self.connection.download(round_num, "update")
+        scales = self._fetch_scales(round_num) if self.client.quantizes else None
+        applied = self.client.apply(update, self.round_stamp(round_num), scales)
+        self.applied = round_num
+        self._scales.pop(round_num, None)
+        evaluation = self.client.evaluate() if self.client.test_data is not None else None
+        report: dict[str, Any] = {
+            "task": task_id,
+            "applied": round_num,
+            "seconds": applied.seconds,
+            "clipped": applied.clipped,
+            "weight": applied.weight,
+            "contributors": list(applied.contributors),
+        }
+        if evaluation is not None:
+            report["eval"] = {
+                "loss": evaluation.loss,
+                "accuracy": evaluation.accuracy,
+                "samples": evaluation.num_samples,
+            }
+        self.connection.call("Report", report)
+        self.metrics.append({"round": round_num, **report})
+        self._save()
+        if self.client.client_id not in applied.contributors:
+            self.log(f"round {round_num}: the aggregate does not hold this site's update")
+        accuracy = f", accuracy {evaluation.accuracy:.4f}" if evaluation else ""
+        self.log(f"round {round_num}: applied the global model{accuracy}")
+
+    def _fetch_scales(self, round_num: int) -> bytes | None:
+        if not self.client.quantizes:
+            return None
+        if round_num not in self._scales:
+            self._scales[round_num] = self.connection.download(round_num, "scales")
+        return self._scales[round_num]
+
+    def _save(self) -> None:
+        from secagg.job import save_model
+
+        save_model(self.client, self.workdir / "model.pt")
+        atomic_write_json(self.workdir / "metrics.json", {"rounds": self.metrics})
+
+    def _heartbeat(self, stop: threading.Event) -> None:
+        while not stop.wait(HEARTBEAT_SECONDS):
+            try:
+                self.connection.call("Ping", {}, timeout=10)
+            except SecAggError:
+                continue
+
+
+def check_keys(joined: Joined, fingerprint: bytes) -> None:
+    if joined.fingerprint != fingerprint.hex():
+        raise ConfigError(
+            "this site's CKKS keys are not the server's (key fingerprints differ); use the "
+            "kits of one 'secagg provision'"
+        )
