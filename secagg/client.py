@@ -105,6 +105,9 @@ class Client:
                 "bad-plan",
             )
         start = time.perf_counter()
+        # Always from the global model: a round tried again (the server restarted, or too few
+        # sites delivered) must not start from this client's own earlier attempt.
+        self.model.load_state_dict(unflatten(self.global_vector, self.layout))
         loss = self._train(plan.round.round_num)
         _sync(self.device)
         trained = time.perf_counter()

@@ -258,11 +258,15 @@ def run_local(config: RunConfig, log: Callable[[str], None] = lambda line: None)
 
 
 def _relay(proc: subprocess.Popen[str], lines: list[str], log: Callable[[str], None]) -> None:
-    """Pass the server's output on, line by line, until it exits."""
+    """Pass the server's progress on, line by line, until it exits (its closing summary is
+    left to the caller, which reports the run as a whole)."""
     assert proc.stdout is not None
+    summary = False
     for line in proc.stdout:
         lines.append(line.rstrip())
-        log(line.rstrip())
+        summary = summary or line.startswith("done: ")
+        if not summary:
+            log(line.rstrip())
 
 
 def _result(output: Path) -> RunResult:

@@ -114,9 +114,11 @@ def provision(
     with tempfile.TemporaryDirectory(prefix="secagg-keys-") as scratch:
         keys.generate(scratch, params or CkksParams())
         key_files = {name: (Path(scratch) / name).read_bytes() for name in _KEY_FILES}
-    if force:
-        for name in existing:
-            shutil.rmtree(out / name)
+    if force:  # the whole old project goes, kits of sites no longer named included
+        old = [path for path in out.glob(f"*/{KIT_FILE}")] + [out / "ca" / CA_CERT]
+        for path in old:
+            if path.parent.exists():
+                shutil.rmtree(path.parent)
     folders = {"ca": out / "ca"}
     _write(out / "ca" / "ca.key", _pem_key(ca_key))
     _write(out / "ca" / CA_CERT, _pem_cert(ca_cert))
@@ -160,8 +162,8 @@ def load_kit(folder: str | Path, role: str) -> Kit:
         raise KeyFileError(f"{folder}/ was made by another secagg release; provision again")
     if data.get("role") != role:
         raise KeyFileError(
-            f"{folder}/ is the {data.get('role')} kit of '{data.get('name')}', not a {role} "
-            "kit; pass the kit provisioned for this party"
+            f"{folder}/ is the {data.get('role')} kit of '{data.get('name')}'; pass the "
+            f"{role} kit provisioned for this party"
         )
     kit = Kit(
         folder,

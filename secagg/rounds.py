@@ -11,6 +11,7 @@ import itertools
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
+from math import nan
 
 from secagg.crypto import SERVER, Stamp, contributors
 from secagg.errors import SecAggError
@@ -177,7 +178,7 @@ def _latency(
         t + r.seconds["encrypt"] + r.seconds["serialize"]
         for t, r in zip(ready, replies, strict=True)
     ]
-    slowest_apply = max(a.seconds["decrypt"] + a.seconds["unflatten"] for a in applied)
+    slowest_apply = max((a.seconds["decrypt"] + a.seconds["unflatten"] for a in applied), default=0)
     return _streamed(arrivals, sums) + slowest_apply
 
 
@@ -191,7 +192,7 @@ def _metrics(
     sums: list[float],
 ) -> RoundMetrics:
     samples = sum(r.num_samples for r in replies)
-    eval_n = sum(e.num_samples for e in evals) or 1
+    eval_n = sum(e.num_samples for e in evals)
     up = wire[0] + sum(r.size for r in replies)
     down = wire[1] * len(applied)
 
@@ -201,8 +202,9 @@ def _metrics(
     return RoundMetrics(
         round=round_num,
         clients=len(replies),
-        accuracy=sum(e.accuracy * e.num_samples for e in evals) / eval_n,
-        loss=sum(e.loss * e.num_samples for e in evals) / eval_n,
+        # No evaluation can come back when every site dropped out after sending its update.
+        accuracy=sum(e.accuracy * e.num_samples for e in evals) / eval_n if eval_n else nan,
+        loss=sum(e.loss * e.num_samples for e in evals) / eval_n if eval_n else nan,
         train_loss=sum(r.train_loss * r.num_samples for r in replies) / max(samples, 1),
         round_seconds=0.0,
         train_seconds=total("train"),
@@ -216,7 +218,7 @@ def _metrics(
         bytes_up=up,
         bytes_down=down,
         bytes_up_per_client=up / len(replies),
-        bytes_down_per_client=down / len(applied),
+        bytes_down_per_client=down / len(applied) if applied else 0.0,
         latency_seconds=_latency(replies, scale_sums, sums, applied),
-        clipped=applied[0].clipped,
+        clipped=applied[0].clipped if applied else 0,
     )

@@ -13,7 +13,8 @@ from secagg.server import Server
 
 
 def secret_key_windows(client_ctx: bytes, count: int = 64, width: int = 24) -> list[bytes]:
-    """Byte windows spread over the secret key's coefficients (and over client.ctx itself).
+    """Byte windows spread over the secret key: its coefficients, and the key as it is stored
+    in client.ctx (the rest of client.ctx, the public parameters, is in server.ctx too).
 
     Any copy of the key, whole or in part, raw or as TenSEAL serialized it, contains them.
     """
@@ -21,7 +22,7 @@ def secret_key_windows(client_ctx: bytes, count: int = 64, width: int = 24) -> l
     secret = dict(seal_format._protobuf(fields[3]))[1]
     coefficients = seal_format._seal_object(secret, "secret key")[-131072:]
     windows = []
-    for blob in (coefficients, client_ctx):
+    for blob in (coefficients, secret):
         step = (len(blob) - width) // count
         windows += [blob[i * step : i * step + width] for i in range(count)]
     return windows
@@ -32,6 +33,8 @@ def test_windows_find_the_key_where_it_is(session_keys: Path) -> None:
     client_ctx = (session_keys / "client.ctx").read_bytes()
     windows = secret_key_windows(client_ctx)
     assert all(w in client_ctx for w in windows[64:])
+    server_ctx = (session_keys / "server.ctx").read_bytes()
+    assert not any(w in server_ctx for w in windows)
     assert any(w in b"noise" + client_ctx + b"noise" for w in windows)
     coefficients = seal_format._seal_object(
         dict(seal_format._protobuf(dict(seal_format._protobuf(client_ctx))[3]))[1], "key"

@@ -33,7 +33,7 @@ import tenseal as ts
 
 from secagg.config import CkksParams
 from secagg.crypto import envelope, ledger, seal_format
-from secagg.crypto.ckks_server import MAX_VALUES, blobs_for, codec_for
+from secagg.crypto.ckks_server import blobs_for, codec_for, open_payload
 from secagg.crypto.envelope import AGGREGATE, UPDATE, Stamp
 from secagg.crypto.ledger import Aggregate, Update
 from secagg.crypto.packing import PACKED
@@ -118,14 +118,7 @@ class CkksClient:
         return payload
 
     def decrypt(self, payload: bytes, stamp: Stamp) -> Aggregate:
-        opened = envelope.from_bytes(
-            payload,
-            self.codec,
-            stamp,
-            AGGREGATE,
-            blobs_for=blobs_for(self._shape, stamp.roster),
-            max_values=MAX_VALUES,
-        )
+        opened = open_payload(self.codec, self._shape, payload, stamp, AGGREGATE)
         coefficients = np.frombuffer(opened.body, dtype="<u8").reshape(
             opened.blob_count, seal_format.POLYS, self._shape.poly_modulus_degree
         )

@@ -19,7 +19,7 @@ from secagg.crypto import envelope, ledger, seal_format
 from secagg.crypto.envelope import AGGREGATE, SERVER, UPDATE, Stamp
 from secagg.crypto.packing import PACKED, PackedParams
 from secagg.crypto.seal_format import CiphertextShape
-from secagg.errors import KeyFileError, PayloadError
+from secagg.errors import KeyFileError
 from secagg.keys import Keys
 
 CODEC_ID = 2
@@ -71,14 +71,7 @@ class CkksServer:
     def check(self, payload: bytes | memoryview, stamp: Stamp) -> envelope.Envelope:
         """Everything ``sum`` refuses an update for, short of adding it: its envelope against
         the round, and every ciphertext word below q. Returns the opened envelope."""
-        opened = envelope.from_bytes(
-            payload,
-            self.codec,
-            stamp,
-            UPDATE,
-            blobs_for=blobs_for(self._shape, stamp.roster),
-            max_values=MAX_VALUES,
-        )
+        opened = open_payload(self.codec, self._shape, payload, stamp, UPDATE)
         seal_format.check_coefficients(np.frombuffer(opened.body, dtype="<u8"), self._shape.modulus)
         return opened
 
@@ -86,35 +79,39 @@ class CkksServer:
         self, payloads: Iterable[bytes], stamp: Stamp, allowed: frozenset[int] | None = None
     ) -> bytes:
         """Add payloads as they arrive: holds the running sum and one payload, never all."""
-        total: np.ndarray | None = None
-        values = 0
-        senders: list[int] = []
-        for payload in payloads:
-            opened = self.check(payload, stamp)
-            ledger.admit(opened.stamp.sender, senders, opened.values, values, allowed)
-            if len(senders) >= PACKED.max_clients:
-                raise PayloadError(
-                    f"the packed codec sums at most {PACKED.max_clients} clients per round; "
-                    "more could overflow its headroom",
-                    "too-many",
-                )
+
+        def add(total: np.ndarray | None, opened: envelope.Envelope) -> np.ndarray:
             words = np.frombuffer(opened.body, dtype="<u8")
             if total is None:
-                total, values = words.copy(), opened.values
-            else:
-                seal_format.add_mod(total, words, self._shape.modulus)
-            senders.append(opened.stamp.sender)
-            del opened, words, payload
-        if total is None:
-            raise PayloadError("no payloads to sum", "empty")
+                return words.copy()
+            seal_format.add_mod(total, words, self._shape.modulus)
+            return total
+
+        def open_update(payload: bytes) -> envelope.Envelope:
+            return self.check(payload, stamp)
+
+        total, values, senders = ledger.accumulate(
+            payloads, open_update, add, allowed, PACKED.max_clients
+        )
         count, size = blobs_for(self._shape, stamp.roster)(values)
         return envelope.to_bytes(
-            self.codec,
-            AGGREGATE,
-            stamp.for_sender(SERVER),
-            values,
-            count,
-            size,
-            [total],
-            tuple(sorted(senders)),
+            self.codec, AGGREGATE, stamp.for_sender(SERVER), values, count, size, [total], senders
         )
+
+
+def open_payload(
+    codec: envelope.Codec,
+    shape: CiphertextShape,
+    payload: bytes | memoryview,
+    stamp: Stamp,
+    kind: int,
+) -> envelope.Envelope:
+    """A packed-CKKS payload's envelope, checked against the round (both sides use it)."""
+    return envelope.from_bytes(
+        payload,
+        codec,
+        stamp,
+        kind,
+        blobs_for=blobs_for(shape, stamp.roster),
+        max_values=MAX_VALUES,
+    )

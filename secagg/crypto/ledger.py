@@ -20,12 +20,17 @@ ledger intact, which is why the threat model is an honest-but-curious server.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
-from secagg.crypto.envelope import Stamp
+from secagg.crypto.envelope import Envelope, Stamp
 from secagg.errors import PayloadError
+
+T = TypeVar("T")
+S = TypeVar("S")
 
 #: Whole-number values after the tallies: weight units, clipped count, round tag.
 TAIL = 3
@@ -150,3 +155,33 @@ def admit(
         raise PayloadError(
             f"payload has {values} values, the round has {round_values}", "wrong-length"
         )
+
+
+def accumulate(
+    payloads: Iterable[T],
+    open_update: Callable[[T], Envelope],
+    add: Callable[[S | None, Envelope], S],
+    allowed: frozenset[int] | None = None,
+    most: int | None = None,
+) -> tuple[S, int, tuple[int, ...]]:
+    """The server's streaming sum, whatever the codec: open each payload as it arrives, admit
+    it (``admit``; at most ``most`` of them), add it; return the total, the number of values
+    and the contributors in order."""
+    total: S | None = None
+    values = 0
+    senders: list[int] = []
+    for payload in payloads:
+        opened = open_update(payload)
+        admit(opened.stamp.sender, senders, opened.values, values, allowed)
+        if most is not None and len(senders) >= most:
+            raise PayloadError(
+                f"a round sums at most {most} clients; more could overflow the codec's headroom",
+                "too-many",
+            )
+        total = add(total, opened)
+        values = opened.values
+        senders.append(opened.stamp.sender)
+        del opened, payload
+    if total is None:
+        raise PayloadError("no payloads to sum", "empty")
+    return total, values, tuple(sorted(senders))

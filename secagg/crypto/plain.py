@@ -16,7 +16,7 @@ import numpy as np
 from secagg.crypto import envelope, ledger
 from secagg.crypto.envelope import AGGREGATE, UPDATE, Stamp
 from secagg.crypto.ledger import Aggregate, Update
-from secagg.errors import ConfigError, PayloadError
+from secagg.errors import ConfigError
 
 # No keys in a plaintext run; a fixed fingerprint still stops HE payloads being read as plain.
 FINGERPRINT = hashlib.sha256(b"secagg-plaintext").digest()[:16]
@@ -62,21 +62,18 @@ class PlainCipher:
     def sum(
         self, payloads: Iterable[bytes], stamp: Stamp, allowed: frozenset[int] | None = None
     ) -> bytes:
-        total: np.ndarray | None = None
-        values = 0
-        senders: list[int] = []
-        for payload in payloads:
-            opened = self.check(payload, stamp)
-            ledger.admit(opened.stamp.sender, senders, opened.values, values, allowed)
+        def add(total: np.ndarray | None, opened: envelope.Envelope) -> np.ndarray:
             vector = np.frombuffer(opened.body, dtype=self.dtype)
             if total is None:
-                total, values = vector.astype(np.float64), opened.values
-            else:
-                total += vector
-            senders.append(opened.stamp.sender)
-        if total is None:
-            raise PayloadError("no payloads to sum", "empty")
-        return self._payload(AGGREGATE, stamp, values, total, tuple(sorted(senders)))
+                return vector.astype(np.float64)
+            total += vector
+            return total
+
+        def open_update(payload: bytes) -> envelope.Envelope:
+            return self.check(payload, stamp)
+
+        total, values, senders = ledger.accumulate(payloads, open_update, add, allowed)
+        return self._payload(AGGREGATE, stamp, values, total, senders)
 
     def _payload(
         self,

@@ -176,8 +176,20 @@ class Site:
                     continue
                 if kind == "wait":
                     continue
+                if kind not in ("train", "seal", "apply"):
+                    raise SecAggError(
+                        f"the server asked for '{kind}', which this secagg does not know; run "
+                        "the same secagg release on the server and every site"
+                    )
                 after = int(task["id"])
-                getattr(self, f"do_{kind}")(task)
+                try:
+                    getattr(self, f"do_{kind}")(task)
+                except PayloadError as err:
+                    if kind == "apply":
+                        raise  # an aggregate that fails its checks must stop this site
+                    self.log(
+                        f"round {task['round']}: the server refused this site's payload: {err}"
+                    )
         finally:
             stop.set()
 

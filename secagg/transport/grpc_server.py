@@ -135,14 +135,23 @@ class Coordinator:
         with self.lock:
             return [s.index for s in self.sites if self._alive(s) and s.applied == round_num - 1]
 
-    def wait_for_sites(self, round_num: int, minimum: int, grace: float) -> frozenset[int]:
-        """Block until every site is ready, or ``minimum`` are and ``grace`` seconds passed."""
+    def wait_for_sites(
+        self, round_num: int, minimum: int, grace: float, timeout: float
+    ) -> frozenset[int]:
+        """Block until every site is ready, or ``minimum`` are and ``grace`` seconds passed;
+        fewer than ``minimum`` after ``timeout`` seconds fail the round."""
         enough_since: float | None = None
+        deadline = time.monotonic() + timeout
         while True:
             self._check_abort()
             ready = self.ready_sites(round_num)
             if len(ready) == len(self.sites):
                 return frozenset(ready)
+            if len(ready) < minimum and time.monotonic() > deadline:
+                raise RoundFailed(
+                    f"round {round_num}: only {len(ready)} site(s) ready within {timeout:.0f} "
+                    f"s, at least {minimum} are needed"
+                )
             if len(ready) >= minimum:
                 enough_since = enough_since or time.monotonic()
                 if time.monotonic() - enough_since >= grace:
@@ -512,7 +521,9 @@ class GrpcTransport:
         self._evals: list[EvalReply] = []
 
     def train(self, round_stamp: Stamp) -> list[bytes]:
-        sites = self.c.wait_for_sites(round_stamp.round_num, self.min_clients, self.grace)
+        sites = self.c.wait_for_sites(
+            round_stamp.round_num, self.min_clients, self.grace, self.timeout
+        )
         total = sum(self.c.sites[i].samples for i in sites)
         task = self.c.post(
             "train", round_stamp.round_num, sites, job=round_stamp.job.hex(), total_samples=total

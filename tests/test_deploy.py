@@ -1,0 +1,480 @@
+"""Deployment for real: a server process and site processes over gRPC with mutual TLS, on
+loopback. Every test starts real processes with the ``secagg`` command."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from test_secrets import secret_key_windows
+
+from secagg.config import RunConfig, dump_job
+from secagg.errors import KeyFileError
+from secagg.provision import load_kit, provision
+from secagg.transport import grpc_wire as wire
+
+ROOT = Path(__file__).resolve().parents[1]
+SECAGG = [sys.executable, "-m", "secagg.cli"]
+ENV = {
+    **os.environ,
+    "PYTHONPATH": str(ROOT),
+    "PYTHONUNBUFFERED": "1",
+    "SECAGG_WORKERS": "1",
+    "OMP_NUM_THREADS": "1",
+}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _project(tmp: Path, sites: int) -> tuple[Path, int]:
+    port = _free_port()
+    provision(tmp / "project", f"localhost:{port}", [f"site-{i + 1}" for i in range(sites)])
+    return tmp / "project", port
+
+
+def _job(tmp: Path, **changes: object) -> tuple[Path, RunConfig]:
+    config = RunConfig(he=True, clients=3, rounds=2, local_epochs=1, tracking=False)
+    for key, value in changes.items():
+        config = config.__class__(**{**config.to_dict(), key: value})
+    path = tmp / "job.toml"
+    path.write_text(dump_job(config))
+    return path, config
+
+
+def _server(project: Path, job: Path, workdir: Path, port: int, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [
+            *SECAGG,
+            "server",
+            str(job),
+            "--kit",
+            str(project / "server"),
+            "--workdir",
+            str(workdir),
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--liveness",
+            "5",
+            "--no-tracking",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=ENV,
+    )
+
+
+def _site(project: Path, name: str, workdir: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [
+            *SECAGG,
+            "client",
+            "--kit",
+            str(project / name),
+            "--workdir",
+            str(workdir / name),
+            "--wait",
+            "120",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=ENV,
+    )
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 240) -> str:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        raise AssertionError(f"process did not finish:\n{out[-3000:]}") from None
+    return out
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float = 180, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _applied(workdir: Path, name: str) -> int:
+    try:
+        rounds = json.loads((workdir / name / "metrics.json").read_text())["rounds"]
+    except (FileNotFoundError, ValueError):
+        return 0
+    return max((r["applied"] for r in rounds), default=0)
+
+
+def _kill_all(*procs: subprocess.Popen) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def test_provision_writes_private_kits_and_never_overwrites(tmp_path: Path) -> None:
+    folders = provision(tmp_path, "fl.example.org:9000", ["site-a", "site-b"])
+    assert set(folders) == {"ca", "server", "site-a", "site-b", "admin"}
+    for folder in folders.values():
+        assert folder.stat().st_mode & 0o777 == 0o700
+        for path in folder.iterdir():
+            assert path.stat().st_mode & 0o777 == 0o600, path
+    server = load_kit(folders["server"], "server")
+    assert server.server == "fl.example.org:9000" and server.roster == ("site-a", "site-b")
+    assert not (folders["server"] / "client.ctx").exists()  # the server never gets the key
+    assert (folders["site-b"] / "client.ctx").exists()
+    assert load_kit(folders["site-b"], "client").index == 1
+    with pytest.raises(KeyFileError, match="--force"):
+        provision(tmp_path, "fl.example.org:9000", ["site-a"])
+    with pytest.raises(KeyFileError, match="is the client kit of 'site-a'; pass the server kit"):
+        load_kit(folders["site-a"], "server")
+    provision(tmp_path, "fl.example.org:9000", ["site-a"], force=True)
+    assert not (tmp_path / "site-b").exists()
+
+
+@pytest.mark.slow
+def test_grpc_run_matches_the_in_process_run(tmp_path: Path, session_keys: Path) -> None:
+    """`secagg run --transport grpc`: a server and three site processes, the same round code;
+    the global model equals the in-process run's with the same seed, bit for bit (sums are
+    exact integers, so even the keys, throwaway ones for the network run, do not matter)."""
+    common = ["--he", "--clients", "3", "--rounds", "2", "--local-epochs", "1", "--no-tracking"]
+    out = tmp_path / "grpc"
+    done = subprocess.run(
+        [*SECAGG, "run", *common, "--transport", "grpc", "--output", str(out)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "final accuracy" in done.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert [r["clients"] for r in results["rounds"]] == [3, 3]
+    assert results["config"]["transport"] == "grpc"
+
+    local = tmp_path / "local"
+    plain = subprocess.run(
+        [*SECAGG, "run", *common, "--keys", str(session_keys), "--output", str(local)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=600,
+    )
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    grpc_model = torch.load(out / "model.pt")
+    local_model = torch.load(local / "model.pt")
+    for key, value in local_model.items():
+        assert torch.equal(grpc_model[key], value), key
+    local_results = json.loads((local / "results.json").read_text())
+    assert [r["accuracy"] for r in results["rounds"]] == [
+        r["accuracy"] for r in local_results["rounds"]
+    ]
+
+
+@pytest.mark.slow
+def test_server_holds_no_secret_and_loads_no_crypto_library(tmp_path: Path) -> None:
+    project, port = _project(tmp_path, 2)
+    job, _ = _job(tmp_path, clients=2, rounds=2)
+    work = tmp_path / "work"
+    server = _server(project, job, work / "server", port)
+    sites = [_site(project, name, work) for name in ("site-1", "site-2")]
+    try:
+        _wait_for(lambda: _applied(work, "site-1") >= 1, what="round 1")
+        maps = Path(f"/proc/{server.pid}/maps").read_text()
+        assert "tenseal" not in maps and "torch" not in maps  # it could not decrypt anything
+        out = _finish(server)
+        assert server.returncode == 0, out[-3000:]
+    finally:
+        _kill_all(server, *sites)
+    windows = secret_key_windows((project / "site-1" / "client.ctx").read_bytes())
+    for path in [*(project / "server").iterdir(), *(work / "server").rglob("*")]:
+        if path.is_file():
+            assert not any(w in path.read_bytes() for w in windows), path
+
+
+@pytest.mark.slow
+def test_a_site_killed_mid_round_is_left_out_and_the_average_stays_right(tmp_path: Path) -> None:
+    project, port = _project(tmp_path, 3)
+    # Thirty local epochs: a round lasts a second or two, so the kill lands inside round 2.
+    job, _ = _job(tmp_path, rounds=3, min_clients=2, local_epochs=30, round_timeout=60.0)
+    work = tmp_path / "work"
+    server = _server(project, job, work / "server", port)
+    sites = {name: _site(project, name, work) for name in ("site-1", "site-2", "site-3")}
+    try:
+        _wait_for(lambda: _applied(work, "site-3") >= 1, what="round 1 on site-3")
+        sites["site-3"].send_signal(signal.SIGKILL)  # mid round 2: training or sealing
+        out = _finish(server)
+        assert server.returncode == 0, out[-3000:]
+    finally:
+        _kill_all(server, *sites.values())
+    results = json.loads((work / "server" / "results.json").read_text())
+    assert results["rounds"][0]["clients"] == 3
+    assert results["rounds"][-1]["clients"] == 2
+    # The sites checked the ledger: the sum holds sites 1 and 2 only, divided by their weight.
+    rounds = json.loads((work / "site-1" / "metrics.json").read_text())["rounds"]
+    last = rounds[-1]
+    assert last["contributors"] == [0, 1]
+    assert 0 < last["weight"] <= 1
+
+
+@pytest.mark.slow
+def test_a_round_below_min_clients_fails_with_a_reason_and_keeps_the_checkpoint(
+    tmp_path: Path,
+) -> None:
+    project, port = _project(tmp_path, 3)
+    job, _ = _job(
+        tmp_path, rounds=3, min_clients=3, round_retries=1, local_epochs=30, round_timeout=20.0
+    )
+    work = tmp_path / "work"
+    server = _server(project, job, work / "server", port)
+    sites = {name: _site(project, name, work) for name in ("site-1", "site-2", "site-3")}
+    try:
+        _wait_for(lambda: _applied(work, "site-3") >= 1, what="round 1 on site-3")
+        sites["site-3"].send_signal(signal.SIGKILL)
+        out = _finish(server)
+    finally:
+        _kill_all(server, *sites.values())
+    assert server.returncode == 1
+    assert "at least 3 are needed; trying round 2 again" in out
+    assert out.strip().splitlines()[-1].startswith("Error: round 2: only 2 site(s)")
+    state = json.loads((work / "server" / "state.json").read_text())
+    assert state["round"] == 1  # round 1 stands, whole
+    from secagg.server import load_checkpoint
+
+    update, scales = load_checkpoint(work / "server").aggregates(1)
+    assert update[:4] == b"SAGG" and scales is not None
+
+
+@pytest.mark.slow
+def test_a_restarted_server_resumes_and_ends_where_an_uninterrupted_run_does(
+    tmp_path: Path,
+) -> None:
+    project, port = _project(tmp_path, 3)
+    job, _ = _job(tmp_path, rounds=5, local_epochs=5)
+    work = tmp_path / "work"
+    server = _server(project, job, work / "server", port)
+    sites = [_site(project, name, work) for name in ("site-1", "site-2", "site-3")]
+    try:
+        _wait_for(lambda: _applied(work, "site-1") >= 1, what="round 1")
+        server.send_signal(signal.SIGKILL)
+        server.communicate()
+        state = json.loads((work / "server" / "state.json").read_text())
+        assert state["round"] < 5  # killed mid-job
+        server = _server(project, job, work / "server", port)
+        out = _finish(server)
+        assert server.returncode == 0, out[-3000:]
+        assert "resuming from" in out
+        for site in sites:
+            assert "the job is done" in _finish(site, 60)
+    finally:
+        _kill_all(server, *sites)
+    # The same job uninterrupted, in one process, with the same keys.
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    for name, kit in (
+        ("client.ctx", "site-1"),
+        ("server.ctx", "server"),
+        ("manifest.json", "server"),
+    ):
+        (keys / name).write_bytes((project / kit / name).read_bytes())
+        (keys / name).chmod(0o600)
+    straight = subprocess.run(
+        [*SECAGG, "run", str(job), "--keys", str(keys), "--output", str(tmp_path / "s")],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=600,
+    )
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    expected = json.loads((tmp_path / "s" / "results.json").read_text())["final_accuracy"]
+    assert json.loads((work / "server" / "results.json").read_text())["final_accuracy"] == expected
+    resumed = torch.load(work / "site-2" / "model.pt")
+    for key, value in torch.load(tmp_path / "s" / "model.pt").items():
+        assert torch.equal(resumed[key], value), key
+
+
+def _channel(kit_dir: Path, port: int, with_certificate: bool = True) -> grpc.Channel:
+    kit = load_kit(kit_dir, "client")
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=kit.ca,
+        private_key=kit.private_key if with_certificate else None,
+        certificate_chain=kit.certificate if with_certificate else None,
+    )
+    return grpc.secure_channel(f"localhost:{port}", credentials)
+
+
+def _join(channel: grpc.Channel) -> dict:
+    rpc = channel.unary_unary(wire.path("Join"))
+    return wire.decode(rpc(wire.encode({"samples": 0}), timeout=10))
+
+
+@pytest.mark.slow
+def test_strangers_and_replays_are_refused_and_the_others_served(tmp_path: Path) -> None:
+    project, port = _project(tmp_path, 2)
+    job, _ = _job(tmp_path, clients=2, rounds=2)
+    work = tmp_path / "work"
+    other, _ = _project(tmp_path / "other", 2)
+    server = _server(project, job, work / "server", port)
+    site = _site(project, "site-1", work)
+    try:
+        # No client certificate, or one from another project's CA: refused in the handshake.
+        _wait_for(lambda: _reachable(project / "site-2", port), what="the server")
+        for channel in (
+            _channel(project / "site-2", port, with_certificate=False),
+            _channel(other / "site-2", port),
+        ):
+            with pytest.raises(grpc.RpcError) as refused:
+                _join(channel)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        # site-2 for real: it joins, and then replays its own contribution.
+        manual = ManualSite(project / "site-2", port)
+        manual.play_round_with_replays()
+        out = _finish(server)
+        assert server.returncode == 0, out[-3000:]
+        assert "the job is done" in _finish(site, 60)
+    finally:
+        _kill_all(server, site)
+    results = json.loads((work / "server" / "results.json").read_text())
+    assert [r["clients"] for r in results["rounds"]] == [2, 2]
+
+
+def _reachable(kit_dir: Path, port: int) -> bool:
+    try:
+        _join(_channel(kit_dir, port))
+        return True
+    except grpc.RpcError:
+        return False
+
+
+class ManualSite:
+    """site-2 driven by hand: a real Client behind the raw RPCs, replaying on purpose."""
+
+    def __init__(self, kit_dir: Path, port: int) -> None:
+        from secagg import crypto
+        from secagg.data import load_dataset
+        from secagg.job import build_client, partition
+        from secagg.transport.grpc_client import Connection
+
+        self.kit = load_kit(kit_dir, "client")
+        self.connection = Connection(self.kit, f"localhost:{port}")
+        joined = self.connection.call("Join", {"samples": 0})
+        config = RunConfig(**{**joined["config"], "keys_dir": str(kit_dir), "tracking": False})
+        dataset = load_dataset(config.dataset)
+        train = dataset.train.subset(partition(config, dataset)[joined["index"]])
+        self.client = build_client(config, dataset, 1, train, crypto.for_client(config)())
+        self.job = bytes.fromhex(joined["job"])
+        self.connection.call("Join", {"samples": len(train)})
+
+    def play_round_with_replays(self) -> None:
+        from secagg.crypto import SERVER, Stamp
+        from secagg.errors import PayloadError
+        from secagg.messages import RoundPlan
+
+        after, first_update = 0, None
+        while True:
+            task = self.connection.call("Task", {"after": after, "wait": 5})
+            if task["kind"] == "done":
+                return
+            if task["kind"] in ("wait", "catchup"):
+                continue
+            after = task["id"]
+            stamp = Stamp(self.job, task["round"], SERVER, 2)
+            header = {"task": task["id"], "samples": len(self.client.train_data), "loss": 0.0}
+            if task["kind"] == "train":
+                scales = self.client.train(RoundPlan(stamp, task["total_samples"]))
+                self.connection.upload(header, scales)
+            elif task["kind"] == "seal":
+                reply = self.client.seal(stamp, self.connection.download(task["round"], "scales"))
+                header["seconds"] = reply.seconds
+                if first_update is not None:  # round 1's update again: a stale replay
+                    with pytest.raises(PayloadError, match="round 1, expected round 2"):
+                        self.connection.upload(header, first_update)
+                self.connection.upload(header, reply.payload)
+                with pytest.raises(PayloadError, match="duplicate"):  # the same one twice
+                    self.connection.upload(header, reply.payload)
+                first_update = first_update or reply.payload
+            elif task["kind"] == "apply":
+                update = self.connection.download(task["round"], "update")
+                scales = self.connection.download(task["round"], "scales")
+                applied = self.client.apply(update, stamp, scales)
+                evaluation = self.client.evaluate()
+                self.connection.call(
+                    "Report",
+                    {
+                        "task": task["id"],
+                        "applied": task["round"],
+                        "seconds": applied.seconds,
+                        "clipped": applied.clipped,
+                        "weight": applied.weight,
+                        "contributors": list(applied.contributors),
+                        "eval": {
+                            "loss": evaluation.loss,
+                            "accuracy": evaluation.accuracy,
+                            "samples": evaluation.num_samples,
+                        },
+                    },
+                )
+
+
+@pytest.mark.slow
+def test_status_shows_the_job_and_abort_stops_it(tmp_path: Path) -> None:
+    project, port = _project(tmp_path, 2)
+    job, _ = _job(tmp_path, clients=2, rounds=500, local_epochs=20)  # long enough to abort
+    work = tmp_path / "work"
+    server = _server(project, job, work / "server", port)
+    sites = [_site(project, name, work) for name in ("site-1", "site-2")]
+    admin = ["--kit", str(project / "admin")]
+    try:
+        _wait_for(lambda: _applied(work, "site-1") >= 1, what="round 1")
+        env = {**ENV}
+        status = subprocess.run(
+            [*SECAGG, "status", *admin], capture_output=True, text=True, env=env, timeout=60
+        )
+        assert status.returncode == 0, status.stderr
+        assert "site-1" in status.stdout and "connected" in status.stdout
+        assert "rounds done" in status.stdout
+        stop = subprocess.run(
+            [*SECAGG, "abort", *admin, "--reason", "maintenance"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+        assert stop.returncode == 0, stop.stderr
+        out = _finish(server)
+        assert server.returncode == 1 and "maintenance" in out
+        for site in sites:
+            text = _finish(site, 60)
+            assert site.returncode == 1 and "aborted: maintenance" in text
+    finally:
+        _kill_all(server, *sites)
+    # A site's kit is not an admin kit.
+    wrong = subprocess.run(
+        [*SECAGG, "status", "--kit", str(project / "site-1")],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=60,
+    )
+    assert wrong.returncode == 1 and "pass the admin kit" in wrong.stderr
