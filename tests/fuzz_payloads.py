@@ -8,8 +8,8 @@ process if one ever does::
 
 Every case is malformed or hostile: truncated, random, bit-flipped (with the digest kept, or
 recomputed as a forger would), oversized or wrong length and count fields, other keys, other
-CKKS parameters, another job or round, replays and duplicates, an update where an aggregate
-belongs and back. A case goes to the server (with one good payload before it) or to a client
+CKKS parameters, another job or round, replays and duplicates, aggregates that drop an update
+or leave a contributor unlisted, an update where an aggregate belongs and back. A case goes to the server (with one good payload before it) or to a client
 (as the aggregate); what the server accepts is then decrypted by a client, as in a round.
 
 Outcomes: ``rejected`` (a PayloadError with its reason), ``harmless`` (accepted, and the
@@ -35,7 +35,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hostile import ROUND_OFFSET, SENDER_OFFSET, restamp, with_digest
+from hostile import ROUND_OFFSET, SENDER_OFFSET, forge_aggregate, restamp, with_digest
 
 from secagg import keys
 from secagg.config import CkksParams
@@ -245,6 +245,19 @@ def duplicate(s: Setup, rng: random.Random) -> Case:
     return "duplicate-restamped", "server", restamp(payload, sender=2)
 
 
+def dropped(s: Setup, rng: random.Random) -> Case:
+    """A server that leaves one update out of the sum but lists every contributor."""
+    left_out = rng.randrange(ROSTER)
+    kept = [p for i, p in enumerate(s.payloads) if i != left_out]
+    return "dropped", "client", forge_aggregate(s.server, kept, s.round, (0, 1, 2))
+
+
+def unlisted(s: Setup, rng: random.Random) -> Case:
+    """A server that adds every update but lists one contributor fewer."""
+    listed = tuple(sorted(rng.sample(range(ROSTER), ROSTER - 1)))
+    return "unlisted", "client", forge_aggregate(s.server, s.payloads, s.round, listed)
+
+
 def wrong_kind(s: Setup, rng: random.Random) -> Case:
     if rng.random() < 0.5:
         return "update-as-aggregate", "client", s.payloads[0]
@@ -262,6 +275,8 @@ MUTATORS: list[Callable[[Setup, random.Random], Case]] = [
     foreign,
     replayed,
     duplicate,
+    dropped,
+    unlisted,
     wrong_kind,
 ]
 

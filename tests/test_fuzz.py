@@ -53,6 +53,8 @@ def test_a_thousand_hostile_payloads_are_refused_by_name(session_keys: Path) -> 
     assert by_kind["duplicate-restamped"] <= {"duplicate"}
     assert by_kind["replayed"] == {"wrong-round"}
     assert by_kind["replayed-restamped"] == {"replayed"}
+    assert by_kind["dropped"] == {"dropped"}
+    assert by_kind["unlisted"] == {"tampered"}
     assert by_kind["update-as-aggregate"] == {"wrong-kind"}
     assert by_kind["aggregate-as-update"] == {"wrong-kind"}
     assert "harmless" not in by_kind["truncated"] | by_kind["random"] | by_kind["bit-flip"]
