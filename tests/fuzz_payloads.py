@@ -9,8 +9,9 @@ process if one ever does::
 Every case is malformed or hostile: truncated, random, bit-flipped (with the digest kept, or
 recomputed as a forger would), oversized or wrong length and count fields, other keys, other
 CKKS parameters, another job or round, replays and duplicates, aggregates that drop an update
-or leave a contributor unlisted, an update where an aggregate belongs and back. A case goes to the server (with one good payload before it) or to a client
-(as the aggregate); what the server accepts is then decrypted by a client, as in a round.
+or leave a contributor unlisted, an update where an aggregate belongs and back. A case goes to
+the server (with two good payloads before it) or to a client (as the aggregate); what the
+server accepts is then decrypted by a client, as in a round.
 
 Outcomes: ``rejected`` (a PayloadError with its reason), ``harmless`` (accepted, and the
 client's result is exactly the honest one: e.g. a flipped low bit that rounding absorbs),
