@@ -37,7 +37,11 @@ running total and the current payload, so time should grow linearly with clients
 memory stays at a constant working set; the same sum given a list of all payloads (the control
 column) grows by one payload per client, which also shows the memory probe sees growth.
 
-On a 2-core machine the default run takes about 1.5 minutes and peaks near 5 GB of RSS (the
+A third part measures a server *process* as deployed (no torch, no TenSEAL): its peak RSS above
+idle while it sums 8 payloads of a 10M-parameter model read one at a time, in payloads
+(``--server-size``, ``--server-clients``; ``--quick`` skips it).
+
+On a 2-core machine the default run takes about a minute and peaks near 3 GB of RSS (the
 10M round: three 10M payloads plus the transient copies the ciphers make). The peer baseline
 stops at the ModerateCNN size by default (``--peer-max``): at 10M it adds over a minute and up
 to ~2 GB more peak RSS (7.3 GB seen), while its per-parameter costs are already flat from 1M
