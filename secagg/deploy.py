@@ -51,7 +51,8 @@ def serve(
     log: Callable[[str], None] = lambda line: None,
 ) -> RunResult:
     """Serve the job to the kit's sites until its last round; return the run's result."""
-    from secagg.transport.grpc_server import Aborted, Coordinator, GrpcTransport, Service, start
+    from secagg.transport.coordinator import Aborted, Coordinator
+    from secagg.transport.grpc_server import GrpcTransport, Service, start
 
     kit = load_kit(kit_dir, "server")
     workdir = Path(workdir or Path("runs") / f"{config.job_name}-server")

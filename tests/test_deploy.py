@@ -314,6 +314,35 @@ def test_a_restarted_server_resumes_and_ends_where_an_uninterrupted_run_does(
         assert torch.equal(resumed[key], value), key
 
 
+@pytest.mark.slow
+def test_a_site_that_joins_late_catches_up_and_takes_part(tmp_path: Path) -> None:
+    """site-3 starts after two rounds: it applies them from the server's chain, then trains
+    in the rounds that follow, and ends with the model the others hold."""
+    project, port = _project(tmp_path, 3)
+    job, _ = _job(tmp_path, rounds=5, min_clients=2, local_epochs=20)
+    work = tmp_path / "work"
+    server = _server(project, job, work / "server", port)
+    early = [_site(project, name, work) for name in ("site-1", "site-2")]
+    late = None
+    try:
+        _wait_for(lambda: _applied(work, "site-1") >= 2, what="two rounds")
+        late = _site(project, "site-3", work)
+        out = _finish(server)
+        assert server.returncode == 0, out[-3000:]
+        assert "catching up" in _finish(late, 60)
+    finally:
+        _kill_all(server, *early, *([late] if late else []))
+    rounds = json.loads((work / "site-3" / "metrics.json").read_text())["rounds"]
+    assert [r["applied"] for r in rounds] == [1, 2, 3, 4, 5]
+    assert 2 in rounds[-1]["contributors"]  # it took part again
+    site_1, site_3 = (
+        torch.load(work / "site-1" / "model.pt"),
+        torch.load(work / "site-3" / "model.pt"),
+    )
+    for key, value in site_1.items():
+        assert torch.equal(site_3[key], value), key
+
+
 def _channel(kit_dir: Path, port: int, with_certificate: bool = True) -> grpc.Channel:
     kit = load_kit(kit_dir, "client")
     credentials = grpc.ssl_channel_credentials(

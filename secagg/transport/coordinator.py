@@ -1,0 +1,367 @@
+"""Where the network server's RPC handlers meet its round loop: one lock, one current task.
+
+The round loop posts a *task* (train, seal, apply, done) to the sites taking part; each site
+long-polls for it (``next_task``), does it, and uploads its payload (``check_upload``,
+``deliver``) or its report (``report``). The round loop takes the uploads as they are queued
+(``collect``), at most ``INBOX`` at a time, while at most ``UPLOADS`` are being received, so the
+server holds a handful of payloads whatever the number of sites. A site that stops sending
+heartbeats for ``liveness`` seconds is given up on: a phase ends when every site asked has
+delivered, when the ones left have gone silent, or at the round timeout.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from secagg.crypto import ServerCipher, Stamp
+from secagg.errors import PayloadError, SecAggError
+from secagg.provision import ADMIN, Kit
+from secagg.rounds import RoundFailed
+from secagg.server import aggregate_paths
+
+INBOX = 2
+UPLOADS = 2
+#: A site polling for a task waits at most this long for one.
+POLL_SECONDS = 10.0
+
+
+class Aborted(SecAggError):
+    """An administrator stopped the job."""
+
+
+@dataclass
+class Site:
+    index: int
+    name: str
+    samples: int = 0
+    joined: bool = False
+    last_seen: float = 0.0
+    #: the last round whose aggregate this site applied
+    applied: int = 0
+
+
+@dataclass
+class Task:
+    id: int
+    kind: str
+    round: int
+    sites: frozenset[int]
+    body: dict[str, Any]
+    delivered: set[int] = field(default_factory=set)
+
+
+@dataclass
+class Upload:
+    task: int
+    index: int
+    payload: bytes
+    meta: dict[str, Any]
+
+
+class Coordinator:
+    """What the RPC handlers and the round loop share, under one condition variable."""
+
+    def __init__(
+        self,
+        kit: Kit,
+        cipher: ServerCipher,
+        config: dict[str, Any],
+        job: bytes,
+        workdir: Path,
+        completed: int,
+        liveness: float,
+    ) -> None:
+        self.kit = kit
+        self.cipher = cipher
+        self.config = config
+        self.job = job
+        self.workdir = workdir
+        self.completed = completed
+        self.liveness = liveness
+        self.sites = [Site(i, name) for i, name in enumerate(kit.roster)]
+        self.by_name = {site.name: site for site in self.sites}
+        self.lock = threading.Condition()
+        self.task: Task | None = None
+        self.next_id = 1
+        self.inbox: queue.Queue[Upload] = queue.Queue(INBOX)
+        self.uploads = threading.BoundedSemaphore(UPLOADS)
+        self.reports: dict[int, dict[str, Any]] = {}
+        self.aggregates: dict[tuple[int, str], bytes] = {}
+        self.aborted: str | None = None
+        self.phase = "waiting for sites"
+        self.history: list[dict[str, Any]] = []
+        self.refusals: list[str] = []
+        #: sites told that the job ended (done or aborted)
+        self.told: set[int] = set()
+        #: the model's parameter count, as the sites report it
+        self.parameters: int | None = None
+
+    # --- the round loop's side ---------------------------------------------------------------
+
+    def post(self, kind: str, round_num: int, sites: frozenset[int], **body: Any) -> Task:
+        """Make ``kind`` the current task for ``sites``; earlier queued uploads are dropped."""
+        with self.lock:
+            task = Task(self.next_id, kind, round_num, sites, body)
+            self.next_id += 1
+            self.task = task
+            self.reports = {}
+            self.phase = f"round {round_num}: {kind}"
+            while not self.inbox.empty():
+                self.inbox.get_nowait()
+            self.lock.notify_all()
+            return task
+
+    def ready_sites(self, round_num: int) -> list[int]:
+        """Sites joined, alive and holding the global model of ``round_num - 1``."""
+        with self.lock:
+            return [s.index for s in self.sites if self._alive(s) and s.applied == round_num - 1]
+
+    def wait_for_sites(
+        self, round_num: int, minimum: int, grace: float, timeout: float
+    ) -> frozenset[int]:
+        """Block until every site is ready, or ``minimum`` are and ``grace`` seconds passed;
+        fewer than ``minimum`` after ``timeout`` seconds fail the round."""
+        enough_since: float | None = None
+        deadline = time.monotonic() + timeout
+        while True:
+            self._check_abort()
+            ready = self.ready_sites(round_num)
+            if len(ready) == len(self.sites):
+                return frozenset(ready)
+            if len(ready) < minimum and time.monotonic() > deadline:
+                raise RoundFailed(
+                    f"round {round_num}: only {len(ready)} site(s) ready within {timeout:.0f} "
+                    f"s, at least {minimum} are needed"
+                )
+            if len(ready) >= minimum:
+                enough_since = enough_since or time.monotonic()
+                if time.monotonic() - enough_since >= grace:
+                    return frozenset(ready)
+            else:
+                enough_since = None
+            with self.lock:
+                self.phase = (
+                    f"round {round_num}: waiting for sites ({len(ready)} ready, "
+                    f"at least {minimum} needed)"
+                )
+                self.lock.wait(0.5)
+
+    def collect(self, task: Task, timeout: float) -> Iterator[Upload]:
+        """The task's uploads as they are queued, until every site asked has delivered, the
+        ones left have gone silent, or the timeout."""
+        deadline = time.monotonic() + timeout
+        done: set[int] = set()
+        while done != task.sites and time.monotonic() < deadline:
+            self._check_abort()
+            try:
+                upload = self.inbox.get(timeout=0.25)
+            except queue.Empty:
+                with self.lock:
+                    waiting = [self.sites[i] for i in task.sites - done]
+                    if not any(self._alive(site) for site in waiting):
+                        return
+                continue
+            if upload.task == task.id:
+                done.add(upload.index)
+                yield upload
+
+    def collect_reports(self, task: Task, timeout: float) -> dict[int, dict[str, Any]]:
+        """The reports of a task's sites, once all are in, the rest are silent, or timeout."""
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            while time.monotonic() < deadline:
+                self._check_abort()
+                missing = [self.sites[i] for i in task.sites if i not in self.reports]
+                if not missing or not any(self._alive(site) for site in missing):
+                    break
+                self.lock.wait(0.25)
+            return dict(self.reports)
+
+    def wait_told(self, timeout: float) -> None:
+        """Wait until every live site has heard that the job ended (or ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            while time.monotonic() < deadline:
+                waiting = [s for s in self.sites if self._alive(s) and s.index not in self.told]
+                if not waiting:
+                    return
+                self.lock.wait(0.25)
+
+    def publish(self, round_num: int, what: str, payload: bytes) -> None:
+        """Make a round's aggregate available for download (the current round's, in memory;
+        earlier ones are read from the checkpoint chain)."""
+        with self.lock:
+            for key in [k for k in self.aggregates if k[0] < round_num]:
+                del self.aggregates[key]
+            self.aggregates[(round_num, what)] = payload
+
+    def _check_abort(self) -> None:
+        if self.aborted is not None:
+            raise Aborted(self.aborted)
+
+    def _alive(self, site: Site) -> bool:
+        return site.joined and time.monotonic() - site.last_seen < self.liveness
+
+    # --- the RPC handlers' side ---------------------------------------------------------------
+
+    def identify(self, context: grpc.ServicerContext, admin: bool = False) -> Site | None:
+        """The site (or, for ``admin``, nobody) the peer's certificate names; aborts if none."""
+        names = context.auth_context().get("x509_common_name", [])
+        name = names[0].decode() if names else ""
+        if admin:
+            if name != ADMIN:
+                context.abort(grpc.StatusCode.PERMISSION_DENIED, "admin certificate required")
+            return None
+        site = self.by_name.get(name)
+        if site is None:
+            context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"certificate '{name}' names no site of this project's roster",
+            )
+        assert site is not None
+        with self.lock:
+            site.last_seen = time.monotonic()
+        return site
+
+    def join(self, site: Site, hello: dict[str, Any]) -> dict[str, Any]:
+        with self.lock:
+            self.parameters = int(hello.get("parameters") or 0) or self.parameters
+            site.samples = int(hello.get("samples", 0))
+            # A site takes part once it knows its data (its first Join only asks for the job).
+            site.joined = site.samples > 0
+            site.applied = min(int(hello.get("applied", 0)), self.completed)
+            site.last_seen = time.monotonic()
+            self.lock.notify_all()
+            return {
+                "job": self.job.hex(),
+                "index": site.index,
+                "roster": list(self.kit.roster),
+                "config": self.config,
+                "completed": self.completed,
+                "fingerprint": self.cipher.codec.fingerprint.hex(),
+            }
+
+    def next_task(self, site: Site, after: int, wait: float) -> dict[str, Any]:
+        deadline = time.monotonic() + min(wait, POLL_SECONDS)
+        with self.lock:
+            while True:
+                site.last_seen = time.monotonic()
+                task = self.task
+                if self.aborted is not None:
+                    self.told.add(site.index)
+                    self.lock.notify_all()
+                    return {"kind": "abort", "reason": self.aborted}
+                if site.applied < self.completed and not _applies_next(task, site):
+                    # Behind (a late or rejoining site): fetch the missing rounds first.
+                    return {"kind": "catchup", "completed": self.completed, "id": after}
+                if task is not None and task.kind == "done":
+                    self.told.add(site.index)
+                    self.lock.notify_all()
+                    return {"kind": "done", "id": task.id}
+                if task is not None and task.id > after and site.index in task.sites:
+                    return {"kind": task.kind, "id": task.id, "round": task.round, **task.body}
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return {"kind": "wait", "id": after}
+                self.lock.wait(remaining)
+
+    def check_upload(self, site: Site, header: dict[str, Any]) -> tuple[Task, Stamp]:
+        """The task an upload answers and the stamp its payload must carry, or PayloadError."""
+        with self.lock:
+            task = self.task
+            if task is None or header.get("task") != task.id or task.kind not in ("train", "seal"):
+                raise PayloadError("upload answers no current task: stale or replayed", "stale")
+            if site.index not in task.sites:
+                raise PayloadError(f"site {site.name} is not asked for this round", "not-in-round")
+            if site.index in task.delivered:
+                raise PayloadError(
+                    f"site {site.name} already delivered for this task; a duplicate or "
+                    "replayed contribution is refused",
+                    "duplicate",
+                )
+        roster = len(self.sites)
+        stamp = Stamp(self.job, task.round, site.index, roster)
+        return task, stamp.scales() if task.kind == "train" else stamp
+
+    def deliver(self, task: Task, upload: Upload) -> None:
+        with self.lock:
+            if self.task is not task or upload.index in task.delivered:
+                raise PayloadError("the task this upload answers is over", "stale")
+            task.delivered.add(upload.index)
+        try:
+            self.inbox.put(upload, timeout=600)
+        except queue.Full as err:
+            raise PayloadError("the server is not taking payloads", "busy") from err
+
+    def report(self, site: Site, report: dict[str, Any]) -> None:
+        with self.lock:
+            site.applied = max(site.applied, int(report.get("applied", site.applied)))
+            task = self.task
+            if task is not None and report.get("task") == task.id and task.kind == "apply":
+                self.reports[site.index] = report
+            self.lock.notify_all()
+
+    def download(self, round_num: int, what: str) -> bytes:
+        with self.lock:
+            held = self.aggregates.get((round_num, what))
+        if held is not None:
+            return held
+        if not 1 <= round_num <= self.completed:
+            raise PayloadError(f"round {round_num} has no aggregate yet", "not-found")
+        update, scales = aggregate_paths(self.workdir, round_num)
+        chosen = scales if what == "scales" else update
+        try:
+            return chosen.read_bytes()
+        except FileNotFoundError as err:
+            raise PayloadError(f"round {round_num} has no {what} aggregate", "not-found") from err
+
+    def status(self) -> dict[str, Any]:
+        with self.lock:
+            return {
+                "project": self.kit.project,
+                "job": self.config.get("job_name"),
+                "job_id": self.job.hex(),
+                "rounds": self.config.get("rounds"),
+                "completed": self.completed,
+                "phase": self.phase,
+                "aborted": self.aborted,
+                "sites": [
+                    {
+                        "name": s.name,
+                        "connected": self._alive(s),
+                        "applied": s.applied,
+                        "samples": s.samples,
+                    }
+                    for s in self.sites
+                ],
+                "history": self.history[-5:],
+                "refusals": self.refusals[-10:],
+            }
+
+    def abort(self, reason: str) -> None:
+        with self.lock:
+            self.aborted = reason
+            self.lock.notify_all()
+
+    def refused(self, site: Site | None, err: PayloadError) -> None:
+        with self.lock:
+            who = site.name if site is not None else "unknown peer"
+            self.refusals.append(f"{time.strftime('%H:%M:%S')} {who}: {err.reason}: {err}")
+
+
+def _applies_next(task: Task | None, site: Site) -> bool:
+    """Whether the current task is this site's next round to apply."""
+    return (
+        task is not None
+        and task.kind == "apply"
+        and site.index in task.sites
+        and task.round == site.applied + 1
+    )
