@@ -85,12 +85,6 @@ class Client:
         """Whether this client's codec needs the round's scale exchange."""
         return self.cipher.sum_limit is not None
 
-    def fit(self, plan: RoundPlan) -> FitReply:
-        """Train and encrypt in one go: for a codec without a scale exchange (plaintext)."""
-        if self.train(plan) is not None:
-            raise PayloadError("this codec needs the round's scale exchange before sealing")
-        return self.seal(plan.round, None)
-
     def train(self, plan: RoundPlan) -> bytes | None:
         """Step 1 of a round: train from the global model, flatten, weight; keep the update.
 

@@ -35,10 +35,6 @@ class CkksParams:
     poly_modulus_degree: int = 8192
     coeff_mod_bit_sizes: tuple[int, ...] = (60, 60)
 
-    @property
-    def slots(self) -> int:
-        return self.poly_modulus_degree // 2
-
 
 @dataclass(frozen=True)
 class RunConfig:
