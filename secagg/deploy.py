@@ -168,17 +168,20 @@ def participate(
     site = Site(connection, client, joined, folder, log)
     log(f"joined job '{config.job_name}' as {kit.name} ({len(train)} training examples)")
     parameters = sum(p.numel() for p in client.model.parameters())
-    while True:
-        try:
-            again = join(connection, len(train), site.applied, wait, log, parameters)
-            if again.job != joined.job:
-                raise CheckpointError(
-                    "the server now runs another job; start this client again to join it"
-                )
-            site.joined = again
-            return site.run()
-        except ServerGone as err:
-            log(f"lost the server ({err}); reconnecting")
+    try:
+        while True:
+            try:
+                again = join(connection, len(train), site.applied, wait, log, parameters)
+                if again.job != joined.job:
+                    raise CheckpointError(
+                        "the server now runs another job; start this client again to join it"
+                    )
+                site.joined = again
+                return site.run()
+            except ServerGone as err:
+                log(f"lost the server ({err}); reconnecting")
+    finally:
+        connection.close()
 
 
 def run_local(config: RunConfig, log: Callable[[str], None] = lambda line: None) -> RunResult:

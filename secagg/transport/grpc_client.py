@@ -191,7 +191,10 @@ class Site:
                         f"round {task['round']}: the server refused this site's payload: {err}"
                     )
         finally:
+            # Let a heartbeat in flight finish: a gRPC call cut off by the interpreter's exit
+            # can abort the process.
             stop.set()
+            beat.join(timeout=15)
 
     def catch_up(self, completed: int) -> None:
         """Apply every round this site missed, in order, from the server's chain."""
@@ -269,7 +272,7 @@ class Site:
     def _heartbeat(self, stop: threading.Event) -> None:
         while not stop.wait(HEARTBEAT_SECONDS):
             try:
-                self.connection.call("Ping", {}, timeout=10)
+                self.connection.call("Ping", {}, timeout=5)
             except SecAggError:
                 continue
 
