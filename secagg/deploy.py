@@ -306,6 +306,8 @@ def admin_call(kit_dir: str | Path, method: str, message: dict[str, Any]) -> dic
     try:
         return connection.call(method, message, timeout=20)
     except ServerGone as err:
-        raise ServerGone(f"no server at {kit.server}: {err}") from err
+        raise ServerGone(
+            f"no server answers at {kit.server}; is 'secagg server' running there? ({err})"
+        ) from err
     finally:
         connection.close()
