@@ -150,14 +150,7 @@ def run(job: str | None, resume: bool, no_tracking: bool, **flags: Any) -> None:
         from secagg.job import run_job
 
         result = run_job(config, resume_dir=resume_dir, on_round=_progress(config.rounds))
-    parameters = f" ({result.num_parameters:,} parameters)" if result.num_parameters else ""
-    click.echo(
-        f"done: final accuracy {result.final_accuracy:.4f} after {len(result.rounds)} rounds "
-        f"in {result.seconds:.1f}s{parameters}"
-    )
-    click.echo(f"  results: {result.output_dir / 'results.json'}")
-    click.echo(f"  model:   {result.output_dir / 'model.pt'}")
-    _mlflow_lines(result)
+    _summary(result, model=True)
 
 
 def _progress(total: int) -> Callable[[Any], None]:
@@ -172,7 +165,16 @@ def _progress(total: int) -> Callable[[Any], None]:
     return show
 
 
-def _mlflow_lines(result: Any) -> None:
+def _summary(result: Any, model: bool) -> None:
+    """The closing lines of a run: final accuracy, where the results went, MLflow."""
+    parameters = f" ({result.num_parameters:,} parameters)" if result.num_parameters else ""
+    click.echo(
+        f"done: final accuracy {result.final_accuracy:.4f} after {len(result.rounds)} rounds "
+        f"in {result.seconds:.1f}s{parameters}"
+    )
+    click.echo(f"  results: {result.output_dir / 'results.json'}")
+    if model:
+        click.echo(f"  model:   {result.output_dir / 'model.pt'}")
     if result.mlflow_run_id:
         click.echo(
             f"  MLflow run {result.mlflow_run_id} in {result.tracking_uri}\n"
@@ -282,12 +284,7 @@ def server(
         on_round=_progress(config.rounds),
         log=click.echo,
     )
-    click.echo(
-        f"done: final accuracy {result.final_accuracy:.4f} after {len(result.rounds)} rounds "
-        f"in {result.seconds:.1f}s"
-    )
-    click.echo(f"  results: {result.output_dir / 'results.json'}")
-    _mlflow_lines(result)
+    _summary(result, model=False)  # the server cannot decrypt: it holds no model
 
 
 @main.command()

@@ -17,6 +17,7 @@ example in ``--data-dir`` (a real site with its own data).
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -258,7 +259,7 @@ def run_local(config: RunConfig, log: Callable[[str], None] = lambda line: None)
     model = output / "sites" / sites[0] / "model.pt"
     if model.exists():
         (output / "model.pt").write_bytes(model.read_bytes())
-    return _result(output)
+    return RunResult.from_dict(json.loads((output / RESULTS_FILE).read_text()), output)
 
 
 def _relay(proc: subprocess.Popen[str], lines: list[str], log: Callable[[str], None]) -> None:
@@ -271,24 +272,6 @@ def _relay(proc: subprocess.Popen[str], lines: list[str], log: Callable[[str], N
         summary = summary or line.startswith("done: ")
         if not summary:
             log(line.rstrip())
-
-
-def _result(output: Path) -> RunResult:
-    import json
-
-    data = json.loads((output / RESULTS_FILE).read_text())
-    config = RunConfig(**data["config"])
-    history = [RoundMetrics(**m) for m in data["rounds"]]
-    mlflow = data.get("mlflow", {})
-    return RunResult(
-        config,
-        output,
-        history,
-        data.get("num_parameters"),
-        mlflow.get("tracking_uri"),
-        mlflow.get("run_id"),
-        float(data.get("seconds", 0.0)),
-    )
 
 
 def _free_port() -> int:

@@ -55,6 +55,20 @@ class RunResult:
             "rounds": [m.to_dict() for m in self.rounds],
         }
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], output_dir: Path) -> RunResult:
+        """Inverse of ``to_dict``: a run's result read back from its ``results.json``."""
+        mlflow = data.get("mlflow", {})
+        return cls(
+            RunConfig(**data["config"]),
+            output_dir,
+            [RoundMetrics(**m) for m in data["rounds"]],
+            data.get("num_parameters"),
+            mlflow.get("tracking_uri"),
+            mlflow.get("run_id"),
+            float(data.get("seconds", 0.0)),
+        )
+
 
 def new_output_dir(config: RunConfig) -> Path:
     """``runs/<time>-<job>-<he|plain>`` unless the config names one."""

@@ -22,10 +22,6 @@ ROUND_OFFSET = 4 + 4 + 16 + 16
 SENDER_OFFSET = ROUND_OFFSET + 4
 
 
-def codec_of(server: CkksServer | PlainCipher) -> envelope.Codec:
-    return server.codec
-
-
 def body_of(payload: bytes) -> tuple[bytes, int, int, int, memoryview]:
     """(header, values, blob count, blob size, body) of any well-formed payload, unchecked."""
     head = payload[: envelope.HEADER_SIZE]
@@ -58,7 +54,7 @@ def forge_aggregate(
     if isinstance(server, PlainCipher):
         total = total.astype("<f4")
     return envelope.to_bytes(
-        codec_of(server),
+        server.codec,
         envelope.AGGREGATE,
         round_stamp.for_sender(SERVER),
         values,
