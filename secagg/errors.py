@@ -38,3 +38,8 @@ class DatasetError(SecAggError):
 
 class CheckpointError(SecAggError):
     """A run directory cannot be resumed."""
+
+
+class TaskError(SecAggError):
+    """The user's task raised, or returned something secagg cannot use; the message names the
+    site and the task's method."""

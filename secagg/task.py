@@ -1,0 +1,210 @@
+"""The user's side of a federated job: a *task* says how to build the model, where a client's
+data is, how to train one round and how to evaluate. secagg calls it; it never sees a
+ciphertext.
+
+Subclass ``Task`` and override its four methods::
+
+    class XRay(secagg.Task):
+        def __init__(self, image_size: int = 224):          # the job's [task_settings] table
+            self.image_size = image_size
+
+        def build_model(self) -> nn.Module:                 # torch is seeded first: the same
+            return torchvision.models.resnet18(num_classes=2)  # weights on every client
+
+        def load_data(self, site: secagg.Site) -> Any:      # anything; handed back below
+            return DataLoader(ImageFolder(site.data_dir / "train"), batch_size=32)
+
+        def train(self, model, data, ctx: secagg.RoundContext) -> secagg.TrainResult:
+            ...  # the user's own loop, on ctx.device
+            return secagg.TrainResult(num_samples=len(data.dataset), metrics={"loss": loss})
+
+        def evaluate(self, model, data, ctx) -> secagg.EvalResult | None:
+            return secagg.EvalResult(loss, num_samples, {"auc": auc})
+
+A job file names the task by import path (``task = "chest.task:XRay"``) with its settings in a
+``[task_settings]`` table, passed to the constructor as keyword arguments. Around the task, the
+client (``secagg.client``) owns everything federated: it loads the global model before each
+round, flattens the trained model, weights its change by the sample count ``train`` reported,
+encrypts, and after the round decrypts and loads the new global model.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from secagg.errors import ConfigError, TaskError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from secagg.config import RunConfig
+
+
+@dataclass(frozen=True)
+class Site:
+    """Who a client is, for ``Task.load_data``.
+
+    ``index`` is its position in the roster (0 .. ``clients`` - 1) and ``name`` its site name
+    (``site-1`` .. in a simulation, the certificate's name in a deployment). ``partition`` is
+    True when ``data_dir`` holds every client's data and this client should take its own part
+    of it (a simulation, or ``secagg client --shard auto``); False when ``data_dir`` is this
+    site's own data (``secagg client --shard all``). ``seed`` is the job's seed and
+    ``settings`` the job's ``[task_settings]`` table.
+    """
+
+    index: int
+    name: str
+    clients: int
+    data_dir: Path
+    partition: bool = True
+    seed: int = 0
+    download: bool = False
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RoundContext:
+    """What a task's ``train`` and ``evaluate`` know about the round.
+
+    ``round`` counts from 1 to ``rounds``. ``config`` is the job (``local_epochs``,
+    ``batch_size``, ``lr``, ``optimizer``, ``momentum`` are there for tasks that want them).
+    ``seed`` is derived from the job's seed, the round and the client: torch's global
+    generator is seeded from it before ``train`` runs, and ``generator()`` gives a generator
+    for shuffling (``DataLoader(..., generator=ctx.generator())``), so a resumed run trains
+    exactly as an uninterrupted one.
+    """
+
+    round: int
+    rounds: int
+    site: Site
+    device: torch.device
+    seed: int
+    config: RunConfig
+
+    def generator(self) -> torch.Generator:
+        """A fresh torch generator for this client and round (the same on every call)."""
+        import torch
+
+        generator = torch.Generator().manual_seed(self.seed)
+        torch.randint(0, 2**31 - 1, (1,), generator=generator)  # the draw that seeded torch
+        return generator
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one round of local training reports.
+
+    ``num_samples`` is the FedAvg weight (how many training examples the round used, usually
+    the size of the local training set); ``metrics`` are any numbers to log (``loss`` is shown
+    as the round's train loss).
+    """
+
+    num_samples: int
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """The global model on a client's test data: its mean ``loss``, the ``num_samples`` it
+    averaged over, and any named ``metrics`` (``accuracy``, ``auc``, ``dice``...). secagg
+    averages every number over the evaluating clients, weighted by ``num_samples``."""
+
+    loss: float
+    num_samples: int
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+class Task:
+    """A federated job's model, data, training and evaluation. Subclass it; see the module."""
+
+    def build_model(self) -> nn.Module:
+        """A new model. secagg seeds torch with the job's seed first, so every client gets the
+        same initial weights (or loads the job's ``initial_model`` file over them)."""
+        raise NotImplementedError(f"{type(self).__name__} must define build_model()")
+
+    def load_data(self, site: Site) -> Any:
+        """This client's data, in any form ``train`` and ``evaluate`` accept (DataLoaders,
+        Datasets...). Called once per client; keep it lazy for data larger than memory."""
+        raise NotImplementedError(f"{type(self).__name__} must define load_data(site)")
+
+    def train(self, model: nn.Module, data: Any, ctx: RoundContext) -> TrainResult:
+        """Train ``model`` (the global model, already on ``ctx.device``) for one round."""
+        raise NotImplementedError(f"{type(self).__name__} must define train(model, data, ctx)")
+
+    def evaluate(self, model: nn.Module, data: Any, ctx: RoundContext) -> EvalResult | None:
+        """Evaluate the global model on this client's test data; None if it has none."""
+        return None
+
+
+def load_task(path: str, settings: Mapping[str, Any] | None = None) -> Task:
+    """The task named by ``path`` (``package.module:Name``), built with ``settings``.
+
+    ``Name`` may be a Task subclass or a function returning a Task; either is called with the
+    settings as keyword arguments. Raises ConfigError naming the part that did not resolve.
+    """
+    module_name, sep, attribute = path.partition(":")
+    if not sep or not module_name or not attribute:
+        raise ConfigError(
+            f"task {path!r} is not an import path; write it as 'package.module:TaskClass'"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name is not None and module_name.startswith(err.name):
+            raise ConfigError(
+                f"task {path!r}: no module named {err.name!r}; install its package or add its "
+                "folder to PYTHONPATH"
+            ) from err
+        raise ConfigError(f"task {path!r}: importing {module_name} failed: {err}") from err
+    except Exception as err:
+        raise ConfigError(
+            f"task {path!r}: importing {module_name} failed: {type(err).__name__}: {err}"
+        ) from err
+    target: Any = module
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise ConfigError(f"task {path!r}: module {module_name} has no {attribute!r}")
+        target = getattr(target, part)
+    return make_task(target, settings or {}, path)
+
+
+def make_task(target: Any, settings: Mapping[str, Any], name: str) -> Task:
+    """A Task from a Task instance, a Task subclass or a factory, given its settings."""
+    if isinstance(target, Task):
+        if settings:
+            raise ConfigError(
+                f"task {name!r} is an object, not a class: it takes no task_settings"
+            )
+        return target
+    if not callable(target):
+        raise ConfigError(f"task {name!r} is not a Task subclass, a Task or a function")
+    try:
+        inspect.signature(target).bind(**settings)
+    except TypeError as err:
+        raise ConfigError(
+            f"task {name!r} does not take these task_settings ({err}); its parameters: "
+            f"{inspect.signature(target)}"
+        ) from err
+    except ValueError:
+        pass  # no signature to check (a builtin): let the call say
+    try:
+        task = target(**settings)
+    except Exception as err:
+        raise TaskError(f"task {name!r} failed to start: {type(err).__name__}: {err}") from err
+    if not isinstance(task, Task):
+        raise ConfigError(
+            f"task {name!r} gave a {type(task).__name__}, not a secagg.Task; subclass "
+            "secagg.Task"
+        )
+    return task
+
+
+def task_name(task: Task) -> str:
+    """How messages name a task: its class."""
+    return type(task).__name__
