@@ -185,9 +185,9 @@ def probe(role: str, config_file: Path, payload_file: Path) -> dict[str, float]:
 
     stamp = Stamp(bytes(16), 1, SERVER, config.clients)
     if role == "client":
+        from secagg.builtin import task_for
         from secagg.client import Client, resolve_device
         from secagg.job import simulated_site
-        from secagg.task import task_for
 
         make_cipher = crypto.for_client(config.he, config.keys_dir, config.plain_precision)
         site = simulated_site(config, 0)

@@ -345,8 +345,8 @@ def test_an_initial_model_file_is_where_every_client_starts(
     start = tmp_path / "start.pt"
     torch.save(model.state_dict(), start)
     config = _config(tmp_path, session_keys, initial_model=str(start), rounds=1)
+    from secagg.builtin import task_for
     from secagg.job import build_clients
-    from secagg.task import task_for
 
     clients = build_clients(config, task_for(config))
     assert all(torch.equal(c.model[0].weight, torch.full((16, 6), 0.25)) for c in clients)
