@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from secagg.errors import PayloadError
 from secagg.flatten import Layout
 
 #: Values per block: one quantization step each. Blocks never straddle two tensors.
@@ -60,8 +61,17 @@ def steps(summed: np.ndarray, clients: int, limit: int) -> np.ndarray:
     """Each block's step from the summed histograms of ``clients`` clients.
 
     ``limit`` is the largest magnitude a summed integer may reach (the packed digit's).
+    Refuses (PayloadError ``bad-scales``) histograms no ``clients`` honest clients could sum
+    to: each client adds one count per block, so every block's counts are non-negative and
+    add up to ``clients``.
     """
     counts = summed.reshape(-1, BINS)
+    if counts.size and (counts.min() < 0 or np.any(counts.sum(axis=1) != clients)):
+        raise PayloadError(
+            f"the summed scale histograms are not {clients} non-negative counts per block: "
+            "the scale aggregate was tampered with",
+            "bad-scales",
+        )
     # Exact products summed in numpy's fixed pairwise order (not BLAS, whose order varies by
     # machine): every client derives bit-identical steps.
     bound = np.sum(counts * np.exp2(np.arange(E_MIN, E_MAX + 1, dtype=np.float64)), axis=1)
