@@ -65,7 +65,9 @@ class MacKey:
         tag = self._tag(stamp, digits, whole)
         return np.array([tag & _LIMB_MASK, tag >> _LIMB], dtype=np.float64)
 
-    def verify(self, stamp: Stamp, digits: np.ndarray, whole: np.ndarray, limbs: np.ndarray) -> None:
+    def verify(
+        self, stamp: Stamp, digits: np.ndarray, whole: np.ndarray, limbs: np.ndarray
+    ) -> None:
         """Refuse (PayloadError ``forged``) a decrypted sum whose summed tag does not match.
 
         ``digits`` and ``whole`` are the decrypted, summed entries, ``limbs`` the summed tag

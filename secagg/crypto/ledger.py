@@ -23,12 +23,11 @@ change everything anyway, so there the ledger only catches accidents.
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TypeVar
-
-import hashlib
-import struct
 
 import numpy as np
 
