@@ -131,7 +131,14 @@ class CkksClient:
         n_slots = PACKED.slots_for(n + roster, TAIL)
         slots = self._pool.decrypt(self._context, coefficients, n_slots, self._shape)
         tolerance = PACKED.tolerance(self._shape.poly_modulus_degree, len(opened.contributors))
-        digits, tail = PACKED.unpack(slots, n + roster, TAIL, tolerance)
+        try:
+            digits, tail = PACKED.unpack(slots, n + roster, TAIL, tolerance)
+        except PayloadError as err:
+            if err.reason == "out-of-range":
+                # A duplicated update overflows digits too: let the tally name it if it can.
+                loose, _ = PACKED.unpack(slots, n + roster, TAIL, tolerance, check_range=False)
+                ledger.check_tally(loose[n:], stamp, opened.contributors)
+            raise
         return ledger.settle(
             digits[:n], digits[n:], tail, stamp, opened.contributors, mac=self._mac
         )

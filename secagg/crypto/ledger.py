@@ -104,30 +104,7 @@ def settle(
     """
     limbs = tail[TAIL:]
     tail = tail[:TAIL]
-    listed = np.zeros(stamp.roster)
-    listed[list(contributors)] = 1.0
-    counts = np.rint(tally)
-    if not np.array_equal(counts, listed):
-        missing = [int(i) for i in np.flatnonzero((listed == 1) & (counts == 0))]
-        twice = [int(i) for i in np.flatnonzero(counts > 1)]
-        unlisted = [int(i) for i in np.flatnonzero((listed == 0) & (counts == 1))]
-        if twice:
-            raise PayloadError(
-                f"the aggregate holds client(s) {twice} more than once: a contribution was "
-                "duplicated",
-                "duplicate",
-            )
-        if missing:
-            raise PayloadError(
-                f"the aggregate lacks the update of client(s) {missing} although the server "
-                "lists them: a contribution was dropped",
-                "dropped",
-            )
-        detail = f"client(s) {unlisted} unlisted" if unlisted else "a tally that is not 0 or 1"
-        raise PayloadError(
-            f"the aggregate's contributor tally does not match the server's list ({detail})",
-            "tampered",
-        )
+    check_tally(tally, stamp, contributors)
     weight_units, clipped, rounds = (float(v) for v in np.rint(tail))
     tag = round_tag(stamp)
     # Exact for the packed codec; plaintext float32 rounds the sum, and every client the same.
@@ -155,6 +132,35 @@ def settle(
     elif limbs.size:
         raise PayloadError(f"the aggregate's ledger has {limbs.size} extra values", "malformed")
     return Aggregate(values, weight, int(clipped), contributors)
+
+
+def check_tally(tally: np.ndarray, stamp: Stamp, contributors: tuple[int, ...]) -> None:
+    """Refuse a summed tally that does not count each listed contributor exactly once,
+    naming a duplicated, dropped or unlisted contribution."""
+    listed = np.zeros(stamp.roster)
+    listed[list(contributors)] = 1.0
+    counts = np.rint(tally)
+    if not np.array_equal(counts, listed):
+        missing = [int(i) for i in np.flatnonzero((listed == 1) & (counts == 0))]
+        twice = [int(i) for i in np.flatnonzero(counts > 1)]
+        unlisted = [int(i) for i in np.flatnonzero((listed == 0) & (counts == 1))]
+        if twice:
+            raise PayloadError(
+                f"the aggregate holds client(s) {twice} more than once: a contribution was "
+                "duplicated",
+                "duplicate",
+            )
+        if missing:
+            raise PayloadError(
+                f"the aggregate lacks the update of client(s) {missing} although the server "
+                "lists them: a contribution was dropped",
+                "dropped",
+            )
+        detail = f"client(s) {unlisted} unlisted" if unlisted else "a tally that is not 0 or 1"
+        raise PayloadError(
+            f"the aggregate's contributor tally does not match the server's list ({detail})",
+            "tampered",
+        )
 
 
 def admit(

@@ -148,7 +148,13 @@ class PackedParams:
         return min(_MAX_OFF_INTEGER, _TOLERANCE_SIGMAS * noise)
 
     def unpack(
-        self, slots: np.ndarray, values: int, tail: int, tolerance: float = _MAX_OFF_INTEGER
+        self,
+        slots: np.ndarray,
+        values: int,
+        tail: int,
+        tolerance: float = _MAX_OFF_INTEGER,
+        *,
+        check_range: bool = True,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Decrypted slot values back to the summed integers (values, tail), as float64.
 
@@ -157,6 +163,7 @@ class PackedParams:
         Refuses a slot whose digits leave the summed range ``[-digit_limit, digit_limit)`` or
         whose padding is not zero: no honest sum makes one, and each slot then decodes to one
         set of digits (so the integrity tag sees every entry as it was summed).
+        ``check_range=False`` decodes such a slot anyway, only to diagnose it.
         """
         slots = np.asarray(slots, dtype=np.float64)
         if slots.shape != (self.slots_for(values, tail),):
@@ -187,9 +194,12 @@ class PackedParams:
         flat = digits.reshape(-1)
         limit = self.digit_limit
         # The lower digits are within [-limit, limit] by construction; +limit (a tie rounded
-        # to even) and a top digit beyond the range are what only a forged sum decodes to.
-        if flat.size and (
-            not flat.max() < limit or not flat.min() >= -limit or np.any(flat[values:])
+        # to even) and a top digit beyond the range are what only an overflowing or forged sum
+        # decodes to.
+        if (
+            check_range
+            and flat.size
+            and not (flat.max() < limit and flat.min() >= -limit and not np.any(flat[values:]))
         ):
             raise PayloadError(
                 "aggregate holds a packed digit outside the summed range, or non-zero padding: "
