@@ -166,7 +166,7 @@ def random_bytes(s: Setup, rng: random.Random) -> Case:
     size = rng.choice([0, 4, 31, 100, envelope.HEADER_SIZE + 32, len(base)])
     data = rng.randbytes(size)
     if rng.random() < 0.5 and size >= 5:  # random bytes behind a valid magic and version
-        data = b"SAGG\x02" + data[5:]
+        data = b"SAGG" + bytes([envelope.VERSION]) + data[5:]
     return "random", target, data
 
 
