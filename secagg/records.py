@@ -149,7 +149,13 @@ class RunRecords:
 
     def checkpoint(self, server: Server, round_num: int, aggregates: RoundAggregates) -> None:
         """Make a round's aggregates durable (before any client applies them)."""
-        server.checkpoint(round_num, aggregates.update, aggregates.scales, self._state())
+        server.checkpoint(
+            round_num,
+            aggregates.update,
+            aggregates.scales,
+            self._state(),
+            encrypted=self.config.he,
+        )
 
     def after_round(self, server: Server, metrics: RoundMetrics) -> None:
         """Record a finished round's metrics everywhere."""
