@@ -1,7 +1,7 @@
 """HE vs plaintext FedAvg, side by side, on one job with the same seed, partition and model.
 
     python bench/compare_he.py            # headline: ModerateCNN (3.5M params), 8 clients, ~20 min
-    python bench/compare_he.py --quick    # the small digits MLP, about a minute
+    python bench/compare_he.py --quick    # the small digits MLP, 3 timed repeats, a few minutes
 
 Timing: an untimed warm-up (one round of the job per mode, so imports, data, worker processes
 and caches are ready) comes first; then the pair is run ``--repeats`` times (3 with
@@ -62,7 +62,7 @@ STEPS = ("train", "flatten", "scales", "encrypt", "serialize", "aggregate", "dec
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--job", type=Path, help="TOML job file (default: the headline job)")
-    parser.add_argument("--quick", action="store_true", help="small digits MLP job, about a minute")
+    parser.add_argument("--quick", action="store_true", help="the digits MLP job, 3 repeats")
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--clients", type=int)
     parser.add_argument("--dataset")
