@@ -139,6 +139,7 @@ class RunRecords:
         self.result = RunResult(config, output, history, None, None, state.get("mlflow_run_id"))
         #: seconds the earlier sessions of a resumed run took, up to its last recorded round
         self.earlier_seconds = float(state.get("seconds", 0.0))
+        self.result.run_name = state.get("run_name")
         self.tracker: Tracker | None = None
         self._description = ""
 
@@ -157,7 +158,8 @@ class RunRecords:
         self._description = description(result)
         run_tags = {**tags_for(config), **self.tags, DESCRIPTION_TAG: self._description}
         params = _params(config, num_parameters)
-        result.run_name = run_name(config, self.started_at)
+        # a resumed run keeps the name MLflow knows it by
+        result.run_name = result.run_name or run_name(config, self.started_at)
         result.mlflow_run_id = self.tracker.start(
             params, run_tags, result.run_name, start_time=self.started_at
         )
@@ -221,6 +223,7 @@ class RunRecords:
             "history": [m.to_dict() for m in self.result.rounds],
             "job_id": self.job_id.hex(),
             "mlflow_run_id": self.result.mlflow_run_id,
+            "run_name": self.result.run_name,
             "seconds": self.elapsed(),
         }
 

@@ -84,13 +84,21 @@ def test_resumed_run_adds_the_earlier_sessions_seconds(tmp_path, session_keys) -
     def stop(metrics) -> None:  # type: ignore[no-untyped-def]
         raise Stop
 
-    config = RunConfig(clients=2, rounds=2, tracking=False, output_dir=str(tmp_path / "run"))
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = RunConfig(clients=2, rounds=2, tracking_uri=uri, output_dir=str(tmp_path / "run"))
     with pytest.raises(Stop):
         run_job(config, on_round=stop)
-    before = json.loads((tmp_path / "run" / "state.json").read_text())["seconds"]
-    assert before > 0
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert state["seconds"] > 0
     resumed = run_job(config, resume_dir=tmp_path / "run")
-    assert resumed.seconds > before
+    assert resumed.seconds > state["seconds"]
+    # still one MLflow run, under its first name, holding the whole run's seconds
+    run = MlflowClient(tracking_uri=uri).get_run(str(resumed.mlflow_run_id))
+    assert resumed.mlflow_run_id == state["mlflow_run_id"]
+    assert run.info.run_name == resumed.run_name == state["run_name"]
+    assert run.data.metrics["run_seconds"] == pytest.approx(resumed.seconds)
 
 
 def test_ui_urls_have_mlflows_shape() -> None:
