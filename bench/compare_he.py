@@ -326,6 +326,9 @@ def summarize(runs: Runs, memory: dict[str, Any], keys_dir: Path | None = None) 
             "difference_points": 100 * (h.accuracy - p.accuracy),
             "float64_accuracy": f.accuracy if f is not None else None,
             "floor_points": 100 * (f.accuracy - p.accuracy) if f is not None else None,
+            # the task's own evaluation metrics (accuracy, auc, dice...), both runs
+            "plain_metrics": _evaluated(p.metrics),
+            "he_metrics": _evaluated(h.metrics),
         }
         for p, h, f in zip(plain.rounds, he.rounds, floor, strict=True)
     ]
@@ -394,6 +397,17 @@ def summarize(runs: Runs, memory: dict[str, Any], keys_dir: Path | None = None) 
         "memory_mb": memory,
         "machine": _machine(),
     }
+
+
+def _evaluated(metrics: dict[str, float]) -> dict[str, float]:
+    """A round's evaluation metrics of the task (its training metrics left out)."""
+    return {k: v for k, v in metrics.items() if not k.startswith("train_")}
+
+
+def _task_metrics(report: dict[str, Any]) -> list[str]:
+    """The task's evaluation metrics other than accuracy, which has its own column."""
+    names = report["rounds"][0]["plain_metrics"] if report["rounds"] else {}
+    return [name for name in names if name != "accuracy"]
 
 
 def _ratio(plain: list[float], he: list[float]) -> dict[str, Any]:
@@ -522,6 +536,22 @@ def to_markdown(report: dict[str, Any]) -> str:
             f"{row['difference_points']:+.2f} | "
             f"{'-' if floor is None else f'{floor:+.2f}'} |"
         )
+    names = _task_metrics(report)
+    if names:
+        lines += [
+            "",
+            "The task's own metrics per round (averaged over the evaluating clients):",
+            "",
+            "| round | " + " | ".join(f"{n} plaintext | {n} HE" for n in names) + " |",
+            "| ---: |" + " ---: | ---: |" * len(names),
+        ]
+        for row in report["rounds"]:
+            cells = " | ".join(
+                f"{row['plain_metrics'].get(n, float('nan')):.4f} | "
+                f"{row['he_metrics'].get(n, float('nan')):.4f}"
+                for n in names
+            )
+            lines.append(f"| {row['round']} | {cells} |")
     if report["memory_mb"]:
         lines += [
             "",
@@ -611,7 +641,14 @@ def plot(report: dict[str, Any], path: Path) -> Path:
     if report["rounds"][0]["float64_accuracy"] is not None:
         float64_run = [r["float64_accuracy"] for r in report["rounds"]]
         acc.plot(rounds, float64_run, "^:", label="plaintext, float64 updates")
-    acc.set(title="global test accuracy", xlabel="round", ylabel="accuracy")
+    for name in _task_metrics(report):
+        for key, style, label in (
+            ("plain_metrics", "o-", "plaintext"),
+            ("he_metrics", "s--", "HE"),
+        ):
+            values = [r[key].get(name, float("nan")) for r in report["rounds"]]
+            acc.plot(rounds, values, style, label=f"{name}, {label}")
+    acc.set(title="global test metrics", xlabel="round", ylabel="accuracy and task metrics")
     acc.legend()
     labels = ["plaintext", "HE"]
     bottom = [0.0, 0.0]
