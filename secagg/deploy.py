@@ -26,15 +26,19 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from secagg import crypto
 from secagg.config import RunConfig, dump_job
 from secagg.errors import CheckpointError, ConfigError, SecAggError
-from secagg.provision import load_kit, provision
+from secagg.provision import Kit, load_kit, provision
 from secagg.records import RESULTS_FILE, RunRecords, RunResult, new_output_dir
 from secagg.rounds import RoundFailed, RoundMetrics
 from secagg.server import STATE_FILE, Server, load_checkpoint
+
+if TYPE_CHECKING:  # the server side of this module never imports torch
+    from secagg.client import Client
+    from secagg.transport.grpc_client import Joined
 
 #: Local settings a site keeps from its own command line, not from the server's job.
 SITE_LOCAL = ("data_dir", "download", "device", "keys_dir", "output_dir", "tracking")
@@ -124,45 +128,19 @@ def participate(
     log: Callable[[str], None] = lambda line: None,
 ) -> str:
     """Take part in the kit's job until it ends; return ``done`` or why it was aborted."""
-    from secagg import keys
-    from secagg.builtin import task_for
-    from secagg.client import Client, resolve_device
-    from secagg.task import Site as SiteInfo
-    from secagg.transport.grpc_client import (
-        Connection,
-        ServerGone,
-        Site,
-        check_keys,
-        join,
-        tell_failed,
-    )
+    from secagg.transport.grpc_client import Connection, ServerGone, Site, join, tell_failed
     from secagg.transport.grpc_wire import Hello
 
     if shard not in ("auto", "all"):
         raise ConfigError(f"--shard must be auto or all, not {shard!r}")
     kit = load_kit(kit_dir, "client")
-    secret = keys.load_for_client(kit.folder)
     connection = Connection(kit)
     try:
         joined = join(connection, Hello(), wait, log)
-        check_keys(joined, secret.fingerprint)
-        local = {"data_dir": data_dir, "download": download, "device": device}
-        config = RunConfig(**{**joined.config, **local, "keys_dir": str(kit.folder)})
-        config = replace(config, tracking=False).validate()
-        info = SiteInfo(
-            joined.index,
-            kit.name,
-            joined.roster,
-            Path(data_dir),
-            partition=shard == "auto",
-            seed=config.seed,
-            download=download,
-            settings=config.task_settings,
-        )
-        make_cipher = crypto.for_client(config.he, kit.folder, config.plain_precision)
         try:
-            client = Client(task_for(config), info, config, make_cipher, resolve_device(device))
+            config, client = _prepare(kit, joined, data_dir, download, device, shard == "auto")
         except SecAggError as err:
+            # Say why to the server, so it need not wait for this site.
             tell_failed(connection, str(err))
             raise
         folder = (
@@ -186,6 +164,35 @@ def participate(
                 log(f"lost the server ({err}); reconnecting")
     finally:
         connection.close()
+
+
+def _prepare(
+    kit: Kit, joined: Joined, data_dir: str, download: bool, device: str, partition: bool
+) -> tuple[RunConfig, Client]:
+    """The job as this site runs it, and its client: the job's task with this site's data."""
+    from secagg import keys
+    from secagg.builtin import task_for
+    from secagg.client import Client, resolve_device
+    from secagg.task import Site as SiteInfo
+    from secagg.transport.grpc_client import check_keys
+
+    local = {"data_dir": data_dir, "download": download, "device": device}
+    config = RunConfig(**{**joined.config, **local, "keys_dir": str(kit.folder)})
+    config = replace(config, tracking=False).validate()
+    if config.he:
+        check_keys(joined, keys.load_for_client(kit.folder).fingerprint)
+    info = SiteInfo(
+        joined.index,
+        kit.name,
+        joined.roster,
+        Path(data_dir),
+        partition=partition,
+        seed=config.seed,
+        download=download,
+        settings=config.task_settings,
+    )
+    make_cipher = crypto.for_client(config.he, kit.folder, config.plain_precision)
+    return config, Client(task_for(config), info, config, make_cipher, resolve_device(device))
 
 
 def _plain(name: str) -> str:
@@ -228,6 +235,10 @@ def run_local(config: RunConfig, log: Callable[[str], None] = lambda line: None)
         )
         threads = max(1, (os.cpu_count() or 1) // len(sites))
         site_env = {**env, "OMP_NUM_THREADS": str(threads), "SECAGG_WORKERS": "1"}
+        # Each site's own output goes to a log file of its own (a pipe nobody reads would
+        # block a talkative site); the server reports a failed site's reason by name.
+        (output / "sites").mkdir(exist_ok=True)
+        logs = [(output / "sites" / f"{site}.log").open("w") for site in sites]
         clients = [
             subprocess.Popen(
                 [
@@ -244,12 +255,12 @@ def run_local(config: RunConfig, log: Callable[[str], None] = lambda line: None)
                     "--shard",
                     "auto",
                 ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
+                stdout=site_log,
+                stderr=subprocess.STDOUT,
                 text=True,
                 env=site_env,
             )
-            for site in sites
+            for site, site_log in zip(sites, logs, strict=True)
         ]
         lines: list[str] = []
         try:
@@ -264,6 +275,8 @@ def run_local(config: RunConfig, log: Callable[[str], None] = lambda line: None)
                     proc.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+            for site_log in logs:
+                site_log.close()
         if code != 0:
             detail = lines[-1] if lines else f"exit code {code}"
             raise SecAggError(f"the server process failed: {detail}")
