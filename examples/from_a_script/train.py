@@ -72,9 +72,7 @@ def main() -> None:
     for epoch in range(1, 11):
         train_loss = train(model, train_loader, epochs=1, lr=0.05, device=device)
         test_loss, accuracy = test(model, test_loader, device)
-        print(
-            f"epoch {epoch}: loss {train_loss:.3f}, test loss {test_loss:.3f}, acc {accuracy:.3f}"
-        )
+        print(f"epoch {epoch}: train {train_loss:.3f}, test {test_loss:.3f}, acc {accuracy:.3f}")
 
 
 if __name__ == "__main__":
