@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
 HEADLINE_JOB = REPO / "jobs" / "bench_moderate_cnn.toml"
 QUICK_JOB = REPO / "jobs" / "digits.toml"
-STEPS = ("train", "flatten", "scales", "encrypt", "serialize", "aggregate", "decrypt", "evaluate")
+STEPS = ("train", "flatten", "scales", "encrypt", "aggregate", "decrypt", "evaluate")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -185,33 +185,32 @@ def probe(role: str, config_file: Path, payload_file: Path) -> dict[str, float]:
 
     stamp = Stamp(bytes(16), 1, SERVER, config.clients)
     if role == "client":
-        from secagg.data import load_dataset
-        from secagg.job import build_clients
-        from secagg.messages import RoundPlan
+        from secagg.client import Client, resolve_device
+        from secagg.job import simulated_site
+        from secagg.task import task_for
 
-        dataset = load_dataset(config.dataset, config.data_dir)
-        clients = build_clients(config, dataset, crypto.for_client(config))
-        total = sum(len(c.train_data) for c in clients)
-        client = clients[0]
-        del clients[1:]
+        make_cipher = crypto.for_client(config.he, config.keys_dir, config.plain_precision)
+        site = simulated_site(config, 0)
+        client = Client(task_for(config), site, config, make_cipher, resolve_device(config.device))
         idle = _rss_mb()
-        server_cipher = crypto.for_server(config)
-        scales = client.train(RoundPlan(stamp, total))
+        server_cipher = crypto.for_server(config.he, config.keys_dir, config.plain_precision)
+        trained = client.train(stamp)
         # The client's own payloads, summed alone, stand in for the round's aggregates.
-        if scales is not None:
-            scales = server_cipher.sum([scales], stamp.scales())
-        payload = client.seal(stamp, scales).payload
+        scales = None
+        if trained.scales is not None:
+            scales = server_cipher.sum([trained.scales], stamp.scales())
+        payload = client.seal(stamp, trained.num_samples, scales).payload
         client.apply(server_cipher.sum([payload], stamp), stamp, scales)
         peak = _peak_mb()
         # The server probe gets one payload per roster member (after the peak was read).
         # Ciphertexts look random whatever they hold, so zeros cost what an update does.
         zeros = Update(np.zeros(client.layout.size), 1.0 / config.clients)
         for sender in range(config.clients):
-            update = client.cipher.encrypt(zeros, stamp.for_sender(sender))
+            update = client.cipher.encrypt(zeros, stamp.for_sender(sender), scales)
             payload_file.with_name(f"{payload_file.name}.{sender}").write_bytes(update)
     else:
         # The server process never imports torch or TenSEAL, nor loads the secret key.
-        server_cipher = crypto.for_server(config)
+        server_cipher = crypto.for_server(config.he, config.keys_dir, config.plain_precision)
         idle = _rss_mb()
         files = [payload_file.with_name(f"{payload_file.name}.{i}") for i in range(config.clients)]
         size = files[0].stat().st_size

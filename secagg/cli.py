@@ -17,11 +17,11 @@ from secagg.config import (
     MODELS,
     OPTIMIZERS,
     TRANSPORTS,
-    CkksParams,
     RunConfig,
     load_job,
     with_overrides,
 )
+from secagg.crypto.params import CkksParams
 from secagg.errors import SecAggError
 
 
@@ -93,6 +93,17 @@ def keygen(out_dir: str, force: bool, poly_degree: str, coeff_bits: str) -> None
 @click.option(
     "--he/--no-he", default=None, help="Homomorphic-encryption aggregation (default off)."
 )
+@click.option(
+    "--task",
+    help="Your task by import path, package.module:TaskClass (default: the built-in "
+    "classification of --dataset and --model). Its settings go in the job file's "
+    "[task_settings] table.",
+)
+@click.option(
+    "--initial-model",
+    type=click.Path(dir_okay=False),
+    help="A state dict every party starts from (torch.save(model.state_dict(), path)).",
+)
 @click.option("--clients", type=click.IntRange(1, 1024))
 @click.option("--rounds", type=click.IntRange(min=1))
 @click.option("--local-epochs", type=click.IntRange(min=1))
@@ -138,9 +149,9 @@ def run(job: str | None, resume: bool, no_tracking: bool, **flags: Any) -> None:
     else:
         mode = "HE (CKKS)" if config.he else "plaintext FedAvg"
         where = "in one process" if config.transport == "inprocess" else "over gRPC on localhost"
+        what = f"task {config.task}" if config.task else f"{config.dataset}/{config.model}"
         click.echo(
-            f"secagg run: {config.dataset}/{config.model}, {config.clients} clients, "
-            f"{config.rounds} rounds, {mode}, {where}"
+            f"secagg run: {what}, {config.clients} clients, {config.rounds} rounds, {mode}, {where}"
         )
     if config.transport == "grpc":
         from secagg.deploy import run_local
@@ -149,20 +160,34 @@ def run(job: str | None, resume: bool, no_tracking: bool, **flags: Any) -> None:
     else:
         from secagg.job import run_job
 
-        result = run_job(config, resume_dir=resume_dir, on_round=_progress(config.rounds))
+        result = run_job(
+            config, resume_dir=resume_dir, on_round=_progress(config.rounds, config.he)
+        )
     _summary(result, model=True)
 
 
-def _progress(total: int) -> Callable[[Any], None]:
+def _progress(total: int, he: bool) -> Callable[[Any], None]:
+    """One line per round: the task's evaluation metrics, time, bytes, and for HE the time
+    spent encrypting, adding and decrypting."""
+
     def show(m: Any) -> None:
-        click.echo(
-            f"round {m.round:>3}/{total}  acc {m.accuracy:.4f}  loss {m.loss:.4f}  "
-            f"{m.round_seconds:6.2f}s  up {_mb(m.bytes_up)} down {_mb(m.bytes_down)}  "
-            f"enc {m.encrypt_seconds:.2f}s agg {m.aggregate_seconds:.2f}s "
-            f"dec {m.decrypt_seconds:.2f}s",
+        evaluated = {k: v for k, v in m.metrics.items() if not k.startswith("train_")}
+        shown = "".join(f"  {_SHORT.get(k, k)} {v:.4f}" for k, v in evaluated.items())
+        line = (
+            f"round {m.round:>3}/{total}{shown}  loss {m.loss:.4f}  {m.round_seconds:6.2f}s  "
+            f"up {_mb(m.bytes_up)} down {_mb(m.bytes_down)}"
         )
+        if he:
+            line += (
+                f"  enc {m.encrypt_seconds:.2f}s agg {m.aggregate_seconds:.2f}s "
+                f"dec {m.decrypt_seconds:.2f}s"
+            )
+        click.echo(line)
 
     return show
+
+
+_SHORT = {"accuracy": "acc"}
 
 
 def _summary(result: Any, model: bool) -> None:
@@ -244,6 +269,10 @@ def provision(
 @main.command()
 @click.argument("job", required=False, type=click.Path(dir_okay=False))
 @click.option("--kit", "kit_dir", required=True, type=click.Path(file_okay=False))
+@click.option(
+    "--task",
+    help="The task by import path, package.module:TaskClass; every site must be able to import it.",
+)
 @click.option("--workdir", type=click.Path(file_okay=False), help="Checkpoints and results.")
 @click.option("--bind", help="Address to listen on [all interfaces, the kit's port].")
 @click.option("--rounds", type=click.IntRange(min=1))
@@ -281,7 +310,7 @@ def server(
         workdir,
         bind,
         liveness,
-        on_round=_progress(config.rounds),
+        on_round=_progress(config.rounds, bool(config.he)),
         log=click.echo,
     )
     _summary(result, model=False)  # the server cannot decrypt: it holds no model

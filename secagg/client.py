@@ -1,162 +1,158 @@
-"""A federated client: train, flatten, weight; agree on steps, quantize, encrypt; decrypt, apply.
+"""A federated client: the user's task inside, the federated part around it.
 
-A client sends its *update* relative to the global model, ``p_i * (w_i - w_global)`` with
-``p_i = n_i / N`` (its share of the round's samples), and ``p_i`` itself. The server only adds
-(it needs no plaintext multiply), and every client divides the sum by the summed weight after
-decrypting: the divisor counts exactly the clients whose updates were summed, so a client that
-dropped out does not skew the average.
+The task (``secagg.task``) builds the model, loads this client's data, trains one round and
+evaluates; the client never trains. Around it the client owns what makes the round federated
+and private: it loads the global model before the task trains, flattens the trained model,
+keeps its change to the global model, weights it by its share of the round's samples
+(``p_i = n_i / N``, from the counts every client's ``train`` reported), encrypts it, and after
+the server has added every client's ciphertext, decrypts the sum, checks it, divides by the
+summed weight and loads the new global model. The server only adds (it needs no plaintext
+multiply), and the divisor counts exactly the clients whose updates were summed, so a client
+that dropped out does not skew the average.
 
-With an integer codec a round has two exchanges: first the clients agree on quantization steps
-(``secagg.quantize``: each encrypts how large its update is per block, the server adds), then
-each quantizes on those steps and sends its update. Every client holds the same global model,
-bit for bit: the decrypted aggregates are exact integers, identical on every client, and so is
-everything computed from them. A client that rejoins replays the rounds' aggregates (the
-update and its scales) to reach the same model.
+Every client holds the same global model, bit for bit: the packed codec's aggregates decrypt to
+exact integers, identical on every client, and so is everything computed from them. A client
+that rejoins replays the rounds' aggregates to reach the same model.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
 from torch import nn
 
-from secagg import quantize
+from secagg import messages
+from secagg.config import RunConfig
 from secagg.crypto import ClientCipher, Stamp, Update
-from secagg.data import Split
-from secagg.errors import PayloadError
-from secagg.flatten import flatten, unflatten
-from secagg.messages import ApplyReply, EvalReply, FitReply, RoundPlan
+from secagg.errors import ConfigError, PayloadError, SecAggError, TaskError
+from secagg.files import atomic_write
+from secagg.flatten import Layout, describe, flatten, unflatten
+from secagg.messages import (
+    ApplyReply,
+    EvalReply,
+    FitReply,
+    ModelSignature,
+    Seconds,
+    TrainReply,
+    first_difference,
+)
+from secagg.task import EvalResult, RoundContext, Site, Task, TrainResult
 
-
-@dataclass(frozen=True)
-class TrainSettings:
-    local_epochs: int
-    batch_size: int
-    optimizer: str
-    lr: float
-    momentum: float
-    seed: int
+T = TypeVar("T")
 
 
 @dataclass
-class Trained:
-    """A client's weighted update after training, waiting for the round's steps."""
+class _Trained:
+    """A client's change to the global model after training, until the round seals it."""
 
     stamp: Stamp
-    values: np.ndarray
-    weight: float
-    loss: float
-    seconds: dict[str, float]
+    change: np.ndarray
+    num_samples: int
 
 
 class Client:
-    """Holds one party's data, model and client-side cipher."""
+    """One party: its task and data, its copy of the global model, its client-side cipher."""
 
     def __init__(
         self,
-        client_id: int,
-        model: nn.Module,
-        train: Split,
-        test: Split | None,
-        cipher: ClientCipher,
-        settings: TrainSettings,
+        task: Task,
+        site: Site,
+        config: RunConfig,
+        make_cipher: Callable[[Layout], ClientCipher],
         device: torch.device,
     ) -> None:
-        self.client_id = client_id
+        self.task = task
+        self.site = site
+        self.client_id = site.index
+        self.config = config
         self.device = device
-        self.model = model.to(device)
-        self.train_data = Split(train.x.to(device), train.y.to(device))
-        self.test_data = None if test is None else Split(test.x.to(device), test.y.to(device))
-        self.cipher = cipher
-        self.settings = settings
+        self.model = self._call("build_model", lambda: build_model(task, config)).to(device)
         #: the global model as a flat vector, identical on every client
         self.global_vector, self.layout = flatten(self.model.state_dict())
-        self.blocks = quantize.block_sizes(self.layout)
-        self._trained: Trained | None = None
-        #: the last scale aggregate decrypted: (its key, the steps, who contributed)
-        self._steps: tuple[bytes, np.ndarray, tuple[int, ...]] | None = None
+        digest = hashlib.sha256(self.global_vector.tobytes()).hexdigest()[:32]
+        self.signature = ModelSignature(describe(self.layout), digest)
+        self.data = self._call("load_data", lambda: task.load_data(site))
+        self.cipher = make_cipher(self.layout)
+        self._trained: _Trained | None = None
 
-    @property
-    def quantizes(self) -> bool:
-        """Whether this client's codec needs the round's scale exchange."""
-        return self.cipher.sum_limit is not None
+    def check_model(self, job: ModelSignature) -> None:
+        """Refuse to take part with a model that is not the job's (ConfigError)."""
+        difference = job.mismatch(self.signature)
+        if difference is not None:
+            raise ConfigError(f"{self.site.name}'s model is not the job's: {difference}")
 
-    def train(self, plan: RoundPlan) -> bytes | None:
-        """Step 1 of a round: train from the global model, flatten, weight; keep the update.
+    def context(self, round_num: int) -> RoundContext:
+        """What the task is told about round ``round_num``."""
+        # Seeded per (job, round, client): a resumed run trains exactly as an uninterrupted one.
+        seed = self.config.seed * 1_000_003 + round_num * 1009 + self.client_id
+        return RoundContext(
+            round_num, self.config.rounds, self.site, self.device, seed, self.config
+        )
 
-        Returns the encrypted magnitude histogram of the update for the scale exchange, or None
-        when the codec does not quantize.
-        """
-        n = len(self.train_data)
-        if not 0 < n <= plan.total_samples:
-            raise PayloadError(
-                f"client {self.client_id} has {n} samples, the round plan counts "
-                f"{plan.total_samples} in all; the plan is wrong",
-                "bad-plan",
-            )
+    def train(self, round_stamp: Stamp) -> TrainReply:
+        """Step 1 of a round: the task trains from the global model; keep the change, and for
+        an integer codec return its encrypted part of the scale exchange."""
         start = time.perf_counter()
         # Always from the global model: a round tried again (the server restarted, or too few
         # sites delivered) must not start from this client's own earlier attempt.
         self.model.load_state_dict(unflatten(self.global_vector, self.layout))
-        loss = self._train(plan.round.round_num)
+        ctx = self.context(round_stamp.round_num)
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=_seeded(ctx.seed))))
+        self.model.train()
+        result = self._call("train", lambda: self.task.train(self.model, self.data, ctx))
+        samples = self._samples(result)
         _sync(self.device)
         trained = time.perf_counter()
-        vector, _ = flatten(self.model.state_dict())
-        weight = n / plan.total_samples
-        values = vector - self.global_vector
-        values *= weight
-        if not np.isfinite(values).all():
-            raise PayloadError(
-                f"client {self.client_id}'s update has NaN or infinite values: training "
-                "diverged; lower --lr",
-                "diverged",
-            )
-        stamp = plan.round.for_sender(self.client_id)
-        seconds = {"train": trained - start, "flatten": time.perf_counter() - trained}
-        self._trained = Trained(stamp, values, weight, loss, seconds)
-        if not self.quantizes:
-            return None
-        start = time.perf_counter()
-        scales = Update(quantize.histogram(values, self.blocks), weight)
-        payload = self.cipher.encrypt(scales, stamp.scales())
-        seconds["scales_encrypt"] = time.perf_counter() - start
-        return payload
+        change = self._change()
+        flattened = time.perf_counter()
+        stamp = round_stamp.for_sender(self.client_id)
+        scales = self.cipher.prepare(change, stamp)
+        self._trained = _Trained(stamp, change, samples)
+        seconds = Seconds(
+            train=trained - start,
+            flatten=flattened - trained,
+            prepare=time.perf_counter() - flattened,
+        )
+        metrics = self._metrics(result.metrics, "train")
+        return TrainReply(self.client_id, samples, scales, metrics, seconds)
 
-    def seal(self, round_stamp: Stamp, scales: bytes | None) -> FitReply:
-        """Step 3: quantize the update on the round's agreed steps (decrypted from ``scales``,
-        the summed histograms) and encrypt it."""
+    def seal(self, round_stamp: Stamp, total_samples: int, scales: bytes | None) -> FitReply:
+        """Step 3: weight the change by ``n_i / total_samples``, and encrypt it (an integer
+        codec quantizes it first, on the steps agreed in ``scales``)."""
         trained = self._trained
         if trained is None or trained.stamp != round_stamp.for_sender(self.client_id):
             raise PayloadError(
                 f"client {self.client_id} has no trained update for round {round_stamp.round_num}",
                 "bad-plan",
             )
+        if not 0 < trained.num_samples <= total_samples:
+            raise PayloadError(
+                f"client {self.client_id} trained on {trained.num_samples} samples, the round "
+                f"counts {total_samples} in all; the round's sample total is wrong",
+                "bad-plan",
+            )
         self._trained = None
-        clipped = 0
-        values = trained.values
-        if self.quantizes:
-            start = time.perf_counter()
-            steps = self._round_steps(round_stamp, scales)
-            trained.seconds["scales_decrypt"] = time.perf_counter() - start
-            values, clipped = quantize.quantize(values, steps, self.blocks)
-        payload = self.cipher.encrypt(Update(values, trained.weight, clipped), trained.stamp)
-        seconds = {
-            **trained.seconds,
-            "encrypt": self.cipher.last_seconds["encrypt"],
-            "serialize": self.cipher.last_seconds["serialize"],
-        }
-        n = len(self.train_data)
-        return FitReply(self.client_id, payload, n, trained.loss, seconds, len(payload))
+        start = time.perf_counter()
+        weight = trained.num_samples / total_samples
+        values = trained.change
+        values *= weight
+        payload = self.cipher.encrypt(Update(values, weight), trained.stamp, scales)
+        seconds = Seconds(encrypt=time.perf_counter() - start)
+        return FitReply(self.client_id, payload, seconds, len(payload))
 
     def apply(self, payload: bytes, round_stamp: Stamp, scales: bytes | None) -> ApplyReply:
-        """Decrypt the summed update, check its ledger, dequantize it on the round's steps,
-        divide by the total weight, and add it to the global model."""
+        """Decrypt the summed update, check its ledger, divide by the total weight, and add it
+        to the global model."""
         start = time.perf_counter()
-        aggregate = self.cipher.decrypt(payload, round_stamp)
+        aggregate = self.cipher.decrypt(payload, round_stamp, scales)
         if aggregate.values.shape != (self.layout.size,):
             raise PayloadError(
                 f"global update has {aggregate.values.size} values, this client's model has "
@@ -164,96 +160,136 @@ class Client:
                 "wrong-length",
             )
         update = aggregate.values / aggregate.weight
-        if self.quantizes:
-            steps = self._round_steps(round_stamp, scales, aggregate.contributors)
-            quantize.dequantize(update, steps, self.blocks)
         decrypted = time.perf_counter()
-        state = unflatten(self.global_vector + update, self.layout)
-        self.model.load_state_dict(state)
+        self.model.load_state_dict(unflatten(self.global_vector + update, self.layout))
         self.global_vector = flatten(self.model.state_dict())[0]
-        seconds = {"decrypt": decrypted - start, "unflatten": time.perf_counter() - decrypted}
+        seconds = Seconds(decrypt=decrypted - start, unflatten=time.perf_counter() - decrypted)
         return ApplyReply(
             self.client_id, seconds, aggregate.clipped, aggregate.weight, aggregate.contributors
         )
 
-    def _round_steps(
-        self, round_stamp: Stamp, scales: bytes | None, updaters: tuple[int, ...] = ()
-    ) -> np.ndarray:
-        """The round's quantization steps, from its summed histograms (decrypted once)."""
-        if scales is None:
-            raise PayloadError("an integer codec needs the round's scale aggregate", "malformed")
-        key = bytes(scales[-32:]) + round_stamp.job + round_stamp.round_num.to_bytes(4, "big")
-        if self._steps is None or self._steps[0] != key:
-            summed = self.cipher.decrypt(scales, round_stamp.scales())
-            if summed.values.shape != (self.blocks.size * quantize.BINS,):
-                raise PayloadError(
-                    "the scale aggregate does not match this client's model; are all parties "
-                    "running the same job?",
-                    "wrong-length",
-                )
-            limit = self.cipher.sum_limit or 0
-            steps = quantize.steps(summed.values, len(summed.contributors), limit)
-            self._steps = (key, steps, summed.contributors)
-        _, steps, agreed = self._steps
-        if not set(updaters) <= set(agreed):
-            raise PayloadError(
-                f"the aggregate adds updates of client(s) {sorted(set(updaters) - set(agreed))} "
-                "that took no part in the round's scale exchange: the sum may have overflowed",
-                "not-in-round",
-            )
-        return steps
-
-    def evaluate(self) -> EvalReply:
-        """Loss and accuracy of the current (global) model on this client's test data."""
-        if self.test_data is None:
-            raise ValueError(f"client {self.client_id} has no test data")
+    def evaluate(self, round_num: int) -> EvalReply | None:
+        """The task's evaluation of the global model on this client's test data, if it has any."""
+        ctx = self.context(round_num)
         self.model.eval()
-        loss_fn = nn.CrossEntropyLoss(reduction="sum")
-        total_loss, correct = 0.0, 0
-        with torch.no_grad():
-            for xb, yb in _batches(self.test_data, 1024, None):
-                logits = self.model(xb)
-                total_loss += float(loss_fn(logits, yb))
-                correct += int((logits.argmax(1) == yb).sum())
-        n = len(self.test_data)
-        return EvalReply(self.client_id, total_loss / n, correct / n, n)
+        result = self._call("evaluate", lambda: self.task.evaluate(self.model, self.data, ctx))
+        if result is None:
+            return None
+        if not isinstance(result, EvalResult):
+            raise TaskError(
+                f"{self.site.name}: the task's evaluate returned a {type(result).__name__}; "
+                "return secagg.EvalResult(loss, num_samples, metrics) or None"
+            )
+        samples = result.num_samples
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise TaskError(
+                f"{self.site.name}: the task's evaluate reported {samples!r} samples; report "
+                "how many test examples it averaged over (a whole number above 0)"
+            )
+        loss = self._metrics({"loss": result.loss}, "evaluate")["loss"]
+        return EvalReply(self.client_id, loss, samples, self._metrics(result.metrics, "evaluate"))
 
-    def _train(self, round_num: int) -> float:
-        s = self.settings
-        # Seeded per (job, round, client): a resumed run trains exactly as an uninterrupted one.
-        generator = torch.Generator().manual_seed(
-            s.seed * 1_000_003 + round_num * 1009 + self.client_id
+    def save(self, path: Path) -> Path:
+        """The decrypted global model as a state dict on the CPU (temp file, then rename)."""
+        buffer = io.BytesIO()
+        state = {k: v.detach().to("cpu") for k, v in self.model.state_dict().items()}
+        torch.save(state, buffer)
+        return atomic_write(path, buffer.getvalue())
+
+    # --- checking what the task returned ---------------------------------------------------
+
+    def _call(self, what: str, step: Callable[[], T]) -> T:
+        """Run one of the task's methods; name the site and the method if it raises."""
+        try:
+            return step()
+        except SecAggError:
+            raise
+        except Exception as err:
+            raise TaskError(
+                f"{self.site.name}: the task's {what} raised {type(err).__name__}: {err}"
+            ) from err
+
+    def _samples(self, result: object) -> int:
+        if not isinstance(result, TrainResult):
+            raise TaskError(
+                f"{self.site.name}: the task's train returned a {type(result).__name__}; return "
+                "secagg.TrainResult(num_samples=..., metrics={...})"
+            )
+        samples = result.num_samples
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise TaskError(
+                f"{self.site.name}: the task's train reported {samples!r} samples; report how "
+                "many training examples it used (a whole number above 0: the FedAvg weight)"
+            )
+        return samples
+
+    def _metrics(self, values: object, what: str) -> dict[str, float]:
+        try:
+            return messages.metrics(values)
+        except PayloadError as err:
+            raise TaskError(f"{self.site.name}: the task's {what} metrics: {err}") from err
+
+    def _change(self) -> np.ndarray:
+        """The trained model's change to the global model, refused if not finite."""
+        vector, layout = flatten(self.model.state_dict())
+        if layout != self.layout:
+            difference = first_difference(describe(self.layout), describe(layout))
+            raise TaskError(
+                f"{self.site.name}: the task's train changed the model's structure ({difference})"
+                "; train the model in place"
+            )
+        change = vector - self.global_vector
+        if not np.isfinite(change).all():
+            bad = next(
+                e.name
+                for e in self.layout.entries
+                if not np.isfinite(change[e.offset : e.offset + e.size]).all()
+            )
+            raise TaskError(
+                f"{self.site.name}: the trained model holds NaN or infinite values (first in "
+                f"{bad!r}): training diverged; lower the learning rate. Nothing was sent"
+            )
+        return change
+
+
+def build_model(task: Task, config: RunConfig) -> nn.Module:
+    """The job's initial model: the task's, built with torch seeded by the job's seed, with the
+    job's ``initial_model`` weights loaded over it when it names one."""
+    torch.manual_seed(config.seed)
+    model = task.build_model()
+    if not isinstance(model, nn.Module):
+        raise TaskError(f"the task's build_model returned a {type(model).__name__}, not a module")
+    if config.initial_model:
+        path = Path(config.initial_model)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            model.load_state_dict(state)
+        except FileNotFoundError as err:
+            raise ConfigError(
+                f"initial_model {path} not found; give the path of a state dict"
+            ) from err
+        except Exception as err:
+            raise ConfigError(
+                f"initial_model {path} does not fit the task's model: {err}; save it with "
+                "torch.save(model.state_dict(), path) from the same model"
+            ) from err
+    return model
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            "--device cuda was asked for but no CUDA GPU is visible; use --device cpu"
         )
-        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
-        self.model.train()
-        # A fresh optimizer each round: its state (momentum, Adam moments) stays local.
-        optimizer: torch.optim.Optimizer
-        if s.optimizer == "adam":
-            optimizer = torch.optim.Adam(self.model.parameters(), lr=s.lr)
-        else:
-            optimizer = torch.optim.SGD(self.model.parameters(), lr=s.lr, momentum=s.momentum)
-        loss_fn = nn.CrossEntropyLoss()
-        total, count = 0.0, 0
-        for _ in range(s.local_epochs):
-            for xb, yb in _batches(self.train_data, s.batch_size, generator):
-                optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(self.model(xb), yb)
-                loss.backward()
-                optimizer.step()
-                total += float(loss.detach()) * len(yb)
-                count += len(yb)
-        return total / max(count, 1)
+    return device
 
 
-def _batches(
-    split: Split, size: int, generator: torch.Generator | None
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    n = len(split)
-    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-    order = order.to(split.x.device)
-    for start in range(0, n, size):
-        index = order[start : start + size]
-        yield split.x[index], split.y[index]
+def _seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
 
 
 def _sync(device: torch.device) -> None:

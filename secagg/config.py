@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import tomllib
 
+from secagg.crypto.params import CkksParams
 from secagg.errors import ConfigError
+
+__all__ = ["CkksParams", "RunConfig", "dump_job", "load_job", "with_overrides"]
 
 DATASETS = ("digits", "digits32", "mnist", "fashion-mnist", "cifar10")
 MODELS = ("mlp", "cnn", "moderate-cnn")
@@ -23,23 +26,17 @@ PRECISIONS = ("float32", "float64")
 
 
 @dataclass(frozen=True)
-class CkksParams:
-    """CKKS parameters for ``secagg keygen``.
-
-    The default is one 60-bit data prime plus a 60-bit special prime at N=8192: the server
-    only adds ciphertexts (multiplicative depth zero), so one data prime is enough and a
-    ciphertext is two polynomials of one prime each, 32 bytes per slot. The packed codec
-    needs the 60-bit data prime (``secagg.crypto.packing``); its scale is the codec's own.
-    """
-
-    poly_modulus_degree: int = 8192
-    coeff_mod_bit_sizes: tuple[int, ...] = (60, 60)
-
-
-@dataclass(frozen=True)
 class RunConfig:
     """Everything one federated job needs. Defaults give the main digits job."""
 
+    #: the user's task by import path (``package.module:Class``); None runs the built-in
+    #: classification task of ``dataset`` and ``model``
+    task: str | None = None
+    #: the task's own settings, passed to its constructor as keyword arguments
+    task_settings: dict[str, Any] = field(default_factory=dict)
+    #: a state dict (``torch.save(model.state_dict(), path)``) every party starts from, instead
+    #: of the task's seeded initial weights
+    initial_model: str | None = None
     dataset: str = "digits"
     data_dir: str = "data"
     download: bool = False
@@ -104,6 +101,16 @@ class RunConfig:
                 "device must be auto, cpu, cuda, cuda:N or mps",
             ),
         ]
+        checks += [
+            (
+                self.task is None or (isinstance(self.task, str) and ":" in self.task),
+                "task must be an import path like 'package.module:TaskClass'",
+            ),
+            (
+                isinstance(self.task_settings, dict),
+                "task_settings must be a table of the task's own settings",
+            ),
+        ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"invalid job setting: {message}")
@@ -135,6 +142,11 @@ def load_job(path: str | Path) -> RunConfig:
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"job file {path} is not valid TOML: {err}") from err
     values = {key.replace("-", "_"): value for key, value in raw.items()}
+    if isinstance(values.get("task"), dict):
+        raise ConfigError(
+            f"job file {path}: 'task' is the task's import path, e.g. task = "
+            '"chest.task:XRay"; put the task\'s own settings in a [task_settings] table'
+        )
     unknown = sorted(set(values) - _FIELD_NAMES)
     if unknown:
         raise ConfigError(
@@ -150,18 +162,30 @@ def load_job(path: str | Path) -> RunConfig:
 
 def dump_job(config: RunConfig) -> str:
     """A TOML job file holding ``config`` (values that are set), for ``load_job`` to read."""
-    lines = []
-    for key, value in config.to_dict().items():
-        if value is None:
-            continue
-        if isinstance(value, str):
-            text = json.dumps(value)  # a JSON string is a valid TOML basic string
-        elif isinstance(value, bool):
-            text = "true" if value else "false"
-        else:
-            text = repr(value)
-        lines.append(f"{key} = {text}")
+    values = {key: value for key, value in config.to_dict().items() if value is not None}
+    settings = values.pop("task_settings")
+    lines = [f"{key} = {_toml(value)}" for key, value in values.items()]
+    lines += ["", "[task_settings]"] + [f"{_key(k)} = {_toml(v)}" for k, v in settings.items()]
     return "\n".join(lines) + "\n"
+
+
+def _toml(value: Any) -> str:
+    """One TOML value: strings, booleans, numbers, arrays and inline tables of them."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, int | float):
+        return repr(value)  # TOML reads Python's inf and nan too
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml(item) for item in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_key(k)} = {_toml(v)}" for k, v in value.items()) + "}"
+    raise ConfigError(f"{value!r} cannot be written to a job file (a {type(value).__name__})")
+
+
+def _key(key: str) -> str:
+    return key if key.replace("_", "").replace("-", "").isalnum() else json.dumps(key)
 
 
 def with_overrides(config: RunConfig, **overrides: Any) -> RunConfig:

@@ -28,12 +28,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from secagg import crypto, rounds
+from secagg import crypto
 from secagg.config import RunConfig, dump_job
 from secagg.errors import CheckpointError, ConfigError, SecAggError
 from secagg.provision import load_kit, provision
 from secagg.records import RESULTS_FILE, RunRecords, RunResult, new_output_dir
-from secagg.rounds import RoundAggregates, RoundFailed, RoundMetrics
+from secagg.rounds import RoundFailed, RoundMetrics
 from secagg.server import STATE_FILE, Server, load_checkpoint
 
 #: Local settings a site keeps from its own command line, not from the server's job.
@@ -75,7 +75,7 @@ def serve(
         log(f"resuming from {workdir}/")
     records = RunRecords.open(config, workdir if resume else None)
     config = records.config
-    cipher = crypto.for_server(config)
+    cipher = crypto.for_server(config.he, config.keys_dir, config.plain_precision)
     server = Server(cipher, workdir)
     shared = {k: v for k, v in config.to_dict().items() if k not in SITE_LOCAL}
     coordinator = Coordinator(
@@ -90,11 +90,7 @@ def serve(
     minimum = config.min_clients or len(kit.roster)
     transport = GrpcTransport(coordinator, minimum, config.round_timeout)
 
-    def checkpoint(round_num: int, aggregates: RoundAggregates) -> None:
-        records.checkpoint(server, round_num, aggregates)
-
     def after_round(metrics: RoundMetrics) -> None:
-        records.after_round(server, metrics)
         coordinator.history.append(
             {key: getattr(metrics, key) for key in ("round", "clients", "accuracy", "loss")}
         )
@@ -104,28 +100,14 @@ def serve(
     def retry(round_num: int, err: RoundFailed) -> None:
         log(f"{err}; trying round {round_num} again")
 
-    span = range(records.first_round, config.rounds + 1)
     try:
-        rounds.run(
-            server,
-            transport,
-            records.job_id,
-            span,
-            after_round,
-            checkpoint,
-            config.round_retries,
-            retry,
-        )
+        records.run_rounds(server, transport, after_round, retry)
         coordinator.post("done", config.rounds, frozenset(range(len(kit.roster))))
         coordinator.wait_told(timeout=min(liveness, 10.0))
         records.result.num_parameters = coordinator.parameters
         return records.finish()
     except Aborted:
-        records.fail()
         coordinator.wait_told(timeout=min(liveness, 10.0))
-        raise
-    except BaseException:
-        records.fail()
         raise
     finally:
         grpc_server.stop(grace=2)
@@ -143,36 +125,57 @@ def participate(
 ) -> str:
     """Take part in the kit's job until it ends; return ``done`` or why it was aborted."""
     from secagg import keys
-    from secagg.data import load_dataset
-    from secagg.job import build_client, partition
-    from secagg.transport.grpc_client import Connection, ServerGone, Site, check_keys, join
+    from secagg.client import Client, resolve_device
+    from secagg.task import Site as SiteInfo
+    from secagg.task import task_for
+    from secagg.transport.grpc_client import (
+        Connection,
+        ServerGone,
+        Site,
+        check_keys,
+        join,
+        tell_failed,
+    )
+    from secagg.transport.grpc_wire import Hello
 
+    if shard not in ("auto", "all"):
+        raise ConfigError(f"--shard must be auto or all, not {shard!r}")
     kit = load_kit(kit_dir, "client")
     secret = keys.load_for_client(kit.folder)
     connection = Connection(kit)
-    joined = join(connection, 0, 0, wait, log)
-    check_keys(joined, secret.fingerprint)
-    local = {"data_dir": data_dir, "download": download, "device": device}
-    config = RunConfig(**{**joined.config, **local, "keys_dir": str(kit.folder)})
-    config = replace(config, tracking=False).validate()
-    dataset = load_dataset(config.dataset, config.data_dir, config.download)
-    if shard == "all":
-        train = dataset.train
-    elif shard == "auto":
-        train = dataset.train.subset(partition(config, dataset)[joined.index])
-    else:
-        raise ConfigError(f"--shard must be auto or all, not {shard!r}")
-    cipher = crypto.for_client(config)()
-    client = build_client(config, dataset, joined.index, train, cipher)
-    folder = Path(workdir or Path("runs") / f"{config.job_name}-{kit.name}")
-    folder.mkdir(parents=True, exist_ok=True)
-    site = Site(connection, client, joined, folder, log)
-    log(f"joined job '{config.job_name}' as {kit.name} ({len(train)} training examples)")
-    parameters = sum(p.numel() for p in client.model.parameters())
     try:
+        joined = join(connection, Hello(), wait, log)
+        check_keys(joined, secret.fingerprint)
+        local = {"data_dir": data_dir, "download": download, "device": device}
+        config = RunConfig(**{**joined.config, **local, "keys_dir": str(kit.folder)})
+        config = replace(config, tracking=False).validate()
+        info = SiteInfo(
+            joined.index,
+            kit.name,
+            joined.roster,
+            Path(data_dir),
+            partition=shard == "auto",
+            seed=config.seed,
+            download=download,
+            settings=config.task_settings,
+        )
+        make_cipher = crypto.for_client(config.he, kit.folder, config.plain_precision)
+        try:
+            client = Client(task_for(config), info, config, make_cipher, resolve_device(device))
+        except SecAggError as err:
+            tell_failed(connection, str(err))
+            raise
+        folder = (
+            Path(workdir) if workdir else Path("runs") / f"{_plain(config.job_name)}-{kit.name}"
+        )
+        folder.mkdir(parents=True, exist_ok=True)
+        site = Site(connection, client, joined, folder, log)
+        log(f"joined job '{config.job_name}' as {kit.name} (task {type(client.task).__name__})")
+        parameters = sum(p.numel() for p in client.model.parameters())
         while True:
             try:
-                again = join(connection, len(train), site.applied, wait, log, parameters)
+                hello = Hello(site.applied, parameters, client.signature)
+                again = join(connection, hello, wait, log)
                 if again.job != joined.job:
                     raise CheckpointError(
                         "the server now runs another job; start this client again to join it"
@@ -183,6 +186,12 @@ def participate(
                 log(f"lost the server ({err}); reconnecting")
     finally:
         connection.close()
+
+
+def _plain(name: str) -> str:
+    """A job name from the server as a plain folder name: never a path, never hidden."""
+    cleaned = "".join(c if c.isalnum() or c in "-_." else "_" for c in name).lstrip(".")
+    return cleaned[:64] or "job"
 
 
 def run_local(config: RunConfig, log: Callable[[str], None] = lambda line: None) -> RunResult:
@@ -232,6 +241,8 @@ def run_local(config: RunConfig, log: Callable[[str], None] = lambda line: None)
                     config.device,
                     "--workdir",
                     str(output / "sites" / site),
+                    "--shard",
+                    "auto",
                 ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,

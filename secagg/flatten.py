@@ -73,3 +73,11 @@ def unflatten(vector: np.ndarray, layout: Layout) -> dict[str, torch.Tensor]:
             tensor = values.round().to(entry.dtype)
         state[entry.name] = tensor.reshape(entry.shape)
     return state
+
+
+def describe(layout: Layout) -> list[tuple[str, tuple[int, ...], str]]:
+    """A layout as plain values (name, shape, dtype) that parties can compare and send."""
+    return [
+        (entry.name, entry.shape, str(entry.dtype).removeprefix("torch."))
+        for entry in layout.entries
+    ]

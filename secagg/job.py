@@ -1,7 +1,7 @@
-"""A whole federated job from a RunConfig: build parties, run rounds, record results.
+"""A whole federated job in one process: build the task's clients, run rounds, record results.
 
-This is the library entry point behind ``secagg run``. It does not print; pass ``on_round`` to
-see progress.
+This is the library entry point behind ``secagg run`` and ``secagg.run``. It does not print;
+pass ``on_round`` to see progress.
 """
 
 from __future__ import annotations
@@ -9,98 +9,65 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from secagg import crypto, rounds
-from secagg.client import Client, TrainSettings
+from secagg.client import Client, resolve_device
 from secagg.config import RunConfig
-from secagg.crypto import ClientCipher
-from secagg.data import Dataset, Split, dirichlet_partition, load_dataset
-from secagg.errors import ConfigError
-from secagg.files import atomic_write
-from secagg.models import build_model
 from secagg.records import RunRecords, RunResult
-from secagg.rounds import RoundAggregates, RoundMetrics
+from secagg.rounds import RoundMetrics
 from secagg.server import Server
+from secagg.task import Site, Task, task_for
 from secagg.transport.inprocess import InProcessTransport
 
 MODEL_FILE = "model.pt"
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(
-            "--device cuda was asked for but no CUDA GPU is visible; use --device cpu"
-        )
-    return device
-
-
-def build_clients(
-    config: RunConfig, dataset: Dataset, make_cipher: Callable[[], ClientCipher]
-) -> list[Client]:
-    """One client per Dirichlet shard; every client starts from the same seeded model."""
-    return [
-        build_client(config, dataset, i, dataset.train.subset(shard), make_cipher())
-        for i, shard in enumerate(partition(config, dataset))
-    ]
-
-
-def partition(config: RunConfig, dataset: Dataset) -> list[np.ndarray]:
-    """The job's Dirichlet shards of the training data: the same for every party that
-    computes them, since they depend only on the dataset and the job's seed."""
-    return dirichlet_partition(
-        dataset.train.y.numpy(),
+def simulated_site(config: RunConfig, index: int) -> Site:
+    """Client ``index`` of a simulation: every client shares ``config.data_dir`` and takes its
+    own part of it."""
+    return Site(
+        index,
+        f"site-{index + 1}",
         config.clients,
-        config.alpha,
-        config.seed,
-        config.min_client_samples,
+        Path(config.data_dir),
+        partition=True,
+        seed=config.seed,
+        download=config.download,
+        settings=config.task_settings,
     )
 
 
-def build_client(
-    config: RunConfig, dataset: Dataset, index: int, train: Split, cipher: ClientCipher
-) -> Client:
-    """Client ``index`` of the job, training on ``train``, from the job's seeded model."""
-    settings = TrainSettings(
-        config.local_epochs,
-        config.batch_size,
-        config.optimizer,
-        config.lr,
-        config.momentum,
-        config.seed,
-    )
-    return Client(
-        client_id=index,
-        model=build_model(config.model, dataset.in_shape, dataset.classes, config.seed),
-        train=train,
-        test=dataset.test,
-        cipher=cipher,
-        settings=settings,
-        device=resolve_device(config.device),
-    )
+def build_clients(config: RunConfig, task: Task) -> list[Client]:
+    """One client per roster position, each with its own data; all start from the job's model
+    (checked: same names, shapes, dtypes and initial weights as client 0's)."""
+    make_cipher = crypto.for_client(config.he, config.keys_dir, config.plain_precision)
+    device = resolve_device(config.device)
+    clients: list[Client] = []
+    for index in range(config.clients):
+        client = Client(task, simulated_site(config, index), config, make_cipher, device)
+        if clients:
+            client.check_model(clients[0].signature)
+        clients.append(client)
+    return clients
 
 
 def run_job(
     config: RunConfig,
     *,
+    task: Task | None = None,
     resume_dir: str | Path | None = None,
     on_round: Callable[[RoundMetrics], None] | None = None,
     tags: dict[str, str] | None = None,
 ) -> RunResult:
     """Run a job (or continue the interrupted one in ``resume_dir``); return its result.
 
-    ``tags`` are added to the MLflow run (``mlflow.parentRunId`` nests it under another run).
+    ``task`` overrides the one the config names. ``tags`` are added to the MLflow run
+    (``mlflow.parentRunId`` nests it under another run).
     """
     records = RunRecords.open(config, resume_dir, tags or {})
     config = records.config.validate()
-    dataset = load_dataset(config.dataset, config.data_dir, config.download)
-    server = Server(crypto.for_server(config), records.output)
-    clients = build_clients(config, dataset, crypto.for_client(config))
+    clients = build_clients(config, task_for(config, task))
+    cipher = crypto.for_server(config.he, config.keys_dir, config.plain_precision)
+    server = Server(cipher, records.output)
     transport = InProcessTransport(clients)
     records.start(sum(p.numel() for p in clients[0].model.parameters()))
 
@@ -110,28 +77,5 @@ def run_job(
             stamp = rounds.round_stamp(records.job_id, round_num, transport.roster)
             transport.apply(stamp, *records.resumed.aggregates(round_num))
 
-    def after_round(metrics: RoundMetrics) -> None:
-        records.after_round(server, metrics)
-        if on_round is not None:
-            on_round(metrics)
-
-    def checkpoint(round_num: int, aggregates: RoundAggregates) -> None:
-        records.checkpoint(server, round_num, aggregates)
-
-    span = range(records.first_round, config.rounds + 1)
-    try:
-        rounds.run(server, transport, records.job_id, span, after_round, checkpoint)
-    except BaseException:
-        records.fail()
-        raise
-    return records.finish([save_model(clients[0], records.output / MODEL_FILE)])
-
-
-def save_model(client: Client, path: Path) -> Path:
-    """The decrypted global model as a float32 state dict (temp file, then rename)."""
-    import io
-
-    buffer = io.BytesIO()
-    state = {k: v.detach().to("cpu") for k, v in client.model.state_dict().items()}
-    torch.save(state, buffer)
-    return atomic_write(path, buffer.getvalue())
+    records.run_rounds(server, transport, on_round or (lambda m: None))
+    return records.finish([clients[0].save(records.output / MODEL_FILE)])

@@ -14,10 +14,10 @@ import hashlib
 import json
 import stat
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-from secagg.config import CkksParams
+from secagg.crypto.params import CkksParams, Keys
 from secagg.errors import KeyFileError, WeakParametersError
 from secagg.files import atomic_write, atomic_write_json
 
@@ -28,15 +28,6 @@ MANIFEST_FILE = "manifest.json"
 # HomomorphicEncryption.org security standard (2018), classical 128-bit security, ternary
 # secret: the largest total coefficient-modulus size (bits) for each polynomial degree.
 MAX_MODULUS_BITS_128 = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881}
-
-
-@dataclass(frozen=True)
-class Keys:
-    """One party's key material: a serialized TenSEAL context and what identifies it."""
-
-    context: bytes
-    fingerprint: bytes
-    params: CkksParams
 
 
 def check_params(params: CkksParams) -> None:
@@ -148,7 +139,7 @@ def load_for_server(keys_dir: str | Path) -> Keys:
 
 def load_for_client(keys_dir: str | Path) -> Keys:
     """A client's keys: the secret context, refused if others can read the file."""
-    from secagg.crypto import ckks
+    from secagg.crypto import seal_format
 
     manifest = read_manifest(keys_dir)
     path = Path(keys_dir) / CLIENT_FILE
@@ -159,7 +150,7 @@ def load_for_client(keys_dir: str | Path) -> Keys:
             f"{path} holds the secret key but is readable by others (mode {mode:o}); "
             f"run 'chmod 600 {path}'"
         )
-    if not ckks.load_context(data).is_private():
+    if not seal_format.context_has_secret_key(data):
         raise KeyFileError(
             f"{path} is a public context with no secret key; clients need the client.ctx "
             "made by 'secagg keygen'"

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from secagg import keys
-from secagg.config import CkksParams
+from secagg.crypto.params import CkksParams
 from secagg.errors import ConfigError, KeyFileError
 from secagg.files import atomic_write
 

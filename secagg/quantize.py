@@ -2,23 +2,26 @@
 
 Integers from different clients can only be added if every client used the same quantization
 step, and the sum must stay inside the packed digit (``|sum| <= 8191``). So each round starts
-with a **scale exchange**: every client splits its weighted update ``v_i = p_i * (w_i -
-w_global)`` into blocks (``BLOCK`` values, never across tensors), and encrypts, for each block,
-a one-hot histogram of ``e_i = ceil(log2(max |v_i|))`` over ``BINS`` exponents. The server adds
+with a **scale exchange**: every client splits its change to the global model ``d_i = w_i -
+w_global`` into blocks (``BLOCK`` values, never across tensors), and encrypts, for each block,
+a one-hot histogram of ``e_i = ceil(log2(max |d_i|))`` over ``BINS`` exponents. The server adds
 the histograms without reading them; every client decrypts the same sum ``H`` and derives, for
-each block, ``S = sum_e H[e] * 2**e``, an upper bound of ``sum_i max |v_i|`` within a factor of
-two, and the step ``S / (8191 - ceil(c / 2))`` for ``c`` contributing clients.
+each block, ``M = 2**max{e : H[e] > 0}``, a bound on every client's largest change in that block
+within a factor of two, and the step ``M / (8191 - ceil(c / 2))`` for ``c`` contributing clients.
 
-That step can never overflow: each client's rounded integers are within ``max |v_i| / step +
-1/2``, so their sum is within ``S / step + c / 2 <= 8191``. Nothing is clipped (except values
-beyond ``2**E_MAX``, which only a diverged training produces; they are clipped and counted). And
-the step adapts to every block in every round, the first one included, with no state carried
-between rounds: a client that rejoins needs nothing but the round's two aggregates.
+The histogram is of the *unweighted* change because a client's FedAvg weight ``p_i = n_i / N``
+is only known once every client has trained and reported its sample count ``n_i``. The step can
+still never overflow: a client sends ``v_i = p_i * d_i`` rounded on the step, within ``p_i * M /
+step + 1/2`` of zero, and since the weights sum to at most 1 the sum is within ``M / step + c / 2
+<= 8191``. Nothing is clipped (except values beyond ``2**E_MAX``, which only a diverged training
+produces; they are clipped and counted). And the step adapts to every block in every round, the
+first one included, with no state carried between rounds: a client that rejoins needs nothing
+but the round's two aggregates.
 
-Precision: rounding adds at most ``c / 2`` steps to each summed value, typically
-``sqrt(c / 12)`` steps. With clients of similar updates that is about ``2 * sqrt(c / 12) /
-8191`` of the block's largest weighted change (about 2e-4 for 8 clients); the average divides
-by the total weight, which is 1 when every client contributed.
+Precision: rounding adds at most ``c / 2`` steps to each summed value, typically ``sqrt(c /
+12)`` steps, and the average divides by the total weight (1 when every client contributed).
+That is about ``2 * sqrt(c / 12) / 8191`` of the block's largest change (about 2e-4 for 8
+clients), where the largest change is the largest any client made, rounded up to a power of two.
 """
 
 from __future__ import annotations
@@ -57,23 +60,26 @@ def histogram(values: np.ndarray, sizes: np.ndarray) -> np.ndarray:
 
 
 def steps(summed: np.ndarray, clients: int, limit: int) -> np.ndarray:
-    """Each block's step from the summed histograms of ``clients`` clients.
+    """Each block's step from the summed histograms of ``clients`` clients: the largest
+    exponent any client reported, over the room ``limit`` leaves after rounding.
 
     ``limit`` is the largest magnitude a summed integer may reach (the packed digit's).
     """
     counts = summed.reshape(-1, BINS)
-    # Exact products summed in numpy's fixed pairwise order (not BLAS, whose order varies by
-    # machine): every client derives bit-identical steps.
-    bound = np.sum(counts * np.exp2(np.arange(E_MIN, E_MAX + 1, dtype=np.float64)), axis=1)
+    present = np.rint(counts) > 0
+    # The highest bin with a count (every honest client reports one bin per block).
+    top = np.where(present.any(axis=1), BINS - 1 - np.argmax(present[:, ::-1], axis=1), 0)
+    bound = np.exp2(top + E_MIN).astype(np.float64)
     return bound / (limit - (clients + 1) // 2)
 
 
 def quantize(
-    values: np.ndarray, block_steps: np.ndarray, sizes: np.ndarray
+    values: np.ndarray, block_steps: np.ndarray, sizes: np.ndarray, weight: float = 1.0
 ) -> tuple[np.ndarray, int]:
-    """Weighted values to integers on the agreed steps, in place; return them and the clipped
-    count (values beyond ``2**E_MAX``)."""
-    limit = 2.0**E_MAX
+    """Values weighted by ``weight`` to integers on the agreed steps, in place; return them
+    and the clipped count (changes beyond ``2**E_MAX`` before weighting, which the histogram
+    could not report)."""
+    limit = weight * 2.0**E_MAX
     clipped = int(np.count_nonzero(values > limit) + np.count_nonzero(values < -limit))
     np.clip(values, -limit, limit, out=values)
     values /= np.repeat(block_steps, sizes)

@@ -13,18 +13,20 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from secagg import keys as keyfiles
+from secagg import rounds
 from secagg.config import RunConfig
 from secagg.errors import CheckpointError
 from secagg.files import atomic_write_json
-from secagg.rounds import RoundAggregates, RoundMetrics
+from secagg.rounds import RoundAggregates, RoundFailed, RoundMetrics
 from secagg.server import STATE_FILE, Checkpoint, Server, load_checkpoint
 from secagg.tracking import Tracker, make_tracker
+from secagg.transport import Transport
 
 RESULTS_FILE = "results.json"
 
@@ -62,7 +64,7 @@ class RunResult:
         return cls(
             RunConfig(**data["config"]),
             output_dir,
-            [RoundMetrics(**m) for m in data["rounds"]],
+            [RoundMetrics.from_dict(m) for m in data["rounds"]],
             data.get("num_parameters"),
             mlflow.get("tracking_uri"),
             mlflow.get("run_id"),
@@ -105,7 +107,7 @@ class RunRecords:
         #: every payload of this run carries its id, so nothing from another run is added
         self.job_id = checkpoint.job_id if checkpoint is not None else os.urandom(16)
         state = checkpoint.state if checkpoint is not None else {}
-        history = [RoundMetrics(**m) for m in state.get("history", [])]
+        history = [RoundMetrics.from_dict(m) for m in state.get("history", [])]
         self.result = RunResult(config, output, history, None, None, state.get("mlflow_run_id"))
         self.tracker: Tracker | None = None
 
@@ -147,9 +149,32 @@ class RunRecords:
     def first_round(self) -> int:
         return self.resumed.round_num + 1 if self.resumed is not None else 1
 
-    def checkpoint(self, server: Server, round_num: int, aggregates: RoundAggregates) -> None:
-        """Make a round's aggregates durable (before any client applies them)."""
-        server.checkpoint(round_num, aggregates.update, aggregates.scales, self._state())
+    def run_rounds(
+        self,
+        server: Server,
+        transport: Transport,
+        on_round: Callable[[RoundMetrics], None] = lambda m: None,
+        on_retry: Callable[[int, RoundFailed], None] = lambda r, err: None,
+    ) -> list[RoundMetrics]:
+        """Run the job's remaining rounds, keeping the checkpoint (before any client applies a
+        round), results.json and MLflow in step; mark the MLflow run failed if a round raises."""
+
+        def checkpoint(round_num: int, aggregates: RoundAggregates) -> None:
+            server.checkpoint(round_num, aggregates.update, aggregates.scales, self._state())
+
+        def after_round(metrics: RoundMetrics) -> None:
+            self.after_round(server, metrics)
+            on_round(metrics)
+
+        span = range(self.first_round, self.config.rounds + 1)
+        retries = self.config.round_retries
+        try:
+            return rounds.run(
+                server, transport, self.job_id, span, after_round, checkpoint, retries, on_retry
+            )
+        except BaseException:
+            self.fail()
+            raise
 
     def after_round(self, server: Server, metrics: RoundMetrics) -> None:
         """Record a finished round's metrics everywhere."""
@@ -203,6 +228,14 @@ def _tags(config: RunConfig) -> dict[str, str]:
 
 
 def _tracked(metrics: RoundMetrics) -> dict[str, float]:
+    """A round's metrics as MLflow series: every number, and each of the task's own metrics
+    under its name (``task_<name>`` where that name is one of secagg's and means another thing)."""
     values = dataclasses.asdict(metrics)
     values.pop("round")
+    own: dict[str, float] = values.pop("metrics")
+    for name, value in own.items():
+        if name not in values:
+            values[name] = value
+        elif values[name] != value:
+            values[f"task_{name}"] = value
     return values

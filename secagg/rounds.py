@@ -10,19 +10,26 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from math import nan
+from typing import Any
 
 from secagg.crypto import SERVER, Stamp, contributors
 from secagg.errors import SecAggError
-from secagg.messages import ApplyReply, EvalReply, FitReply
-from secagg.server import Server
+from secagg.messages import ApplyReply, EvalReply, FitReply, TrainReply
+from secagg.server import Server, Summed
 from secagg.transport import Transport
 
 
 @dataclass(frozen=True)
 class RoundMetrics:
-    """What one round measured. Seconds named ``*_seconds`` are summed over clients."""
+    """What one round measured. Seconds named ``*_seconds`` are summed over clients.
+
+    ``metrics`` holds the task's own numbers, each averaged over clients weighted by their
+    sample counts: its evaluation metrics by name (``accuracy`` for the built-in tasks, ``auc``,
+    ``dice``...) and its training metrics as ``train_<name>``. ``accuracy`` and ``loss`` are the
+    evaluation's (NaN when the task reports no accuracy, or no client evaluated).
+    """
 
     round: int
     clients: int
@@ -32,10 +39,10 @@ class RoundMetrics:
     round_seconds: float
     train_seconds: float
     flatten_seconds: float
-    #: the scale exchange, client side: encrypting the histogram, decrypting the summed one
+    #: the scale exchange, client side: encrypting how large each update is
     scales_seconds: float
+    #: reading the agreed steps, quantizing and encrypting
     encrypt_seconds: float
-    serialize_seconds: float
     #: the server's adding, scale payloads and updates
     aggregate_seconds: float
     decrypt_seconds: float
@@ -48,9 +55,16 @@ class RoundMetrics:
     latency_seconds: float
     #: values the clients' quantization clipped, summed (only a diverged training clips)
     clipped: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, float]:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RoundMetrics:
+        """Inverse of ``to_dict``; fields this release does not know are left out."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in known})
 
 
 @dataclass(frozen=True)
@@ -74,36 +88,37 @@ def run_round(
     where the server checkpoints, so that no client is ever ahead of the checkpoint.
     """
     start = time.perf_counter()
-    # 1 on every client: train, flatten, weight its update by its share of samples
-    scale_payloads = transport.train(round_stamp)
-    # 2 integer codecs: the clients agree on quantization steps. Each encrypted how large its
-    #   update is, per block; the server adds those histograms without reading them
-    scales, scale_sums = None, []
-    if scale_payloads:
-        scales = server.sum(scale_payloads, round_stamp.scales())
-        scale_sums = server.last_sum_each
-    up = sum(len(p) for p in scale_payloads)
-    # 3 on every client: decrypt the summed scales, quantize on the steps, encrypt; 4 on the
-    #   server: add the updates as they arrive, only from clients that took part in step 2
-    replies: list[FitReply] = []
-    allowed = frozenset(contributors(scales)) if scales is not None else None
-    summed = server.sum(
-        _payloads(transport.seal(round_stamp, scales), replies), round_stamp, allowed
-    )
-    aggregates = RoundAggregates(summed, scales)
+    # 1 on every client: the task trains from the global model; the client flattens the model
+    #   and keeps its change. An integer codec also encrypts how large the change is, per block
+    trained = transport.train(round_stamp)
+    total_samples = sum(t.num_samples for t in trained)
+    # 2 integer codecs: the clients agree on quantization steps; the server adds their
+    #   histograms without reading them
+    scale_payloads = [t.scales for t in trained if t.scales is not None]
+    scales = server.sum(scale_payloads, round_stamp.scales()) if scale_payloads else None
+    agreed = scales.payload if scales is not None else None
+    # 3 on every client: weight the change by n_i / N, quantize it on the agreed steps and
+    #   encrypt it; 4 on the server: add the updates as they arrive, only from clients that
+    #   took part so far
+    takers = contributors(agreed) if agreed is not None else [t.client_id for t in trained]
+    fits: list[FitReply] = []
+    sealed = transport.seal(round_stamp, total_samples, agreed)
+    summed = server.sum(_payloads(sealed, fits), round_stamp, frozenset(takers))
+    aggregates = RoundAggregates(summed.payload, agreed)
     on_aggregate(round_stamp.round_num, aggregates)
-    # 5-6 on every client: decrypt, check the ledger, dequantize, divide by the total weight,
-    #     add to the global model
-    applied = transport.apply(round_stamp, summed, scales)
-    # 7 the clients evaluate the global model they now hold (the server cannot)
+    # 5 on every client: decrypt, check the ledger, divide by the total weight, add to the
+    #   global model
+    applied = transport.apply(round_stamp, summed.payload, agreed)
+    # 6 the clients evaluate the global model they now hold (the server cannot)
     eval_start = time.perf_counter()
     evals = transport.evaluate(round_stamp.round_num)
     end = time.perf_counter()
-    down = len(summed) + (len(scales) if scales is not None else 0)
-    metrics = _metrics(
-        round_stamp.round_num, replies, applied, evals, (up, down), scale_sums, server.last_sum_each
+    record = RoundRecord(trained, fits, applied, evals, scales, summed)
+    metrics = replace(
+        record.metrics(round_stamp.round_num),
+        round_seconds=end - start,
+        evaluate_seconds=end - eval_start,
     )
-    metrics = replace(metrics, round_seconds=end - start, evaluate_seconds=end - eval_start)
     return metrics, aggregates
 
 
@@ -164,61 +179,75 @@ def _streamed(arrivals: list[float], each: list[float]) -> float:
     return done
 
 
-def _latency(
-    replies: list[FitReply], scale_sums: list[float], sums: list[float], applied: list[ApplyReply]
-) -> float:
-    """The round's latency in a deployment, where every client works at once on its own
-    machine: the last update the server adds, then the slowest client's decrypt and apply."""
-    ready = [r.seconds["train"] + r.seconds["flatten"] for r in replies]
-    if scale_sums:  # every client waits for the summed scales before it quantizes
-        ready = [t + r.seconds["scales_encrypt"] for t, r in zip(ready, replies, strict=True)]
-        agreed = _streamed(ready, scale_sums)
-        ready = [agreed + r.seconds["scales_decrypt"] for r in replies]
-    arrivals = [
-        t + r.seconds["encrypt"] + r.seconds["serialize"]
-        for t, r in zip(ready, replies, strict=True)
-    ]
-    slowest_apply = max((a.seconds["decrypt"] + a.seconds["unflatten"] for a in applied), default=0)
-    return _streamed(arrivals, sums) + slowest_apply
+@dataclass(frozen=True)
+class RoundRecord:
+    """Everything the clients and the server reported in one round, for its metrics."""
+
+    trained: list[TrainReply]
+    fits: list[FitReply]
+    applied: list[ApplyReply]
+    evals: list[EvalReply]
+    scales: Summed | None
+    summed: Summed
+
+    def metrics(self, round_num: int) -> RoundMetrics:
+        trained, fits, applied = self.trained, self.fits, self.applied
+        sealed = {f.client_id for f in fits}
+        senders = [t for t in trained if t.client_id in sealed] or trained
+        scale_sums = self.scales.seconds if self.scales is not None else []
+        up = sum(len(t.scales or b"") for t in trained) + sum(f.size for f in fits)
+        down = (len(self.summed.payload) + (len(self.scales.payload) if self.scales else 0)) * len(
+            applied
+        )
+        task_metrics = _averaged([(e.num_samples, e.metrics) for e in self.evals])
+        train_metrics = _averaged([(t.num_samples, t.metrics) for t in senders])
+        losses = _averaged([(e.num_samples, {"loss": e.loss}) for e in self.evals])
+        return RoundMetrics(
+            round=round_num,
+            clients=len(fits),
+            # No evaluation can come back when every site dropped out after sending its update.
+            accuracy=task_metrics.get("accuracy", nan),
+            loss=losses.get("loss", nan),
+            train_loss=train_metrics.get("loss", nan),
+            round_seconds=0.0,
+            train_seconds=sum(t.seconds.train for t in trained),
+            flatten_seconds=sum(t.seconds.flatten for t in trained),
+            scales_seconds=sum(t.seconds.prepare for t in trained),
+            encrypt_seconds=sum(f.seconds.encrypt for f in fits),
+            aggregate_seconds=sum(scale_sums) + sum(self.summed.seconds),
+            decrypt_seconds=sum(a.seconds.decrypt for a in applied),
+            evaluate_seconds=0.0,
+            bytes_up=up,
+            bytes_down=down,
+            bytes_up_per_client=up / max(len(fits), 1),
+            bytes_down_per_client=down / len(applied) if applied else 0.0,
+            latency_seconds=self.latency(),
+            clipped=applied[0].clipped if applied else 0,
+            metrics={**task_metrics, **{f"train_{k}": v for k, v in train_metrics.items()}},
+        )
+
+    def latency(self) -> float:
+        """The round's latency in a deployment, where every client works at once on its own
+        machine: the last update the server adds, then the slowest client's decrypt and apply."""
+        fits = {f.client_id: f for f in self.fits}
+        trained = [t for t in self.trained if t.client_id in fits]
+        ready = [t.seconds.train + t.seconds.flatten + t.seconds.prepare for t in trained]
+        if self.scales is not None:  # every client waits for the summed scales
+            agreed = _streamed(ready, self.scales.seconds)
+            ready = [agreed for _ in trained]
+        arrivals = [
+            r + fits[t.client_id].seconds.encrypt for r, t in zip(ready, trained, strict=True)
+        ]
+        slowest = max((a.seconds.decrypt + a.seconds.unflatten for a in self.applied), default=0)
+        return _streamed(arrivals, self.summed.seconds) + slowest
 
 
-def _metrics(
-    round_num: int,
-    replies: list[FitReply],
-    applied: list[ApplyReply],
-    evals: list[EvalReply],
-    wire: tuple[int, int],
-    scale_sums: list[float],
-    sums: list[float],
-) -> RoundMetrics:
-    samples = sum(r.num_samples for r in replies)
-    eval_n = sum(e.num_samples for e in evals)
-    up = wire[0] + sum(r.size for r in replies)
-    down = wire[1] * len(applied)
-
-    def total(step: str) -> float:
-        return sum(r.seconds.get(step, 0.0) for r in replies)
-
-    return RoundMetrics(
-        round=round_num,
-        clients=len(replies),
-        # No evaluation can come back when every site dropped out after sending its update.
-        accuracy=sum(e.accuracy * e.num_samples for e in evals) / eval_n if eval_n else nan,
-        loss=sum(e.loss * e.num_samples for e in evals) / eval_n if eval_n else nan,
-        train_loss=sum(r.train_loss * r.num_samples for r in replies) / max(samples, 1),
-        round_seconds=0.0,
-        train_seconds=total("train"),
-        flatten_seconds=total("flatten"),
-        scales_seconds=total("scales_encrypt") + total("scales_decrypt"),
-        encrypt_seconds=total("encrypt"),
-        serialize_seconds=total("serialize"),
-        aggregate_seconds=sum(scale_sums) + sum(sums),
-        decrypt_seconds=sum(a.seconds["decrypt"] for a in applied),
-        evaluate_seconds=0.0,
-        bytes_up=up,
-        bytes_down=down,
-        bytes_up_per_client=up / len(replies),
-        bytes_down_per_client=down / len(applied) if applied else 0.0,
-        latency_seconds=_latency(replies, scale_sums, sums, applied),
-        clipped=applied[0].clipped if applied else 0,
-    )
+def _averaged(reports: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
+    """Each name's average over the reports that have it, weighted by their sample counts."""
+    totals: dict[str, float] = {}
+    weights: dict[str, int] = {}
+    for samples, values in reports:
+        for name, value in values.items():
+            totals[name] = totals.get(name, 0.0) + value * samples
+            weights[name] = weights.get(name, 0) + samples
+    return {name: totals[name] / weights[name] for name in totals}

@@ -60,26 +60,30 @@ def aggregate_paths(workdir: Path, round_num: int) -> tuple[Path, Path]:
     return folder / f"round-{round_num:04d}.enc", folder / f"round-{round_num:04d}.scales.enc"
 
 
+@dataclass(frozen=True)
+class Summed:
+    """An aggregate, and the seconds the server spent on each payload of it, in arrival order
+    (the last one includes serializing the total)."""
+
+    payload: bytes
+    seconds: list[float]
+
+
 class Server:
+    """Holds a server-side cipher (no secret key) and the run folder it checkpoints into."""
+
     def __init__(self, cipher: ServerCipher, workdir: str | Path | None = None) -> None:
         self.cipher = cipher
         self.workdir = None if workdir is None else Path(workdir)
-        self.last_sum_seconds = 0.0
-        #: seconds spent on each payload of the last sum, in arrival order (the last one
-        #: includes serializing the total)
-        self.last_sum_each: list[float] = []
 
     def sum(
         self, payloads: Iterable[bytes], round_stamp: Stamp, allowed: frozenset[int] | None = None
-    ) -> bytes:
-        """Add a round's payloads as they arrive (only ``allowed`` senders' when given); the
-        time spent adding each is kept in ``last_sum_each``."""
+    ) -> Summed:
+        """Add a round's payloads as they arrive (only ``allowed`` senders' when given)."""
         timed = _Timed(payloads)
         summed = self.cipher.sum(timed, round_stamp, allowed)
         timed.close()
-        self.last_sum_each = timed.each
-        self.last_sum_seconds = sum(timed.each)
-        return summed
+        return Summed(summed, timed.each)
 
     def checkpoint(
         self, round_num: int, summed: bytes, scales: bytes | None, state: dict[str, object]

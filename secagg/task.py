@@ -178,9 +178,7 @@ def make_task(target: Any, settings: Mapping[str, Any], name: str) -> Task:
     """A Task from a Task instance, a Task subclass or a factory, given its settings."""
     if isinstance(target, Task):
         if settings:
-            raise ConfigError(
-                f"task {name!r} is an object, not a class: it takes no task_settings"
-            )
+            raise ConfigError(f"task {name!r} is an object, not a class: it takes no task_settings")
         return target
     if not callable(target):
         raise ConfigError(f"task {name!r} is not a Task subclass, a Task or a function")
@@ -199,8 +197,7 @@ def make_task(target: Any, settings: Mapping[str, Any], name: str) -> Task:
         raise TaskError(f"task {name!r} failed to start: {type(err).__name__}: {err}") from err
     if not isinstance(task, Task):
         raise ConfigError(
-            f"task {name!r} gave a {type(task).__name__}, not a secagg.Task; subclass "
-            "secagg.Task"
+            f"task {name!r} gave a {type(task).__name__}, not a secagg.Task; subclass secagg.Task"
         )
     return task
 
@@ -208,3 +205,23 @@ def make_task(target: Any, settings: Mapping[str, Any], name: str) -> Task:
 def task_name(task: Task) -> str:
     """How messages name a task: its class."""
     return type(task).__name__
+
+
+def task_for(config: RunConfig, task: Task | None = None) -> Task:
+    """The job's task: ``task`` when given, else the one ``config.task`` names (with
+    ``config.task_settings``), else the built-in classification task of ``config.dataset`` and
+    ``config.model``."""
+    if task is not None:
+        return task
+    if config.task:
+        return load_task(config.task, config.task_settings)
+    from secagg.builtin import Classification
+
+    return Classification(
+        config.dataset,
+        config.model,
+        config.alpha,
+        config.min_client_samples,
+        config.data_dir,
+        config.download,
+    )

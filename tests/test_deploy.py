@@ -401,24 +401,26 @@ class ManualSite:
 
     def __init__(self, kit_dir: Path, port: int) -> None:
         from secagg import crypto
-        from secagg.data import load_dataset
-        from secagg.job import build_client, partition
+        from secagg.client import Client
+        from secagg.job import simulated_site
+        from secagg.task import task_for
         from secagg.transport.grpc_client import Connection
+        from secagg.transport.grpc_wire import Hello
 
         self.kit = load_kit(kit_dir, "client")
         self.connection = Connection(self.kit, f"localhost:{port}")
-        joined = self.connection.call("Join", {"samples": 0})
+        joined = self.connection.call("Join", {})
         config = RunConfig(**{**joined["config"], "keys_dir": str(kit_dir), "tracking": False})
-        dataset = load_dataset(config.dataset)
-        train = dataset.train.subset(partition(config, dataset)[joined["index"]])
-        self.client = build_client(config, dataset, 1, train, crypto.for_client(config)())
+        site = simulated_site(config, joined["index"])
+        make_cipher = crypto.for_client(config.he, config.keys_dir)
+        self.client = Client(task_for(config), site, config, make_cipher, torch_cpu())
         self.job = bytes.fromhex(joined["job"])
-        self.connection.call("Join", {"samples": len(train)})
+        self.connection.call("Join", Hello(0, 1, self.client.signature).to_wire())
 
     def play_round_with_replays(self) -> None:
         from secagg.crypto import SERVER, Stamp
         from secagg.errors import PayloadError
-        from secagg.messages import RoundPlan
+        from secagg.transport.grpc_wire import Report, UploadHeader
 
         after, first_update = 0, None
         while True:
@@ -429,13 +431,14 @@ class ManualSite:
                 continue
             after = task["id"]
             stamp = Stamp(self.job, task["round"], SERVER, 2)
-            header = {"task": task["id"], "samples": len(self.client.train_data), "loss": 0.0}
             if task["kind"] == "train":
-                scales = self.client.train(RoundPlan(stamp, task["total_samples"]))
-                self.connection.upload(header, scales)
+                trained = self.client.train(stamp)
+                header = UploadHeader(task["id"], trained.num_samples).to_wire()
+                self.connection.upload(header, trained.scales or b"")
             elif task["kind"] == "seal":
-                reply = self.client.seal(stamp, self.connection.download(task["round"], "scales"))
-                header["seconds"] = reply.seconds
+                scales = self.connection.download(task["round"], "scales")
+                reply = self.client.seal(stamp, task["total_samples"], scales)
+                header = UploadHeader(task["id"], seconds=reply.seconds).to_wire()
                 if first_update is not None:  # round 1's update again: a stale replay
                     with pytest.raises(PayloadError, match="round 1, expected round 2"):
                         self.connection.upload(header, first_update)
@@ -447,23 +450,22 @@ class ManualSite:
                 update = self.connection.download(task["round"], "update")
                 scales = self.connection.download(task["round"], "scales")
                 applied = self.client.apply(update, stamp, scales)
-                evaluation = self.client.evaluate()
-                self.connection.call(
-                    "Report",
-                    {
-                        "task": task["id"],
-                        "applied": task["round"],
-                        "seconds": applied.seconds,
-                        "clipped": applied.clipped,
-                        "weight": applied.weight,
-                        "contributors": list(applied.contributors),
-                        "eval": {
-                            "loss": evaluation.loss,
-                            "accuracy": evaluation.accuracy,
-                            "samples": evaluation.num_samples,
-                        },
-                    },
+                report = Report(
+                    task["id"],
+                    task["round"],
+                    applied.seconds,
+                    applied.clipped,
+                    applied.weight,
+                    applied.contributors,
+                    self.client.evaluate(task["round"]),
                 )
+                self.connection.call("Report", report.to_wire())
+
+
+def torch_cpu():  # type: ignore[no-untyped-def]
+    import torch
+
+    return torch.device("cpu")
 
 
 @pytest.mark.slow

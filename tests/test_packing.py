@@ -21,9 +21,9 @@ from secagg.crypto.packing import PACKED, PackedParams, noise_std
 from secagg.errors import ConfigError
 
 
-def _weighted_updates(draw, count: int, size: int, edge: bool) -> list[np.ndarray]:
-    """Random clients' weighted updates; at the edge every value sits just below a power of
-    two, all of one sign, which is where the agreed steps are tightest."""
+def _changes(draw, count: int, size: int, edge: bool) -> list[tuple[float, np.ndarray]]:
+    """Random clients' (weight, unweighted change); at the edge every value sits just below a
+    power of two, all of one sign, which is where the agreed steps are tightest."""
     weights = np.asarray(draw(st.lists(st.floats(0.01, 1.0), min_size=count, max_size=count)))
     weights = weights / weights.sum()
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
@@ -31,25 +31,26 @@ def _weighted_updates(draw, count: int, size: int, edge: bool) -> list[np.ndarra
     for w in weights:
         if edge:
             exponent = int(rng.integers(-30, 10))
-            out.append(np.full(size, (2.0**exponent) * (1 - 2.0**-40)))
+            out.append((float(w), np.full(size, (2.0**exponent) * (1 - 2.0**-40))))
         else:
-            out.append(rng.normal(0, 0.3, size) * w * 10.0 ** rng.integers(-6, 3))
+            out.append((float(w), rng.normal(0, 0.3, size) * 10.0 ** rng.integers(-6, 3)))
     return out
 
 
 @st.composite
-def rounds(draw) -> list[np.ndarray]:
+def rounds(draw) -> list[tuple[float, np.ndarray]]:
     count = draw(st.integers(1, PACKED.max_clients))
     size = draw(st.integers(1, 40))
-    return _weighted_updates(draw, count, size, edge=draw(st.booleans()))
+    return _changes(draw, count, size, edge=draw(st.booleans()))
 
 
-def _quantized(clients: list[np.ndarray]) -> list[np.ndarray]:
-    """The round's protocol: histograms summed, steps agreed, every client quantizes."""
-    sizes = np.array([clients[0].size])
-    summed = np.sum([quantize.histogram(v, sizes) for v in clients], axis=0)
+def _quantized(clients: list[tuple[float, np.ndarray]]) -> list[np.ndarray]:
+    """The round's protocol: histograms of the changes summed, steps agreed, every client
+    quantizes its weighted change."""
+    sizes = np.array([clients[0][1].size])
+    summed = np.sum([quantize.histogram(d, sizes) for _, d in clients], axis=0)
     steps = quantize.steps(summed, len(clients), PACKED.sum_limit)
-    return [quantize.quantize(v.copy(), steps, sizes)[0] for v in clients]
+    return [quantize.quantize(w * d, steps, sizes, w)[0] for w, d in clients]
 
 
 @settings(max_examples=200, deadline=None)
@@ -66,10 +67,11 @@ def test_agreed_steps_never_overflow_and_sums_unpack_exactly(clients) -> None:
 @settings(max_examples=50, deadline=None)
 @given(st.integers(1, 30), st.sampled_from([-1.0, 1.0]))
 def test_max_clients_at_the_overflow_edge_still_unpack_exactly(size: int, sign: float) -> None:
-    """128 clients, each at the largest value its exponent allows, all of one sign: the sum
-    comes within a few units of the digit's limit and never past it."""
-    clients = [np.full(size, sign * (1 - 2.0**-40)) for _ in range(PACKED.max_clients)]
-    quantized = _quantized(clients)
+    """128 clients of equal weight, each at the largest change its exponent allows, all of one
+    sign: the sum comes within a few units of the digit's limit and never past it."""
+    weight = 1.0 / PACKED.max_clients
+    change = np.full(size, sign * (1 - 2.0**-40))
+    quantized = _quantized([(weight, change) for _ in range(PACKED.max_clients)])
     total = np.sum(quantized, axis=0)
     assert PACKED.sum_limit - PACKED.max_clients <= np.abs(total).min()
     assert np.abs(total).max() <= PACKED.sum_limit
@@ -161,11 +163,18 @@ def test_quantization_error_is_within_the_stated_bound() -> None:
     clients, size = 8, 40_000
     weights = rng.dirichlet(np.full(clients, 5.0))
     common = rng.normal(0, 0.01, size)
-    updates = [w * (common + rng.normal(0, 0.002, size)) for w in weights]
+    changes = [common + rng.normal(0, 0.002, size) for _ in weights]
+    updates = [w * d for w, d in zip(weights, changes, strict=True)]
     sizes = np.array([quantize.BLOCK] * (size // quantize.BLOCK) + [size % quantize.BLOCK])
-    summed = np.sum([quantize.histogram(v, sizes) for v in updates], axis=0)
+    summed = np.sum([quantize.histogram(d, sizes) for d in changes], axis=0)
     steps = quantize.steps(summed, clients, PACKED.sum_limit)
-    total = np.sum([quantize.quantize(v.copy(), steps, sizes)[0] for v in updates], axis=0)
+    total = np.sum(
+        [
+            quantize.quantize(v.copy(), steps, sizes, w)[0]
+            for v, w in zip(updates, weights, strict=True)
+        ],
+        axis=0,
+    )
     back = quantize.dequantize(total, steps, sizes)
     exact = np.sum(updates, axis=0)
     in_steps = np.abs(back - exact) / np.repeat(steps, sizes)

@@ -56,7 +56,7 @@ def test_server_receives_and_stores_no_secret_key_material(
                 yield payload
 
         summed = real_sum(self, tap(), round_stamp, allowed)
-        received.append(summed)
+        received.append(summed.payload)
         return summed
 
     monkeypatch.setattr(Server, "sum", recording_sum)

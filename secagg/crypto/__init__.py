@@ -1,41 +1,52 @@
 """Ciphers: the one place where plaintext and homomorphic aggregation differ.
 
-A client-side cipher turns an update into payload bytes and an aggregate's bytes back into an
-audited sum; a server-side cipher adds payloads. Payloads are bytes (``envelope``), so the same
-round loop runs in-process or over a network and measures exactly what would be sent. Every
-payload carries a ledger (``ledger``) the clients check after decrypting.
+A client-side cipher turns a client's update into payload bytes and an aggregate's bytes back
+into an audited sum; a server-side cipher adds payloads. A codec that needs the clients to
+agree on something first (the packed CKKS codec agrees on quantization steps) says so by
+returning a payload from ``prepare``; the server adds those like updates, and every client
+reads the agreement back from their sum. Payloads are bytes (``envelope``), so the same round
+loop runs in-process or over a network and measures exactly what would be sent. Every payload
+carries a ledger (``ledger``) the clients check after decrypting.
 
 ``plain`` is the reference implementation and the test oracle; ``ckks`` (client side) is the
-only module that imports TenSEAL, and ``ckks_server`` adds ciphertexts without it.
+only module that imports TenSEAL, ``quantized`` puts the scale exchange around it, and
+``ckks_server`` adds ciphertexts without TenSEAL.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
-from secagg.config import RunConfig
+import numpy as np
+
 from secagg.crypto import envelope
 from secagg.crypto.envelope import SERVER, Stamp, contributors
 from secagg.crypto.ledger import Aggregate, Update
+
+if TYPE_CHECKING:  # the server imports this package: no torch here
+    from secagg.flatten import Layout
 
 
 class ClientCipher(Protocol):
     """What a client does with its secret (or, for plaintext, with nothing)."""
 
     name: str
-    #: the last ``encrypt`` split into "encrypt" and "serialize" seconds
-    last_seconds: dict[str, float]
-    #: For an integer codec, the largest magnitude a *summed* value may reach (the clients'
-    #: quantization steps keep every sum within it); None for a float codec.
-    sum_limit: int | None
 
-    def encrypt(self, update: Update, stamp: Stamp) -> bytes:
-        """Encrypt one client's update, stamped with its job, round and roster index."""
+    def prepare(self, values: np.ndarray, stamp: Stamp) -> bytes | None:
+        """What this client contributes to the round's agreement on how to encode ``values``
+        (its unweighted change to the global model), or None when the codec needs none."""
         ...
 
-    def decrypt(self, payload: bytes, stamp: Stamp) -> Aggregate:
-        """Decrypt the aggregate of ``stamp``'s job and round and check its ledger."""
+    def encrypt(self, update: Update, stamp: Stamp, agreed: bytes | None) -> bytes:
+        """Encrypt one client's weighted update, stamped with its job, round and roster index;
+        ``agreed`` is the sum of the round's ``prepare`` payloads."""
+        ...
+
+    def decrypt(self, payload: bytes, stamp: Stamp, agreed: bytes | None) -> Aggregate:
+        """Decrypt the aggregate of ``stamp``'s job and round, check its ledger, and return the
+        sum of the weighted updates as floats."""
         ...
 
 
@@ -45,7 +56,7 @@ class ServerCipher(Protocol):
     name: str
     #: what this codec's payloads must say in their envelope (a receiver checks headers early)
     codec: envelope.Codec
-    #: whether rounds start with the scale exchange (integer codecs)
+    #: whether clients send a ``prepare`` payload (the scale exchange) before their update
     quantizes: bool
 
     def check(self, payload: bytes | memoryview, stamp: Stamp) -> envelope.Envelope:
@@ -62,29 +73,33 @@ class ServerCipher(Protocol):
         ...
 
 
-def for_client(config: RunConfig) -> Callable[[], ClientCipher]:
-    """A factory of client-side ciphers for the job (each client gets its own)."""
-    if not config.he:
+def for_client(
+    he: bool, keys_dir: str | Path, precision: str = "float32"
+) -> Callable[[Layout], ClientCipher]:
+    """A factory of client-side ciphers for a job: each client gets its own, for its model's
+    layout. Keys are read once, here."""
+    if not he:
         from secagg.crypto.plain import PlainCipher
 
-        return lambda: PlainCipher(config.plain_precision)
+        return lambda layout: PlainCipher(precision)
     from secagg import keys
     from secagg.crypto.ckks import CkksClient
+    from secagg.crypto.quantized import QuantizedCipher
 
-    loaded = keys.load_for_client(config.keys_dir)
-    return lambda: CkksClient(loaded)
+    loaded = keys.load_for_client(keys_dir)
+    return lambda layout: QuantizedCipher(CkksClient(loaded), layout)
 
 
-def for_server(config: RunConfig) -> ServerCipher:
-    """The server-side cipher for the job; for HE it is built from the public context only."""
-    if not config.he:
+def for_server(he: bool, keys_dir: str | Path, precision: str = "float32") -> ServerCipher:
+    """The server-side cipher for a job; for HE it is built from the public context only."""
+    if not he:
         from secagg.crypto.plain import PlainCipher
 
-        return PlainCipher(config.plain_precision)
+        return PlainCipher(precision)
     from secagg import keys
     from secagg.crypto.ckks_server import CkksServer
 
-    return CkksServer(keys.load_for_server(config.keys_dir))
+    return CkksServer(keys.load_for_server(keys_dir))
 
 
 __all__ = [

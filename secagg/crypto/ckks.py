@@ -31,15 +31,14 @@ from typing import Any
 import numpy as np
 import tenseal as ts
 
-from secagg.config import CkksParams
 from secagg.crypto import envelope, ledger, seal_format
 from secagg.crypto.ckks_server import blobs_for, codec_for, open_payload
 from secagg.crypto.envelope import AGGREGATE, UPDATE, Stamp
 from secagg.crypto.ledger import Aggregate, Update
 from secagg.crypto.packing import PACKED
+from secagg.crypto.params import CkksParams, Keys
 from secagg.crypto.seal_format import CiphertextShape
 from secagg.errors import ConfigError, KeyFileError, PayloadError
-from secagg.keys import Keys
 
 # Fewer ciphertexts than this per worker are handled in-process: the pool would not pay.
 _MIN_PER_WORKER = 8
@@ -98,7 +97,8 @@ class CkksClient:
             )
         self.codec, self._shape = codec_for(keys)
         self._pool = _pool_for(keys.context)
-        self.sum_limit: int | None = PACKED.sum_limit
+        #: the largest magnitude a summed integer may reach (``quantize.steps`` keeps sums in it)
+        self.sum_limit: int = PACKED.sum_limit
         self.last_seconds: dict[str, float] = {}
 
     def encrypt(self, update: Update, stamp: Stamp) -> bytes:

@@ -18,9 +18,9 @@ import numpy as np
 from secagg.crypto import envelope, ledger, seal_format
 from secagg.crypto.envelope import AGGREGATE, SERVER, UPDATE, Stamp
 from secagg.crypto.packing import PACKED, PackedParams
+from secagg.crypto.params import Keys
 from secagg.crypto.seal_format import CiphertextShape
 from secagg.errors import KeyFileError
-from secagg.keys import Keys
 
 CODEC_ID = 2
 #: The most values a payload may declare: a 2-billion-parameter model.

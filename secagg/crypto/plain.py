@@ -8,7 +8,6 @@ sends the sum back at the same precision.
 from __future__ import annotations
 
 import hashlib
-import time
 from collections.abc import Iterable
 
 import numpy as np
@@ -28,8 +27,9 @@ class PlainCipher:
     """Both sides of plaintext FedAvg: floats on the wire, float64 while summing."""
 
     name = "plain"
-    sum_limit: int | None = None
     quantizes = False
+    #: floats: no integer limit (an integer cipher's largest summed magnitude)
+    sum_limit: int | None = None
 
     def __init__(self, precision: str = "float32") -> None:
         if precision not in DTYPES:
@@ -37,17 +37,17 @@ class PlainCipher:
         self.dtype = np.dtype(DTYPES[precision])
         # Settings "f32" or "f64": the two precisions never read each other's payloads.
         self.codec = envelope.Codec(0, FINGERPRINT, f"f{precision[-2:]}\0".encode())
-        self.last_seconds: dict[str, float] = {}
 
-    def encrypt(self, update: Update, stamp: Stamp) -> bytes:
-        start = time.perf_counter()
+    def prepare(self, values: np.ndarray, stamp: Stamp) -> None:
+        """Floats need no agreement before they are added."""
+        return None
+
+    def encrypt(self, update: Update, stamp: Stamp, agreed: bytes | None = None) -> bytes:
         tally, tail = ledger.entries(update, stamp)
         vector = np.concatenate([np.asarray(update.values, np.float64), tally, tail])
-        payload = self._payload(UPDATE, stamp, update.values.size, vector)
-        self.last_seconds = {"encrypt": 0.0, "serialize": time.perf_counter() - start}
-        return payload
+        return self._payload(UPDATE, stamp, update.values.size, vector)
 
-    def decrypt(self, payload: bytes, stamp: Stamp) -> Aggregate:
+    def decrypt(self, payload: bytes, stamp: Stamp, agreed: bytes | None = None) -> Aggregate:
         opened = self._open(payload, stamp, AGGREGATE)
         vector = np.frombuffer(opened.body, dtype=self.dtype).astype(np.float64)
         n, roster = opened.values, stamp.roster

@@ -11,20 +11,23 @@ from collections.abc import Iterator
 from typing import Protocol
 
 from secagg.crypto import Stamp
-from secagg.messages import ApplyReply, EvalReply, FitReply
+from secagg.messages import ApplyReply, EvalReply, FitReply, TrainReply
 
 
 class Transport(Protocol):
     #: how many clients the job has; they are numbered 0 .. roster - 1
     roster: int
 
-    def train(self, round_stamp: Stamp) -> list[bytes]:
-        """Tell every client the round plan and have it train; return the clients' encrypted
-        scale payloads (empty when the codec does not quantize)."""
+    def train(self, round_stamp: Stamp) -> list[TrainReply]:
+        """Have every client of the round train; return what each reported (its sample count
+        and, for an integer codec, its encrypted part of the scale exchange)."""
         ...
 
-    def seal(self, round_stamp: Stamp, scales: bytes | None) -> Iterator[FitReply]:
-        """Send every client the summed scales; yield their encrypted updates as they arrive."""
+    def seal(
+        self, round_stamp: Stamp, total_samples: int, scales: bytes | None
+    ) -> Iterator[FitReply]:
+        """Send the clients that trained the round's sample total and summed scales; yield
+        their encrypted updates as they arrive."""
         ...
 
     def apply(self, round_stamp: Stamp, payload: bytes, scales: bytes | None) -> list[ApplyReply]:
@@ -32,5 +35,5 @@ class Transport(Protocol):
         ...
 
     def evaluate(self, round_num: int) -> list[EvalReply]:
-        """Ask the evaluating clients for the global model's test loss and accuracy."""
+        """The clients' evaluations of the global model (those with test data)."""
         ...

@@ -23,9 +23,11 @@ import grpc
 
 from secagg.crypto import ServerCipher, Stamp
 from secagg.errors import PayloadError, SecAggError
+from secagg.messages import ModelSignature
 from secagg.provision import ADMIN, Kit
 from secagg.rounds import RoundFailed
 from secagg.server import aggregate_paths
+from secagg.transport.grpc_wire import Hello, Report, UploadHeader
 
 INBOX = 2
 UPLOADS = 2
@@ -41,11 +43,13 @@ class Aborted(SecAggError):
 class Site:
     index: int
     name: str
-    samples: int = 0
+    #: taking part: joined with its task and model ready (its first Join only asks for the job)
     joined: bool = False
     last_seen: float = 0.0
     #: the last round whose aggregate this site applied
     applied: int = 0
+    #: why the site stopped, in its own words (its task failed, its model is not the job's)
+    error: str | None = None
 
 
 @dataclass
@@ -63,7 +67,7 @@ class Upload:
     task: int
     index: int
     payload: bytes
-    meta: dict[str, Any]
+    meta: UploadHeader
 
 
 class Coordinator:
@@ -93,7 +97,7 @@ class Coordinator:
         self.next_id = 1
         self.inbox: queue.Queue[Upload] = queue.Queue(INBOX)
         self.uploads = threading.BoundedSemaphore(UPLOADS)
-        self.reports: dict[int, dict[str, Any]] = {}
+        self.reports: dict[int, Report] = {}
         self.aggregates: dict[tuple[int, str], bytes] = {}
         self.aborted: str | None = None
         self.phase = "waiting for sites"
@@ -103,6 +107,8 @@ class Coordinator:
         self.told: set[int] = set()
         #: the model's parameter count, as the sites report it
         self.parameters: int | None = None
+        #: the job's model (names, shapes, dtypes, initial weights), as the first site reported
+        self.model: ModelSignature | None = None
 
     # --- the round loop's side ---------------------------------------------------------------
 
@@ -136,6 +142,7 @@ class Coordinator:
             ready = self.ready_sites(round_num)
             if len(ready) == len(self.sites):
                 return frozenset(ready)
+            self._check_failed(round_num, ready, minimum)
             if len(ready) < minimum and time.monotonic() > deadline:
                 raise RoundFailed(
                     f"round {round_num}: only {len(ready)} site(s) ready within {timeout:.0f} "
@@ -173,7 +180,7 @@ class Coordinator:
                 done.add(upload.index)
                 yield upload
 
-    def collect_reports(self, task: Task, timeout: float) -> dict[int, dict[str, Any]]:
+    def collect_reports(self, task: Task, timeout: float) -> dict[int, Report]:
         """The reports of a task's sites, once all are in, the rest are silent, or timeout."""
         deadline = time.monotonic() + timeout
         with self.lock:
@@ -203,6 +210,17 @@ class Coordinator:
                 del self.aggregates[key]
             self.aggregates[(round_num, what)] = payload
 
+    def _check_failed(self, round_num: int, ready: list[int], minimum: int) -> None:
+        """Fail the round at once when too many sites have failed for it ever to start."""
+        with self.lock:
+            failed = [s for s in self.sites if s.error and s.index not in ready]
+        if failed and len(self.sites) - len(failed) < minimum:
+            reasons = "; ".join(f"{s.name} failed: {s.error}" for s in failed)
+            raise RoundFailed(
+                f"round {round_num}: {len(failed)} of {len(self.sites)} sites failed and at "
+                f"least {minimum} are needed ({reasons})"
+            )
+
     def _check_abort(self) -> None:
         if self.aborted is not None:
             raise Aborted(self.aborted)
@@ -231,13 +249,23 @@ class Coordinator:
             site.last_seen = time.monotonic()
         return site
 
-    def join(self, site: Site, hello: dict[str, Any]) -> dict[str, Any]:
+    def join(self, site: Site, hello: Hello) -> dict[str, Any]:
+        """A site asks for the job, or (``hello.model`` given) says it is ready to take part;
+        a model that is not the first site's is refused (PayloadError ``model-mismatch``)."""
         with self.lock:
-            self.parameters = int(hello.get("parameters") or 0) or self.parameters
-            site.samples = int(hello.get("samples", 0))
-            # A site takes part once it knows its data (its first Join only asks for the job).
-            site.joined = site.samples > 0
-            site.applied = min(int(hello.get("applied", 0)), self.completed)
+            if hello.model is not None:
+                if self.model is None:
+                    self.model = hello.model
+                difference = self.model.mismatch(hello.model)
+                if difference is not None:
+                    site.error = f"its model is not the job's: {difference}"
+                    raise PayloadError(
+                        f"{site.name}'s model is not the job's: {difference}", "model-mismatch"
+                    )
+                self.parameters = hello.parameters or self.parameters
+            site.joined = hello.model is not None
+            site.error = None if site.joined else site.error
+            site.applied = min(hello.applied, self.completed)
             site.last_seen = time.monotonic()
             self.lock.notify_all()
             return {
@@ -273,11 +301,11 @@ class Coordinator:
                     return {"kind": "wait", "id": after}
                 self.lock.wait(remaining)
 
-    def check_upload(self, site: Site, header: dict[str, Any]) -> tuple[Task, Stamp]:
+    def check_upload(self, site: Site, task_id: int) -> tuple[Task, Stamp]:
         """The task an upload answers and the stamp its payload must carry, or PayloadError."""
         with self.lock:
             task = self.task
-            if task is None or header.get("task") != task.id or task.kind not in ("train", "seal"):
+            if task is None or task_id != task.id or task.kind not in ("train", "seal"):
                 raise PayloadError("upload answers no current task: stale or replayed", "stale")
             if site.index not in task.sites:
                 raise PayloadError(f"site {site.name} is not asked for this round", "not-in-round")
@@ -301,12 +329,19 @@ class Coordinator:
         except queue.Full as err:
             raise PayloadError("the server is not taking payloads", "busy") from err
 
-    def report(self, site: Site, report: dict[str, Any]) -> None:
+    def report(self, site: Site, report: Report) -> None:
         with self.lock:
-            site.applied = max(site.applied, int(report.get("applied", site.applied)))
+            site.applied = max(site.applied, min(report.applied, self.completed))
             task = self.task
-            if task is not None and report.get("task") == task.id and task.kind == "apply":
+            if task is not None and report.task == task.id and task.kind == "apply":
                 self.reports[site.index] = report
+            self.lock.notify_all()
+
+    def fail(self, site: Site, error: str) -> None:
+        """A site stopped taking part, and says why: it is no longer waited for."""
+        with self.lock:
+            site.error = error
+            site.joined = False
             self.lock.notify_all()
 
     def download(self, round_num: int, what: str) -> bytes:
@@ -338,7 +373,7 @@ class Coordinator:
                         "name": s.name,
                         "connected": self._alive(s),
                         "applied": s.applied,
-                        "samples": s.samples,
+                        "error": s.error,
                     }
                     for s in self.sites
                 ],

@@ -18,6 +18,7 @@ measured (``metrics.json``) in its work folder.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -29,9 +30,8 @@ import grpc
 
 from secagg.client import Client
 from secagg.crypto import SERVER, Stamp
-from secagg.errors import ConfigError, PayloadError, SecAggError
+from secagg.errors import ConfigError, PayloadError, SecAggError, TaskError
 from secagg.files import atomic_write_json
-from secagg.messages import RoundPlan
 from secagg.provision import Kit
 from secagg.transport import grpc_wire as wire
 
@@ -87,8 +87,16 @@ def _guard(call: Callable[[], Any]) -> Any:
         return call()
     except grpc.RpcError as err:
         code, details = err.code(), err.details() or ""
-        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        if code in (
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            grpc.StatusCode.CANCELLED,  # what a dying server's calls end with
+        ):
             raise ServerGone(f"server unreachable ({code.name.lower()}): {details}") from err
+        if code == grpc.StatusCode.FAILED_PRECONDITION:
+            raise ConfigError(
+                f"the server refused this site: {details.partition(': ')[2]}"
+            ) from err
         if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS):
             reason, _, message = details.partition(": ")
             raise PayloadError(f"the server refused the payload: {message}", reason) from err
@@ -96,24 +104,18 @@ def _guard(call: Callable[[], Any]) -> Any:
 
 
 def join(
-    connection: Connection,
-    samples: int,
-    applied: int,
-    wait: float,
-    log: Callable[[str], None],
-    parameters: int = 0,
+    connection: Connection, hello: wire.Hello, wait: float, log: Callable[[str], None]
 ) -> Joined:
     """Join the job, retrying with backoff (1 s doubling to 30 s) for up to ``wait`` seconds.
 
-    A site first joins with no samples, to learn the job; it takes part in rounds once it has
-    joined again with its sample count.
+    A site first joins without its model, to learn the job; it takes part in rounds once it
+    has joined again with its model's signature, which the server checks against the job's.
     """
     deadline = time.monotonic() + wait
     delay = 1.0
-    hello = {"samples": samples, "applied": applied, "parameters": parameters}
     while True:
         try:
-            reply = connection.call("Join", hello, timeout=20)
+            reply = connection.call("Join", hello.to_wire(), timeout=20)
             return Joined(
                 bytes.fromhex(reply["job"]),
                 int(reply["index"]),
@@ -153,6 +155,8 @@ class Site:
         self.applied = 0
         self.metrics: list[dict[str, Any]] = []
         self._scales: dict[int, bytes] = {}
+        #: whether rounds have a scale exchange (HE: the packed codec)
+        self.scaled = client.config.he
 
     def round_stamp(self, round_num: int) -> Stamp:
         return Stamp(self.joined.job, round_num, SERVER, self.joined.roster)
@@ -184,6 +188,9 @@ class Site:
                 after = int(task["id"])
                 try:
                     getattr(self, f"do_{kind}")(task)
+                except TaskError as err:
+                    tell_failed(self.connection, str(err))
+                    raise
                 except PayloadError as err:
                     if kind == "apply":
                         raise  # an aggregate that fails its checks must stop this site
@@ -206,67 +213,62 @@ class Site:
     def do_train(self, task: dict[str, Any]) -> None:
         round_num = int(task["round"])
         self.log(f"round {round_num}: training")
-        plan = RoundPlan(self.round_stamp(round_num), int(task["total_samples"]))
-        scales = self.client.train(plan)
-        header = {"task": task["id"], "samples": len(self.client.train_data)}
-        self.connection.upload(header, scales or b"")
+        reply = self.client.train(self.round_stamp(round_num))
+        header = wire.UploadHeader(int(task["id"]), reply.num_samples, reply.metrics, reply.seconds)
+        self.connection.upload(header.to_wire(), reply.scales or b"")
 
     def do_seal(self, task: dict[str, Any]) -> None:
         round_num = int(task["round"])
         scales = self._fetch_scales(round_num)
-        reply = self.client.seal(self.round_stamp(round_num), scales)
-        header = {
-            "task": task["id"],
-            "samples": reply.num_samples,
-            "loss": reply.train_loss,
-            "seconds": reply.seconds,
-        }
+        stamp = self.round_stamp(round_num)
+        reply = self.client.seal(stamp, int(task["total_samples"]), scales)
+        header = wire.UploadHeader(int(task["id"]), seconds=reply.seconds)
         self.log(f"round {round_num}: sending {reply.size / 1e6:.1f} MB")
-        self.connection.upload(header, reply.payload)
+        self.connection.upload(header.to_wire(), reply.payload)
 
     def do_apply(self, task: dict[str, Any]) -> None:
         self._apply(int(task["round"]), task["id"])
 
     def _apply(self, round_num: int, task_id: int | None) -> None:
         update = self.connection.download(round_num, "update")
-        scales = self._fetch_scales(round_num) if self.client.quantizes else None
+        scales = self._fetch_scales(round_num)
         applied = self.client.apply(update, self.round_stamp(round_num), scales)
         self.applied = round_num
         self._scales.pop(round_num, None)
-        evaluation = self.client.evaluate() if self.client.test_data is not None else None
-        report: dict[str, Any] = {
-            "task": task_id,
-            "applied": round_num,
-            "seconds": applied.seconds,
-            "clipped": applied.clipped,
-            "weight": applied.weight,
-            "contributors": list(applied.contributors),
-        }
-        if evaluation is not None:
-            report["eval"] = {
-                "loss": evaluation.loss,
-                "accuracy": evaluation.accuracy,
-                "samples": evaluation.num_samples,
-            }
-        self.connection.call("Report", report)
-        self.metrics.append({"round": round_num, **report})
+        try:
+            evaluation = self.client.evaluate(round_num)
+        except TaskError as err:
+            tell_failed(self.connection, str(err))
+            raise
+        report = wire.Report(
+            task_id,
+            round_num,
+            applied.seconds,
+            applied.clipped,
+            applied.weight,
+            applied.contributors,
+            evaluation,
+        )
+        self.connection.call("Report", report.to_wire())
+        self.metrics.append({"round": round_num, **report.to_wire()})
         self._save()
         if self.client.client_id not in applied.contributors:
             self.log(f"round {round_num}: the aggregate does not hold this site's update")
-        accuracy = f", accuracy {evaluation.accuracy:.4f}" if evaluation else ""
-        self.log(f"round {round_num}: applied the global model{accuracy}")
+        shown = "".join(
+            f", {name} {value:.4f}"
+            for name, value in (evaluation.metrics if evaluation else {}).items()
+        )
+        self.log(f"round {round_num}: applied the global model{shown}")
 
     def _fetch_scales(self, round_num: int) -> bytes | None:
-        if not self.client.quantizes:
+        if not self.scaled:
             return None
         if round_num not in self._scales:
             self._scales[round_num] = self.connection.download(round_num, "scales")
         return self._scales[round_num]
 
     def _save(self) -> None:
-        from secagg.job import save_model
-
-        save_model(self.client, self.workdir / "model.pt")
+        self.client.save(self.workdir / "model.pt")
         atomic_write_json(self.workdir / "metrics.json", {"rounds": self.metrics})
 
     def _heartbeat(self, stop: threading.Event) -> None:
@@ -275,6 +277,13 @@ class Site:
                 self.connection.call("Ping", {}, timeout=5)
             except SecAggError:
                 continue
+
+
+def tell_failed(connection: Connection, error: str) -> None:
+    """Tell the server this site stops, and why, so it need not wait for it."""
+    # If the server is gone too, this site's own error is what matters.
+    with contextlib.suppress(SecAggError):
+        connection.call("Fail", {"error": error}, timeout=10)
 
 
 def check_keys(joined: Joined, fingerprint: bytes) -> None:

@@ -22,7 +22,7 @@ import grpc
 
 from secagg.crypto import Stamp, envelope
 from secagg.errors import PayloadError, SecAggError
-from secagg.messages import ApplyReply, EvalReply, FitReply
+from secagg.messages import ApplyReply, EvalReply, FitReply, TrainReply
 from secagg.provision import Kit
 from secagg.rounds import RoundFailed
 from secagg.transport import grpc_wire as wire
@@ -45,6 +45,7 @@ class Service:
             "Upload": grpc.stream_unary_rpc_method_handler(self.upload),
             "Download": grpc.unary_stream_rpc_method_handler(self.download),
             "Report": unary(self.report),
+            "Fail": unary(self.fail),
             "Status": unary(self.status),
             "Abort": unary(self.abort),
         }
@@ -53,7 +54,12 @@ class Service:
     def join(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         site = self.c.identify(context)
         assert site is not None
-        return wire.encode(self.c.join(site, _message(request, context)))
+        try:
+            return wire.encode(self.c.join(site, wire.Hello.from_wire(_message(request, context))))
+        except PayloadError as err:
+            self.c.refused(site, err)
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{err.reason}: {err}")
+            raise
 
     def ping(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         self.c.identify(context)
@@ -70,8 +76,10 @@ class Service:
         site = self.c.identify(context)
         assert site is not None
         try:
-            header = wire.decode(next(requests))
-            task, stamp = self.c.check_upload(site, header)
+            header = wire.UploadHeader.from_wire(wire.decode(next(requests)))
+            task, stamp = self.c.check_upload(site, header.task)
+            if task.kind == "train" and header.samples < 1:
+                raise PayloadError("a training upload must report its sample count", "malformed")
             with self.c.uploads:
                 payload = self._receive(requests, stamp)
             # Training ends in a scale payload, except for a codec without scale exchange.
@@ -117,7 +125,18 @@ class Service:
     def report(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         site = self.c.identify(context)
         assert site is not None
-        self.c.report(site, _message(request, context))
+        try:
+            self.c.report(site, wire.Report.from_wire(site.index, _message(request, context)))
+        except PayloadError as err:
+            self.c.refused(site, err)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{err.reason}: {err}")
+        return wire.encode({"ok": True})
+
+    def fail(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        site = self.c.identify(context)
+        assert site is not None
+        error = _message(request, context).get("error")
+        self.c.fail(site, str(error)[:2000] if error else "stopped without saying why")
         return wire.encode({"ok": True})
 
     def status(self, request: bytes, context: grpc.ServicerContext) -> bytes:
@@ -171,40 +190,39 @@ class GrpcTransport:
         self._trained: frozenset[int] = frozenset()
         self._evals: list[EvalReply] = []
 
-    def train(self, round_stamp: Stamp) -> list[bytes]:
+    def train(self, round_stamp: Stamp) -> list[TrainReply]:
         sites = self.c.wait_for_sites(
             round_stamp.round_num, self.min_clients, self.grace, self.timeout
         )
-        total = sum(self.c.sites[i].samples for i in sites)
-        task = self.c.post(
-            "train", round_stamp.round_num, sites, job=round_stamp.job.hex(), total_samples=total
-        )
-        payloads, trained = [], set()
+        task = self.c.post("train", round_stamp.round_num, sites, job=round_stamp.job.hex())
+        replies = []
         for upload in self.c.collect(task, self.timeout):
-            trained.add(upload.index)
-            if upload.payload:
-                payloads.append(upload.payload)
-        self._require(trained, round_stamp.round_num, "trained")
-        self._trained = frozenset(trained)
-        return payloads
+            header = upload.meta
+            replies.append(
+                TrainReply(
+                    upload.index,
+                    header.samples,
+                    upload.payload or None,
+                    dict(header.metrics),
+                    header.seconds,
+                )
+            )
+        self._require({r.client_id for r in replies}, round_stamp.round_num, "trained")
+        self._trained = frozenset(r.client_id for r in replies)
+        return replies
 
-    def seal(self, round_stamp: Stamp, scales: bytes | None) -> Iterator[FitReply]:
+    def seal(
+        self, round_stamp: Stamp, total_samples: int, scales: bytes | None
+    ) -> Iterator[FitReply]:
         if scales is not None:
             self.c.publish(round_stamp.round_num, "scales", scales)
-        task = self.c.post("seal", round_stamp.round_num, self._trained)
+        task = self.c.post(
+            "seal", round_stamp.round_num, self._trained, total_samples=total_samples
+        )
         sealed = set()
         for upload in self.c.collect(task, self.timeout):
             sealed.add(upload.index)
-            meta = upload.meta
-            size = len(upload.payload)
-            yield FitReply(
-                upload.index,
-                upload.payload,
-                int(meta["samples"]),
-                float(meta["loss"]),
-                {key: float(value) for key, value in meta["seconds"].items()},
-                size,
-            )
+            yield FitReply(upload.index, upload.payload, upload.meta.seconds, len(upload.payload))
         self._require(sealed, round_stamp.round_num, "sent their update")
 
     def apply(self, round_stamp: Stamp, payload: bytes, scales: bytes | None) -> list[ApplyReply]:
@@ -215,19 +233,9 @@ class GrpcTransport:
         sites = frozenset(self.c.ready_sites(round_num))
         task = self.c.post("apply", round_num, sites)
         reports = self.c.collect_reports(task, self.timeout)
-        self._evals = [
-            EvalReply(i, r["eval"]["loss"], r["eval"]["accuracy"], r["eval"]["samples"])
-            for i, r in reports.items()
-            if r.get("eval")
-        ]
+        self._evals = [r.evaluation for r in reports.values() if r.evaluation is not None]
         return [
-            ApplyReply(
-                i,
-                {key: float(value) for key, value in r["seconds"].items()},
-                int(r["clipped"]),
-                float(r["weight"]),
-                tuple(r["contributors"]),
-            )
+            ApplyReply(i, r.seconds, r.clipped, r.weight, r.contributors)
             for i, r in reports.items()
         ]
 

@@ -9,12 +9,13 @@ chunk and refuse the rest. Both ends authenticate with mutual TLS against the pr
 Methods of ``secagg.Aggregator``:
 
 =========  ==============  =============================================================
-Join       unary           a site announces itself and its sample count; gets the job
+Join       unary           a site asks for the job; later says it is ready (its model's shape)
 Ping       unary           heartbeat while a site trains (the server drops silent ones)
 Task       unary           long poll: the next thing to do (train, seal, apply, done, ...)
 Upload     stream -> unary a JSON header, then a payload in chunks
 Download   unary -> stream an aggregate of a round, in chunks
 Report     unary           what a site measured applying an aggregate, and its evaluation
+Fail       unary           a site stops taking part, and says why (its task failed)
 Status     unary           (admin) job, round, connected sites, last metrics
 Abort      unary           (admin) stop the job
 =========  ==============  =============================================================
@@ -23,11 +24,15 @@ Abort      unary           (admin) stop the job
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
+from secagg.errors import PayloadError
+from secagg.messages import EvalReply, ModelSignature, Seconds, metrics
+
 SERVICE = "secagg.Aggregator"
-METHODS = ("Join", "Ping", "Task", "Upload", "Download", "Report", "Status", "Abort")
+METHODS = ("Join", "Ping", "Task", "Upload", "Download", "Report", "Fail", "Status", "Abort")
 CHUNK = 1 << 20
 #: gRPC message limits: chunks and JSON messages stay far below this.
 MESSAGE_LIMIT = 8 * CHUNK
@@ -66,3 +71,115 @@ def upload_messages(header: dict[str, Any], payload: bytes) -> Iterable[bytes]:
     """The stream of one upload: the JSON header, then the payload's chunks."""
     yield encode(header)
     yield from chunks(payload)
+
+
+# --- typed messages: what a site sends, checked at the door ------------------------------------
+
+
+@dataclass(frozen=True)
+class Hello:
+    """A site's Join: the last round it applied, and once it is ready to take part, its
+    model's signature and parameter count (without them it only asks for the job)."""
+
+    applied: int = 0
+    parameters: int = 0
+    model: ModelSignature | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        model = self.model.to_wire() if self.model is not None else None
+        return {"applied": self.applied, "parameters": self.parameters, "model": model}
+
+    @classmethod
+    def from_wire(cls, message: Mapping[str, Any]) -> Hello:
+        model = message.get("model")
+        return cls(
+            whole(message, "applied", default=0),
+            whole(message, "parameters", default=0),
+            ModelSignature.from_wire(model) if model is not None else None,
+        )
+
+
+@dataclass(frozen=True)
+class UploadHeader:
+    """The first message of an upload: the task it answers, and for a training upload the
+    sample count (the FedAvg weight) and the task's training metrics."""
+
+    task: int
+    samples: int = 0
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    seconds: Seconds = field(default_factory=Seconds)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "task": self.task,
+            "samples": self.samples,
+            "metrics": dict(self.metrics),
+            "seconds": self.seconds.to_dict(),
+        }
+
+    @classmethod
+    def from_wire(cls, message: Mapping[str, Any]) -> UploadHeader:
+        return cls(
+            whole(message, "task"),
+            whole(message, "samples", default=0),
+            metrics(message.get("metrics")),
+            Seconds.from_wire(message.get("seconds")),
+        )
+
+
+@dataclass(frozen=True)
+class Report:
+    """What a site says after applying a round's aggregate: what the aggregate held, what it
+    cost, and its task's evaluation of the new global model (None without test data)."""
+
+    task: int | None
+    applied: int
+    seconds: Seconds
+    clipped: int
+    weight: float
+    contributors: tuple[int, ...]
+    evaluation: EvalReply | None
+
+    def to_wire(self) -> dict[str, Any]:
+        message: dict[str, Any] = {
+            "task": self.task,
+            "applied": self.applied,
+            "seconds": self.seconds.to_dict(),
+            "clipped": self.clipped,
+            "weight": self.weight,
+            "contributors": list(self.contributors),
+        }
+        if self.evaluation is not None:
+            message["eval"] = self.evaluation.to_wire()
+        return message
+
+    @classmethod
+    def from_wire(cls, index: int, message: Mapping[str, Any]) -> Report:
+        task = message.get("task")
+        contributors = message.get("contributors", [])
+        if not isinstance(contributors, list) or not all(
+            isinstance(c, int) and not isinstance(c, bool) and 0 <= c < 1 << 16
+            for c in contributors
+        ):
+            raise PayloadError("report.contributors must be a list of site indexes", "malformed")
+        weight = message.get("weight", 0.0)
+        if isinstance(weight, bool) or not isinstance(weight, int | float):
+            raise PayloadError("report.weight must be a number", "malformed")
+        evaluation = message.get("eval")
+        return cls(
+            None if task is None else whole(message, "task"),
+            whole(message, "applied"),
+            Seconds.from_wire(message.get("seconds")),
+            whole(message, "clipped", default=0),
+            float(weight),
+            tuple(contributors),
+            None if evaluation is None else EvalReply.from_wire(index, evaluation),
+        )
+
+
+def whole(message: Mapping[str, Any], key: str, default: int | None = None) -> int:
+    """A non-negative whole number from a peer's message, or a named refusal."""
+    value = message.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 62:
+        raise PayloadError(f"'{key}' must be a whole number >= 0, not {value!r}", "malformed")
+    return value

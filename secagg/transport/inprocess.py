@@ -10,26 +10,26 @@ from collections.abc import Iterator, Sequence
 
 from secagg.client import Client
 from secagg.crypto import Stamp
-from secagg.messages import ApplyReply, EvalReply, FitReply, RoundPlan
+from secagg.messages import ApplyReply, EvalReply, FitReply, TrainReply
 
 
 class InProcessTransport:
-    def __init__(self, clients: Sequence[Client], evaluators: Sequence[int] = (0,)) -> None:
+    def __init__(self, clients: Sequence[Client]) -> None:
         self.clients = list(clients)
-        self.evaluators = list(evaluators)
         self.roster = len(self.clients)
 
-    def train(self, round_stamp: Stamp) -> list[bytes]:
-        plan = RoundPlan(round_stamp, sum(len(client.train_data) for client in self.clients))
-        scales = [client.train(plan) for client in self.clients]
-        return [payload for payload in scales if payload is not None]
+    def train(self, round_stamp: Stamp) -> list[TrainReply]:
+        return [client.train(round_stamp) for client in self.clients]
 
-    def seal(self, round_stamp: Stamp, scales: bytes | None) -> Iterator[FitReply]:
+    def seal(
+        self, round_stamp: Stamp, total_samples: int, scales: bytes | None
+    ) -> Iterator[FitReply]:
         for client in self.clients:
-            yield client.seal(round_stamp, scales)
+            yield client.seal(round_stamp, total_samples, scales)
 
     def apply(self, round_stamp: Stamp, payload: bytes, scales: bytes | None) -> list[ApplyReply]:
         return [client.apply(payload, round_stamp, scales) for client in self.clients]
 
     def evaluate(self, round_num: int) -> list[EvalReply]:
-        return [self.clients[i].evaluate() for i in self.evaluators]
+        replies = (client.evaluate(round_num) for client in self.clients)
+        return [reply for reply in replies if reply is not None]

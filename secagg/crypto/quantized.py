@@ -1,0 +1,86 @@
+"""The scale exchange around an integer cipher: agree on steps, quantize, encrypt; decrypt,
+dequantize. It is what makes the packed CKKS codec a ``ClientCipher``.
+
+Each round, every client first encrypts a one-hot histogram of how large its change to the
+global model is, per block (``prepare``); the server adds the histograms like any payload; every
+client decrypts the same sum and derives the same quantization steps (``quantize.steps``), then
+quantizes its weighted update on them (``encrypt``). The aggregate decrypts to exact integers,
+which ``decrypt`` turns back into the sum of weighted updates on the same steps. The steps of a
+round are decrypted once and kept until the next round's agreement arrives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from secagg import quantize
+from secagg.crypto.ckks import CkksClient
+from secagg.crypto.envelope import Stamp
+from secagg.crypto.ledger import Aggregate, Update
+from secagg.errors import PayloadError
+from secagg.flatten import Layout
+
+
+class QuantizedCipher:
+    """Quantizes on steps agreed each round, then encrypts with an integer cipher."""
+
+    def __init__(self, inner: CkksClient, layout: Layout) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.blocks = quantize.block_sizes(layout)
+        self.size = layout.size
+        #: the last agreement decrypted: (its digest, the steps, who took part)
+        self._agreed: tuple[bytes, np.ndarray, tuple[int, ...]] | None = None
+
+    def prepare(self, values: np.ndarray, stamp: Stamp) -> bytes:
+        """The encrypted magnitude histogram of ``values``, this client's unweighted change."""
+        # Weights are not known yet (they need every client's sample count), and the scale
+        # exchange needs none: each client counts 1/roster, so the ledger's sum stays <= 1.
+        histogram = quantize.histogram(values, self.blocks)
+        return self.inner.encrypt(Update(histogram, 1.0 / stamp.roster), stamp.scales())
+
+    def encrypt(self, update: Update, stamp: Stamp, agreed: bytes | None) -> bytes:
+        steps, _ = self._steps(stamp, agreed)
+        values, clipped = quantize.quantize(update.values.copy(), steps, self.blocks, update.weight)
+        return self.inner.encrypt(Update(values, update.weight, clipped), stamp)
+
+    def decrypt(self, payload: bytes, stamp: Stamp, agreed: bytes | None) -> Aggregate:
+        summed = self.inner.decrypt(payload, stamp)
+        if summed.values.shape != (self.size,):
+            raise PayloadError(
+                f"the aggregate has {summed.values.size} values, this client's model has "
+                f"{self.size}; are all parties running the same job?",
+                "wrong-length",
+            )
+        steps, agreeing = self._steps(stamp, agreed)
+        outside = sorted(set(summed.contributors) - set(agreeing))
+        if outside:
+            raise PayloadError(
+                f"the aggregate adds updates of client(s) {outside} that took no part in the "
+                "round's scale exchange: the sum may have overflowed",
+                "not-in-round",
+            )
+        values = quantize.dequantize(summed.values, steps, self.blocks)
+        return Aggregate(values, summed.weight, summed.clipped, summed.contributors)
+
+    def _steps(self, stamp: Stamp, agreed: bytes | None) -> tuple[np.ndarray, tuple[int, ...]]:
+        """The round's quantization steps and who agreed on them, from the summed histograms."""
+        if agreed is None:
+            raise PayloadError("an integer codec needs the round's scale aggregate", "malformed")
+        digest = hashlib.sha256(
+            stamp.job + stamp.round_num.to_bytes(4, "big") + bytes(agreed)
+        ).digest()
+        if self._agreed is None or self._agreed[0] != digest:
+            summed = self.inner.decrypt(agreed, stamp.scales())
+            if summed.values.shape != (self.blocks.size * quantize.BINS,):
+                raise PayloadError(
+                    "the scale aggregate does not match this client's model; are all parties "
+                    "running the same job?",
+                    "wrong-length",
+                )
+            clients = len(summed.contributors)
+            steps = quantize.steps(summed.values, clients, self.inner.sum_limit)
+            self._agreed = (digest, steps, summed.contributors)
+        return self._agreed[1], self._agreed[2]
