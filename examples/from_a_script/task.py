@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch.utils.data import DataLoader, Subset
 
 from from_a_script import train as script
-from secagg.task import EvalResult, Task, TrainResult
+from secagg import EvalResult, Task, TrainResult
 
 
 class Digits(Task):

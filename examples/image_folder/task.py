@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
-from secagg.task import EvalResult, RoundContext, Site, Task, TrainResult
+from secagg import EvalResult, RoundContext, Site, Task, TrainResult
 
 
 def site_folder(site: Site) -> Path:

@@ -13,7 +13,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from secagg.task import EvalResult, RoundContext, Site, Task, TrainResult
+from secagg import EvalResult, RoundContext, Site, Task, TrainResult
 
 FEATURES = 30
 

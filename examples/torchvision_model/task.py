@@ -17,7 +17,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from secagg.task import EvalResult, RoundContext, Site, Task, TrainResult
+from secagg import EvalResult, RoundContext, Site, Task, TrainResult
 
 
 def digits32(seed: int) -> tuple[TensorDataset, TensorDataset]:
