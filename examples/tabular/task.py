@@ -27,8 +27,6 @@ def site_folder(site: Site) -> Path:
 
 def read_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(features, labels) of a CSV whose last column is the 0/1 label."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; run 'python examples/tabular/prepare.py'")
     rows = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.float32, ndmin=2)
     return rows[:, :-1], rows[:, -1]
 
@@ -47,6 +45,11 @@ class BreastCancer(Task):
 
     def load_data(self, site: Site) -> dict[str, TensorDataset]:
         folder = site_folder(site)
+        if not (folder / "train.csv").is_file():
+            raise FileNotFoundError(
+                f"no {site.name}/train.csv nor train.csv in {site.data_dir}; "
+                "run 'python examples/tabular/prepare.py'"
+            )
         x_train, y_train = read_csv(folder / "train.csv")
         x_test, y_test = read_csv(folder / "test.csv")
         # Standardize with this site's own training statistics: they never leave the site.
