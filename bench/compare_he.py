@@ -1,7 +1,13 @@
 """HE vs plaintext FedAvg, side by side, on one job with the same seed, partition and model.
 
     python bench/compare_he.py            # headline: ModerateCNN (3.5M params), 8 clients, ~20 min
-    python bench/compare_he.py --quick    # the small digits MLP, about a minute
+    python bench/compare_he.py --quick    # the small digits MLP, 3 timed repeats, a few minutes
+
+Timing: an untimed warm-up (one round of the job per mode, so imports, data, worker processes
+and caches are ready) comes first; then the pair is run ``--repeats`` times (3 with
+``--quick``, 1 for the headline job), alternating which mode goes first, and every time figure
+is the median with its range across repeats. A ratio below 1.0 is reported as within noise: HE
+only adds work to a round, so a run where it came out faster measured noise.
 
 Two time figures are reported, and they answer different questions:
 
@@ -18,13 +24,18 @@ be expected to track plaintext closer than plaintext tracks itself (``--no-floor
 
 Peak memory is measured in separate processes (one playing a client, one the server) so the
 figures are not mixed with the simulation's. Results go to stdout and to
-``bench/results/<timestamp>.{md,json,png}``; the runs are logged to MLflow under one parent run.
+``bench/results/<timestamp>.{md,json,png}``. The first repeat's plaintext and HE runs (and the
+floor run) are logged to MLflow under one parent run, which holds the report, a figure of
+accuracy per round for both runs, and the ratios; the last lines printed are the URL of the
+MLflow page comparing the two runs and the command that serves the UI.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,7 +62,7 @@ STEPS = ("train", "flatten", "scales", "encrypt", "aggregate", "decrypt", "evalu
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--job", type=Path, help="TOML job file (default: the headline job)")
-    parser.add_argument("--quick", action="store_true", help="small digits MLP job, about a minute")
+    parser.add_argument("--quick", action="store_true", help="the digits MLP job, 3 repeats")
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--clients", type=int)
     parser.add_argument("--dataset")
@@ -62,6 +73,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tracking-uri")
     parser.add_argument("--no-tracking", action="store_true")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory probes")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        help="timed repeats of the pair, alternating which goes first (default: 3 with "
+        "--quick, 1 for the headline job); times are medians with their range",
+    )
     parser.add_argument(
         "--no-floor",
         action="store_true",
@@ -103,37 +120,74 @@ def ensure_keys(keys_dir: Path) -> Path:
     return temp
 
 
-def run_pair(
-    config: RunConfig, out: Path, stamp: str, floor: bool = True
-) -> tuple[RunResult, RunResult, RunResult | None, str | None]:
-    """Plaintext, HE and (``floor``) plaintext again with float64 updates, each in its own run
-    folder, under one MLflow parent run."""
+class Runs:
+    """Every run of one comparison: ``plain[i]`` and ``he[i]`` are repeat ``i``'s pair."""
+
+    def __init__(self) -> None:
+        self.plain: list[RunResult] = []
+        self.he: list[RunResult] = []
+        self.float64: RunResult | None = None
+        #: which mode went first in each repeat
+        self.order: list[str] = []
+        self.parent: str | None = None
+
+
+def run_all(config: RunConfig, out: Path, stamp: str, repeats: int = 1, floor: bool = True) -> Runs:
+    """An untimed warm-up, then ``repeats`` timed pairs (plaintext and HE, which goes first
+    alternating), then (``floor``) plaintext again with float64 updates, each in its own run
+    folder. The first pair and the floor run are logged under one MLflow parent run."""
     # Imported here, not at the top: the server memory probe runs this script and must not
     # pay for torch, which secagg.job imports.
     from secagg.job import run_job
 
-    parent = _parent_run(config, stamp)
-    tags = {"mlflow.parentRunId": parent} if parent else {}
-    runs = [("plain", False, "float32"), ("he", True, "float32")]
+    runs = Runs()
+    warm = replace(config, rounds=1, local_epochs=1, tracking=False)
+    for label, he in (("plain", False), ("he", True)):
+        print(f"--- warm-up: one untimed round, {label} ---", file=sys.stderr)
+        run_job(replace(warm, he=he, output_dir=str(out / f"{stamp}-warmup-{label}")))
+    runs.parent = _parent_run(config, stamp)
+    tags = {"mlflow.parentRunId": runs.parent} if runs.parent else {}
+    for repeat in range(repeats):
+        order = ["plain", "he"] if repeat % 2 == 0 else ["he", "plain"]
+        runs.order.append(order[0])
+        for label in order:
+            print(f"--- repeat {repeat + 1}/{repeats}: {label} ---", file=sys.stderr)
+            run_config = replace(
+                config,
+                he=label == "he",
+                output_dir=str(out / f"{stamp}-{label}-r{repeat + 1}"),
+                tracking=config.tracking and repeat == 0,
+            )
+            result = run_job(run_config, on_round=_progress(label, config.rounds), tags=tags)
+            (runs.he if label == "he" else runs.plain).append(result)
     if floor:
-        runs.append(("float64", False, "float64"))
-    results = []
-    for label, he, precision in runs:
-        print(f"--- {label} run ---", file=sys.stderr)
-        folder = str(out / f"{stamp}-{label}")
-        run_config = replace(config, he=he, plain_precision=precision, output_dir=folder)
-        results.append(run_job(run_config, on_round=_progress(label, config.rounds), tags=tags))
-    return results[0], results[1], results[2] if floor else None, parent
+        print("--- floor: plaintext with float64 updates ---", file=sys.stderr)
+        run_config = replace(
+            config, he=False, plain_precision="float64", output_dir=str(out / f"{stamp}-float64")
+        )
+        runs.float64 = run_job(run_config, on_round=_progress("float64", config.rounds), tags=tags)
+    return runs
 
 
 def _parent_run(config: RunConfig, stamp: str) -> str | None:
     if not config.tracking:
         return None
-    from secagg.tracking import MlflowTracker
+    from secagg.records import tags_for
+    from secagg.tracking import DESCRIPTION_TAG, MlflowTracker
 
     tracker = MlflowTracker(config.tracking_uri, config.experiment)
     params = {"job": config.job_name, "clients": config.clients, "rounds": config.rounds}
-    return tracker.start(params, {"bench": "compare_he"}, f"compare-he-{stamp}")
+    tags = {
+        **tags_for(config),
+        "he": "both",
+        "mode": "he-vs-plain",
+        "bench": "compare_he",
+        DESCRIPTION_TAG: f"HE vs plaintext FedAvg on job `{config.job_name}` "
+        f"({config.model} on {config.dataset}, {config.clients} clients, {config.rounds} "
+        "rounds): the two runs are this run's children. Figures follow when it finishes.",
+    }
+    name = f"he-vs-plain-{config.job_name}-{config.clients}c-{stamp[4:]}"
+    return tracker.start(params, tags, name)
 
 
 def _progress(label: str, total: int):  # type: ignore[no-untyped-def]
@@ -185,9 +239,9 @@ def probe(role: str, config_file: Path, payload_file: Path) -> dict[str, float]:
 
     stamp = Stamp(bytes(16), 1, SERVER, config.clients)
     if role == "client":
+        from secagg.builtin import task_for
         from secagg.client import Client, resolve_device
         from secagg.job import simulated_site
-        from secagg.task import task_for
 
         make_cipher = crypto.for_client(config.he, config.keys_dir, config.plain_precision)
         site = simulated_site(config, 0)
@@ -251,11 +305,18 @@ def _status_field(name: str) -> float:
     return float("nan")
 
 
-def summarize(
-    plain: RunResult, he: RunResult, float64_run: RunResult | None, memory: dict[str, Any]
-) -> dict[str, Any]:
+#: the time figures repeated runs give a median and a range for, and their report names
+TIMES = {
+    "run_seconds": "run wall time (start to finish, as results.json `seconds`)",
+    "simulated_wall_seconds": "simulated wall time (rounds only, clients one after another)",
+    "deployment_latency_seconds": "deployment round latency, summed over rounds",
+}
+
+
+def summarize(runs: Runs, memory: dict[str, Any], keys_dir: Path | None = None) -> dict[str, Any]:
     """Every figure of the report, as plain values."""
-    params = plain.num_parameters
+    plain, he, float64_run = runs.plain[0], runs.he[0], runs.float64
+    params = plain.num_parameters or 0
     floor = float64_run.rounds if float64_run is not None else [None] * len(plain.rounds)
     rounds = [
         {
@@ -265,35 +326,57 @@ def summarize(
             "difference_points": 100 * (h.accuracy - p.accuracy),
             "float64_accuracy": f.accuracy if f is not None else None,
             "floor_points": 100 * (f.accuracy - p.accuracy) if f is not None else None,
+            # the task's own evaluation metrics (accuracy, auc, dice...), both runs
+            "plain_metrics": _evaluated(p.metrics),
+            "he_metrics": _evaluated(h.metrics),
         }
         for p, h, f in zip(plain.rounds, he.rounds, floor, strict=True)
     ]
 
-    def side(result: RunResult) -> dict[str, Any]:
-        n = len(result.rounds)
-        per_round = {
-            step: sum(getattr(m, f"{step}_seconds") for m in result.rounds) / n for step in STEPS
+    def side(results: list[RunResult]) -> dict[str, Any]:
+        first = results[0]
+        n = len(first.rounds)
+        samples = {
+            "run_seconds": [r.seconds for r in results],
+            "simulated_wall_seconds": [sum(m.round_seconds for m in r.rounds) for r in results],
+            "deployment_latency_seconds": [
+                sum(m.latency_seconds for m in r.rounds) for r in results
+            ],
         }
-        up = sum(m.bytes_up_per_client for m in result.rounds) / n
-        down = sum(m.bytes_down_per_client for m in result.rounds) / n
+        per_round = {
+            step: statistics.median(
+                sum(getattr(m, f"{step}_seconds") for m in r.rounds) / n for r in results
+            )
+            for step in STEPS
+        }
+        up = sum(m.bytes_up_per_client for m in first.rounds) / n
+        down = sum(m.bytes_down_per_client for m in first.rounds) / n
         return {
-            "final_accuracy": result.final_accuracy,
-            "simulated_wall_seconds": sum(m.round_seconds for m in result.rounds),
-            "deployment_latency_seconds": sum(m.latency_seconds for m in result.rounds),
+            "final_accuracy": first.final_accuracy,
+            # the same seed gives the same accuracy in every repeat; this says whether it did
+            "accuracy_same_in_every_repeat": all(
+                [m.accuracy for m in r.rounds] == [m.accuracy for m in first.rounds]
+                for r in results
+            ),
+            **{key: statistics.median(values) for key, values in samples.items()},
+            "samples": samples,
             "seconds_per_round": per_round,
             "upload_bytes_per_client_round": up,
             "download_bytes_per_client_round": down,
             "upload_bytes_per_parameter": up / params,
             "download_bytes_per_parameter": down / params,
-            "mlflow_run_id": result.mlflow_run_id,
-            "output_dir": str(result.output_dir),
+            "mlflow_run_id": first.mlflow_run_id,
+            "output_dirs": [str(r.output_dir) for r in results],
         }
 
-    p, h = side(plain), side(he)
+    p, h = side(runs.plain), side(runs.he)
+    time_ratios = {key: _ratio(p["samples"][key], h["samples"][key]) for key in TIMES}
     return {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "job": plain.config.to_dict(),
         "num_parameters": params,
+        "repeats": len(runs.plain),
+        "first_in_each_repeat": runs.order,
         "plain": p,
         "he": h,
         "rounds": rounds,
@@ -302,14 +385,77 @@ def summarize(
             max(abs(r["floor_points"]) for r in rounds) if float64_run is not None else None
         ),
         "ratios": {
-            "simulated_wall_time": h["simulated_wall_seconds"] / p["simulated_wall_seconds"],
-            "deployment_latency": h["deployment_latency_seconds"] / p["deployment_latency_seconds"],
+            "simulated_wall_time": time_ratios["simulated_wall_seconds"]["median"],
+            "deployment_latency": time_ratios["deployment_latency_seconds"]["median"],
+            "run_time": time_ratios["run_seconds"]["median"],
             "upload_bytes": h["upload_bytes_per_client_round"] / p["upload_bytes_per_client_round"],
             "download_bytes": h["download_bytes_per_client_round"]
             / p["download_bytes_per_client_round"],
         },
+        "time_ratios": time_ratios,
+        "bytes_per_parameter": _bytes_explained(params, h, keys_dir),
         "memory_mb": memory,
         "machine": _machine(),
+    }
+
+
+def _evaluated(metrics: dict[str, float]) -> dict[str, float]:
+    """A round's evaluation metrics of the task (its training metrics left out)."""
+    return {k: v for k, v in metrics.items() if not k.startswith("train_")}
+
+
+def _task_metrics(report: dict[str, Any]) -> list[str]:
+    """The task's evaluation metrics other than accuracy, which has its own column."""
+    names = report["rounds"][0]["plain_metrics"] if report["rounds"] else {}
+    return [name for name in names if name != "accuracy"]
+
+
+def _ratio(plain: list[float], he: list[float]) -> dict[str, Any]:
+    """HE / plaintext for one time figure: the ratio of medians, the range of the repeats'
+    own ratios, and whether it is within noise.
+
+    Within noise: below 1.0 (HE only adds work to a round, so HE measuring faster is noise),
+    or, with repeats, a range of per-repeat ratios that reaches 1.0."""
+    median = statistics.median(he) / statistics.median(plain)
+    each = [h / p for p, h in zip(plain, he, strict=True)]
+    low, high = min(each), max(each)
+    within_noise = median < 1.0 or (len(each) > 1 and low <= 1.0)
+    return {"median": median, "low": low, "high": high, "within_noise": within_noise}
+
+
+def _ratio_text(ratio: dict[str, Any], repeats: int) -> str:
+    """A ratio as the report prints it; one below 1.0 is never printed without its caveat."""
+    spread = f" (repeats {ratio['low']:.2f}-{ratio['high']:.2f}x)" if repeats > 1 else ""
+    text = f"{ratio['median']:.2f}x{spread}"
+    if ratio["median"] < 1.0:
+        measured = "" if repeats > 1 else ", one repeat: noise not measured"
+        return f"{text}, within noise{measured}: no measurable HE overhead"
+    if ratio["within_noise"]:
+        return f"{text}, within noise"
+    return text
+
+
+def _bytes_explained(params: int, he: dict[str, Any], keys_dir: Path | None) -> dict[str, Any]:
+    """Why HE's bytes per parameter depend on the model's size: payloads are whole
+    ciphertexts, and the ledger and the scale exchange come on top."""
+    from secagg.crypto.packing import PACKED
+
+    degree, data_primes = 8192, 1
+    if keys_dir is not None and (keys_dir / "manifest.json").exists():
+        manifest = json.loads((keys_dir / "manifest.json").read_text())["params"]
+        degree = int(manifest["poly_modulus_degree"])
+        data_primes = len(manifest["coeff_mod_bit_sizes"]) - 1
+    # a ciphertext travels as 2 polynomials of N coefficients, 8 bytes each, per data prime
+    ciphertext = 2 * degree * 8 * data_primes
+    values = degree // 2 * PACKED.values_per_slot
+    upload = he["upload_bytes_per_client_round"]
+    return {
+        "poly_modulus_degree": degree,
+        "ciphertext_bytes": ciphertext,
+        "values_per_ciphertext": values,
+        "asymptote": ciphertext / values,
+        "update_ciphertexts_at_least": math.ceil(params / values) if params else 0,
+        "upload_in_ciphertexts": upload / ciphertext,
     }
 
 
@@ -339,14 +485,20 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"rounds, alpha {job['alpha']}, seed {job['seed']}. Machine: "
         f"{report['machine']['cpus']} CPUs, {report['machine']['device']}.",
         "",
+        _timing_method(report),
+        "",
         "| figure | plaintext | HE | HE / plaintext |",
         "| --- | ---: | ---: | ---: |",
         f"| final accuracy | {p['final_accuracy']:.4f} | {h['final_accuracy']:.4f} | "
         f"{100 * (h['final_accuracy'] - p['final_accuracy']):+.2f} points |",
-        f"| simulated wall time (clients one after another) | {p['simulated_wall_seconds']:.1f} s"
-        f" | {h['simulated_wall_seconds']:.1f} s | {r['simulated_wall_time']:.2f}x |",
-        f"| deployment round latency, summed over rounds | {p['deployment_latency_seconds']:.1f}"
-        f" s | {h['deployment_latency_seconds']:.1f} s | {r['deployment_latency']:.2f}x |",
+    ]
+    repeats = report["repeats"]
+    for key, name in TIMES.items():
+        ratio = _ratio_text(report["time_ratios"][key], repeats)
+        lines.append(
+            f"| {name} | {_seconds(p['samples'][key])} | {_seconds(h['samples'][key])} | {ratio} |"
+        )
+    lines += [
         f"| upload per client per round | {_mb(p['upload_bytes_per_client_round'])} | "
         f"{_mb(h['upload_bytes_per_client_round'])} | {r['upload_bytes']:.2f}x |",
         f"| download per client per round | {_mb(p['download_bytes_per_client_round'])} | "
@@ -356,7 +508,11 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"| download bytes per parameter | {p['download_bytes_per_parameter']:.2f} | "
         f"{h['download_bytes_per_parameter']:.2f} | |",
         "",
-        "Time per round, summed over clients (seconds):",
+        _bytes_text(report),
+        "",
+        "Time per round, summed over clients (seconds"
+        + (", median of the repeats" if repeats > 1 else "")
+        + "):",
         "",
         "| step | " + " | ".join(STEPS) + " |",
         "| --- |" + " ---: |" * len(STEPS),
@@ -380,6 +536,22 @@ def to_markdown(report: dict[str, Any]) -> str:
             f"{row['difference_points']:+.2f} | "
             f"{'-' if floor is None else f'{floor:+.2f}'} |"
         )
+    names = _task_metrics(report)
+    if names:
+        lines += [
+            "",
+            "The task's own metrics per round (averaged over the evaluating clients):",
+            "",
+            "| round | " + " | ".join(f"{n} plaintext | {n} HE" for n in names) + " |",
+            "| ---: |" + " ---: | ---: |" * len(names),
+        ]
+        for row in report["rounds"]:
+            cells = " | ".join(
+                f"{row['plain_metrics'].get(n, float('nan')):.4f} | "
+                f"{row['he_metrics'].get(n, float('nan')):.4f}"
+                for n in names
+            )
+            lines.append(f"| {row['round']} | {cells} |")
     if report["memory_mb"]:
         lines += [
             "",
@@ -399,6 +571,62 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:.2f} MB"
 
 
+def _seconds(samples: list[float]) -> str:
+    """A median with its range across repeats: ``12.3 s (12.1-12.9)``."""
+    median = f"{statistics.median(samples):.1f} s"
+    if len(samples) == 1:
+        return median
+    return f"{median} ({min(samples):.1f}-{max(samples):.1f})"
+
+
+def _timing_method(report: dict[str, Any]) -> str:
+    repeats = report["repeats"]
+    first = ", ".join(
+        "HE" if mode == "he" else "plaintext" for mode in report["first_in_each_repeat"]
+    )
+    if repeats == 1:
+        how = "one timed pair (plaintext first); times are single measurements"
+    else:
+        how = (
+            f"{repeats} timed pairs, alternating which went first ({first}); times are "
+            "medians, with the range across repeats in brackets, and ratios are of the medians"
+        )
+    same = (
+        report["plain"]["accuracy_same_in_every_repeat"]
+        and report["he"]["accuracy_same_in_every_repeat"]
+    )
+    accuracy = (
+        "Accuracy was the same in every repeat (same seed)."
+        if same
+        else "Accuracy differed between repeats; the first repeat's is shown."
+    )
+    return (
+        f"Timing: an untimed warm-up round per mode, then {how}. A ratio below 1.0 is within "
+        f"noise: HE only adds work to a round. {accuracy}"
+    )
+
+
+def _bytes_text(report: dict[str, Any]) -> str:
+    b, params = report["bytes_per_parameter"], report["num_parameters"]
+    he = report["he"]["upload_bytes_per_parameter"]
+    return (
+        f"Why HE's {he:.2f} bytes per parameter depend on the model's size: a payload is whole "
+        f"ciphertexts. At N = {b['poly_modulus_degree']:,} one ciphertext is "
+        f"{b['ciphertext_bytes']:,} bytes (2 polynomials x N coefficients x 8 bytes) and "
+        f"carries {b['values_per_ciphertext']:,} values (N/2 slots x 3 packed values), so no "
+        f"model gets below {b['asymptote']:.2f} bytes per parameter. On top of the update come "
+        "the ledger (a few slots in each payload) and the scale exchange (an encrypted "
+        "histogram per block of 4,096 values, itself at least one whole ciphertext per round). "
+        f"Here {params:,} parameters need at least {b['update_ciphertexts_at_least']} "
+        f"ciphertext(s) for the update, and a client uploads "
+        f"{b['upload_in_ciphertexts']:.1f} ciphertexts' worth per round: a small model pays "
+        "for partly empty ciphertexts and a fixed scale exchange, while a model of millions "
+        "of parameters fills its ciphertexts and approaches the floor (3.5M parameters: "
+        "10.89, see bench/RESULTS.md). Plaintext sends 4 bytes (float32) per parameter plus "
+        "a small envelope."
+    )
+
+
 def plot(report: dict[str, Any], path: Path) -> Path:
     """Accuracy per round, stacked time per round, and bytes per client, side by side."""
     import matplotlib
@@ -413,7 +641,14 @@ def plot(report: dict[str, Any], path: Path) -> Path:
     if report["rounds"][0]["float64_accuracy"] is not None:
         float64_run = [r["float64_accuracy"] for r in report["rounds"]]
         acc.plot(rounds, float64_run, "^:", label="plaintext, float64 updates")
-    acc.set(title="global test accuracy", xlabel="round", ylabel="accuracy")
+    for name in _task_metrics(report):
+        for key, style, label in (
+            ("plain_metrics", "o-", "plaintext"),
+            ("he_metrics", "s--", "HE"),
+        ):
+            values = [r[key].get(name, float("nan")) for r in report["rounds"]]
+            acc.plot(rounds, values, style, label=f"{name}, {label}")
+    acc.set(title="global test metrics", xlabel="round", ylabel="accuracy and task metrics")
     acc.legend()
     labels = ["plaintext", "HE"]
     bottom = [0.0, 0.0]
@@ -436,6 +671,31 @@ def plot(report: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def plot_accuracy(report: dict[str, Any], path: Path) -> Path:
+    """Global test accuracy per round of the plaintext and HE runs (the MLflow parent's figure)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    rounds = [r["round"] for r in report["rounds"]]
+    ax.plot(rounds, [r["plain_accuracy"] for r in report["rounds"]], "o-", label="plaintext")
+    ax.plot(rounds, [r["he_accuracy"] for r in report["rounds"]], "s--", label="HE")
+    job = report["job"]
+    ax.set(
+        title=f"{job['job_name']}: {job['model']} on {job['dataset']}, {job['clients']} clients",
+        xlabel="round",
+        ylabel="global test accuracy",
+    )
+    ax.set_xticks(rounds)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the comparison; return the report (also written to ``--out``)."""
     args = parse_args(argv)
@@ -445,38 +705,73 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return result
     args.keys = ensure_keys(args.keys)
     config = job_config(args)
+    repeats = args.repeats or (3 if args.quick else 1)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    plain, he, float64_run, parent = run_pair(config, out / "runs", stamp, not args.no_floor)
+    runs = run_all(config, out / "runs", stamp, repeats, not args.no_floor)
     memory = {} if args.no_memory else measure_memory(config, out / "runs" / f"{stamp}-memory")
-    report = summarize(plain, he, float64_run, memory)
+    report = summarize(runs, memory, args.keys)
     markdown = to_markdown(report)
     paths = {
         "md": out / f"{stamp}.md",
         "json": out / f"{stamp}.json",
         "png": plot(report, out / f"{stamp}.png"),
+        "accuracy_png": plot_accuracy(report, out / f"{stamp}-accuracy.png"),
     }
     paths["md"].write_text(markdown + f"\n![HE vs plaintext]({stamp}.png)\n")
     report["files"] = {k: str(v) for k, v in paths.items()}
+    if runs.parent:
+        report["mlflow"] = _links(config, runs)
     paths["json"].write_text(json.dumps(report, indent=2))
-    if parent:
-        _finish_parent(config, parent, report, paths)
+    if runs.parent:
+        _finish_parent(config, runs.parent, report, paths)
     print(markdown)
     print(f"report: {paths['md']}  figure: {paths['png']}", file=sys.stderr)
+    if runs.parent:
+        links = report["mlflow"]
+        print(f"MLflow, HE vs plaintext side by side: {links['compare_url']}")
+        print(f"MLflow, the benchmark's parent run:   {links['parent_url']}")
+        if links["ui_command"]:
+            print(f"start the UI first: {links['ui_command']}")
     return report
 
 
+def _links(config: RunConfig, runs: Runs) -> dict[str, Any]:
+    """The MLflow UI pages of the comparison."""
+    from secagg.tracking import compare_url, run_url, ui_command
+
+    plain, he = runs.plain[0], runs.he[0]
+    uri, experiment = str(plain.tracking_uri), str(plain.mlflow_experiment_id)
+    pair = [str(plain.mlflow_run_id), str(he.mlflow_run_id)]
+    return {
+        "tracking_uri": uri,
+        "experiment_id": experiment,
+        "parent_run_id": runs.parent,
+        "run_ids": pair,
+        "compare_url": compare_url(uri, experiment, pair),
+        "parent_url": run_url(uri, experiment, str(runs.parent)),
+        "ui_command": ui_command(uri),
+    }
+
+
 def _finish_parent(config: RunConfig, parent: str, report: dict[str, Any], paths: dict) -> None:
-    from secagg.tracking import MlflowTracker
+    from secagg.tracking import DESCRIPTION_TAG, MlflowTracker
 
     tracker = MlflowTracker(config.tracking_uri, config.experiment, run_id=parent)
+    for row in report["rounds"]:
+        tracker.log_round(
+            row["round"],
+            {"plain_accuracy": row["plain_accuracy"], "he_accuracy": row["he_accuracy"]},
+        )
     tracker.log_round(
         0,
         {
             "ratio_simulated_wall_time": report["ratios"]["simulated_wall_time"],
             "ratio_deployment_latency": report["ratios"]["deployment_latency"],
+            "ratio_run_time": report["ratios"]["run_time"],
             "ratio_upload_bytes": report["ratios"]["upload_bytes"],
+            "he_upload_bytes_per_parameter": report["he"]["upload_bytes_per_parameter"],
             "max_abs_accuracy_difference_points": report["max_abs_difference_points"],
             **(
                 {"max_abs_floor_points": report["max_abs_floor_points"]}
@@ -485,9 +780,32 @@ def _finish_parent(config: RunConfig, parent: str, report: dict[str, Any], paths
             ),
         },
     )
+    tracker.set_tags({DESCRIPTION_TAG: _parent_description(report)})
     for path in paths.values():
         tracker.log_artifact(path)
     tracker.finish()
+
+
+def _parent_description(report: dict[str, Any]) -> str:
+    job, p, h = report["job"], report["plain"], report["he"]
+    times = report["time_ratios"]
+    return "\n".join(
+        [
+            f"**HE vs plaintext FedAvg**, job `{job['job_name']}`: {job['model']} on "
+            f"{job['dataset']} ({report['num_parameters']:,} parameters), {job['clients']} "
+            f"clients, {job['rounds']} rounds; {report['repeats']} timed repeat(s).",
+            "",
+            f"- final accuracy: plaintext {p['final_accuracy']:.4f}, HE {h['final_accuracy']:.4f}",
+            f"- simulated wall time, HE / plaintext: "
+            f"{_ratio_text(times['simulated_wall_seconds'], report['repeats'])}",
+            f"- deployment round latency, HE / plaintext: "
+            f"{_ratio_text(times['deployment_latency_seconds'], report['repeats'])}",
+            f"- bytes per parameter, each way: plaintext {p['upload_bytes_per_parameter']:.2f}, "
+            f"HE {h['upload_bytes_per_parameter']:.2f}",
+            "",
+            f"Compare the two runs: {report['mlflow']['compare_url']}",
+        ]
+    )
 
 
 if __name__ == "__main__":

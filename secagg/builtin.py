@@ -7,6 +7,8 @@ It reads the job's own settings (``dataset``, ``model``, ``alpha``, ``min_client
 ``task`` runs it. These datasets are small: each is loaded once per process and kept as
 tensors; a client of a simulation takes its Dirichlet shard. The test set is the dataset's
 own, the same for every client, so in a simulation only client 0 evaluates.
+
+``task_for`` says which task a job runs: the user's, or this one.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from secagg.config import RunConfig
 from secagg.data import Dataset, Split, dirichlet_partition, load_dataset
 from secagg.models import build_model
-from secagg.task import EvalResult, RoundContext, Site, Task, TrainResult
+from secagg.task import EvalResult, RoundContext, Site, Task, TrainResult, load_task
 
 
 @dataclass
@@ -138,3 +141,21 @@ def _batches(
     for start in range(0, n, size):
         index = order[start : start + size]
         yield split.x[index], split.y[index]
+
+
+def task_for(config: RunConfig, task: Task | None = None) -> Task:
+    """The job's task: ``task`` when given, else the one ``config.task`` names (with
+    ``config.task_settings``), else the built-in classification task of ``config.dataset`` and
+    ``config.model``."""
+    if task is not None:
+        return task
+    if config.task:
+        return load_task(config.task, config.task_settings)
+    return Classification(
+        config.dataset,
+        config.model,
+        config.alpha,
+        config.min_client_samples,
+        config.data_dir,
+        config.download,
+    )

@@ -200,11 +200,19 @@ def _summary(result: Any, model: bool) -> None:
     click.echo(f"  results: {result.output_dir / 'results.json'}")
     if model:
         click.echo(f"  model:   {result.output_dir / 'model.pt'}")
-    if result.mlflow_run_id:
-        click.echo(
-            f"  MLflow run {result.mlflow_run_id} in {result.tracking_uri}\n"
-            f"  view: mlflow ui --backend-store-uri {result.tracking_uri}"
+    if result.mlflow_run_id and result.tracking_uri:
+        from secagg.tracking import run_url, ui_command
+
+        experiment = result.mlflow_experiment_id
+        where = (
+            run_url(result.tracking_uri, experiment, result.mlflow_run_id)
+            if experiment
+            else f"in {result.tracking_uri}"
         )
+        click.echo(f"  MLflow:  {result.run_name or result.mlflow_run_id}  {where}")
+        command = ui_command(result.tracking_uri)
+        if command:
+            click.echo(f"  start the UI first: {command}")
 
 
 def _mb(n: float) -> str:

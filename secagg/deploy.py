@@ -125,9 +125,9 @@ def participate(
 ) -> str:
     """Take part in the kit's job until it ends; return ``done`` or why it was aborted."""
     from secagg import keys
+    from secagg.builtin import task_for
     from secagg.client import Client, resolve_device
     from secagg.task import Site as SiteInfo
-    from secagg.task import task_for
     from secagg.transport.grpc_client import (
         Connection,
         ServerGone,

@@ -10,12 +10,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from secagg import crypto, rounds
+from secagg.builtin import task_for
 from secagg.client import Client, resolve_device
 from secagg.config import RunConfig
 from secagg.records import RunRecords, RunResult
 from secagg.rounds import RoundMetrics
 from secagg.server import Server
-from secagg.task import Site, Task, task_for
+from secagg.task import Site, Task
 from secagg.transport.inprocess import InProcessTransport
 
 MODEL_FILE = "model.pt"

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from secagg.errors import PayloadError
 from secagg.flatten import Layout
 
 #: Values per block: one quantization step each. Blocks never straddle two tensors.
@@ -64,10 +65,19 @@ def steps(summed: np.ndarray, clients: int, limit: int) -> np.ndarray:
     exponent any client reported, over the room ``limit`` leaves after rounding.
 
     ``limit`` is the largest magnitude a summed integer may reach (the packed digit's).
+    Refuses (PayloadError ``bad-scales``) histograms no ``clients`` honest clients could sum
+    to: each client adds one count per block, so every block's counts are non-negative and
+    add up to ``clients``.
     """
     counts = summed.reshape(-1, BINS)
-    present = np.rint(counts) > 0
-    # The highest bin with a count (every honest client reports one bin per block).
+    if counts.size and (counts.min() < 0 or np.any(counts.sum(axis=1) != clients)):
+        raise PayloadError(
+            f"the summed scale histograms are not {clients} non-negative counts per block: "
+            "the scale aggregate was tampered with",
+            "bad-scales",
+        )
+    present = counts > 0
+    # The highest bin with a count (every client reports one bin per block).
     top = np.where(present.any(axis=1), BINS - 1 - np.argmax(present[:, ::-1], axis=1), 0)
     bound = np.exp2(top + E_MIN).astype(np.float64)
     return bound / (limit - (clients + 1) // 2)

@@ -5,6 +5,12 @@ round), ``state.json`` and ``aggregates/`` (the checkpoint chain, see ``secagg.s
 MLflow run holds the same metrics. ``RunRecords`` keeps all three in step after every round and
 resumes them from the folder of an interrupted run. Nothing here imports torch: the network
 server uses it too.
+
+A run's duration is defined here once: ``seconds`` is the wall time from opening the records
+(before the clients are built) to ``finish``, summed over the sessions of a resumed run (up to
+its last recorded round). results.json's ``seconds``, the CLI's ``done: ... in Xs`` and MLflow's
+``run_seconds`` metric are that one value; for an uninterrupted run MLflow's own Duration column
+agrees too (the run is created and closed with those times).
 """
 
 from __future__ import annotations
@@ -21,11 +27,12 @@ from typing import Any
 from secagg import keys as keyfiles
 from secagg import rounds
 from secagg.config import RunConfig
+from secagg.crypto.packing import PACKED
 from secagg.errors import CheckpointError
 from secagg.files import atomic_write_json
 from secagg.rounds import RoundAggregates, RoundFailed, RoundMetrics
 from secagg.server import STATE_FILE, Checkpoint, Server, load_checkpoint
-from secagg.tracking import Tracker, make_tracker
+from secagg.tracking import DESCRIPTION_TAG, Tracker, make_tracker
 from secagg.transport import Transport
 
 RESULTS_FILE = "results.json"
@@ -41,7 +48,11 @@ class RunResult:
     num_parameters: int | None
     tracking_uri: str | None = None
     mlflow_run_id: str | None = None
+    #: wall time of the run, see the module docstring
     seconds: float = 0.0
+    mlflow_experiment_id: str | None = None
+    #: the MLflow run's name: mode, job and clients first (``he-digits-8c-...``)
+    run_name: str | None = None
 
     @property
     def final_accuracy(self) -> float:
@@ -53,7 +64,12 @@ class RunResult:
             "num_parameters": self.num_parameters,
             "final_accuracy": self.final_accuracy,
             "seconds": self.seconds,
-            "mlflow": {"tracking_uri": self.tracking_uri, "run_id": self.mlflow_run_id},
+            "mlflow": {
+                "tracking_uri": self.tracking_uri,
+                "experiment_id": self.mlflow_experiment_id,
+                "run_id": self.mlflow_run_id,
+                "run_name": self.run_name,
+            },
             "rounds": [m.to_dict() for m in self.rounds],
         }
 
@@ -69,7 +85,19 @@ class RunResult:
             mlflow.get("tracking_uri"),
             mlflow.get("run_id"),
             float(data.get("seconds", 0.0)),
+            mlflow.get("experiment_id"),
+            mlflow.get("run_name"),
         )
+
+    @property
+    def bytes_per_parameter(self) -> tuple[float, float] | None:
+        """Mean bytes each client sent and received per parameter per round (None unknown)."""
+        if not self.rounds or not self.num_parameters:
+            return None
+        n, params = len(self.rounds), self.num_parameters
+        up = sum(m.bytes_up_per_client for m in self.rounds) / n
+        down = sum(m.bytes_down_per_client for m in self.rounds) / n
+        return up / params, down / params
 
 
 def new_output_dir(config: RunConfig) -> Path:
@@ -98,7 +126,9 @@ class RunRecords:
         checkpoint: Checkpoint | None,
         tags: Mapping[str, str],
     ) -> None:
-        self.started = time.perf_counter()
+        #: this session's start: epoch seconds (MLflow's clock) and the monotonic clock
+        self.started_at = time.time()
+        self._clock = time.perf_counter()
         self.config = config
         self.output = output
         #: the checkpoint this run resumes from, if any
@@ -109,7 +139,15 @@ class RunRecords:
         state = checkpoint.state if checkpoint is not None else {}
         history = [RoundMetrics.from_dict(m) for m in state.get("history", [])]
         self.result = RunResult(config, output, history, None, None, state.get("mlflow_run_id"))
+        #: seconds the earlier sessions of a resumed run took, up to its last recorded round
+        self.earlier_seconds = float(state.get("seconds", 0.0))
+        self.result.run_name = state.get("run_name")
         self.tracker: Tracker | None = None
+        self._description = ""
+
+    def elapsed(self) -> float:
+        """The run's duration so far (see the module docstring)."""
+        return self.earlier_seconds + time.perf_counter() - self._clock
 
     def start(self, num_parameters: int | None) -> None:
         """Create the run folder and start (or, resuming, reopen) the MLflow run."""
@@ -118,11 +156,17 @@ class RunRecords:
         self.tracker = make_tracker(
             config.tracking, config.tracking_uri, config.experiment, result.mlflow_run_id
         )
-        run_tags = {**_tags(config), **self.tags}
-        params = _params(config, num_parameters)
-        result.mlflow_run_id = self.tracker.start(params, run_tags, self.output.name)
-        result.tracking_uri = getattr(self.tracker, "tracking_uri", None)
         result.num_parameters = num_parameters
+        self._description = description(result)
+        run_tags = {**tags_for(config), **self.tags, DESCRIPTION_TAG: self._description}
+        params = _params(config, num_parameters)
+        # a resumed run keeps the name MLflow knows it by
+        result.run_name = result.run_name or run_name(config, self.started_at)
+        result.mlflow_run_id = self.tracker.start(
+            params, run_tags, result.run_name, start_time=self.started_at
+        )
+        result.tracking_uri = getattr(self.tracker, "tracking_uri", None)
+        result.mlflow_experiment_id = self.tracker.experiment_id
 
     @classmethod
     def open(
@@ -160,7 +204,13 @@ class RunRecords:
         round), results.json and MLflow in step; mark the MLflow run failed if a round raises."""
 
         def checkpoint(round_num: int, aggregates: RoundAggregates) -> None:
-            server.checkpoint(round_num, aggregates.update, aggregates.scales, self._state())
+            server.checkpoint(
+                round_num,
+                aggregates.update,
+                aggregates.scales,
+                self._state(),
+                encrypted=self.config.he,
+            )
 
         def after_round(metrics: RoundMetrics) -> None:
             self.after_round(server, metrics)
@@ -181,8 +231,16 @@ class RunRecords:
         self.result.rounds.append(metrics)
         server.save_state({**self._state(), "round": metrics.round})
         self._tracker().log_round(metrics.round, _tracked(metrics))
-        self.result.seconds = time.perf_counter() - self.started
+        self._describe()
+        self.result.seconds = self.elapsed()
         atomic_write_json(self.output / RESULTS_FILE, self.result.to_dict())
+
+    def _describe(self) -> None:
+        """Rewrite the MLflow description when it says more (bytes per parameter once known)."""
+        text = description(self.result)
+        if text != self._description:
+            self._tracker().set_tags({DESCRIPTION_TAG: text})
+            self._description = text
 
     def _state(self) -> dict[str, object]:
         return {
@@ -190,16 +248,22 @@ class RunRecords:
             "history": [m.to_dict() for m in self.result.rounds],
             "job_id": self.job_id.hex(),
             "mlflow_run_id": self.result.mlflow_run_id,
+            "run_name": self.result.run_name,
+            "seconds": self.elapsed(),
         }
 
     def finish(self, artifacts: list[Path] = []) -> RunResult:  # noqa: B006  (never mutated)
-        """Write the final results and close the MLflow run."""
-        self.result.seconds = time.perf_counter() - self.started
+        """Write the final results and close the MLflow run; its duration is taken here."""
+        session = time.perf_counter() - self._clock
+        self.result.seconds = self.earlier_seconds + session
         atomic_write_json(self.output / RESULTS_FILE, self.result.to_dict())
         tracker = self._tracker()
+        self._describe()
+        last_round = self.result.rounds[-1].round if self.result.rounds else 0
+        tracker.log_round(last_round, {"run_seconds": self.result.seconds})
         for path in [self.output / RESULTS_FILE, *artifacts]:
             tracker.log_artifact(path)
-        tracker.finish("FINISHED")
+        tracker.finish("FINISHED", end_time=self.started_at + session)
         return self.result
 
     def fail(self, status: str = "KILLED") -> None:
@@ -223,8 +287,56 @@ def _params(config: RunConfig, num_parameters: int | None) -> dict[str, Any]:
     return params
 
 
-def _tags(config: RunConfig) -> dict[str, str]:
-    return {"he": str(config.he).lower(), "job": config.job_name, "dataset": config.dataset}
+def mode(config: RunConfig) -> str:
+    """What the run is, in one word: ``he``, ``plain`` or (float64 updates) ``plain64``."""
+    if config.he:
+        return "he"
+    return "plain" if config.plain_precision == "float32" else "plain64"
+
+
+def run_name(config: RunConfig, started_at: float) -> str:
+    """``he-digits-8c-1122-153012``: what differs between runs first, as MLflow's runs table
+    cuts names at about 25 characters; then the start time (month, day, time)."""
+    stamp = time.strftime("%m%d-%H%M%S", time.localtime(started_at))
+    return f"{mode(config)}-{config.job_name}-{config.clients}c-{stamp}"
+
+
+def tags_for(config: RunConfig) -> dict[str, str]:
+    """Tags to filter and group runs by in MLflow's runs table."""
+    return {
+        "he": str(config.he).lower(),
+        "mode": mode(config),
+        "job": config.job_name,
+        "dataset": config.dataset,
+        "model": config.model,
+        "clients": str(config.clients),
+    }
+
+
+def description(result: RunResult) -> str:
+    """The MLflow run's description (markdown): what ran, and its bytes per parameter once a
+    round has measured them."""
+    config = result.config
+    if config.he:
+        codec = f"CKKS, packed: {PACKED.values_per_slot} x {PACKED.digit_bits}-bit values per slot"
+    else:
+        codec = f"plaintext {config.plain_precision}"
+    parameters = f"{result.num_parameters:,}" if result.num_parameters else "not known yet"
+    lines = [
+        f"**{'HE secure aggregation' if config.he else 'Plaintext FedAvg'}**, "
+        f"job `{config.job_name}`",
+        "",
+        f"- model: {config.model} ({parameters} parameters)",
+        f"- dataset: {config.dataset}, Dirichlet alpha {config.alpha}, seed {config.seed}",
+        f"- clients: {config.clients}, rounds: {config.rounds}, "
+        f"local epochs: {config.local_epochs}",
+        f"- codec: {codec}",
+    ]
+    per_parameter = result.bytes_per_parameter
+    if per_parameter is not None:
+        up, down = per_parameter
+        lines.append(f"- bytes per parameter, per client and round: {up:.2f} up, {down:.2f} down")
+    return "\n".join(lines)
 
 
 def _tracked(metrics: RoundMetrics) -> dict[str, float]:

@@ -6,10 +6,11 @@ the server can never decrypt an update or the global model.
 Clients send updates relative to the global model, so the encrypted global model is the chain
 of every round's encrypted aggregates: all clients start from the same seeded model, and the
 global model after round R is that model plus R aggregated updates, applied in order. Each
-round's aggregate is written to ``aggregates/round-NNNN.enc`` (and the summed scales that decode
-it to ``round-NNNN.scales.enc``) through a temp file and a rename before ``state.json`` records
-the round; ``secagg run --resume`` and a rejoining client replay the chain and reach the global
-model bit for bit. The chain grows by about 11 bytes per parameter per round.
+round's aggregate is written to ``aggregates/round-NNNN.enc`` for an HE run (and the summed
+scales that decode it to ``round-NNNN.scales.enc``), or ``round-NNNN.bin`` for a plaintext run,
+whose aggregates are not encrypted, through a temp file and a rename before ``state.json``
+records the round; ``secagg run --resume`` and a rejoining client replay the chain and reach the
+global model bit for bit. The chain grows by about 11 bytes per parameter per round (HE).
 """
 
 from __future__ import annotations
@@ -43,21 +44,32 @@ class Checkpoint:
         return bytes.fromhex(str(self.state["job_id"]))
 
     def aggregates(self, round_num: int) -> tuple[bytes, bytes | None]:
-        """The encrypted aggregate of ``round_num`` (1 to ``self.round_num``) and its scales."""
+        """The aggregate of ``round_num`` (1 to ``self.round_num``) and its summed scales."""
         update, scales = aggregate_paths(self.workdir, round_num)
         try:
             return update.read_bytes(), scales.read_bytes() if scales.exists() else None
         except FileNotFoundError as err:
             raise CheckpointError(
-                f"{update} is missing: the checkpoint chain is broken, so the global model "
-                "cannot be rebuilt; start a new run"
+                f"{update.with_suffix('')}.enc (or .bin) is missing: the checkpoint chain is "
+                "broken, so the global model cannot be rebuilt; start a new run"
             ) from err
 
 
+#: file suffix of an aggregate, by whether it is encrypted
+ENCRYPTED_SUFFIX, PLAIN_SUFFIX = ".enc", ".bin"
+
+
 def aggregate_paths(workdir: Path, round_num: int) -> tuple[Path, Path]:
-    """Where a round's aggregate and its summed scales are kept."""
-    folder = workdir / AGGREGATES_DIR
-    return folder / f"round-{round_num:04d}.enc", folder / f"round-{round_num:04d}.scales.enc"
+    """Where the chain holds a round's aggregate and its summed scales: ``.bin`` files when a
+    plaintext run wrote them, ``.enc`` otherwise (HE runs, and plaintext runs of secagg
+    versions that named every aggregate ``.enc``, which still resume)."""
+    plain = _paths(workdir, round_num, PLAIN_SUFFIX)
+    return plain if plain[0].exists() else _paths(workdir, round_num, ENCRYPTED_SUFFIX)
+
+
+def _paths(workdir: Path, round_num: int, suffix: str) -> tuple[Path, Path]:
+    stem = workdir / AGGREGATES_DIR / f"round-{round_num:04d}"
+    return stem.with_name(stem.name + suffix), stem.with_name(f"{stem.name}.scales{suffix}")
 
 
 @dataclass(frozen=True)
@@ -86,12 +98,20 @@ class Server:
         return Summed(summed, timed.each)
 
     def checkpoint(
-        self, round_num: int, summed: bytes, scales: bytes | None, state: dict[str, object]
+        self,
+        round_num: int,
+        summed: bytes,
+        scales: bytes | None,
+        state: dict[str, object],
+        *,
+        encrypted: bool,
     ) -> None:
-        """Persist the round's encrypted aggregates, then the run state after ``round_num``."""
+        """Persist the round's aggregates (named ``.enc`` only when ``encrypted``), then the
+        run state after ``round_num``."""
         if self.workdir is None:
             return
-        update_path, scales_path = aggregate_paths(self.workdir, round_num)
+        suffix = ENCRYPTED_SUFFIX if encrypted else PLAIN_SUFFIX
+        update_path, scales_path = _paths(self.workdir, round_num, suffix)
         if scales is not None:
             atomic_write(scales_path, scales, mode=0o600)
         atomic_write(update_path, summed, mode=0o600)

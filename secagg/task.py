@@ -205,23 +205,3 @@ def make_task(target: Any, settings: Mapping[str, Any], name: str) -> Task:
 def task_name(task: Task) -> str:
     """How messages name a task: its class."""
     return type(task).__name__
-
-
-def task_for(config: RunConfig, task: Task | None = None) -> Task:
-    """The job's task: ``task`` when given, else the one ``config.task`` names (with
-    ``config.task_settings``), else the built-in classification task of ``config.dataset`` and
-    ``config.model``."""
-    if task is not None:
-        return task
-    if config.task:
-        return load_task(config.task, config.task_settings)
-    from secagg.builtin import Classification
-
-    return Classification(
-        config.dataset,
-        config.model,
-        config.alpha,
-        config.min_client_samples,
-        config.data_dir,
-        config.download,
-    )

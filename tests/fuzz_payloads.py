@@ -9,7 +9,8 @@ process if one ever does::
 Every case is malformed or hostile: truncated, random, bit-flipped (with the digest kept, or
 recomputed as a forger would), oversized or wrong length and count fields, other keys, other
 CKKS parameters, another job or round, replays and duplicates, aggregates that drop an update
-or leave a contributor unlisted, an update where an aggregate belongs and back. A case goes to
+or leave a contributor unlisted or have a keyless ciphertext added, an update where an
+aggregate belongs and back. A case goes to
 the server (with two good payloads before it) or to a client (as the aggregate); what the
 server accepts is then decrypted by a client, as in a round.
 
@@ -36,11 +37,20 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hostile import ROUND_OFFSET, SENDER_OFFSET, forge_aggregate, restamp, with_digest
+from hostile import (
+    ROUND_OFFSET,
+    SENDER_OFFSET,
+    add_trivial,
+    forge_aggregate,
+    restamp,
+    with_digest,
+)
 
 from secagg import keys
 from secagg.config import CkksParams
 from secagg.crypto import SERVER, Stamp, Update, envelope
+from secagg.crypto.ckks_server import TAIL
+from secagg.crypto.packing import PACKED
 from secagg.errors import PayloadError
 
 JOB = b"fuzz-job-0000000"
@@ -156,7 +166,7 @@ def random_bytes(s: Setup, rng: random.Random) -> Case:
     size = rng.choice([0, 4, 31, 100, envelope.HEADER_SIZE + 32, len(base)])
     data = rng.randbytes(size)
     if rng.random() < 0.5 and size >= 5:  # random bytes behind a valid magic and version
-        data = b"SAGG\x02" + data[5:]
+        data = b"SAGG" + bytes([envelope.VERSION]) + data[5:]
     return "random", target, data
 
 
@@ -259,6 +269,18 @@ def unlisted(s: Setup, rng: random.Random) -> Case:
     return "unlisted", "client", forge_aggregate(s.server, s.payloads, s.round, listed)
 
 
+def keyless(s: Setup, rng: random.Random) -> Case:
+    """A server that adds a keyless (trivial) ciphertext of a few small integers to the
+    aggregate: it decrypts cleanly, the ledger may stay intact, only the integrity tag sees it."""
+    if s.client.sum_limit is None:  # plaintext: the server writes the numbers it likes anyway
+        return dropped(s, rng)
+    slots = PACKED.slots_for(VALUES + ROSTER, TAIL)
+    delta = np.zeros(slots)
+    for _ in range(rng.choice([1, 1, 3])):
+        delta[rng.randrange(slots)] += rng.choice([-2, -1, 1, 2])
+    return "keyless", "client", add_trivial(s.server, s.aggregate, delta)
+
+
 def wrong_kind(s: Setup, rng: random.Random) -> Case:
     if rng.random() < 0.5:
         return "update-as-aggregate", "client", s.payloads[0]
@@ -278,6 +300,7 @@ MUTATORS: list[Callable[[Setup, random.Random], Case]] = [
     duplicate,
     dropped,
     unlisted,
+    keyless,
     wrong_kind,
 ]
 

@@ -14,11 +14,13 @@ import numpy as np
 
 from secagg.crypto import SERVER, Stamp, envelope
 from secagg.crypto.ckks_server import CkksServer
+from secagg.crypto.packing import PACKED
 from secagg.crypto.plain import PlainCipher
-from secagg.crypto.seal_format import add_mod
+from secagg.crypto.seal_format import POLYS, CiphertextShape, add_mod
 
 # Offsets into the fixed header (see secagg.crypto.envelope).
-ROUND_OFFSET = 4 + 4 + 16 + 16
+JOB_OFFSET = 4 + 4 + 16
+ROUND_OFFSET = JOB_OFFSET + 16
 SENDER_OFFSET = ROUND_OFFSET + 4
 
 
@@ -78,3 +80,51 @@ def restamp(payload: bytes, *, round_num: int | None = None, sender: int | None 
 def with_digest(body_without_digest: bytes | bytearray) -> bytes:
     """Re-seal edited payload bytes (everything but the old digest) with a valid digest."""
     return bytes(body_without_digest) + hashlib.sha256(body_without_digest).digest()
+
+
+def trivial_ciphertext(shape: CiphertextShape, slots: np.ndarray) -> np.ndarray:
+    """A keyless ("trivial") CKKS ciphertext of ``slots`` (at most N/2 of them): ``c0`` is the
+    plaintext's encoding, ``c1`` is zero, so it decrypts to ``slots`` under *any* key.
+
+    Anyone can make one from the public parameters alone: the encoding is SEAL's public CKKS
+    encoder (here through TenSEAL's SEAL bindings, in the test process only), at the packed
+    codec's scale, in the NTT form that ciphertexts travel in.
+    """
+    import tenseal.sealapi as sealapi
+
+    n = shape.poly_modulus_degree
+    parms = sealapi.EncryptionParameters(sealapi.SCHEME_TYPE.CKKS)
+    parms.set_poly_modulus_degree(n)
+    # Fresh ciphertexts live at the level of the data prime alone.
+    parms.set_coeff_modulus([sealapi.Modulus(shape.modulus)])
+    context = sealapi.SEALContext(parms, True, sealapi.SEC_LEVEL_TYPE.NONE)
+    full = np.zeros(n // 2)
+    full[: len(slots)] = slots
+    plain = sealapi.Plaintext()
+    sealapi.CKKSEncoder(context).encode(
+        full.tolist(), context.first_parms_id(), 2.0**PACKED.scale_bits, plain
+    )
+    words = np.array([plain.data(i) for i in range(plain.coeff_count())], dtype="<u8")
+    return np.stack([words, np.zeros_like(words)])
+
+
+def add_trivial(server: CkksServer, aggregate: bytes, delta: np.ndarray) -> bytes:
+    """``aggregate`` plus a trivial ciphertext of the slot vector ``delta`` (zeros beyond it),
+    what a malicious server that skipped its own rules sends, with a valid digest."""
+    shape = server._shape
+    _, _, count, size, body = body_of(aggregate)
+    words = np.frombuffer(body, dtype="<u8").reshape(count, POLYS, -1).copy()
+    per = shape.poly_modulus_degree // 2
+    for index in range(count):
+        part = delta[index * per : (index + 1) * per]
+        if np.any(part):
+            add_mod(words[index], trivial_ciphertext(shape, part), shape.modulus)
+    start = len(aggregate) - 32 - count * size
+    return with_digest(aggregate[:start] + words.tobytes())
+
+
+def restamp_job(payload: bytes, job: bytes) -> bytes:
+    """The same payload with its job field rewritten and a valid digest."""
+    data = bytearray(payload[:-32])
+    data[JOB_OFFSET : JOB_OFFSET + 16] = job
+    return with_digest(data)

@@ -14,16 +14,16 @@ if str(ROOT) not in sys.path:
 
 from bench import codec  # noqa: E402
 
-SIZE = 12_147
+SIZE = 12_145
 CONFIGS = {"plain", "secagg-packed", "peer-baseline"}
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("bench")
-    # 12,147 values fill one packed ciphertext exactly (4,049 slots of three values, then 43
-    # slots of the 128-client tally and 3 ledger slots), so bytes per parameter show the
-    # codec's density, not padding.
+    # 12,145 values fill one packed ciphertext exactly (4,048 slots of three values, then 43
+    # slots of the 128-client tally, 3 ledger slots and 2 of the integrity tag), so bytes per
+    # parameter show the codec's density, not padding.
     argv = ["--quick", "--sizes", str(SIZE), "--clients", "2,3", "--scale-size", "5000"]
     argv += ["--server-size", "50000", "--server-clients", "3"]
     return codec.main([*argv, "--out", str(out)])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 
@@ -14,7 +15,9 @@ from bench import compare_he
 
 
 @pytest.mark.slow
-def test_compare_he_reports_both_runs_side_by_side(tmp_path: Path, session_keys: Path) -> None:
+def test_compare_he_reports_both_runs_side_by_side(
+    tmp_path: Path, session_keys: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     uri = f"sqlite:///{tmp_path / 'bench.db'}"
     report = compare_he.main(
         [
@@ -29,8 +32,24 @@ def test_compare_he_reports_both_runs_side_by_side(tmp_path: Path, session_keys:
             str(tmp_path / "results"),
             "--tracking-uri",
             uri,
+            "--repeats",
+            "2",
         ]
     )
+    # Warmed up, then two timed pairs, the second with HE first; medians of both repeats.
+    assert report["repeats"] == 2
+    assert report["first_in_each_repeat"] == ["plain", "he"]
+    runs_dir = tmp_path / "results" / "runs"
+    assert len(list(runs_dir.glob("*-warmup-plain"))) == len(list(runs_dir.glob("*-warmup-he")))
+    for key in ("run_seconds", "simulated_wall_seconds"):
+        assert len(report["he"]["samples"][key]) == 2
+        ratio = report["time_ratios"][key]
+        assert ratio["low"] <= ratio["high"]
+    assert report["plain"]["accuracy_same_in_every_repeat"]
+    markdown = Path(report["files"]["md"]).read_text()
+    assert "alternating which went first (plaintext, HE)" in markdown
+    assert "a payload is whole ciphertexts" in markdown
+    assert report["bytes_per_parameter"]["values_per_ciphertext"] == 4096 * 3
     for side in ("plain", "he"):
         figures = report[side]
         assert 0 <= figures["final_accuracy"] <= 1
@@ -58,13 +77,45 @@ def test_compare_he_reports_both_runs_side_by_side(tmp_path: Path, session_keys:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
-    runs = client.search_runs([he_run_experiment(client, report)])
-    assert len(runs) == 4  # the parent, plaintext, HE and the float64 plaintext run
+    experiment = he_run_experiment(client, report)
+    runs = client.search_runs([experiment])
+    # the parent, plaintext, HE and the float64 plaintext run; timing repeats are not tracked
+    assert len(runs) == 4
     he_run = client.get_run(report["he"]["mlflow_run_id"])
     plain_run = client.get_run(report["plain"]["mlflow_run_id"])
+    assert he_run.info.run_name.startswith("he-digits-3c-")
+    assert plain_run.info.run_name.startswith("plain-digits-3c-")
     parent = he_run.data.tags["mlflow.parentRunId"]
     assert plain_run.data.tags["mlflow.parentRunId"] == parent
-    assert "ratio_simulated_wall_time" in client.get_run(parent).data.metrics
+    parent_run = client.get_run(parent)
+    assert parent_run.info.run_name.startswith("he-vs-plain-digits-3c-")
+    assert "ratio_simulated_wall_time" in parent_run.data.metrics
+    assert [m.step for m in client.get_metric_history(parent, "he_accuracy")] == [1, 2]
+    artifacts = [a.path for a in client.list_artifacts(parent)]
+    assert any(path.endswith("-accuracy.png") for path in artifacts)  # accuracy per round
+
+    # The last lines printed: the MLflow page comparing the two runs, and how to serve the UI.
+    pair = f'["{plain_run.info.run_id}","{he_run.info.run_id}"]'
+    compare = report["mlflow"]["compare_url"]
+    assert unquote(compare) == (
+        f'http://127.0.0.1:5000/#/compare-runs?runs={pair}&experiments=["{experiment}"]'
+    )
+    assert compare in parent_run.data.tags["mlflow.note.content"]
+    out = capsys.readouterr().out.splitlines()
+    assert out[-3] == f"MLflow, HE vs plaintext side by side: {compare}"
+    assert out[-1] == f"start the UI first: mlflow ui --backend-store-uri {uri}"
+
+
+def test_a_ratio_below_one_is_reported_as_noise() -> None:
+    faster = compare_he._ratio([10.0, 10.4], [9.8, 10.5])
+    assert faster["median"] < 1.0 and faster["within_noise"]
+    assert compare_he._ratio_text(faster, 2).endswith("within noise: no measurable HE overhead")
+    single = compare_he._ratio([10.0], [9.9])
+    assert "within noise, one repeat: noise not measured" in compare_he._ratio_text(single, 1)
+    overlapping = compare_he._ratio([10.0, 10.0], [10.5, 9.9])
+    assert compare_he._ratio_text(overlapping, 2).endswith("within noise")
+    slower = compare_he._ratio([10.0, 10.2], [12.0, 12.1])
+    assert compare_he._ratio_text(slower, 2) == "1.19x (repeats 1.19-1.20x)"
 
 
 def he_run_experiment(client, report) -> str:  # type: ignore[no-untyped-def]

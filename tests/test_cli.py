@@ -68,6 +68,29 @@ def test_keygen_then_he_run_logs_results_and_mlflow(tmp_path: Path) -> None:
         assert sorted(m.step for m in history) == [1, 2], metric
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"model.pt", "results.json"} <= artifacts
+    # The closing lines: one duration, the run's page in the UI, and how to start the UI.
+    assert f"in {results['seconds']:.1f}s" in run.stdout
+    experiment = mlflow_run.info.experiment_id
+    assert f"http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run_id}" in run.stdout
+    assert f"start the UI first: mlflow ui --backend-store-uri {uri}" in run.stdout
+
+
+def test_run_summary_prints_the_mlflow_ui_url(tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'track.db'}"
+    args = ["run", "--clients", "2", "--rounds", "1", "--output", "o", "--tracking-uri", uri]
+    result = _invoke(args, tmp_path)
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "o" / "results.json").read_text())
+    run = MlflowClient(tracking_uri=uri).get_run(saved["mlflow"]["run_id"])
+    lines = result.output.splitlines()
+    assert lines[-5].startswith("done: final accuracy") and lines[-5].endswith(
+        f"in {saved['seconds']:.1f}s (9,610 parameters)"
+    )
+    url = f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    assert lines[-2] == f"  MLflow:  {run.info.run_name}  {url}"
+    assert lines[-1] == f"  start the UI first: mlflow ui --backend-store-uri {uri}"
 
 
 def _invoke(args: list[str], cwd: Path):  # type: ignore[no-untyped-def]

@@ -401,9 +401,9 @@ class ManualSite:
 
     def __init__(self, kit_dir: Path, port: int) -> None:
         from secagg import crypto
+        from secagg.builtin import task_for
         from secagg.client import Client
         from secagg.job import simulated_site
-        from secagg.task import task_for
         from secagg.transport.grpc_client import Connection
         from secagg.transport.grpc_wire import Hello
 

@@ -55,6 +55,18 @@ def test_a_thousand_hostile_payloads_are_refused_by_name(session_keys: Path) -> 
     assert by_kind["replayed-restamped"] == {"replayed"}
     assert by_kind["dropped"] == {"dropped"}
     assert by_kind["unlisted"] == {"tampered"}
+    # A keyless ciphertext added to the aggregate: the tally, weight or clipped count may
+    # name it first; whatever the ledger misses, the integrity tag refuses.
+    assert "forged" in by_kind["keyless"]
+    assert by_kind["keyless"] <= {
+        "forged",
+        "tampered",
+        "dropped",
+        "duplicate",
+        "replayed",
+        "bad-weight",
+        "out-of-range",
+    }
     assert by_kind["update-as-aggregate"] == {"wrong-kind"}
     assert by_kind["aggregate-as-update"] == {"wrong-kind"}
     assert "harmless" not in by_kind["truncated"] | by_kind["random"] | by_kind["bit-flip"]

@@ -51,21 +51,23 @@ def test_resume_continues_from_the_last_round(tmp_path, session_keys, he: bool) 
     state = json.loads((run_dir / "state.json").read_text())
     assert state["round"] == 2
     chain = sorted(p.name for p in (run_dir / "aggregates").iterdir())
-    # Each round keeps its aggregate; HE also the summed scales that decode it.
-    expected = ["round-0001.enc", "round-0002.enc"]
+    # Each round keeps its aggregate; HE also the summed scales that decode it. Only
+    # encrypted aggregates are named .enc.
+    expected = ["round-0001.bin", "round-0002.bin"]
     if he:
         expected = ["round-0001.enc", "round-0001.scales.enc", "round-0002.enc"]
         expected.append("round-0002.scales.enc")
     assert chain == expected
-    checkpoint_before = (run_dir / "aggregates" / "round-0002.enc").read_bytes()
+    last = run_dir / "aggregates" / expected[-1].replace(".scales", "")
+    checkpoint_before = last.read_bytes()
 
     seen: list[int] = []
     resumed = run_job(config, resume_dir=run_dir, on_round=lambda m: seen.append(m.round))
     assert seen == [3, 4]
     assert [m.round for m in resumed.rounds] == [1, 2, 3, 4]
     # The chain grew; what was checkpointed before the interruption is untouched.
-    assert (run_dir / "aggregates" / "round-0002.enc").read_bytes() == checkpoint_before
-    assert (run_dir / "aggregates" / "round-0004.enc").exists()
+    assert last.read_bytes() == checkpoint_before
+    assert (run_dir / "aggregates" / f"round-0004.{'enc' if he else 'bin'}").exists()
 
     straight = run_job(replace(config, output_dir=str(tmp_path / "straight")))
     resumed_model = torch.load(run_dir / "model.pt")
@@ -84,3 +86,26 @@ def test_run_refuses_to_overwrite_an_existing_run(tmp_path, session_keys) -> Non
     run_job(config)
     with pytest.raises(CheckpointError, match="--resume"):
         run_job(config)
+
+
+def test_plaintext_run_named_enc_by_an_older_version_resumes(tmp_path, session_keys) -> None:
+    """Older versions named plaintext aggregates .enc too; their runs still resume."""
+    config = _config(tmp_path, session_keys, rounds=3, clients=2)
+
+    def stop_after_one(metrics) -> None:  # type: ignore[no-untyped-def]
+        if metrics.round == 1:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        run_job(config, on_round=stop_after_one)
+    run_dir = Path(config.output_dir)
+    chain = run_dir / "aggregates"
+    (chain / "round-0001.bin").rename(chain / "round-0001.enc")
+    resumed = run_job(config, resume_dir=run_dir)
+    straight = run_job(replace(config, output_dir=str(tmp_path / "straight")))
+    assert [m.accuracy for m in resumed.rounds] == [m.accuracy for m in straight.rounds]
+    assert sorted(p.name for p in chain.iterdir()) == [
+        "round-0001.enc",
+        "round-0002.bin",
+        "round-0003.bin",
+    ]

@@ -345,8 +345,8 @@ def test_an_initial_model_file_is_where_every_client_starts(
     start = tmp_path / "start.pt"
     torch.save(model.state_dict(), start)
     config = _config(tmp_path, session_keys, initial_model=str(start), rounds=1)
+    from secagg.builtin import task_for
     from secagg.job import build_clients
-    from secagg.task import task_for
 
     clients = build_clients(config, task_for(config))
     assert all(torch.equal(c.model[0].weight, torch.full((16, 6), 0.25)) for c in clients)
@@ -390,3 +390,21 @@ def test_a_task_by_import_path_runs_over_grpc_like_in_process(
         assert torch.equal(_model(tmp_path / "g")[name], value), name
     rounds = json.loads((tmp_path / "g" / "results.json").read_text())["rounds"]
     assert rounds[-1]["metrics"]["rounds_seen"] == 2.0
+
+
+@pytest.mark.slow
+def test_compare_he_shows_the_tasks_own_metric(
+    tmp_path: Path, session_keys: Path, user_package: Path
+) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from bench import compare_he
+
+    job = tmp_path / "job.toml"
+    job.write_text('task = "mytasks:Tabular"\nclients = 3\nrounds = 1\n')
+    args = ["--job", str(job), "--keys", str(session_keys), "--out", str(tmp_path / "out")]
+    flags = ["--no-tracking", "--no-memory", "--no-floor", "--repeats", "1"]
+    report = compare_he.main(args + flags)
+    row = report["rounds"][0]
+    assert row["plain_metrics"]["score"] == pytest.approx(row["he_metrics"]["score"], abs=0.05)
+    markdown = Path(report["files"]["md"]).read_text()
+    assert "| round | score plaintext | score HE | rounds_seen plaintext" in markdown

@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 import tenseal as ts
 
-from secagg.crypto import envelope, ledger, seal_format
-from secagg.crypto.ckks_server import blobs_for, codec_for, open_payload
+from secagg.crypto import envelope, integrity, ledger, seal_format
+from secagg.crypto.ckks_server import TAIL, blobs_for, codec_for, open_payload
 from secagg.crypto.envelope import AGGREGATE, UPDATE, Stamp
 from secagg.crypto.ledger import Aggregate, Update
 from secagg.crypto.packing import PACKED
@@ -96,6 +96,7 @@ class CkksClient:
                 "but was given a public one (server.ctx)"
             )
         self.codec, self._shape = codec_for(keys)
+        self._mac = integrity.MacKey(keys.context)
         self._pool = _pool_for(keys.context)
         #: the largest magnitude a summed integer may reach (``quantize.steps`` keeps sums in it)
         self.sum_limit: int = PACKED.sum_limit
@@ -104,7 +105,10 @@ class CkksClient:
     def encrypt(self, update: Update, stamp: Stamp) -> bytes:
         start = time.perf_counter()
         tally, tail = ledger.entries(update, stamp)
-        slots = PACKED.pack(np.concatenate([update.values, tally]), tail)
+        digits = np.concatenate([update.values, tally])
+        # Packed first: it refuses what it cannot carry before the tag reads any of it.
+        slots = PACKED.pack(digits, np.concatenate([tail, np.zeros(integrity.SLOTS)]))
+        slots[-integrity.SLOTS :] = self._mac.seal(stamp, digits, tail)
         coefficients = self._pool.encrypt(self._context, slots, self._shape)
         encrypted = time.perf_counter()
         count, size = blobs_for(self._shape, stamp.roster)(update.values.size)
@@ -124,11 +128,20 @@ class CkksClient:
         )
         seal_format.check_coefficients(coefficients, self._shape.modulus)
         n, roster = opened.values, stamp.roster
-        n_slots = PACKED.slots_for(n + roster, ledger.TAIL)
+        n_slots = PACKED.slots_for(n + roster, TAIL)
         slots = self._pool.decrypt(self._context, coefficients, n_slots, self._shape)
         tolerance = PACKED.tolerance(self._shape.poly_modulus_degree, len(opened.contributors))
-        digits, tail = PACKED.unpack(slots, n + roster, ledger.TAIL, tolerance)
-        return ledger.settle(digits[:n], digits[n:], tail, stamp, opened.contributors)
+        try:
+            digits, tail = PACKED.unpack(slots, n + roster, TAIL, tolerance)
+        except PayloadError as err:
+            if err.reason == "out-of-range":
+                # A duplicated update overflows digits too: let the tally name it if it can.
+                loose, _ = PACKED.unpack(slots, n + roster, TAIL, tolerance, check_range=False)
+                ledger.check_tally(loose[n:], stamp, opened.contributors)
+            raise
+        return ledger.settle(
+            digits[:n], digits[n:], tail, stamp, opened.contributors, mac=self._mac
+        )
 
 
 # --- encryption and decryption, in this process or across worker processes -------------------

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from secagg.crypto import envelope, ledger, seal_format
+from secagg.crypto import envelope, integrity, ledger, seal_format
 from secagg.crypto.envelope import AGGREGATE, SERVER, UPDATE, Stamp
 from secagg.crypto.packing import PACKED, PackedParams
 from secagg.crypto.params import Keys
@@ -25,6 +25,8 @@ from secagg.errors import KeyFileError
 CODEC_ID = 2
 #: The most values a payload may declare: a 2-billion-parameter model.
 MAX_VALUES = 1 << 31
+#: Whole-number slots after the packed values and tally: the ledger's, then the integrity tag.
+TAIL = ledger.TAIL + integrity.SLOTS
 
 
 def codec_for(keys: Keys, packed: PackedParams = PACKED) -> tuple[envelope.Codec, CiphertextShape]:
@@ -48,7 +50,7 @@ def blobs_for(
     """(ciphertext count, bytes per ciphertext) of a payload of ``values`` update values."""
 
     def layout(values: int) -> tuple[int, int]:
-        slots = packed.slots_for(values + roster, ledger.TAIL)
+        slots = packed.slots_for(values + roster, TAIL)
         return math.ceil(slots / (shape.poly_modulus_degree // 2)), shape.nbytes
 
     return layout

@@ -35,7 +35,7 @@ import numpy as np
 from secagg.errors import PayloadError
 
 MAGIC = b"SAGG"
-VERSION = 2
+VERSION = 3
 UPDATE, AGGREGATE = 1, 2
 UPDATE_PHASE, SCALES = 0, 1
 SERVER = 0xFFFFFFFF

@@ -9,17 +9,22 @@ after decrypting. Each client therefore encrypts, next to its update:
 - its **weight** ``p_i = n_i / N`` (in units of 2**-32): the sum is the divisor of the
   weighted average, right by construction whoever dropped out.
 - how many values its quantization **clipped** (integer codecs), so everyone sees the total.
-- a **round tag**, ``2 x round + phase``: the sum must be ``tag x contributors``, so a
-  ciphertext replayed from another round or phase, even with a forged envelope, breaks it.
+- a **round tag**, a 24-bit hash of the job, round and phase: the sum must be ``tag x
+  contributors``, so a ciphertext replayed from another job, round or phase, even with a
+  forged envelope, breaks it (and is named ``replayed``).
 
 The ledger holds the same integers whatever the codec, and is checked in one place
-(``settle``). It detects a dropped, duplicated, replayed or unlisted contribution; it is not a
-MAC: a server that knows the encoding could still add a crafted ciphertext that leaves the
-ledger intact, which is why the threat model is an honest-but-curious server.
+(``settle``). On its own it is not a MAC: a server that knows the encoding could add a crafted
+ciphertext that leaves it intact. The packed CKKS codec therefore also seals every integer it
+encrypts, the ledger's included, with a keyed linear tag (``integrity``) that ``settle``
+checks last; plaintext FedAvg has no secret to key one with, and its server can read and
+change everything anyway, so there the ledger only catches accidents.
 """
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -27,6 +32,7 @@ from typing import TypeVar
 import numpy as np
 
 from secagg.crypto.envelope import Envelope, Stamp
+from secagg.crypto.integrity import MacKey
 from secagg.errors import PayloadError
 
 T = TypeVar("T")
@@ -34,6 +40,8 @@ S = TypeVar("S")
 
 #: Whole-number values after the tallies: weight units, clipped count, round tag.
 TAIL = 3
+#: Round tags are below 2**24 + 1: exact in float32, so plaintext sums carry them too.
+_ROUND_TAG_BITS = 24
 WEIGHT_UNIT = 2.0**32
 
 
@@ -70,7 +78,10 @@ def entries(update: Update, stamp: Stamp) -> tuple[np.ndarray, np.ndarray]:
 
 
 def round_tag(stamp: Stamp) -> int:
-    return 2 * stamp.round_num + stamp.phase
+    """The job's, round's and phase's tag, in ``[1, 2**24]``: what each contribution adds."""
+    label = b"secagg round tag\0" + stamp.job + struct.pack(">IB", stamp.round_num, stamp.phase)
+    digest = hashlib.sha256(label).digest()
+    return 1 + (int.from_bytes(digest[:4], "big") >> (32 - _ROUND_TAG_BITS))
 
 
 def settle(
@@ -79,12 +90,53 @@ def settle(
     tail: np.ndarray,
     stamp: Stamp,
     contributors: tuple[int, ...],
+    *,
+    mac: MacKey | None = None,
+    precision: type[np.floating] = np.float64,
 ) -> Aggregate:
     """Check a decrypted sum's ledger against the contributors the server listed.
 
     ``tally`` and ``tail`` must already be integers (the integer codec decrypts exactly; the
-    plaintext codec's are exact in float). Raises PayloadError naming what was wrong.
+    plaintext codec's are exact in float). With ``mac`` (the packed codec), ``tail`` ends with
+    the summed integrity tag, checked last against everything else. ``precision`` is the float
+    type the sums travelled in (plaintext float32 rounds large sums). Raises PayloadError
+    naming what was wrong.
     """
+    limbs = tail[TAIL:]
+    tail = tail[:TAIL]
+    check_tally(tally, stamp, contributors)
+    weight_units, clipped, rounds = (float(v) for v in np.rint(tail))
+    tag = round_tag(stamp)
+    # Exact for the packed codec; plaintext float32 rounds the sum, and every client the same.
+    expected = float(precision(float(precision(tag)) * len(contributors)))
+    if rounds != expected:
+        raise PayloadError(
+            f"the aggregate's round tags add up to {rounds:.0f}, not {tag} x "
+            f"{len(contributors)}: it holds a contribution replayed from another job, round "
+            "or phase",
+            "replayed",
+        )
+    weight = weight_units / WEIGHT_UNIT
+    # Weights are n_i / N: they sum to 1 when every client contributed, less on dropouts;
+    # more than 1 means a sample count was misreported, and the headroom is not safe.
+    if not 0 < weight <= 1 + 1e-6:
+        raise PayloadError(
+            f"summed weight {weight:.6g} is outside (0, 1]: the round plan's sample counts "
+            "were wrong or the aggregate is damaged",
+            "bad-weight",
+        )
+    if clipped < 0:
+        raise PayloadError("the aggregate's clipped count is negative", "tampered")
+    if mac is not None:
+        mac.verify(stamp, np.concatenate([values, tally]), tail, limbs)
+    elif limbs.size:
+        raise PayloadError(f"the aggregate's ledger has {limbs.size} extra values", "malformed")
+    return Aggregate(values, weight, int(clipped), contributors)
+
+
+def check_tally(tally: np.ndarray, stamp: Stamp, contributors: tuple[int, ...]) -> None:
+    """Refuse a summed tally that does not count each listed contributor exactly once,
+    naming a duplicated, dropped or unlisted contribution."""
     listed = np.zeros(stamp.roster)
     listed[list(contributors)] = 1.0
     counts = np.rint(tally)
@@ -109,25 +161,6 @@ def settle(
             f"the aggregate's contributor tally does not match the server's list ({detail})",
             "tampered",
         )
-    weight_units, clipped, rounds = (float(v) for v in np.rint(tail))
-    if rounds != round_tag(stamp) * len(contributors):
-        raise PayloadError(
-            f"the aggregate's round tags add up to {rounds:.0f}, not {round_tag(stamp)} x "
-            f"{len(contributors)}: it holds a contribution replayed from another round",
-            "replayed",
-        )
-    weight = weight_units / WEIGHT_UNIT
-    # Weights are n_i / N: they sum to 1 when every client contributed, less on dropouts;
-    # more than 1 means a sample count was misreported, and the headroom is not safe.
-    if not 0 < weight <= 1 + 1e-6:
-        raise PayloadError(
-            f"summed weight {weight:.6g} is outside (0, 1]: the round plan's sample counts "
-            "were wrong or the aggregate is damaged",
-            "bad-weight",
-        )
-    if clipped < 0:
-        raise PayloadError("the aggregate's clipped count is negative", "tampered")
-    return Aggregate(values, weight, int(clipped), contributors)
 
 
 def admit(

@@ -148,12 +148,22 @@ class PackedParams:
         return min(_MAX_OFF_INTEGER, _TOLERANCE_SIGMAS * noise)
 
     def unpack(
-        self, slots: np.ndarray, values: int, tail: int, tolerance: float = _MAX_OFF_INTEGER
+        self,
+        slots: np.ndarray,
+        values: int,
+        tail: int,
+        tolerance: float = _MAX_OFF_INTEGER,
+        *,
+        check_range: bool = True,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Decrypted slot values back to the summed integers (values, tail), as float64.
 
         Refuses slots further than ``tolerance`` from an integer (see ``tolerance``): that is
         what a wrong key, a corrupted or forged ciphertext or an overflowing sum decrypts to.
+        Refuses a slot whose digits leave the summed range ``[-digit_limit, digit_limit)`` or
+        whose padding is not zero: no honest sum makes one, and each slot then decodes to one
+        set of digits (so the integrity tag sees every entry as it was summed).
+        ``check_range=False`` decodes such a slot anyway, only to diagnose it.
         """
         slots = np.asarray(slots, dtype=np.float64)
         if slots.shape != (self.slots_for(values, tail),):
@@ -181,7 +191,22 @@ class PackedParams:
             np.subtract(rest, upper * base, out=digits[:, j])
             rest = upper
         digits[:, k - 1] = rest
-        return digits.reshape(-1)[:values], rounded[rounded.size - tail :]
+        flat = digits.reshape(-1)
+        limit = self.digit_limit
+        # The lower digits are within [-limit, limit] by construction; +limit (a tie rounded
+        # to even) and a top digit beyond the range are what only an overflowing or forged sum
+        # decodes to.
+        if (
+            check_range
+            and flat.size
+            and not (flat.max() < limit and flat.min() >= -limit and not np.any(flat[values:]))
+        ):
+            raise PayloadError(
+                "aggregate holds a packed digit outside the summed range, or non-zero padding: "
+                "it overflowed or was forged",
+                "out-of-range",
+            )
+        return flat[:values], rounded[rounded.size - tail :]
 
 
 def _integers(values: np.ndarray, what: str) -> np.ndarray:

@@ -3,6 +3,10 @@
 A payload's one blob is ``values ++ tally ++ tail`` (see ``ledger``) as little-endian floats:
 float32 by default, what plaintext FedAvg sends, or float64. The server adds in float64 and
 sends the sum back at the same precision.
+
+There is no integrity tag here: plaintext FedAvg has no secret to key one with, and its server
+reads and could change every value anyway. The ledger's round tag still binds each payload to
+its job, round and phase, which catches a misrouted or replayed payload, not a lying server.
 """
 
 from __future__ import annotations
@@ -51,8 +55,9 @@ class PlainCipher:
         opened = self._open(payload, stamp, AGGREGATE)
         vector = np.frombuffer(opened.body, dtype=self.dtype).astype(np.float64)
         n, roster = opened.values, stamp.roster
+        tally, tail = vector[n : n + roster], vector[n + roster :]
         return ledger.settle(
-            vector[:n], vector[n : n + roster], vector[n + roster :], stamp, opened.contributors
+            vector[:n], tally, tail, stamp, opened.contributors, precision=self.dtype.type
         )
 
     def check(self, payload: bytes | memoryview, stamp: Stamp) -> envelope.Envelope:

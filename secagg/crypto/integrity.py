@@ -1,0 +1,111 @@
+"""An integrity tag the clients check: the aggregate must be the sum of what was sent to it.
+
+The server adds ciphertexts it cannot read, so it could add one of its own (a keyless,
+"trivial" ciphertext needs no key) and every client would decrypt a sum it never agreed to.
+The ledger (``ledger``) catches a dropped, duplicated or replayed contribution, not that. So
+each client also encrypts a tag that is *linear* in what it encrypts, and the clients, who
+hold the secret key the server lacks, check the summed tag against the decrypted sum:
+
+- **Key**: ``HKDF-extract(salt="secagg aggregate integrity v1", ikm=client.ctx bytes)``.
+  Every client holds the same secret context; the server holds only the public parameters,
+  and the key fingerprint it knows (``keys.fingerprint_of``) is another, domain-separated hash.
+- **Vector**: for each job, round and phase, ``r = SHAKE-256(key, job, round, phase)`` read
+  as 64-bit words mod ``P = 2**61 - 1``, one per integer a client encrypts.
+- **Tag**: ``t_i = <r, v_i> mod P`` over every integer the client encrypts (its quantized
+  digits, tally, weight, clipped count and round tag), sent as two 31-bit limbs in two tail
+  slots; summed over up to 128 clients the limbs stay far below the packing's tail limit.
+- **Check**: ``(sum of limbs lo + 2**31 hi) mod P == <r, decrypted sum> mod P``, exact integer
+  arithmetic, so an honest aggregate never fails it (false-alarm rate 0).
+
+Why it holds: the server never learns ``r`` (only ciphertexts depend on it), and the decrypted
+sum does not depend on ``r`` except through the tags. An aggregate passes only if its entries
+are congruent mod ``P`` to the combination of updates its tag slot was summed from (otherwise
+it passes for at most 2 of the ``P`` possible ``r``: probability ``2**-60`` per forgery); the
+tally, an entry like any other, pins that combination to the listed contributors, each once;
+and every entry the unpacker accepts lies within ``+-2**42``, far inside ``P``, so congruent
+means equal. Another job's, round's or phase's ciphertext was tagged under another ``r``.
+
+What it does not prove: a client that colludes with the server knows ``r``; the server can
+still leave a contributor out (the tally names it) or answer nothing at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import struct
+
+import numpy as np
+
+from secagg.crypto.envelope import Stamp
+from secagg.errors import PayloadError
+
+#: The tag's prime: larger than twice any entry the unpacker accepts (|entry| < 2**42).
+P = (1 << 61) - 1
+#: Tail slots the tag takes: its low and high 31 bits.
+SLOTS = 2
+_LIMB = 31
+_LIMB_MASK = (1 << _LIMB) - 1
+_SALT = b"secagg aggregate integrity v1"
+#: Entries per exact int64 dot product: 2**16 x (r's 31-bit limb) x (|digit| <= 2**15) < 2**62.
+_BLOCK = 1 << 16
+_DIGIT_BOUND = 1 << 15
+
+
+class MacKey:
+    """The clients' shared integrity key, derived from the secret context they all hold."""
+
+    def __init__(self, secret_context: bytes) -> None:
+        # HKDF-extract (RFC 5869): a uniform 32-byte key, independent of the key fingerprint
+        # (a hash under another label) that the server is told.
+        self._key = hmac.new(_SALT, secret_context, hashlib.sha256).digest()
+
+    def seal(self, stamp: Stamp, digits: np.ndarray, whole: np.ndarray) -> np.ndarray:
+        """The tag of one client's entries, as the two whole numbers (float64) it sends."""
+        tag = self._tag(stamp, digits, whole)
+        return np.array([tag & _LIMB_MASK, tag >> _LIMB], dtype=np.float64)
+
+    def verify(
+        self, stamp: Stamp, digits: np.ndarray, whole: np.ndarray, limbs: np.ndarray
+    ) -> None:
+        """Refuse (PayloadError ``forged``) a decrypted sum whose summed tag does not match.
+
+        ``digits`` and ``whole`` are the decrypted, summed entries, ``limbs`` the summed tag
+        slots; all must already be integers (the packed codec decrypts exactly).
+        """
+        if limbs.shape != (SLOTS,):
+            raise PayloadError("the aggregate has no integrity tag", "malformed")
+        low, high = (int(v) for v in limbs)
+        if (low + (high << _LIMB)) % P != self._tag(stamp, digits, whole):
+            raise PayloadError(
+                "the aggregate is not the sum of the listed contributors' updates (its "
+                "integrity tag does not match): the server added or changed something; "
+                "refuse this round and check the server",
+                "forged",
+            )
+
+    def _tag(self, stamp: Stamp, digits: np.ndarray, whole: np.ndarray) -> int:
+        """``<r, digits ++ whole> mod P`` in exact integer arithmetic."""
+        small = np.asarray(digits, dtype=np.float64)
+        if small.size and not np.abs(small).max() < _DIGIT_BOUND:
+            raise PayloadError("a packed digit is out of range", "malformed")
+        small_int = small.astype(np.int64)
+        big = [int(v) for v in np.asarray(whole, dtype=np.float64)]
+        r = self.vector(stamp, small.size + len(big))
+        low = (r[: small.size] & _LIMB_MASK).astype(np.int64)
+        high = (r[: small.size] >> _LIMB).astype(np.int64)
+        total = 0
+        for start in range(0, small.size, _BLOCK):
+            part = small_int[start : start + _BLOCK]
+            total += int(np.dot(low[start : start + _BLOCK], part))
+            total += int(np.dot(high[start : start + _BLOCK], part)) << _LIMB
+        for weight, value in zip(r[small.size :].tolist(), big, strict=True):
+            total += weight * value
+        return total % P
+
+    def vector(self, stamp: Stamp, size: int) -> np.ndarray:
+        """``r`` for ``stamp``'s job, round and phase: ``size`` words below P (uint64)."""
+        label = b"r\0" + stamp.job + struct.pack(">IB", stamp.round_num, stamp.phase)
+        stream = hashlib.shake_256(self._key + label).digest(8 * size)
+        # 64-bit words mod P: 2**64 mod P is 8, so the bias is below 2**-60.
+        return np.frombuffer(stream, dtype="<u8") % np.uint64(P)
