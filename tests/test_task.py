@@ -421,8 +421,20 @@ def test_a_site_whose_train_raises_stops_a_grpc_run_with_its_reason(
         'task = "mytasks:Tabular"\nclients = 2\nrounds = 2\n\n[task_settings]\nfail = "train"\n'
     )
     run = subprocess.run(
-        [sys.executable, "-m", "secagg.cli", "run", str(job), "--transport", "grpc"]
-        + ["--keys", str(session_keys), "--no-tracking", "--output", "g"],
+        [
+            sys.executable,
+            "-m",
+            "secagg.cli",
+            "run",
+            str(job),
+            "--transport",
+            "grpc",
+            "--keys",
+            str(session_keys),
+            "--no-tracking",
+            "--output",
+            "g",
+        ],
         cwd=tmp_path,
         capture_output=True,
         text=True,
