@@ -248,12 +248,12 @@ def probe(role: str, config_file: Path, payload_file: Path) -> dict[str, float]:
         client = Client(task_for(config), site, config, make_cipher, resolve_device(config.device))
         idle = _rss_mb()
         server_cipher = crypto.for_server(config.he, config.keys_dir, config.plain_precision)
-        trained = client.train(stamp)
+        trained = client.train(stamp.for_sender(0))
         # The client's own payloads, summed alone, stand in for the round's aggregates.
         scales = None
         if trained.scales is not None:
             scales = server_cipher.sum([trained.scales], stamp.scales())
-        payload = client.seal(stamp, trained.num_samples, scales).payload
+        payload = client.seal(stamp.for_sender(0), trained.num_samples, scales).payload
         client.apply(server_cipher.sum([payload], stamp), stamp, scales)
         peak = _peak_mb()
         # The server probe gets one payload per roster member (after the peak was read).

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -79,8 +80,13 @@ class Classification(Task):
         data = self._data(site.data_dir, site.download or self.download)
         if not site.partition:
             return Shard(data.train, data.test)
-        shards = dirichlet_partition(
-            data.train.y.numpy(), site.clients, self.alpha, site.seed, self.min_client_samples
+        shards = _partition(
+            self.dataset,
+            str(site.data_dir),
+            site.clients,
+            self.alpha,
+            site.seed,
+            self.min_client_samples,
         )
         return Shard(data.train.subset(shards[site.index]), data.test if site.index == 0 else None)
 
@@ -130,6 +136,15 @@ class Classification(Task):
 def _load(name: str, data_dir: str, download: bool) -> Dataset:
     """A built-in dataset, loaded once per process (every simulated client shares it)."""
     return load_dataset(name, data_dir, download)
+
+
+@functools.lru_cache(maxsize=4)
+def _partition(
+    name: str, data_dir: str, clients: int, alpha: float, seed: int, min_size: int
+) -> list[np.ndarray]:
+    """The job's Dirichlet shards, computed once per process (index lists, not copies)."""
+    labels = _load(name, data_dir, False).train.y.numpy()
+    return dirichlet_partition(labels, clients, alpha, seed, min_size)
 
 
 def _batches(

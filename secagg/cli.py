@@ -6,6 +6,7 @@ import functools
 import json
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ def _friendly(func: Callable[..., Any]) -> Callable[..., Any]:
 @click.version_option(package_name="secagg")
 def main(debug: bool) -> None:
     """Federated learning with homomorphic-encryption secure aggregation."""
+    warnings.showwarning = _note
 
 
 @main.command()
@@ -104,7 +106,13 @@ def keygen(out_dir: str, force: bool, poly_degree: str, coeff_bits: str) -> None
     type=click.Path(dir_okay=False),
     help="A state dict every party starts from (torch.save(model.state_dict(), path)).",
 )
-@click.option("--clients", type=click.IntRange(1, 1024))
+@click.option("--clients", type=click.IntRange(min=1), help="The population of clients [8].")
+@click.option(
+    "--clients-per-round",
+    type=click.IntRange(min=0),
+    help="Clients drawn to take part in each round, from the job's seed [0: all]; with HE at "
+    "most 128.",
+)
 @click.option("--rounds", type=click.IntRange(min=1))
 @click.option("--local-epochs", type=click.IntRange(min=1))
 @click.option("--batch-size", type=click.IntRange(min=1))
@@ -126,10 +134,25 @@ def keygen(out_dir: str, force: bool, poly_degree: str, coeff_bits: str) -> None
     "--transport",
     type=click.Choice(TRANSPORTS),
     help="inprocess (default): clients are objects in this process; grpc: a server process "
-    "and one process per client on localhost, over mutual TLS.",
+    "and one process per client on localhost, over mutual TLS; ray: clients are Ray actors "
+    "(pip install 'secagg[ray]').",
 )
 @click.option("--min-clients", type=click.IntRange(min=0), help="Sites a round needs [all].")
 @click.option("--round-timeout", type=click.FloatRange(min=0, min_open=True), help="Seconds.")
+@click.option(
+    "--ray-address",
+    help="--transport ray: the Ray cluster to join, e.g. 10.0.0.5:6379 [start a local Ray].",
+)
+@click.option(
+    "--client-cpus",
+    type=click.FloatRange(min=0, min_open=True),
+    help="--transport ray: CPUs per client [1].",
+)
+@click.option(
+    "--client-gpus",
+    type=click.FloatRange(min=0),
+    help="--transport ray: GPUs per client, fractions share one (0.25: four per GPU) [0].",
+)
 @click.option(
     "--resume", is_flag=True, help="Continue the interrupted run in --output (or the latest)."
 )
@@ -148,11 +171,16 @@ def run(job: str | None, resume: bool, no_tracking: bool, **flags: Any) -> None:
         click.echo(f"resuming {resume_dir}")
     else:
         mode = "HE (CKKS)" if config.he else "plaintext FedAvg"
-        where = "in one process" if config.transport == "inprocess" else "over gRPC on localhost"
+        where = {
+            "inprocess": "in one process",
+            "grpc": "over gRPC on localhost",
+            "ray": f"on Ray ({config.ray_address or 'local'})",
+        }[config.transport]
         what = f"task {config.task}" if config.task else f"{config.dataset}/{config.model}"
-        click.echo(
-            f"secagg run: {what}, {config.clients} clients, {config.rounds} rounds, {mode}, {where}"
-        )
+        who = f"{config.clients} clients"
+        if config.per_round < config.clients:
+            who += f" ({config.per_round} per round)"
+        click.echo(f"secagg run: {what}, {who}, {config.rounds} rounds, {mode}, {where}")
     if config.transport == "grpc":
         from secagg.deploy import run_local
 
@@ -164,6 +192,11 @@ def run(job: str | None, resume: bool, no_tracking: bool, **flags: Any) -> None:
             config, resume_dir=resume_dir, on_round=_progress(config.rounds, config.he)
         )
     _summary(result, model=True)
+
+
+def _note(message: Warning | str, *args: Any, **kwargs: Any) -> None:
+    """Library warnings (a partition that could not honour its settings...) as one line."""
+    click.echo(f"note: {message}", err=True)
 
 
 def _progress(total: int, he: bool) -> Callable[[Any], None]:

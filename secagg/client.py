@@ -71,7 +71,6 @@ class Client:
     ) -> None:
         self.task = task
         self.site = site
-        self.client_id = site.index
         self.config = config
         self.device = device
         self.model = self._call("build_model", lambda: build_model(task, config)).to(device)
@@ -89,22 +88,33 @@ class Client:
         if difference is not None:
             raise ConfigError(f"{self.site.name}'s model is not the job's: {difference}")
 
+    def become(self, site: Site) -> None:
+        """Take on another client's identity and data, keeping the global model: how a
+        simulation's few reusable clients stand in for a large population."""
+        if site == self.site:
+            return
+        self.site = site
+        self._trained = None
+        self.data = None  # the previous client's data goes before the next one's comes
+        self.data = self._call("load_data", lambda: self.task.load_data(site))
+
     def context(self, round_num: int) -> RoundContext:
         """What the task is told about round ``round_num``."""
         # Seeded per (job, round, client): a resumed run trains exactly as an uninterrupted one.
-        seed = self.config.seed * 1_000_003 + round_num * 1009 + self.client_id
+        seed = self.config.seed * 1_000_003 + round_num * 1009 + self.site.index
         return RoundContext(
             round_num, self.config.rounds, self.site, self.device, seed, self.config
         )
 
-    def train(self, round_stamp: Stamp) -> TrainReply:
+    def train(self, stamp: Stamp) -> TrainReply:
         """Step 1 of a round: the task trains from the global model; keep the change, and for
-        an integer codec return its encrypted part of the scale exchange."""
+        an integer codec return its encrypted part of the scale exchange. ``stamp`` is the
+        round's, with this client's position in the round as its sender."""
         start = time.perf_counter()
         # Always from the global model: a round tried again (the server restarted, or too few
         # sites delivered) must not start from this client's own earlier attempt.
         self.model.load_state_dict(unflatten(self.global_vector, self.layout))
-        ctx = self.context(round_stamp.round_num)
+        ctx = self.context(stamp.round_num)
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=_seeded(ctx.seed))))
         self.model.train()
         result = self._call("train", lambda: self.task.train(self.model, self.data, ctx))
@@ -113,7 +123,6 @@ class Client:
         trained = time.perf_counter()
         change = self._change()
         flattened = time.perf_counter()
-        stamp = round_stamp.for_sender(self.client_id)
         scales = self.cipher.prepare(change, stamp)
         self._trained = _Trained(stamp, change, samples)
         seconds = Seconds(
@@ -122,20 +131,21 @@ class Client:
             prepare=time.perf_counter() - flattened,
         )
         metrics = self._metrics(result.metrics, "train")
-        return TrainReply(self.client_id, samples, scales, metrics, seconds)
+        return TrainReply(stamp.sender, samples, scales, metrics, seconds)
 
-    def seal(self, round_stamp: Stamp, total_samples: int, scales: bytes | None) -> FitReply:
+    def seal(self, stamp: Stamp, total_samples: int, scales: bytes | None) -> FitReply:
         """Step 3: weight the change by ``n_i / total_samples``, and encrypt it (an integer
-        codec quantizes it first, on the steps agreed in ``scales``)."""
+        codec quantizes it first, on the steps agreed in ``scales``). ``stamp`` is the one
+        ``train`` was given."""
         trained = self._trained
-        if trained is None or trained.stamp != round_stamp.for_sender(self.client_id):
+        if trained is None or trained.stamp != stamp:
             raise PayloadError(
-                f"client {self.client_id} has no trained update for round {round_stamp.round_num}",
+                f"{self.site.name} has no trained update for round {stamp.round_num}",
                 "bad-plan",
             )
         if not 0 < trained.num_samples <= total_samples:
             raise PayloadError(
-                f"client {self.client_id} trained on {trained.num_samples} samples, the round "
+                f"{self.site.name} trained on {trained.num_samples} samples, the round "
                 f"counts {total_samples} in all; the round's sample total is wrong",
                 "bad-plan",
             )
@@ -146,7 +156,7 @@ class Client:
         values *= weight
         payload = self.cipher.encrypt(Update(values, weight), trained.stamp, scales)
         seconds = Seconds(encrypt=time.perf_counter() - start)
-        return FitReply(self.client_id, payload, seconds, len(payload))
+        return FitReply(stamp.sender, payload, seconds, len(payload))
 
     def apply(self, payload: bytes, round_stamp: Stamp, scales: bytes | None) -> ApplyReply:
         """Decrypt the summed update, check its ledger, divide by the total weight, and add it
@@ -165,7 +175,7 @@ class Client:
         self.global_vector = flatten(self.model.state_dict())[0]
         seconds = Seconds(decrypt=decrypted - start, unflatten=time.perf_counter() - decrypted)
         return ApplyReply(
-            self.client_id, seconds, aggregate.clipped, aggregate.weight, aggregate.contributors
+            self.site.index, seconds, aggregate.clipped, aggregate.weight, aggregate.contributors
         )
 
     def evaluate(self, round_num: int) -> EvalReply | None:
@@ -187,14 +197,18 @@ class Client:
                 "how many test examples it averaged over (a whole number above 0)"
             )
         loss = self._metrics({"loss": result.loss}, "evaluate")["loss"]
-        return EvalReply(self.client_id, loss, samples, self._metrics(result.metrics, "evaluate"))
+        return EvalReply(self.site.index, loss, samples, self._metrics(result.metrics, "evaluate"))
 
-    def save(self, path: Path) -> Path:
-        """The decrypted global model as a state dict on the CPU (temp file, then rename)."""
+    def model_bytes(self) -> bytes:
+        """The decrypted global model as a serialized state dict on the CPU."""
         buffer = io.BytesIO()
         state = {k: v.detach().to("cpu") for k, v in self.model.state_dict().items()}
         torch.save(state, buffer)
-        return atomic_write(path, buffer.getvalue())
+        return buffer.getvalue()
+
+    def save(self, path: Path) -> Path:
+        """The decrypted global model as a state dict file (temp file, then rename)."""
+        return atomic_write(path, self.model_bytes())
 
     # --- checking what the task returned ---------------------------------------------------
 

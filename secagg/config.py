@@ -21,7 +21,7 @@ __all__ = ["CkksParams", "RunConfig", "dump_job", "load_job", "with_overrides"]
 DATASETS = ("digits", "digits32", "mnist", "fashion-mnist", "cifar10")
 MODELS = ("mlp", "cnn", "moderate-cnn")
 OPTIMIZERS = ("sgd", "adam")
-TRANSPORTS = ("inprocess", "grpc")
+TRANSPORTS = ("inprocess", "grpc", "ray")
 PRECISIONS = ("float32", "float64")
 
 
@@ -41,7 +41,10 @@ class RunConfig:
     data_dir: str = "data"
     download: bool = False
     model: str = "mlp"
+    #: the population: clients are numbered 0 .. clients - 1
     clients: int = 8
+    #: how many clients take part in each round, drawn from the job's seed (0: all of them)
+    clients_per_round: int = 0
     rounds: int = 10
     local_epochs: int = 2
     batch_size: int = 32
@@ -64,6 +67,11 @@ class RunConfig:
     #: ``inprocess`` (clients are objects in one process) or ``grpc`` (a server process and
     #: one process per client on localhost, over mutual TLS: the deployment's code path)
     transport: str = "inprocess"
+    #: ``ray``: the cluster to join (None starts a local Ray for the run)
+    ray_address: str | None = None
+    #: ``ray``: each client's Ray resources (fractions of a GPU let clients share one)
+    client_cpus: float = 1.0
+    client_gpus: float = 0.0
     #: a round goes on without sites that do not deliver, as long as this many do (0: all)
     min_clients: int = 0
     #: seconds each phase of a round waits for the sites (network transport)
@@ -77,7 +85,11 @@ class RunConfig:
             (self.dataset in DATASETS, f"dataset must be one of {', '.join(DATASETS)}"),
             (self.model in MODELS, f"model must be one of {', '.join(MODELS)}"),
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}"),
-            (1 <= self.clients <= 1024, "clients must be between 1 and 1024"),
+            (1 <= self.clients <= 1_000_000, "clients must be between 1 and 1,000,000"),
+            (
+                0 <= self.clients_per_round <= self.clients,
+                "clients_per_round must be between 0 (all clients) and clients",
+            ),
             (self.rounds >= 1, "rounds must be at least 1"),
             (self.local_epochs >= 1, "local_epochs must be at least 1"),
             (self.batch_size >= 1, "batch_size must be at least 1"),
@@ -91,9 +103,11 @@ class RunConfig:
                 f"plain_precision must be one of {', '.join(PRECISIONS)}",
             ),
             (
-                0 <= self.min_clients <= self.clients,
-                "min_clients must be between 0 (all clients) and the number of clients",
+                0 <= self.min_clients <= self.per_round,
+                "min_clients must be between 0 (all clients) and the clients per round",
             ),
+            (self.client_cpus > 0, "client_cpus must be positive"),
+            (self.client_gpus >= 0, "client_gpus must be 0 or more"),
             (self.round_timeout > 0, "round_timeout must be positive (seconds)"),
             (self.round_retries >= 0, "round_retries must be 0 or more"),
             (
@@ -117,8 +131,13 @@ class RunConfig:
         if self.he:
             from secagg.crypto.packing import PACKED
 
-            PACKED.check_clients(self.clients)
+            PACKED.check_clients(self.per_round)
         return self
+
+    @property
+    def per_round(self) -> int:
+        """How many clients take part in each round."""
+        return self.clients_per_round or self.clients
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values for results.json and MLflow parameters."""

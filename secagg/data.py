@@ -8,6 +8,7 @@ on-disk layout (``--download`` fetches them where the machine is online).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,26 +125,51 @@ def dirichlet_partition(
 
     Small alpha gives skewed label mixes; large alpha approaches an IID split. The draw is
     repeated (seeded, so reproducible) until every client has at least ``min_size`` samples.
-    Returns one sorted index array per client.
+    When there are too few samples for that (many clients: ``min_size`` is lowered to what the
+    data allows, at least 1) or no draw gives it, the smallest shards are topped up with
+    samples from the largest, and a warning says so: the label skew is then only approximately
+    Dirichlet. Returns one sorted index array per client.
     """
     labels = np.asarray(labels)
-    if clients * min_size > len(labels):
+    if clients > len(labels):
         raise ConfigError(
-            f"{len(labels)} training samples cannot give {clients} clients {min_size} each; "
-            "use fewer clients or a smaller min_client_samples"
+            f"{len(labels)} training samples cannot give each of {clients} clients one; "
+            "use fewer clients"
         )
+    if clients * min_size > len(labels):
+        lowered = len(labels) // clients
+        warnings.warn(
+            f"{clients} clients share {len(labels)} training samples: each gets at least "
+            f"{lowered}, not min_client_samples={min_size}",
+            stacklevel=2,
+        )
+        min_size = lowered
     rng = np.random.default_rng(seed)
     classes = np.unique(labels)
-    for _ in range(1000):
-        shards: list[list[int]] = [[] for _ in range(clients)]
-        for cls in classes:
-            members = rng.permutation(np.flatnonzero(labels == cls))
+    members_of = [np.flatnonzero(labels == cls) for cls in classes]
+    shards: list[list[int]] = []
+    for _ in range(1000 if clients <= 1000 else 20):
+        shards = [[] for _ in range(clients)]
+        for members in members_of:
+            members = rng.permutation(members)
             cuts = (np.cumsum(rng.dirichlet(np.full(clients, alpha))) * len(members)).astype(int)
             for shard, part in zip(shards, np.split(members, cuts[:-1]), strict=True):
                 shard.extend(part.tolist())
         if min(len(shard) for shard in shards) >= min_size:
             return [np.sort(np.asarray(shard, dtype=np.int64)) for shard in shards]
-    raise ConfigError(
-        f"could not give each of {clients} clients {min_size} samples with alpha={alpha}; "
-        "raise alpha or lower clients"
+    warnings.warn(
+        f"no Dirichlet(alpha={alpha}) draw gives each of {clients} clients {min_size} samples; "
+        "the smallest shards were topped up from the largest (label skew approximate)",
+        stacklevel=2,
     )
+    return [np.sort(np.asarray(shard, dtype=np.int64)) for shard in _top_up(shards, min_size)]
+
+
+def _top_up(shards: list[list[int]], min_size: int) -> list[list[int]]:
+    """Move samples from the largest shards to those below ``min_size``, deterministically."""
+    sizes = np.array([len(s) for s in shards])
+    for needy in np.flatnonzero(sizes < min_size):
+        while len(shards[needy]) < min_size:
+            donor = int(np.argmax([len(s) for s in shards]))
+            shards[needy].append(shards[donor].pop())
+    return shards

@@ -6,18 +6,24 @@ pass ``on_round`` to see progress.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from secagg import crypto, rounds
 from secagg.builtin import task_for
 from secagg.client import Client, resolve_device
 from secagg.config import RunConfig
+from secagg.files import atomic_write
 from secagg.records import RunRecords, RunResult
 from secagg.rounds import RoundMetrics
 from secagg.server import Server
 from secagg.task import Site, Task
 from secagg.transport.inprocess import InProcessTransport
+
+if TYPE_CHECKING:
+    from secagg.transport.ray import RayTransport
 
 MODEL_FILE = "model.pt"
 
@@ -37,18 +43,36 @@ def simulated_site(config: RunConfig, index: int) -> Site:
     )
 
 
-def build_clients(config: RunConfig, task: Task) -> list[Client]:
-    """One client per roster position, each with its own data; all start from the job's model
-    (checked: same names, shapes, dtypes and initial weights as client 0's)."""
+def build_clients(config: RunConfig, task: Task, indexes: Iterable[int] = ()) -> list[Client]:
+    """Clients of the population (``indexes``, default all), each with its own data; all start
+    from the job's model (checked: same names, shapes, dtypes and initial weights as the
+    first one's)."""
     make_cipher = crypto.for_client(config.he, config.keys_dir, config.plain_precision)
     device = resolve_device(config.device)
     clients: list[Client] = []
-    for index in range(config.clients):
+    for index in indexes or range(config.clients):
         client = Client(task, simulated_site(config, index), config, make_cipher, device)
         if clients:
             client.check_model(clients[0].signature)
         clients.append(client)
     return clients
+
+
+def simulation(config: RunConfig, task: Task) -> InProcessTransport:
+    """The in-process transport of a job: one client per member of the population, or, when
+    only ``clients_per_round`` take part in each round, that many reusable clients plus client
+    0 as the evaluator."""
+    per_round = config.per_round
+    if per_round == config.clients:
+        return InProcessTransport(build_clients(config, task))
+    first = rounds.sample_clients(config.clients, per_round, config.seed, 1)
+    clients = build_clients(config, task, [0, *first])
+    return InProcessTransport(
+        clients[1:],
+        lambda round_num: rounds.sample_clients(config.clients, per_round, config.seed, round_num),
+        functools.partial(simulated_site, config),
+        evaluator=clients[0],
+    )
 
 
 def run_job(
@@ -66,17 +90,27 @@ def run_job(
     """
     records = RunRecords.open(config, resume_dir, tags or {})
     config = records.config.validate()
-    clients = build_clients(config, task_for(config, task))
-    cipher = crypto.for_server(config.he, config.keys_dir, config.plain_precision)
-    server = Server(cipher, records.output)
-    transport = InProcessTransport(clients)
-    records.start(sum(p.numel() for p in clients[0].model.parameters()))
+    transport = _transport(config, task)
+    try:
+        cipher = crypto.for_server(config.he, config.keys_dir, config.plain_precision)
+        server = Server(cipher, records.output)
+        records.start(transport.parameters)
+        if records.resumed is not None:
+            # Replay the aggregates to rebuild the global model every client held, then go on.
+            for round_num in range(1, records.first_round):
+                stamp = rounds.round_stamp(records.job_id, round_num, transport.roster)
+                transport.apply(stamp, *records.resumed.aggregates(round_num))
+        records.run_rounds(server, transport, on_round or (lambda m: None))
+        model = atomic_write(records.output / MODEL_FILE, transport.model_bytes())
+    finally:
+        transport.close()
+    return records.finish([model])
 
-    if records.resumed is not None:
-        # Replay the aggregates to rebuild the global model every client held, then go on.
-        for round_num in range(1, records.first_round):
-            stamp = rounds.round_stamp(records.job_id, round_num, transport.roster)
-            transport.apply(stamp, *records.resumed.aggregates(round_num))
 
-    records.run_rounds(server, transport, on_round or (lambda m: None))
-    return records.finish([clients[0].save(records.output / MODEL_FILE)])
+def _transport(config: RunConfig, task: Task | None) -> InProcessTransport | RayTransport:
+    """Clients as objects in this process, or as Ray actors."""
+    if config.transport == "ray":
+        from secagg.transport.ray import RayTransport
+
+        return RayTransport(config, task)
+    return simulation(config, task_for(config, task))

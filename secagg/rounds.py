@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from math import nan
 from typing import Any
 
+import numpy as np
+
 from secagg.crypto import SERVER, Stamp, contributors
 from secagg.errors import SecAggError
 from secagg.messages import ApplyReply, EvalReply, FitReply, TrainReply
@@ -120,6 +122,15 @@ def run_round(
         evaluate_seconds=end - eval_start,
     )
     return metrics, aggregates
+
+
+def sample_clients(population: int, per_round: int, seed: int, round_num: int) -> list[int]:
+    """The clients of the population that take part in round ``round_num``, in order: drawn
+    from the job's seed and the round alone, so a resumed run draws the same."""
+    if per_round >= population:
+        return list(range(population))
+    rng = np.random.default_rng([seed, round_num, 0x5A3])
+    return sorted(int(i) for i in rng.choice(population, per_round, replace=False))
 
 
 def round_stamp(job: bytes, round_num: int, roster: int) -> Stamp:

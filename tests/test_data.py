@@ -343,16 +343,35 @@ def test_small_alpha_gives_skewed_clients() -> None:
         assert max(_class_mix(s).max() for s in skewed) > 0.5
 
 
-def test_impossible_min_size_raises_config_error() -> None:
+def test_too_few_samples_for_min_size_lowers_it_and_says_so() -> None:
     labels = np.arange(99) % 10
-    with pytest.raises(ConfigError, match="fewer clients"):
-        dirichlet_partition(labels, clients=10, alpha=1.0, seed=0, min_size=10)
+    with pytest.warns(UserWarning, match="each gets at least 9, not min_client_samples=10"):
+        shards = dirichlet_partition(labels, clients=10, alpha=1.0, seed=0, min_size=10)
+    assert min(len(s) for s in shards) >= 9
+    assert sorted(np.concatenate(shards).tolist()) == list(range(99))
 
 
-def test_unsatisfiable_after_retries_raises_config_error() -> None:
+def test_more_clients_than_samples_raises_config_error() -> None:
+    with pytest.raises(ConfigError, match="use fewer clients"):
+        dirichlet_partition(np.arange(50) % 10, clients=51, alpha=1.0, seed=0)
+
+
+def test_unsatisfiable_draws_are_topped_up_and_said() -> None:
     # 30 samples of one class over 3 clients with min 10 needs an exact 10/10/10 split, which
-    # Dir(0.01) (almost always all-or-nothing) practically never draws in 1000 tries; the
-    # retry loop must give up with a ConfigError rather than loop on or return a short shard.
+    # Dir(0.01) (almost always all-or-nothing) practically never draws: the smallest shards
+    # are topped up from the largest, with a warning, rather than failing the job.
     labels = np.zeros(30, dtype=np.int64)
-    with pytest.raises(ConfigError, match="raise alpha"):
-        dirichlet_partition(labels, clients=3, alpha=0.01, seed=0, min_size=10)
+    with pytest.warns(UserWarning, match="topped up from the largest"):
+        shards = dirichlet_partition(labels, clients=3, alpha=0.01, seed=0, min_size=10)
+    assert [len(s) for s in shards] == [10, 10, 10]
+    assert sorted(np.concatenate(shards).tolist()) == list(range(30))
+
+
+def test_a_thousand_clients_on_digits_each_get_an_example() -> None:
+    from secagg.data import load_dataset
+
+    labels = load_dataset("digits").train.y.numpy()
+    with pytest.warns(UserWarning, match="1000 clients share 1437 training samples"):
+        shards = dirichlet_partition(labels, clients=1000, alpha=1.0, seed=0)
+    assert len(shards) == 1000 and min(len(s) for s in shards) >= 1
+    assert sorted(np.concatenate(shards).tolist()) == list(range(len(labels)))

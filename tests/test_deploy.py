@@ -431,13 +431,14 @@ class ManualSite:
                 continue
             after = task["id"]
             stamp = Stamp(self.job, task["round"], SERVER, 2)
+            mine = stamp.for_sender(1)
             if task["kind"] == "train":
-                trained = self.client.train(stamp)
+                trained = self.client.train(mine)
                 header = UploadHeader(task["id"], trained.num_samples).to_wire()
                 self.connection.upload(header, trained.scales or b"")
             elif task["kind"] == "seal":
                 scales = self.connection.download(task["round"], "scales")
-                reply = self.client.seal(stamp, task["total_samples"], scales)
+                reply = self.client.seal(mine, task["total_samples"], scales)
                 header = UploadHeader(task["id"], seconds=reply.seconds).to_wire()
                 if first_update is not None:  # round 1's update again: a stale replay
                     with pytest.raises(PayloadError, match="round 1, expected round 2"):

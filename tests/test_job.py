@@ -109,3 +109,60 @@ def test_plaintext_run_named_enc_by_an_older_version_resumes(tmp_path, session_k
         "round-0002.bin",
         "round-0003.bin",
     ]
+
+
+def test_sampled_rounds_cost_only_their_clients_and_resume_draws_the_same(
+    tmp_path, session_keys, monkeypatch
+) -> None:
+    """50 clients, 4 per round: 5 clients are ever built (4 reusable ones and the evaluator),
+    each round's data is loaded for its sampled clients only, and a resumed run draws the same
+    clients and ends where an uninterrupted one does."""
+    from secagg.builtin import Classification
+    from secagg.client import Client
+    from secagg.rounds import sample_clients
+
+    built: list[int] = []
+    loaded: list[int] = []
+    real_init, real_load = Client.__init__, Classification.load_data
+
+    def counting_init(self, task, site, *args, **kwargs):  # type: ignore[no-untyped-def]
+        built.append(site.index)
+        real_init(self, task, site, *args, **kwargs)
+
+    def counting_load(self, site):  # type: ignore[no-untyped-def]
+        loaded.append(site.index)
+        return real_load(self, site)
+
+    monkeypatch.setattr(Client, "__init__", counting_init)
+    monkeypatch.setattr(Classification, "load_data", counting_load)
+    config = _config(tmp_path, session_keys, he=True, rounds=3, clients=50, clients_per_round=4)
+    config = replace(config, min_client_samples=5)
+    straight = run_job(replace(config, output_dir=str(tmp_path / "straight")))
+    draws = [sample_clients(50, 4, config.seed, r) for r in (1, 2, 3)]
+    assert len(built) == 5 and built[0] == 0  # the evaluator, then the first round's four
+    assert sorted(set(loaded)) == sorted({0, *draws[0], *draws[1], *draws[2]})
+    assert all(m.clients == 4 for m in straight.rounds)
+    assert draws[0] != draws[1]
+
+    def stop_after_one(metrics) -> None:  # type: ignore[no-untyped-def]
+        if metrics.round == 1:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        run_job(config, on_round=stop_after_one)
+    resumed = run_job(config, resume_dir=config.output_dir)
+    assert [m.accuracy for m in resumed.rounds] == [m.accuracy for m in straight.rounds]
+    for key, value in torch.load(tmp_path / "straight" / "model.pt").items():
+        assert torch.equal(torch.load(Path(config.output_dir) / "model.pt")[key], value), key
+
+
+def test_he_refuses_more_clients_per_round_than_its_headroom(tmp_path, session_keys) -> None:
+    from secagg.errors import ConfigError
+
+    with pytest.raises(ConfigError) as refused:
+        _config(tmp_path, session_keys, he=True, clients=500, clients_per_round=200).validate()
+    assert str(refused.value) == (
+        "HE aggregation sums at most 128 clients per round, this job has 200 per round; set "
+        "clients_per_round (--clients-per-round) to 128 or fewer"
+    )
+    _config(tmp_path, session_keys, he=True, clients=500, clients_per_round=100).validate()

@@ -109,7 +109,8 @@ class PackedParams:
         if not 1 <= clients <= self.max_clients:
             raise ConfigError(
                 f"HE aggregation sums at most {self.max_clients} clients per round, this job "
-                f"has {clients}; run fewer clients per job"
+                f"has {clients} per round; set clients_per_round (--clients-per-round) to "
+                f"{self.max_clients} or fewer"
             )
 
     def slots_for(self, values: int, tail: int) -> int:

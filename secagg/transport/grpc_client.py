@@ -213,14 +213,14 @@ class Site:
     def do_train(self, task: dict[str, Any]) -> None:
         round_num = int(task["round"])
         self.log(f"round {round_num}: training")
-        reply = self.client.train(self.round_stamp(round_num))
+        reply = self.client.train(self.round_stamp(round_num).for_sender(self.joined.index))
         header = wire.UploadHeader(int(task["id"]), reply.num_samples, reply.metrics, reply.seconds)
         self.connection.upload(header.to_wire(), reply.scales or b"")
 
     def do_seal(self, task: dict[str, Any]) -> None:
         round_num = int(task["round"])
         scales = self._fetch_scales(round_num)
-        stamp = self.round_stamp(round_num)
+        stamp = self.round_stamp(round_num).for_sender(self.joined.index)
         reply = self.client.seal(stamp, int(task["total_samples"]), scales)
         header = wire.UploadHeader(int(task["id"]), seconds=reply.seconds)
         self.log(f"round {round_num}: sending {reply.size / 1e6:.1f} MB")
@@ -252,7 +252,7 @@ class Site:
         self.connection.call("Report", report.to_wire())
         self.metrics.append({"round": round_num, **report.to_wire()})
         self._save()
-        if self.client.client_id not in applied.contributors:
+        if self.joined.index not in applied.contributors:
             self.log(f"round {round_num}: the aggregate does not hold this site's update")
         shown = "".join(
             f", {name} {value:.4f}"

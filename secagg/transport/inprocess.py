@@ -1,35 +1,82 @@
 """In-process transport: clients are objects in this process, run one after another.
 
 Payloads still cross as bytes, so bytes on the wire are measured exactly as a network run
-would send them.
+would send them. A round's clients are numbered by their position in the round (the senders
+of its payloads); ``sample`` says which clients of the population take part in each round.
+When that is fewer than the population, a few reusable clients (``slots``) take on the
+identities of each round's clients (``Client.become``): memory and time grow with the clients
+per round, not with the population. A simulation's ``evaluator`` (client 0, which holds the
+built-in tasks' test set) also evaluates every round it did not train in.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from secagg.client import Client
 from secagg.crypto import Stamp
 from secagg.messages import ApplyReply, EvalReply, FitReply, TrainReply
+from secagg.task import Site
 
 
 class InProcessTransport:
-    def __init__(self, clients: Sequence[Client]) -> None:
-        self.clients = list(clients)
-        self.roster = len(self.clients)
+    def __init__(
+        self,
+        slots: Sequence[Client],
+        sample: Callable[[int], list[int]] | None = None,
+        site_for: Callable[[int], Site] | None = None,
+        evaluator: Client | None = None,
+    ) -> None:
+        self.slots = list(slots)
+        #: how many clients take part in each round
+        self.roster = len(self.slots)
+        self.sample = sample or (lambda round_num: list(range(len(self.slots))))
+        self.site_for = site_for
+        self.evaluator = evaluator
+        self._round: list[Client] = []
+
+    @property
+    def holder(self) -> Client:
+        """A client that holds the global model after every round."""
+        return self.evaluator or self.slots[0]
+
+    @property
+    def parameters(self) -> int:
+        return sum(p.numel() for p in self.holder.model.parameters())
+
+    def model_bytes(self) -> bytes:
+        """The global model (a torch state dict, serialized) as the clients hold it."""
+        return self.holder.model_bytes()
+
+    def close(self) -> None:
+        pass
 
     def train(self, round_stamp: Stamp) -> list[TrainReply]:
-        return [client.train(round_stamp) for client in self.clients]
+        chosen = self.sample(round_stamp.round_num)
+        for slot, index in zip(self.slots, chosen, strict=True):
+            if slot.site.index != index:
+                assert self.site_for is not None, "a sampled round needs site_for"
+                slot.become(self.site_for(index))
+        self._round = self.slots
+        return [
+            slot.train(round_stamp.for_sender(position)) for position, slot in enumerate(self.slots)
+        ]
 
     def seal(
         self, round_stamp: Stamp, total_samples: int, scales: bytes | None
     ) -> Iterator[FitReply]:
-        for client in self.clients:
-            yield client.seal(round_stamp, total_samples, scales)
+        for position, slot in enumerate(self._round):
+            yield slot.seal(round_stamp.for_sender(position), total_samples, scales)
 
     def apply(self, round_stamp: Stamp, payload: bytes, scales: bytes | None) -> list[ApplyReply]:
-        return [client.apply(payload, round_stamp, scales) for client in self.clients]
+        replies = [client.apply(payload, round_stamp, scales) for client in self.slots]
+        if self.evaluator is not None:
+            self.evaluator.apply(payload, round_stamp, scales)
+        return replies
 
     def evaluate(self, round_num: int) -> list[EvalReply]:
-        replies = (client.evaluate(round_num) for client in self.clients)
+        clients = list(self.slots)
+        if self.evaluator is not None and all(c.site != self.evaluator.site for c in clients):
+            clients.append(self.evaluator)
+        replies = (client.evaluate(round_num) for client in clients)
         return [reply for reply in replies if reply is not None]

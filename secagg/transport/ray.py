@@ -1,0 +1,282 @@
+"""Ray transport: each client of a round is a Ray actor, on one machine or a cluster.
+
+The round code is the same as in-process (``secagg.rounds``): the driver runs the round loop
+and the server's sum, with the server-side cipher only; each client's train, encrypt, decrypt,
+apply and evaluate run in an actor that holds the client context (the secret key) and the
+user's task. As in-process, a round's clients take their position in the round as their sender
+id, and a few actors (one per client of a round, plus client 0 as the evaluator when rounds are
+sampled) take on each round's clients' identities: actors grow with the clients per round, not
+with the population.
+
+- ``ray_address`` None starts a local Ray (and shuts it down afterwards); an address joins an
+  existing cluster (``ray start --head`` on one machine, ``ray start --address ...`` on others).
+- ``client_cpus`` and ``client_gpus`` are each actor's Ray resources (fractional GPUs let several
+  clients share one). Torch in each actor uses ``ceil(client_cpus)`` threads, so results do not
+  depend on the machine an actor lands on.
+- An actor that dies mid-round (its worker was killed, its node lost) is a client that dropped
+  out: the round goes on if ``min_clients`` delivered, or fails with the reason and is tried
+  again with fresh actors (``round_retries``), exactly as in a network deployment.
+
+Ray is an optional extra (``pip install 'secagg[ray]'``), imported only here.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from secagg.config import RunConfig
+from secagg.crypto import Stamp
+from secagg.errors import ConfigError, SecAggError
+from secagg.messages import ApplyReply, EvalReply, FitReply, ModelSignature, TrainReply
+from secagg.rounds import RoundFailed, sample_clients
+from secagg.task import Task
+
+
+def _ray() -> Any:
+    try:
+        import ray
+    except ImportError as err:
+        raise ConfigError(
+            "--transport ray needs Ray: pip install 'secagg[ray]' (or pip install ray)"
+        ) from err
+    return ray
+
+
+class ClientActor:
+    """One client inside a Ray worker: the job's task, its data, the client context."""
+
+    def __init__(self, config: RunConfig, task: Task | None, keys: Any, index: int) -> None:
+        import torch
+
+        from secagg.builtin import task_for
+        from secagg.client import Client, resolve_device
+        from secagg.crypto.params import Keys
+        from secagg.job import simulated_site
+
+        os.environ["SECAGG_WORKERS"] = "1"  # one process per client: no CKKS worker pool
+        torch.set_num_threads(max(1, math.ceil(config.client_cpus)))
+        self.config = config
+        self.site_for = simulated_site
+        if config.he:
+            from secagg.crypto.ckks import CkksClient
+            from secagg.crypto.quantized import QuantizedCipher
+
+            assert isinstance(keys, Keys)
+
+            def make_cipher(layout: Any) -> Any:
+                return QuantizedCipher(CkksClient(keys), layout)
+        else:
+            from secagg.crypto.plain import PlainCipher
+
+            def make_cipher(layout: Any) -> Any:
+                return PlainCipher(config.plain_precision)
+
+        site = simulated_site(config, index)
+        device = resolve_device(config.device)
+        self.client = Client(task_for(config, task), site, config, make_cipher, device)
+
+    def signature(self) -> ModelSignature:
+        return self.client.signature
+
+    def node(self) -> str:
+        import ray
+
+        return str(ray.get_runtime_context().get_node_id())
+
+    def become(self, index: int) -> None:
+        self.client.become(self.site_for(self.config, index))
+
+    def train(self, stamp: Stamp) -> TrainReply:
+        return self.client.train(stamp)
+
+    def seal(self, stamp: Stamp, total: int, scales: bytes | None) -> FitReply:
+        return self.client.seal(stamp, total, scales)
+
+    def apply(self, payload: bytes, stamp: Stamp, scales: bytes | None) -> ApplyReply:
+        return self.client.apply(payload, stamp, scales)
+
+    def evaluate(self, round_num: int) -> EvalReply | None:
+        return self.client.evaluate(round_num)
+
+    def index(self) -> int:
+        return self.client.site.index
+
+    def model_bytes(self) -> bytes:
+        return self.client.model_bytes()
+
+    def parameters(self) -> int:
+        return sum(p.numel() for p in self.client.model.parameters())
+
+
+def _local_cpus(config: RunConfig, actors: int) -> int:
+    return max(os.cpu_count() or 1, math.ceil(actors * config.client_cpus))
+
+
+def _check_room(ray: Any, config: RunConfig, actors: int) -> None:
+    """Refuse a cluster that cannot hold every client of a round at once (they would wait
+    for each other forever)."""
+    have = ray.cluster_resources()
+    needs = {"CPU": actors * config.client_cpus, "GPU": actors * config.client_gpus}
+    for name, need in needs.items():
+        if need > have.get(name, 0.0) + 1e-9:
+            flag = "--client-cpus" if name == "CPU" else "--client-gpus"
+            raise ConfigError(
+                f"the Ray cluster has {have.get(name, 0.0):g} {name}s, the job's {actors} "
+                f"clients need {need:g} at once; lower {flag} (fractions are fine) or add nodes"
+            )
+
+
+class RayTransport:
+    """The Transport the round loop drives when clients are Ray actors."""
+
+    def __init__(self, config: RunConfig, task: Task | None = None) -> None:
+        ray = self.ray = _ray()
+        self.roster = config.per_round
+        self.sampled = self.roster < config.clients
+        actors = self.roster + (1 if self.sampled else 0)
+        self.started = not ray.is_initialized()
+        if self.started:
+            # A local Ray gets room for every actor: its CPUs are a scheduling budget, and
+            # clients that wait for a CPU take turns rather than deadlock the round.
+            local = {} if config.ray_address else {"num_cpus": _local_cpus(config, actors)}
+            ray.init(
+                address=config.ray_address,
+                include_dashboard=False,
+                logging_level="WARNING",
+                **local,
+            )
+        _check_room(ray, config, actors)
+        self.config = config
+        self.task = task
+        self.keys = None
+        if config.he:
+            from secagg import keys
+
+            # Only the client context travels to the actors; the driver sums with server.ctx.
+            self.keys = ray.put(keys.load_for_client(config.keys_dir))
+        self.min_clients = config.min_clients or self.roster
+        self.actor_class = ray.remote(ClientActor).options(
+            num_cpus=config.client_cpus, num_gpus=config.client_gpus, max_restarts=0
+        )
+        first = sample_clients(config.clients, self.roster, config.seed, 1)
+        self.slots: list[Any] = [self._actor(i) for i in first]
+        self.evaluator = self._actor(0) if self.sampled else None
+        self._check_models()
+        self._round: list[tuple[int, Any]] = []
+
+    def _actor(self, index: int) -> Any:
+        return self.actor_class.remote(self.config, self.task, self.keys, index)
+
+    def _check_models(self) -> None:
+        actors = self.slots + ([self.evaluator] if self.evaluator is not None else [])
+        signatures = self._get([a.signature.remote() for a in actors])
+        indexes = self._get([a.index.remote() for a in actors])
+        for index, signature in zip(indexes, signatures, strict=True):
+            difference = signatures[0].mismatch(signature)
+            if difference is not None:
+                raise ConfigError(f"site-{index + 1}'s model is not the job's: {difference}")
+
+    def _get(self, refs: Any) -> Any:
+        """ray.get, with the user's own error (a TaskError...) raised as itself."""
+        try:
+            return self.ray.get(refs)
+        except self.ray.exceptions.RayTaskError as err:
+            if isinstance(err.cause, SecAggError):
+                raise err.cause from None
+            raise
+
+    @property
+    def parameters(self) -> int:
+        return int(self._get(self.slots[0].parameters.remote()))
+
+    def nodes(self) -> set[str]:
+        """The Ray nodes the clients run on."""
+        return set(self._get([a.node.remote() for a in self.slots]))
+
+    def train(self, round_stamp: Stamp) -> list[TrainReply]:
+        chosen = sample_clients(
+            self.config.clients, self.roster, self.config.seed, round_stamp.round_num
+        )
+        self._replace_dead()
+        self._get(
+            [slot.become.remote(index) for slot, index in zip(self.slots, chosen, strict=True)]
+        )
+        calls = [
+            (position, slot, slot.train.remote(round_stamp.for_sender(position)))
+            for position, slot in enumerate(self.slots)
+        ]
+        replies, alive = [], []
+        for position, slot, ref in calls:
+            reply = self._survive(ref)
+            if reply is not None:
+                replies.append(reply)
+                alive.append((position, slot))
+        self._require(len(replies), round_stamp.round_num, "trained")
+        self._round = alive
+        return replies
+
+    def seal(
+        self, round_stamp: Stamp, total_samples: int, scales: bytes | None
+    ) -> Iterator[FitReply]:
+        shared = self.ray.put(scales)
+        pending = {
+            slot.seal.remote(round_stamp.for_sender(position), total_samples, shared): slot
+            for position, slot in self._round
+        }
+        sealed = 0
+        while pending:
+            ready, _ = self.ray.wait(list(pending), num_returns=1)
+            pending.pop(ready[0])
+            reply = self._survive(ready[0])
+            if reply is not None:
+                sealed += 1
+                yield reply
+        self._require(sealed, round_stamp.round_num, "sent their update")
+
+    def apply(self, round_stamp: Stamp, payload: bytes, scales: bytes | None) -> list[ApplyReply]:
+        shared, shared_scales = self.ray.put(payload), self.ray.put(scales)
+        refs = [s.apply.remote(shared, round_stamp, shared_scales) for s in self.slots]
+        if self.evaluator is not None:
+            self._get(self.evaluator.apply.remote(shared, round_stamp, shared_scales))
+        return [r for r in (self._survive(ref) for ref in refs) if r is not None]
+
+    def evaluate(self, round_num: int) -> list[EvalReply]:
+        actors = list(self.slots)
+        if self.evaluator is not None:
+            actors.append(self.evaluator)
+        replies = (self._survive(a.evaluate.remote(round_num)) for a in actors)
+        return [r for r in replies if r is not None]
+
+    def model_bytes(self) -> bytes:
+        """The global model (a torch state dict, serialized) as the clients hold it."""
+        holder = self.evaluator or self.slots[0]
+        return bytes(self._get(holder.model_bytes.remote()))
+
+    def close(self) -> None:
+        if self.started:
+            self.ray.shutdown()
+
+    def _survive(self, ref: Any) -> Any:
+        """A call's result, or None when its actor died (a client that dropped out)."""
+        try:
+            return self._get(ref)
+        except self.ray.exceptions.RayActorError:
+            return None
+
+    def _replace_dead(self) -> None:
+        """Fresh actors for any that died (a retried round starts with every slot alive)."""
+        for position, slot in enumerate(self.slots):
+            try:
+                self.ray.get(slot.index.remote())
+            except self.ray.exceptions.RayActorError:
+                self.slots[position] = self._actor(0)
+
+    def _require(self, delivered: int, round_num: int, what: str) -> None:
+        if delivered < self.min_clients:
+            raise RoundFailed(
+                f"round {round_num}: only {delivered} client(s) {what}, at least "
+                f"{self.min_clients} are needed (Ray actors died)"
+            )
