@@ -18,6 +18,9 @@ class InProcessTransport:
         self.clients = list(clients)
         self.roster = len(self.clients)
 
+    def tensor_sizes(self) -> list[int]:
+        return [entry.size for entry in self.clients[0].layout.entries]
+
     def train(self, round_stamp: Stamp) -> list[TrainReply]:
         return [client.train(round_stamp) for client in self.clients]
 
