@@ -337,11 +337,6 @@ class Coordinator:
                     "replayed contribution is refused",
                     "duplicate",
                 )
-            if site.index in task.dropped:
-                raise PayloadError(
-                    f"site {site.name} was left out of this task after a refused upload",
-                    "dropped",
-                )
             model = self.model
         if task.kind == "train" and not 1 <= header.samples <= self.max_samples:
             raise PayloadError(
@@ -369,6 +364,13 @@ class Coordinator:
         with self.lock:
             if self.task is not task or upload.index in task.delivered:
                 raise PayloadError("the task this upload answers is over", "stale")
+            if upload.index in task.dropped:
+                # Checked last, so that each bad upload is refused for its own reason.
+                raise PayloadError(
+                    f"site {self.sites[upload.index].name} was left out of this task after a "
+                    "refused upload",
+                    "dropped",
+                )
             task.delivered.add(upload.index)
         try:
             self.inbox.put(upload, timeout=600)
