@@ -33,6 +33,9 @@ from secagg.transport.grpc_wire import Hello, Report, UploadHeader
 
 INBOX = 2
 UPLOADS = 2
+#: Refused uploads after which a task stops waiting for a site (an honest site that replays
+#: by mistake still gets its own upload in).
+STRIKES = 2
 #: A site polling for a task waits at most this long for one.
 POLL_SECONDS = 10.0
 
@@ -62,7 +65,10 @@ class Task:
     sites: frozenset[int]
     body: dict[str, Any]
     delivered: set[int] = field(default_factory=set)
-    #: sites whose upload for this task was refused or cut: the task goes on without them
+    #: refused uploads per site in this task
+    strikes: dict[int, int] = field(default_factory=dict)
+    #: sites the task no longer waits for (STRIKES refused uploads, or one cut for stalling);
+    #: a valid upload of theirs is still taken while the task is open
     dropped: set[int] = field(default_factory=set)
 
 
@@ -353,10 +359,12 @@ class Coordinator:
         values = quantize.histogram_values(model.sizes()) if self.cipher.quantizes else 0
         return task, stamp.scales(), values
 
-    def drop(self, site: Site, task: Task) -> None:
-        """Go on with ``task`` without ``site``, whose upload was refused or cut."""
+    def drop(self, site: Site, task: Task, at_once: bool = False) -> None:
+        """Count a refused upload of ``site`` for ``task``; at ``STRIKES`` of them (or
+        ``at_once``: a stalled stream) the task goes on without waiting for the site."""
         with self.lock:
-            if site.index not in task.delivered:
+            task.strikes[site.index] = task.strikes.get(site.index, 0) + 1
+            if at_once or task.strikes[site.index] >= STRIKES:
                 task.dropped.add(site.index)
             self.lock.notify_all()
 
@@ -364,13 +372,6 @@ class Coordinator:
         with self.lock:
             if self.task is not task or upload.index in task.delivered:
                 raise PayloadError("the task this upload answers is over", "stale")
-            if upload.index in task.dropped:
-                # Checked last, so that each bad upload is refused for its own reason.
-                raise PayloadError(
-                    f"site {self.sites[upload.index].name} was left out of this task after a "
-                    "refused upload",
-                    "dropped",
-                )
             task.delivered.add(upload.index)
         try:
             self.inbox.put(upload, timeout=600)

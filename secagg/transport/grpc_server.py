@@ -117,7 +117,7 @@ class Service:
                 # The watchdog cut the stream, or the site hung up: nothing to answer.
                 why = watchdog.cut or "hung up"
                 if task is not None:
-                    self.c.drop(site, task)
+                    self.c.drop(site, task, at_once=True)
                 raise PayloadError(f"upload stream {why}", "stalled") from err
             except (PayloadError, Busy):
                 if task is not None:
