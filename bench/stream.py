@@ -29,6 +29,7 @@ from secagg import keys
 from secagg.crypto import Stamp, Update
 from secagg.crypto.ckks import CkksClient
 from secagg.crypto.ckks_server import CkksServer
+from secagg.messages import ModelSignature
 from secagg.provision import load_kit, provision
 from secagg.transport.grpc_client import Connection
 from secagg.transport.grpc_server import Coordinator, Service, start
@@ -47,8 +48,13 @@ def stream(params: int, scratch: Path) -> dict[str, float]:
     cipher = CkksServer(keys.load_for_server(server_kit.folder))
     client = CkksClient(keys.load_for_client(site_kit.folder))
     job = os.urandom(16)
-    coordinator = Coordinator(server_kit, cipher, {}, job, scratch / "work", 0, liveness=600)
-    server, _ = start(Service(coordinator, 1 << 36), server_kit, f"127.0.0.1:{port}")
+    coordinator = Coordinator(
+        server_kit, cipher, {}, job, scratch / "work", 0, liveness=600, max_samples=1
+    )
+    # The job's model: one tensor of ``params`` values (what every payload's size follows).
+    coordinator.model = ModelSignature([("w", (params,), "float32")], "")
+    service = Service(coordinator, 1 << 36, stall=600, deadline=3600)
+    server, _ = start(service, server_kit, f"127.0.0.1:{port}")
     try:
         connection = Connection(site_kit, f"localhost:{port}")
         connection.call("Join", {"samples": 1})

@@ -53,6 +53,9 @@ class RunConfig:
     momentum: float = 0.9
     alpha: float = 1.0
     min_client_samples: int = 10
+    #: the most training samples one site may report (network transport): its FedAvg weight
+    #: is n_i / N, so an unbounded claim would let one site zero every other's
+    max_client_samples: int = 10_000_000
     seed: int = 0
     device: str = "auto"
     he: bool = False
@@ -97,6 +100,10 @@ class RunConfig:
             (0 <= self.momentum < 1, "momentum must be in [0, 1)"),
             (self.alpha > 0, "alpha must be positive (large values approach IID)"),
             (self.min_client_samples >= 1, "min_client_samples must be at least 1"),
+            (
+                1 <= self.max_client_samples < 1 << 53,
+                "max_client_samples must be between 1 and 2**53 (a count of examples)",
+            ),
             (self.transport in TRANSPORTS, f"transport must be one of {', '.join(TRANSPORTS)}"),
             (
                 self.plain_precision in PRECISIONS,

@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -32,7 +33,14 @@ from secagg import crypto
 from secagg.config import RunConfig, dump_job
 from secagg.errors import CheckpointError, ConfigError, SecAggError
 from secagg.provision import Kit, load_kit, provision
-from secagg.records import RESULTS_FILE, RunRecords, RunResult, new_output_dir
+from secagg.records import (
+    RESULTS_FILE,
+    SITES_DIR,
+    RunRecords,
+    RunResult,
+    check_new_output,
+    new_output_dir,
+)
 from secagg.rounds import RoundFailed, RoundMetrics
 from secagg.server import STATE_FILE, Server, load_checkpoint
 
@@ -83,9 +91,18 @@ def serve(
     server = Server(cipher, workdir)
     shared = {k: v for k, v in config.to_dict().items() if k not in SITE_LOCAL}
     coordinator = Coordinator(
-        kit, cipher, shared, records.job_id, workdir, records.first_round - 1, liveness
+        kit,
+        cipher,
+        shared,
+        records.job_id,
+        workdir,
+        records.first_round - 1,
+        liveness,
+        config.max_client_samples,
+        log,
     )
-    grpc_server, port = start(Service(coordinator, MAX_PAYLOAD), kit, bind or f"[::]:{kit.port}")
+    service = Service(coordinator, MAX_PAYLOAD, stall=liveness, deadline=config.round_timeout)
+    grpc_server, port = start(service, kit, bind or f"[::]:{kit.port}")
     log(
         f"serving job '{config.job_name}' to {len(kit.roster)} sites on port {port} "
         f"({'HE' if config.he else 'plaintext'}, rounds {records.first_round}-{config.rounds})"
@@ -150,7 +167,9 @@ def participate(
         site = Site(connection, client, joined, folder, log)
         log(f"joined job '{config.job_name}' as {kit.name} (task {type(client.task).__name__})")
         parameters = sum(p.numel() for p in client.model.parameters())
+        delay = 1.0
         while True:
+            applied = site.applied
             try:
                 hello = Hello(site.applied, parameters, client.signature)
                 again = join(connection, hello, wait, log)
@@ -161,7 +180,11 @@ def participate(
                 site.joined = again
                 return site.run()
             except ServerGone as err:
-                log(f"lost the server ({err}); reconnecting")
+                # Any transient status (a call cut, the server restarting or busy): join again,
+                # backing off while no round gets applied in between.
+                delay = 1.0 if site.applied > applied else min(delay * 2, 30.0)
+                log(f"lost the server ({err}); reconnecting in {delay:.0f} s")
+                time.sleep(delay)
     finally:
         connection.close()
 
@@ -205,15 +228,15 @@ def run_local(config: RunConfig, log: Callable[[str], None] = lambda line: None)
     """``secagg run --transport grpc``: provision a throwaway project on localhost, start a
     server process and one client process per site, and return the server's result."""
     output = new_output_dir(config)
-    if (output / STATE_FILE).exists():
-        raise CheckpointError(f"{output}/ already holds a run; choose another --output")
+    check_new_output(output)
     output.mkdir(parents=True, exist_ok=True)
     sites = [f"site-{i + 1}" for i in range(config.clients)]
     secagg = [sys.executable, "-m", "secagg.cli"]
     with tempfile.TemporaryDirectory(prefix="secagg-project-") as project:
         port = _free_port()
         provision(project, f"localhost:{port}", sites, project="secagg-local")
-        job_file = output / "job.toml"
+        # Beside the kits, not in the output: the server opens that folder as a new run.
+        job_file = Path(project) / "job.toml"
         job_file.write_text(dump_job(replace(config, output_dir=None, transport="grpc")))
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         server = subprocess.Popen(
@@ -237,8 +260,8 @@ def run_local(config: RunConfig, log: Callable[[str], None] = lambda line: None)
         site_env = {**env, "OMP_NUM_THREADS": str(threads), "SECAGG_WORKERS": "1"}
         # Each site's own output goes to a log file of its own (a pipe nobody reads would
         # block a talkative site); the server reports a failed site's reason by name.
-        (output / "sites").mkdir(exist_ok=True)
-        logs = [(output / "sites" / f"{site}.log").open("w") for site in sites]
+        (output / SITES_DIR).mkdir(exist_ok=True)
+        logs = [(output / SITES_DIR / f"{site}.log").open("w") for site in sites]
         clients = [
             subprocess.Popen(
                 [
@@ -251,7 +274,7 @@ def run_local(config: RunConfig, log: Callable[[str], None] = lambda line: None)
                     "--device",
                     config.device,
                     "--workdir",
-                    str(output / "sites" / site),
+                    str(output / SITES_DIR / site),
                     "--shard",
                     "auto",
                 ],
@@ -280,7 +303,8 @@ def run_local(config: RunConfig, log: Callable[[str], None] = lambda line: None)
         if code != 0:
             detail = lines[-1] if lines else f"exit code {code}"
             raise SecAggError(f"the server process failed: {detail}")
-    model = output / "sites" / sites[0] / "model.pt"
+        (output / "job.toml").write_text(job_file.read_text())
+    model = output / SITES_DIR / sites[0] / "model.pt"
     if model.exists():
         (output / "model.pt").write_bytes(model.read_bytes())
     return RunResult.from_dict(json.loads((output / RESULTS_FILE).read_text()), output)

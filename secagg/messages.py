@@ -41,6 +41,10 @@ class ModelSignature:
             )
         return None
 
+    def sizes(self) -> list[int]:
+        """How many values each of the model's tensors holds, in order."""
+        return [math.prod(shape) for _, shape, _ in self.layout]
+
     def to_wire(self) -> dict[str, Any]:
         return {"layout": [list(entry) for entry in self.layout], "digest": self.digest}
 
@@ -57,7 +61,10 @@ class ModelSignature:
                 or len(entry) != 3
                 or not isinstance(entry[0], str)
                 or not isinstance(entry[1], list)
-                or not all(isinstance(d, int) and not isinstance(d, bool) for d in entry[1])
+                or not all(
+                    isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 31
+                    for d in entry[1]
+                )
                 or not isinstance(entry[2], str)
             ):
                 raise PayloadError("model layout entries must be [name, shape, dtype]", "malformed")

@@ -26,10 +26,15 @@ clients), where the largest change is the largest any client made, rounded up to
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from secagg.errors import PayloadError
-from secagg.flatten import Layout
+
+if TYPE_CHECKING:  # the server imports this module to size the scale exchange: no torch
+    from secagg.flatten import Layout
 
 #: Values per block: one quantization step each. Blocks never straddle two tensors.
 BLOCK = 4096
@@ -41,11 +46,21 @@ BINS = E_MAX - E_MIN + 1
 
 def block_sizes(layout: Layout) -> np.ndarray:
     """Sizes of the quantization blocks of ``layout``, in order: tensor-aligned, BLOCK at most."""
+    return blocks_of(entry.size for entry in layout.entries)
+
+
+def blocks_of(tensor_sizes: Iterable[int]) -> np.ndarray:
+    """Sizes of the quantization blocks of tensors of ``tensor_sizes`` values, in order."""
     sizes: list[int] = []
-    for entry in layout.entries:
-        full, rest = divmod(entry.size, BLOCK)
+    for size in tensor_sizes:
+        full, rest = divmod(size, BLOCK)
         sizes += [BLOCK] * full + ([rest] if rest else [])
     return np.asarray(sizes, dtype=np.int64)
+
+
+def histogram_values(tensor_sizes: Iterable[int]) -> int:
+    """How many values a scale-exchange payload carries for a model of ``tensor_sizes``."""
+    return int(blocks_of(tensor_sizes).size) * BINS
 
 
 def histogram(values: np.ndarray, sizes: np.ndarray) -> np.ndarray:

@@ -31,11 +31,13 @@ from secagg.crypto.packing import PACKED
 from secagg.errors import CheckpointError
 from secagg.files import atomic_write_json
 from secagg.rounds import RoundAggregates, RoundFailed, RoundMetrics
-from secagg.server import STATE_FILE, Checkpoint, Server, load_checkpoint
+from secagg.server import AGGREGATES_DIR, STATE_FILE, Checkpoint, Server, load_checkpoint
 from secagg.tracking import DESCRIPTION_TAG, Tracker, make_tracker
 from secagg.transport import Transport
 
 RESULTS_FILE = "results.json"
+#: where ``secagg run --transport grpc`` keeps each site's folder and log in its run folder
+SITES_DIR = "sites"
 
 
 @dataclass
@@ -106,6 +108,31 @@ def new_output_dir(config: RunConfig) -> Path:
         return Path(config.output_dir)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{stamp}-{config.job_name}-{'he' if config.he else 'plain'}"
+
+
+def check_new_output(output: Path) -> None:
+    """Refuse ``output`` as a new run's folder unless it is new or empty. A run writes
+    ``results.json``, ``model.pt`` and more there, so any other folder (the user's own
+    ``results.json`` and ``model.pt``, say) would be overwritten silently. Exceptions: a
+    folder holding only ``aggregates/`` (what a server stopped before its first round left)
+    and ``sites/`` (the site folders of ``secagg run --transport grpc``)."""
+    if not output.exists():
+        return
+    if not output.is_dir():
+        raise CheckpointError(f"{output} is a file, not a folder; choose another output folder")
+    if (output / STATE_FILE).exists():
+        raise CheckpointError(
+            f"{output}/ already holds a run; pass --resume to continue it "
+            "or choose another --output"
+        )
+    held = sorted(entry.name for entry in output.iterdir())
+    if not set(held) <= {AGGREGATES_DIR, SITES_DIR}:
+        shown = ", ".join(held[:5]) + (", ..." if len(held) > 5 else "")
+        raise CheckpointError(
+            f"{output}/ exists and is not a run folder (it holds {shown}); a run writes "
+            "results.json and model.pt there and would overwrite them: choose a new or empty "
+            "folder"
+        )
 
 
 def latest_run_dir(root: str | Path = "runs") -> Path:
@@ -179,11 +206,7 @@ class RunRecords:
         """A new run's records, or those of the interrupted run in ``resume_dir``."""
         if resume_dir is None:
             output = new_output_dir(config)
-            if (output / STATE_FILE).exists():
-                raise CheckpointError(
-                    f"{output}/ already holds a run; pass --resume to continue it "
-                    "or choose another --output"
-                )
+            check_new_output(output)
             return cls(config, output, None, tags)
         checkpoint = load_checkpoint(resume_dir)
         saved = RunConfig(**{**checkpoint.state["config"], "output_dir": str(resume_dir)})

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from secagg import quantize
 from secagg.crypto import SERVER, Stamp, contributors
 from secagg.errors import SecAggError
 from secagg.messages import ApplyReply, EvalReply, FitReply, TrainReply
@@ -94,10 +95,16 @@ def run_round(
     #   and keeps its change. An integer codec also encrypts how large the change is, per block
     trained = transport.train(round_stamp)
     total_samples = sum(t.num_samples for t in trained)
+    # The job's model, never a payload, says how long every payload of the round is.
+    sizes = transport.tensor_sizes()
     # 2 integer codecs: the clients agree on quantization steps; the server adds their
     #   histograms without reading them
     scale_payloads = [t.scales for t in trained if t.scales is not None]
-    scales = server.sum(scale_payloads, round_stamp.scales()) if scale_payloads else None
+    scales = (
+        server.sum(scale_payloads, round_stamp.scales(), quantize.histogram_values(sizes))
+        if scale_payloads
+        else None
+    )
     agreed = scales.payload if scales is not None else None
     # 3 on every client: weight the change by n_i / N, quantize it on the agreed steps and
     #   encrypt it; 4 on the server: add the updates as they arrive, only from clients that
@@ -105,7 +112,7 @@ def run_round(
     takers = contributors(agreed) if agreed is not None else [t.client_id for t in trained]
     fits: list[FitReply] = []
     sealed = transport.seal(round_stamp, total_samples, agreed)
-    summed = server.sum(_payloads(sealed, fits), round_stamp, frozenset(takers))
+    summed = server.sum(_payloads(sealed, fits), round_stamp, sum(sizes), frozenset(takers))
     aggregates = RoundAggregates(summed.payload, agreed)
     on_aggregate(round_stamp.round_num, aggregates)
     # 5 on every client: decrypt, check the ledger, divide by the total weight, add to the

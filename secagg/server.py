@@ -89,11 +89,16 @@ class Server:
         self.workdir = None if workdir is None else Path(workdir)
 
     def sum(
-        self, payloads: Iterable[bytes], round_stamp: Stamp, allowed: frozenset[int] | None = None
+        self,
+        payloads: Iterable[bytes],
+        round_stamp: Stamp,
+        values: int,
+        allowed: frozenset[int] | None = None,
     ) -> Summed:
-        """Add a round's payloads as they arrive (only ``allowed`` senders' when given)."""
+        """Add a round's payloads as they arrive, each of exactly ``values`` values (the job's
+        model says how many, never a payload), only ``allowed`` senders' when given."""
         timed = _Timed(payloads)
-        summed = self.cipher.sum(timed, round_stamp, allowed)
+        summed = self.cipher.sum(timed, round_stamp, allowed, values)
         timed.close()
         return Summed(summed, timed.each)
 

@@ -81,8 +81,8 @@ def test_server_sums_a_stream_without_holding_it(cipher_pair, monkeypatch) -> No
     events: list[str] = []
     real_check = server.check
 
-    def check(payload, round_stamp):  # type: ignore[no-untyped-def]
-        opened = real_check(payload, round_stamp)
+    def check(payload, round_stamp, values=None):  # type: ignore[no-untyped-def]
+        opened = real_check(payload, round_stamp, values)
         events.append(f"added {opened.stamp.sender}")
         return opened
 
@@ -225,6 +225,23 @@ def test_mismatched_lengths_are_refused(cipher_pair) -> None:
     with pytest.raises(PayloadError, match="values") as caught:
         server.sum(payloads, stamp)
     assert caught.value.reason == "wrong-length"
+
+
+def test_the_rounds_length_comes_from_the_job_not_the_first_payload(cipher_pair) -> None:
+    """A wrong payload that arrives first is the one refused; the honest ones are summed."""
+    client, server = cipher_pair
+    stamp = round_of(1, roster=3)
+    wrong = client.encrypt(update_for(client, np.ones(11), 0.3), stamp.for_sender(0))
+    honest = [
+        client.encrypt(update_for(client, np.ones(10), 0.3), stamp.for_sender(i)) for i in (1, 2)
+    ]
+    with pytest.raises(PayloadError, match="has 11 values, the round has 10") as caught:
+        server.check(wrong, stamp, 10)
+    assert caught.value.reason == "wrong-length"
+    summed = server.sum(honest, stamp, frozenset({1, 2}), values=10)
+    assert client.decrypt(summed, stamp).contributors == (1, 2)
+    with pytest.raises(PayloadError, match="the round has 10") as caught:
+        server.sum([wrong, *honest], stamp, values=10)
 
 
 # --- the ledger: what a client detects after decrypting ---------------------------------------

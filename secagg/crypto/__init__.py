@@ -59,16 +59,30 @@ class ServerCipher(Protocol):
     #: whether clients send a ``prepare`` payload (the scale exchange) before their update
     quantizes: bool
 
-    def check(self, payload: bytes | memoryview, stamp: Stamp) -> envelope.Envelope:
-        """Refuse (PayloadError) an update ``sum`` would refuse, without adding it."""
+    def size(self, values: int, stamp: Stamp) -> int:
+        """The byte length of a well-formed update of ``values`` values for ``stamp``'s round
+        (a streaming receiver refuses any other declared size at the first chunk)."""
+        ...
+
+    def check(
+        self, payload: bytes | memoryview, stamp: Stamp, values: int | None = None
+    ) -> envelope.Envelope:
+        """Refuse (PayloadError) an update ``sum`` would refuse, without adding it; with
+        ``values``, also one that does not carry exactly that many values."""
         ...
 
     def sum(
-        self, payloads: Iterable[bytes], stamp: Stamp, allowed: frozenset[int] | None = None
+        self,
+        payloads: Iterable[bytes],
+        stamp: Stamp,
+        allowed: frozenset[int] | None = None,
+        values: int | None = None,
     ) -> bytes:
         """Add a round's payloads one at a time as they arrive; return the aggregate.
 
         ``allowed``: the only senders whose payloads may be added (None: any roster member).
+        ``values``: how many values every payload must carry, from the job's model (None: the
+        first payload's, only for callers summing payloads they made themselves).
         """
         ...
 

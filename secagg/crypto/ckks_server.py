@@ -70,15 +70,27 @@ class CkksServer:
             )
         self.codec, self._shape = codec_for(keys)
 
-    def check(self, payload: bytes | memoryview, stamp: Stamp) -> envelope.Envelope:
+    def size(self, values: int, stamp: Stamp) -> int:
+        """The byte length of an update of ``values`` values for ``stamp``'s round."""
+        return envelope.update_size(*blobs_for(self._shape, stamp.roster)(values))
+
+    def check(
+        self, payload: bytes | memoryview, stamp: Stamp, values: int | None = None
+    ) -> envelope.Envelope:
         """Everything ``sum`` refuses an update for, short of adding it: its envelope against
-        the round, and every ciphertext word below q. Returns the opened envelope."""
+        the round (and its length against ``values``), and every ciphertext word below q.
+        Returns the opened envelope."""
         opened = open_payload(self.codec, self._shape, payload, stamp, UPDATE)
+        ledger.check_length(opened.values, values)
         seal_format.check_coefficients(np.frombuffer(opened.body, dtype="<u8"), self._shape.modulus)
         return opened
 
     def sum(
-        self, payloads: Iterable[bytes], stamp: Stamp, allowed: frozenset[int] | None = None
+        self,
+        payloads: Iterable[bytes],
+        stamp: Stamp,
+        allowed: frozenset[int] | None = None,
+        values: int | None = None,
     ) -> bytes:
         """Add payloads as they arrive: holds the running sum and one payload, never all."""
 
@@ -90,14 +102,21 @@ class CkksServer:
             return total
 
         def open_update(payload: bytes) -> envelope.Envelope:
-            return self.check(payload, stamp)
+            return self.check(payload, stamp, values)
 
-        total, values, senders = ledger.accumulate(
+        total, count_values, senders = ledger.accumulate(
             payloads, open_update, add, allowed, PACKED.max_clients
         )
-        count, size = blobs_for(self._shape, stamp.roster)(values)
+        count, size = blobs_for(self._shape, stamp.roster)(count_values)
         return envelope.to_bytes(
-            self.codec, AGGREGATE, stamp.for_sender(SERVER), values, count, size, [total], senders
+            self.codec,
+            AGGREGATE,
+            stamp.for_sender(SERVER),
+            count_values,
+            count,
+            size,
+            [total],
+            senders,
         )
 
 

@@ -303,6 +303,11 @@ def declared_size(head: bytes | bytearray | memoryview) -> int:
     return int(_HEAD.size + 4 * count + blob_count * blob_size + _DIGEST)
 
 
+def update_size(blob_count: int, blob_size: int) -> int:
+    """The byte length of an update (no contributor list) of ``blob_count`` blobs."""
+    return _HEAD.size + blob_count * blob_size + _DIGEST
+
+
 def _contributor_count(view: memoryview) -> int:
     return int(struct.unpack_from(">I", view, _HEAD.size - 4)[0])
 

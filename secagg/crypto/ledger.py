@@ -166,12 +166,10 @@ def check_tally(tally: np.ndarray, stamp: Stamp, contributors: tuple[int, ...]) 
 def admit(
     sender: int,
     seen: list[int],
-    values: int,
-    round_values: int,
     allowed: frozenset[int] | None = None,
 ) -> None:
-    """The server's check before adding an update: one per client per round, all one size,
-    and (``allowed``) only from clients that took part in the round's scale exchange."""
+    """The server's check before adding an update: one per client per round, and
+    (``allowed``) only from clients that took part in the round's scale exchange."""
     if allowed is not None and sender not in allowed:
         raise PayloadError(
             f"client {sender} did not take part in this round's scale exchange, so its update "
@@ -184,9 +182,15 @@ def admit(
             "update is refused",
             "duplicate",
         )
-    if seen and values != round_values:
+
+
+def check_length(values: int, expected: int | None) -> None:
+    """Refuse a payload whose value count is not the round's (the job's model decides it,
+    never a payload: a wrong first payload must not get the honest ones refused)."""
+    if expected is not None and values != expected:
         raise PayloadError(
-            f"payload has {values} values, the round has {round_values}", "wrong-length"
+            f"payload has {values} values, the round has {expected} (the job's model)",
+            "wrong-length",
         )
 
 
@@ -197,15 +201,18 @@ def accumulate(
     allowed: frozenset[int] | None = None,
     most: int | None = None,
 ) -> tuple[S, int, tuple[int, ...]]:
-    """The server's streaming sum, whatever the codec: open each payload as it arrives, admit
-    it (``admit``; at most ``most`` of them), add it; return the total, the number of values
-    and the contributors in order."""
+    """The server's streaming sum, whatever the codec: open each payload as it arrives
+    (``open_update`` checks it, its length against the round's included), admit it
+    (``admit``; at most ``most`` of them), add it; return the total, the number of values and
+    the contributors in order. Without a length to check against, the first payload's is
+    taken (callers that sum payloads they made themselves; the round loop always passes one)."""
     total: S | None = None
-    values = 0
+    values: int | None = None
     senders: list[int] = []
     for payload in payloads:
         opened = open_update(payload)
-        admit(opened.stamp.sender, senders, opened.values, values, allowed)
+        admit(opened.stamp.sender, senders, allowed)
+        check_length(opened.values, values)
         if most is not None and len(senders) >= most:
             raise PayloadError(
                 f"a round sums at most {most} clients; more could overflow the codec's headroom",
@@ -215,6 +222,6 @@ def accumulate(
         values = opened.values
         senders.append(opened.stamp.sender)
         del opened, payload
-    if total is None:
+    if total is None or values is None:
         raise PayloadError("no payloads to sum", "empty")
     return total, values, tuple(sorted(senders))

@@ -12,7 +12,7 @@ its job, round and phase, which catches a misrouted or replayed payload, not a l
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
@@ -60,12 +60,24 @@ class PlainCipher:
             vector[:n], tally, tail, stamp, opened.contributors, precision=self.dtype.type
         )
 
-    def check(self, payload: bytes | memoryview, stamp: Stamp) -> envelope.Envelope:
+    def size(self, values: int, stamp: Stamp) -> int:
+        """The byte length of an update of ``values`` values for ``stamp``'s round."""
+        return envelope.update_size(*self._blobs(stamp)(values))
+
+    def check(
+        self, payload: bytes | memoryview, stamp: Stamp, values: int | None = None
+    ) -> envelope.Envelope:
         """Everything ``sum`` refuses an update for, short of adding it."""
-        return self._open(payload, stamp, UPDATE)
+        opened = self._open(payload, stamp, UPDATE)
+        ledger.check_length(opened.values, values)
+        return opened
 
     def sum(
-        self, payloads: Iterable[bytes], stamp: Stamp, allowed: frozenset[int] | None = None
+        self,
+        payloads: Iterable[bytes],
+        stamp: Stamp,
+        allowed: frozenset[int] | None = None,
+        values: int | None = None,
     ) -> bytes:
         def add(total: np.ndarray | None, opened: envelope.Envelope) -> np.ndarray:
             vector = np.frombuffer(opened.body, dtype=self.dtype)
@@ -75,10 +87,10 @@ class PlainCipher:
             return total
 
         def open_update(payload: bytes) -> envelope.Envelope:
-            return self.check(payload, stamp)
+            return self.check(payload, stamp, values)
 
-        total, values, senders = ledger.accumulate(payloads, open_update, add, allowed)
-        return self._payload(AGGREGATE, stamp, values, total, senders)
+        total, count, senders = ledger.accumulate(payloads, open_update, add, allowed)
+        return self._payload(AGGREGATE, stamp, count, total, senders)
 
     def _payload(
         self,
@@ -93,10 +105,15 @@ class PlainCipher:
             self.codec, kind, stamp, values, 1, data.nbytes, [data], contributors
         )
 
-    def _open(self, payload: bytes | memoryview, stamp: Stamp, kind: int) -> envelope.Envelope:
+    def _blobs(self, stamp: Stamp) -> Callable[[int], tuple[int, int]]:
+        """(blob count, blob size) of a payload of ``values`` values: one blob of floats."""
+
         def blobs_for(values: int) -> tuple[int, int]:
             return 1, self.dtype.itemsize * (values + stamp.roster + ledger.TAIL)
 
+        return blobs_for
+
+    def _open(self, payload: bytes | memoryview, stamp: Stamp, kind: int) -> envelope.Envelope:
         return envelope.from_bytes(
-            payload, self.codec, stamp, kind, blobs_for=blobs_for, max_values=MAX_VALUES
+            payload, self.codec, stamp, kind, blobs_for=self._blobs(stamp), max_values=MAX_VALUES
         )

@@ -18,6 +18,11 @@ class Transport(Protocol):
     #: how many clients the job has; they are numbered 0 .. roster - 1
     roster: int
 
+    def tensor_sizes(self) -> list[int]:
+        """How many values each tensor of the job's model holds: what sizes every payload of
+        a round (never the first payload that arrives)."""
+        ...
+
     def train(self, round_stamp: Stamp) -> list[TrainReply]:
         """Have every client of the round train; return what each reported (its sample count
         and, for an integer codec, its encrypted part of the scale exchange)."""

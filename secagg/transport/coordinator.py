@@ -14,13 +14,15 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
 
+from secagg import quantize
 from secagg.crypto import ServerCipher, Stamp
 from secagg.errors import PayloadError, SecAggError
 from secagg.messages import ModelSignature
@@ -31,6 +33,9 @@ from secagg.transport.grpc_wire import Hello, Report, UploadHeader
 
 INBOX = 2
 UPLOADS = 2
+#: Refused uploads after which a task stops waiting for a site (an honest site that replays
+#: by mistake still gets its own upload in).
+STRIKES = 2
 #: A site polling for a task waits at most this long for one.
 POLL_SECONDS = 10.0
 
@@ -60,6 +65,11 @@ class Task:
     sites: frozenset[int]
     body: dict[str, Any]
     delivered: set[int] = field(default_factory=set)
+    #: refused uploads per site in this task
+    strikes: dict[int, int] = field(default_factory=dict)
+    #: sites the task no longer waits for (STRIKES refused uploads, or one cut for stalling);
+    #: a valid upload of theirs is still taken while the task is open
+    dropped: set[int] = field(default_factory=set)
 
 
 @dataclass
@@ -82,6 +92,8 @@ class Coordinator:
         workdir: Path,
         completed: int,
         liveness: float,
+        max_samples: int,
+        log: Callable[[str], None] = lambda line: None,
     ) -> None:
         self.kit = kit
         self.cipher = cipher
@@ -90,6 +102,9 @@ class Coordinator:
         self.workdir = workdir
         self.completed = completed
         self.liveness = liveness
+        #: the most training samples a site may claim (its FedAvg weight is n_i / N)
+        self.max_samples = max_samples
+        self.log = log
         self.sites = [Site(i, name) for i, name in enumerate(kit.roster)]
         self.by_name = {site.name: site for site in self.sites}
         self.lock = threading.Condition()
@@ -102,7 +117,8 @@ class Coordinator:
         self.aborted: str | None = None
         self.phase = "waiting for sites"
         self.history: list[dict[str, Any]] = []
-        self.refusals: list[str] = []
+        #: the latest refusals, by site name (bounded: a flooding site cannot grow it)
+        self.refusals: deque[str] = deque(maxlen=200)
         #: sites told that the job ended (done or aborted)
         self.told: set[int] = set()
         #: the model's parameter count, as the sites report it
@@ -166,19 +182,22 @@ class Coordinator:
         ones left have gone silent, or the timeout."""
         deadline = time.monotonic() + timeout
         done: set[int] = set()
-        while done != task.sites and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
             self._check_abort()
             try:
                 upload = self.inbox.get(timeout=0.25)
             except queue.Empty:
                 with self.lock:
-                    waiting = [self.sites[i] for i in task.sites - done]
+                    waiting = [self.sites[i] for i in task.sites - done - task.dropped]
                     if not any(self._alive(site) for site in waiting):
                         return
                 continue
             if upload.task == task.id:
                 done.add(upload.index)
                 yield upload
+                with self.lock:
+                    if not task.sites - done - task.dropped:
+                        return
 
     def collect_reports(self, task: Task, timeout: float) -> dict[int, Report]:
         """The reports of a task's sites, once all are in, the rest are silent, or timeout."""
@@ -301,11 +320,20 @@ class Coordinator:
                     return {"kind": "wait", "id": after}
                 self.lock.wait(remaining)
 
-    def check_upload(self, site: Site, task_id: int) -> tuple[Task, Stamp]:
-        """The task an upload answers and the stamp its payload must carry, or PayloadError."""
+    def tensor_sizes(self) -> list[int]:
+        """The sizes of the job's model's tensors (the first ready site's signature, which
+        every other site's must equal)."""
+        with self.lock:
+            if self.model is None:
+                raise RoundFailed("no site has said what the job's model is yet")
+            return self.model.sizes()
+
+    def check_upload(self, site: Site, header: UploadHeader) -> tuple[Task, Stamp, int]:
+        """The task an upload answers, the stamp its payload must carry and how many values
+        it must hold (0: no payload), or PayloadError naming what is wrong."""
         with self.lock:
             task = self.task
-            if task is None or task_id != task.id or task.kind not in ("train", "seal"):
+            if task is None or header.task != task.id or task.kind not in ("train", "seal"):
                 raise PayloadError("upload answers no current task: stale or replayed", "stale")
             if site.index not in task.sites:
                 raise PayloadError(f"site {site.name} is not asked for this round", "not-in-round")
@@ -315,9 +343,30 @@ class Coordinator:
                     "replayed contribution is refused",
                     "duplicate",
                 )
+            model = self.model
+        if task.kind == "train" and not 1 <= header.samples <= self.max_samples:
+            raise PayloadError(
+                f"a training upload must report between 1 and {self.max_samples} samples "
+                f"(the job's max_client_samples), not {header.samples}",
+                "bad-samples",
+            )
+        if model is None:
+            raise PayloadError("no site has said what the job's model is yet", "not-in-round")
         roster = len(self.sites)
         stamp = Stamp(self.job, task.round, site.index, roster)
-        return task, stamp.scales() if task.kind == "train" else stamp
+        if task.kind == "seal":
+            return task, stamp, sum(model.sizes())
+        values = quantize.histogram_values(model.sizes()) if self.cipher.quantizes else 0
+        return task, stamp.scales(), values
+
+    def drop(self, site: Site, task: Task, at_once: bool = False) -> None:
+        """Count a refused upload of ``site`` for ``task``; at ``STRIKES`` of them (or
+        ``at_once``: a stalled stream) the task goes on without waiting for the site."""
+        with self.lock:
+            task.strikes[site.index] = task.strikes.get(site.index, 0) + 1
+            if at_once or task.strikes[site.index] >= STRIKES:
+                task.dropped.add(site.index)
+            self.lock.notify_all()
 
     def deliver(self, task: Task, upload: Upload) -> None:
         with self.lock:
@@ -378,7 +427,7 @@ class Coordinator:
                     for s in self.sites
                 ],
                 "history": self.history[-5:],
-                "refusals": self.refusals[-10:],
+                "refusals": list(self.refusals)[-10:],
             }
 
     def abort(self, reason: str) -> None:
@@ -387,9 +436,12 @@ class Coordinator:
             self.lock.notify_all()
 
     def refused(self, site: Site | None, err: PayloadError) -> None:
+        """Record (``status`` shows it) and log a refusal, by site name."""
+        who = site.name if site is not None else "unknown peer"
+        line = f"{who}: {err.reason}: {err}"
         with self.lock:
-            who = site.name if site is not None else "unknown peer"
-            self.refusals.append(f"{time.strftime('%H:%M:%S')} {who}: {err.reason}: {err}")
+            self.refusals.append(f"{time.strftime('%H:%M:%S')} {line}")
+        self.log(f"refused {line}")
 
 
 def _applies_next(task: Task | None, site: Site) -> bool:

@@ -36,6 +36,13 @@ from secagg.provision import Kit
 from secagg.transport import grpc_wire as wire
 
 HEARTBEAT_SECONDS = 2.0
+#: Statuses after which a site joins again (with backoff) rather than stop.
+TRANSIENT = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,  # what a dying server's calls end with, or a cut upload
+    grpc.StatusCode.RESOURCE_EXHAUSTED,  # this site is over its call caps for a moment
+)
 
 
 class ServerGone(SecAggError):
@@ -87,11 +94,7 @@ def _guard(call: Callable[[], Any]) -> Any:
         return call()
     except grpc.RpcError as err:
         code, details = err.code(), err.details() or ""
-        if code in (
-            grpc.StatusCode.UNAVAILABLE,
-            grpc.StatusCode.DEADLINE_EXCEEDED,
-            grpc.StatusCode.CANCELLED,  # what a dying server's calls end with
-        ):
+        if code in TRANSIENT:
             raise ServerGone(f"server unreachable ({code.name.lower()}): {details}") from err
         if code == grpc.StatusCode.FAILED_PRECONDITION:
             raise ConfigError(

@@ -16,25 +16,37 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from concurrent import futures
+from contextlib import contextmanager
 from typing import Any
 
 import grpc
 
-from secagg.crypto import Stamp, envelope
+from secagg.crypto import Stamp, envelope, ledger
 from secagg.errors import PayloadError, SecAggError
 from secagg.messages import ApplyReply, EvalReply, FitReply, TrainReply
 from secagg.provision import Kit
 from secagg.rounds import RoundFailed
 from secagg.transport import grpc_wire as wire
-from secagg.transport.coordinator import POLL_SECONDS, Coordinator, Upload
+from secagg.transport.coordinator import POLL_SECONDS, Coordinator, Site, Upload
+from secagg.transport.limits import Busy, SiteLimits, Watchdog, pool_size
 
 
 class Service:
-    """The gRPC methods; each handler names its peer from the TLS certificate first."""
+    """The gRPC methods. Each handler names its peer from the TLS certificate first, holds
+    one of that site's call slots (``limits``), and reads the message into a typed one; any
+    bad message is refused to that site with a named reason and logged by its name, and
+    never reaches the round loop."""
 
-    def __init__(self, coordinator: Coordinator, max_payload: int) -> None:
+    def __init__(
+        self, coordinator: Coordinator, max_payload: int, stall: float, deadline: float
+    ) -> None:
         self.c = coordinator
         self.max_payload = max_payload
+        #: an upload that sends nothing for this long is cut, and its site left out
+        self.stall = stall
+        #: an upload still running after this long is cut (the round's phase timeout)
+        self.deadline = deadline
+        self.limits = SiteLimits()
 
     def handlers(self) -> grpc.GenericRpcHandler:
         unary = grpc.unary_unary_rpc_method_handler
@@ -51,93 +63,128 @@ class Service:
         }
         return grpc.method_handlers_generic_handler(wire.SERVICE, methods)
 
-    def join(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+    @contextmanager
+    def _door(self, context: grpc.ServicerContext, kind: str = "call") -> Iterator[Site]:
+        """The calling site, holding one of its ``kind`` slots while the handler runs; a
+        PayloadError in the handler is refused to the site by name."""
         site = self.c.identify(context)
         assert site is not None
         try:
-            return wire.encode(self.c.join(site, wire.Hello.from_wire(_message(request, context))))
+            with self.limits.hold(site.name, kind):
+                yield site
+        except Busy as err:
+            self.c.refused(site, PayloadError(str(err), "busy"))
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"busy: {err}")
         except PayloadError as err:
             self.c.refused(site, err)
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{err.reason}: {err}")
-            raise
+            context.abort(_code(err), f"{err.reason}: {err}")
+
+    def join(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        with self._door(context) as site:
+            return wire.encode(self.c.join(site, wire.Hello.from_wire(_message(request))))
+        raise AssertionError("unreachable: the door aborts")  # pragma: no cover
 
     def ping(self, request: bytes, context: grpc.ServicerContext) -> bytes:
-        self.c.identify(context)
-        return wire.encode({"ok": True})
+        with self._door(context):
+            return wire.encode({"ok": True})
+        raise AssertionError("unreachable: the door aborts")  # pragma: no cover
 
     def task(self, request: bytes, context: grpc.ServicerContext) -> bytes:
-        site = self.c.identify(context)
-        assert site is not None
-        message = _message(request, context)
-        after, wait = int(message.get("after", 0)), float(message.get("wait", POLL_SECONDS))
-        return wire.encode(self.c.next_task(site, after, wait))
+        with self._door(context) as site:
+            asked = wire.TaskRequest.from_wire(_message(request), POLL_SECONDS)
+            return wire.encode(self.c.next_task(site, asked.after, asked.wait))
+        raise AssertionError("unreachable: the door aborts")  # pragma: no cover
 
     def upload(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
-        site = self.c.identify(context)
-        assert site is not None
-        try:
-            header = wire.UploadHeader.from_wire(wire.decode(next(requests)))
-            task, stamp = self.c.check_upload(site, header.task)
-            if task.kind == "train" and header.samples < 1:
-                raise PayloadError("a training upload must report its sample count", "malformed")
-            with self.c.uploads:
-                payload = self._receive(requests, stamp)
-            # Training ends in a scale payload, except for a codec without scale exchange.
-            if payload or task.kind == "seal" or self.c.cipher.quantizes:
-                self.c.cipher.check(payload, stamp)
-            self.c.deliver(task, Upload(task.id, site.index, payload, header))
-        except PayloadError as err:
-            self.c.refused(site, err)
-            code = grpc.StatusCode.ALREADY_EXISTS if err.reason == "duplicate" else None
-            context.abort(code or grpc.StatusCode.INVALID_ARGUMENT, f"{err.reason}: {err}")
-        except (StopIteration, ValueError) as err:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed upload: {err}")
-        return wire.encode({"ok": True})
+        with self._door(context, "stream") as site:
+            watchdog = Watchdog(context, self.stall, self.deadline)
+            task = None
+            try:
+                header = wire.UploadHeader.from_wire(_message(_first(requests)))
+                watchdog.progress()
+                task, stamp, values = self.c.check_upload(site, header)
+                with self.limits.hold(site.name, "body"):
+                    with watchdog.paused():  # waiting for a turn is not stalling
+                        self.c.uploads.acquire()
+                    try:
+                        payload = self._receive(requests, stamp, values, watchdog)
+                    finally:
+                        self.c.uploads.release()
+                if values:
+                    self.c.cipher.check(payload, stamp, values)
+                self.c.deliver(task, Upload(task.id, site.index, payload, header))
+            except grpc.RpcError as err:
+                # The watchdog cut the stream, or the site hung up: nothing to answer.
+                why = watchdog.cut or "hung up"
+                if task is not None:
+                    self.c.drop(site, task, at_once=True)
+                raise PayloadError(f"upload stream {why}", "stalled") from err
+            except (PayloadError, Busy):
+                if task is not None:
+                    self.c.drop(site, task)  # the round goes on without it
+                raise
+            finally:
+                watchdog.stop()
+            return wire.encode({"ok": True})
+        raise AssertionError("unreachable: the door aborts")  # pragma: no cover
 
-    def _receive(self, requests: Iterator[bytes], stamp: Stamp) -> bytes:
-        """The payload's chunks, refused at the first one whose envelope header is wrong."""
+    def _receive(
+        self, requests: Iterator[bytes], stamp: Stamp, values: int, watchdog: Watchdog
+    ) -> bytes:
+        """The payload's chunks, refused at the first one whose envelope header is wrong or
+        declares any other size than the round's; never more than that size is held."""
+        size = self.c.cipher.size(values, stamp) if values else 0
+        if size > self.max_payload:
+            raise PayloadError(
+                f"the round's payloads are {size} bytes, over this server's limit of "
+                f"{self.max_payload}",
+                "oversize",
+            )
         data = bytearray()
-        expected = None
+        checked = False
         for chunk in requests:
+            watchdog.progress()
+            if not checked and values:
+                head = bytes(data) + chunk[: envelope.HEADER_SIZE]
+                if len(head) >= envelope.HEADER_SIZE:
+                    self._check_header(head, stamp, values, size)
+                    checked = True
+            if len(data) + len(chunk) > size:
+                raise PayloadError(
+                    f"payload is longer than the round's {size} bytes", "wrong-length"
+                )
             data += chunk
-            if expected is None and len(data) >= envelope.HEADER_SIZE:
-                envelope.read_header(memoryview(data), self.c.cipher.codec, stamp, envelope.UPDATE)
-                expected = envelope.declared_size(data)
-                if expected > self.max_payload:
-                    raise PayloadError(
-                        f"payload declares {expected} bytes, over this server's limit of "
-                        f"{self.max_payload}",
-                        "oversize",
-                    )
-            if expected is not None and len(data) > expected:
-                raise PayloadError("payload is longer than its header declares", "malformed")
         return bytes(data)
 
+    def _check_header(self, head: bytes, stamp: Stamp, values: int, size: int) -> None:
+        """Refuse a payload whose fixed header is wrong for the round, on its first bytes."""
+        declared = envelope.declared_size(head)
+        opened = envelope.read_header(head, self.c.cipher.codec, stamp, envelope.UPDATE)
+        ledger.check_length(opened.values, values)
+        if declared != size:
+            raise PayloadError(
+                f"payload declares {declared} bytes, a payload of this round is {size}",
+                "wrong-size",
+            )
+
     def download(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
-        self.c.identify(context)
-        message = _message(request, context)
-        try:
-            payload = self.c.download(int(message["round"]), str(message["what"]))
-        except (PayloadError, KeyError, ValueError) as err:
-            context.abort(grpc.StatusCode.NOT_FOUND, str(err))
-        yield from wire.chunks(payload)
+        with self._door(context):
+            asked = wire.DownloadRequest.from_wire(_message(request))
+            payload = self.c.download(asked.round, asked.what)
+            yield from wire.chunks(payload)
 
     def report(self, request: bytes, context: grpc.ServicerContext) -> bytes:
-        site = self.c.identify(context)
-        assert site is not None
-        try:
-            self.c.report(site, wire.Report.from_wire(site.index, _message(request, context)))
-        except PayloadError as err:
-            self.c.refused(site, err)
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{err.reason}: {err}")
-        return wire.encode({"ok": True})
+        with self._door(context) as site:
+            self.c.report(site, wire.Report.from_wire(site.index, _message(request)))
+            return wire.encode({"ok": True})
+        raise AssertionError("unreachable: the door aborts")  # pragma: no cover
 
     def fail(self, request: bytes, context: grpc.ServicerContext) -> bytes:
-        site = self.c.identify(context)
-        assert site is not None
-        error = _message(request, context).get("error")
-        self.c.fail(site, str(error)[:2000] if error else "stopped without saying why")
-        return wire.encode({"ok": True})
+        with self._door(context) as site:
+            error = _message(request).get("error")
+            self.c.fail(site, str(error)[:2000] if error else "stopped without saying why")
+            return wire.encode({"ok": True})
+        raise AssertionError("unreachable: the door aborts")  # pragma: no cover
 
     def status(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         self.c.identify(context, admin=True)
@@ -145,24 +192,45 @@ class Service:
 
     def abort(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         self.c.identify(context, admin=True)
-        reason = str(_message(request, context).get("reason") or "aborted by the administrator")
-        self.c.abort(reason)
+        try:
+            reason = str(_message(request).get("reason") or "aborted by the administrator")
+        except PayloadError as err:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{err.reason}: {err}")
+        self.c.abort(reason[:2000])
         return wire.encode({"ok": True})
 
 
-def _message(request: bytes, context: grpc.ServicerContext) -> dict[str, Any]:
+def _code(err: PayloadError) -> grpc.StatusCode:
+    """The status a refusal travels with: the site's client names it back (``_guard``)."""
+    if err.reason == "model-mismatch":
+        return grpc.StatusCode.FAILED_PRECONDITION
+    if err.reason == "duplicate":
+        return grpc.StatusCode.ALREADY_EXISTS
+    if err.reason == "not-found":
+        return grpc.StatusCode.NOT_FOUND
+    return grpc.StatusCode.INVALID_ARGUMENT
+
+
+def _first(requests: Iterator[bytes]) -> bytes:
+    try:
+        return next(requests)
+    except StopIteration as err:
+        raise PayloadError("upload stream ended before its header", "malformed") from err
+
+
+def _message(request: bytes) -> dict[str, Any]:
     try:
         return wire.decode(request)
-    except ValueError as err:
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed message: {err}")
-        raise
+    except (ValueError, UnicodeDecodeError) as err:
+        raise PayloadError(f"malformed message: {err}", "malformed") from err
 
 
 def start(service: Service, kit: Kit, bind: str) -> tuple[grpc.Server, int]:
     """A gRPC server for ``service`` on ``bind`` (host:port) with mutual TLS; returns it and
-    its port. Clients without a certificate of the project's CA are refused in the handshake."""
+    its port. Clients without a certificate of the project's CA are refused in the handshake.
+    Its thread pool holds every site at its caps and the admin API's own threads."""
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=2 * len(kit.roster) + 8),
+        futures.ThreadPoolExecutor(max_workers=pool_size(len(kit.roster))),
         options=wire.CHANNEL_OPTIONS,
     )
     server.add_generic_rpc_handlers((service.handlers(),))
@@ -189,6 +257,9 @@ class GrpcTransport:
         self.grace = grace
         self._trained: frozenset[int] = frozenset()
         self._evals: list[EvalReply] = []
+
+    def tensor_sizes(self) -> list[int]:
+        return self.c.tensor_sizes()
 
     def train(self, round_stamp: Stamp) -> list[TrainReply]:
         sites = self.c.wait_for_sites(

@@ -177,6 +177,42 @@ class Report:
         )
 
 
+@dataclass(frozen=True)
+class TaskRequest:
+    """A site's long poll: the last task id it saw, and how long it will wait (seconds)."""
+
+    after: int = 0
+    wait: float = 10.0
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"after": self.after, "wait": self.wait}
+
+    @classmethod
+    def from_wire(cls, message: Mapping[str, Any], most: float) -> TaskRequest:
+        wait = message.get("wait", cls.wait)
+        if isinstance(wait, bool) or not isinstance(wait, int | float) or not 0 <= wait <= most:
+            raise PayloadError(f"'wait' must be a number of seconds in [0, {most}]", "malformed")
+        return cls(whole(message, "after", default=0), float(wait))
+
+
+@dataclass(frozen=True)
+class DownloadRequest:
+    """Which aggregate a site asks for: a round's summed ``update`` or ``scales``."""
+
+    round: int
+    what: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"round": self.round, "what": self.what}
+
+    @classmethod
+    def from_wire(cls, message: Mapping[str, Any]) -> DownloadRequest:
+        what = message.get("what")
+        if what not in ("update", "scales"):
+            raise PayloadError(f"'what' must be 'update' or 'scales', not {what!r}", "malformed")
+        return cls(whole(message, "round"), str(what))
+
+
 def whole(message: Mapping[str, Any], key: str, default: int | None = None) -> int:
     """A non-negative whole number from a peer's message, or a named refusal."""
     value = message.get(key, default)

@@ -51,6 +51,9 @@ class InProcessTransport:
     def close(self) -> None:
         pass
 
+    def tensor_sizes(self) -> list[int]:
+        return [entry.size for entry in self.holder.layout.entries]
+
     def train(self, round_stamp: Stamp) -> list[TrainReply]:
         chosen = self.sample(round_stamp.round_num)
         for slot, index in zip(self.slots, chosen, strict=True):

@@ -104,6 +104,9 @@ class ClientActor:
     def index(self) -> int:
         return self.client.site.index
 
+    def tensor_sizes(self) -> list[int]:
+        return [entry.size for entry in self.client.layout.entries]
+
     def model_bytes(self) -> bytes:
         return self.client.model_bytes()
 
@@ -165,7 +168,11 @@ class RayTransport:
         self.slots: list[Any] = [self._actor(i) for i in first]
         self.evaluator = self._actor(0) if self.sampled else None
         self._check_models()
+        self._sizes: list[int] = self._get(self.slots[0].tensor_sizes.remote())
         self._round: list[tuple[int, Any]] = []
+
+    def tensor_sizes(self) -> list[int]:
+        return self._sizes
 
     def _actor(self, index: int) -> Any:
         return self.actor_class.remote(self.config, self.task, self.keys, index)
