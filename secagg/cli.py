@@ -80,6 +80,7 @@ def keygen(out_dir: str, force: bool, poly_degree: str, coeff_bits: str) -> None
             "give comma-separated integers, e.g. 60,60", param_hint="--coeff-bits"
         ) from err
     params = CkksParams(int(poly_degree), bits)
+    keys.check_can_generate(out_dir, params, force)  # refuse before saying we generate
     click.echo(f"generating CKKS keys (N={poly_degree}, primes {list(bits)})...")
     manifest = keys.generate(out_dir, params, force=force)
     out = Path(out_dir)

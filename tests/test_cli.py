@@ -178,3 +178,46 @@ def test_job_file_values_are_overridden_by_flags(tmp_path: Path) -> None:
     results = json.loads((tmp_path / "o" / "results.json").read_text())
     assert results["config"]["rounds"] == 1 and results["config"]["clients"] == 2
     assert results["config"]["local_epochs"] == 1
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('clients = "four"', 'clients must be an integer, not "four" (a string)'),
+        ("rounds = 2.5", "rounds must be an integer, not 2.5 (a float)"),
+        ('he = "no"', 'he must be true or false, not "no" (a string)'),
+        ("download = 1", "download must be true or false, not 1 (an integer)"),
+        ("task = 3", "task must be a string, not 3 (an integer)"),
+        ("task_settings = 5", "task_settings must be a table, not 5 (an integer)"),
+        ('lr = "fast"', 'lr must be a number, not "fast" (a string)'),
+    ],
+)
+@pytest.mark.parametrize("transport", ["inprocess", "grpc"])
+def test_job_file_with_a_wrong_type_is_one_line_and_leaves_no_run_folder(
+    tmp_path: Path, line: str, message: str, transport: str
+) -> None:
+    job = tmp_path / "bad.toml"
+    job.write_text(line + "\n")
+    args = ["run", str(job), "--transport", transport, "--output", "o", "--no-tracking"]
+    result = _invoke(args, tmp_path)
+    assert result.exit_code == 1, result.output
+    assert result.output == f"Error: job file {job}: {message}\n"
+    assert not (tmp_path / "o").exists() and not (tmp_path / "runs").exists()
+
+
+def test_job_file_float_settings_accept_integers(tmp_path: Path) -> None:
+    from secagg.config import load_job
+
+    job = tmp_path / "job.toml"
+    job.write_text("lr = 1\nalpha = 2\n")
+    config = load_job(job).validate()
+    assert config.lr == 1.0 and isinstance(config.lr, float) and config.alpha == 2.0
+
+
+def test_keygen_refuses_existing_keys_before_saying_it_generates(
+    tmp_path: Path, keys_dir: Path
+) -> None:
+    result = _invoke(["keygen", "--out", str(keys_dir)], tmp_path)
+    assert result.exit_code == 1
+    assert "generating" not in result.output
+    assert result.output.startswith(f"Error: {keys_dir}/ already holds keys")
