@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import shlex
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -137,34 +139,89 @@ def keygen(out_dir: str, force: bool, poly_degree: str, coeff_bits: str) -> None
 @_friendly
 def run(job: str | None, resume: bool, no_tracking: bool, **flags: Any) -> None:
     """Run a federated job: JOB is an optional TOML job file; flags override it."""
-    from secagg.records import latest_run_dir
+    from dataclasses import replace
+
+    from secagg.records import new_output_dir
 
     config = load_job(job) if job else RunConfig()
     config = with_overrides(config, **flags, tracking=False if no_tracking else None).validate()
-    resume_dir = None
     if resume:
+        _resume(config, job, flags, no_tracking)
+        return
+    mode = "HE (CKKS)" if config.he else "plaintext FedAvg"
+    where = "in one process" if config.transport == "inprocess" else "over gRPC on localhost"
+    what = f"task {config.task}" if config.task else f"{config.dataset}/{config.model}"
+    click.echo(
+        f"secagg run: {what}, {config.clients} clients, {config.rounds} rounds, {mode}, {where}"
+    )
+    # Named now, so that an interrupted run can say where it is.
+    config = replace(config, output_dir=str(new_output_dir(config)))
+    with _interrupted(Path(config.output_dir or ""), config.transport == "inprocess"):
         if config.transport == "grpc":
-            raise click.UsageError("--resume is for in-process runs; a restarted server resumes")
-        resume_dir = Path(flags["output_dir"]) if flags["output_dir"] else latest_run_dir()
-        click.echo(f"resuming {resume_dir}")
-    else:
-        mode = "HE (CKKS)" if config.he else "plaintext FedAvg"
-        where = "in one process" if config.transport == "inprocess" else "over gRPC on localhost"
-        what = f"task {config.task}" if config.task else f"{config.dataset}/{config.model}"
-        click.echo(
-            f"secagg run: {what}, {config.clients} clients, {config.rounds} rounds, {mode}, {where}"
-        )
+            from secagg.deploy import run_local
+
+            result = run_local(config, log=click.echo)
+        else:
+            from secagg.job import run_job
+
+            result = run_job(config, on_round=_progress(config.rounds, config.he))
+    _summary(result, model=True)
+
+
+def _resume(config: RunConfig, job: str | None, flags: dict[str, Any], no_tracking: bool) -> None:
+    """``secagg run --resume``: continue a run with the settings it started with, changed only
+    where a change keeps it the same job (``--rounds``, where data lives); say what changed."""
+    from secagg.job import run_job
+    from secagg.records import latest_run_dir, plan_resume
+
     if config.transport == "grpc":
-        from secagg.deploy import run_local
-
-        result = run_local(config, log=click.echo)
-    else:
-        from secagg.job import run_job
-
+        raise click.UsageError("--resume is for in-process runs; a restarted server resumes")
+    run_dir = Path(flags["output_dir"]) if flags["output_dir"] else latest_run_dir()
+    # What the user asked for: the flags given, and a job file's settings that are not defaults.
+    changes = {k: v for k, v in flags.items() if v is not None and k != "output_dir"}
+    if no_tracking:
+        changes["tracking"] = False
+    if job:
+        defaults = RunConfig()
+        for key, value in load_job(job).to_dict().items():
+            if key not in ("job_name", "output_dir") and value != getattr(defaults, key):
+                changes.setdefault(key, value)
+    plan = plan_resume(run_dir, changes)
+    if plan.finished:
+        click.echo(
+            f"{run_dir} is finished: all {plan.config.rounds} rounds ran (final accuracy "
+            f"{plan.final_accuracy:.4f}); results in {run_dir / 'results.json'}. To train "
+            f"on, resume with --rounds above {plan.config.rounds}."
+        )
+        return
+    applied = "".join(f"; {k} {old} -> {new}" for k, (old, new) in plan.changed.items())
+    click.echo(f"resuming {run_dir}: {plan.completed} of {plan.config.rounds} rounds done{applied}")
+    with _interrupted(run_dir, True):
         result = run_job(
-            config, resume_dir=resume_dir, on_round=_progress(config.rounds, config.he)
+            plan.config,
+            resume_dir=run_dir,
+            resume_changes=changes,
+            on_round=_progress(plan.config.rounds, plan.config.he),
         )
     _summary(result, model=True)
+
+
+@contextlib.contextmanager
+def _interrupted(run_dir: Path, resumable: bool) -> Iterator[None]:
+    """On Ctrl-C, say how to go on: the exact command that resumes the run, when it can."""
+    from secagg.server import STATE_FILE
+
+    try:
+        yield
+    except KeyboardInterrupt:
+        if resumable and (run_dir / STATE_FILE).exists():
+            command = f"secagg run --resume --output {shlex.quote(str(run_dir))}"
+            click.echo(f"\ninterrupted; to continue, run: {command}", err=True)
+        elif resumable:
+            click.echo("\ninterrupted before the first round finished; nothing to resume", err=True)
+        else:
+            click.echo(f"\ninterrupted; the partial run is in {run_dir}", err=True)
+        sys.exit(130)
 
 
 def _progress(total: int, he: bool) -> Callable[[Any], None]:

@@ -6,8 +6,9 @@ pass ``on_round`` to see progress.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from secagg import crypto, rounds
 from secagg.builtin import task_for
@@ -58,13 +59,16 @@ def run_job(
     resume_dir: str | Path | None = None,
     on_round: Callable[[RoundMetrics], None] | None = None,
     tags: dict[str, str] | None = None,
+    resume_changes: Mapping[str, Any] | None = None,
 ) -> RunResult:
     """Run a job (or continue the interrupted one in ``resume_dir``); return its result.
 
     ``task`` overrides the one the config names. ``tags`` are added to the MLflow run
-    (``mlflow.parentRunId`` nests it under another run).
+    (``mlflow.parentRunId`` nests it under another run). A resumed run continues with the
+    config it was started with; ``resume_changes`` are settings to change on the way
+    (``records.plan_resume`` says which may: ``{"rounds": 12}`` extends it).
     """
-    records = RunRecords.open(config, resume_dir, tags or {})
+    records = RunRecords.open(config, resume_dir, tags or {}, changes=resume_changes or {})
     config = records.config.validate()
     clients = build_clients(config, task_for(config, task))
     cipher = crypto.for_server(config.he, config.keys_dir, config.plain_precision)

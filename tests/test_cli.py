@@ -221,3 +221,68 @@ def test_keygen_refuses_existing_keys_before_saying_it_generates(
     assert result.exit_code == 1
     assert "generating" not in result.output
     assert result.output.startswith(f"Error: {keys_dir}/ already holds keys")
+
+
+def test_resume_applies_rounds_says_so_and_refuses_changes_to_the_job(tmp_path: Path) -> None:
+    base = ["run", "--clients", "2", "--local-epochs", "1", "--output", "o", "--no-tracking"]
+    first = _invoke([*base, "--rounds", "2"], tmp_path)
+    assert first.exit_code == 0, first.output
+
+    finished = _invoke(["run", "--resume", "--output", "o", "--no-tracking"], tmp_path)
+    assert finished.exit_code == 0, finished.output
+    assert finished.output.startswith("o is finished: all 2 rounds ran (final accuracy 0.")
+    assert "To train on, resume with --rounds above 2." in finished.output
+    assert "done" not in finished.output and "round " not in finished.output
+
+    changed = _invoke(
+        ["run", "--resume", "--output", "o", "--lr", "0.1", "--no-tracking"], tmp_path
+    )
+    _assert_one_line_error(
+        changed, "--resume continues o as it started; --lr 0.1 (the run has 0.05) would make it"
+    )
+    shorter = _invoke(["run", "--resume", "--output", "o", "--rounds", "1"], tmp_path)
+    _assert_one_line_error(shorter, "o has already completed 2 rounds; --rounds must be at least 2")
+
+    longer = _invoke(
+        ["run", "--resume", "--output", "o", "--rounds", "3", "--no-tracking"], tmp_path
+    )
+    assert longer.exit_code == 0, longer.output
+    lines = longer.output.splitlines()
+    assert lines[0] == "resuming o: 2 of 3 rounds done; rounds 2 -> 3"
+    assert lines[1].startswith("round   3/3")
+    assert "after 3 rounds" in longer.output
+    results = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert results["config"]["rounds"] == 3 and len(results["rounds"]) == 3
+
+
+def test_ctrl_c_prints_the_command_that_resumes_the_run(tmp_path: Path) -> None:
+    import signal
+
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"}
+    args = ["run", "--clients", "2", "--local-epochs", "1", "--rounds", "500"]
+    proc = subprocess.Popen(
+        [*SECAGG, *args, "--output", "my run", "--no-tracking"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("round   1/500"):
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        "interrupted; to continue, run: secagg run --resume --output 'my run'"
+    )
+    done = json.loads((tmp_path / "my run" / "state.json").read_text())["round"]
+    resumed = _invoke(
+        ["run", "--resume", "--output", "my run", "--rounds", str(done + 1), "--no-tracking"],
+        tmp_path,
+    )
+    assert resumed.exit_code == 0, resumed.output
+    assert f"round {done + 1:>3}/{done + 1}" in resumed.output
