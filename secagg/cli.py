@@ -136,8 +136,11 @@ def keygen(out_dir: str, force: bool, poly_degree: str, coeff_bits: str) -> None
 @click.option(
     "--resume", is_flag=True, help="Continue the interrupted run in --output (or the latest)."
 )
+@click.option(
+    "--quiet", "-q", is_flag=True, help="No progress bar, no per-round lines: only the summary."
+)
 @_friendly
-def run(job: str | None, resume: bool, no_tracking: bool, **flags: Any) -> None:
+def run(job: str | None, resume: bool, no_tracking: bool, quiet: bool, **flags: Any) -> None:
     """Run a federated job: JOB is an optional TOML job file; flags override it."""
     from dataclasses import replace
 
@@ -146,29 +149,34 @@ def run(job: str | None, resume: bool, no_tracking: bool, **flags: Any) -> None:
     config = load_job(job) if job else RunConfig()
     config = with_overrides(config, **flags, tracking=False if no_tracking else None).validate()
     if resume:
-        _resume(config, job, flags, no_tracking)
+        _resume(config, job, flags, no_tracking, quiet)
         return
     mode = "HE (CKKS)" if config.he else "plaintext FedAvg"
     where = "in one process" if config.transport == "inprocess" else "over gRPC on localhost"
     what = f"task {config.task}" if config.task else f"{config.dataset}/{config.model}"
-    click.echo(
-        f"secagg run: {what}, {config.clients} clients, {config.rounds} rounds, {mode}, {where}"
-    )
+    if not quiet:
+        click.echo(
+            f"secagg run: {what}, {config.clients} clients, {config.rounds} rounds, {mode}, {where}"
+        )
     # Named now, so that an interrupted run can say where it is.
     config = replace(config, output_dir=str(new_output_dir(config)))
     with _interrupted(Path(config.output_dir or ""), config.transport == "inprocess"):
         if config.transport == "grpc":
             from secagg.deploy import run_local
 
-            result = run_local(config, log=click.echo)
+            result = run_local(config, log=(lambda line: None) if quiet else click.echo)
         else:
-            from secagg.job import run_job
+            with _Bar(config.rounds, 0, quiet) as bar:
+                from secagg.job import run_job  # imports torch: seconds, under the bar
 
-            result = run_job(config, on_round=_progress(config.rounds, config.he))
+                on_round = _progress(config.rounds, config.he, bar.round_line)
+                result = run_job(config, on_round=on_round, on_progress=bar)
     _summary(result, model=True)
 
 
-def _resume(config: RunConfig, job: str | None, flags: dict[str, Any], no_tracking: bool) -> None:
+def _resume(
+    config: RunConfig, job: str | None, flags: dict[str, Any], no_tracking: bool, quiet: bool
+) -> None:
     """``secagg run --resume``: continue a run with the settings it started with, changed only
     where a change keeps it the same job (``--rounds``, where data lives); say what changed."""
     from secagg.job import run_job
@@ -195,13 +203,17 @@ def _resume(config: RunConfig, job: str | None, flags: dict[str, Any], no_tracki
         )
         return
     applied = "".join(f"; {k} {old} -> {new}" for k, (old, new) in plan.changed.items())
-    click.echo(f"resuming {run_dir}: {plan.completed} of {plan.config.rounds} rounds done{applied}")
-    with _interrupted(run_dir, True):
+    if not quiet:
+        click.echo(
+            f"resuming {run_dir}: {plan.completed} of {plan.config.rounds} rounds done{applied}"
+        )
+    with _interrupted(run_dir, True), _Bar(plan.config.rounds, plan.completed, quiet) as bar:
         result = run_job(
             plan.config,
             resume_dir=run_dir,
             resume_changes=changes,
-            on_round=_progress(plan.config.rounds, plan.config.he),
+            on_round=_progress(plan.config.rounds, plan.config.he, bar.round_line),
+            on_progress=bar,
         )
     _summary(result, model=True)
 
@@ -224,7 +236,9 @@ def _interrupted(run_dir: Path, resumable: bool) -> Iterator[None]:
         sys.exit(130)
 
 
-def _progress(total: int, he: bool) -> Callable[[Any], None]:
+def _progress(
+    total: int, he: bool, echo: Callable[[str], None] = click.echo
+) -> Callable[[Any], None]:
     """One line per round: the task's evaluation metrics, time, bytes, and for HE the time
     spent encrypting, adding and decrypting."""
 
@@ -240,12 +254,82 @@ def _progress(total: int, he: bool) -> Callable[[Any], None]:
                 f"  enc {m.encrypt_seconds:.2f}s agg {m.aggregate_seconds:.2f}s "
                 f"dec {m.decrypt_seconds:.2f}s"
             )
-        click.echo(line)
+        echo(line)
 
     return show
 
 
 _SHORT = {"accuracy": "acc"}
+
+#: what the set-up steps before the first round are called on the progress bar
+_SETUP = {
+    "clients": "loading data and building clients",
+    "tracking": "opening the MLflow store",
+    "replay": "replaying the rounds done",
+}
+
+
+class _Bar:
+    """What a terminal shows while a run works: the set-up (clients built, the MLflow store
+    opened), then the rounds, with the current round's phase, its clients done of N and the
+    run's ETA. Drawn only when stdout is a terminal, so logs and pipes keep one line per
+    round; ``quiet`` also drops the per-round lines. Use as the run's ``on_progress``."""
+
+    def __init__(self, rounds: int, done: int, quiet: bool) -> None:
+        self.rounds, self.done, self.quiet = rounds, done, quiet
+        self.drawn = not quiet and sys.stdout.isatty()
+        self._setup: Any = None
+        self._rounds: Any = None
+        if self.drawn:
+            from tqdm import tqdm
+
+            self._tqdm = tqdm
+            self._setup = tqdm(
+                desc="starting", bar_format="{desc} [{elapsed}]", leave=False, file=sys.stdout
+            )
+
+    def __enter__(self) -> _Bar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for bar in (self._setup, self._rounds):
+            if bar is not None:
+                bar.close()
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if not self.drawn:
+            return
+        if phase in _SETUP:
+            self._setup.set_description_str(f"{_SETUP[phase]} {done}/{total}")
+            return
+        if self._rounds is None:  # the first round starts: its ETA counts from here
+            self._setup.close()
+            self._setup = None
+            self._rounds = self._tqdm(
+                total=self.rounds,
+                initial=self.done,
+                leave=False,
+                dynamic_ncols=True,
+                file=sys.stdout,
+                bar_format="{desc} |{bar:30}| {n_fmt}/{total_fmt} rounds "
+                "[{elapsed}, ETA {remaining}]",
+            )
+        self._rounds.set_description_str(
+            f"round {self.done + 1}/{self.rounds}: {phase} {done}/{total}"
+        )
+
+    def round_line(self, line: str) -> None:
+        """A round is over: print its line (above the bar) and move the bar on."""
+        self.done += 1
+        if self.quiet:
+            return
+        if self._rounds is None:
+            click.echo(line)
+            return
+        self._rounds.write(line, file=sys.stdout)
+        if self.done < self.rounds:
+            self._rounds.set_description_str(f"round {self.done + 1}/{self.rounds}", refresh=False)
+        self._rounds.update(1)
 
 
 def _summary(result: Any, model: bool) -> None:

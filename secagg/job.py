@@ -1,7 +1,7 @@
 """A whole federated job in one process: build the task's clients, run rounds, record results.
 
 This is the library entry point behind ``secagg run`` and ``secagg.run``. It does not print;
-pass ``on_round`` to see progress.
+pass ``on_round`` to hear each round's metrics and ``on_progress`` to follow every long step.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from secagg.records import RunRecords, RunResult
 from secagg.rounds import RoundMetrics
 from secagg.server import Server
 from secagg.task import Site, Task
+from secagg.transport import Progress, no_progress
 from secagg.transport.inprocess import InProcessTransport
 
 MODEL_FILE = "model.pt"
@@ -38,17 +39,22 @@ def simulated_site(config: RunConfig, index: int) -> Site:
     )
 
 
-def build_clients(config: RunConfig, task: Task) -> list[Client]:
+def build_clients(
+    config: RunConfig, task: Task, on_progress: Progress = no_progress
+) -> list[Client]:
     """One client per roster position, each with its own data; all start from the job's model
-    (checked: same names, shapes, dtypes and initial weights as client 0's)."""
+    (checked: same names, shapes, dtypes and initial weights as client 0's). ``on_progress``
+    hears each one ready (phase ``clients``)."""
     make_cipher = crypto.for_client(config.he, config.keys_dir, config.plain_precision)
     device = resolve_device(config.device)
     clients: list[Client] = []
+    on_progress("clients", 0, config.clients)
     for index in range(config.clients):
         client = Client(task, simulated_site(config, index), config, make_cipher, device)
         if clients:
             client.check_model(clients[0].signature)
         clients.append(client)
+        on_progress("clients", index + 1, config.clients)
     return clients
 
 
@@ -60,27 +66,34 @@ def run_job(
     on_round: Callable[[RoundMetrics], None] | None = None,
     tags: dict[str, str] | None = None,
     resume_changes: Mapping[str, Any] | None = None,
+    on_progress: Progress = no_progress,
 ) -> RunResult:
     """Run a job (or continue the interrupted one in ``resume_dir``); return its result.
 
     ``task`` overrides the one the config names. ``tags`` are added to the MLflow run
     (``mlflow.parentRunId`` nests it under another run). A resumed run continues with the
     config it was started with; ``resume_changes`` are settings to change on the way
-    (``records.plan_resume`` says which may: ``{"rounds": 12}`` extends it).
+    (``records.plan_resume`` says which may: ``{"rounds": 12}`` extends it). ``on_progress``
+    hears every long step, before and in each round (``secagg.transport.Progress``).
     """
     records = RunRecords.open(config, resume_dir, tags or {}, changes=resume_changes or {})
     config = records.config.validate()
-    clients = build_clients(config, task_for(config, task))
+    clients = build_clients(config, task_for(config, task), on_progress)
     cipher = crypto.for_server(config.he, config.keys_dir, config.plain_precision)
     server = Server(cipher, records.output)
     transport = InProcessTransport(clients)
+    on_progress("tracking", 0, 1)  # opening an MLflow store can take seconds
     records.start(sum(p.numel() for p in clients[0].model.parameters()))
+    on_progress("tracking", 1, 1)
 
     if records.resumed is not None:
         # Replay the aggregates to rebuild the global model every client held, then go on.
+        replayed = records.first_round - 1
         for round_num in range(1, records.first_round):
             stamp = rounds.round_stamp(records.job_id, round_num, transport.roster)
             transport.apply(stamp, *records.resumed.aggregates(round_num))
+            on_progress("replay", round_num, replayed)
 
-    records.run_rounds(server, transport, on_round or (lambda m: None))
+    transport.on_progress = on_progress  # from here on: a replay is not a round's "apply"
+    records.run_rounds(server, transport, on_round or (lambda m: None), on_progress=on_progress)
     return records.finish([clients[0].save(records.output / MODEL_FILE)])

@@ -33,7 +33,7 @@ from secagg.files import atomic_write_json
 from secagg.rounds import RoundAggregates, RoundFailed, RoundMetrics
 from secagg.server import STATE_FILE, Checkpoint, Server, load_checkpoint
 from secagg.tracking import DESCRIPTION_TAG, Tracker, make_tracker
-from secagg.transport import Transport
+from secagg.transport import Progress, Transport, no_progress
 
 RESULTS_FILE = "results.json"
 
@@ -271,6 +271,7 @@ class RunRecords:
         transport: Transport,
         on_round: Callable[[RoundMetrics], None] = lambda m: None,
         on_retry: Callable[[int, RoundFailed], None] = lambda r, err: None,
+        on_progress: Progress = no_progress,
     ) -> list[RoundMetrics]:
         """Run the job's remaining rounds, keeping the checkpoint (before any client applies a
         round), results.json and MLflow in step; mark the MLflow run failed if a round raises."""
@@ -292,7 +293,15 @@ class RunRecords:
         retries = self.config.round_retries
         try:
             return rounds.run(
-                server, transport, self.job_id, span, after_round, checkpoint, retries, on_retry
+                server,
+                transport,
+                self.job_id,
+                span,
+                after_round,
+                checkpoint,
+                retries,
+                on_retry,
+                on_progress,
             )
         except BaseException:
             self.fail()

@@ -286,3 +286,71 @@ def test_ctrl_c_prints_the_command_that_resumes_the_run(tmp_path: Path) -> None:
     )
     assert resumed.exit_code == 0, resumed.output
     assert f"round {done + 1:>3}/{done + 1}" in resumed.output
+
+
+def _on_a_terminal(args: list[str], cwd: Path) -> tuple[int, str]:
+    """Run secagg with stdout and stderr on a pseudo-terminal (120 columns); return its exit
+    code and everything it wrote."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen(
+        SECAGG + args, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave
+    )
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the terminal closes when the process exits
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    return proc.wait(timeout=60), out.decode()
+
+
+RUN_2x2 = ["run", "--clients", "2", "--rounds", "2", "--local-epochs", "1", "--no-tracking"]
+
+
+def test_progress_bar_on_a_terminal_shows_set_up_phases_and_eta(tmp_path: Path) -> None:
+    code, out = _on_a_terminal([*RUN_2x2, "--output", "o"], tmp_path)
+    assert code == 0, out
+    for shown in (
+        "loading data and building clients 2/2",
+        "round 1/2: train 1/2",
+        "round 1/2: encrypt 2/2",
+        "round 1/2: aggregate 2/2",
+        "round 2/2: apply 1/2",
+        "round 2/2: evaluate 2/2",
+        "1/2 rounds [",
+        "ETA",
+    ):
+        assert shown in out, shown
+    # the round lines are still there, whole, above the bar
+    assert "\nround   1/2  acc " in out.replace("\r", "\n")
+
+
+def test_no_progress_bar_when_stdout_is_not_a_terminal(tmp_path: Path) -> None:
+    run = _run([*RUN_2x2, "--output", "o"], tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "\r" not in run.stdout + run.stderr and "ETA" not in run.stdout + run.stderr
+    assert "loading data" not in run.stdout + run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0].startswith("secagg run: digits/mlp, 2 clients, 2 rounds")
+    assert lines[1].startswith("round   1/2  acc ") and lines[2].startswith("round   2/2  acc ")
+    assert lines[3].startswith("done: final accuracy")
+
+
+def test_quiet_prints_only_the_summary(tmp_path: Path) -> None:
+    result = _invoke([*RUN_2x2, "--output", "o", "--quiet"], tmp_path)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith("done: final accuracy") and "after 2 rounds" in lines[0]
+    assert lines[1:] == ["  results: o/results.json", "  model:   o/model.pt"]
