@@ -23,8 +23,35 @@ from secagg.config import (
     load_job,
     with_overrides,
 )
+from secagg.crypto.packing import PACKED
 from secagg.crypto.params import CkksParams
 from secagg.errors import SecAggError
+
+
+def _default(name: str) -> str:
+    """`` [default: x]`` for a RunConfig field, so --help shows the defaults a run really uses
+    (the flags themselves default to None: 'not given', so a job file's value stands)."""
+    value = getattr(RunConfig, name)
+    shown = ("on" if value else "off") if isinstance(value, bool) else value
+    return f" [default: {shown}]"
+
+
+_RUN_EPILOG = f"""\b
+Examples:
+  secagg keygen && secagg run --he --clients 8        HE on the digits job
+  secagg run jobs/cifar10_fedavg_he.toml --download   a job file; flags override it
+  secagg run --resume --output runs/<run> --rounds 20 go on with an interrupted run
+
+With --he, at most {PACKED.max_clients} clients take part in a round (the CKKS noise budget).
+Each round prints its accuracy and loss, seconds, MB sent up and down (HE: the seconds
+spent encrypting, adding and decrypting); on a terminal a progress bar shows the phase
+and the run's ETA; --quiet leaves only the summary. Errors are one line, exit 1 (2 for a
+bad flag)."""
+
+
+def _epilog(*examples: str) -> str:
+    """A command's help epilog: example invocations, kept as written (click's \\b)."""
+    return "\b\nExamples:\n" + "\n".join(f"  {line}" for line in examples)
 
 
 def _friendly(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -45,16 +72,31 @@ def _friendly(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-@click.group()
+@click.group(
+    epilog=_epilog(
+        "secagg keygen && secagg run --he     HE secure aggregation on the digits job",
+        "secagg run --help                    every flag of a command, with its default",
+    )
+)
 @click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
 @click.version_option(package_name="secagg")
 def main(debug: bool) -> None:
     """Federated learning with homomorphic-encryption secure aggregation."""
 
 
-@main.command()
+@main.command(
+    epilog=_epilog(
+        "secagg keygen                          keys/ with the defaults (128-bit security)",
+        "secagg keygen --out k2 --poly-degree 16384 --coeff-bits 60,60,60",
+    )
+)
 @click.option(
-    "--out", "out_dir", default="keys", show_default=True, type=click.Path(file_okay=False)
+    "--out",
+    "out_dir",
+    default="keys",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Folder for client.ctx (secret), server.ctx and manifest.json.",
 )
 @click.option("--force", is_flag=True, help="Replace existing keys.")
 @click.option(
@@ -68,7 +110,8 @@ def main(debug: bool) -> None:
     "--coeff-bits",
     default="60,60",
     show_default=True,
-    help="Bit sizes of the coefficient-modulus primes, data primes first, special prime last.",
+    help="Bit sizes of the coefficient-modulus primes, data primes first, special prime last; "
+    "refused below 128-bit security.",
 )
 @_friendly
 def keygen(out_dir: str, force: bool, poly_degree: str, coeff_bits: str) -> None:
@@ -91,10 +134,13 @@ def keygen(out_dir: str, force: bool, poly_degree: str, coeff_bits: str) -> None
     click.echo(f"  {out / keys.MANIFEST_FILE}  fingerprint {manifest['fingerprint']}")
 
 
-@main.command()
+@main.command(epilog=_RUN_EPILOG)
 @click.argument("job", required=False, type=click.Path(dir_okay=False))
 @click.option(
-    "--he/--no-he", default=None, help="Homomorphic-encryption aggregation (default off)."
+    "--he/--no-he",
+    default=None,
+    help=f"CKKS secure aggregation, or plaintext FedAvg; HE takes at most "
+    f"{PACKED.max_clients} clients per round.{_default('he')}",
 )
 @click.option(
     "--task",
@@ -105,36 +151,96 @@ def keygen(out_dir: str, force: bool, poly_degree: str, coeff_bits: str) -> None
 @click.option(
     "--initial-model",
     type=click.Path(dir_okay=False),
-    help="A state dict every party starts from (torch.save(model.state_dict(), path)).",
+    help="A state dict every party starts from (torch.save(model.state_dict(), path)) "
+    "[default: the task's seeded weights]",
 )
-@click.option("--clients", type=click.IntRange(1, 1024))
-@click.option("--rounds", type=click.IntRange(min=1))
-@click.option("--local-epochs", type=click.IntRange(min=1))
-@click.option("--batch-size", type=click.IntRange(min=1))
-@click.option("--optimizer", type=click.Choice(OPTIMIZERS), help="Local optimizer [sgd].")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True))
-@click.option("--alpha", type=click.FloatRange(min=0, min_open=True), help="Dirichlet label skew.")
-@click.option("--seed", type=int)
-@click.option("--dataset", type=click.Choice(DATASETS))
-@click.option("--model", type=click.Choice(MODELS))
-@click.option("--data-dir", type=click.Path(file_okay=False))
-@click.option("--download/--no-download", default=None, help="Download torchvision datasets.")
-@click.option("--device", help="auto (CUDA when available), cpu, cuda, cuda:N.")
-@click.option("--keys", "keys_dir", type=click.Path(file_okay=False), help="Keys folder [keys].")
-@click.option("--output", "output_dir", type=click.Path(file_okay=False), help="Run folder.")
-@click.option("--tracking-uri", help="MLflow tracking URI [sqlite:///mlflow.db].")
+@click.option(
+    "--clients",
+    type=click.IntRange(1, 1024),
+    help=f"Clients in the job (with --he at most {PACKED.max_clients} per round)."
+    f"{_default('clients')}",
+)
+@click.option("--rounds", type=click.IntRange(min=1), help=f"Federated rounds.{_default('rounds')}")
+@click.option(
+    "--local-epochs",
+    type=click.IntRange(min=1),
+    help=f"Epochs each client trains per round.{_default('local_epochs')}",
+)
+@click.option(
+    "--batch-size", type=click.IntRange(min=1), help=f"Batch size.{_default('batch_size')}"
+)
+@click.option(
+    "--optimizer",
+    type=click.Choice(OPTIMIZERS),
+    help=f"Local optimizer, fresh each round (sgd: momentum 0.9).{_default('optimizer')}",
+)
+@click.option(
+    "--lr", type=click.FloatRange(min=0, min_open=True), help=f"Learning rate.{_default('lr')}"
+)
+@click.option(
+    "--alpha",
+    type=click.FloatRange(min=0, min_open=True),
+    help=f"Dirichlet label skew; large values approach IID.{_default('alpha')}",
+)
+@click.option(
+    "--seed", type=int, help=f"Partition, initial model and training order.{_default('seed')}"
+)
+@click.option(
+    "--dataset", type=click.Choice(DATASETS), help=f"Built-in task's data.{_default('dataset')}"
+)
+@click.option(
+    "--model", type=click.Choice(MODELS), help=f"Built-in task's model.{_default('model')}"
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False),
+    help=f"Where datasets live.{_default('data_dir')}",
+)
+@click.option(
+    "--download/--no-download",
+    default=None,
+    help=f"Let torchvision download the dataset (needs network).{_default('download')}",
+)
+@click.option(
+    "--device",
+    help=f"auto (CUDA when available), cpu, cuda, cuda:N, mps.{_default('device')}",
+)
+@click.option(
+    "--keys",
+    "keys_dir",
+    type=click.Path(file_okay=False),
+    help=f"Key folder (HE runs), made by secagg keygen.{_default('keys_dir')}",
+)
+@click.option(
+    "--output",
+    "output_dir",
+    type=click.Path(file_okay=False),
+    help="Run folder [default: runs/<time>-<job>-<he|plain>; with --resume, the newest].",
+)
+@click.option("--tracking-uri", help="MLflow tracking URI [default: sqlite:///mlflow.db].")
 @click.option("--no-tracking", is_flag=True, help="Do not log to MLflow.")
-@click.option("--experiment", help="MLflow experiment name [secagg].")
+@click.option("--experiment", help=f"MLflow experiment name.{_default('experiment')}")
 @click.option(
     "--transport",
     type=click.Choice(TRANSPORTS),
-    help="inprocess (default): clients are objects in this process; grpc: a server process "
-    "and one process per client on localhost, over mutual TLS.",
+    help="inprocess: clients are objects in this process; grpc: a server process and one "
+    f"process per client on localhost, over mutual TLS.{_default('transport')}",
 )
-@click.option("--min-clients", type=click.IntRange(min=0), help="Sites a round needs [all].")
-@click.option("--round-timeout", type=click.FloatRange(min=0, min_open=True), help="Seconds.")
 @click.option(
-    "--resume", is_flag=True, help="Continue the interrupted run in --output (or the latest)."
+    "--min-clients",
+    type=click.IntRange(min=0),
+    help="grpc: sites a round needs to go on [default: all].",
+)
+@click.option(
+    "--round-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    help=f"grpc: seconds each phase of a round waits for the sites.{_default('round_timeout')}",
+)
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue the interrupted run in --output (or the newest in runs/) with its own "
+    "settings; --rounds may extend or shorten it, other changes are refused.",
 )
 @click.option(
     "--quiet", "-q", is_flag=True, help="No progress bar, no per-round lines: only the summary."
@@ -364,17 +470,31 @@ def _mb(n: float) -> str:
 # --- deployment: provision, server, client, status, abort --------------------------------------
 
 
-@main.command()
-@click.option("--server", "server_address", help="The server's HOST[:PORT] as sites will reach it.")
+@main.command(
+    epilog=_epilog(
+        "secagg provision --server fl.example.org:8443 --clients site-1,site-2 --out project",
+        "secagg provision --project-file project.toml",
+    )
+)
+@click.option(
+    "--server",
+    "server_address",
+    help="The server's HOST[:PORT] as sites will reach it [default port: 8443].",
+)
 @click.option("--clients", "sites", help="Site names, comma-separated: site-1,site-2,...")
 @click.option(
     "--project-file",
     type=click.Path(dir_okay=False, exists=True),
     help="A TOML file with name, server and clients, instead of the two flags.",
 )
-@click.option("--project", "project_name", default="secagg", show_default=True)
+@click.option("--project", "project_name", default="secagg", show_default=True, help="Name.")
 @click.option(
-    "--out", "out_dir", default="project", show_default=True, type=click.Path(file_okay=False)
+    "--out",
+    "out_dir",
+    default="project",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Folder for the CA and one kit per party.",
 )
 @click.option("--force", is_flag=True, help="Replace existing kits.")
 @_friendly
@@ -416,19 +536,42 @@ def provision(
     )
 
 
-@main.command()
+@main.command(
+    epilog=_epilog(
+        "secagg server jobs/digits.toml --kit project/server --min-clients 2",
+        "secagg server --kit project/server --he --rounds 20 --workdir runs/job",
+    )
+    + f"\n\nWith --he, at most {PACKED.max_clients} sites take part in a round."
+)
 @click.argument("job", required=False, type=click.Path(dir_okay=False))
-@click.option("--kit", "kit_dir", required=True, type=click.Path(file_okay=False))
+@click.option(
+    "--kit", "kit_dir", required=True, type=click.Path(file_okay=False), help="The server kit."
+)
 @click.option(
     "--task",
     help="The task by import path, package.module:TaskClass; every site must be able to import it.",
 )
-@click.option("--workdir", type=click.Path(file_okay=False), help="Checkpoints and results.")
-@click.option("--bind", help="Address to listen on [all interfaces, the kit's port].")
-@click.option("--rounds", type=click.IntRange(min=1))
-@click.option("--he/--no-he", default=None)
-@click.option("--min-clients", type=click.IntRange(min=0), help="Sites a round needs [all].")
-@click.option("--round-timeout", type=click.FloatRange(min=0, min_open=True), help="Seconds.")
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False),
+    help="Checkpoints and results; a restarted server resumes from it "
+    "[default: runs/<job>-server].",
+)
+@click.option("--bind", help="HOST:PORT to listen on [default: all interfaces, the kit's port].")
+@click.option("--rounds", type=click.IntRange(min=1), help=f"Federated rounds.{_default('rounds')}")
+@click.option(
+    "--he/--no-he",
+    default=None,
+    help=f"CKKS secure aggregation, or plaintext FedAvg.{_default('he')}",
+)
+@click.option(
+    "--min-clients", type=click.IntRange(min=0), help="Sites a round needs [default: all]."
+)
+@click.option(
+    "--round-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    help=f"Seconds each phase of a round waits for the sites.{_default('round_timeout')}",
+)
 @click.option(
     "--liveness",
     type=click.FloatRange(min=1),
@@ -436,9 +579,9 @@ def provision(
     show_default=True,
     help="Seconds without a heartbeat before a site is taken for gone.",
 )
-@click.option("--tracking-uri", help="MLflow tracking URI [sqlite:///mlflow.db].")
+@click.option("--tracking-uri", help="MLflow tracking URI [default: sqlite:///mlflow.db].")
 @click.option("--no-tracking", is_flag=True, help="Do not log to MLflow.")
-@click.option("--experiment", help="MLflow experiment name [secagg].")
+@click.option("--experiment", help=f"MLflow experiment name.{_default('experiment')}")
 @_friendly
 def server(
     job: str | None,
@@ -466,12 +609,34 @@ def server(
     _summary(result, model=False)  # the server cannot decrypt: it holds no model
 
 
-@main.command()
-@click.option("--kit", "kit_dir", required=True, type=click.Path(file_okay=False))
-@click.option("--data-dir", default="data", show_default=True, type=click.Path(file_okay=False))
-@click.option("--download/--no-download", default=False, help="Download torchvision datasets.")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--workdir", type=click.Path(file_okay=False), help="Model and metrics [runs/].")
+@main.command(
+    epilog=_epilog(
+        "secagg client --kit project/site-1 --data-dir /data",
+        "secagg client --kit project/site-2 --data-dir /data/site-2 --shard all --device cuda",
+    )
+)
+@click.option(
+    "--kit", "kit_dir", required=True, type=click.Path(file_okay=False), help="This site's kit."
+)
+@click.option(
+    "--data-dir",
+    default="data",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="This site's data, handed to the task.",
+)
+@click.option(
+    "--download/--no-download",
+    default=False,
+    show_default=True,
+    help="Let torchvision download the dataset (needs network).",
+)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False),
+    help="The site's model.pt and metrics.json [default: runs/<job>-<site>].",
+)
 @click.option(
     "--shard",
     type=click.Choice(["auto", "all"]),
@@ -508,8 +673,12 @@ def client(
     log("the job is done")
 
 
-@main.command()
-@click.option("--kit", "kit_dir", required=True, type=click.Path(file_okay=False))
+@main.command(
+    epilog=_epilog("secagg status --kit project/admin", "secagg status --kit project/admin --json")
+)
+@click.option(
+    "--kit", "kit_dir", required=True, type=click.Path(file_okay=False), help="The admin kit."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the raw status as JSON.")
 @_friendly
 def status(kit_dir: str, as_json: bool) -> None:
@@ -538,9 +707,16 @@ def status(kit_dir: str, as_json: bool) -> None:
         click.echo(f"  refused: {line}")
 
 
-@main.command()
-@click.option("--kit", "kit_dir", required=True, type=click.Path(file_okay=False))
-@click.option("--reason", default="aborted by the administrator", show_default=True)
+@main.command(epilog=_epilog('secagg abort --kit project/admin --reason "maintenance"'))
+@click.option(
+    "--kit", "kit_dir", required=True, type=click.Path(file_okay=False), help="The admin kit."
+)
+@click.option(
+    "--reason",
+    default="aborted by the administrator",
+    show_default=True,
+    help="What the server tells every site.",
+)
 @_friendly
 def abort(kit_dir: str, reason: str) -> None:
     """Stop the job: the server tells every site and exits (admin kit)."""

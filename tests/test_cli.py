@@ -354,3 +354,32 @@ def test_quiet_prints_only_the_summary(tmp_path: Path) -> None:
     lines = result.output.splitlines()
     assert lines[0].startswith("done: final accuracy") and "after 2 rounds" in lines[0]
     assert lines[1:] == ["  results: o/results.json", "  model:   o/model.pt"]
+
+
+def test_run_help_shows_defaults_units_the_he_limit_and_an_example(tmp_path: Path) -> None:
+    from secagg.crypto.packing import PACKED
+
+    result = _invoke(["run", "--help"], tmp_path)
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())  # click wraps lines where it likes
+    for shown in (
+        "Clients in the job (with --he at most 128 per round). [default: 8]",
+        "Federated rounds. [default: 10]",
+        "Learning rate. [default: 0.05]",
+        "[default: off]",
+        "seconds each phase of a round waits for the sites. [default: 900.0]",
+        "MB sent up and down",
+        f"With --he, at most {PACKED.max_clients} clients take part in a round",
+        "secagg run --resume --output runs/<run> --rounds 20",
+        "-q, --quiet",
+    ):
+        assert shown in text, shown
+
+
+@pytest.mark.parametrize(
+    "command", ["keygen", "run", "provision", "server", "client", "status", "abort"]
+)
+def test_every_command_help_has_an_example(tmp_path: Path, command: str) -> None:
+    result = _invoke([command, "--help"], tmp_path)
+    assert result.exit_code == 0
+    assert "Examples:" in result.output and f"  secagg {command}" in result.output
