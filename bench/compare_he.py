@@ -141,32 +141,92 @@ def run_all(config: RunConfig, out: Path, stamp: str, repeats: int = 1, floor: b
     from secagg.job import run_job
 
     runs = Runs()
+    bar = _Bar(2 + 2 * repeats + int(floor), "runs")
     warm = replace(config, rounds=1, local_epochs=1, tracking=False)
     for label, he in (("plain", False), ("he", True)):
-        print(f"--- warm-up: one untimed round, {label} ---", file=sys.stderr)
-        run_job(replace(warm, he=he, output_dir=str(out / f"{stamp}-warmup-{label}")))
+        bar.step(f"warm-up: one untimed round, {label}")
+        run_job(
+            replace(warm, he=he, output_dir=str(out / f"{stamp}-warmup-{label}")),
+            on_progress=bar.phase,
+        )
     runs.parent = _parent_run(config, stamp)
     tags = {"mlflow.parentRunId": runs.parent} if runs.parent else {}
     for repeat in range(repeats):
         order = ["plain", "he"] if repeat % 2 == 0 else ["he", "plain"]
         runs.order.append(order[0])
         for label in order:
-            print(f"--- repeat {repeat + 1}/{repeats}: {label} ---", file=sys.stderr)
+            bar.step(f"repeat {repeat + 1}/{repeats}: {label}")
             run_config = replace(
                 config,
                 he=label == "he",
                 output_dir=str(out / f"{stamp}-{label}-r{repeat + 1}"),
                 tracking=config.tracking and repeat == 0,
             )
-            result = run_job(run_config, on_round=_progress(label, config.rounds), tags=tags)
+            result = run_job(
+                run_config,
+                on_round=_progress(label, config.rounds, bar.line),
+                on_progress=bar.phase,
+                tags=tags,
+            )
             (runs.he if label == "he" else runs.plain).append(result)
     if floor:
-        print("--- floor: plaintext with float64 updates ---", file=sys.stderr)
+        bar.step("floor: plaintext with float64 updates")
         run_config = replace(
             config, he=False, plain_precision="float64", output_dir=str(out / f"{stamp}-float64")
         )
-        runs.float64 = run_job(run_config, on_round=_progress("float64", config.rounds), tags=tags)
+        runs.float64 = run_job(
+            run_config,
+            on_round=_progress("float64", config.rounds, bar.line),
+            on_progress=bar.phase,
+            tags=tags,
+        )
+    bar.close()
     return runs
+
+
+class _Bar:
+    """The benchmark's progress on stderr: on a terminal, a bar over its runs (or memory
+    probes) showing the current one and its phase (``round 2: encrypt 3/8``); elsewhere the
+    ``--- step ---`` and per-round lines it always printed, so logs read as before."""
+
+    def __init__(self, total: int, unit: str) -> None:
+        self.bar: Any = None
+        self.label = ""
+        self.round = 0
+        self.started = False
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit=unit, file=sys.stderr, dynamic_ncols=True)
+
+    def step(self, label: str) -> None:
+        """The next run (or probe) starts; the one before is done."""
+        if self.bar is None:
+            print(f"--- {label} ---", file=sys.stderr)
+            return
+        if self.started:
+            self.bar.update(1)
+        self.started, self.label, self.round = True, label, 1
+        self.bar.set_description_str(label)
+
+    def phase(self, phase: str, done: int, total: int) -> None:
+        """``on_progress`` for run_job."""
+        if self.bar is not None:
+            where = f"round {self.round}: " if phase not in ("clients", "tracking") else ""
+            self.bar.set_description_str(f"{self.label}, {where}{phase} {done}/{total}")
+            if phase == "evaluate" and done == total:
+                self.round += 1
+
+    def line(self, text: str) -> None:
+        if self.bar is None:
+            print(text, file=sys.stderr)
+        else:
+            self.bar.write(text, file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.close()
 
 
 def _parent_run(config: RunConfig, stamp: str) -> str | None:
@@ -190,12 +250,9 @@ def _parent_run(config: RunConfig, stamp: str) -> str | None:
     return tracker.start(params, tags, name)
 
 
-def _progress(label: str, total: int):  # type: ignore[no-untyped-def]
+def _progress(label: str, total: int, echo):  # type: ignore[no-untyped-def]
     def show(m) -> None:  # type: ignore[no-untyped-def]
-        print(
-            f"  {label:9} round {m.round:>2}/{total} acc {m.accuracy:.4f} {m.round_seconds:6.2f}s",
-            file=sys.stderr,
-        )
+        echo(f"  {label:9} round {m.round:>2}/{total} acc {m.accuracy:.4f} {m.round_seconds:6.2f}s")
 
     return show
 
@@ -205,11 +262,13 @@ def measure_memory(config: RunConfig, work: Path) -> dict[str, dict[str, float]]
     work.mkdir(parents=True, exist_ok=True)
     config_file = work / "probe-config.json"
     memory: dict[str, dict[str, float]] = {}
+    bar = _Bar(4, "probes")
     for he in (False, True):
         label = "he" if he else "plain"
         config_file.write_text(json.dumps(replace(config, he=he, tracking=False).to_dict()))
         payload = work / f"payload-{label}.bin"
         for role in ("client", "server"):
+            bar.step(f"memory probe: a {label} {role} process")
             out = subprocess.run(
                 [
                     sys.executable,
@@ -226,6 +285,7 @@ def measure_memory(config: RunConfig, work: Path) -> dict[str, dict[str, float]]
                 check=True,
             )
             memory[f"{label}_{role}"] = json.loads(out.stdout.strip().splitlines()[-1])
+    bar.close()
     return memory
 
 

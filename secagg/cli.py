@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import shlex
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +24,35 @@ from secagg.config import (
     load_job,
     with_overrides,
 )
+from secagg.crypto.packing import PACKED
 from secagg.crypto.params import CkksParams
 from secagg.errors import SecAggError
+
+
+def _default(name: str) -> str:
+    """`` [default: x]`` for a RunConfig field, so --help shows the defaults a run really uses
+    (the flags themselves default to None: 'not given', so a job file's value stands)."""
+    value = getattr(RunConfig, name)
+    shown = ("on" if value else "off") if isinstance(value, bool) else value
+    return f" [default: {shown}]"
+
+
+_RUN_EPILOG = f"""\b
+Examples:
+  secagg keygen && secagg run --he --clients 8        HE on the digits job
+  secagg run jobs/cifar10_fedavg_he.toml --download   a job file; flags override it
+  secagg run --resume --output runs/<run> --rounds 20 go on with an interrupted run
+
+With --he, at most {PACKED.max_clients} clients take part in a round (the CKKS noise budget).
+Each round prints its accuracy and loss, seconds, MB sent up and down (HE: the seconds
+spent encrypting, adding and decrypting); on a terminal a progress bar shows the phase
+and the run's ETA; --quiet leaves only the summary. Errors are one line, exit 1 (2 for a
+bad flag)."""
+
+
+def _epilog(*examples: str) -> str:
+    """A command's help epilog: example invocations, kept as written (click's \\b)."""
+    return "\b\nExamples:\n" + "\n".join(f"  {line}" for line in examples)
 
 
 def _friendly(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -44,7 +73,12 @@ def _friendly(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-@click.group()
+@click.group(
+    epilog=_epilog(
+        "secagg keygen && secagg run --he     HE secure aggregation on the digits job",
+        "secagg run --help                    every flag of a command, with its default",
+    )
+)
 @click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
 @click.version_option(package_name="secagg")
 def main(debug: bool) -> None:
@@ -52,9 +86,19 @@ def main(debug: bool) -> None:
     warnings.showwarning = _note
 
 
-@main.command()
+@main.command(
+    epilog=_epilog(
+        "secagg keygen                          keys/ with the defaults (128-bit security)",
+        "secagg keygen --out k2 --poly-degree 16384 --coeff-bits 60,60,60",
+    )
+)
 @click.option(
-    "--out", "out_dir", default="keys", show_default=True, type=click.Path(file_okay=False)
+    "--out",
+    "out_dir",
+    default="keys",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Folder for client.ctx (secret), server.ctx and manifest.json.",
 )
 @click.option("--force", is_flag=True, help="Replace existing keys.")
 @click.option(
@@ -68,7 +112,8 @@ def main(debug: bool) -> None:
     "--coeff-bits",
     default="60,60",
     show_default=True,
-    help="Bit sizes of the coefficient-modulus primes, data primes first, special prime last.",
+    help="Bit sizes of the coefficient-modulus primes, data primes first, special prime last; "
+    "refused below 128-bit security.",
 )
 @_friendly
 def keygen(out_dir: str, force: bool, poly_degree: str, coeff_bits: str) -> None:
@@ -82,6 +127,7 @@ def keygen(out_dir: str, force: bool, poly_degree: str, coeff_bits: str) -> None
             "give comma-separated integers, e.g. 60,60", param_hint="--coeff-bits"
         ) from err
     params = CkksParams(int(poly_degree), bits)
+    keys.check_can_generate(out_dir, params, force)  # refuse before saying we generate
     click.echo(f"generating CKKS keys (N={poly_degree}, primes {list(bits)})...")
     manifest = keys.generate(out_dir, params, force=force)
     out = Path(out_dir)
@@ -90,10 +136,13 @@ def keygen(out_dir: str, force: bool, poly_degree: str, coeff_bits: str) -> None
     click.echo(f"  {out / keys.MANIFEST_FILE}  fingerprint {manifest['fingerprint']}")
 
 
-@main.command()
+@main.command(epilog=_RUN_EPILOG)
 @click.argument("job", required=False, type=click.Path(dir_okay=False))
 @click.option(
-    "--he/--no-he", default=None, help="Homomorphic-encryption aggregation (default off)."
+    "--he/--no-he",
+    default=None,
+    help=f"CKKS secure aggregation, or plaintext FedAvg; HE takes at most "
+    f"{PACKED.max_clients} clients per round.{_default('he')}",
 )
 @click.option(
     "--task",
@@ -104,92 +153,202 @@ def keygen(out_dir: str, force: bool, poly_degree: str, coeff_bits: str) -> None
 @click.option(
     "--initial-model",
     type=click.Path(dir_okay=False),
-    help="A state dict every party starts from (torch.save(model.state_dict(), path)).",
+    help="A state dict every party starts from (torch.save(model.state_dict(), path)) "
+    "[default: the task's seeded weights]",
 )
-@click.option("--clients", type=click.IntRange(min=1), help="The population of clients [8].")
+@click.option(
+    "--clients",
+    type=click.IntRange(min=1),
+    help=f"Clients in the job: the population (with --he at most {PACKED.max_clients} per "
+    f"round).{_default('clients')}",
+)
 @click.option(
     "--clients-per-round",
     type=click.IntRange(min=0),
-    help="Clients drawn to take part in each round, from the job's seed [0: all]; with HE at "
-    "most 128.",
+    help="Clients drawn to take part in each round, from the job's seed; with --he at most "
+    f"{PACKED.max_clients} [default: 0, every client].",
 )
-@click.option("--rounds", type=click.IntRange(min=1))
-@click.option("--local-epochs", type=click.IntRange(min=1))
-@click.option("--batch-size", type=click.IntRange(min=1))
-@click.option("--optimizer", type=click.Choice(OPTIMIZERS), help="Local optimizer [sgd].")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True))
-@click.option("--alpha", type=click.FloatRange(min=0, min_open=True), help="Dirichlet label skew.")
-@click.option("--seed", type=int)
-@click.option("--dataset", type=click.Choice(DATASETS))
-@click.option("--model", type=click.Choice(MODELS))
-@click.option("--data-dir", type=click.Path(file_okay=False))
-@click.option("--download/--no-download", default=None, help="Download torchvision datasets.")
-@click.option("--device", help="auto (CUDA when available), cpu, cuda, cuda:N.")
-@click.option("--keys", "keys_dir", type=click.Path(file_okay=False), help="Keys folder [keys].")
-@click.option("--output", "output_dir", type=click.Path(file_okay=False), help="Run folder.")
-@click.option("--tracking-uri", help="MLflow tracking URI [sqlite:///mlflow.db].")
+@click.option("--rounds", type=click.IntRange(min=1), help=f"Federated rounds.{_default('rounds')}")
+@click.option(
+    "--local-epochs",
+    type=click.IntRange(min=1),
+    help=f"Epochs each client trains per round.{_default('local_epochs')}",
+)
+@click.option(
+    "--batch-size", type=click.IntRange(min=1), help=f"Batch size.{_default('batch_size')}"
+)
+@click.option(
+    "--optimizer",
+    type=click.Choice(OPTIMIZERS),
+    help=f"Local optimizer, fresh each round (sgd: momentum 0.9).{_default('optimizer')}",
+)
+@click.option(
+    "--lr", type=click.FloatRange(min=0, min_open=True), help=f"Learning rate.{_default('lr')}"
+)
+@click.option(
+    "--alpha",
+    type=click.FloatRange(min=0, min_open=True),
+    help=f"Dirichlet label skew; large values approach IID.{_default('alpha')}",
+)
+@click.option(
+    "--seed", type=int, help=f"Partition, initial model and training order.{_default('seed')}"
+)
+@click.option(
+    "--dataset", type=click.Choice(DATASETS), help=f"Built-in task's data.{_default('dataset')}"
+)
+@click.option(
+    "--model", type=click.Choice(MODELS), help=f"Built-in task's model.{_default('model')}"
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False),
+    help=f"Where datasets live.{_default('data_dir')}",
+)
+@click.option(
+    "--download/--no-download",
+    default=None,
+    help=f"Let torchvision download the dataset (needs network).{_default('download')}",
+)
+@click.option(
+    "--device",
+    help=f"auto (CUDA when available), cpu, cuda, cuda:N, mps.{_default('device')}",
+)
+@click.option(
+    "--keys",
+    "keys_dir",
+    type=click.Path(file_okay=False),
+    help=f"Key folder (HE runs), made by secagg keygen.{_default('keys_dir')}",
+)
+@click.option(
+    "--output",
+    "output_dir",
+    type=click.Path(file_okay=False),
+    help="Run folder [default: runs/<time>-<job>-<he|plain>; with --resume, the newest].",
+)
+@click.option("--tracking-uri", help="MLflow tracking URI [default: sqlite:///mlflow.db].")
 @click.option("--no-tracking", is_flag=True, help="Do not log to MLflow.")
-@click.option("--experiment", help="MLflow experiment name [secagg].")
+@click.option("--experiment", help=f"MLflow experiment name.{_default('experiment')}")
 @click.option(
     "--transport",
     type=click.Choice(TRANSPORTS),
-    help="inprocess (default): clients are objects in this process; grpc: a server process "
-    "and one process per client on localhost, over mutual TLS; ray: clients are Ray actors "
-    "(pip install 'secagg[ray]').",
+    help="inprocess: clients are objects in this process; grpc: a server process and one "
+    "process per client on localhost, over mutual TLS; ray: clients are Ray actors, on a "
+    f"local Ray or --ray-address (pip install 'secagg[ray]').{_default('transport')}",
 )
-@click.option("--min-clients", type=click.IntRange(min=0), help="Sites a round needs [all].")
-@click.option("--round-timeout", type=click.FloatRange(min=0, min_open=True), help="Seconds.")
 @click.option(
     "--ray-address",
-    help="--transport ray: the Ray cluster to join, e.g. 10.0.0.5:6379 [start a local Ray].",
+    help="ray: the Ray cluster to join, e.g. 10.0.0.5:6379 [default: start a local Ray].",
 )
 @click.option(
     "--client-cpus",
     type=click.FloatRange(min=0, min_open=True),
-    help="--transport ray: CPUs per client [1].",
+    help=f"ray: CPUs each client holds.{_default('client_cpus')}",
 )
 @click.option(
     "--client-gpus",
     type=click.FloatRange(min=0),
-    help="--transport ray: GPUs per client, fractions share one (0.25: four per GPU) [0].",
+    help=f"ray: GPUs each client holds; fractions share one (0.25: four per GPU)."
+    f"{_default('client_gpus')}",
 )
 @click.option(
-    "--resume", is_flag=True, help="Continue the interrupted run in --output (or the latest)."
+    "--min-clients",
+    type=click.IntRange(min=0),
+    help="grpc, ray: clients a round needs to go on [default: all of the round].",
+)
+@click.option(
+    "--round-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    help=f"grpc: seconds each phase of a round waits for the sites.{_default('round_timeout')}",
+)
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue the interrupted run in --output (or the newest in runs/) with its own "
+    "settings; --rounds may extend or shorten it, other changes are refused.",
+)
+@click.option(
+    "--quiet", "-q", is_flag=True, help="No progress bar, no per-round lines: only the summary."
 )
 @_friendly
-def run(job: str | None, resume: bool, no_tracking: bool, **flags: Any) -> None:
+def run(job: str | None, resume: bool, no_tracking: bool, quiet: bool, **flags: Any) -> None:
     """Run a federated job: JOB is an optional TOML job file; flags override it."""
-    from secagg.records import latest_run_dir
+    from dataclasses import replace
+
+    from secagg.records import new_output_dir
 
     config = load_job(job) if job else RunConfig()
     config = with_overrides(config, **flags, tracking=False if no_tracking else None).validate()
-    resume_dir = None
     if resume:
-        if config.transport == "grpc":
-            raise click.UsageError("--resume is for in-process runs; a restarted server resumes")
-        resume_dir = Path(flags["output_dir"]) if flags["output_dir"] else latest_run_dir()
-        click.echo(f"resuming {resume_dir}")
-    else:
-        mode = "HE (CKKS)" if config.he else "plaintext FedAvg"
-        where = {
-            "inprocess": "in one process",
-            "grpc": "over gRPC on localhost",
-            "ray": f"on Ray ({config.ray_address or 'local'})",
-        }[config.transport]
-        what = f"task {config.task}" if config.task else f"{config.dataset}/{config.model}"
-        who = f"{config.clients} clients"
-        if config.per_round < config.clients:
-            who += f" ({config.per_round} per round)"
+        _resume(config, job, flags, no_tracking, quiet)
+        return
+    mode = "HE (CKKS)" if config.he else "plaintext FedAvg"
+    where = {
+        "inprocess": "in one process",
+        "grpc": "over gRPC on localhost",
+        "ray": f"on Ray ({config.ray_address or 'local'})",
+    }[config.transport]
+    what = f"task {config.task}" if config.task else f"{config.dataset}/{config.model}"
+    who = f"{config.clients} clients"
+    if config.per_round < config.clients:
+        who += f" ({config.per_round} per round)"
+    if not quiet:
         click.echo(f"secagg run: {what}, {who}, {config.rounds} rounds, {mode}, {where}")
+    # Named now, so that an interrupted run can say where it is.
+    config = replace(config, output_dir=str(new_output_dir(config)))
+    with _interrupted(Path(config.output_dir or ""), config.transport == "inprocess"):
+        if config.transport == "grpc":
+            from secagg.deploy import run_local
+
+            result = run_local(config, log=(lambda line: None) if quiet else click.echo)
+        else:
+            with _Bar(config.rounds, 0, quiet) as bar:
+                from secagg.job import run_job  # imports torch: seconds, under the bar
+
+                on_round = _progress(config.rounds, config.he, bar.round_line)
+                result = run_job(config, on_round=on_round, on_progress=bar)
+    _summary(result, model=True)
+
+
+def _resume(
+    config: RunConfig, job: str | None, flags: dict[str, Any], no_tracking: bool, quiet: bool
+) -> None:
+    """``secagg run --resume``: continue a run with the settings it started with, changed only
+    where a change keeps it the same job (``--rounds``, where data lives); say what changed."""
+    from secagg.job import run_job
+    from secagg.records import latest_run_dir, plan_resume
+
     if config.transport == "grpc":
-        from secagg.deploy import run_local
-
-        result = run_local(config, log=click.echo)
-    else:
-        from secagg.job import run_job
-
+        raise click.UsageError("--resume is for in-process runs; a restarted server resumes")
+    run_dir = Path(flags["output_dir"]) if flags["output_dir"] else latest_run_dir()
+    # What the user asked for: the flags given, and a job file's settings that are not defaults.
+    changes = {k: v for k, v in flags.items() if v is not None and k != "output_dir"}
+    if no_tracking:
+        changes["tracking"] = False
+    if job:
+        defaults = RunConfig()
+        for key, value in load_job(job).to_dict().items():
+            if key not in ("job_name", "output_dir") and value != getattr(defaults, key):
+                changes.setdefault(key, value)
+    plan = plan_resume(run_dir, changes)
+    if plan.finished:
+        click.echo(
+            f"{run_dir} is finished: all {plan.config.rounds} rounds ran (final accuracy "
+            f"{plan.final_accuracy:.4f}); results in {run_dir / 'results.json'}. To train "
+            f"on, resume with --rounds above {plan.config.rounds}."
+        )
+        return
+    applied = "".join(f"; {k} {old} -> {new}" for k, (old, new) in plan.changed.items())
+    if not quiet:
+        click.echo(
+            f"resuming {run_dir}: {plan.completed} of {plan.config.rounds} rounds done{applied}"
+        )
+    with _interrupted(run_dir, True), _Bar(plan.config.rounds, plan.completed, quiet) as bar:
         result = run_job(
-            config, resume_dir=resume_dir, on_round=_progress(config.rounds, config.he)
+            plan.config,
+            resume_dir=run_dir,
+            resume_changes=changes,
+            on_round=_progress(plan.config.rounds, plan.config.he, bar.round_line),
+            on_progress=bar,
         )
     _summary(result, model=True)
 
@@ -199,7 +358,27 @@ def _note(message: Warning | str, *args: Any, **kwargs: Any) -> None:
     click.echo(f"note: {message}", err=True)
 
 
-def _progress(total: int, he: bool) -> Callable[[Any], None]:
+@contextlib.contextmanager
+def _interrupted(run_dir: Path, resumable: bool) -> Iterator[None]:
+    """On Ctrl-C, say how to go on: the exact command that resumes the run, when it can."""
+    from secagg.server import STATE_FILE
+
+    try:
+        yield
+    except KeyboardInterrupt:
+        if resumable and (run_dir / STATE_FILE).exists():
+            command = f"secagg run --resume --output {shlex.quote(str(run_dir))}"
+            click.echo(f"\ninterrupted; to continue, run: {command}", err=True)
+        elif resumable:
+            click.echo("\ninterrupted before the first round finished; nothing to resume", err=True)
+        else:
+            click.echo(f"\ninterrupted; the partial run is in {run_dir}", err=True)
+        sys.exit(130)
+
+
+def _progress(
+    total: int, he: bool, echo: Callable[[str], None] = click.echo
+) -> Callable[[Any], None]:
     """One line per round: the task's evaluation metrics, time, bytes, and for HE the time
     spent encrypting, adding and decrypting."""
 
@@ -215,12 +394,82 @@ def _progress(total: int, he: bool) -> Callable[[Any], None]:
                 f"  enc {m.encrypt_seconds:.2f}s agg {m.aggregate_seconds:.2f}s "
                 f"dec {m.decrypt_seconds:.2f}s"
             )
-        click.echo(line)
+        echo(line)
 
     return show
 
 
 _SHORT = {"accuracy": "acc"}
+
+#: what the set-up steps before the first round are called on the progress bar
+_SETUP = {
+    "clients": "loading data and building clients",
+    "tracking": "opening the MLflow store",
+    "replay": "replaying the rounds done",
+}
+
+
+class _Bar:
+    """What a terminal shows while a run works: the set-up (clients built, the MLflow store
+    opened), then the rounds, with the current round's phase, its clients done of N and the
+    run's ETA. Drawn only when stdout is a terminal, so logs and pipes keep one line per
+    round; ``quiet`` also drops the per-round lines. Use as the run's ``on_progress``."""
+
+    def __init__(self, rounds: int, done: int, quiet: bool) -> None:
+        self.rounds, self.done, self.quiet = rounds, done, quiet
+        self.drawn = not quiet and sys.stdout.isatty()
+        self._setup: Any = None
+        self._rounds: Any = None
+        if self.drawn:
+            from tqdm import tqdm
+
+            self._tqdm = tqdm
+            self._setup = tqdm(
+                desc="starting", bar_format="{desc} [{elapsed}]", leave=False, file=sys.stdout
+            )
+
+    def __enter__(self) -> _Bar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for bar in (self._setup, self._rounds):
+            if bar is not None:
+                bar.close()
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if not self.drawn:
+            return
+        if phase in _SETUP:
+            self._setup.set_description_str(f"{_SETUP[phase]} {done}/{total}")
+            return
+        if self._rounds is None:  # the first round starts: its ETA counts from here
+            self._setup.close()
+            self._setup = None
+            self._rounds = self._tqdm(
+                total=self.rounds,
+                initial=self.done,
+                leave=False,
+                dynamic_ncols=True,
+                file=sys.stdout,
+                bar_format="{desc} |{bar:30}| {n_fmt}/{total_fmt} rounds "
+                "[{elapsed}, ETA {remaining}]",
+            )
+        self._rounds.set_description_str(
+            f"round {self.done + 1}/{self.rounds}: {phase} {done}/{total}"
+        )
+
+    def round_line(self, line: str) -> None:
+        """A round is over: print its line (above the bar) and move the bar on."""
+        self.done += 1
+        if self.quiet:
+            return
+        if self._rounds is None:
+            click.echo(line)
+            return
+        self._rounds.write(line, file=sys.stdout)
+        if self.done < self.rounds:
+            self._rounds.set_description_str(f"round {self.done + 1}/{self.rounds}", refresh=False)
+        self._rounds.update(1)
 
 
 def _summary(result: Any, model: bool) -> None:
@@ -255,17 +504,31 @@ def _mb(n: float) -> str:
 # --- deployment: provision, server, client, status, abort --------------------------------------
 
 
-@main.command()
-@click.option("--server", "server_address", help="The server's HOST[:PORT] as sites will reach it.")
+@main.command(
+    epilog=_epilog(
+        "secagg provision --server fl.example.org:8443 --clients site-1,site-2 --out project",
+        "secagg provision --project-file project.toml",
+    )
+)
+@click.option(
+    "--server",
+    "server_address",
+    help="The server's HOST[:PORT] as sites will reach it [default port: 8443].",
+)
 @click.option("--clients", "sites", help="Site names, comma-separated: site-1,site-2,...")
 @click.option(
     "--project-file",
     type=click.Path(dir_okay=False, exists=True),
     help="A TOML file with name, server and clients, instead of the two flags.",
 )
-@click.option("--project", "project_name", default="secagg", show_default=True)
+@click.option("--project", "project_name", default="secagg", show_default=True, help="Name.")
 @click.option(
-    "--out", "out_dir", default="project", show_default=True, type=click.Path(file_okay=False)
+    "--out",
+    "out_dir",
+    default="project",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Folder for the CA and one kit per party.",
 )
 @click.option("--force", is_flag=True, help="Replace existing kits.")
 @_friendly
@@ -307,19 +570,42 @@ def provision(
     )
 
 
-@main.command()
+@main.command(
+    epilog=_epilog(
+        "secagg server jobs/digits.toml --kit project/server --min-clients 2",
+        "secagg server --kit project/server --he --rounds 20 --workdir runs/job",
+    )
+    + f"\n\nWith --he, at most {PACKED.max_clients} sites take part in a round."
+)
 @click.argument("job", required=False, type=click.Path(dir_okay=False))
-@click.option("--kit", "kit_dir", required=True, type=click.Path(file_okay=False))
+@click.option(
+    "--kit", "kit_dir", required=True, type=click.Path(file_okay=False), help="The server kit."
+)
 @click.option(
     "--task",
     help="The task by import path, package.module:TaskClass; every site must be able to import it.",
 )
-@click.option("--workdir", type=click.Path(file_okay=False), help="Checkpoints and results.")
-@click.option("--bind", help="Address to listen on [all interfaces, the kit's port].")
-@click.option("--rounds", type=click.IntRange(min=1))
-@click.option("--he/--no-he", default=None)
-@click.option("--min-clients", type=click.IntRange(min=0), help="Sites a round needs [all].")
-@click.option("--round-timeout", type=click.FloatRange(min=0, min_open=True), help="Seconds.")
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False),
+    help="Checkpoints and results; a restarted server resumes from it "
+    "[default: runs/<job>-server].",
+)
+@click.option("--bind", help="HOST:PORT to listen on [default: all interfaces, the kit's port].")
+@click.option("--rounds", type=click.IntRange(min=1), help=f"Federated rounds.{_default('rounds')}")
+@click.option(
+    "--he/--no-he",
+    default=None,
+    help=f"CKKS secure aggregation, or plaintext FedAvg.{_default('he')}",
+)
+@click.option(
+    "--min-clients", type=click.IntRange(min=0), help="Sites a round needs [default: all]."
+)
+@click.option(
+    "--round-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    help=f"Seconds each phase of a round waits for the sites.{_default('round_timeout')}",
+)
 @click.option(
     "--liveness",
     type=click.FloatRange(min=1),
@@ -327,9 +613,9 @@ def provision(
     show_default=True,
     help="Seconds without a heartbeat before a site is taken for gone.",
 )
-@click.option("--tracking-uri", help="MLflow tracking URI [sqlite:///mlflow.db].")
+@click.option("--tracking-uri", help="MLflow tracking URI [default: sqlite:///mlflow.db].")
 @click.option("--no-tracking", is_flag=True, help="Do not log to MLflow.")
-@click.option("--experiment", help="MLflow experiment name [secagg].")
+@click.option("--experiment", help=f"MLflow experiment name.{_default('experiment')}")
 @_friendly
 def server(
     job: str | None,
@@ -357,12 +643,34 @@ def server(
     _summary(result, model=False)  # the server cannot decrypt: it holds no model
 
 
-@main.command()
-@click.option("--kit", "kit_dir", required=True, type=click.Path(file_okay=False))
-@click.option("--data-dir", default="data", show_default=True, type=click.Path(file_okay=False))
-@click.option("--download/--no-download", default=False, help="Download torchvision datasets.")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--workdir", type=click.Path(file_okay=False), help="Model and metrics [runs/].")
+@main.command(
+    epilog=_epilog(
+        "secagg client --kit project/site-1 --data-dir /data",
+        "secagg client --kit project/site-2 --data-dir /data/site-2 --shard all --device cuda",
+    )
+)
+@click.option(
+    "--kit", "kit_dir", required=True, type=click.Path(file_okay=False), help="This site's kit."
+)
+@click.option(
+    "--data-dir",
+    default="data",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="This site's data, handed to the task.",
+)
+@click.option(
+    "--download/--no-download",
+    default=False,
+    show_default=True,
+    help="Let torchvision download the dataset (needs network).",
+)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False),
+    help="The site's model.pt and metrics.json [default: runs/<job>-<site>].",
+)
 @click.option(
     "--shard",
     type=click.Choice(["auto", "all"]),
@@ -399,8 +707,12 @@ def client(
     log("the job is done")
 
 
-@main.command()
-@click.option("--kit", "kit_dir", required=True, type=click.Path(file_okay=False))
+@main.command(
+    epilog=_epilog("secagg status --kit project/admin", "secagg status --kit project/admin --json")
+)
+@click.option(
+    "--kit", "kit_dir", required=True, type=click.Path(file_okay=False), help="The admin kit."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the raw status as JSON.")
 @_friendly
 def status(kit_dir: str, as_json: bool) -> None:
@@ -429,9 +741,16 @@ def status(kit_dir: str, as_json: bool) -> None:
         click.echo(f"  refused: {line}")
 
 
-@main.command()
-@click.option("--kit", "kit_dir", required=True, type=click.Path(file_okay=False))
-@click.option("--reason", default="aborted by the administrator", show_default=True)
+@main.command(epilog=_epilog('secagg abort --kit project/admin --reason "maintenance"'))
+@click.option(
+    "--kit", "kit_dir", required=True, type=click.Path(file_okay=False), help="The admin kit."
+)
+@click.option(
+    "--reason",
+    default="aborted by the administrator",
+    show_default=True,
+    help="What the server tells every site.",
+)
 @_friendly
 def abort(kit_dir: str, reason: str) -> None:
     """Stop the job: the server tells every site and exits (admin kit)."""

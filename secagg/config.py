@@ -16,7 +16,7 @@ import tomllib
 from secagg.crypto.params import CkksParams
 from secagg.errors import ConfigError
 
-__all__ = ["CkksParams", "RunConfig", "dump_job", "load_job", "with_overrides"]
+__all__ = ["CkksParams", "RunConfig", "dump_job", "load_job", "type_error", "with_overrides"]
 
 DATASETS = ("digits", "digits32", "mnist", "fashion-mnist", "cifar10")
 MODELS = ("mlp", "cnn", "moderate-cnn")
@@ -83,7 +83,14 @@ class RunConfig:
     round_retries: int = 3
 
     def validate(self) -> RunConfig:
-        """Check every value where it enters; return self so calls can chain."""
+        """Check every value where it enters; return self so calls can chain.
+
+        Types first (a string where a number belongs would otherwise fail with a Python error
+        deep inside the run), then ranges and choices."""
+        for f in fields(self):
+            wrong = type_error(f.name, getattr(self, f.name))
+            if wrong:
+                raise ConfigError(f"invalid job setting: {wrong}")
         checks: list[tuple[bool, str]] = [
             (self.dataset in DATASETS, f"dataset must be one of {', '.join(DATASETS)}"),
             (self.model in MODELS, f"model must be one of {', '.join(MODELS)}"),
@@ -152,6 +159,40 @@ class RunConfig:
 
 
 _FIELD_NAMES = {f.name for f in fields(RunConfig)}
+#: each field's annotation, as written (``int``, ``str | None``, ``dict[str, Any]``...)
+_KINDS = {f.name: str(f.type) for f in fields(RunConfig)}
+_EXPECTED = {"bool": "true or false", "int": "an integer", "float": "a number"}
+#: what a value is called in a job file (TOML's names)
+_TOML_TYPES = {bool: "a boolean", int: "an integer", float: "a float", str: "a string"}
+
+
+def _fits(kind: str, value: Any) -> bool:
+    if kind == "bool":  # only true/false: "no" or 0 must not switch HE on or off
+        return isinstance(value, bool)
+    if isinstance(value, bool):  # a bool is an int in Python, never in a job file
+        return False
+    if kind == "int":  # 2.5 rounds is a mistake, not 2
+        return isinstance(value, int)
+    if kind == "float":
+        return isinstance(value, int | float)
+    if kind.startswith("dict"):
+        return isinstance(value, dict)
+    return isinstance(value, str) or (kind.endswith("None") and value is None)
+
+
+def type_error(name: str, value: Any) -> str | None:
+    """Why ``value`` cannot be the setting ``name`` (its key, the type it needs and the value,
+    as a job file writes it), or None when it can."""
+    kind = _KINDS[name]
+    if _fits(kind, value):
+        return None
+    expected = _EXPECTED.get(kind, "a table" if kind.startswith("dict") else "a string")
+    try:
+        shown = _toml(value)
+    except ConfigError:
+        shown = repr(value)
+    what = _TOML_TYPES.get(type(value), "a table" if isinstance(value, dict) else "an array")
+    return f"{name} must be {expected}, not {shown} ({what})"
 
 
 def load_job(path: str | Path) -> RunConfig:
@@ -179,6 +220,12 @@ def load_job(path: str | Path) -> RunConfig:
             f"job file {path} has unknown setting(s) {', '.join(unknown)}; "
             f"known: {', '.join(sorted(_FIELD_NAMES))}"
         )
+    for name, value in values.items():
+        wrong = type_error(name, value)
+        if wrong:
+            raise ConfigError(f"job file {path}: {wrong}")
+        if _KINDS[name] == "float":
+            values[name] = float(value)
     values.setdefault("job_name", path.stem)
     try:
         return replace(RunConfig(), **values)

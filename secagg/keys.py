@@ -65,10 +65,9 @@ def fingerprint_of(secret_context: bytes) -> bytes:
     return hashlib.sha256(b"secagg key id\0" + secret_context).digest()[:16]
 
 
-def generate(out_dir: str | Path, params: CkksParams, force: bool = False) -> dict[str, object]:
-    """Make a key pair and write it to ``out_dir``; return the manifest."""
-    from secagg.crypto import ckks
-
+def check_can_generate(out_dir: str | Path, params: CkksParams, force: bool = False) -> None:
+    """Refuse, before any work, parameters below 128-bit security and keys already in
+    ``out_dir`` (unless ``force``)."""
     out = Path(out_dir)
     check_params(params)
     existing = [name for name in (CLIENT_FILE, SERVER_FILE, MANIFEST_FILE) if (out / name).exists()]
@@ -77,6 +76,14 @@ def generate(out_dir: str | Path, params: CkksParams, force: bool = False) -> di
             f"{out}/ already holds keys ({', '.join(existing)}); pass --force to replace them "
             "(every client then needs the new client.ctx)"
         )
+
+
+def generate(out_dir: str | Path, params: CkksParams, force: bool = False) -> dict[str, object]:
+    """Make a key pair and write it to ``out_dir``; return the manifest."""
+    from secagg.crypto import ckks
+
+    out = Path(out_dir)
+    check_can_generate(out, params, force)
     secret, public = ckks.make_contexts(params)
     manifest: dict[str, object] = {
         "scheme": "CKKS",

@@ -20,7 +20,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +28,12 @@ from secagg import keys as keyfiles
 from secagg import rounds
 from secagg.config import RunConfig
 from secagg.crypto.packing import PACKED
-from secagg.errors import CheckpointError
+from secagg.errors import CheckpointError, ConfigError
 from secagg.files import atomic_write_json
 from secagg.rounds import RoundAggregates, RoundFailed, RoundMetrics
 from secagg.server import AGGREGATES_DIR, STATE_FILE, Checkpoint, Server, load_checkpoint
 from secagg.tracking import DESCRIPTION_TAG, Tracker, make_tracker
-from secagg.transport import Transport
+from secagg.transport import Progress, Transport, no_progress
 
 RESULTS_FILE = "results.json"
 #: where ``secagg run --transport grpc`` keeps each site's folder and log in its run folder
@@ -143,6 +143,77 @@ def latest_run_dir(root: str | Path = "runs") -> Path:
     return candidates[-1].parent
 
 
+#: settings a resumed run may change: what the rounds so far computed stays valid under them
+#: (how many rounds the run has, and where and on what it trains); any other change would
+#: make the rest of the run a different job
+RESUMABLE = ("rounds", "device", "data_dir", "download")
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """How an interrupted run goes on: its saved config with the changes it may take."""
+
+    #: the config the run continues with
+    config: RunConfig
+    #: rounds the run completed before
+    completed: int
+    #: each setting changed on resuming: (the run's value, the new one)
+    changed: dict[str, tuple[Any, Any]]
+    #: the last completed round's accuracy (NaN when not known)
+    final_accuracy: float
+
+    @property
+    def finished(self) -> bool:
+        """True when the run has no round left to run."""
+        return self.completed >= self.config.rounds
+
+
+def plan_resume(resume_dir: str | Path, changes: Mapping[str, Any] = {}) -> ResumePlan:
+    """The plan for resuming the run in ``resume_dir`` with ``changes`` (settings a user gave).
+
+    Changes to the settings in ``RESUMABLE`` are applied (``rounds`` no lower than the rounds
+    already completed); a change to any other setting is refused with a ConfigError naming it,
+    since the rest of the run would not continue what the first rounds did.
+    """
+    checkpoint = load_checkpoint(resume_dir)
+    saved = RunConfig(**{**checkpoint.state["config"], "output_dir": str(resume_dir)}).validate()
+    completed = checkpoint.round_num
+    changed = {
+        name: (getattr(saved, name), value)
+        for name, value in changes.items()
+        if getattr(saved, name) != value
+    }
+    refused = [name for name in changed if name not in RESUMABLE]
+    if refused:
+        what = ", ".join(
+            f"{_flag(name, changed[name][1])} (the run has {changed[name][0]})" for name in refused
+        )
+        raise ConfigError(
+            f"--resume continues {resume_dir} as it started; {what} would make it another "
+            "job: drop that, or start a new run"
+        )
+    if "rounds" in changed and changed["rounds"][1] < completed:
+        raise ConfigError(
+            f"{resume_dir} has already completed {completed} rounds; "
+            f"--rounds must be at least {completed}"
+        )
+    config = replace(saved, **{name: new for name, (_, new) in changed.items()}).validate()
+    history = checkpoint.state.get("history", [])
+    accuracy = float(history[-1].get("accuracy", "nan")) if history else float("nan")
+    return ResumePlan(config, completed, changed, accuracy)
+
+
+_FLAGS = {"keys_dir": "--keys", "output_dir": "--output"}
+
+
+def _flag(name: str, value: Any) -> str:
+    """A setting as the flag that sets it: ``--lr 0.1``, ``--he``, ``--no-tracking``."""
+    flag = _FLAGS.get(name, "--" + name.replace("_", "-"))
+    if isinstance(value, bool):
+        return flag if value else flag.replace("--", "--no-", 1)
+    return f"{flag} {value}"
+
+
 class RunRecords:
     """The run folder, checkpoint chain and MLflow run of one job, kept in step."""
 
@@ -202,15 +273,16 @@ class RunRecords:
         resume_dir: str | Path | None,
         tags: Mapping[str, str] = {},
         num_parameters: int | None = None,
+        changes: Mapping[str, Any] = {},
     ) -> RunRecords:
-        """A new run's records, or those of the interrupted run in ``resume_dir``."""
+        """A new run's records, or those of the interrupted run in ``resume_dir`` (with the
+        ``changes`` that ``plan_resume`` allows)."""
         if resume_dir is None:
             output = new_output_dir(config)
             check_new_output(output)
             return cls(config, output, None, tags)
-        checkpoint = load_checkpoint(resume_dir)
-        saved = RunConfig(**{**checkpoint.state["config"], "output_dir": str(resume_dir)})
-        return cls(saved.validate(), Path(resume_dir), checkpoint, tags)
+        plan = plan_resume(resume_dir, changes)
+        return cls(plan.config, Path(resume_dir), load_checkpoint(resume_dir), tags)
 
     @property
     def first_round(self) -> int:
@@ -222,6 +294,7 @@ class RunRecords:
         transport: Transport,
         on_round: Callable[[RoundMetrics], None] = lambda m: None,
         on_retry: Callable[[int, RoundFailed], None] = lambda r, err: None,
+        on_progress: Progress = no_progress,
     ) -> list[RoundMetrics]:
         """Run the job's remaining rounds, keeping the checkpoint (before any client applies a
         round), results.json and MLflow in step; mark the MLflow run failed if a round raises."""
@@ -243,7 +316,15 @@ class RunRecords:
         retries = self.config.round_retries
         try:
             return rounds.run(
-                server, transport, self.job_id, span, after_round, checkpoint, retries, on_retry
+                server,
+                transport,
+                self.job_id,
+                span,
+                after_round,
+                checkpoint,
+                retries,
+                on_retry,
+                on_progress,
             )
         except BaseException:
             self.fail()

@@ -21,7 +21,7 @@ from secagg.crypto import SERVER, Stamp, contributors
 from secagg.errors import SecAggError
 from secagg.messages import ApplyReply, EvalReply, FitReply, TrainReply
 from secagg.server import Server, Summed
-from secagg.transport import Transport
+from secagg.transport import Progress, Transport, no_progress
 
 
 @dataclass(frozen=True)
@@ -84,11 +84,13 @@ def run_round(
     transport: Transport,
     round_stamp: Stamp,
     on_aggregate: Callable[[int, RoundAggregates], None] = lambda r, a: None,
+    on_progress: Progress = no_progress,
 ) -> tuple[RoundMetrics, RoundAggregates]:
     """One round in the order the data moves; return its metrics and its aggregates.
 
     ``on_aggregate`` runs once the round's aggregates exist, before any client applies them:
     where the server checkpoints, so that no client is ever ahead of the checkpoint.
+    ``on_progress`` hears the server add each payload (the transport reports the clients).
     """
     start = time.perf_counter()
     # 1 on every client: the task trains from the global model; the client flattens the model
@@ -101,7 +103,11 @@ def run_round(
     #   histograms without reading them
     scale_payloads = [t.scales for t in trained if t.scales is not None]
     scales = (
-        server.sum(scale_payloads, round_stamp.scales(), quantize.histogram_values(sizes))
+        server.sum(
+            _counted(scale_payloads, "scales", on_progress, len(scale_payloads)),
+            round_stamp.scales(),
+            quantize.histogram_values(sizes),
+        )
         if scale_payloads
         else None
     )
@@ -112,7 +118,8 @@ def run_round(
     takers = contributors(agreed) if agreed is not None else [t.client_id for t in trained]
     fits: list[FitReply] = []
     sealed = transport.seal(round_stamp, total_samples, agreed)
-    summed = server.sum(_payloads(sealed, fits), round_stamp, sum(sizes), frozenset(takers))
+    added = _counted(_payloads(sealed, fits), "aggregate", on_progress, len(takers))
+    summed = server.sum(added, round_stamp, sum(sizes), frozenset(takers))
     aggregates = RoundAggregates(summed.payload, agreed)
     on_aggregate(round_stamp.round_num, aggregates)
     # 5 on every client: decrypt, check the ledger, divide by the total weight, add to the
@@ -158,6 +165,7 @@ def run(
     on_aggregate: Callable[[int, RoundAggregates], None] = lambda r, a: None,
     retries: int = 0,
     on_retry: Callable[[int, RoundFailed], None] = lambda r, err: None,
+    on_progress: Progress = no_progress,
 ) -> list[RoundMetrics]:
     """Run ``rounds`` of ``job`` in order; return every round's metrics.
 
@@ -170,7 +178,7 @@ def run(
         stamp = round_stamp(job, round_num, transport.roster)
         for attempt in itertools.count():
             try:
-                metrics, _ = run_round(server, transport, stamp, on_aggregate)
+                metrics, _ = run_round(server, transport, stamp, on_aggregate, on_progress)
                 break
             except RoundFailed as err:
                 if attempt >= retries:
@@ -187,6 +195,16 @@ def _payloads(replies: Iterator[FitReply], keep: list[FitReply]) -> Iterator[byt
         payload, reply.payload = reply.payload, b""
         keep.append(reply)
         yield payload
+
+
+def _counted(
+    payloads: Iterable[bytes], phase: str, on_progress: Progress, total: int
+) -> Iterator[bytes]:
+    """The payloads as they are; once the server has added each, say how many it has (the
+    server times its work between handovers, so reporting here is not counted as adding)."""
+    for done, payload in enumerate(payloads, 1):
+        yield payload
+        on_progress(phase, done, total)
 
 
 def _streamed(arrivals: list[float], each: list[float]) -> float:

@@ -178,3 +178,209 @@ def test_job_file_values_are_overridden_by_flags(tmp_path: Path) -> None:
     results = json.loads((tmp_path / "o" / "results.json").read_text())
     assert results["config"]["rounds"] == 1 and results["config"]["clients"] == 2
     assert results["config"]["local_epochs"] == 1
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('clients = "four"', 'clients must be an integer, not "four" (a string)'),
+        ("rounds = 2.5", "rounds must be an integer, not 2.5 (a float)"),
+        ('he = "no"', 'he must be true or false, not "no" (a string)'),
+        ("download = 1", "download must be true or false, not 1 (an integer)"),
+        ("task = 3", "task must be a string, not 3 (an integer)"),
+        ("task_settings = 5", "task_settings must be a table, not 5 (an integer)"),
+        ('lr = "fast"', 'lr must be a number, not "fast" (a string)'),
+    ],
+)
+@pytest.mark.parametrize("transport", ["inprocess", "grpc"])
+def test_job_file_with_a_wrong_type_is_one_line_and_leaves_no_run_folder(
+    tmp_path: Path, line: str, message: str, transport: str
+) -> None:
+    job = tmp_path / "bad.toml"
+    job.write_text(line + "\n")
+    args = ["run", str(job), "--transport", transport, "--output", "o", "--no-tracking"]
+    result = _invoke(args, tmp_path)
+    assert result.exit_code == 1, result.output
+    assert result.output == f"Error: job file {job}: {message}\n"
+    assert not (tmp_path / "o").exists() and not (tmp_path / "runs").exists()
+
+
+def test_job_file_float_settings_accept_integers(tmp_path: Path) -> None:
+    from secagg.config import load_job
+
+    job = tmp_path / "job.toml"
+    job.write_text("lr = 1\nalpha = 2\n")
+    config = load_job(job).validate()
+    assert config.lr == 1.0 and isinstance(config.lr, float) and config.alpha == 2.0
+
+
+def test_keygen_refuses_existing_keys_before_saying_it_generates(
+    tmp_path: Path, keys_dir: Path
+) -> None:
+    result = _invoke(["keygen", "--out", str(keys_dir)], tmp_path)
+    assert result.exit_code == 1
+    assert "generating" not in result.output
+    assert result.output.startswith(f"Error: {keys_dir}/ already holds keys")
+
+
+def test_resume_applies_rounds_says_so_and_refuses_changes_to_the_job(tmp_path: Path) -> None:
+    base = ["run", "--clients", "2", "--local-epochs", "1", "--output", "o", "--no-tracking"]
+    first = _invoke([*base, "--rounds", "2"], tmp_path)
+    assert first.exit_code == 0, first.output
+
+    finished = _invoke(["run", "--resume", "--output", "o", "--no-tracking"], tmp_path)
+    assert finished.exit_code == 0, finished.output
+    assert finished.output.startswith("o is finished: all 2 rounds ran (final accuracy 0.")
+    assert "To train on, resume with --rounds above 2." in finished.output
+    assert "done" not in finished.output and "round " not in finished.output
+
+    changed = _invoke(
+        ["run", "--resume", "--output", "o", "--lr", "0.1", "--no-tracking"], tmp_path
+    )
+    _assert_one_line_error(
+        changed, "--resume continues o as it started; --lr 0.1 (the run has 0.05) would make it"
+    )
+    shorter = _invoke(["run", "--resume", "--output", "o", "--rounds", "1"], tmp_path)
+    _assert_one_line_error(shorter, "o has already completed 2 rounds; --rounds must be at least 2")
+
+    longer = _invoke(
+        ["run", "--resume", "--output", "o", "--rounds", "3", "--no-tracking"], tmp_path
+    )
+    assert longer.exit_code == 0, longer.output
+    lines = longer.output.splitlines()
+    assert lines[0] == "resuming o: 2 of 3 rounds done; rounds 2 -> 3"
+    assert lines[1].startswith("round   3/3")
+    assert "after 3 rounds" in longer.output
+    results = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert results["config"]["rounds"] == 3 and len(results["rounds"]) == 3
+
+
+def test_ctrl_c_prints_the_command_that_resumes_the_run(tmp_path: Path) -> None:
+    import signal
+
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"}
+    args = ["run", "--clients", "2", "--local-epochs", "1", "--rounds", "500"]
+    proc = subprocess.Popen(
+        [*SECAGG, *args, "--output", "my run", "--no-tracking"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("round   1/500"):
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        "interrupted; to continue, run: secagg run --resume --output 'my run'"
+    )
+    done = json.loads((tmp_path / "my run" / "state.json").read_text())["round"]
+    resumed = _invoke(
+        ["run", "--resume", "--output", "my run", "--rounds", str(done + 1), "--no-tracking"],
+        tmp_path,
+    )
+    assert resumed.exit_code == 0, resumed.output
+    assert f"round {done + 1:>3}/{done + 1}" in resumed.output
+
+
+def _on_a_terminal(args: list[str], cwd: Path) -> tuple[int, str]:
+    """Run secagg with stdout and stderr on a pseudo-terminal (120 columns); return its exit
+    code and everything it wrote."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen(
+        SECAGG + args, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave
+    )
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the terminal closes when the process exits
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    return proc.wait(timeout=60), out.decode()
+
+
+RUN_2x2 = ["run", "--clients", "2", "--rounds", "2", "--local-epochs", "1", "--no-tracking"]
+
+
+def test_progress_bar_on_a_terminal_shows_set_up_phases_and_eta(tmp_path: Path) -> None:
+    code, out = _on_a_terminal([*RUN_2x2, "--output", "o"], tmp_path)
+    assert code == 0, out
+    for shown in (
+        "loading data and building clients 2/2",
+        "round 1/2: train 1/2",
+        "round 1/2: encrypt 2/2",
+        "round 1/2: aggregate 2/2",
+        "round 2/2: apply 1/2",
+        "round 2/2: evaluate 2/2",
+        "1/2 rounds [",
+        "ETA",
+    ):
+        assert shown in out, shown
+    # the round lines are still there, whole, above the bar
+    assert "\nround   1/2  acc " in out.replace("\r", "\n")
+
+
+def test_no_progress_bar_when_stdout_is_not_a_terminal(tmp_path: Path) -> None:
+    run = _run([*RUN_2x2, "--output", "o"], tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "\r" not in run.stdout + run.stderr and "ETA" not in run.stdout + run.stderr
+    assert "loading data" not in run.stdout + run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0].startswith("secagg run: digits/mlp, 2 clients, 2 rounds")
+    assert lines[1].startswith("round   1/2  acc ") and lines[2].startswith("round   2/2  acc ")
+    assert lines[3].startswith("done: final accuracy")
+
+
+def test_quiet_prints_only_the_summary(tmp_path: Path) -> None:
+    result = _invoke([*RUN_2x2, "--output", "o", "--quiet"], tmp_path)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith("done: final accuracy") and "after 2 rounds" in lines[0]
+    assert lines[1:] == ["  results: o/results.json", "  model:   o/model.pt"]
+
+
+def test_run_help_shows_defaults_units_the_he_limit_and_an_example(tmp_path: Path) -> None:
+    from secagg.crypto.packing import PACKED
+
+    result = _invoke(["run", "--help"], tmp_path)
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())  # click wraps lines where it likes
+    for shown in (
+        "Clients in the job: the population (with --he at most 128 per round). [default: 8]",
+        "Clients drawn to take part in each round",
+        "Federated rounds. [default: 10]",
+        "Learning rate. [default: 0.05]",
+        "[default: off]",
+        "seconds each phase of a round waits for the sites. [default: 900.0]",
+        "MB sent up and down",
+        f"With --he, at most {PACKED.max_clients} clients take part in a round",
+        "secagg run --resume --output runs/<run> --rounds 20",
+        "-q, --quiet",
+    ):
+        assert shown in text, shown
+
+
+@pytest.mark.parametrize(
+    "command", ["keygen", "run", "provision", "server", "client", "status", "abort"]
+)
+def test_every_command_help_has_an_example(tmp_path: Path, command: str) -> None:
+    result = _invoke([command, "--help"], tmp_path)
+    assert result.exit_code == 0
+    assert "Examples:" in result.output and f"  secagg {command}" in result.output

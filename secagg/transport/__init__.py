@@ -7,11 +7,21 @@ add each payload as it arrives.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from secagg.crypto import Stamp
 from secagg.messages import ApplyReply, EvalReply, FitReply, TrainReply
+
+#: Hears how a long step goes: ``(phase, done, total)``, e.g. ``("encrypt", 3, 8)`` when the
+#: third of eight clients has encrypted. Phases of a round: train, scales, encrypt, aggregate,
+#: apply, evaluate; before the rounds: clients (data loading and model set-up), tracking,
+#: replay (a resumed run rebuilding its model). Optional everywhere; the CLI draws it.
+Progress = Callable[[str, int, int], None]
+
+
+def no_progress(phase: str, done: int, total: int) -> None:
+    """The default ``Progress``: nobody is listening."""
 
 
 class Transport(Protocol):

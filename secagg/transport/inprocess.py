@@ -17,15 +17,19 @@ from secagg.client import Client
 from secagg.crypto import Stamp
 from secagg.messages import ApplyReply, EvalReply, FitReply, TrainReply
 from secagg.task import Site
+from secagg.transport import Progress, no_progress
 
 
 class InProcessTransport:
+    """``on_progress`` hears each client finish each step (``("train", 3, 8)``)."""
+
     def __init__(
         self,
         slots: Sequence[Client],
         sample: Callable[[int], list[int]] | None = None,
         site_for: Callable[[int], Site] | None = None,
         evaluator: Client | None = None,
+        on_progress: Progress = no_progress,
     ) -> None:
         self.slots = list(slots)
         #: how many clients take part in each round
@@ -33,7 +37,7 @@ class InProcessTransport:
         self.sample = sample or (lambda round_num: list(range(len(self.slots))))
         self.site_for = site_for
         self.evaluator = evaluator
-        self._round: list[Client] = []
+        self.on_progress = on_progress
 
     @property
     def holder(self) -> Client:
@@ -54,25 +58,36 @@ class InProcessTransport:
     def tensor_sizes(self) -> list[int]:
         return [entry.size for entry in self.holder.layout.entries]
 
+    def _each(self, phase: str, clients: Sequence[Client]) -> Iterator[tuple[int, Client]]:
+        """The clients in turn, with their position in the round; after each one's step, say
+        how many are done."""
+        for position, client in enumerate(clients):
+            yield position, client
+            self.on_progress(phase, position + 1, len(clients))
+
     def train(self, round_stamp: Stamp) -> list[TrainReply]:
         chosen = self.sample(round_stamp.round_num)
         for slot, index in zip(self.slots, chosen, strict=True):
             if slot.site.index != index:
                 assert self.site_for is not None, "a sampled round needs site_for"
                 slot.become(self.site_for(index))
-        self._round = self.slots
         return [
-            slot.train(round_stamp.for_sender(position)) for position, slot in enumerate(self.slots)
+            slot.train(round_stamp.for_sender(position))
+            for position, slot in self._each("train", self.slots)
         ]
 
     def seal(
         self, round_stamp: Stamp, total_samples: int, scales: bytes | None
     ) -> Iterator[FitReply]:
-        for position, slot in enumerate(self._round):
-            yield slot.seal(round_stamp.for_sender(position), total_samples, scales)
+        for position, slot in enumerate(self.slots):
+            reply = slot.seal(round_stamp.for_sender(position), total_samples, scales)
+            self.on_progress("encrypt", position + 1, self.roster)
+            yield reply
 
     def apply(self, round_stamp: Stamp, payload: bytes, scales: bytes | None) -> list[ApplyReply]:
-        replies = [client.apply(payload, round_stamp, scales) for client in self.slots]
+        replies = [
+            c.apply(payload, round_stamp, scales) for _, c in self._each("apply", self.slots)
+        ]
         if self.evaluator is not None:
             self.evaluator.apply(payload, round_stamp, scales)
         return replies
@@ -81,5 +96,5 @@ class InProcessTransport:
         clients = list(self.slots)
         if self.evaluator is not None and all(c.site != self.evaluator.site for c in clients):
             clients.append(self.evaluator)
-        replies = (client.evaluate(round_num) for client in clients)
+        replies = [c.evaluate(round_num) for _, c in self._each("evaluate", clients)]
         return [reply for reply in replies if reply is not None]

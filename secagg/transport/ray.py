@@ -154,6 +154,8 @@ class RayTransport:
         _check_room(ray, config, actors)
         self.config = config
         self.task = task
+        #: hears nothing yet: Ray's clients run at once, and report when the round ends
+        self.on_progress: Any = lambda phase, done, total: None
         self.keys = None
         if config.he:
             from secagg import keys
