@@ -44,15 +44,16 @@ def seeds_of(payload: bytes) -> tuple[bytes, ...]:
     )
 
 
-def with_seeds(aggregate: bytes, seeds: tuple[bytes, ...]) -> bytes:
-    """The same aggregate listing other seeds (as many as it had), with a valid digest."""
-    old = seeds_of(aggregate)
-    assert len(old) == len(seeds)
-    head = aggregate[: envelope.HEADER_SIZE]
-    contributors = struct.unpack_from(">I", head, envelope.HEADER_SIZE - 10)[0]
+def with_seeds(payload: bytes, seeds: tuple[bytes, ...]) -> bytes:
+    """``payload`` listing ``seeds`` (any number) instead of its own, its seed count and digest
+    made consistent: what a forger sends."""
+    head = bytearray(payload[: envelope.HEADER_SIZE])
+    contributors, seed_size, old = struct.unpack_from(">IHI", head, envelope.HEADER_SIZE - 10)
+    struct.pack_into(">I", head, envelope.HEADER_SIZE - 4, len(seeds))
     start = envelope.HEADER_SIZE + 4 * contributors
-    end = start + sum(len(seed) for seed in old)
-    return with_digest(aggregate[:start] + b"".join(seeds) + aggregate[end:-32])
+    ids = payload[envelope.HEADER_SIZE : start]
+    rest = payload[start + old * seed_size : -32]
+    return with_digest(bytes(head) + ids + b"".join(seeds) + rest)
 
 
 def forge_aggregate(
