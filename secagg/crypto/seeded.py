@@ -47,6 +47,8 @@ from secagg.errors import KeyFileError
 SEED_BYTES = 32
 _MASK32 = np.uint64(0xFFFFFFFF)
 _SHIFT32 = np.uint64(32)
+#: Polynomials summed before one reduction mod q (q < 2**60, so 15 + 1 terms fit 64 bits).
+_LAZY_TERMS = 15
 #: Extra words drawn with the first batch so that a rejected word almost never costs a second.
 _SPARE = 64
 
@@ -81,9 +83,14 @@ def expand_sum(
     """``(count, n)``: for each ciphertext ``start .. start+count-1``, the sum mod q of every
     seed's polynomial: the ``c1`` of a sum of seeded ciphertexts."""
     out = np.zeros((count, n), dtype="<u8")
+    q = np.uint64(modulus)
     for offset in range(count):
-        for seed in seeds:
-            seal_format.add_mod(out[offset], expand(seed, start + offset, n, modulus), modulus)
+        row = out[offset]
+        # Words are below q < 2**60: up to 15 of them add without wrapping 64 bits.
+        for group in range(0, len(seeds), _LAZY_TERMS):
+            for seed in seeds[group : group + _LAZY_TERMS]:
+                row += expand(seed, start + offset, n, modulus)
+            np.remainder(row, q, out=row)
     return out
 
 
