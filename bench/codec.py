@@ -67,6 +67,7 @@ import gc
 import json
 import os
 import platform
+import struct
 import subprocess
 import sys
 import tempfile
@@ -82,7 +83,7 @@ import tenseal as ts
 from secagg import keys as secagg_keys
 from secagg import quantize
 from secagg.config import CkksParams
-from secagg.crypto import SERVER, ClientCipher, ServerCipher, Stamp, Update, ckks
+from secagg.crypto import SERVER, ClientCipher, ServerCipher, Stamp, Update, ckks, envelope
 from secagg.crypto.ckks import CkksClient
 from secagg.crypto.ckks_server import CkksServer
 from secagg.crypto.packing import PACKED
@@ -256,6 +257,67 @@ def secagg_packed_codec(params: CkksParams) -> Iterator[CipherCodec]:
         codec = CipherCodec(SECAGG_PACKED, threads, client, server)
         codec.keys_dir = keys_dir
         yield codec
+
+
+# ---------------------------------------------------------------------------------------------
+# Bytes on the wire of a whole HE round
+
+WIRE_MODELS = (("mlp (digits)", "mlp", (64,)), ("ModerateCNN", "moderate-cnn", (3, 32, 32)))
+WIRE_CLIENTS = 8
+
+
+def unseeded_size(payload: bytes) -> int:
+    """What ``payload`` took in the format before seeded ciphertexts (envelope version 3): no
+    seed fields or seeds, and every ciphertext's ``c1`` sent as N words like its ``c0``."""
+    count, size, _, seed_size, seeds = struct.unpack_from(
+        ">IQIHI", payload, envelope.HEADER_SIZE - 22
+    )
+    return len(payload) - seed_size * seeds - 6 + count * size
+
+
+def run_wire(codec: CipherCodec, models: Sequence[tuple[str, str, tuple[int, ...]]]) -> list[dict]:
+    """One real HE round of ``WIRE_CLIENTS`` clients per model, both phases (the scale exchange
+    and the update): bytes per value each way, measured on the payloads, next to the same
+    payloads in the earlier format (``unseeded_size``). The sum is decrypted and checked."""
+    from secagg.crypto.quantized import QuantizedCipher
+    from secagg.flatten import layout_of
+    from secagg.models import build_model
+
+    rows = []
+    stamp = Stamp(bytes(16), 1, SERVER, WIRE_CLIENTS)
+    for label, name, in_shape in models:
+        layout = layout_of(build_model(name, in_shape, 10, 0).state_dict())
+        cipher = QuantizedCipher(codec.client, layout)  # type: ignore[arg-type]
+        rng = np.random.default_rng(0)
+        changes = [rng.normal(0, UPDATE_STD, layout.size) for _ in range(WIRE_CLIENTS)]
+        weights = client_weights(WIRE_CLIENTS)
+        scales = [cipher.prepare(c, stamp.for_sender(i)) for i, c in enumerate(changes)]
+        agreed = codec.server.sum(scales, stamp.scales())
+        updates = [
+            cipher.encrypt(Update(c * w, w), stamp.for_sender(i), agreed)
+            for i, (c, w) in enumerate(zip(changes, weights, strict=True))
+        ]
+        total = codec.server.sum(updates, stamp)
+        result = cipher.decrypt(total, stamp, agreed)
+        expected = np.sum([c * w for c, w in zip(changes, weights, strict=True)], axis=0)
+        up = {"scales": scales[0], "update": updates[0]}
+        down = {"scales": agreed, "update": total}
+        row: dict[str, Any] = {"model": label, "values": layout.size, "clients": WIRE_CLIENTS}
+        for way, payloads in (("up", up), ("down", down)):
+            for fmt, size_of in (("seeded", len), ("unseeded", unseeded_size)):
+                sizes = {phase: size_of(payload) for phase, payload in payloads.items()}
+                row[f"{way}_{fmt}_bytes"] = sum(sizes.values())
+                row[f"{way}_{fmt}_scales_per_value"] = sizes["scales"] / layout.size
+                row[f"{way}_{fmt}_per_value"] = sum(sizes.values()) / layout.size
+        row["max_abs_error"] = float(np.abs(result.values - expected).max())
+        rows.append(row)
+        print(
+            f"  {label}: {row['up_unseeded_per_value']:.2f} -> {row['up_seeded_per_value']:.2f} "
+            f"B/value up, {row['down_unseeded_per_value']:.2f} -> "
+            f"{row['down_seeded_per_value']:.2f} down",
+            flush=True,
+        )
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -755,6 +817,40 @@ def render_markdown(results: dict) -> str:
     )
     for note in results["skipped"]:
         lines.append(f"\nSkipped: {note}.")
+    if results.get("wire"):
+        lines += [
+            "",
+            f"## Bytes per value on the wire, one HE round of {WIRE_CLIENTS} clients",
+            "",
+            "Both phases (scale exchange + update) of one client's upload and of what every "
+            "client downloads, measured on real payloads; 'before' is the same payloads with "
+            "c1 sent as N words, as envelope version 3 did, 'now' sends c0 and a 32-byte seed.",
+            "",
+        ]
+        lines += _table(
+            [
+                "model",
+                "values",
+                "up before",
+                "up now",
+                "down before",
+                "down now",
+                "of which scales",
+            ],
+            (
+                (
+                    w["model"],
+                    f"{w['values']:,}",
+                    f"{w['up_unseeded_per_value']:.2f}",
+                    f"**{w['up_seeded_per_value']:.2f}**",
+                    f"{w['down_unseeded_per_value']:.2f}",
+                    f"**{w['down_seeded_per_value']:.2f}**",
+                    f"{w['up_seeded_scales_per_value']:.2f} up, "
+                    f"{w['down_seeded_scales_per_value']:.2f} down",
+                )
+                for w in results["wire"]
+            ),
+        )
     lines += ["", "## Encrypt + decrypt on one core (CPU seconds per 1M parameters)", ""]
     sizes = list(dict.fromkeys(row["label"] for row in results["throughput"]))
     configs = list(dict.fromkeys(row["config"] for row in results["throughput"]))
@@ -935,6 +1031,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--server-clients", type=int, default=8, help="clients in the server-memory part"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--wire-models",
+        default="mlp,moderate-cnn",
+        help="built-in models whose HE round is measured byte for byte ('' for none)",
+    )
     return parser
 
 
@@ -960,6 +1061,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         scaling = run_scaling(packed, args.scale_size, args.clients, args.seed)
         print(f"Throughput, {clients} clients:", flush=True)
         rows, skipped = run_throughput(codecs, sizes, clients, args.peer_max, args.seed, model_n)
+        wire = []
+        chosen = [m for m in WIRE_MODELS if m[1] in args.wire_models.split(",")]
+        if chosen:
+            print(f"Bytes on the wire, one HE round of {WIRE_CLIENTS} clients:", flush=True)
+            wire = run_wire(packed, chosen)
         threads = {codec.name: codec.threads for codec in codecs}
         server_memory = None
         if args.server_size:
@@ -999,6 +1105,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "speedup": speedups(rows),
         "scaling": scaling,
         "server_memory": server_memory,
+        "wire": wire,
     }
     results["elapsed_s"] = time.perf_counter() - started
     results["markdown"] = render_markdown(results)

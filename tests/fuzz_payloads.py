@@ -9,8 +9,9 @@ process if one ever does::
 Every case is malformed or hostile: truncated, random, bit-flipped (with the digest kept, or
 recomputed as a forger would), oversized or wrong length and count fields, other keys, other
 CKKS parameters, another job or round, replays and duplicates, aggregates that drop an update
-or leave a contributor unlisted or have a keyless ciphertext added, an update where an
-aggregate belongs and back. A case goes to
+or leave a contributor unlisted or have a keyless ciphertext added, forged, swapped, dropped or
+added seeds (the random half of every HE ciphertext), an update where an aggregate belongs and
+back. A case goes to
 the server (with two good payloads before it) or to a client (as the aggregate); what the
 server accepts is then decrypted by a client, as in a round.
 
@@ -43,7 +44,9 @@ from hostile import (
     add_trivial,
     forge_aggregate,
     restamp,
+    seeds_of,
     with_digest,
+    with_seeds,
 )
 
 from secagg import keys
@@ -71,6 +74,8 @@ FIELDS = {
     "blob_count": (SENDER_OFFSET + 20, ">I"),
     "blob_size": (SENDER_OFFSET + 24, ">Q"),
     "contributors": (SENDER_OFFSET + 32, ">I"),
+    "seed_size": (SENDER_OFFSET + 36, ">H"),
+    "seed_count": (SENDER_OFFSET + 38, ">I"),
 }
 
 
@@ -281,6 +286,34 @@ def keyless(s: Setup, rng: random.Random) -> Case:
     return "keyless", "client", add_trivial(s.server, s.aggregate, delta)
 
 
+def seed(s: Setup, rng: random.Random) -> Case:
+    """A seed that is not the one the ciphertexts were made with, where the digest and the
+    counts still add up: forged (random), swapped (an update sent with another client's seed,
+    or an aggregate listing one seed twice), dropped or added (an aggregate listing one fewer
+    or one more than it added)."""
+    if not s.client.codec.seed_size:  # type: ignore[attr-defined]
+        return forged_flip(s, rng)
+    choice = rng.randrange(6)
+    honest = list(seeds_of(s.aggregate))
+    if choice == 0:
+        return "seed-forged", "server", with_seeds(s.payloads[2], (rng.randbytes(32),))
+    if choice == 1:
+        honest[rng.randrange(ROSTER)] = rng.randbytes(32)
+        return "seed-forged", "client", with_seeds(s.aggregate, tuple(honest))
+    if choice == 2:
+        other = seeds_of(s.payloads[rng.randrange(2)])
+        return "seed-swapped", "server", with_seeds(s.payloads[2], other)
+    if choice == 3:
+        a, b = rng.sample(range(ROSTER), 2)
+        honest[a] = honest[b]
+        return "seed-swapped", "client", with_seeds(s.aggregate, tuple(honest))
+    if choice == 4:
+        del honest[rng.randrange(ROSTER)]
+        return "seed-dropped", "client", with_seeds(s.aggregate, tuple(honest))
+    extra = seeds_of(s.old_payload) if rng.random() < 0.5 else (rng.randbytes(32),)
+    return "seed-added", "client", with_seeds(s.aggregate, (*honest, *extra))
+
+
 def wrong_kind(s: Setup, rng: random.Random) -> Case:
     if rng.random() < 0.5:
         return "update-as-aggregate", "client", s.payloads[0]
@@ -301,6 +334,7 @@ MUTATORS: list[Callable[[Setup, random.Random], Case]] = [
     dropped,
     unlisted,
     keyless,
+    seed,
     wrong_kind,
 ]
 

@@ -16,7 +16,7 @@ from secagg.crypto import SERVER, Stamp, envelope
 from secagg.crypto.ckks_server import CkksServer
 from secagg.crypto.packing import PACKED
 from secagg.crypto.plain import PlainCipher
-from secagg.crypto.seal_format import POLYS, CiphertextShape, add_mod
+from secagg.crypto.seal_format import CiphertextShape, add_mod
 
 # Offsets into the fixed header (see secagg.crypto.envelope).
 JOB_OFFSET = 4 + 4 + 16
@@ -27,9 +27,33 @@ SENDER_OFFSET = ROUND_OFFSET + 4
 def body_of(payload: bytes) -> tuple[bytes, int, int, int, memoryview]:
     """(header, values, blob count, blob size, body) of any well-formed payload, unchecked."""
     head = payload[: envelope.HEADER_SIZE]
-    values, _, count, size, contributors = struct.unpack_from(">Q4sIQI", head, ROUND_OFFSET + 12)
-    start = envelope.HEADER_SIZE + 4 * contributors
+    values, _, count, size, contributors, seed_size, seeds = struct.unpack_from(
+        ">Q4sIQIHI", head, ROUND_OFFSET + 12
+    )
+    start = envelope.HEADER_SIZE + 4 * contributors + seed_size * seeds
     return head, values, count, size, memoryview(payload)[start : start + count * size]
+
+
+def seeds_of(payload: bytes) -> tuple[bytes, ...]:
+    """The seeds a well-formed payload carries (its sender's, or an aggregate's), unchecked."""
+    head = payload[: envelope.HEADER_SIZE]
+    contributors, seed_size, seeds = struct.unpack_from(">IHI", head, envelope.HEADER_SIZE - 10)
+    start = envelope.HEADER_SIZE + 4 * contributors
+    return tuple(
+        bytes(payload[start + i * seed_size : start + (i + 1) * seed_size]) for i in range(seeds)
+    )
+
+
+def with_seeds(payload: bytes, seeds: tuple[bytes, ...]) -> bytes:
+    """``payload`` listing ``seeds`` (any number) instead of its own, its seed count and digest
+    made consistent: what a forger sends."""
+    head = bytearray(payload[: envelope.HEADER_SIZE])
+    contributors, seed_size, old = struct.unpack_from(">IHI", head, envelope.HEADER_SIZE - 10)
+    struct.pack_into(">I", head, envelope.HEADER_SIZE - 4, len(seeds))
+    start = envelope.HEADER_SIZE + 4 * contributors
+    ids = payload[envelope.HEADER_SIZE : start]
+    rest = payload[start + old * seed_size : -32]
+    return with_digest(bytes(head) + ids + b"".join(seeds) + rest)
 
 
 def forge_aggregate(
@@ -38,10 +62,14 @@ def forge_aggregate(
     round_stamp: Stamp,
     contributors: tuple[int, ...],
 ) -> bytes:
-    """Add ``payloads`` without any check and claim ``contributors`` added them."""
+    """Add ``payloads`` without any check and claim ``contributors`` added them; an HE
+    aggregate lists the seeds of the payloads it added (so it decrypts without noise, and only
+    the clients' ledger check can tell what was added)."""
     total: np.ndarray | None = None
     values = count = size = 0
+    seeds: tuple[bytes, ...] = ()
     for payload in payloads:
+        seeds += seeds_of(payload)
         _, values, count, size, body = body_of(payload)
         if isinstance(server, PlainCipher):
             part = np.frombuffer(body, dtype="<f4").astype(np.float64)
@@ -64,6 +92,7 @@ def forge_aggregate(
         size,
         [total],
         contributors,
+        seeds,
     )
 
 
@@ -110,15 +139,16 @@ def trivial_ciphertext(shape: CiphertextShape, slots: np.ndarray) -> np.ndarray:
 
 def add_trivial(server: CkksServer, aggregate: bytes, delta: np.ndarray) -> bytes:
     """``aggregate`` plus a trivial ciphertext of the slot vector ``delta`` (zeros beyond it),
-    what a malicious server that skipped its own rules sends, with a valid digest."""
+    what a malicious server that skipped its own rules sends, with a valid digest. Its ``c1``
+    is zero, so it changes only the ``c0`` words the aggregate carries."""
     shape = server._shape
     _, _, count, size, body = body_of(aggregate)
-    words = np.frombuffer(body, dtype="<u8").reshape(count, POLYS, -1).copy()
+    words = np.frombuffer(body, dtype="<u8").reshape(count, -1).copy()
     per = shape.poly_modulus_degree // 2
     for index in range(count):
         part = delta[index * per : (index + 1) * per]
         if np.any(part):
-            add_mod(words[index], trivial_ciphertext(shape, part), shape.modulus)
+            add_mod(words[index], trivial_ciphertext(shape, part)[0], shape.modulus)
     start = len(aggregate) - 32 - count * size
     return with_digest(aggregate[:start] + words.tobytes())
 

@@ -25,7 +25,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
     # slots of the 128-client tally, 3 ledger slots and 2 of the integrity tag), so bytes per
     # parameter show the codec's density, not padding.
     argv = ["--quick", "--sizes", str(SIZE), "--clients", "2,3", "--scale-size", "5000"]
-    argv += ["--server-size", "50000", "--server-clients", "3"]
+    argv += ["--server-size", "50000", "--server-clients", "3", "--wire-models", "mlp"]
     return codec.main([*argv, "--out", str(out)])
 
 
@@ -54,6 +54,18 @@ def test_packed_codec_is_at_most_twelve_bytes_per_parameter(results: dict) -> No
     assert packed["bytes_per_param"] <= 12
     assert packed["result_bytes_per_param"] <= 12
     assert packed["bytes_per_param"] < peer["bytes_per_param"] / 5
+
+
+def test_wire_section_measures_a_whole_round_against_the_earlier_format(results: dict) -> None:
+    """The digits MLP: one ciphertext per phase each way; seeded c1 halves every ciphertext."""
+    (row,) = results["wire"]
+    assert row["model"] == "mlp (digits)" and row["values"] == 9_610 and row["clients"] == 8
+    assert row["max_abs_error"] < 1e-3
+    for way in ("up", "down"):
+        seeded, before = row[f"{way}_seeded_per_value"], row[f"{way}_unseeded_per_value"]
+        assert 0.49 < seeded / before < 0.51
+        assert row[f"{way}_seeded_scales_per_value"] > 0
+    assert "Bytes per value on the wire" in results["markdown"]
 
 
 def test_speedup_and_scaling_sections(results: dict) -> None:

@@ -67,6 +67,11 @@ def test_a_thousand_hostile_payloads_are_refused_by_name(session_keys: Path) -> 
         "bad-weight",
         "out-of-range",
     }
+    # A seed that is not the ciphertexts' own: c1 is wrong, the sum decrypts to noise.
+    for kind in ("seed-forged", "seed-swapped", "seed-dropped"):
+        assert by_kind[kind] == {"not-integer"}, (kind, by_kind[kind])
+    # One seed more than the roster has members is refused before decrypting.
+    assert by_kind["seed-added"] <= {"not-integer", "malformed"}
     assert by_kind["update-as-aggregate"] == {"wrong-kind"}
     assert by_kind["aggregate-as-update"] == {"wrong-kind"}
     assert "harmless" not in by_kind["truncated"] | by_kind["random"] | by_kind["bit-flip"]

@@ -10,6 +10,7 @@ thousand honest rounds of the exact-integer check pass, none refused.
 from __future__ import annotations
 
 import random
+import struct
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from conftest import JOB, encrypt_all, round_of, update_for
 from hostile import add_trivial, forge_aggregate, restamp_job, trivial_ciphertext, with_digest
 
 from secagg import quantize
-from secagg.crypto import Stamp, Update, envelope, integrity, ledger
+from secagg.crypto import Stamp, Update, envelope, integrity, ledger, seeded
 from secagg.crypto.ckks_server import TAIL, open_payload
 from secagg.crypto.envelope import AGGREGATE, SCALES, SERVER
 from secagg.crypto.packing import PACKED
@@ -51,9 +52,11 @@ def _digit_delta(index: int, amount: float, values: int, roster: int = ROSTER) -
 def _decrypt_unchecked(client, aggregate: bytes, stamp: Stamp):  # type: ignore[no-untyped-def]
     """What the aggregate decrypts to, with no ledger or tag check: the attack landed."""
     opened = open_payload(client.codec, client._shape, aggregate, stamp, AGGREGATE)
-    words = np.frombuffer(opened.body, dtype="<u8").reshape(opened.blob_count, 2, -1)
+    c0 = np.frombuffer(opened.body, dtype="<u8").reshape(opened.blob_count, -1)
     n = opened.values + stamp.roster
-    slots = client._pool.decrypt(client._context, words, PACKED.slots_for(n, TAIL), client._shape)
+    slots = client._pool.decrypt(
+        client._context, c0, opened.seeds, PACKED.slots_for(n, TAIL), client._shape
+    )
     return PACKED.unpack(slots, n, TAIL, 0.05)
 
 
@@ -130,7 +133,7 @@ def test_an_aggregate_made_up_with_an_intact_ledger_is_refused(ckks_pair, honest
     """The attack the ledger alone cannot see: the server drops client 2's update and adds, in
     a keyless ciphertext, the ledger entries client 2 would have sent (it knows them all: the
     roster, the sample counts, the round tag's public formula), so the tally, the weight and
-    the round tags all add up; then it wipes the whole update out the same way."""
+    the round tags all add up; then it tries to wipe the whole update out the same way."""
     client, server = ckks_pair
     updates, payloads, _ = honest
     stamp = round_of(4, roster=ROSTER)
@@ -147,26 +150,35 @@ def test_an_aggregate_made_up_with_an_intact_ledger_is_refused(ckks_pair, honest
         client.decrypt(refilled, stamp)
     assert caught.value.reason == "forged"
 
-    # A round's update wiped out: a made-up aggregate with zeros and a perfect ledger.
+    # A round's update wiped out: a made-up aggregate with zeros and a perfect ledger. A
+    # trivial ciphertext needs c1 = 0, but an aggregate's c1 is what its seeds expand to: with
+    # the honest seeds listed it decrypts to noise, and with none it is no aggregate.
     entries = [ledger.entries(u, stamp.for_sender(i)) for i, u in enumerate(updates)]
     tally = np.sum([e[0] for e in entries], axis=0)
     tail = np.sum([e[1] for e in entries], axis=0)
     made_up = PACKED.pack(np.concatenate([np.zeros(SIZE), tally]), np.append(tail, [0, 0]))
-    wiped = _replace_with_trivial(
-        server, forge_aggregate(server, payloads, stamp, (0, 1, 2)), made_up
-    )
+    honest_sum = forge_aggregate(server, payloads, stamp, (0, 1, 2))
+    wiped = _replace_with_trivial(server, honest_sum, made_up)
     with pytest.raises(PayloadError) as caught:
         client.decrypt(wiped, stamp)
-    assert caught.value.reason == "forged"
+    assert caught.value.reason == "not-integer"
+    seedless = bytearray(wiped[:-32])
+    struct.pack_into(">I", seedless, envelope.HEADER_SIZE - 4, 0)  # seed count
+    start = envelope.HEADER_SIZE + 4 * ROSTER
+    del seedless[start : start + 3 * seeded.SEED_BYTES]
+    with pytest.raises(PayloadError) as caught:
+        client.decrypt(with_digest(seedless), stamp)
+    assert caught.value.reason == "malformed"
 
 
 def _replace_with_trivial(server, aggregate: bytes, slots: np.ndarray) -> bytes:  # type: ignore[no-untyped-def]
-    """The aggregate's ciphertexts replaced by trivial ones of ``slots``: no client's data."""
+    """The aggregate's c0 words replaced by trivial ciphertexts' of ``slots``: no client's
+    data (its seeds stay)."""
     shape = server._shape
     per = shape.poly_modulus_degree // 2
     count = -(-slots.size // per)
     words = np.stack(
-        [trivial_ciphertext(shape, slots[i * per : (i + 1) * per]) for i in range(count)]
+        [trivial_ciphertext(shape, slots[i * per : (i + 1) * per])[0] for i in range(count)]
     )
     start = len(aggregate) - 32 - words.nbytes
     return with_digest(aggregate[:start] + words.tobytes())

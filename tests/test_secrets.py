@@ -49,13 +49,13 @@ def test_server_receives_and_stores_no_secret_key_material(
     received: list[bytes] = []
     real_sum = Server.sum
 
-    def recording_sum(self, payloads, round_stamp, allowed=None):  # type: ignore[no-untyped-def]
+    def recording_sum(self, payloads, round_stamp, values, allowed=None):  # type: ignore[no-untyped-def]
         def tap():  # type: ignore[no-untyped-def]
             for payload in payloads:
                 received.append(bytes(payload))
                 yield payload
 
-        summed = real_sum(self, tap(), round_stamp, allowed)
+        summed = real_sum(self, tap(), round_stamp, values, allowed)
         received.append(summed.payload)
         return summed
 

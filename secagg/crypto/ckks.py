@@ -8,7 +8,9 @@ three quantized values per slot (``packing``). Decryptions are exact integers, s
 client publishes (the global model, checkpoints, metrics) carries no key-dependent noise.
 
 Ciphertexts leave this module as raw coefficients (``seal_format``): TenSEAL's own bytes never
-travel, and TenSEAL only ever loads bytes this module rebuilt from checked coefficients.
+travel, and TenSEAL only ever loads bytes this module rebuilt from checked coefficients. Only
+``c0`` travels: each ciphertext's uniformly random ``c1`` is re-drawn from a seed the payload
+carries (``seeded``), and an aggregate's ``c1`` is rebuilt from its contributors' seeds.
 Vectors are chunked to the slot count here, because TenSEAL would otherwise split them itself
 with a warning per call. TenSEAL holds the GIL, so encryption and decryption are spread over
 worker processes (``SECAGG_WORKERS`` in all, default one per CPU core).
@@ -31,7 +33,7 @@ from typing import Any
 import numpy as np
 import tenseal as ts
 
-from secagg.crypto import envelope, integrity, ledger, seal_format
+from secagg.crypto import envelope, integrity, ledger, seal_format, seeded
 from secagg.crypto.ckks_server import TAIL, blobs_for, codec_for, open_payload
 from secagg.crypto.envelope import AGGREGATE, UPDATE, Stamp
 from secagg.crypto.ledger import Aggregate, Update
@@ -96,6 +98,7 @@ class CkksClient:
                 "but was given a public one (server.ctx)"
             )
         self.codec, self._shape = codec_for(keys)
+        self._secret = seeded.SecretKey(keys.context, self._shape)
         self._mac = integrity.MacKey(keys.context)
         self._pool = _pool_for(keys.context)
         #: the largest magnitude a summed integer may reach (``quantize.steps`` keeps sums in it)
@@ -109,11 +112,12 @@ class CkksClient:
         # Packed first: it refuses what it cannot carry before the tag reads any of it.
         slots = PACKED.pack(digits, np.concatenate([tail, np.zeros(integrity.SLOTS)]))
         slots[-integrity.SLOTS :] = self._mac.seal(stamp, digits, tail)
-        coefficients = self._pool.encrypt(self._context, slots, self._shape)
+        seed = seeded.fresh_seed()
+        c0 = self._pool.encrypt(self._context, self._secret, slots, self._shape, seed)
         encrypted = time.perf_counter()
         count, size = blobs_for(self._shape, stamp.roster)(update.values.size)
         payload = envelope.to_bytes(
-            self.codec, UPDATE, stamp, update.values.size, count, size, [coefficients]
+            self.codec, UPDATE, stamp, update.values.size, count, size, [c0], seeds=(seed,)
         )
         self.last_seconds = {
             "encrypt": encrypted - start,
@@ -123,13 +127,13 @@ class CkksClient:
 
     def decrypt(self, payload: bytes, stamp: Stamp) -> Aggregate:
         opened = open_payload(self.codec, self._shape, payload, stamp, AGGREGATE)
-        coefficients = np.frombuffer(opened.body, dtype="<u8").reshape(
-            opened.blob_count, seal_format.POLYS, self._shape.poly_modulus_degree
+        c0 = np.frombuffer(opened.body, dtype="<u8").reshape(
+            opened.blob_count, self._shape.poly_modulus_degree
         )
-        seal_format.check_coefficients(coefficients, self._shape.modulus)
+        seal_format.check_coefficients(c0, self._shape.modulus)
         n, roster = opened.values, stamp.roster
         n_slots = PACKED.slots_for(n + roster, TAIL)
-        slots = self._pool.decrypt(self._context, coefficients, n_slots, self._shape)
+        slots = self._pool.decrypt(self._context, c0, opened.seeds, n_slots, self._shape)
         tolerance = PACKED.tolerance(self._shape.poly_modulus_degree, len(opened.contributors))
         try:
             digits, tail = PACKED.unpack(slots, n + roster, TAIL, tolerance)
@@ -148,25 +152,42 @@ class CkksClient:
 
 
 def encrypt_chunks(
-    context: ts.Context, slots: np.ndarray, shape: CiphertextShape, scale: float
+    context: ts.Context,
+    secret: seeded.SecretKey,
+    slots: np.ndarray,
+    shape: CiphertextShape,
+    scale: float,
+    seed: bytes,
+    start: int = 0,
 ) -> np.ndarray:
-    """Encrypt ``slots`` in ciphertexts of N/2 slots; return their coefficients (count, 2, N)."""
+    """Encrypt ``slots`` in ciphertexts of N/2 slots, numbered from ``start`` in the payload;
+    return their ``c0`` (count, N), each re-randomised to the ``c1`` that ``seed`` expands to."""
     size = shape.poly_modulus_degree // 2
     count = math.ceil(slots.size / size)
-    out = np.empty((count, seal_format.POLYS, shape.poly_modulus_degree), dtype="<u8")
+    out = np.empty((count, shape.poly_modulus_degree), dtype="<u8")
     for index in range(count):
         blob = ts.ckks_vector(context, slots[index * size : (index + 1) * size], scale).serialize()
-        out[index] = seal_format.from_tenseal(blob, shape)[0]
+        fresh = seal_format.from_tenseal(blob, shape)[0]
+        out[index] = secret.reseed(fresh, seed, start + index)
     return out
 
 
 def decrypt_chunks(
-    context: ts.Context, coefficients: np.ndarray, sizes: list[int], shape: CiphertextShape
+    context: ts.Context,
+    c0: np.ndarray,
+    seeds: tuple[bytes, ...],
+    sizes: list[int],
+    shape: CiphertextShape,
+    start: int = 0,
 ) -> np.ndarray:
-    """Decrypt checked ciphertext coefficients into one float64 array of ``sum(sizes)`` slots."""
+    """Decrypt checked ``c0`` words (ciphertexts ``start ..`` of a sum), their ``c1`` the sum of
+    what every contributor's seed expands to, into one float64 array of ``sum(sizes)`` slots."""
     scale = 2.0**PACKED.scale_bits
+    n = shape.poly_modulus_degree
+    c1 = seeded.expand_sum(seeds, start, len(c0), n, shape.modulus)
     parts = []
-    for words, size in zip(coefficients, sizes, strict=True):
+    for first, second, size in zip(c0, c1, sizes, strict=True):
+        words = np.stack([first, second])
         vector = ts.ckks_vector_from(context, seal_format.to_tenseal(words, size, scale, shape))
         parts.append(np.asarray(vector.decrypt(), dtype=np.float64))
     return np.concatenate(parts) if parts else np.empty(0)
@@ -212,27 +233,39 @@ class _Pool:
         bounds = np.linspace(0, count, parts + 1).round().astype(int)
         return [(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
 
-    def encrypt(self, context: ts.Context, slots: np.ndarray, shape: CiphertextShape) -> np.ndarray:
+    def encrypt(
+        self,
+        context: ts.Context,
+        secret: seeded.SecretKey,
+        slots: np.ndarray,
+        shape: CiphertextShape,
+        seed: bytes,
+    ) -> np.ndarray:
         scale = 2.0**PACKED.scale_bits
         size = shape.poly_modulus_degree // 2
         count = math.ceil(slots.size / size)
         if not self.workers or count < 2 * _MIN_PER_WORKER:
-            return encrypt_chunks(context, slots, shape, scale)
+            return encrypt_chunks(context, secret, slots, shape, scale, seed)
         batches = self._batches(count)
         for proc, (a, b) in zip(self.workers, batches, strict=False):
-            self._send(proc, ("encrypt", slots[a * size : b * size], shape, scale))
+            self._send(proc, ("encrypt", slots[a * size : b * size], shape, scale, seed, a))
         parts = [self._receive(proc) for proc, _ in zip(self.workers, batches, strict=False)]
         return np.concatenate(parts)
 
     def decrypt(
-        self, context: ts.Context, coefficients: np.ndarray, n_slots: int, shape: CiphertextShape
+        self,
+        context: ts.Context,
+        c0: np.ndarray,
+        seeds: tuple[bytes, ...],
+        n_slots: int,
+        shape: CiphertextShape,
     ) -> np.ndarray:
-        sizes = _chunk_sizes(n_slots, len(coefficients), shape)
-        if not self.workers or len(coefficients) < 2 * _MIN_PER_WORKER:
-            return decrypt_chunks(context, coefficients, sizes, shape)
-        batches = self._batches(len(coefficients))
+        sizes = _chunk_sizes(n_slots, len(c0), shape)
+        if not self.workers or len(c0) < 2 * _MIN_PER_WORKER:
+            return decrypt_chunks(context, c0, seeds, sizes, shape)
+        batches = self._batches(len(c0))
         for proc, (a, b) in zip(self.workers, batches, strict=False):
-            self._send(proc, ("decrypt", coefficients[a:b], sizes[a:b], shape))
+            self._send(proc, ("decrypt", c0[a:b], seeds, sizes[a:b], shape, a))
         parts = [self._receive(proc) for proc, _ in zip(self.workers, batches, strict=False)]
         return np.concatenate(parts)
 

@@ -1,10 +1,13 @@
 """The server side of CKKS: adds ciphertexts as numbers mod q. It imports no TenSEAL.
 
-A ciphertext travels as its coefficients (``seal_format``), and two ciphertexts at the same
-level add coefficient by coefficient mod the data prime ``q``: that is all SEAL's own ``add``
-does. So the server needs only the public parameters (N and q, read from ``server.ctx``), never
-parses bytes with a C++ library, and cannot be crashed by a crafted payload: every word is
-checked to be below ``q`` before it is added. The codec description both sides must agree on
+A ciphertext travels as the coefficients of its ``c0`` (``seal_format``) and, for its uniformly
+random ``c1``, a seed (``seeded``: one per payload). Two ciphertexts at the same level add
+coefficient by coefficient mod the data prime ``q``: that is all SEAL's own ``add`` does. So the
+server adds the ``c0`` words and lists each contributor's seed next to its id; the clients
+expand the seeds into the summed ``c1`` themselves. The server needs only the public
+parameters (N and q, read from ``server.ctx``), never parses bytes with a C++ library, and
+cannot be crashed by a crafted payload: every word is checked to be below ``q`` before it is
+added. The codec description both sides must agree on
 (``codec_for``, ``blobs_for``) lives here too, because the client side imports TenSEAL.
 """
 
@@ -20,6 +23,7 @@ from secagg.crypto.envelope import AGGREGATE, SERVER, UPDATE, Stamp
 from secagg.crypto.packing import PACKED, PackedParams
 from secagg.crypto.params import Keys
 from secagg.crypto.seal_format import CiphertextShape
+from secagg.crypto.seeded import SEED_BYTES
 from secagg.errors import KeyFileError
 
 CODEC_ID = 2
@@ -41,17 +45,18 @@ def codec_for(keys: Keys, packed: PackedParams = PACKED) -> tuple[envelope.Codec
             shape.poly_modulus_degree.bit_length() - 1,
         ]
     )
-    return envelope.Codec(CODEC_ID, keys.fingerprint, settings), shape
+    return envelope.Codec(CODEC_ID, keys.fingerprint, settings, SEED_BYTES), shape
 
 
 def blobs_for(
     shape: CiphertextShape, roster: int, packed: PackedParams = PACKED
 ) -> Callable[[int], tuple[int, int]]:
-    """(ciphertext count, bytes per ciphertext) of a payload of ``values`` update values."""
+    """(ciphertext count, bytes per ciphertext) of a payload of ``values`` update values: a
+    ciphertext travels as its ``c0`` alone, N words (its ``c1`` is the payload's seed)."""
 
     def layout(values: int) -> tuple[int, int]:
         slots = packed.slots_for(values + roster, TAIL)
-        return math.ceil(slots / (shape.poly_modulus_degree // 2)), shape.nbytes
+        return math.ceil(slots / (shape.poly_modulus_degree // 2)), shape.c0_nbytes
 
     return layout
 
@@ -72,7 +77,8 @@ class CkksServer:
 
     def size(self, values: int, stamp: Stamp) -> int:
         """The byte length of an update of ``values`` values for ``stamp``'s round."""
-        return envelope.update_size(*blobs_for(self._shape, stamp.roster)(values))
+        count, size = blobs_for(self._shape, stamp.roster)(values)
+        return envelope.update_size(count, size, SEED_BYTES)
 
     def check(
         self, payload: bytes | memoryview, stamp: Stamp, values: int | None = None
@@ -92,10 +98,14 @@ class CkksServer:
         allowed: frozenset[int] | None = None,
         values: int | None = None,
     ) -> bytes:
-        """Add payloads as they arrive: holds the running sum and one payload, never all."""
+        """Add payloads as they arrive: holds the running sum and one payload, never all.
+
+        The aggregate holds the summed ``c0`` words and every contributor's seed."""
+        seeds: dict[int, bytes] = {}
 
         def add(total: np.ndarray | None, opened: envelope.Envelope) -> np.ndarray:
             words = np.frombuffer(opened.body, dtype="<u8")
+            seeds[opened.stamp.sender] = opened.seeds[0]
             if total is None:
                 return words.copy()
             seal_format.add_mod(total, words, self._shape.modulus)
@@ -117,6 +127,7 @@ class CkksServer:
             size,
             [total],
             senders,
+            tuple(seeds[sender] for sender in senders),
         )
 
 

@@ -10,16 +10,22 @@ Layout (big-endian)::
 
     magic "SAGG" | version u8 | kind u8 | codec u8 | phase u8 | key fingerprint 16B
     | job 16B | round u32 | sender u32 | roster u32 | values u64 | codec settings 4B
-    | blob count u32 | blob size u64 | contributor count u32
-    | contributor ids (count x u32, ascending) | blobs (count x size bytes)
+    | blob count u32 | blob size u64 | contributor count u32 | seed size u16 | seed count u32
+    | contributor ids (count x u32, ascending) | seeds (count x size bytes)
+    | blobs (count x size bytes)
     | sha256 of everything before (32B)
 
 ``kind`` tells a client's update (``sender`` is its index in the round's roster) from the
 server's aggregate (``sender`` is ``SERVER``, and the contributor ids say whose updates were
-added). ``phase`` tells a round's scale exchange (``SCALES``, see ``secagg.quantize``) from its
-model update (``UPDATE_PHASE``). The digest catches corruption in transit; it is no signature:
-who sent a payload is established by the transport (mutual TLS in a deployment), and what the
-aggregate holds is checked by the clients after decrypting (``secagg.crypto.ledger``).
+added). A codec whose ciphertexts carry their random half as a seed (``seed size`` > 0, see
+``secagg.crypto.seeded``) puts the sender's seed in an update, and the seeds of every update
+it added in an aggregate: as many as contributors from an honest server, ascending by
+contributor, though a client reads them as a set (it adds what they expand to) and leaves
+who was summed to the ledger. ``phase`` tells a round's scale exchange (``SCALES``, see
+``secagg.quantize``) from its model update (``UPDATE_PHASE``). The digest catches corruption
+in transit; it is no signature: who sent a payload is established by the transport (mutual TLS
+in a deployment), and what the aggregate holds is checked by the clients after decrypting
+(``secagg.crypto.ledger``).
 """
 
 from __future__ import annotations
@@ -35,11 +41,11 @@ import numpy as np
 from secagg.errors import PayloadError
 
 MAGIC = b"SAGG"
-VERSION = 3
+VERSION = 4
 UPDATE, AGGREGATE = 1, 2
 UPDATE_PHASE, SCALES = 0, 1
 SERVER = 0xFFFFFFFF
-_HEAD = struct.Struct(">4sBBBB16s16sIIIQ4sIQI")
+_HEAD = struct.Struct(">4sBBBB16s16sIIIQ4sIQIHI")
 HEADER_SIZE = _HEAD.size
 _DIGEST = 32
 _CODEC_NAMES = {0: "plaintext", 2: "packed CKKS (HE)"}
@@ -87,6 +93,8 @@ class Codec:
     codec_id: int
     fingerprint: bytes
     settings: bytes
+    #: bytes of the seed each update carries (and an aggregate per contributor); 0: none
+    seed_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -100,6 +108,8 @@ class Envelope:
     blob_size: int
     contributors: tuple[int, ...]
     body: memoryview
+    #: the update's seed, or the seeds of the updates an aggregate adds (codecs with seeds)
+    seeds: tuple[bytes, ...] = ()
 
     def blob(self, index: int) -> memoryview:
         return self.body[index * self.blob_size : (index + 1) * self.blob_size]
@@ -114,11 +124,15 @@ def to_bytes(
     blob_size: int,
     body: list[bytes | memoryview | np.ndarray],
     contributors: tuple[int, ...] = (),
+    seeds: tuple[bytes, ...] = (),
 ) -> bytes:
-    """Serialize a payload, digest last. ``body`` holds the blobs back to back, in pieces."""
+    """Serialize a payload, digest last. ``body`` holds the blobs back to back, in pieces;
+    ``seeds`` the update's seed or the seeds of the updates an aggregate adds."""
     parts = [(p.data if isinstance(p, np.ndarray) else memoryview(p)).cast("B") for p in body]
     if sum(len(part) for part in parts) != blob_count * blob_size:
         raise ValueError("payload body does not hold blob_count x blob_size bytes")
+    if bool(seeds) != bool(codec.seed_size) or any(len(seed) != codec.seed_size for seed in seeds):
+        raise ValueError("a codec with seeds needs seeds of its size, one without none")
     head = _HEAD.pack(
         MAGIC,
         VERSION,
@@ -135,8 +149,10 @@ def to_bytes(
         blob_count,
         blob_size,
         len(contributors),
+        codec.seed_size,
+        len(seeds),
     )
-    ids = struct.pack(f">{len(contributors)}I", *contributors)
+    ids = struct.pack(f">{len(contributors)}I", *contributors) + b"".join(seeds)
     digest = hashlib.sha256(head)
     digest.update(ids)
     for part in parts:
@@ -171,6 +187,8 @@ def read_header(payload: bytes | memoryview, codec: Codec, expect: Stamp, kind: 
         blob_count,
         blob_size,
         count,
+        seed_size,
+        seed_count,
     ) = _HEAD.unpack_from(view)
     if magic != MAGIC:
         raise PayloadError("not a secagg payload (bad magic bytes)", "bad-magic")
@@ -191,6 +209,12 @@ def read_header(payload: bytes | memoryview, codec: Codec, expect: Stamp, kind: 
         raise PayloadError(
             f"payload's codec settings {settings.hex()} differ from this party's "
             f"{codec.settings.hex()}; run one secagg release and one key set everywhere",
+            "wrong-codec",
+        )
+    if seed_size != codec.seed_size:
+        raise PayloadError(
+            f"payload carries seeds of {seed_size} bytes, this party's codec {codec.seed_size}; "
+            "run one secagg release everywhere",
             "wrong-codec",
         )
     if fingerprint != codec.fingerprint:
@@ -239,6 +263,10 @@ def read_header(payload: bytes | memoryview, codec: Codec, expect: Stamp, kind: 
         )
     if count > roster or (kind == UPDATE and count):
         raise PayloadError(f"payload lists {count} contributors", "malformed")
+    if seed_size and not (seed_count == 1 if kind == UPDATE else 1 <= seed_count <= roster):
+        raise PayloadError(f"payload carries {seed_count} seeds", "malformed")
+    if not seed_size and seed_count:
+        raise PayloadError(f"payload carries {seed_count} seeds of no size", "malformed")
     stamp = Stamp(job, round_num, sender, roster, phase)
     return Envelope(kind, stamp, values, blob_count, blob_size, (), memoryview(b""))
 
@@ -274,8 +302,10 @@ def from_bytes(
             f"{head.values} values; the codec makes {blob_count} of {blob_size}",
             "malformed",
         )
-    ids_end = _HEAD.size + 4 * _contributor_count(view)
-    end = ids_end + blob_count * blob_size
+    count, seed_count = _counts(view)
+    ids_end = _HEAD.size + 4 * count
+    seeds_end = ids_end + codec.seed_size * seed_count
+    end = seeds_end + blob_count * blob_size
     if len(view) != end + _DIGEST:
         short = len(view) < end + _DIGEST
         raise PayloadError(
@@ -291,29 +321,42 @@ def from_bytes(
         raise PayloadError("aggregate's contributor list is not ascending roster ids", "malformed")
     if kind == AGGREGATE and not contributors:
         raise PayloadError("aggregate names no contributors", "malformed")
+    size = codec.seed_size
+    seeds = tuple(bytes(view[at : at + size]) for at in range(ids_end, seeds_end, size or 1))
     return Envelope(
-        kind, head.stamp, head.values, blob_count, blob_size, contributors, view[ids_end:end]
+        kind,
+        head.stamp,
+        head.values,
+        blob_count,
+        blob_size,
+        contributors,
+        view[seeds_end:end],
+        seeds,
     )
 
 
 def declared_size(head: bytes | bytearray | memoryview) -> int:
     """The whole length a payload's (already checked) fixed header declares, so a receiver
     that streams can refuse an oversized payload before reading it."""
-    *_, blob_count, blob_size, count = _HEAD.unpack_from(head)
-    return int(_HEAD.size + 4 * count + blob_count * blob_size + _DIGEST)
+    *_, blob_count, blob_size, count, seed_size, seed_count = _HEAD.unpack_from(head)
+    seeds = seed_size * seed_count
+    return int(_HEAD.size + 4 * count + seeds + blob_count * blob_size + _DIGEST)
 
 
-def update_size(blob_count: int, blob_size: int) -> int:
-    """The byte length of an update (no contributor list) of ``blob_count`` blobs."""
-    return _HEAD.size + blob_count * blob_size + _DIGEST
+def update_size(blob_count: int, blob_size: int, seed_size: int = 0) -> int:
+    """The byte length of an update (no contributor list, one seed of ``seed_size`` bytes
+    when the codec seeds its ciphertexts) of ``blob_count`` blobs."""
+    return _HEAD.size + seed_size + blob_count * blob_size + _DIGEST
 
 
-def _contributor_count(view: memoryview) -> int:
-    return int(struct.unpack_from(">I", view, _HEAD.size - 4)[0])
+def _counts(view: memoryview) -> tuple[int, int]:
+    """(contributor count, seed count) from a checked header."""
+    count, _, seeds = struct.unpack_from(">IHI", view, _HEAD.size - 10)
+    return int(count), int(seeds)
 
 
 def contributors(payload: bytes) -> tuple[int, ...]:
     """The contributor ids an aggregate lists (unchecked: for the party that made it)."""
     view = memoryview(payload).cast("B")
-    count = _contributor_count(view)
+    count, _ = _counts(view)
     return tuple(struct.unpack_from(f">{count}I", view, _HEAD.size))

@@ -65,6 +65,11 @@ class CiphertextShape:
     def nbytes(self) -> int:
         return 8 * self.words
 
+    @property
+    def c0_nbytes(self) -> int:
+        """Bytes of one polynomial, what a seeded ciphertext sends (``secagg.crypto.seeded``)."""
+        return 8 * self.poly_modulus_degree
+
 
 # --- contexts ---------------------------------------------------------------------------------
 
@@ -95,6 +100,29 @@ def shape_of_context(context: bytes) -> CiphertextShape:
 def context_has_secret_key(context: bytes) -> bool:
     """True when a serialized TenSEAL context carries a secret key (protobuf field 3)."""
     return _SECRET_FIELD in _context_fields(context)
+
+
+def secret_key_words(context: bytes, shape: CiphertextShape) -> np.ndarray:
+    """The secret key of a client context, mod the data prime, in NTT form: (N,) uint64.
+
+    SEAL stores the key as a ``Plaintext`` over every prime of the key level
+    (``parms_id | coeff count u64 | scale f64 | DynArray``, prime ``j`` at words
+    ``j*N .. (j+1)*N``); the data prime comes first.
+    """
+    fields = _context_fields(context)
+    if _SECRET_FIELD not in fields:
+        raise KeyFileError("the context holds no secret key; a client needs keys/client.ctx")
+    try:
+        inner = dict(_protobuf(fields[_SECRET_FIELD]))
+        body = _seal_object(inner[1], "secret key")  # type: ignore[arg-type]
+        (count,) = struct.unpack_from("<Q", body, 32)
+        (stored,) = struct.unpack_from("<Q", body, 48 + _HEADER.size)
+    except (IndexError, KeyError, ValueError, struct.error, PayloadError) as err:
+        raise KeyFileError(f"the secret key in the context is unreadable ({err})") from err
+    n = shape.poly_modulus_degree
+    if count != stored or count % n or len(body) != 56 + _HEADER.size + 8 * count:
+        raise KeyFileError("the secret key in the context has an unexpected layout")
+    return np.frombuffer(body, dtype="<u8", offset=56 + _HEADER.size, count=n).copy()
 
 
 def _context_fields(context: bytes) -> dict[int, bytes]:

@@ -13,14 +13,16 @@ import pickle
 import sys
 from typing import Any
 
-from secagg.crypto import ckks
+from secagg.crypto import ckks, seal_format, seeded
 
 
 def main() -> None:
     requests, replies = sys.stdin.buffer, sys.stdout.buffer
     # Nothing else may write to the reply pipe.
     sys.stdout = sys.stderr
-    context = ckks.load_context(pickle.load(requests))
+    raw = pickle.load(requests)
+    context = ckks.load_context(raw)
+    secret = seeded.SecretKey(raw, seal_format.shape_of_context(raw))
     while True:
         try:
             op, *args = pickle.load(requests)
@@ -29,11 +31,11 @@ def main() -> None:
         result: Any
         try:
             if op == "encrypt":
-                slots, shape, scale = args
-                result = ckks.encrypt_chunks(context, slots, shape, scale)
+                slots, shape, scale, seed, start = args
+                result = ckks.encrypt_chunks(context, secret, slots, shape, scale, seed, start)
             elif op == "decrypt":
-                coefficients, sizes, shape = args
-                result = ckks.decrypt_chunks(context, coefficients, sizes, shape)
+                c0, seeds, sizes, shape, start = args
+                result = ckks.decrypt_chunks(context, c0, seeds, sizes, shape, start)
             else:
                 result = ckks.WorkerFailure(f"unknown operation {op!r}")
         except Exception as err:  # reported to the parent, which raises a named error
