@@ -53,7 +53,7 @@ _OPTIMIZATION = [
         type=click.Choice(SERVER_OPTIMIZERS),
         help="The step every client takes with the decrypted average [fedavg].",
     ),
-    click.option("--server-lr", type=_POSITIVE, help="Server learning rate [1.0; adaptive 0.01]."),
+    click.option("--server-lr", type=_POSITIVE, help="Server learning rate [1.0; adaptive 0.1]."),
     click.option("--server-momentum", type=_FRACTION, help="fedavgm's momentum [0.9]."),
     click.option("--beta1", type=_FRACTION, help="Adaptive optimizers' first-moment decay [0.9]."),
     click.option("--beta2", type=_FRACTION, help="fedadam/fedyogi second-moment decay [0.99]."),

@@ -62,7 +62,7 @@ class RunConfig:
     #: the step every client takes with the decrypted average (``secagg.optimizers``):
     #: ``fedavg``, ``fedavgm``, ``fedadam``, ``fedyogi`` or ``fedadagrad``
     server_optimizer: str = "fedavg"
-    #: the server learning rate; None: 1.0 for fedavg and fedavgm, 0.01 for the adaptive ones
+    #: the server learning rate; None: 1.0 for fedavg and fedavgm, 0.1 for the adaptive ones
     server_lr: float | None = None
     #: fedavgm's momentum
     server_momentum: float = 0.9

@@ -44,9 +44,9 @@ from secagg.flatten import Layout
 DEFAULT_SERVER_LR = {
     "fedavg": 1.0,
     "fedavgm": 1.0,
-    "fedadam": 0.01,
-    "fedyogi": 0.01,
-    "fedadagrad": 0.01,
+    "fedadam": 0.1,
+    "fedyogi": 0.1,
+    "fedadagrad": 0.1,
 }
 
 

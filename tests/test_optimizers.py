@@ -100,8 +100,8 @@ def test_fedavg_at_server_lr_1_is_the_plain_average() -> None:
 def test_server_lr_defaults_per_optimizer() -> None:
     assert Hyper.of(RunConfig()).lr == 1.0
     assert Hyper.of(RunConfig(server_optimizer="fedavgm")).lr == 1.0
-    assert Hyper.of(RunConfig(server_optimizer="fedadam")).lr == 0.01
-    assert Hyper.of(RunConfig(server_optimizer="fedadam", server_lr=0.1)).lr == 0.1
+    assert Hyper.of(RunConfig(server_optimizer="fedadam")).lr == 0.1
+    assert Hyper.of(RunConfig(server_optimizer="fedadam", server_lr=0.03)).lr == 0.03
 
 
 @pytest.mark.parametrize(
