@@ -270,3 +270,35 @@ def test_resume_with_fedadam_ends_bit_identical_to_an_uninterrupted_run(
     # every model after it, would differ.
     assert flatten(resumed_model)[0].tobytes() == flatten(straight_model)[0].tobytes()
     assert [m.accuracy for m in resumed.rounds] == [m.accuracy for m in straight.rounds]
+
+
+@pytest.mark.slow
+def test_the_settings_reach_grpc_sites_and_train_as_in_process(
+    tmp_path: Path, session_keys: Path
+) -> None:
+    import json
+    import subprocess
+    import sys
+
+    flags = ["--server-optimizer", "fedadam", "--fedprox-mu", "0.01", "--lr-schedule", "cosine"]
+    base = [sys.executable, "-m", "secagg.cli", "run", "--clients", "2", "--rounds", "2", "--he"]
+    base += [*flags, "--keys", str(session_keys), "--no-tracking", "--device", "cpu"]
+    for where, extra in (("g", ["--transport", "grpc"]), ("l", [])):
+        done = subprocess.run(
+            [*base, "--output", where, *extra],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+    config = json.loads((tmp_path / "g" / "results.json").read_text())["config"]
+    assert config["server_optimizer"] == "fedadam" and config["lr_schedule"] == "cosine"
+    # Each site process trains with its own torch thread count, so training's float reductions
+    # may differ in their last bits; FedAdam scales a change near 0 by at most about
+    # server_lr * (1 - beta1) / tau = 10, so the models agree to 1e-4, not bit for bit.
+    local = torch.load(tmp_path / "l" / "model.pt")
+    grpc = torch.load(tmp_path / "g" / "model.pt")
+    assert local.keys() == grpc.keys()
+    for name, value in local.items():
+        assert torch.allclose(grpc[name], value, atol=1e-4), name
