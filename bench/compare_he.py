@@ -2,6 +2,7 @@
 
     python bench/compare_he.py            # headline: ModerateCNN (3.5M params), 8 clients, ~20 min
     python bench/compare_he.py --quick    # the small digits MLP, 3 timed repeats, a few minutes
+    python bench/compare_he.py --quick --server-optimizer fedadam   # both runs with FedAdam
 
 Timing: an untimed warm-up (one round of the job per mode, so imports, data, worker processes
 and caches are ready) comes first; then the pair is run ``--repeats`` times (3 with
