@@ -6,13 +6,16 @@ and private: it loads the global model before the task trains, flattens the trai
 keeps its change to the global model, weights it by its share of the round's samples
 (``p_i = n_i / N``, from the counts every client's ``train`` reported), encrypts it, and after
 the server has added every client's ciphertext, decrypts the sum, checks it, divides by the
-summed weight and loads the new global model. The server only adds (it needs no plaintext
-multiply), and the divisor counts exactly the clients whose updates were summed, so a client
-that dropped out does not skew the average.
+summed weight, takes the job's server-optimizer step with that average and loads the new
+global model. The server only adds (it needs no plaintext multiply), and the divisor counts
+exactly the clients whose updates were summed, so a client that dropped out does not skew the
+average.
 
 Every client holds the same global model, bit for bit: the packed codec's aggregates decrypt to
-exact integers, identical on every client, and so is everything computed from them. A client
-that rejoins replays the rounds' aggregates to reach the same model.
+exact integers, identical on every client, and so is everything computed from them, the server
+optimizer's step and state included (``secagg.optimizers``: the server optimizer runs on the
+clients). A client that rejoins replays the rounds' aggregates to reach the same model and
+optimizer state.
 """
 
 from __future__ import annotations

@@ -108,7 +108,7 @@ class RoundContext:
         if mu == 0 or self.anchor is None:
             return torch.zeros((), device=self.device)
         total = torch.zeros((), device=self.device)
-        for name, p in model.named_parameters(remove_duplicate=False):
+        for name, p in model.named_parameters():  # a tied weight counts once
             if not p.requires_grad:
                 continue
             if name not in self.anchor:
