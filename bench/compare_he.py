@@ -2,6 +2,7 @@
 
     python bench/compare_he.py            # headline: ModerateCNN (3.5M params), 8 clients, ~20 min
     python bench/compare_he.py --quick    # the small digits MLP, 3 timed repeats, a few minutes
+    python bench/compare_he.py --quick --server-optimizer fedadam   # both runs with FedAdam
 
 Timing: an untimed warm-up (one round of the job per mode, so imports, data, worker processes
 and caches are ready) comes first; then the pair is run ``--repeats`` times (3 with
@@ -49,13 +50,23 @@ sys.path.insert(0, str(REPO))
 
 from typing import TYPE_CHECKING  # noqa: E402
 
-from secagg.config import RunConfig, load_job  # noqa: E402
+from secagg.config import LR_SCHEDULES, SERVER_OPTIMIZERS, RunConfig, load_job  # noqa: E402
 
 if TYPE_CHECKING:
     from secagg.records import RunResult
 
 HEADLINE_JOB = REPO / "jobs" / "bench_moderate_cnn.toml"
 QUICK_JOB = REPO / "jobs" / "digits.toml"
+OPTIMIZATION = (
+    "server_optimizer",
+    "server_lr",
+    "server_momentum",
+    "beta1",
+    "beta2",
+    "tau",
+    "fedprox_mu",
+    "lr_schedule",
+)
 STEPS = ("train", "flatten", "scales", "encrypt", "aggregate", "decrypt", "evaluate")
 
 
@@ -68,6 +79,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dataset")
     parser.add_argument("--model")
     parser.add_argument("--local-epochs", type=int)
+    parser.add_argument("--alpha", type=float, help="Dirichlet label skew")
+    # Federated optimization: both runs take the same steps (secagg.optimizers).
+    parser.add_argument("--server-optimizer", choices=SERVER_OPTIMIZERS)
+    parser.add_argument("--server-lr", type=float)
+    parser.add_argument("--server-momentum", type=float)
+    parser.add_argument("--beta1", type=float)
+    parser.add_argument("--beta2", type=float)
+    parser.add_argument("--tau", type=float)
+    parser.add_argument("--fedprox-mu", type=float)
+    parser.add_argument("--lr-schedule", choices=LR_SCHEDULES)
     parser.add_argument("--keys", type=Path, default=REPO / "keys", help="HE keys (default keys/)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--tracking-uri")
@@ -100,6 +121,8 @@ def job_config(args: argparse.Namespace) -> RunConfig:
         "dataset": args.dataset,
         "model": args.model,
         "local_epochs": args.local_epochs,
+        "alpha": args.alpha,
+        **{name: getattr(args, name) for name in OPTIMIZATION},
         "tracking_uri": args.tracking_uri,
         "keys_dir": str(args.keys),
     }
@@ -542,7 +565,8 @@ def to_markdown(report: dict[str, Any]) -> str:
         "",
         f"Job `{job['job_name']}`: {job['dataset']} / {job['model']} "
         f"({report['num_parameters']:,} parameters), {job['clients']} clients, {job['rounds']} "
-        f"rounds, alpha {job['alpha']}, seed {job['seed']}. Machine: "
+        f"rounds, alpha {job['alpha']}, seed {job['seed']}, server optimizer "
+        f"{_optimizer_text(job)}. Machine: "
         f"{report['machine']['cpus']} CPUs, {report['machine']['device']}.",
         "",
         _timing_method(report),
@@ -625,6 +649,22 @@ def to_markdown(report: dict[str, Any]) -> str:
                 f"| {name} | {m['idle_mb']:.0f} | {m['peak_mb']:.0f} | {m['growth_mb']:.0f} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _optimizer_text(job: dict[str, Any]) -> str:
+    """The job's server optimizer with its settings, e.g. ``fedadam (lr 0.01, tau 0.001)``."""
+    name = job.get("server_optimizer", "fedavg")
+    from secagg.optimizers import DEFAULT_SERVER_LR
+
+    lr = job.get("server_lr") or DEFAULT_SERVER_LR[name]
+    settings = [f"lr {lr:g}"]
+    if name == "fedavgm":
+        settings.append(f"momentum {job['server_momentum']:g}")
+    elif name != "fedavg":
+        settings += [f"beta1 {job['beta1']:g}", f"beta2 {job['beta2']:g}", f"tau {job['tau']:g}"]
+    if job.get("fedprox_mu"):
+        settings.append(f"FedProx mu {job['fedprox_mu']:g}")
+    return f"{name} ({', '.join(settings)})"
 
 
 def _mb(n: float) -> str:

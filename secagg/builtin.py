@@ -3,10 +3,11 @@
 model, trained with SGD (momentum) or Adam and cross-entropy.
 
 It reads the job's own settings (``dataset``, ``model``, ``alpha``, ``min_client_samples``,
-``local_epochs``, ``batch_size``, ``optimizer``, ``lr``, ``momentum``), so ``secagg run`` without a
-``task`` runs it. These datasets are small: each is loaded once per process and kept as
-tensors; a client of a simulation takes its Dirichlet shard. The test set is the dataset's
-own, the same for every client, so in a simulation only client 0 evaluates.
+``local_epochs``, ``batch_size``, ``optimizer``, ``lr`` and its schedule, ``momentum``,
+``fedprox_mu``), so ``secagg run`` without a ``task`` runs it. These datasets are small: each
+is loaded once per process and kept as tensors; a client of a simulation takes its Dirichlet
+shard. The test set is the dataset's own, the same for every client, so in a simulation only
+client 0 evaluates.
 
 ``task_for`` says which task a job runs: the user's, or this one.
 """
@@ -95,21 +96,21 @@ class Classification(Task):
         shard = data.on(ctx.device)
         generator = ctx.generator()
         model.train()
-        # A fresh optimizer each round: its state (momentum, Adam moments) stays local.
+        # A fresh optimizer each round: its state (momentum, Adam moments) stays local. The lr
+        # is this round's under the job's schedule.
         optimizer: torch.optim.Optimizer
         if settings.optimizer == "adam":
-            optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
+            optimizer = torch.optim.Adam(model.parameters(), lr=ctx.lr)
         else:
-            optimizer = torch.optim.SGD(
-                model.parameters(), lr=settings.lr, momentum=settings.momentum
-            )
+            optimizer = torch.optim.SGD(model.parameters(), lr=ctx.lr, momentum=settings.momentum)
         loss_fn = nn.CrossEntropyLoss()
         total, count = 0.0, 0
         for _ in range(settings.local_epochs):
             for xb, yb in _batches(shard.train, settings.batch_size, generator):
                 optimizer.zero_grad(set_to_none=True)
                 loss = loss_fn(model(xb), yb)
-                loss.backward()
+                # FedProx: zero (and no change at all) unless the job sets fedprox_mu.
+                (loss + ctx.proximal(model)).backward()
                 optimizer.step()
                 total += float(loss.detach()) * len(yb)
                 count += len(yb)

@@ -17,8 +17,10 @@ import click
 
 from secagg.config import (
     DATASETS,
+    LR_SCHEDULES,
     MODELS,
     OPTIMIZERS,
+    SERVER_OPTIMIZERS,
     TRANSPORTS,
     RunConfig,
     load_job,
@@ -71,6 +73,38 @@ def _friendly(func: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(130)
 
     return wrapper
+
+
+_POSITIVE = click.FloatRange(min=0, min_open=True)
+_FRACTION = click.FloatRange(0, 1, max_open=True)
+_OPTIMIZATION = [
+    click.option(
+        "--server-optimizer",
+        type=click.Choice(SERVER_OPTIMIZERS),
+        help="The step every client takes with the decrypted average [fedavg].",
+    ),
+    click.option("--server-lr", type=_POSITIVE, help="Server learning rate [1.0; adaptive 0.1]."),
+    click.option("--server-momentum", type=_FRACTION, help="fedavgm's momentum [0.9]."),
+    click.option("--beta1", type=_FRACTION, help="Adaptive optimizers' first-moment decay [0.9]."),
+    click.option("--beta2", type=_FRACTION, help="fedadam/fedyogi second-moment decay [0.99]."),
+    click.option("--tau", type=_POSITIVE, help="Adaptive optimizers' adaptivity [1e-3]."),
+    click.option(
+        "--fedprox-mu", type=click.FloatRange(min=0), help="FedProx proximal weight [0: off]."
+    ),
+    click.option(
+        "--lr-schedule", type=click.Choice(LR_SCHEDULES), help="Client lr across rounds [constant]."
+    ),
+    click.option("--lr-step-rounds", type=click.IntRange(min=1), help="step: rounds per step."),
+    click.option("--lr-gamma", type=click.FloatRange(0, 1, min_open=True), help="step: factor."),
+    click.option("--lr-min", type=click.FloatRange(min=0), help="cosine: the lr it tends to [0]."),
+]
+
+
+def _optimization(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The federated-optimization flags, shared by ``run`` and ``server``."""
+    for option in reversed(_OPTIMIZATION):
+        command = option(command)
+    return command
 
 
 @click.group(
@@ -269,6 +303,7 @@ def keygen(out_dir: str, force: bool, poly_degree: str, coeff_bits: str) -> None
 @click.option(
     "--quiet", "-q", is_flag=True, help="No progress bar, no per-round lines: only the summary."
 )
+@_optimization
 @_friendly
 def run(job: str | None, resume: bool, no_tracking: bool, quiet: bool, **flags: Any) -> None:
     """Run a federated job: JOB is an optional TOML job file; flags override it."""
@@ -616,6 +651,7 @@ def provision(
 @click.option("--tracking-uri", help="MLflow tracking URI [default: sqlite:///mlflow.db].")
 @click.option("--no-tracking", is_flag=True, help="Do not log to MLflow.")
 @click.option("--experiment", help=f"MLflow experiment name.{_default('experiment')}")
+@_optimization
 @_friendly
 def server(
     job: str | None,

@@ -6,13 +6,16 @@ and private: it loads the global model before the task trains, flattens the trai
 keeps its change to the global model, weights it by its share of the round's samples
 (``p_i = n_i / N``, from the counts every client's ``train`` reported), encrypts it, and after
 the server has added every client's ciphertext, decrypts the sum, checks it, divides by the
-summed weight and loads the new global model. The server only adds (it needs no plaintext
-multiply), and the divisor counts exactly the clients whose updates were summed, so a client
-that dropped out does not skew the average.
+summed weight, takes the job's server-optimizer step with that average and loads the new
+global model. The server only adds (it needs no plaintext multiply), and the divisor counts
+exactly the clients whose updates were summed, so a client that dropped out does not skew the
+average.
 
 Every client holds the same global model, bit for bit: the packed codec's aggregates decrypt to
-exact integers, identical on every client, and so is everything computed from them. A client
-that rejoins replays the rounds' aggregates to reach the same model.
+exact integers, identical on every client, and so is everything computed from them, the server
+optimizer's step and state included (``secagg.optimizers``: the server optimizer runs on the
+clients). A client that rejoins replays the rounds' aggregates to reach the same model and
+optimizer state.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from secagg.messages import (
     TrainReply,
     first_difference,
 )
+from secagg.optimizers import Hyper, ServerOptimizer, positions_of
 from secagg.task import EvalResult, RoundContext, Site, Task, TrainResult
 
 T = TypeVar("T")
@@ -80,6 +84,11 @@ class Client:
         self.signature = ModelSignature(describe(self.layout), digest)
         self.data = self._call("load_data", lambda: task.load_data(site))
         self.cipher = make_cipher(self.layout)
+        #: the server optimizer's step and state (``secagg.optimizers``), on the parameters
+        parameters = {name for name, _ in self.model.named_parameters(remove_duplicate=False)}
+        self.server_optimizer = ServerOptimizer(
+            Hyper.of(config), positions_of(self.layout, parameters)
+        )
         self._trained: _Trained | None = None
 
     def check_model(self, job: ModelSignature) -> None:
@@ -98,12 +107,19 @@ class Client:
         self.data = None  # the previous client's data goes before the next one's comes
         self.data = self._call("load_data", lambda: self.task.load_data(site))
 
-    def context(self, round_num: int) -> RoundContext:
-        """What the task is told about round ``round_num``."""
+    def context(self, round_num: int, anchor: bool = False) -> RoundContext:
+        """What the task is told about round ``round_num``; with ``anchor``, a copy of the
+        global model's parameters for ``RoundContext.proximal`` (FedProx jobs only)."""
         # Seeded per (job, round, client): a resumed run trains exactly as an uninterrupted one.
         seed = self.config.seed * 1_000_003 + round_num * 1009 + self.site.index
+        anchored = None
+        if anchor and self.config.fedprox_mu > 0:
+            anchored = {
+                name: p.detach().clone()
+                for name, p in self.model.named_parameters(remove_duplicate=False)
+            }
         return RoundContext(
-            round_num, self.config.rounds, self.site, self.device, seed, self.config
+            round_num, self.config.rounds, self.site, self.device, seed, self.config, anchored
         )
 
     def train(self, stamp: Stamp) -> TrainReply:
@@ -114,7 +130,7 @@ class Client:
         # Always from the global model: a round tried again (the server restarted, or too few
         # sites delivered) must not start from this client's own earlier attempt.
         self.model.load_state_dict(unflatten(self.global_vector, self.layout))
-        ctx = self.context(stamp.round_num)
+        ctx = self.context(stamp.round_num, anchor=True)
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=_seeded(ctx.seed))))
         self.model.train()
         result = self._call("train", lambda: self.task.train(self.model, self.data, ctx))
@@ -159,9 +175,19 @@ class Client:
         return FitReply(stamp.sender, payload, seconds, len(payload))
 
     def apply(self, payload: bytes, round_stamp: Stamp, scales: bytes | None) -> ApplyReply:
-        """Decrypt the summed update, check its ledger, divide by the total weight, and add it
-        to the global model."""
+        """Decrypt the summed update, check its ledger, divide by the total weight, take the
+        job's server-optimizer step with that average, and add the step to the global model."""
         start = time.perf_counter()
+        optimizer = self.server_optimizer
+        if optimizer.stateful and round_stamp.round_num != optimizer.steps + 1:
+            # A stateful step depends on every earlier aggregate: skipping or repeating one
+            # would leave this client's model different from every other client's.
+            raise PayloadError(
+                f"{self.site.name} has applied {optimizer.steps} rounds and was given "
+                f"round {round_stamp.round_num}'s aggregate; {optimizer.hyper.name} needs "
+                "every round's aggregate, in order",
+                "out-of-order",
+            )
         aggregate = self.cipher.decrypt(payload, round_stamp, scales)
         if aggregate.values.shape != (self.layout.size,):
             raise PayloadError(
@@ -169,7 +195,8 @@ class Client:
                 f"{self.layout.size}; are all parties running the same job?",
                 "wrong-length",
             )
-        update = aggregate.values / aggregate.weight
+        # float64, the same bits on every client: the packed codec decrypts exact integers.
+        update = optimizer.update(aggregate.values / aggregate.weight)
         decrypted = time.perf_counter()
         self.model.load_state_dict(unflatten(self.global_vector + update, self.layout))
         self.global_vector = flatten(self.model.state_dict())[0]

@@ -23,6 +23,8 @@ MODELS = ("mlp", "cnn", "moderate-cnn")
 OPTIMIZERS = ("sgd", "adam")
 TRANSPORTS = ("inprocess", "grpc", "ray")
 PRECISIONS = ("float32", "float64")
+SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+LR_SCHEDULES = ("constant", "step", "cosine")
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,26 @@ class RunConfig:
     optimizer: str = "sgd"
     lr: float = 0.05
     momentum: float = 0.9
+    #: the client lr across rounds (``RoundContext.lr``): ``constant``, ``step`` (times
+    #: ``lr_gamma`` every ``lr_step_rounds`` rounds) or ``cosine`` (from ``lr`` towards ``lr_min``)
+    lr_schedule: str = "constant"
+    lr_step_rounds: int = 10
+    lr_gamma: float = 0.1
+    lr_min: float = 0.0
+    #: FedProx: ``fedprox_mu / 2 * ||w - w_global||²`` added to the local loss
+    #: (``RoundContext.proximal``); 0 is FedAvg's local objective
+    fedprox_mu: float = 0.0
+    #: the step every client takes with the decrypted average (``secagg.optimizers``):
+    #: ``fedavg``, ``fedavgm``, ``fedadam``, ``fedyogi`` or ``fedadagrad``
+    server_optimizer: str = "fedavg"
+    #: the server learning rate; None: 1.0 for fedavg and fedavgm, 0.1 for the adaptive ones
+    server_lr: float | None = None
+    #: fedavgm's momentum
+    server_momentum: float = 0.9
+    #: the adaptive optimizers' decay rates and their adaptivity (denominator) constant
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
     alpha: float = 1.0
     min_client_samples: int = 10
     #: the most training samples one site may report (network transport): its FedAvg weight
@@ -105,6 +127,26 @@ class RunConfig:
             (self.batch_size >= 1, "batch_size must be at least 1"),
             (self.lr > 0, "lr must be positive"),
             (0 <= self.momentum < 1, "momentum must be in [0, 1)"),
+            (
+                self.lr_schedule in LR_SCHEDULES,
+                f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}",
+            ),
+            (self.lr_step_rounds >= 1, "lr_step_rounds must be at least 1"),
+            (0 < self.lr_gamma <= 1, "lr_gamma must be in (0, 1]"),
+            (0 <= self.lr_min <= self.lr, "lr_min must be between 0 and lr"),
+            (self.fedprox_mu >= 0, "fedprox_mu must be 0 (off) or positive"),
+            (
+                self.server_optimizer in SERVER_OPTIMIZERS,
+                f"server_optimizer must be one of {', '.join(SERVER_OPTIMIZERS)}",
+            ),
+            (
+                self.server_lr is None or self.server_lr > 0,
+                "server_lr must be positive (or unset for the optimizer's default)",
+            ),
+            (0 <= self.server_momentum < 1, "server_momentum must be in [0, 1)"),
+            (0 <= self.beta1 < 1, "beta1 must be in [0, 1)"),
+            (0 <= self.beta2 < 1, "beta2 must be in [0, 1)"),
+            (self.tau > 0, "tau must be positive (it bounds the adaptive step)"),
             (self.alpha > 0, "alpha must be positive (large values approach IID)"),
             (self.min_client_samples >= 1, "min_client_samples must be at least 1"),
             (

@@ -73,11 +73,12 @@ class RoundContext:
     """What a task's ``train`` and ``evaluate`` know about the round.
 
     ``round`` counts from 1 to ``rounds``. ``config`` is the job (``local_epochs``,
-    ``batch_size``, ``lr``, ``optimizer``, ``momentum`` are there for tasks that want them).
-    ``seed`` is derived from the job's seed, the round and the client: torch's global
-    generator is seeded from it before ``train`` runs, and ``generator()`` gives a generator
-    for shuffling (``DataLoader(..., generator=ctx.generator())``), so a resumed run trains
-    exactly as an uninterrupted one.
+    ``batch_size``, ``optimizer``, ``momentum`` are there for tasks that want them); ``lr`` is
+    this round's client learning rate under the job's ``lr_schedule``, and ``proximal(model)``
+    the FedProx term to add to the loss. ``seed`` is derived from the job's seed, the round and
+    the client: torch's global generator is seeded from it before ``train`` runs, and
+    ``generator()`` gives a generator for shuffling (``DataLoader(...,
+    generator=ctx.generator())``), so a resumed run trains exactly as an uninterrupted one.
     """
 
     round: int
@@ -86,6 +87,37 @@ class RoundContext:
     device: torch.device
     seed: int
     config: RunConfig
+    #: the global model's parameters at the start of ``train`` (FedProx jobs), by name
+    anchor: Mapping[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def lr(self) -> float:
+        """This round's client learning rate: the job's ``lr`` under its ``lr_schedule``
+        (``constant``, ``step`` or ``cosine``; see ``secagg.optimizers.client_lr``)."""
+        from secagg.optimizers import client_lr
+
+        return client_lr(self.config, self.round)
+
+    def proximal(self, model: nn.Module) -> torch.Tensor:
+        """FedProx's proximal term, ``fedprox_mu / 2 * ||w - w_global||²`` over the model's
+        trainable parameters, to add to the loss in ``train``; a zero tensor when the job's
+        ``fedprox_mu`` is 0 (adding it changes nothing, bit for bit) or outside ``train``."""
+        import torch
+
+        mu = self.config.fedprox_mu
+        if mu == 0 or self.anchor is None:
+            return torch.zeros((), device=self.device)
+        total = torch.zeros((), device=self.device)
+        for name, p in model.named_parameters():  # a tied weight counts once
+            if not p.requires_grad:
+                continue
+            if name not in self.anchor:
+                raise TaskError(
+                    f"proximal(model): the model has a parameter {name!r} the global model has "
+                    "not; pass the model that train was given"
+                )
+            total = total + (p - self.anchor[name]).pow(2).sum()
+        return (mu / 2) * total
 
     def generator(self) -> torch.Generator:
         """A fresh torch generator for this client and round (the same on every call)."""

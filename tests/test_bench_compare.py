@@ -120,3 +120,33 @@ def test_a_ratio_below_one_is_reported_as_noise() -> None:
 
 def he_run_experiment(client, report) -> str:  # type: ignore[no-untyped-def]
     return client.get_run(report["he"]["mlflow_run_id"]).info.experiment_id
+
+
+@pytest.mark.slow
+def test_optimizers_bench_writes_its_table_and_figure(tmp_path: Path) -> None:
+    from bench import optimizers
+
+    report = optimizers.main(
+        [
+            "--rounds",
+            "2",
+            "--clients",
+            "2",
+            "--alphas",
+            "0.5",
+            "--optimizers",
+            "fedavg",
+            "fedadam",
+            "--plain-only",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert [(r["optimizer"], r["he"], len(r["accuracy"])) for r in report["rows"]] == [
+        ("fedavg", False, 2),
+        ("fedadam", False, 2),
+    ]
+    markdown = Path(report["files"]["md"]).read_text()
+    assert "| 0.5 | fedadam | plaintext |" in markdown
+    assert "fedadam (server lr 0.1, beta1 0.9, beta2 0.99, tau 0.001)" in markdown
+    assert Path(report["files"]["png"]).stat().st_size > 0
