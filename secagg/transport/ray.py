@@ -265,6 +265,10 @@ class RayTransport:
         return bytes(self._get(holder.model_bytes.remote()))
 
     def close(self) -> None:
+        """Free the actors (and the local Ray this transport started)."""
+        for actor in [*self.slots, self.evaluator]:
+            if actor is not None:
+                self.ray.kill(actor)
         if self.started:
             self.ray.shutdown()
 
