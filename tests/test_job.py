@@ -160,12 +160,12 @@ def test_he_refuses_more_clients_per_round_than_its_headroom(tmp_path, session_k
     from secagg.errors import ConfigError
 
     with pytest.raises(ConfigError) as refused:
-        _config(tmp_path, session_keys, he=True, clients=500, clients_per_round=200).validate()
+        _config(tmp_path, session_keys, he=True, clients=5000, clients_per_round=2000).validate()
     assert str(refused.value) == (
-        "HE aggregation sums at most 128 clients per round, this job has 200 per round; set "
-        "clients_per_round (--clients-per-round) to 128 or fewer"
+        "HE aggregation sums at most 1024 clients per round, this job has 2000 per round; set "
+        "clients_per_round (--clients-per-round) to 1024 or fewer"
     )
-    _config(tmp_path, session_keys, he=True, clients=500, clients_per_round=100).validate()
+    _config(tmp_path, session_keys, he=True, clients=5000, clients_per_round=1000).validate()
 
 
 @pytest.mark.slow
