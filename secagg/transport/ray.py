@@ -54,7 +54,7 @@ class ClientActor:
         from secagg.builtin import task_for
         from secagg.client import Client, resolve_device
         from secagg.crypto.params import Keys
-        from secagg.job import simulated_site
+        from secagg.task import simulated_site
 
         os.environ["SECAGG_WORKERS"] = "1"  # one process per client: no CKKS worker pool
         torch.set_num_threads(max(1, math.ceil(config.client_cpus)))
