@@ -10,6 +10,10 @@ with the population.
 
 - ``ray_address`` None starts a local Ray (and shuts it down afterwards); an address joins an
   existing cluster (``ray start --head`` on one machine, ``ray start --address ...`` on others).
+- Each actor reads the client context (the secret key) itself, from the job's key folder: on a
+  cluster of several machines, every node needs ``keys/`` (``client.ctx``, ``manifest.json``)
+  at the same path. The driver runs the round loop and the server's sum with the public
+  context only: it never reads ``client.ctx``.
 - ``client_cpus`` and ``client_gpus`` are each actor's Ray resources (fractional GPUs let several
   clients share one). Torch in each actor uses ``ceil(client_cpus)`` threads, so results do not
   depend on the machine an actor lands on.
@@ -25,6 +29,8 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from secagg.config import RunConfig
@@ -48,31 +54,21 @@ def _ray() -> Any:
 class ClientActor:
     """One client inside a Ray worker: the job's task, its data, the client context."""
 
-    def __init__(self, config: RunConfig, task: Task | None, keys: Any, index: int) -> None:
+    def __init__(self, config: RunConfig, task: Task | None, index: int) -> None:
         import torch
 
+        from secagg import crypto
         from secagg.builtin import task_for
         from secagg.client import Client, resolve_device
-        from secagg.crypto.params import Keys
         from secagg.task import simulated_site
 
         os.environ["SECAGG_WORKERS"] = "1"  # one process per client: no CKKS worker pool
         torch.set_num_threads(max(1, math.ceil(config.client_cpus)))
         self.config = config
         self.site_for = simulated_site
-        if config.he:
-            from secagg.crypto.ckks import CkksClient
-            from secagg.crypto.quantized import QuantizedCipher
-
-            assert isinstance(keys, Keys)
-
-            def make_cipher(layout: Any) -> Any:
-                return QuantizedCipher(CkksClient(keys), layout)
-        else:
-            from secagg.crypto.plain import PlainCipher
-
-            def make_cipher(layout: Any) -> Any:
-                return PlainCipher(config.plain_precision)
+        # The client context is read here, in the actor, from the job's key folder (on every
+        # node, at the same path): the driver, which sums, never holds the secret key.
+        make_cipher = crypto.for_client(config.he, config.keys_dir, config.plain_precision)
 
         site = simulated_site(config, index)
         device = resolve_device(config.device)
@@ -152,16 +148,11 @@ class RayTransport:
                 **local,
             )
         _check_room(ray, config, actors)
-        self.config = config
+        # Actors on this machine find the keys where the driver was started.
+        self.config = replace(config, keys_dir=str(Path(config.keys_dir).resolve()))
         self.task = task
         #: hears nothing yet: Ray's clients run at once, and report when the round ends
         self.on_progress: Any = lambda phase, done, total: None
-        self.keys = None
-        if config.he:
-            from secagg import keys
-
-            # Only the client context travels to the actors; the driver sums with server.ctx.
-            self.keys = ray.put(keys.load_for_client(config.keys_dir))
         self.min_clients = config.min_clients or self.roster
         self.actor_class = ray.remote(ClientActor).options(
             num_cpus=config.client_cpus, num_gpus=config.client_gpus, max_restarts=0
@@ -177,7 +168,7 @@ class RayTransport:
         return self._sizes
 
     def _actor(self, index: int) -> Any:
-        return self.actor_class.remote(self.config, self.task, self.keys, index)
+        return self.actor_class.remote(self.config, self.task, index)
 
     def _check_models(self) -> None:
         actors = self.slots + ([self.evaluator] if self.evaluator is not None else [])
