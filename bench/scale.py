@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import statistics
 import subprocess
@@ -201,7 +202,7 @@ def _start_ray(config: Any, result: dict[str, Any]) -> Any:
     ray.init(
         num_cpus=_local_cpus(config, actors),
         include_dashboard=False,
-        logging_level="WARNING",
+        logging_level=logging.WARNING,
         log_to_driver=False,
     )
     result["ray_init_seconds"] = time.perf_counter() - t
@@ -365,7 +366,9 @@ def _too_big(case: dict[str, Any]) -> str | None:
     need = actors * ACTOR_MB
     have = _status_meminfo("MemAvailable")
     if need > have:
-        return f"{actors} Ray actors need about {need / 1024:.0f} GB, {have / 1024:.0f} GB available"
+        return (
+            f"{actors} Ray actors need about {need / 1024:.0f} GB, {have / 1024:.0f} GB available"
+        )
     return None
 
 
@@ -438,9 +441,10 @@ def _pop(r: dict[str, Any]) -> int:
 
 
 def _label(case: dict[str, Any]) -> str:
-    return f"{case['task']} {case['clients']:,} clients, {case['per_round']}/round, " + case[
-        "transport"
-    ]
+    return (
+        f"{case['task']} {case['clients']:,} clients, {case['per_round']}/round, "
+        + case["transport"]
+    )
 
 
 def _case_line(r: dict[str, Any]) -> str:
@@ -508,7 +512,11 @@ def to_markdown(report: dict[str, Any]) -> str:
                 f"| {r['round_seconds']['median_after_first']:.2f} |"
             )
     if report["flatness"]:
-        lines += ["", "Memory from the smallest population to the largest (same clients per round):", ""]
+        lines += [
+            "",
+            "Memory from the smallest population to the largest (same clients per round):",
+            "",
+        ]
         for f in report["flatness"]:
             parts = ", ".join(
                 f"{name} {v['small']:.0f} -> {v['large']:.0f} MB ({v['ratio']:.2f}x)"
