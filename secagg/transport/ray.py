@@ -163,6 +163,8 @@ class RayTransport:
         self._check_models()
         self._sizes: list[int] = self._get(self.slots[0].tensor_sizes.remote())
         self._round: list[tuple[int, Any]] = []
+        #: the clients of the population this round's slots stand for
+        self._chosen: list[int] = first
 
     def tensor_sizes(self) -> list[int]:
         return self._sizes
@@ -201,6 +203,7 @@ class RayTransport:
             self.config.clients, self.roster, self.config.seed, round_stamp.round_num
         )
         self._replace_dead()
+        self._chosen = chosen
         self._get(
             [slot.become.remote(index) for slot, index in zip(self.slots, chosen, strict=True)]
         )
@@ -245,7 +248,9 @@ class RayTransport:
 
     def evaluate(self, round_num: int) -> list[EvalReply]:
         actors = list(self.slots)
-        if self.evaluator is not None:
+        # As in-process: the evaluator is client 0, which evaluates once, in its slot when the
+        # round drew it (twice would count its test set twice in the round's averages).
+        if self.evaluator is not None and 0 not in self._chosen:
             actors.append(self.evaluator)
         replies = (self._survive(a.evaluate.remote(round_num)) for a in actors)
         return [r for r in replies if r is not None]
