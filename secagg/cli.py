@@ -767,7 +767,10 @@ def status(kit_dir: str, as_json: bool) -> None:
         click.echo(f"  aborted: {info['aborted']}")
     for site in info["sites"]:
         state = "connected" if site["connected"] else "not connected"
-        click.echo(f"  {site['name']:<16} {state:<14} round {site['applied']}")
+        line = f"  {site['name']:<16} {state:<14} round {site['applied']}"
+        if site.get("error"):
+            line += f"  failed: {site['error']}"
+        click.echo(line)
     for row in info["history"]:
         click.echo(
             f"  round {row['round']:>3}: accuracy {row['accuracy']:.4f}, loss {row['loss']:.4f}, "

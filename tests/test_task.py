@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -445,3 +446,24 @@ def test_a_site_whose_train_raises_stops_a_grpc_run_with_its_reason(
     last = run.stderr.strip().splitlines()[-1]
     assert last.startswith("Error: the server process failed: Error: round 1:")
     assert "boom in the user's loop" in last
+
+
+@pytest.mark.slow
+def test_a_grpc_run_whose_sites_lack_their_dataset_fails_fast_with_their_reason(
+    tmp_path: Path, session_keys: Path
+) -> None:
+    (tmp_path / "empty").mkdir()
+    args = ["run", "--transport", "grpc", "--dataset", "mnist", "--data-dir", "empty"]
+    args += ["--clients", "2", "--rounds", "1", "--no-tracking", "--output", "g"]
+    run = subprocess.run(
+        [sys.executable, "-m", "secagg.cli", *args, "--keys", str(session_keys)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,  # the round timeout is 900 s: the server stops as soon as it knows why
+    )
+    assert run.returncode == 1
+    assert "connected" in run.stdout  # the server says who came
+    # The server prints a failed site's own reason by name, and stops on it.
+    assert re.search(r"site-\d failed: mnist not found in empty/", run.stdout)
+    assert "mnist not found in empty/" in run.stderr.strip().splitlines()[-1]

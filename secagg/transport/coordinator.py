@@ -282,11 +282,17 @@ class Coordinator:
                         f"{site.name}'s model is not the job's: {difference}", "model-mismatch"
                     )
                 self.parameters = hello.parameters or self.parameters
+            was = site.joined
             site.joined = hello.model is not None
             site.error = None if site.joined else site.error
             site.applied = min(hello.applied, self.completed)
             site.last_seen = time.monotonic()
             self.lock.notify_all()
+            if site.joined and not was:
+                ready = sum(1 for s in self.sites if s.joined)
+                self.log(f"{site.name} ready ({ready}/{len(self.sites)})")
+            elif not site.joined and not was:
+                self.log(f"{site.name} connected")
             return {
                 "job": self.job.hex(),
                 "index": site.index,
@@ -392,6 +398,7 @@ class Coordinator:
             site.error = error
             site.joined = False
             self.lock.notify_all()
+        self.log(f"{site.name} failed: {error}")
 
     def download(self, round_num: int, what: str) -> bytes:
         with self.lock:
