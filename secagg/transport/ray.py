@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from secagg.config import RunConfig
@@ -244,6 +244,13 @@ class RayTransport:
                 sealed += 1
                 yield reply
         self._require(sealed, round_stamp.round_num, "sent their update")
+
+    def correct(
+        self, stamp: Stamp, dropped: tuple[int, ...], senders: Sequence[int]
+    ) -> list[bytes]:
+        # Clients of this transport never mask (``RunConfig.validate`` refuses it), so a round
+        # never asks them for corrections.
+        raise ConfigError("masking runs in-process only in this release; set masking = false")
 
     def apply(self, round_stamp: Stamp, payload: bytes, scales: bytes | None) -> list[ApplyReply]:
         shared, shared_scales = self.ray.put(payload), self.ray.put(scales)

@@ -1,0 +1,171 @@
+"""Pairwise masks inside the ciphertexts (``secagg.crypto.masking``).
+
+The masks must cancel in the server's sum (the aggregate decrypts bit for bit as without
+them), make one client's ciphertext unreadable to another key holder, survive dropouts through
+corrections, refuse a late update after corrections, and refuse a substituted key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from conftest import round_of, update_for
+from hostile import forge_aggregate
+from scipy import stats
+
+from secagg import keys
+from secagg.crypto import Update
+from secagg.crypto.ckks import CkksClient, decrypt_chunks, load_context
+from secagg.crypto.ckks_server import open_payload
+from secagg.crypto.envelope import UPDATE
+from secagg.crypto.masking import Masker, SignedKey, SimulatedIdentities
+from secagg.errors import PayloadError
+from secagg.server import Server
+
+#: Significance of the uniformity tests: a masked ciphertext fails one by chance once in 1000.
+ALPHA = 1e-3
+CLIENTS = 3
+
+
+@pytest.fixture(scope="module")
+def identities() -> SimulatedIdentities:
+    return SimulatedIdentities()
+
+
+def _clients(session_keys, identities, masked: bool = True) -> list[CkksClient]:  # type: ignore[no-untyped-def]
+    loaded = keys.load_for_client(session_keys)
+    return [
+        CkksClient(loaded, Masker(identities.signer, identities.verifier) if masked else None)
+        for _ in range(CLIENTS)
+    ]
+
+
+def _agree(clients: list[CkksClient], stamp, sites=(10, 11, 12)) -> list[SignedKey]:  # type: ignore[no-untyped-def]
+    peers = [c.masker.publish(stamp.job, site) for c, site in zip(clients, sites, strict=True)]  # type: ignore[union-attr]
+    for position, client in enumerate(clients):
+        client.masker.agree(stamp.for_sender(position), peers)  # type: ignore[union-attr]
+    return peers
+
+
+def _updates(client: CkksClient, n: int = 3000, seed: int = 4) -> list[Update]:
+    rng = np.random.default_rng(seed)
+    return [update_for(client, rng.integers(-500, 500, n), 1 / CLIENTS) for _ in range(CLIENTS)]
+
+
+def _encrypt(clients: list[CkksClient], updates: list[Update], stamp) -> list[bytes]:  # type: ignore[no-untyped-def]
+    return [
+        c.encrypt(u, stamp.for_sender(i))
+        for i, (c, u) in enumerate(zip(clients, updates, strict=True))
+    ]
+
+
+def test_masks_cancel_and_the_sum_decrypts_bit_identically(
+    session_keys, identities, ckks_pair
+) -> None:
+    _, server = ckks_pair
+    stamp = round_of(1, roster=CLIENTS)
+    masked, plain = _clients(session_keys, identities), _clients(session_keys, identities, False)
+    _agree(masked, stamp)
+    updates = _updates(plain[0])
+    with_masks = masked[1].decrypt(server.sum(_encrypt(masked, updates, stamp), stamp), stamp)
+    without = plain[1].decrypt(server.sum(_encrypt(plain, updates, stamp), stamp), stamp)
+    assert with_masks.values.tobytes() == without.values.tobytes()
+    assert (with_masks.weight, with_masks.contributors) == (without.weight, without.contributors)
+    # Both phases are masked (their own PRG streams): the scale exchange cancels too.
+    scales = stamp.scales()
+    masked_sum = server.sum(_encrypt(masked, updates, scales), scales)
+    assert masked[0].decrypt(masked_sum, scales).values.tobytes() == without.values.tobytes()
+
+
+def _slot_low_bits(session_keys, payload: bytes, client: CkksClient, stamp) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """What a key holder decrypts from one client's update: every slot, rounded, mod 256."""
+    opened = open_payload(client.codec, client._shape, payload, stamp, UPDATE)
+    n = client._shape.poly_modulus_degree
+    c0 = np.frombuffer(opened.body, dtype="<u8").reshape(opened.blob_count, n)
+    context = load_context(keys.load_for_client(session_keys).context)
+    slots = decrypt_chunks(context, c0, opened.seeds, [n // 2] * len(c0), client._shape)
+    return np.rint(slots).astype(np.int64) % 256
+
+
+def test_another_clients_ciphertext_decrypts_to_uniform_lanes(session_keys, identities) -> None:
+    """Client 1, holding the shared secret key and the server's whole view (client 0's
+    payload, its seed), decrypts client 0's update: with masks the low 8 bits of every slot
+    pass a chi-square test of uniformity at ALPHA; without masks the same test rejects them
+    (the update is all zeros: the slots are the packed digits, in the clear)."""
+    stamp = round_of(1, roster=CLIENTS)
+    update = Update(np.zeros(20_000), 1 / CLIENTS)
+    masked = _clients(session_keys, identities)
+    _agree(masked, stamp)
+    seen = _slot_low_bits(
+        session_keys, masked[0].encrypt(update, stamp.for_sender(0)), masked[1], stamp
+    )
+    counts = np.bincount(seen, minlength=256)
+    assert stats.chisquare(counts).pvalue > ALPHA, counts
+    plain = _clients(session_keys, identities, False)[0]
+    clear = _slot_low_bits(session_keys, plain.encrypt(update, stamp.for_sender(0)), plain, stamp)
+    assert stats.chisquare(np.bincount(clear, minlength=256)).pvalue < 1e-100
+
+
+def test_a_dropout_is_corrected_and_the_sum_is_exact(session_keys, identities, ckks_pair) -> None:
+    _, server = ckks_pair
+    stamp = round_of(2, roster=CLIENTS)
+    clients = _clients(session_keys, identities)
+    _agree(clients, stamp)
+    updates = _updates(clients[0], seed=7)
+    payloads = _encrypt(clients, updates, stamp)
+    summed = server.sum([payloads[0], payloads[2]], stamp)
+    # Client 1's masks do not cancel: the sum decrypts to noise, which the unpacker refuses.
+    with pytest.raises(PayloadError):
+        clients[0].decrypt(summed, stamp)
+    corrections = [clients[p].correct(stamp.for_sender(p), (1,), 3000) for p in (0, 2)]
+    fixed = server.corrected(summed, corrections, stamp, (1,))
+    total = clients[2].decrypt(fixed, stamp)
+    assert total.contributors == (0, 2)
+    assert np.array_equal(total.values, updates[0].values + updates[2].values)
+    # A contributor that sends no correction leaves the sum unreadable: named, not garbage.
+    with pytest.raises(PayloadError, match="sent no mask correction") as caught:
+        server.corrected(summed, corrections[:1], stamp, (1,))
+    assert caught.value.reason == "missing-correction"
+
+
+def test_a_late_update_after_corrections_is_refused(session_keys, identities, ckks_pair) -> None:
+    _, cipher = ckks_pair
+    stamp = round_of(3, roster=CLIENTS)
+    clients = _clients(session_keys, identities)
+    _agree(clients, stamp)
+    payloads = _encrypt(clients, _updates(clients[0]), stamp)
+    server = Server(cipher, masking=True)
+    summed = server.sum([payloads[0], payloads[2]], stamp, 3000)
+    corrections = [clients[p].correct(stamp.for_sender(p), (1,), 3000) for p in (0, 2)]
+    server.correct(summed, corrections, stamp, (1,))
+    # By round state: the server adds nothing more to a corrected phase.
+    with pytest.raises(PayloadError, match="late update is never added") as caught:
+        server.sum([payloads[1]], stamp, 3000)
+    assert caught.value.reason == "late-update"
+    # By the ledger: a server that adds it anyway must list it, and the clients refuse that.
+    forged = forge_aggregate(cipher, payloads, stamp, (0, 1, 2))
+    with pytest.raises(PayloadError, match=r"adds client\(s\) \[1\] after the round corrected"):
+        clients[0].decrypt(forged, stamp)
+    # Nor does a client give a second set of corrections (which could strip an added client).
+    with pytest.raises(PayloadError, match="already sent"):
+        clients[0].correct(stamp.for_sender(0), (1, 2), 3000)
+
+
+def test_a_substituted_key_agreement_key_is_refused(session_keys, identities) -> None:
+    stamp = round_of(4, roster=CLIENTS)
+    clients = _clients(session_keys, identities)
+    peers = [c.masker.publish(stamp.job, 20 + i) for i, c in enumerate(clients)]  # type: ignore[union-attr]
+    # The server swaps client 2's key for one of its own, signed by a key that is not site 22's.
+    mallory = Masker(SimulatedIdentities().signer, identities.verifier).publish(stamp.job, 22)
+    for forged in (mallory, replace(mallory, signature=peers[2].signature)):
+        with pytest.raises(PayloadError, match="not signed by its site key") as caught:
+            clients[0].masker.agree(stamp.for_sender(0), [*peers[:2], forged])  # type: ignore[union-attr]
+        assert caught.value.reason == "bad-key"
+    # Another job's signed key is no good either: signatures bind the job.
+    other_job = bytes(16)
+    assert other_job != stamp.job
+    other = clients[2].masker.publish(other_job, 22)  # type: ignore[union-attr]
+    with pytest.raises(PayloadError, match="not signed"):
+        clients[0].masker.agree(stamp.for_sender(0), [*peers[:2], other])  # type: ignore[union-attr]
