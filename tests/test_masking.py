@@ -23,6 +23,7 @@ from secagg.crypto.envelope import UPDATE
 from secagg.crypto.masking import Masker, SignedKey, SimulatedIdentities
 from secagg.errors import PayloadError
 from secagg.server import Server
+from secagg.transport.inprocess import InProcessTransport
 
 #: Significance of the uniformity tests: a masked ciphertext fails one by chance once in 1000.
 ALPHA = 1e-3
@@ -169,3 +170,86 @@ def test_a_substituted_key_agreement_key_is_refused(session_keys, identities) ->
     other = clients[2].masker.publish(other_job, 22)  # type: ignore[union-attr]
     with pytest.raises(PayloadError, match="not signed"):
         clients[0].masker.agree(stamp.for_sender(0), [*peers[:2], other])  # type: ignore[union-attr]
+
+
+# --- whole rounds and jobs ------------------------------------------------------------------
+
+
+class _Dropping(InProcessTransport):
+    """Position ``who`` leaves the round at ``when``: ``keys`` (it got the round's keys and
+    trained, but sends nothing), ``update`` (it sent its scales, not its update) or ``apply``
+    (it sent everything and never takes the aggregate)."""
+
+    def __init__(self, slots, when: str, who: int) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(slots)
+        self.when, self.who = when, who
+
+    def train(self, round_stamp):  # type: ignore[no-untyped-def]
+        replies = super().train(round_stamp)
+        return [r for r in replies if not (self.when == "keys" and r.client_id == self.who)]
+
+    def seal(self, round_stamp, total_samples, scales):  # type: ignore[no-untyped-def]
+        for position, slot in enumerate(self.slots):
+            if position != self.who or self.when == "apply":
+                yield slot.seal(round_stamp.for_sender(position), total_samples, scales)
+
+    def apply(self, round_stamp, payload, scales):  # type: ignore[no-untyped-def]
+        keep = [s for p, s in enumerate(self.slots) if p != self.who or self.when != "apply"]
+        return [s.apply(payload, round_stamp, scales) for s in keep]
+
+
+def _one_round(session_keys, masking: bool, when: str):  # type: ignore[no-untyped-def]
+    from secagg import rounds
+    from secagg.builtin import task_for
+    from secagg.config import RunConfig
+    from secagg.crypto import for_server
+    from secagg.job import build_clients
+
+    config = RunConfig(
+        clients=4,
+        he=True,
+        masking=masking,
+        keys_dir=str(session_keys),
+        tracking=False,
+        device="cpu",
+        local_epochs=1,
+    )
+    transport = _Dropping(build_clients(config, task_for(config)), when, who=1)
+    server = Server(for_server(True, session_keys), masking=masking)
+    metrics, _ = rounds.run_round(server, transport, rounds.round_stamp(bytes(16), 1, 4))
+    return metrics, transport.slots[0].global_vector
+
+
+@pytest.mark.parametrize("when", ["keys", "update", "apply"])
+def test_a_dropout_leaves_the_same_model_as_without_masks(session_keys, when: str) -> None:
+    """Client 1 drops after key agreement, after the scale exchange, or after its upload: the
+    survivors' corrections make the masked round's model bit for bit the unmasked round's."""
+    masked, model = _one_round(session_keys, True, when)
+    unmasked, reference = _one_round(session_keys, False, when)
+    assert model.tobytes() == reference.tobytes()
+    assert masked.clients == unmasked.clients == (4 if when == "apply" else 3)
+    # Corrections cost bytes only when a payload was missing.
+    assert (masked.bytes_up > unmasked.bytes_up) == (when != "apply")
+
+
+def test_the_digits_job_is_unchanged_by_masks(tmp_path, session_keys) -> None:
+    """Masked HE equals unmasked HE exactly, and plaintext FedAvg within one test digit."""
+    from secagg.config import RunConfig
+    from secagg.job import run_job
+
+    def job(name: str, **changes):  # type: ignore[no-untyped-def]
+        config = RunConfig(
+            clients=4,
+            rounds=3,
+            keys_dir=str(session_keys),
+            tracking=False,
+            device="cpu",
+            output_dir=str(tmp_path / name),
+        )
+        return run_job(replace(config, **changes))
+
+    masked, he, plain = job("m", he=True, masking=True), job("h", he=True), job("p")
+    for m, h, p in zip(masked.rounds, he.rounds, plain.rounds, strict=True):
+        assert (m.accuracy, m.loss) == (h.accuracy, h.loss), f"round {m.round}"
+        assert abs(m.accuracy - p.accuracy) <= 0.003, f"round {m.round}"
+        assert m.bytes_up == h.bytes_up and m.bytes_down == h.bytes_down
