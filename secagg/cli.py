@@ -182,7 +182,7 @@ def keygen(out_dir: str, force: bool, poly_degree: str, coeff_bits: str) -> None
     "--masking/--no-masking",
     default=None,
     help="With --he: pairwise masks inside the ciphertexts, so neither the server nor a "
-    "client it colludes with can read one client's update (in-process transport only)."
+    "client it colludes with can read one client's update (in-process and Ray only)."
     f"{_default('masking')}",
 )
 @click.option(

@@ -83,7 +83,7 @@ class RunConfig:
     he: bool = False
     #: with ``he``: pairwise masks inside the ciphertexts (``secagg.crypto.masking``), so that
     #: no single party, nor the server with fewer than all other clients, reads one update;
-    #: in-process transport only in this release
+    #: in-process and Ray transports only in this release
     masking: bool = False
     #: what plaintext FedAvg sends: float32 (as usual) or float64
     plain_precision: str = "float32"
@@ -167,9 +167,9 @@ class RunConfig:
                 "min_clients must be between 0 (all clients) and the clients per round",
             ),
             (
-                not (self.he and self.masking) or self.transport == "inprocess",
-                "masking runs with the in-process transport only in this release; set "
-                "masking = false (or --no-masking) for ray and grpc",
+                not (self.he and self.masking) or self.transport != "grpc",
+                "masking runs with the in-process and ray transports only in this release; "
+                "set masking = false (or --no-masking) for grpc",
             ),
             (self.client_cpus > 0, "client_cpus must be positive"),
             (self.client_gpus >= 0, "client_gpus must be 0 or more"),

@@ -259,8 +259,36 @@ def test_masking_is_refused_where_it_is_not_built_and_ignored_without_he() -> No
     from secagg.config import RunConfig
     from secagg.errors import ConfigError
 
-    for transport in ("grpc", "ray"):
-        with pytest.raises(ConfigError, match="masking runs with the in-process transport only"):
+    for transport in ("grpc",):
+        with pytest.raises(
+            ConfigError, match="masking runs with the in-process and ray transports only"
+        ):
             RunConfig(he=True, masking=True, transport=transport).validate()
     # Plaintext FedAvg's server reads every update anyway: the setting changes nothing there.
     RunConfig(he=False, masking=True, transport="grpc").validate()
+
+
+@pytest.mark.slow
+def test_ray_clients_mask_and_reach_the_unmasked_model(tmp_path, session_keys) -> None:
+    """Ray actors: keys made per actor, signed with simulated site keys derived in each
+    process, relayed with the train task; masked and unmasked runs give the same rounds."""
+    pytest.importorskip("ray")
+    from secagg.config import RunConfig
+    from secagg.job import run_job
+
+    config = RunConfig(
+        he=True,
+        clients=3,
+        rounds=2,
+        transport="ray",
+        client_cpus=0.5,
+        keys_dir=str(session_keys),
+        tracking=False,
+        device="cpu",
+    )
+    runs = [
+        run_job(replace(config, masking=m, output_dir=str(tmp_path / str(m))))
+        for m in (True, False)
+    ]
+    for m, u in zip(runs[0].rounds, runs[1].rounds, strict=True):
+        assert (m.accuracy, m.loss, m.bytes_up) == (u.accuracy, u.loss, u.bytes_up)

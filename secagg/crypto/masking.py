@@ -25,8 +25,9 @@ was added. A client also refuses to decrypt an aggregate that lists a client it 
 
 from __future__ import annotations
 
+import os
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,7 +37,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from secagg.crypto import seal_format, seeded
+from secagg.crypto import seeded
 from secagg.crypto.envelope import Stamp
 from secagg.errors import PayloadError
 
@@ -44,6 +45,7 @@ from secagg.errors import PayloadError
 PUBLIC_BYTES = 32
 _SIGNED_LABEL = b"secagg mask key v1\0"
 _PRG_LABEL = b"secagg pairwise mask v1\0"
+_P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 
 
 @dataclass(frozen=True)
@@ -60,19 +62,30 @@ def _signed_bytes(job: bytes, site: int, public: bytes) -> bytes:
 
 
 class SimulatedIdentities:
-    """In-memory ECDSA P-256 site keys for in-process simulations, which have no certificates.
+    """ECDSA P-256 site keys for simulations (in-process, Ray), which have no certificates.
 
-    Each simulated client signs with its own key and every client checks peers against the
-    public halves, so the signature path runs and a substituted key is caught; it does not
-    separate the parties, who share one process."""
+    Each simulated client signs with its own site's key and every client checks peers against
+    the public halves, so the signature path runs and a substituted key is caught; it does not
+    separate the parties: every site's key derives from one random ``root`` that the runner
+    hands to every client (a Ray actor takes on several sites in turn)."""
 
-    def __init__(self) -> None:
+    def __init__(self, root: bytes | None = None) -> None:
+        self.root = root if root is not None else os.urandom(32)
         self._keys: dict[int, ec.EllipticCurvePrivateKey] = {}
 
+    def __getstate__(self) -> dict[str, bytes]:
+        return {"root": self.root}  # keys are not picklable; each process derives its own
+
+    def __setstate__(self, state: dict[str, bytes]) -> None:
+        self.root, self._keys = state["root"], {}
+
     def signer(self, site: int) -> ec.EllipticCurvePrivateKey:
-        """The site's signing key (made on first use)."""
+        """The site's signing key, derived from the root."""
         if site not in self._keys:
-            self._keys[site] = ec.generate_private_key(ec.SECP256R1())
+            info = b"secagg simulated site key\0" + struct.pack(">I", site)
+            wide = HKDF(hashes.SHA256(), 48, salt=None, info=info).derive(self.root)
+            scalar = 1 + int.from_bytes(wide, "big") % (_P256_ORDER - 1)
+            self._keys[site] = ec.derive_private_key(scalar, ec.SECP256R1())
         return self._keys[site]
 
     def verifier(self, site: int) -> ec.EllipticCurvePublicKey:
@@ -95,6 +108,8 @@ class Masker:
         #: (job, round) -> (own position, {peer position: pair secret})
         self._round: tuple[tuple[bytes, int], int, dict[int, bytes]] | None = None
         self._corrected: dict[tuple[bytes, int, int], tuple[int, ...]] = {}
+        #: (job, own public key, a checked peer key) -> the pair's secret
+        self._secrets: dict[tuple[bytes, bytes, SignedKey], bytes] = {}
 
     def publish(self, job: bytes, site: int) -> SignedKey:
         """This client's signed X25519 public key for ``job`` as ``site`` (made on first use)."""
@@ -123,10 +138,14 @@ class Masker:
         for position, peer in enumerate(peers):
             if position == stamp.sender:
                 continue
-            verify(stamp.job, peer, self._verifier(peer.site))
-            shared = private.exchange(X25519PublicKey.from_public_bytes(peer.public))
-            low, high = sorted((own.public, peer.public))
-            secrets[position] = shared + low + high
+            # Keys are per job: a peer met in an earlier round was checked then.
+            known = (stamp.job, own.public, peer)
+            if known not in self._secrets:
+                verify(stamp.job, peer, self._verifier(peer.site))
+                shared = private.exchange(X25519PublicKey.from_public_bytes(peer.public))
+                low, high = sorted((own.public, peer.public))
+                self._secrets[known] = shared + low + high
+            secrets[position] = self._secrets[known]
         self._round = ((stamp.job, stamp.round_num), stamp.sender, secrets)
 
     def active(self, stamp: Stamp) -> bool:
@@ -179,20 +198,36 @@ class Masker:
         if self._round is None or not self.active(stamp):
             raise PayloadError(f"no mask keys were agreed for round {stamp.round_num}", "bad-plan")
         _, own, secrets = self._round
+        chosen = sorted(secrets) if only is None else only
+        if any(position not in secrets for position in chosen):
+            raise PayloadError(f"clients {list(chosen)} are not all in the round", "bad-plan")
+        keys = [_prg_key(secrets[position], stamp) for position in chosen]
+        # A pair's words are added by the lower position and subtracted by the higher (and the
+        # other way round in a correction): sum each side lazily, subtract once.
+        adds = [(own < position) != negate for position in chosen]
         q = np.uint64(modulus)
-        out = np.zeros((count, n), dtype="<u8")
-        for position in sorted(secrets) if only is None else only:
-            if position not in secrets:
-                raise PayloadError(f"client {position} is not in the round", "bad-plan")
-            key = _prg_key(secrets[position], stamp)
-            add = (own < position) != negate
-            for index in range(count):
-                words = seeded.expand(key, index, n, modulus)
-                if add:
-                    seal_format.add_mod(out[index], words, modulus)
-                else:
-                    seal_format.add_mod(out[index], (q - words) % q, modulus)
+        out = np.empty((count, n), dtype="<u8")
+        for index in range(count):
+            plus = _lazy_sum((k for k, a in zip(keys, adds, strict=True) if a), index, n, modulus)
+            minus = _lazy_sum(
+                (k for k, a in zip(keys, adds, strict=True) if not a), index, n, modulus
+            )
+            row = plus + (q - minus)  # below 2q < 2**64
+            np.subtract(row, q, out=row, where=row >= q)
+            out[index] = row
         return out
+
+
+def _lazy_sum(keys: Iterable[bytes], index: int, n: int, modulus: int) -> np.ndarray:
+    """The sum mod q of what each key expands to for ciphertext ``index``."""
+    q = np.uint64(modulus)
+    total = np.zeros(n, dtype="<u8")
+    for terms, key in enumerate(keys, 1):
+        total += seeded.expand(key, index, n, modulus)
+        if terms % seeded.LAZY_TERMS == 0:
+            np.remainder(total, q, out=total)
+    np.remainder(total, q, out=total)
+    return total
 
 
 def verify(job: bytes, signed: SignedKey, public: ec.EllipticCurvePublicKey) -> None:

@@ -301,7 +301,9 @@ class GrpcTransport:
     ) -> list[bytes]:
         # Clients of this transport never mask (``RunConfig.validate`` refuses it), so a round
         # never asks them for corrections.
-        raise ConfigError("masking runs in-process only in this release; set masking = false")
+        raise ConfigError(
+            "masking runs in-process and with Ray only in this release; set masking = false"
+        )
 
     def apply(self, round_stamp: Stamp, payload: bytes, scales: bytes | None) -> list[ApplyReply]:
         round_num = round_stamp.round_num

@@ -29,6 +29,7 @@ from typing import Any
 
 from secagg.config import RunConfig
 from secagg.crypto import Stamp
+from secagg.crypto.masking import SignedKey
 from secagg.errors import ConfigError, SecAggError
 from secagg.messages import ApplyReply, EvalReply, FitReply, ModelSignature, TrainReply
 from secagg.rounds import RoundFailed, sample_clients
@@ -48,7 +49,9 @@ def _ray() -> Any:
 class ClientActor:
     """One client inside a Ray worker: the job's task, its data, the client context."""
 
-    def __init__(self, config: RunConfig, task: Task | None, keys: Any, index: int) -> None:
+    def __init__(
+        self, config: RunConfig, task: Task | None, keys: Any, index: int, identities: Any = None
+    ) -> None:
         import torch
 
         from secagg.builtin import task_for
@@ -62,12 +65,16 @@ class ClientActor:
         self.site_for = simulated_site
         if config.he:
             from secagg.crypto.ckks import CkksClient
+            from secagg.crypto.masking import Masker
             from secagg.crypto.quantized import QuantizedCipher
 
             assert isinstance(keys, Keys)
 
             def make_cipher(layout: Any) -> Any:
-                return QuantizedCipher(CkksClient(keys), layout)
+                masker = None
+                if identities is not None:
+                    masker = Masker(identities.signer, identities.verifier)
+                return QuantizedCipher(CkksClient(keys, masker), layout)
         else:
             from secagg.crypto.plain import PlainCipher
 
@@ -89,8 +96,14 @@ class ClientActor:
     def become(self, index: int) -> None:
         self.client.become(self.site_for(self.config, index))
 
-    def train(self, stamp: Stamp) -> TrainReply:
-        return self.client.train(stamp)
+    def mask_key(self, job: bytes) -> SignedKey | None:
+        return self.client.mask_key(job)
+
+    def train(self, stamp: Stamp, peers: list[SignedKey]) -> TrainReply:
+        return self.client.train(stamp, peers)
+
+    def correct(self, stamp: Stamp, dropped: tuple[int, ...]) -> bytes:
+        return self.client.correct(stamp, dropped)
 
     def seal(self, stamp: Stamp, total: int, scales: bytes | None) -> FitReply:
         return self.client.seal(stamp, total, scales)
@@ -157,11 +170,16 @@ class RayTransport:
         #: hears nothing yet: Ray's clients run at once, and report when the round ends
         self.on_progress: Any = lambda phase, done, total: None
         self.keys = None
+        self.identities = None
         if config.he:
             from secagg import keys
 
             # Only the client context travels to the actors; the driver sums with server.ctx.
             self.keys = ray.put(keys.load_for_client(config.keys_dir))
+            if config.masking:
+                from secagg.crypto.masking import SimulatedIdentities
+
+                self.identities = ray.put(SimulatedIdentities())
         self.min_clients = config.min_clients or self.roster
         self.actor_class = ray.remote(ClientActor).options(
             num_cpus=config.client_cpus, num_gpus=config.client_gpus, max_restarts=0
@@ -177,7 +195,7 @@ class RayTransport:
         return self._sizes
 
     def _actor(self, index: int) -> Any:
-        return self.actor_class.remote(self.config, self.task, self.keys, index)
+        return self.actor_class.remote(self.config, self.task, self.keys, index, self.identities)
 
     def _check_models(self) -> None:
         actors = self.slots + ([self.evaluator] if self.evaluator is not None else [])
@@ -213,8 +231,12 @@ class RayTransport:
         self._get(
             [slot.become.remote(index) for slot, index in zip(self.slots, chosen, strict=True)]
         )
+        # Each client's signed mask key (made when it first joins the job), relayed to all
+        # with the train task; none when the clients do not mask.
+        keys = self._get([slot.mask_key.remote(round_stamp.job) for slot in self.slots])
+        peers = self.ray.put([] if None in keys else keys)
         calls = [
-            (position, slot, slot.train.remote(round_stamp.for_sender(position)))
+            (position, slot, slot.train.remote(round_stamp.for_sender(position), peers))
             for position, slot in enumerate(self.slots)
         ]
         replies, alive = [], []
@@ -248,9 +270,9 @@ class RayTransport:
     def correct(
         self, stamp: Stamp, dropped: tuple[int, ...], senders: Sequence[int]
     ) -> list[bytes]:
-        # Clients of this transport never mask (``RunConfig.validate`` refuses it), so a round
-        # never asks them for corrections.
-        raise ConfigError("masking runs in-process only in this release; set masking = false")
+        refs = [self.slots[p].correct.remote(stamp.for_sender(p), dropped) for p in senders]
+        # An actor that died now leaves its correction out: the server names it.
+        return [c for c in (self._survive(ref) for ref in refs) if c is not None]
 
     def apply(self, round_stamp: Stamp, payload: bytes, scales: bytes | None) -> list[ApplyReply]:
         shared, shared_scales = self.ray.put(payload), self.ray.put(scales)
