@@ -11,7 +11,9 @@ times are dominated by training, which a shared machine makes noisy, so **the cr
 on its own as well: one client's CKKS work in a round (both phases' encryption and decryption,
 the aggregate holding every client's seed), and what masks add to it (checking the round's
 signed keys, the X25519 agreements, the masks of both phases); the minimum of ``--repeats``
-timings each, so other processes on the machine do not count.
+timings each, so other processes on the machine do not count. Run it with ``SECAGG_WORKERS=1``
+so that the CPU seconds of each whole run (this process's, per round, clients built included;
+the best run of each mode) hold all of its CKKS work too.
 """
 
 from __future__ import annotations
@@ -35,10 +37,13 @@ from secagg.job import run_job
 from secagg.rounds import RoundMetrics
 
 
-def _run(config: RunConfig, masking: bool, out: Path) -> list[RoundMetrics]:
+def _run(config: RunConfig, masking: bool, out: Path, cpu: list[float]) -> list[RoundMetrics]:
     tag = "m" if masking else "u"
     folder = out / f"{tag}-{len(list(out.iterdir()))}"
-    return run_job(replace(config, masking=masking, output_dir=str(folder))).rounds
+    start = time.process_time()
+    rounds = run_job(replace(config, masking=masking, output_dir=str(folder))).rounds
+    cpu.append((time.process_time() - start) / len(rounds))
+    return rounds
 
 
 def _best(repeats: int, step: Callable[[], object]) -> float:
@@ -113,12 +118,13 @@ def main() -> None:
         (out / "runs").mkdir()
         runs = out / "runs"
         for masking in (False, True):  # warm-up: imports, data, worker processes
-            _run(replace(config, rounds=1), masking, runs)
+            _run(replace(config, rounds=1), masking, runs, [])
         results: dict[bool, list[RoundMetrics]] = {False: [], True: []}
+        cpu: dict[bool, list[float]] = {False: [], True: []}
         for repeat in range(args.repeats):
             order = (False, True) if repeat % 2 == 0 else (True, False)
             for masking in order:
-                results[masking].extend(_run(config, masking, runs))
+                results[masking].extend(_run(config, masking, runs, cpu[masking]))
         crypto, extra = crypto_seconds(out / "keys", per_round, max(args.repeats, 5))
     masked, plain = results[True], results[False]
     for m, u in zip(masked, plain, strict=True):
@@ -143,6 +149,10 @@ def main() -> None:
     ):
         u, m = median(plain, name), median(masked, name)
         print(f"| {name} ({unit}) | {u:,.3f} | {m:,.3f} | {m / u:.4f} |")
+    u, m = min(cpu[False]), min(cpu[True])
+    print(
+        f"| CPU seconds per round, this process, best run (s) | {u:.3f} | {m:.3f} | {m / u:.4f} |"
+    )
     round_per_client = median(plain, "round_seconds") / per_round
     print(
         f"\none client's CKKS work per round: {crypto * 1e3:.1f} ms; "

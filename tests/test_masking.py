@@ -292,3 +292,26 @@ def test_ray_clients_mask_and_reach_the_unmasked_model(tmp_path, session_keys) -
     ]
     for m, u in zip(runs[0].rounds, runs[1].rounds, strict=True):
         assert (m.accuracy, m.loss, m.bytes_up) == (u.accuracy, u.loss, u.bytes_up)
+
+
+def test_sampled_rounds_mask_with_each_rounds_clients(tmp_path, session_keys) -> None:
+    """Clients per round drawn from a larger population: reusable clients take on each round's
+    identities (and their per-job keys); masked and unmasked runs give the same rounds."""
+    from secagg.config import RunConfig
+    from secagg.job import run_job
+
+    config = RunConfig(
+        he=True,
+        clients=6,
+        clients_per_round=3,
+        rounds=3,
+        keys_dir=str(session_keys),
+        tracking=False,
+        device="cpu",
+    )
+    runs = [
+        run_job(replace(config, masking=m, output_dir=str(tmp_path / str(m))))
+        for m in (True, False)
+    ]
+    for m, u in zip(runs[0].rounds, runs[1].rounds, strict=True):
+        assert (m.accuracy, m.loss, m.bytes_up) == (u.accuracy, u.loss, u.bytes_up)
