@@ -26,7 +26,7 @@ from secagg.config import (
     load_job,
     with_overrides,
 )
-from secagg.crypto.packing import PACKED
+from secagg.crypto.packing import WIDE as HE_LIMIT
 from secagg.crypto.params import CkksParams
 from secagg.errors import SecAggError
 
@@ -45,7 +45,7 @@ Examples:
   secagg run jobs/cifar10_fedavg_he.toml --download   a job file; flags override it
   secagg run --resume --output runs/<run> --rounds 20 go on with an interrupted run
 
-With --he, at most {PACKED.max_clients} clients take part in a round (the CKKS noise budget).
+With --he, at most {HE_LIMIT.max_clients} clients take part in a round (the CKKS noise budget).
 Each round prints its accuracy and loss, seconds, MB sent up and down (HE: the seconds
 spent encrypting, adding and decrypting); on a terminal a progress bar shows the phase
 and the run's ETA; --quiet leaves only the summary. Errors are one line, exit 1 (2 for a
@@ -176,7 +176,7 @@ def keygen(out_dir: str, force: bool, poly_degree: str, coeff_bits: str) -> None
     "--he/--no-he",
     default=None,
     help=f"CKKS secure aggregation, or plaintext FedAvg; HE takes at most "
-    f"{PACKED.max_clients} clients per round.{_default('he')}",
+    f"{HE_LIMIT.max_clients} clients per round.{_default('he')}",
 )
 @click.option(
     "--masking/--no-masking",
@@ -200,14 +200,14 @@ def keygen(out_dir: str, force: bool, poly_degree: str, coeff_bits: str) -> None
 @click.option(
     "--clients",
     type=click.IntRange(min=1),
-    help=f"Clients in the job: the population (with --he at most {PACKED.max_clients} per "
+    help=f"Clients in the job: the population (with --he at most {HE_LIMIT.max_clients} per "
     f"round).{_default('clients')}",
 )
 @click.option(
     "--clients-per-round",
     type=click.IntRange(min=0),
     help="Clients drawn to take part in each round, from the job's seed; with --he at most "
-    f"{PACKED.max_clients} [default: 0, every client].",
+    f"{HE_LIMIT.max_clients} [default: 0, every client].",
 )
 @click.option("--rounds", type=click.IntRange(min=1), help=f"Federated rounds.{_default('rounds')}")
 @click.option(
@@ -617,7 +617,7 @@ def provision(
         "secagg server jobs/digits.toml --kit project/server --min-clients 2",
         "secagg server --kit project/server --he --rounds 20 --workdir runs/job",
     )
-    + f"\n\nWith --he, at most {PACKED.max_clients} sites take part in a round."
+    + f"\n\nWith --he, at most {HE_LIMIT.max_clients} sites take part in a round."
 )
 @click.argument("job", required=False, type=click.Path(dir_okay=False))
 @click.option(

@@ -218,6 +218,8 @@ _TOML_TYPES = {bool: "a boolean", int: "an integer", float: "a float", str: "a s
 
 
 def _fits(kind: str, value: Any) -> bool:
+    if kind.endswith(" | None"):  # optional: unset, or a value of the type
+        return value is None or _fits(kind.removesuffix(" | None"), value)
     if kind == "bool":  # only true/false: "no" or 0 must not switch HE on or off
         return isinstance(value, bool)
     if isinstance(value, bool):  # a bool is an int in Python, never in a job file
@@ -228,7 +230,7 @@ def _fits(kind: str, value: Any) -> bool:
         return isinstance(value, int | float)
     if kind.startswith("dict"):
         return isinstance(value, dict)
-    return isinstance(value, str) or (kind.endswith("None") and value is None)
+    return isinstance(value, str)
 
 
 def type_error(name: str, value: Any) -> str | None:
@@ -237,7 +239,8 @@ def type_error(name: str, value: Any) -> str | None:
     kind = _KINDS[name]
     if _fits(kind, value):
         return None
-    expected = _EXPECTED.get(kind, "a table" if kind.startswith("dict") else "a string")
+    base = kind.removesuffix(" | None")
+    expected = _EXPECTED.get(base, "a table" if base.startswith("dict") else "a string")
     try:
         shown = _toml(value)
     except ConfigError:
@@ -275,7 +278,7 @@ def load_job(path: str | Path) -> RunConfig:
         wrong = type_error(name, value)
         if wrong:
             raise ConfigError(f"job file {path}: {wrong}")
-        if _KINDS[name] == "float":
+        if _KINDS[name].removesuffix(" | None") == "float" and value is not None:
             values[name] = float(value)
     values.setdefault("job_name", path.stem)
     try:

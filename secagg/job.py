@@ -20,7 +20,7 @@ from secagg.files import atomic_write
 from secagg.records import RunRecords, RunResult
 from secagg.rounds import RoundMetrics
 from secagg.server import Server
-from secagg.task import Site, Task
+from secagg.task import Task, simulated_site
 from secagg.transport import Progress, no_progress
 from secagg.transport.inprocess import InProcessTransport
 
@@ -28,21 +28,6 @@ if TYPE_CHECKING:
     from secagg.transport.ray import RayTransport
 
 MODEL_FILE = "model.pt"
-
-
-def simulated_site(config: RunConfig, index: int) -> Site:
-    """Client ``index`` of a simulation: every client shares ``config.data_dir`` and takes its
-    own part of it."""
-    return Site(
-        index,
-        f"site-{index + 1}",
-        config.clients,
-        Path(config.data_dir),
-        partition=True,
-        seed=config.seed,
-        download=config.download,
-        settings=config.task_settings,
-    )
 
 
 def build_clients(

@@ -27,7 +27,7 @@ from typing import Any
 from secagg import keys as keyfiles
 from secagg import rounds
 from secagg.config import RunConfig
-from secagg.crypto.packing import PACKED
+from secagg.crypto.packing import packing_for
 from secagg.errors import CheckpointError, ConfigError
 from secagg.files import atomic_write_json
 from secagg.rounds import RoundAggregates, RoundFailed, RoundMetrics
@@ -422,7 +422,10 @@ def description(result: RunResult) -> str:
     round has measured them."""
     config = result.config
     if config.he:
-        codec = f"CKKS, packed: {PACKED.values_per_slot} x {PACKED.digit_bits}-bit values per slot"
+        packing = packing_for(config.per_round)
+        codec = (
+            f"CKKS, packed: {packing.values_per_slot} x {packing.digit_bits}-bit values per slot"
+        )
     else:
         codec = f"plaintext {config.plain_precision}"
     parameters = f"{result.num_parameters:,}" if result.num_parameters else "not known yet"

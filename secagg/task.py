@@ -237,3 +237,18 @@ def make_task(target: Any, settings: Mapping[str, Any], name: str) -> Task:
 def task_name(task: Task) -> str:
     """How messages name a task: its class."""
     return type(task).__name__
+
+
+def simulated_site(config: RunConfig, index: int) -> Site:
+    """Client ``index`` of a simulation: every client shares ``config.data_dir`` and takes its
+    own part of it."""
+    return Site(
+        index,
+        f"site-{index + 1}",
+        config.clients,
+        Path(config.data_dir),
+        partition=True,
+        seed=config.seed,
+        download=config.download,
+        settings=config.task_settings,
+    )

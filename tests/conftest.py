@@ -1,18 +1,31 @@
-"""Shared fixtures: one CKKS key set per test session (keygen takes ~0.5 s), and helpers."""
+"""Shared fixtures: one CKKS key set per test session (keygen takes ~0.5 s), and helpers.
+
+The suite's jobs train tiny models: one torch thread each (here and in every process a test
+starts) is several times faster than two threads spinning for two cores that the CKKS worker
+processes and the other processes of a test also want.
+"""
 
 from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from secagg import keys
 from secagg.config import CkksParams
 from secagg.crypto import SERVER, ClientCipher, Stamp, Update
 from secagg.crypto.ckks import CkksClient
 from secagg.crypto.ckks_server import CkksServer
+
+torch.set_num_threads(1)
 
 JOB = bytes(range(16))
 

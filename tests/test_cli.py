@@ -357,20 +357,20 @@ def test_quiet_prints_only_the_summary(tmp_path: Path) -> None:
 
 
 def test_run_help_shows_defaults_units_the_he_limit_and_an_example(tmp_path: Path) -> None:
-    from secagg.crypto.packing import PACKED
+    from secagg.crypto.packing import WIDE
 
     result = _invoke(["run", "--help"], tmp_path)
     assert result.exit_code == 0
     text = " ".join(result.output.split())  # click wraps lines where it likes
     for shown in (
-        "Clients in the job: the population (with --he at most 128 per round). [default: 8]",
+        "Clients in the job: the population (with --he at most 1024 per round). [default: 8]",
         "Clients drawn to take part in each round",
         "Federated rounds. [default: 10]",
         "Learning rate. [default: 0.05]",
         "[default: off]",
         "seconds each phase of a round waits for the sites. [default: 900.0]",
         "MB sent up and down",
-        f"With --he, at most {PACKED.max_clients} clients take part in a round",
+        f"With --he, at most {WIDE.max_clients} clients take part in a round",
         "secagg run --resume --output runs/<run> --rounds 20",
         "-q, --quiet",
     ):

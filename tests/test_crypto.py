@@ -314,13 +314,16 @@ def test_packed_codec_refuses_what_it_cannot_carry_exactly(ckks_pair) -> None:
 
 
 def test_server_refuses_more_clients_than_the_packed_headroom(ckks_pair) -> None:
+    """Rounds above 128 clients use the wider packing, up to 1,024; more are refused."""
+    from secagg.crypto.packing import WIDE
+
     client, server = ckks_pair
-    roster = PACKED.max_clients + 1
+    roster = WIDE.max_clients + 1
     stamp = round_of(1, roster=roster)
     payloads = (
-        client.encrypt(Update(np.zeros(3), 1 / 1000), stamp.for_sender(i)) for i in range(roster)
+        client.encrypt(Update(np.zeros(3), 1 / 2000), stamp.for_sender(i)) for i in range(roster)
     )
-    with pytest.raises(PayloadError, match=f"at most {PACKED.max_clients} clients"):
+    with pytest.raises(PayloadError, match=f"at most {WIDE.max_clients} clients"):
         server.sum(payloads, stamp)
 
 

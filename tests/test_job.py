@@ -160,9 +160,27 @@ def test_he_refuses_more_clients_per_round_than_its_headroom(tmp_path, session_k
     from secagg.errors import ConfigError
 
     with pytest.raises(ConfigError) as refused:
-        _config(tmp_path, session_keys, he=True, clients=500, clients_per_round=200).validate()
+        _config(tmp_path, session_keys, he=True, clients=5000, clients_per_round=2000).validate()
     assert str(refused.value) == (
-        "HE aggregation sums at most 128 clients per round, this job has 200 per round; set "
-        "clients_per_round (--clients-per-round) to 128 or fewer"
+        "HE aggregation sums at most 1024 clients per round, this job has 2000 per round; set "
+        "clients_per_round (--clients-per-round) to 1024 or fewer"
     )
-    _config(tmp_path, session_keys, he=True, clients=500, clients_per_round=100).validate()
+    _config(tmp_path, session_keys, he=True, clients=5000, clients_per_round=1000).validate()
+
+
+@pytest.mark.slow
+def test_rounds_above_128_clients_use_the_wide_packing_and_match_plaintext(
+    tmp_path, session_keys
+) -> None:
+    """140 clients per round (of 160): the round's packing is the wide one (two 19-bit
+    values per slot), sums still decrypt exactly, and HE follows plaintext FedAvg."""
+    config = _config(tmp_path, session_keys, rounds=1, clients=160, clients_per_round=140)
+    config = replace(config, min_client_samples=1)
+    plain = run_job(replace(config, he=False, output_dir=str(tmp_path / "plain")))
+    he = run_job(replace(config, he=True, output_dir=str(tmp_path / "he")))
+    for p, h in zip(plain.rounds, he.rounds, strict=True):
+        assert h.clients == 140
+        assert abs(p.accuracy - h.accuracy) <= 0.003, f"round {p.round}"
+    # Two values per slot instead of three: half as many again bytes per value.
+    ratio = he.rounds[0].bytes_up_per_client / plain.rounds[0].bytes_up_per_client
+    assert ratio > 2

@@ -80,19 +80,26 @@ def test_max_clients_at_the_overflow_edge_still_unpack_exactly(size: int, sign: 
     assert np.array_equal(values, total)
 
 
-@pytest.mark.parametrize("pattern", ["plus", "minus", "mixed"])
-def test_max_clients_at_the_edge_decrypt_exactly_through_ckks(ckks_pair, pattern) -> None:
-    """max_clients real ciphertexts, every value at its limit: the sum decrypts exactly.
+@pytest.mark.parametrize(
+    ("packing", "pattern"),
+    [("standard", "plus"), ("standard", "minus"), ("standard", "mixed"), ("wide", "mixed")],
+)
+def test_max_clients_at_the_edge_decrypt_exactly_through_ckks(ckks_pair, packing, pattern) -> None:
+    """max_clients real ciphertexts, every value at its limit: the sum decrypts exactly, for
+    the standard packing (128 clients) and the wide one (1,024 clients, 13-bit digits).
 
     All but one client send the *same* vector, the worst case for CKKS encoding error, which
     is then identical in every ciphertext and adds up coherently.
     """
+    from secagg.crypto.packing import WIDE
+
+    params = {"standard": PACKED, "wide": WIDE}[packing]
     client, server = ckks_pair
-    count = PACKED.max_clients
+    count = params.max_clients
     weight = 1.0 / count
     rng = np.random.default_rng(3)
     signs = {"plus": 1.0, "minus": -1.0, "mixed": rng.choice([-1.0, 1.0], 12_000)}[pattern]
-    bound = PACKED.sum_limit
+    bound = params.sum_limit
     edge = np.full(12_000, np.floor(weight * bound)) * signs
     ups = [Update(edge, weight) for _ in range(count - 1)]
     ups.append(Update(np.rint(rng.uniform(-1, 1, 12_000) * np.floor(weight * bound)), weight))
@@ -103,10 +110,11 @@ def test_max_clients_at_the_edge_decrypt_exactly_through_ckks(ckks_pair, pattern
 
 
 def test_too_many_clients_for_the_headroom_is_refused_up_front() -> None:
-    with pytest.raises(ConfigError, match="at most 128 clients"):
-        PACKED.check_clients(PACKED.max_clients + 1)
-    with pytest.raises(ConfigError, match="at most 128 clients"):
-        RunConfig(he=True, clients=200).validate()
+    with pytest.raises(ConfigError, match="at most 1024 clients"):
+        PACKED.check_clients(1025)
+    with pytest.raises(ConfigError, match="at most 1024 clients"):
+        RunConfig(he=True, clients=2000).validate()
+    RunConfig(he=True, clients=5000, clients_per_round=1000).validate()
     RunConfig(he=False, clients=200).validate()  # plaintext FedAvg has no such limit
 
 
@@ -118,6 +126,9 @@ def test_settings_that_could_wrap_or_lose_digits_are_refused() -> None:
     with pytest.raises(ConfigError, match="too small"):
         PackedParams(max_clients=100_000).check(60, 8192)
     PACKED.check(60, 8192)
+    from secagg.crypto.packing import WIDE
+
+    WIDE.check(60, 8192)
 
 
 def test_noise_model_matches_measured_fresh_noise() -> None:

@@ -75,6 +75,11 @@ class ServerCipher(Protocol):
     #: whether clients send a ``prepare`` payload (the scale exchange) before their update
     quantizes: bool
 
+    def codec_for_round(self, stamp: Stamp) -> envelope.Codec:
+        """What the payloads of ``stamp``'s round must say in their envelope (the packed
+        codec's packing depends on the round's size)."""
+        ...
+
     def size(self, values: int, stamp: Stamp) -> int:
         """The byte length of a well-formed update of ``values`` values for ``stamp``'s round
         (a streaming receiver refuses any other declared size at the first chunk)."""

@@ -38,7 +38,7 @@ from secagg.crypto.ckks_server import TAIL, blobs_for, codec_for, open_payload
 from secagg.crypto.envelope import AGGREGATE, CORRECTION, UPDATE, Stamp
 from secagg.crypto.ledger import Aggregate, Update
 from secagg.crypto.masking import Masker
-from secagg.crypto.packing import PACKED
+from secagg.crypto.packing import PACKED, WIDE, packing_for
 from secagg.crypto.params import CkksParams, Keys
 from secagg.crypto.seal_format import CiphertextShape
 from secagg.errors import ConfigError, KeyFileError, PayloadError
@@ -101,29 +101,43 @@ class CkksClient:
                 "but was given a public one (server.ctx)"
             )
         self.codec, self._shape = codec_for(keys)
+        self._codecs = {p: codec_for(keys, p)[0] for p in (PACKED, WIDE)}
         self._secret = seeded.SecretKey(keys.context, self._shape)
         self._mac = integrity.MacKey(keys.context)
         self._pool = _pool_for(keys.context)
-        #: the largest magnitude a summed integer may reach (``quantize.steps`` keeps sums in it)
+        #: the largest magnitude a summed integer may reach in a round of up to 128 clients
+        #: (``sum_limit_for`` says it for any round)
         self.sum_limit: int = PACKED.sum_limit
         self.last_seconds: dict[str, float] = {}
+
+    def sum_limit_for(self, stamp: Stamp) -> int:
+        """The largest magnitude a summed integer of ``stamp``'s round may reach."""
+        return packing_for(stamp.roster).sum_limit
+
+    def codec_for_round(self, stamp: Stamp) -> envelope.Codec:
+        """The envelope codec of ``stamp``'s round (its packing depends on the round's size)."""
+        return self._codecs[packing_for(stamp.roster)]
 
     def encrypt(self, update: Update, stamp: Stamp) -> bytes:
         start = time.perf_counter()
         tally, tail = ledger.entries(update, stamp)
         digits = np.concatenate([update.values, tally])
+        packing = packing_for(stamp.roster)
         # Packed first: it refuses what it cannot carry before the tag reads any of it.
-        slots = PACKED.pack(digits, np.concatenate([tail, np.zeros(integrity.SLOTS)]))
+        slots = packing.pack(digits, np.concatenate([tail, np.zeros(integrity.SLOTS)]))
         slots[-integrity.SLOTS :] = self._mac.seal(stamp, digits, tail)
         seed = seeded.fresh_seed()
-        c0 = self._pool.encrypt(self._context, self._secret, slots, self._shape, seed)
+        c0 = self._pool.encrypt(
+            self._context, self._secret, slots, self._shape, seed, packing.scale_bits
+        )
         count, size = blobs_for(self._shape, stamp.roster)(update.values.size)
         if self.masker is not None and self.masker.active(stamp):
             q, n = self._shape.modulus, self._shape.poly_modulus_degree
             seal_format.add_mod(c0, self.masker.mask(stamp, count, n, q), q)
         encrypted = time.perf_counter()
+        codec = self.codec_for_round(stamp)
         payload = envelope.to_bytes(
-            self.codec, UPDATE, stamp, update.values.size, count, size, [c0], seeds=(seed,)
+            codec, UPDATE, stamp, update.values.size, count, size, [c0], seeds=(seed,)
         )
         self.last_seconds = {
             "encrypt": encrypted - start,
@@ -140,11 +154,18 @@ class CkksClient:
         q, n = self._shape.modulus, self._shape.poly_modulus_degree
         words = self.masker.correct(stamp, dropped, count, n, q)
         return envelope.to_bytes(
-            self.codec, CORRECTION, stamp, values, count, size, [words], tuple(sorted(dropped))
+            self.codec_for_round(stamp),
+            CORRECTION,
+            stamp,
+            values,
+            count,
+            size,
+            [words],
+            tuple(sorted(dropped)),
         )
 
     def decrypt(self, payload: bytes, stamp: Stamp) -> Aggregate:
-        opened = open_payload(self.codec, self._shape, payload, stamp, AGGREGATE)
+        opened = open_payload(self.codec_for_round(stamp), self._shape, payload, stamp, AGGREGATE)
         if self.masker is not None:
             self.masker.check_late(stamp, opened.contributors)
         c0 = np.frombuffer(opened.body, dtype="<u8").reshape(
@@ -152,15 +173,18 @@ class CkksClient:
         )
         seal_format.check_coefficients(c0, self._shape.modulus)
         n, roster = opened.values, stamp.roster
-        n_slots = PACKED.slots_for(n + roster, TAIL)
-        slots = self._pool.decrypt(self._context, c0, opened.seeds, n_slots, self._shape)
-        tolerance = PACKED.tolerance(self._shape.poly_modulus_degree, len(opened.contributors))
+        packing = packing_for(roster)
+        n_slots = packing.slots_for(n + roster, TAIL)
+        slots = self._pool.decrypt(
+            self._context, c0, opened.seeds, n_slots, self._shape, packing.scale_bits
+        )
+        tolerance = packing.tolerance(self._shape.poly_modulus_degree, len(opened.contributors))
         try:
-            digits, tail = PACKED.unpack(slots, n + roster, TAIL, tolerance)
+            digits, tail = packing.unpack(slots, n + roster, TAIL, tolerance)
         except PayloadError as err:
             if err.reason == "out-of-range":
                 # A duplicated update overflows digits too: let the tally name it if it can.
-                loose, _ = PACKED.unpack(slots, n + roster, TAIL, tolerance, check_range=False)
+                loose, _ = packing.unpack(slots, n + roster, TAIL, tolerance, check_range=False)
                 ledger.check_tally(loose[n:], stamp, opened.contributors)
             raise
         return ledger.settle(
@@ -199,10 +223,11 @@ def decrypt_chunks(
     sizes: list[int],
     shape: CiphertextShape,
     start: int = 0,
+    scale_bits: int = PACKED.scale_bits,
 ) -> np.ndarray:
     """Decrypt checked ``c0`` words (ciphertexts ``start ..`` of a sum), their ``c1`` the sum of
     what every contributor's seed expands to, into one float64 array of ``sum(sizes)`` slots."""
-    scale = 2.0**PACKED.scale_bits
+    scale = 2.0**scale_bits
     n = shape.poly_modulus_degree
     c1 = seeded.expand_sum(seeds, start, len(c0), n, shape.modulus)
     parts = []
@@ -260,8 +285,9 @@ class _Pool:
         slots: np.ndarray,
         shape: CiphertextShape,
         seed: bytes,
+        scale_bits: int = PACKED.scale_bits,
     ) -> np.ndarray:
-        scale = 2.0**PACKED.scale_bits
+        scale = 2.0**scale_bits
         size = shape.poly_modulus_degree // 2
         count = math.ceil(slots.size / size)
         if not self.workers or count < 2 * _MIN_PER_WORKER:
@@ -279,13 +305,14 @@ class _Pool:
         seeds: tuple[bytes, ...],
         n_slots: int,
         shape: CiphertextShape,
+        scale_bits: int = PACKED.scale_bits,
     ) -> np.ndarray:
         sizes = _chunk_sizes(n_slots, len(c0), shape)
         if not self.workers or len(c0) < 2 * _MIN_PER_WORKER:
-            return decrypt_chunks(context, c0, seeds, sizes, shape)
+            return decrypt_chunks(context, c0, seeds, sizes, shape, 0, scale_bits)
         batches = self._batches(len(c0))
         for proc, (a, b) in zip(self.workers, batches, strict=False):
-            self._send(proc, ("decrypt", c0[a:b], seeds, sizes[a:b], shape, a))
+            self._send(proc, ("decrypt", c0[a:b], seeds, sizes[a:b], shape, a, scale_bits))
         parts = [self._receive(proc) for proc, _ in zip(self.workers, batches, strict=False)]
         return np.concatenate(parts)
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from secagg.crypto import envelope, integrity, ledger, seal_format
 from secagg.crypto.envelope import AGGREGATE, CORRECTION, SERVER, UPDATE, Stamp
-from secagg.crypto.packing import PACKED, PackedParams
+from secagg.crypto.packing import PACKED, WIDE, PackedParams, packing_for
 from secagg.crypto.params import Keys
 from secagg.crypto.seal_format import CiphertextShape
 from secagg.crypto.seeded import SEED_BYTES
@@ -49,13 +49,15 @@ def codec_for(keys: Keys, packed: PackedParams = PACKED) -> tuple[envelope.Codec
 
 
 def blobs_for(
-    shape: CiphertextShape, roster: int, packed: PackedParams = PACKED
+    shape: CiphertextShape, roster: int, packed: PackedParams | None = None
 ) -> Callable[[int], tuple[int, int]]:
     """(ciphertext count, bytes per ciphertext) of a payload of ``values`` update values: a
     ciphertext travels as its ``c0`` alone, N words (its ``c1`` is the payload's seed)."""
 
+    packing = packed or packing_for(roster)
+
     def layout(values: int) -> tuple[int, int]:
-        slots = packed.slots_for(values + roster, TAIL)
+        slots = packing.slots_for(values + roster, TAIL)
         return math.ceil(slots / (shape.poly_modulus_degree // 2)), shape.c0_nbytes
 
     return layout
@@ -74,6 +76,11 @@ class CkksServer:
                 "the public context (keys/server.ctx)"
             )
         self.codec, self._shape = codec_for(keys)
+        self._codecs = {p: codec_for(keys, p)[0] for p in (PACKED, WIDE)}
+
+    def codec_for_round(self, stamp: Stamp) -> envelope.Codec:
+        """The envelope codec of ``stamp``'s round (its packing depends on the round's size)."""
+        return self._codecs[packing_for(stamp.roster)]
 
     def size(self, values: int, stamp: Stamp) -> int:
         """The byte length of an update of ``values`` values for ``stamp``'s round."""
@@ -86,7 +93,7 @@ class CkksServer:
         """Everything ``sum`` refuses an update for, short of adding it: its envelope against
         the round (and its length against ``values``), and every ciphertext word below q.
         Returns the opened envelope."""
-        opened = open_payload(self.codec, self._shape, payload, stamp, UPDATE)
+        opened = open_payload(self.codec_for_round(stamp), self._shape, payload, stamp, UPDATE)
         ledger.check_length(opened.values, values)
         seal_format.check_coefficients(np.frombuffer(opened.body, dtype="<u8"), self._shape.modulus)
         return opened
@@ -115,11 +122,11 @@ class CkksServer:
             return self.check(payload, stamp, values)
 
         total, count_values, senders = ledger.accumulate(
-            payloads, open_update, add, allowed, PACKED.max_clients
+            payloads, open_update, add, allowed, packing_for(stamp.roster).max_clients
         )
         count, size = blobs_for(self._shape, stamp.roster)(count_values)
         return envelope.to_bytes(
-            self.codec,
+            self.codec_for_round(stamp),
             AGGREGATE,
             stamp.for_sender(SERVER),
             count_values,
@@ -136,11 +143,13 @@ class CkksServer:
         """The aggregate with every contributor's mask corrections for ``dropped`` added
         (``masking``): one correction from each contributor, each naming exactly ``dropped``,
         or the masks would not cancel (PayloadError ``missing-correction``)."""
-        summed = open_payload(self.codec, self._shape, aggregate, stamp, AGGREGATE)
+        summed = open_payload(self.codec_for_round(stamp), self._shape, aggregate, stamp, AGGREGATE)
         total = np.frombuffer(summed.body, dtype="<u8").copy()
         wanted, seen = tuple(sorted(dropped)), set()
         for payload in corrections:
-            opened = open_payload(self.codec, self._shape, payload, stamp, CORRECTION)
+            opened = open_payload(
+                self.codec_for_round(stamp), self._shape, payload, stamp, CORRECTION
+            )
             sender = opened.stamp.sender
             if opened.contributors != wanted or opened.values != summed.values:
                 raise PayloadError(
@@ -164,7 +173,7 @@ class CkksServer:
             )
         count, size = blobs_for(self._shape, stamp.roster)(summed.values)
         return envelope.to_bytes(
-            self.codec,
+            self.codec_for_round(stamp),
             AGGREGATE,
             stamp.for_sender(SERVER),
             summed.values,

@@ -12,9 +12,10 @@ hold the secret key the server lacks, check the summed tag against the decrypted
 - **Vector**: for each job, round and phase, ``r = SHAKE-256(key, job, round, phase)`` read
   as 64-bit words mod ``P = 2**61 - 1``, one per integer a client encrypts.
 - **Tag**: ``t_i = <r, v_i> mod P`` over every integer the client encrypts (its quantized
-  digits, tally, weight, clipped count and round tag), sent as two 31-bit limbs in two tail
-  slots; summed over up to 128 clients the limbs stay far below the packing's tail limit.
-- **Check**: ``(sum of limbs lo + 2**31 hi) mod P == <r, decrypted sum> mod P``, exact integer
+  digits, tally, weight, clipped count and round tag), sent as three 21-bit limbs in three
+  tail slots; summed over up to 1,024 clients the limbs stay below 2**31, far below the
+  packings' tail limits (2**40 and 2**38).
+- **Check**: ``(lo + 2**21 mid + 2**42 hi) mod P == <r, decrypted sum> mod P``, exact integer
   arithmetic, so an honest aggregate never fails it (false-alarm rate 0).
 
 Why it holds: the server never learns ``r`` (only ciphertexts depend on it), and the decrypted
@@ -42,14 +43,18 @@ from secagg.errors import PayloadError
 
 #: The tag's prime: larger than twice any entry the unpacker accepts (|entry| < 2**42).
 P = (1 << 61) - 1
-#: Tail slots the tag takes: its low and high 31 bits.
-SLOTS = 2
-_LIMB = 31
+#: Tail slots the tag takes: three 21-bit limbs (room for the sums of 1,024 clients).
+SLOTS = 3
+_LIMB = 21
 _LIMB_MASK = (1 << _LIMB) - 1
+#: r is split in 31-bit halves for exact int64 dot products (see ``_BLOCK``).
+_HALF = 31
+_HALF_MASK = (1 << _HALF) - 1
 _SALT = b"secagg aggregate integrity v1"
-#: Entries per exact int64 dot product: 2**16 x (r's 31-bit limb) x (|digit| <= 2**15) < 2**62.
-_BLOCK = 1 << 16
-_DIGIT_BOUND = 1 << 15
+#: Entries per exact int64 dot product: 2**12 x (r's 31-bit half) x (|digit| < 2**19) < 2**62
+#: (digits are 14 bits in the standard packing, 19 in the wide one).
+_BLOCK = 1 << 12
+_DIGIT_BOUND = 1 << 19
 
 
 class MacKey:
@@ -63,7 +68,8 @@ class MacKey:
     def seal(self, stamp: Stamp, digits: np.ndarray, whole: np.ndarray) -> np.ndarray:
         """The tag of one client's entries, as the two whole numbers (float64) it sends."""
         tag = self._tag(stamp, digits, whole)
-        return np.array([tag & _LIMB_MASK, tag >> _LIMB], dtype=np.float64)
+        limbs = [(tag >> (_LIMB * i)) & _LIMB_MASK for i in range(SLOTS)]
+        return np.array(limbs, dtype=np.float64)
 
     def verify(
         self, stamp: Stamp, digits: np.ndarray, whole: np.ndarray, limbs: np.ndarray
@@ -75,8 +81,8 @@ class MacKey:
         """
         if limbs.shape != (SLOTS,):
             raise PayloadError("the aggregate has no integrity tag", "malformed")
-        low, high = (int(v) for v in limbs)
-        if (low + (high << _LIMB)) % P != self._tag(stamp, digits, whole):
+        summed = sum(int(v) << (_LIMB * i) for i, v in enumerate(limbs))
+        if summed % P != self._tag(stamp, digits, whole):
             raise PayloadError(
                 "the aggregate is not the sum of the listed contributors' updates (its "
                 "integrity tag does not match): the server added or changed something; "
@@ -92,13 +98,13 @@ class MacKey:
         small_int = small.astype(np.int64)
         big = [int(v) for v in np.asarray(whole, dtype=np.float64)]
         r = self.vector(stamp, small.size + len(big))
-        low = (r[: small.size] & _LIMB_MASK).astype(np.int64)
-        high = (r[: small.size] >> _LIMB).astype(np.int64)
+        low = (r[: small.size] & _HALF_MASK).astype(np.int64)
+        high = (r[: small.size] >> _HALF).astype(np.int64)
         total = 0
         for start in range(0, small.size, _BLOCK):
             part = small_int[start : start + _BLOCK]
             total += int(np.dot(low[start : start + _BLOCK], part))
-            total += int(np.dot(high[start : start + _BLOCK], part)) << _LIMB
+            total += int(np.dot(high[start : start + _BLOCK], part)) << _HALF
         for weight, value in zip(r[small.size :].tolist(), big, strict=True):
             total += weight * value
         return total % P

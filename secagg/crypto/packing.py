@@ -105,12 +105,12 @@ class PackedParams:
         return self.digit_limit - 1
 
     def check_clients(self, clients: int) -> None:
-        """Refuse more clients per round than the noise budget allows."""
-        if not 1 <= clients <= self.max_clients:
+        """Refuse more clients per round than any packing's noise budget allows."""
+        if not 1 <= clients <= WIDE.max_clients:
             raise ConfigError(
-                f"HE aggregation sums at most {self.max_clients} clients per round, this job "
+                f"HE aggregation sums at most {WIDE.max_clients} clients per round, this job "
                 f"has {clients} per round; set clients_per_round (--clients-per-round) to "
-                f"{self.max_clients} or fewer"
+                f"{WIDE.max_clients} or fewer"
             )
 
     def slots_for(self, values: int, tail: int) -> int:
@@ -219,4 +219,19 @@ def _integers(values: np.ndarray, what: str) -> np.ndarray:
 
 
 #: The codec's one setting: three 14-bit digits per slot at scale 2**17, up to 128 clients.
+
+
+#: Rounds of up to 128 clients: three 14-bit digits per slot at scale 2^17.
 PACKED = PackedParams()
+#: Rounds of 129 to 1,024 clients: the summed noise of up to 1,024 ciphertexts needs scale
+#: 2^19, which leaves room for two 19-bit digits per slot. Each client's weighted share of a
+#: sum is about 1/c of it, so many clients need finer steps, not coarser ones: 2 x 19 bits
+#: keeps the precision of 8 clients at 3 x 14 bits, for 1.5 times the bytes per value (three
+#: 13-bit digits would fit too, and would lose two orders of magnitude of precision).
+WIDE = PackedParams(values_per_slot=2, digit_bits=19, scale_bits=19, max_clients=1024)
+
+
+def packing_for(clients: int) -> PackedParams:
+    """The packing of a round of ``clients`` clients: the narrowest noise budget that holds
+    them (every party derives it from the round's roster size alone)."""
+    return PACKED if clients <= PACKED.max_clients else WIDE

@@ -43,6 +43,10 @@ class PlainCipher:
         # Settings "f32" or "f64": the two precisions never read each other's payloads.
         self.codec = envelope.Codec(0, FINGERPRINT, f"f{precision[-2:]}\0".encode())
 
+    def codec_for_round(self, stamp: Stamp) -> envelope.Codec:
+        """Every round's payloads say the same codec."""
+        return self.codec
+
     def prepare(self, values: np.ndarray, stamp: Stamp) -> None:
         """Floats need no agreement before they are added."""
         return None

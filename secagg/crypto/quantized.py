@@ -95,6 +95,6 @@ class QuantizedCipher:
                     "wrong-length",
                 )
             clients = len(summed.contributors)
-            steps = quantize.steps(summed.values, clients, self.inner.sum_limit)
+            steps = quantize.steps(summed.values, clients, self.inner.sum_limit_for(stamp))
             self._agreed = (digest, steps, summed.contributors)
         return self._agreed[1], self._agreed[2]

@@ -34,8 +34,8 @@ def main() -> None:
                 slots, shape, scale, seed, start = args
                 result = ckks.encrypt_chunks(context, secret, slots, shape, scale, seed, start)
             elif op == "decrypt":
-                c0, seeds, sizes, shape, start = args
-                result = ckks.decrypt_chunks(context, c0, seeds, sizes, shape, start)
+                c0, seeds, sizes, shape, start, scale_bits = args
+                result = ckks.decrypt_chunks(context, c0, seeds, sizes, shape, start, scale_bits)
             else:
                 result = ckks.WorkerFailure(f"unknown operation {op!r}")
         except Exception as err:  # reported to the parent, which raises a named error

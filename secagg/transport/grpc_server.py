@@ -159,7 +159,8 @@ class Service:
     def _check_header(self, head: bytes, stamp: Stamp, values: int, size: int) -> None:
         """Refuse a payload whose fixed header is wrong for the round, on its first bytes."""
         declared = envelope.declared_size(head)
-        opened = envelope.read_header(head, self.c.cipher.codec, stamp, envelope.UPDATE)
+        codec = self.c.cipher.codec_for_round(stamp)
+        opened = envelope.read_header(head, codec, stamp, envelope.UPDATE)
         ledger.check_length(opened.values, values)
         if declared != size:
             raise PayloadError(

@@ -10,6 +10,10 @@ with the population.
 
 - ``ray_address`` None starts a local Ray (and shuts it down afterwards); an address joins an
   existing cluster (``ray start --head`` on one machine, ``ray start --address ...`` on others).
+- Each actor reads the client context (the secret key) itself, from the job's key folder: on a
+  cluster of several machines, every node needs ``keys/`` (``client.ctx``, ``manifest.json``)
+  at the same path. The driver runs the round loop and the server's sum with the public
+  context only: it never reads ``client.ctx``.
 - ``client_cpus`` and ``client_gpus`` are each actor's Ray resources (fractional GPUs let several
   clients share one). Torch in each actor uses ``ceil(client_cpus)`` threads, so results do not
   depend on the machine an actor lands on.
@@ -25,6 +29,8 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from secagg.config import RunConfig
@@ -50,36 +56,24 @@ class ClientActor:
     """One client inside a Ray worker: the job's task, its data, the client context."""
 
     def __init__(
-        self, config: RunConfig, task: Task | None, keys: Any, index: int, identities: Any = None
+        self, config: RunConfig, task: Task | None, index: int, identities: Any = None
     ) -> None:
         import torch
 
+        from secagg import crypto
         from secagg.builtin import task_for
         from secagg.client import Client, resolve_device
-        from secagg.crypto.params import Keys
-        from secagg.job import simulated_site
+        from secagg.task import simulated_site
 
         os.environ["SECAGG_WORKERS"] = "1"  # one process per client: no CKKS worker pool
         torch.set_num_threads(max(1, math.ceil(config.client_cpus)))
         self.config = config
         self.site_for = simulated_site
-        if config.he:
-            from secagg.crypto.ckks import CkksClient
-            from secagg.crypto.masking import Masker
-            from secagg.crypto.quantized import QuantizedCipher
-
-            assert isinstance(keys, Keys)
-
-            def make_cipher(layout: Any) -> Any:
-                masker = None
-                if identities is not None:
-                    masker = Masker(identities.signer, identities.verifier)
-                return QuantizedCipher(CkksClient(keys, masker), layout)
-        else:
-            from secagg.crypto.plain import PlainCipher
-
-            def make_cipher(layout: Any) -> Any:
-                return PlainCipher(config.plain_precision)
+        # The client context is read here, in the actor, from the job's key folder (on every
+        # node, at the same path): the driver, which sums, never holds the secret key.
+        make_cipher = crypto.for_client(
+            config.he, config.keys_dir, config.plain_precision, identities
+        )
 
         site = simulated_site(config, index)
         device = resolve_device(config.device)
@@ -165,21 +159,17 @@ class RayTransport:
                 **local,
             )
         _check_room(ray, config, actors)
-        self.config = config
+        # Actors on this machine find the keys where the driver was started.
+        self.config = replace(config, keys_dir=str(Path(config.keys_dir).resolve()))
         self.task = task
         #: hears nothing yet: Ray's clients run at once, and report when the round ends
         self.on_progress: Any = lambda phase, done, total: None
-        self.keys = None
+        #: simulated site keys for the clients' signed mask keys (``masking``)
         self.identities = None
-        if config.he:
-            from secagg import keys
+        if config.he and config.masking:
+            from secagg.crypto.masking import SimulatedIdentities
 
-            # Only the client context travels to the actors; the driver sums with server.ctx.
-            self.keys = ray.put(keys.load_for_client(config.keys_dir))
-            if config.masking:
-                from secagg.crypto.masking import SimulatedIdentities
-
-                self.identities = ray.put(SimulatedIdentities())
+            self.identities = ray.put(SimulatedIdentities())
         self.min_clients = config.min_clients or self.roster
         self.actor_class = ray.remote(ClientActor).options(
             num_cpus=config.client_cpus, num_gpus=config.client_gpus, max_restarts=0
@@ -190,12 +180,14 @@ class RayTransport:
         self._check_models()
         self._sizes: list[int] = self._get(self.slots[0].tensor_sizes.remote())
         self._round: list[tuple[int, Any]] = []
+        #: the clients of the population this round's slots stand for
+        self._chosen: list[int] = first
 
     def tensor_sizes(self) -> list[int]:
         return self._sizes
 
     def _actor(self, index: int) -> Any:
-        return self.actor_class.remote(self.config, self.task, self.keys, index, self.identities)
+        return self.actor_class.remote(self.config, self.task, index, self.identities)
 
     def _check_models(self) -> None:
         actors = self.slots + ([self.evaluator] if self.evaluator is not None else [])
@@ -228,6 +220,7 @@ class RayTransport:
             self.config.clients, self.roster, self.config.seed, round_stamp.round_num
         )
         self._replace_dead()
+        self._chosen = chosen
         self._get(
             [slot.become.remote(index) for slot, index in zip(self.slots, chosen, strict=True)]
         )
@@ -283,7 +276,9 @@ class RayTransport:
 
     def evaluate(self, round_num: int) -> list[EvalReply]:
         actors = list(self.slots)
-        if self.evaluator is not None:
+        # As in-process: the evaluator is client 0, which evaluates once, in its slot when the
+        # round drew it (twice would count its test set twice in the round's averages).
+        if self.evaluator is not None and 0 not in self._chosen:
             actors.append(self.evaluator)
         replies = (self._survive(a.evaluate.remote(round_num)) for a in actors)
         return [r for r in replies if r is not None]
@@ -294,6 +289,10 @@ class RayTransport:
         return bytes(self._get(holder.model_bytes.remote()))
 
     def close(self) -> None:
+        """Free the actors (and the local Ray this transport started)."""
+        for actor in [*self.slots, self.evaluator]:
+            if actor is not None:
+                self.ray.kill(actor)
         if self.started:
             self.ray.shutdown()
 
