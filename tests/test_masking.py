@@ -315,3 +315,19 @@ def test_sampled_rounds_mask_with_each_rounds_clients(tmp_path, session_keys) ->
     ]
     for m, u in zip(runs[0].rounds, runs[1].rounds, strict=True):
         assert (m.accuracy, m.loss, m.bytes_up) == (u.accuracy, u.loss, u.bytes_up)
+
+
+@pytest.mark.slow
+def test_the_default_digits_job_with_masks_matches_plaintext_every_round(
+    tmp_path, session_keys
+) -> None:
+    """The default job (8 clients, 10 rounds), masked HE against plaintext FedAvg."""
+    from secagg.config import RunConfig
+    from secagg.job import run_job
+
+    base = RunConfig(keys_dir=str(session_keys), tracking=False, device="cpu")
+    masked = run_job(replace(base, he=True, masking=True, output_dir=str(tmp_path / "m")))
+    plain = run_job(replace(base, output_dir=str(tmp_path / "p")))
+    assert masked.final_accuracy >= 0.90
+    for m, p in zip(masked.rounds, plain.rounds, strict=True):
+        assert abs(m.accuracy - p.accuracy) <= 0.003, f"round {m.round}"
