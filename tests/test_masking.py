@@ -331,3 +331,37 @@ def test_the_default_digits_job_with_masks_matches_plaintext_every_round(
     assert masked.final_accuracy >= 0.90
     for m, p in zip(masked.rounds, plain.rounds, strict=True):
         assert abs(m.accuracy - p.accuracy) <= 0.003, f"round {m.round}"
+
+
+@pytest.mark.slow
+def test_a_ray_worker_killed_after_key_agreement_is_corrected_for(
+    tmp_path, session_keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A masked Ray run where site 1's worker dies while training round 2 (it got the round's
+    keys, sent nothing): the two survivors correct both phases, and the round ends as the
+    unmasked run's does."""
+    pytest.importorskip("ray")
+    import os
+    import sys
+
+    from test_ray import DYING_TASK, _config
+
+    from secagg.job import run_job
+
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "dying.py").write_text(DYING_TASK)
+    monkeypatch.syspath_prepend(str(package))
+    path = os.pathsep.join(p for p in (str(package), os.environ.get("PYTHONPATH", "")) if p)
+    monkeypatch.setenv("PYTHONPATH", path)
+    config = _config(
+        tmp_path, session_keys, task="dying:DiesOnce", transport="ray", rounds=3, min_clients=2
+    )
+    masked = run_job(replace(config, masking=True, output_dir=str(tmp_path / "m")))
+    plain = run_job(replace(config, output_dir=str(tmp_path / "u")))
+    sys.modules.pop("dying", None)
+    assert [m.clients for m in masked.rounds] == [3, 2, 3]
+    for m, u in zip(masked.rounds, plain.rounds, strict=True):
+        assert (m.accuracy, m.loss) == (u.accuracy, u.loss), f"round {m.round}"
+    # Round 2's corrections: one per survivor and phase, c0 words only.
+    assert masked.rounds[1].bytes_up > plain.rounds[1].bytes_up
