@@ -365,3 +365,16 @@ def test_a_ray_worker_killed_after_key_agreement_is_corrected_for(
         assert (m.accuracy, m.loss) == (u.accuracy, u.loss), f"round {m.round}"
     # Round 2's corrections: one per survivor and phase, c0 words only.
     assert masked.rounds[1].bytes_up > plain.rounds[1].bytes_up
+
+
+def test_a_phase_is_masked_once(session_keys, identities) -> None:
+    """A second payload under the same masks (a retried round re-encrypting) would give away
+    the difference of the two: the client refuses it by name."""
+    stamp = round_of(5, roster=CLIENTS)
+    clients = _clients(session_keys, identities)
+    _agree(clients, stamp)
+    update = _updates(clients[0])[0]
+    clients[0].encrypt(update, stamp.for_sender(0))
+    with pytest.raises(PayloadError, match="would reveal their difference") as caught:
+        clients[0].encrypt(update, stamp.for_sender(0))
+    assert caught.value.reason == "mask-reused"

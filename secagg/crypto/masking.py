@@ -108,6 +108,7 @@ class Masker:
         #: (job, round) -> (own position, {peer position: pair secret})
         self._round: tuple[tuple[bytes, int], int, dict[int, bytes]] | None = None
         self._corrected: dict[tuple[bytes, int, int], tuple[int, ...]] = {}
+        self._masked: set[tuple[bytes, int, int]] = set()
         #: (job, own public key, a checked peer key) -> the pair's secret
         self._secrets: dict[tuple[bytes, bytes, SignedKey], bytes] = {}
 
@@ -153,7 +154,17 @@ class Masker:
         return self._round is not None and self._round[0] == (stamp.job, stamp.round_num)
 
     def mask(self, stamp: Stamp, count: int, n: int, modulus: int) -> np.ndarray:
-        """``(count, n)`` words: this client's mask for the phase's ciphertexts ``0..count-1``."""
+        """``(count, n)`` words: this client's mask for the phase's ciphertexts ``0..count-1``;
+        once per (round, phase): a second payload under the same mask would give away the
+        difference of the two to any key holder (a retried round stops here, by name)."""
+        key = (stamp.job, stamp.round_num, stamp.phase)
+        if key in self._masked:
+            raise PayloadError(
+                f"this client already sent a masked payload for round {stamp.round_num}'s "
+                "phase; masking another under the same masks would reveal their difference",
+                "mask-reused",
+            )
+        self._masked.add(key)
         return self._pairs(stamp, None, count, n, modulus, negate=False)
 
     def correct(
