@@ -179,6 +179,13 @@ def keygen(out_dir: str, force: bool, poly_degree: str, coeff_bits: str) -> None
     f"{HE_LIMIT.max_clients} clients per round.{_default('he')}",
 )
 @click.option(
+    "--masking/--no-masking",
+    default=None,
+    help="With --he: pairwise masks inside the ciphertexts, so neither the server nor a "
+    "client it colludes with can read one client's update (in-process and Ray only)."
+    f"{_default('masking')}",
+)
+@click.option(
     "--task",
     help="Your task by import path, package.module:TaskClass (default: the built-in "
     "classification of --dataset and --model). Its settings go in the job file's "

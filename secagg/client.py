@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import io
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -35,6 +35,7 @@ from torch import nn
 from secagg import messages
 from secagg.config import RunConfig
 from secagg.crypto import ClientCipher, Stamp, Update
+from secagg.crypto.masking import SignedKey
 from secagg.errors import ConfigError, PayloadError, SecAggError, TaskError
 from secagg.files import atomic_write
 from secagg.flatten import Layout, describe, flatten, unflatten
@@ -122,11 +123,20 @@ class Client:
             round_num, self.config.rounds, self.site, self.device, seed, self.config, anchored
         )
 
-    def train(self, stamp: Stamp) -> TrainReply:
+    def mask_key(self, job: bytes) -> SignedKey | None:
+        """This client's signed key-agreement key for ``job`` (published when it joins), or
+        None when its cipher does not mask."""
+        return self.cipher.publish(job, self.site.index)
+
+    def train(self, stamp: Stamp, peers: Sequence[SignedKey] = ()) -> TrainReply:
         """Step 1 of a round: the task trains from the global model; keep the change, and for
         an integer codec return its encrypted part of the scale exchange. ``stamp`` is the
-        round's, with this client's position in the round as its sender."""
+        round's, with this client's position in the round as its sender; ``peers`` the
+        round's signed mask keys by position, relayed with the task (none: no masks)."""
         start = time.perf_counter()
+        if peers:
+            # Checked before any work: a substituted key stops this client here.
+            self.cipher.agree(stamp, peers)
         # Always from the global model: a round tried again (the server restarted, or too few
         # sites delivered) must not start from this client's own earlier attempt.
         self.model.load_state_dict(unflatten(self.global_vector, self.layout))
@@ -173,6 +183,11 @@ class Client:
         payload = self.cipher.encrypt(Update(values, weight), trained.stamp, scales)
         seconds = Seconds(encrypt=time.perf_counter() - start)
         return FitReply(stamp.sender, payload, seconds, len(payload))
+
+    def correct(self, stamp: Stamp, dropped: tuple[int, ...]) -> bytes:
+        """The correction that removes this client's masks with the ``dropped`` positions
+        from the sum of ``stamp``'s phase (``stamp`` names this client's position)."""
+        return self.cipher.correct(stamp, dropped)
 
     def apply(self, payload: bytes, round_stamp: Stamp, scales: bytes | None) -> ApplyReply:
         """Decrypt the summed update, check its ledger, divide by the total weight, take the

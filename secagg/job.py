@@ -15,6 +15,7 @@ from secagg import crypto, rounds
 from secagg.builtin import task_for
 from secagg.client import Client, resolve_device
 from secagg.config import RunConfig
+from secagg.crypto.masking import SimulatedIdentities
 from secagg.files import atomic_write
 from secagg.records import RunRecords, RunResult
 from secagg.rounds import RoundMetrics
@@ -38,7 +39,8 @@ def build_clients(
     """Clients of the population (``indexes``, default all), each with its own data; all start
     from the job's model (checked: same names, shapes, dtypes and initial weights as the
     first one's). ``on_progress`` hears each one ready (phase ``clients``)."""
-    make_cipher = crypto.for_client(config.he, config.keys_dir, config.plain_precision)
+    identities = SimulatedIdentities() if config.he and config.masking else None
+    make_cipher = crypto.for_client(config.he, config.keys_dir, config.plain_precision, identities)
     device = resolve_device(config.device)
     clients: list[Client] = []
     chosen = list(indexes) or list(range(config.clients))
@@ -94,7 +96,7 @@ def run_job(
     transport = _transport(config, task, on_progress)
     try:
         cipher = crypto.for_server(config.he, config.keys_dir, config.plain_precision)
-        server = Server(cipher, records.output)
+        server = Server(cipher, records.output, masking=config.he and config.masking)
         on_progress("tracking", 0, 1)  # opening an MLflow store can take seconds
         records.start(transport.parameters)
         on_progress("tracking", 1, 1)

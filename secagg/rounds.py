@@ -111,6 +111,9 @@ def run_round(
         if scale_payloads
         else None
     )
+    corrections: list[bytes] = []
+    if scales is not None:
+        scales = _unmasked(server, transport, round_stamp.scales(), scales, corrections)
     agreed = scales.payload if scales is not None else None
     # 3 on every client: weight the change by n_i / N, quantize it on the agreed steps and
     #   encrypt it; 4 on the server: add the updates as they arrive, only from clients that
@@ -120,6 +123,8 @@ def run_round(
     sealed = transport.seal(round_stamp, total_samples, agreed)
     added = _counted(_payloads(sealed, fits), "aggregate", on_progress, len(takers))
     summed = server.sum(added, round_stamp, sum(sizes), frozenset(takers))
+    # 4b masked payloads: the clients that sent remove their masks with any that did not
+    summed = _unmasked(server, transport, round_stamp, summed, corrections)
     aggregates = RoundAggregates(summed.payload, agreed)
     on_aggregate(round_stamp.round_num, aggregates)
     # 5 on every client: decrypt, check the ledger, divide by the total weight, add to the
@@ -129,13 +134,32 @@ def run_round(
     eval_start = time.perf_counter()
     evals = transport.evaluate(round_stamp.round_num)
     end = time.perf_counter()
-    record = RoundRecord(trained, fits, applied, evals, scales, summed)
+    record = RoundRecord(
+        trained, fits, applied, evals, scales, summed, sum(len(c) for c in corrections)
+    )
     metrics = replace(
         record.metrics(round_stamp.round_num),
         round_seconds=end - start,
         evaluate_seconds=end - eval_start,
     )
     return metrics, aggregates
+
+
+def _unmasked(
+    server: Server, transport: Transport, stamp: Stamp, summed: Summed, kept: list[bytes]
+) -> Summed:
+    """A phase's sum with its masks cancelled: every position of the round was handed the
+    round's keys, so each one that sent nothing leaves masks that only the contributors'
+    corrections remove (kept in ``kept``, for the round's byte count)."""
+    if not server.masking:
+        return summed
+    senders = contributors(summed.payload)
+    dropped = tuple(p for p in range(stamp.roster) if p not in senders)
+    if not dropped:
+        return summed
+    corrections = transport.correct(stamp, dropped, senders)
+    kept.extend(corrections)
+    return server.correct(summed, corrections, stamp, dropped)
 
 
 def sample_clients(population: int, per_round: int, seed: int, round_num: int) -> list[int]:
@@ -225,6 +249,8 @@ class RoundRecord:
     evals: list[EvalReply]
     scales: Summed | None
     summed: Summed
+    #: bytes of mask corrections the clients sent (only when a masked round lost a client)
+    corrections: int = 0
 
     def metrics(self, round_num: int) -> RoundMetrics:
         trained, fits, applied = self.trained, self.fits, self.applied
@@ -232,6 +258,7 @@ class RoundRecord:
         senders = [t for t in trained if t.client_id in sealed] or trained
         scale_sums = self.scales.seconds if self.scales is not None else []
         up = sum(len(t.scales or b"") for t in trained) + sum(f.size for f in fits)
+        up += self.corrections
         down = (len(self.summed.payload) + (len(self.scales.payload) if self.scales else 0)) * len(
             applied
         )

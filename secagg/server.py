@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from secagg.crypto import ServerCipher, Stamp
-from secagg.errors import CheckpointError
+from secagg.errors import CheckpointError, PayloadError
 from secagg.files import atomic_write, atomic_write_json
 
 AGGREGATES_DIR = "aggregates"
@@ -84,9 +84,16 @@ class Summed:
 class Server:
     """Holds a server-side cipher (no secret key) and the run folder it checkpoints into."""
 
-    def __init__(self, cipher: ServerCipher, workdir: str | Path | None = None) -> None:
+    def __init__(
+        self, cipher: ServerCipher, workdir: str | Path | None = None, masking: bool = False
+    ) -> None:
         self.cipher = cipher
         self.workdir = None if workdir is None else Path(workdir)
+        #: the clients mask pairwise (``crypto.masking``): a phase that lost a client needs
+        #: the contributors' corrections before its sum decrypts
+        self.masking = masking
+        #: (job, round, phase) whose sum was corrected, and for which dropped clients
+        self._closed: dict[tuple[bytes, int, int], tuple[int, ...]] = {}
 
     def sum(
         self,
@@ -97,10 +104,31 @@ class Server:
     ) -> Summed:
         """Add a round's payloads as they arrive, each of exactly ``values`` values (the job's
         model says how many, never a payload), only ``allowed`` senders' when given."""
+        closed = self._closed.get((round_stamp.job, round_stamp.round_num, round_stamp.phase))
+        if closed is not None:
+            # Corrections for the dropped clients are known: adding their payloads now would
+            # let their masks be removed.
+            raise PayloadError(
+                f"round {round_stamp.round_num}'s sum was corrected for the dropout of client(s) "
+                f"{list(closed)}; a late update is never added",
+                "late-update",
+            )
         timed = _Timed(payloads)
         summed = self.cipher.sum(timed, round_stamp, allowed, values)
         timed.close()
         return Summed(summed, timed.each)
+
+    def correct(
+        self, summed: Summed, corrections: Iterable[bytes], stamp: Stamp, dropped: tuple[int, ...]
+    ) -> Summed:
+        """Add the contributors' mask corrections for ``dropped`` to a phase's sum, and close
+        the phase: nothing more is added to it."""
+        start = time.perf_counter()
+        self._closed[(stamp.job, stamp.round_num, stamp.phase)] = dropped
+        payload = self.cipher.corrected(summed.payload, corrections, stamp, dropped)
+        return Summed(
+            payload, [*summed.seconds[:-1], summed.seconds[-1] + time.perf_counter() - start]
+        )
 
     def checkpoint(
         self,

@@ -15,7 +15,7 @@ only module that imports TenSEAL, ``quantized`` puts the scale exchange around i
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -24,6 +24,7 @@ import numpy as np
 from secagg.crypto import envelope
 from secagg.crypto.envelope import SERVER, Stamp, contributors
 from secagg.crypto.ledger import Aggregate, Update
+from secagg.crypto.masking import Masker, SignedKey, SimulatedIdentities
 
 if TYPE_CHECKING:  # the server imports this package: no torch here
     from secagg.flatten import Layout
@@ -37,6 +38,21 @@ class ClientCipher(Protocol):
     def prepare(self, values: np.ndarray, stamp: Stamp) -> bytes | None:
         """What this client contributes to the round's agreement on how to encode ``values``
         (its unweighted change to the global model), or None when the codec needs none."""
+        ...
+
+    def publish(self, job: bytes, site: int) -> SignedKey | None:
+        """This client's signed key-agreement key for ``job`` as ``site``, or None when it
+        does not mask (``masking``)."""
+        ...
+
+    def agree(self, stamp: Stamp, peers: Sequence[SignedKey]) -> None:
+        """Check the round's relayed keys (``peers[p]`` is position ``p``'s) and mask every
+        payload of ``stamp``'s round with them."""
+        ...
+
+    def correct(self, stamp: Stamp, dropped: tuple[int, ...]) -> bytes:
+        """The correction payload that removes this client's masks with ``dropped`` from the
+        sum of ``stamp``'s phase (once per round and phase)."""
         ...
 
     def encrypt(self, update: Update, stamp: Stamp, agreed: bytes | None) -> bytes:
@@ -91,12 +107,23 @@ class ServerCipher(Protocol):
         """
         ...
 
+    def corrected(
+        self, aggregate: bytes, corrections: Iterable[bytes], stamp: Stamp, dropped: tuple[int, ...]
+    ) -> bytes:
+        """``aggregate`` with every contributor's mask corrections for the ``dropped`` clients
+        added; refused unless each contributor sent exactly one."""
+        ...
+
 
 def for_client(
-    he: bool, keys_dir: str | Path, precision: str = "float32"
+    he: bool,
+    keys_dir: str | Path,
+    precision: str = "float32",
+    identities: SimulatedIdentities | None = None,
 ) -> Callable[[Layout], ClientCipher]:
     """A factory of client-side ciphers for a job: each client gets its own, for its model's
-    layout. Keys are read once, here."""
+    layout. Keys are read once, here. With ``identities`` (HE only) every cipher masks its
+    payloads pairwise, signing its key-agreement keys with those site keys."""
     if not he:
         from secagg.crypto.plain import PlainCipher
 
@@ -106,7 +133,14 @@ def for_client(
     from secagg.crypto.quantized import QuantizedCipher
 
     loaded = keys.load_for_client(keys_dir)
-    return lambda layout: QuantizedCipher(CkksClient(loaded), layout)
+
+    def make(layout: Layout) -> ClientCipher:
+        masker = None
+        if identities is not None:
+            masker = Masker(identities.signer, identities.verifier)
+        return QuantizedCipher(CkksClient(loaded, masker), layout)
+
+    return make
 
 
 def for_server(he: bool, keys_dir: str | Path, precision: str = "float32") -> ServerCipher:

@@ -35,8 +35,9 @@ import tenseal as ts
 
 from secagg.crypto import envelope, integrity, ledger, seal_format, seeded
 from secagg.crypto.ckks_server import TAIL, blobs_for, codec_for, open_payload
-from secagg.crypto.envelope import AGGREGATE, UPDATE, Stamp
+from secagg.crypto.envelope import AGGREGATE, CORRECTION, UPDATE, Stamp
 from secagg.crypto.ledger import Aggregate, Update
+from secagg.crypto.masking import Masker
 from secagg.crypto.packing import PACKED, WIDE, packing_for
 from secagg.crypto.params import CkksParams, Keys
 from secagg.crypto.seal_format import CiphertextShape
@@ -90,7 +91,9 @@ class CkksClient:
 
     name = "ckks-packed"
 
-    def __init__(self, keys: Keys) -> None:
+    def __init__(self, keys: Keys, masker: Masker | None = None) -> None:
+        #: pairwise masks (``masking``): None sends ciphertexts any key holder can read
+        self.masker = masker
         self._context = load_context(keys.context)
         if not self._context.is_private():
             raise KeyFileError(
@@ -127,8 +130,11 @@ class CkksClient:
         c0 = self._pool.encrypt(
             self._context, self._secret, slots, self._shape, seed, packing.scale_bits
         )
-        encrypted = time.perf_counter()
         count, size = blobs_for(self._shape, stamp.roster)(update.values.size)
+        if self.masker is not None and self.masker.active(stamp):
+            q, n = self._shape.modulus, self._shape.poly_modulus_degree
+            seal_format.add_mod(c0, self.masker.mask(stamp, count, n, q), q)
+        encrypted = time.perf_counter()
         codec = self.codec_for_round(stamp)
         payload = envelope.to_bytes(
             codec, UPDATE, stamp, update.values.size, count, size, [c0], seeds=(seed,)
@@ -139,8 +145,29 @@ class CkksClient:
         }
         return payload
 
+    def correct(self, stamp: Stamp, dropped: tuple[int, ...], values: int) -> bytes:
+        """A correction payload: ``c0`` words that remove this client's masks with the
+        ``dropped`` clients from the sum of ``stamp``'s phase (of ``values`` values)."""
+        if self.masker is None:
+            raise PayloadError("this client does not mask; it has nothing to correct", "bad-plan")
+        count, size = blobs_for(self._shape, stamp.roster)(values)
+        q, n = self._shape.modulus, self._shape.poly_modulus_degree
+        words = self.masker.correct(stamp, dropped, count, n, q)
+        return envelope.to_bytes(
+            self.codec_for_round(stamp),
+            CORRECTION,
+            stamp,
+            values,
+            count,
+            size,
+            [words],
+            tuple(sorted(dropped)),
+        )
+
     def decrypt(self, payload: bytes, stamp: Stamp) -> Aggregate:
         opened = open_payload(self.codec_for_round(stamp), self._shape, payload, stamp, AGGREGATE)
+        if self.masker is not None:
+            self.masker.check_late(stamp, opened.contributors)
         c0 = np.frombuffer(opened.body, dtype="<u8").reshape(
             opened.blob_count, self._shape.poly_modulus_degree
         )

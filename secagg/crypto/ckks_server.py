@@ -19,12 +19,12 @@ from collections.abc import Callable, Iterable
 import numpy as np
 
 from secagg.crypto import envelope, integrity, ledger, seal_format
-from secagg.crypto.envelope import AGGREGATE, SERVER, UPDATE, Stamp
+from secagg.crypto.envelope import AGGREGATE, CORRECTION, SERVER, UPDATE, Stamp
 from secagg.crypto.packing import PACKED, WIDE, PackedParams, packing_for
 from secagg.crypto.params import Keys
 from secagg.crypto.seal_format import CiphertextShape
 from secagg.crypto.seeded import SEED_BYTES
-from secagg.errors import KeyFileError
+from secagg.errors import KeyFileError, PayloadError
 
 CODEC_ID = 2
 #: The most values a payload may declare: a 2-billion-parameter model.
@@ -135,6 +135,53 @@ class CkksServer:
             [total],
             senders,
             tuple(seeds[sender] for sender in senders),
+        )
+
+    def corrected(
+        self, aggregate: bytes, corrections: Iterable[bytes], stamp: Stamp, dropped: tuple[int, ...]
+    ) -> bytes:
+        """The aggregate with every contributor's mask corrections for ``dropped`` added
+        (``masking``): one correction from each contributor, each naming exactly ``dropped``,
+        or the masks would not cancel (PayloadError ``missing-correction``)."""
+        summed = open_payload(self.codec_for_round(stamp), self._shape, aggregate, stamp, AGGREGATE)
+        total = np.frombuffer(summed.body, dtype="<u8").copy()
+        wanted, seen = tuple(sorted(dropped)), set()
+        for payload in corrections:
+            opened = open_payload(
+                self.codec_for_round(stamp), self._shape, payload, stamp, CORRECTION
+            )
+            sender = opened.stamp.sender
+            if opened.contributors != wanted or opened.values != summed.values:
+                raise PayloadError(
+                    f"client {sender}'s correction is not for clients {list(wanted)}", "bad-plan"
+                )
+            if sender not in summed.contributors or sender in seen:
+                raise PayloadError(
+                    f"a correction from client {sender}, which is not a contributor or sent "
+                    "one already, is refused",
+                    "duplicate",
+                )
+            words = np.frombuffer(opened.body, dtype="<u8")
+            seal_format.check_coefficients(words, self._shape.modulus)
+            seal_format.add_mod(total, words, self._shape.modulus)
+            seen.add(sender)
+        missing = sorted(set(summed.contributors) - seen)
+        if missing:
+            raise PayloadError(
+                f"client(s) {missing} sent no mask correction: the sum cannot be unmasked",
+                "missing-correction",
+            )
+        count, size = blobs_for(self._shape, stamp.roster)(summed.values)
+        return envelope.to_bytes(
+            self.codec_for_round(stamp),
+            AGGREGATE,
+            stamp.for_sender(SERVER),
+            summed.values,
+            count,
+            size,
+            [total],
+            summed.contributors,
+            summed.seeds,
         )
 
 

@@ -12,14 +12,15 @@ its job, round and phase, which catches a misrouted or replayed payload, not a l
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
 from secagg.crypto import envelope, ledger
 from secagg.crypto.envelope import AGGREGATE, UPDATE, Stamp
 from secagg.crypto.ledger import Aggregate, Update
-from secagg.errors import ConfigError
+from secagg.crypto.masking import SignedKey
+from secagg.errors import ConfigError, PayloadError
 
 # No keys in a plaintext run; a fixed fingerprint still stops HE payloads being read as plain.
 FINGERPRINT = hashlib.sha256(b"secagg-plaintext").digest()[:16]
@@ -49,6 +50,16 @@ class PlainCipher:
     def prepare(self, values: np.ndarray, stamp: Stamp) -> None:
         """Floats need no agreement before they are added."""
         return None
+
+    def publish(self, job: bytes, site: int) -> SignedKey | None:
+        """Plaintext FedAvg does not mask: its server reads every update anyway."""
+        return None
+
+    def agree(self, stamp: Stamp, peers: Sequence[SignedKey]) -> None:
+        """Nothing to agree: no masks."""
+
+    def correct(self, stamp: Stamp, dropped: tuple[int, ...]) -> bytes:
+        raise PayloadError("plaintext FedAvg does not mask; it has nothing to correct", "bad-plan")
 
     def encrypt(self, update: Update, stamp: Stamp, agreed: bytes | None = None) -> bytes:
         tally, tail = ledger.entries(update, stamp)
@@ -95,6 +106,12 @@ class PlainCipher:
 
         total, count, senders = ledger.accumulate(payloads, open_update, add, allowed)
         return self._payload(AGGREGATE, stamp, count, total, senders)
+
+    def corrected(
+        self, aggregate: bytes, corrections: Iterable[bytes], stamp: Stamp, dropped: tuple[int, ...]
+    ) -> bytes:
+        """Plaintext sums carry no masks: there is never a correction to add."""
+        raise PayloadError("plaintext FedAvg does not mask; it takes no corrections", "bad-plan")
 
     def _payload(
         self,

@@ -12,13 +12,15 @@ round are decrypted once and kept until the next round's agreement arrives.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 
 import numpy as np
 
 from secagg import quantize
 from secagg.crypto.ckks import CkksClient
-from secagg.crypto.envelope import Stamp
+from secagg.crypto.envelope import SCALES, Stamp
 from secagg.crypto.ledger import Aggregate, Update
+from secagg.crypto.masking import SignedKey
 from secagg.errors import PayloadError
 from secagg.flatten import Layout
 
@@ -40,6 +42,18 @@ class QuantizedCipher:
         # exchange needs none: each client counts 1/roster, so the ledger's sum stays <= 1.
         histogram = quantize.histogram(values, self.blocks)
         return self.inner.encrypt(Update(histogram, 1.0 / stamp.roster), stamp.scales())
+
+    def publish(self, job: bytes, site: int) -> SignedKey | None:
+        masker = self.inner.masker
+        return None if masker is None else masker.publish(job, site)
+
+    def agree(self, stamp: Stamp, peers: Sequence[SignedKey]) -> None:
+        if self.inner.masker is not None:
+            self.inner.masker.agree(stamp, peers)
+
+    def correct(self, stamp: Stamp, dropped: tuple[int, ...]) -> bytes:
+        values = self.blocks.size * quantize.BINS if stamp.phase == SCALES else self.size
+        return self.inner.correct(stamp, dropped, values)
 
     def encrypt(self, update: Update, stamp: Stamp, agreed: bytes | None) -> bytes:
         steps, _ = self._steps(stamp, agreed)

@@ -48,7 +48,7 @@ SEED_BYTES = 32
 _MASK32 = np.uint64(0xFFFFFFFF)
 _SHIFT32 = np.uint64(32)
 #: Polynomials summed before one reduction mod q (q < 2**60, so 15 + 1 terms fit 64 bits).
-_LAZY_TERMS = 15
+LAZY_TERMS = 15
 #: Extra words drawn with the first batch so that a rejected word almost never costs a second.
 _SPARE = 64
 
@@ -87,8 +87,8 @@ def expand_sum(
     for offset in range(count):
         row = out[offset]
         # Words are below q < 2**60: up to 15 of them add without wrapping 64 bits.
-        for group in range(0, len(seeds), _LAZY_TERMS):
-            for seed in seeds[group : group + _LAZY_TERMS]:
+        for group in range(0, len(seeds), LAZY_TERMS):
+            for seed in seeds[group : group + LAZY_TERMS]:
                 row += expand(seed, start + offset, n, modulus)
             np.remainder(row, q, out=row)
     return out

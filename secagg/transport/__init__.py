@@ -7,7 +7,7 @@ add each payload as it arrives.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
 from secagg.crypto import Stamp
@@ -43,6 +43,13 @@ class Transport(Protocol):
     ) -> Iterator[FitReply]:
         """Send the clients that trained the round's sample total and summed scales; yield
         their encrypted updates as they arrive."""
+        ...
+
+    def correct(
+        self, stamp: Stamp, dropped: tuple[int, ...], senders: Sequence[int]
+    ) -> list[bytes]:
+        """Ask ``senders`` (the contributors of ``stamp``'s phase) for the corrections that
+        remove their masks with the ``dropped`` clients (``masking``); return them."""
         ...
 
     def apply(self, round_stamp: Stamp, payload: bytes, scales: bytes | None) -> list[ApplyReply]:

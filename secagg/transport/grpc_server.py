@@ -14,7 +14,7 @@ RPC handlers run in gRPC's thread pool and meet the round loop in ``Coordinator`
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent import futures
 from contextlib import contextmanager
 from typing import Any
@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 
 from secagg.crypto import Stamp, envelope, ledger
-from secagg.errors import PayloadError, SecAggError
+from secagg.errors import ConfigError, PayloadError, SecAggError
 from secagg.messages import ApplyReply, EvalReply, FitReply, TrainReply
 from secagg.provision import Kit
 from secagg.rounds import RoundFailed
@@ -296,6 +296,15 @@ class GrpcTransport:
             sealed.add(upload.index)
             yield FitReply(upload.index, upload.payload, upload.meta.seconds, len(upload.payload))
         self._require(sealed, round_stamp.round_num, "sent their update")
+
+    def correct(
+        self, stamp: Stamp, dropped: tuple[int, ...], senders: Sequence[int]
+    ) -> list[bytes]:
+        # Clients of this transport never mask (``RunConfig.validate`` refuses it), so a round
+        # never asks them for corrections.
+        raise ConfigError(
+            "masking runs in-process and with Ray only in this release; set masking = false"
+        )
 
     def apply(self, round_stamp: Stamp, payload: bytes, scales: bytes | None) -> list[ApplyReply]:
         round_num = round_stamp.round_num

@@ -71,10 +71,19 @@ class InProcessTransport:
             if slot.site.index != index:
                 assert self.site_for is not None, "a sampled round needs site_for"
                 slot.become(self.site_for(index))
+        # Every client's key was published when it joined; the round's are relayed with the
+        # task, by position (none when the clients do not mask).
+        keys = [slot.mask_key(round_stamp.job) for slot in self.slots]
+        peers = [key for key in keys if key is not None] if None not in keys else []
         return [
-            slot.train(round_stamp.for_sender(position))
+            slot.train(round_stamp.for_sender(position), peers)
             for position, slot in self._each("train", self.slots)
         ]
+
+    def correct(
+        self, stamp: Stamp, dropped: tuple[int, ...], senders: Sequence[int]
+    ) -> list[bytes]:
+        return [self.slots[p].correct(stamp.for_sender(p), dropped) for p in senders]
 
     def seal(
         self, round_stamp: Stamp, total_samples: int, scales: bytes | None

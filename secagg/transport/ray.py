@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from secagg.config import RunConfig
 from secagg.crypto import Stamp
+from secagg.crypto.masking import SignedKey
 from secagg.errors import ConfigError, SecAggError
 from secagg.messages import ApplyReply, EvalReply, FitReply, ModelSignature, TrainReply
 from secagg.rounds import RoundFailed, sample_clients
@@ -54,7 +55,9 @@ def _ray() -> Any:
 class ClientActor:
     """One client inside a Ray worker: the job's task, its data, the client context."""
 
-    def __init__(self, config: RunConfig, task: Task | None, index: int) -> None:
+    def __init__(
+        self, config: RunConfig, task: Task | None, index: int, identities: Any = None
+    ) -> None:
         import torch
 
         from secagg import crypto
@@ -68,7 +71,9 @@ class ClientActor:
         self.site_for = simulated_site
         # The client context is read here, in the actor, from the job's key folder (on every
         # node, at the same path): the driver, which sums, never holds the secret key.
-        make_cipher = crypto.for_client(config.he, config.keys_dir, config.plain_precision)
+        make_cipher = crypto.for_client(
+            config.he, config.keys_dir, config.plain_precision, identities
+        )
 
         site = simulated_site(config, index)
         device = resolve_device(config.device)
@@ -85,8 +90,14 @@ class ClientActor:
     def become(self, index: int) -> None:
         self.client.become(self.site_for(self.config, index))
 
-    def train(self, stamp: Stamp) -> TrainReply:
-        return self.client.train(stamp)
+    def mask_key(self, job: bytes) -> SignedKey | None:
+        return self.client.mask_key(job)
+
+    def train(self, stamp: Stamp, peers: list[SignedKey]) -> TrainReply:
+        return self.client.train(stamp, peers)
+
+    def correct(self, stamp: Stamp, dropped: tuple[int, ...]) -> bytes:
+        return self.client.correct(stamp, dropped)
 
     def seal(self, stamp: Stamp, total: int, scales: bytes | None) -> FitReply:
         return self.client.seal(stamp, total, scales)
@@ -153,6 +164,12 @@ class RayTransport:
         self.task = task
         #: hears nothing yet: Ray's clients run at once, and report when the round ends
         self.on_progress: Any = lambda phase, done, total: None
+        #: simulated site keys for the clients' signed mask keys (``masking``)
+        self.identities = None
+        if config.he and config.masking:
+            from secagg.crypto.masking import SimulatedIdentities
+
+            self.identities = ray.put(SimulatedIdentities())
         self.min_clients = config.min_clients or self.roster
         self.actor_class = ray.remote(ClientActor).options(
             num_cpus=config.client_cpus, num_gpus=config.client_gpus, max_restarts=0
@@ -170,7 +187,7 @@ class RayTransport:
         return self._sizes
 
     def _actor(self, index: int) -> Any:
-        return self.actor_class.remote(self.config, self.task, index)
+        return self.actor_class.remote(self.config, self.task, index, self.identities)
 
     def _check_models(self) -> None:
         actors = self.slots + ([self.evaluator] if self.evaluator is not None else [])
@@ -207,8 +224,12 @@ class RayTransport:
         self._get(
             [slot.become.remote(index) for slot, index in zip(self.slots, chosen, strict=True)]
         )
+        # Each client's signed mask key (made when it first joins the job), relayed to all
+        # with the train task; none when the clients do not mask.
+        keys = self._get([slot.mask_key.remote(round_stamp.job) for slot in self.slots])
+        peers = self.ray.put([] if None in keys else keys)
         calls = [
-            (position, slot, slot.train.remote(round_stamp.for_sender(position)))
+            (position, slot, slot.train.remote(round_stamp.for_sender(position), peers))
             for position, slot in enumerate(self.slots)
         ]
         replies, alive = [], []
@@ -238,6 +259,13 @@ class RayTransport:
                 sealed += 1
                 yield reply
         self._require(sealed, round_stamp.round_num, "sent their update")
+
+    def correct(
+        self, stamp: Stamp, dropped: tuple[int, ...], senders: Sequence[int]
+    ) -> list[bytes]:
+        refs = [self.slots[p].correct.remote(stamp.for_sender(p), dropped) for p in senders]
+        # An actor that died now leaves its correction out: the server names it.
+        return [c for c in (self._survive(ref) for ref in refs) if c is not None]
 
     def apply(self, round_stamp: Stamp, payload: bytes, scales: bytes | None) -> list[ApplyReply]:
         shared, shared_scales = self.ray.put(payload), self.ray.put(scales)

@@ -1,0 +1,172 @@
+"""What pairwise masks cost: bytes and seconds per round, masked vs unmasked HE, same job.
+
+    python bench/masking.py --clients-per-round 8 --rounds 3 --repeats 3
+    python bench/masking.py --clients 100 --clients-per-round 100 --rounds 2 --repeats 2
+
+Two parts. **The job**: the built-in digits job in-process, masked and unmasked (alternating
+which goes first, after one untimed warm-up round of each), same seed; per-round medians of the
+simulated round time, the clients' encrypt seconds, the deployment latency estimate and the
+bytes up and down; masked and unmasked rounds must reach the same accuracy (checked). Round
+times are dominated by training, which a shared machine makes noisy, so **the crypto** is timed
+on its own as well: one client's CKKS work in a round (both phases' encryption and decryption,
+the aggregate holding every client's seed), and what masks add to it (checking the round's
+signed keys, the X25519 agreements, the masks of both phases); the minimum of ``--repeats``
+timings each, so other processes on the machine do not count. Run it with ``SECAGG_WORKERS=1``
+so that the CPU seconds of each whole run (this process's, per round, clients built included;
+the best run of each mode) hold all of its CKKS work too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from secagg import keys
+from secagg.config import CkksParams, RunConfig
+from secagg.crypto.ckks_server import TAIL
+from secagg.crypto.packing import PACKED
+from secagg.job import run_job
+from secagg.rounds import RoundMetrics
+
+
+def _run(config: RunConfig, masking: bool, out: Path, cpu: list[float]) -> list[RoundMetrics]:
+    tag = "m" if masking else "u"
+    folder = out / f"{tag}-{len(list(out.iterdir()))}"
+    start = time.process_time()
+    rounds = run_job(replace(config, masking=masking, output_dir=str(folder))).rounds
+    cpu.append((time.process_time() - start) / len(rounds))
+    return rounds
+
+
+def _best(repeats: int, step: Callable[[], object]) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def crypto_seconds(keys_dir: Path, per_round: int, repeats: int) -> tuple[float, float]:
+    """(one client's CKKS seconds in a round of ``per_round`` digits clients, what masks add)."""
+    from secagg import quantize
+    from secagg.builtin import task_for
+    from secagg.crypto import SERVER, Stamp, Update
+    from secagg.crypto.ckks import CkksClient
+    from secagg.crypto.ckks_server import CkksServer
+    from secagg.crypto.masking import Masker, SimulatedIdentities
+    from secagg.flatten import flatten
+
+    config = RunConfig()
+    _, layout = flatten(task_for(config).build_model().state_dict())
+    values = {1: quantize.histogram_values(e.size for e in layout.entries), 0: layout.size}
+    client = CkksClient(keys.load_for_client(keys_dir))
+    server = CkksServer(keys.load_for_server(keys_dir))
+    identities = SimulatedIdentities()
+    maskers = [Masker(identities.signer, identities.verifier) for _ in range(per_round)]
+    stamp = Stamp(bytes(16), 1, SERVER, per_round)
+    peers = [m.publish(stamp.job, site) for site, m in enumerate(maskers)]
+    shape = client._shape
+    total = 0.0
+    extra = _best(repeats, lambda: maskers[0].agree(stamp.for_sender(0), peers))
+    rounds = iter(range(2, 10_000))
+    for phase, stamped in ((1, stamp.scales()), (0, stamp)):
+        update = Update(np.zeros(values[phase]), 1 / per_round)
+        payloads = [client.encrypt(update, stamped.for_sender(p)) for p in range(per_round)]
+        aggregate = server.sum(payloads, stamped)
+        total += _best(repeats, lambda s=stamped, u=update: client.encrypt(u, s.for_sender(0)))
+        total += _best(repeats, lambda s=stamped, a=aggregate: client.decrypt(a, s))
+        count = math.ceil(
+            PACKED.slots_for(values[phase] + per_round, TAIL) / (shape.poly_modulus_degree // 2)
+        )
+
+        def mask(
+            stamped: Stamp = stamped, count: int = count, rounds: Iterator[int] = rounds
+        ) -> None:
+            # A mask is used once per round and phase: each timing is a new round (its key
+            # agreement is cached per job, and costs microseconds).
+            fresh = replace(stamped, round_num=next(rounds), sender=0)
+            maskers[0].agree(fresh, peers)
+            maskers[0].mask(fresh, count, shape.poly_modulus_degree, shape.modulus)
+
+        extra += _best(repeats, mask)
+    return total, extra
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--clients-per-round", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    per_round = args.clients_per_round or args.clients
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        keys.generate(out / "keys", CkksParams())
+        config = RunConfig(
+            he=True,
+            clients=args.clients,
+            clients_per_round=args.clients_per_round,
+            rounds=args.rounds,
+            keys_dir=str(out / "keys"),
+            tracking=False,
+            device="cpu",
+        )
+        (out / "runs").mkdir()
+        runs = out / "runs"
+        for masking in (False, True):  # warm-up: imports, data, worker processes
+            _run(replace(config, rounds=1), masking, runs, [])
+        results: dict[bool, list[RoundMetrics]] = {False: [], True: []}
+        cpu: dict[bool, list[float]] = {False: [], True: []}
+        for repeat in range(args.repeats):
+            order = (False, True) if repeat % 2 == 0 else (True, False)
+            for masking in order:
+                results[masking].extend(_run(config, masking, runs, cpu[masking]))
+        crypto, extra = crypto_seconds(out / "keys", per_round, max(args.repeats, 5))
+    masked, plain = results[True], results[False]
+    for m, u in zip(masked, plain, strict=True):
+        assert (m.accuracy, m.loss) == (u.accuracy, u.loss), "masks changed the model"
+
+    def median(rows: list[RoundMetrics], name: str) -> float:
+        return statistics.median(float(getattr(r, name)) for r in rows)
+
+    print(
+        f"digits job, {per_round} clients per round of {args.clients}, {args.rounds} rounds x "
+        f"{args.repeats} repeats; per-round medians"
+    )
+    print("| figure | unmasked HE | masked HE | masked / unmasked |")
+    print("| --- | ---: | ---: | ---: |")
+    for name, unit in (
+        ("round_seconds", "s"),
+        ("encrypt_seconds", "s"),
+        ("scales_seconds", "s"),
+        ("latency_seconds", "s"),
+        ("bytes_up", "B"),
+        ("bytes_down", "B"),
+    ):
+        u, m = median(plain, name), median(masked, name)
+        print(f"| {name} ({unit}) | {u:,.3f} | {m:,.3f} | {m / u:.4f} |")
+    u, m = min(cpu[False]), min(cpu[True])
+    print(
+        f"| CPU seconds per round, this process, best run (s) | {u:.3f} | {m:.3f} | {m / u:.4f} |"
+    )
+    round_per_client = median(plain, "round_seconds") / per_round
+    print(
+        f"\none client's CKKS work per round: {crypto * 1e3:.1f} ms; "
+        f"masks add {extra * 1e3:.2f} ms "
+        f"({extra / crypto:.1%} of the CKKS work, {extra / round_per_client:.2%} of a client's "
+        f"share of the unmasked round, {round_per_client:.3f} s)"
+    )
+
+
+if __name__ == "__main__":
+    main()

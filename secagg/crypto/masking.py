@@ -1,0 +1,270 @@
+"""Pairwise masks inside the ciphertexts, so that no single party can read one client's update.
+
+Every client holds the same CKKS secret key, so without masks a server that hands client A's
+ciphertext to a colluding client B (or B itself, given A's ciphertext) reads A's update. Each
+client ``j`` of a round therefore adds to the ``c0`` words of every ciphertext it sends (scale
+histograms and update alike: the ledger and integrity tag live in the same ciphertexts) the
+mask ``r_j = sum over k != j of +-PRG(s_jk)`` mod q, ``+`` when ``j < k`` (positions in the
+round), ``-`` when ``j > k``. The masks of a whole round cancel mod q, so the server's sum of
+``c0``'s, and what it decrypts to, is bit for bit what it is without masks, and no byte is added
+to the wire. Anyone who decrypts ``c0_j`` alone gets ``Delta m_j + e + r_j``: uniform mod q
+unless they know every pairwise secret of ``j``.
+
+``s_jk`` is an X25519 agreement between ``j``'s and ``k``'s per-job keys (``publish``), each
+signed with its site's ECDSA key and checked before use (``agree``), so a server that swaps a
+key is caught. The PRG is HKDF-SHA256 of ``s_jk`` and the job, round and phase, giving an
+AES-256 key that ``seeded.expand`` turns into words exactly uniform mod q, one polynomial per
+ciphertext index.
+
+A client asked to train that sends nothing for a phase leaves masks that do not cancel: the
+phase's contributors then send *corrections* (``correct``), ``c0``-only words that remove their
+pairs with the missing clients, once per (round, phase) and never for a client whose payload
+was added. A client also refuses to decrypt an aggregate that lists a client it corrected for
+(``check_late``): with the corrections known, that client's masks could be removed.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from secagg.crypto import seeded
+from secagg.crypto.envelope import Stamp
+from secagg.errors import PayloadError
+
+#: Bytes of an X25519 public key.
+PUBLIC_BYTES = 32
+_SIGNED_LABEL = b"secagg mask key v1\0"
+_PRG_LABEL = b"secagg pairwise mask v1\0"
+_P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+
+
+@dataclass(frozen=True)
+class SignedKey:
+    """A site's X25519 public key for one job, signed with the site's ECDSA key."""
+
+    site: int
+    public: bytes
+    signature: bytes
+
+
+def _signed_bytes(job: bytes, site: int, public: bytes) -> bytes:
+    return _SIGNED_LABEL + job + struct.pack(">I", site) + public
+
+
+class SimulatedIdentities:
+    """ECDSA P-256 site keys for simulations (in-process, Ray), which have no certificates.
+
+    Each simulated client signs with its own site's key and every client checks peers against
+    the public halves, so the signature path runs and a substituted key is caught; it does not
+    separate the parties: every site's key derives from one random ``root`` that the runner
+    hands to every client (a Ray actor takes on several sites in turn)."""
+
+    def __init__(self, root: bytes | None = None) -> None:
+        self.root = root if root is not None else os.urandom(32)
+        self._keys: dict[int, ec.EllipticCurvePrivateKey] = {}
+
+    def __getstate__(self) -> dict[str, bytes]:
+        return {"root": self.root}  # keys are not picklable; each process derives its own
+
+    def __setstate__(self, state: dict[str, bytes]) -> None:
+        self.root, self._keys = state["root"], {}
+
+    def signer(self, site: int) -> ec.EllipticCurvePrivateKey:
+        """The site's signing key, derived from the root."""
+        if site not in self._keys:
+            info = b"secagg simulated site key\0" + struct.pack(">I", site)
+            wide = HKDF(hashes.SHA256(), 48, salt=None, info=info).derive(self.root)
+            scalar = 1 + int.from_bytes(wide, "big") % (_P256_ORDER - 1)
+            self._keys[site] = ec.derive_private_key(scalar, ec.SECP256R1())
+        return self._keys[site]
+
+    def verifier(self, site: int) -> ec.EllipticCurvePublicKey:
+        """The public key every peer checks the site's signatures with."""
+        return self.signer(site).public_key()
+
+
+class Masker:
+    """One client's pairwise masks: its per-job X25519 keys, the round's agreed secrets, and
+    which (round, phase) it has sent corrections for."""
+
+    def __init__(
+        self,
+        signer: Callable[[int], ec.EllipticCurvePrivateKey],
+        verifier: Callable[[int], ec.EllipticCurvePublicKey],
+    ) -> None:
+        self._signer = signer
+        self._verifier = verifier
+        self._private: dict[tuple[bytes, int], X25519PrivateKey] = {}
+        #: (job, round) -> (own position, {peer position: pair secret})
+        self._round: tuple[tuple[bytes, int], int, dict[int, bytes]] | None = None
+        self._corrected: dict[tuple[bytes, int, int], tuple[int, ...]] = {}
+        self._masked: set[tuple[bytes, int, int]] = set()
+        #: (job, own public key, a checked peer key) -> the pair's secret
+        self._secrets: dict[tuple[bytes, bytes, SignedKey], bytes] = {}
+
+    def publish(self, job: bytes, site: int) -> SignedKey:
+        """This client's signed X25519 public key for ``job`` as ``site`` (made on first use)."""
+        public = _raw(self._private.setdefault((job, site), X25519PrivateKey.generate()))
+        signature = self._signer(site).sign(
+            _signed_bytes(job, site, public), ec.ECDSA(hashes.SHA256())
+        )
+        return SignedKey(site, public, signature)
+
+    def agree(self, stamp: Stamp, peers: Sequence[SignedKey]) -> None:
+        """Check every peer's signature and agree a secret with each; ``peers[p]`` is the key
+        of the round's position ``p``, ``stamp.sender`` this client's position."""
+        if len(peers) != stamp.roster:
+            raise PayloadError(
+                f"the round has {stamp.roster} clients but {len(peers)} mask keys were relayed",
+                "bad-plan",
+            )
+        own = peers[stamp.sender]
+        private = self._private.get((stamp.job, own.site))
+        if private is None or _raw(private) != own.public:
+            raise PayloadError(
+                f"the mask key relayed for this client (site {own.site}) is not its own",
+                "bad-key",
+            )
+        secrets: dict[int, bytes] = {}
+        for position, peer in enumerate(peers):
+            if position == stamp.sender:
+                continue
+            # Keys are per job: a peer met in an earlier round was checked then.
+            known = (stamp.job, own.public, peer)
+            if known not in self._secrets:
+                verify(stamp.job, peer, self._verifier(peer.site))
+                shared = private.exchange(X25519PublicKey.from_public_bytes(peer.public))
+                low, high = sorted((own.public, peer.public))
+                self._secrets[known] = shared + low + high
+            secrets[position] = self._secrets[known]
+        self._round = ((stamp.job, stamp.round_num), stamp.sender, secrets)
+
+    def active(self, stamp: Stamp) -> bool:
+        """Whether this client agreed masks for ``stamp``'s round."""
+        return self._round is not None and self._round[0] == (stamp.job, stamp.round_num)
+
+    def mask(self, stamp: Stamp, count: int, n: int, modulus: int) -> np.ndarray:
+        """``(count, n)`` words: this client's mask for the phase's ciphertexts ``0..count-1``;
+        once per (round, phase): a second payload under the same mask would give away the
+        difference of the two to any key holder (a retried round stops here, by name)."""
+        key = (stamp.job, stamp.round_num, stamp.phase)
+        if key in self._masked:
+            raise PayloadError(
+                f"this client already sent a masked payload for round {stamp.round_num}'s "
+                "phase; masking another under the same masks would reveal their difference",
+                "mask-reused",
+            )
+        self._masked.add(key)
+        return self._pairs(stamp, None, count, n, modulus, negate=False)
+
+    def correct(
+        self, stamp: Stamp, dropped: tuple[int, ...], count: int, n: int, modulus: int
+    ) -> np.ndarray:
+        """``(count, n)`` words that remove this client's pairs with ``dropped`` from a sum;
+        given once per (round, phase), and never for this client itself."""
+        key = (stamp.job, stamp.round_num, stamp.phase)
+        if key in self._corrected and self._corrected[key] != dropped:
+            raise PayloadError(
+                f"corrections for round {stamp.round_num} were already sent for clients "
+                f"{list(self._corrected[key])}; a second set would let the server remove "
+                "an added client's masks",
+                "bad-plan",
+            )
+        if not self.active(stamp) or stamp.sender in dropped or not dropped:
+            raise PayloadError("no corrections for a client that did not contribute", "bad-plan")
+        self._corrected[key] = dropped
+        return self._pairs(stamp, dropped, count, n, modulus, negate=True)
+
+    def check_late(self, stamp: Stamp, contributors: tuple[int, ...]) -> None:
+        """Refuse an aggregate that adds a client this client sent corrections for."""
+        dropped = self._corrected.get((stamp.job, stamp.round_num, stamp.phase), ())
+        late = sorted(set(dropped) & set(contributors))
+        if late:
+            raise PayloadError(
+                f"the aggregate adds client(s) {late} after the round corrected for their "
+                "dropout: a late update is never added",
+                "late-update",
+            )
+
+    def _pairs(
+        self,
+        stamp: Stamp,
+        only: tuple[int, ...] | None,
+        count: int,
+        n: int,
+        modulus: int,
+        *,
+        negate: bool,
+    ) -> np.ndarray:
+        if self._round is None or not self.active(stamp):
+            raise PayloadError(f"no mask keys were agreed for round {stamp.round_num}", "bad-plan")
+        _, own, secrets = self._round
+        chosen = sorted(secrets) if only is None else only
+        if any(position not in secrets for position in chosen):
+            raise PayloadError(f"clients {list(chosen)} are not all in the round", "bad-plan")
+        keys = [_prg_key(secrets[position], stamp) for position in chosen]
+        # A pair's words are added by the lower position and subtracted by the higher (and the
+        # other way round in a correction): sum each side lazily, subtract once.
+        adds = [(own < position) != negate for position in chosen]
+        q = np.uint64(modulus)
+        out = np.empty((count, n), dtype="<u8")
+        for index in range(count):
+            plus = _lazy_sum((k for k, a in zip(keys, adds, strict=True) if a), index, n, modulus)
+            minus = _lazy_sum(
+                (k for k, a in zip(keys, adds, strict=True) if not a), index, n, modulus
+            )
+            row = plus + (q - minus)  # below 2q < 2**64
+            np.subtract(row, q, out=row, where=row >= q)
+            out[index] = row
+        return out
+
+
+def _lazy_sum(keys: Iterable[bytes], index: int, n: int, modulus: int) -> np.ndarray:
+    """The sum mod q of what each key expands to for ciphertext ``index``."""
+    q = np.uint64(modulus)
+    total = np.zeros(n, dtype="<u8")
+    for terms, key in enumerate(keys, 1):
+        total += seeded.expand(key, index, n, modulus)
+        if terms % seeded.LAZY_TERMS == 0:
+            np.remainder(total, q, out=total)
+    np.remainder(total, q, out=total)
+    return total
+
+
+def verify(job: bytes, signed: SignedKey, public: ec.EllipticCurvePublicKey) -> None:
+    """Refuse (``bad-key``) a mask key not signed by its site for this job."""
+    if len(signed.public) != PUBLIC_BYTES:
+        raise PayloadError(f"site {signed.site}'s mask key is not {PUBLIC_BYTES} bytes", "bad-key")
+    try:
+        public.verify(
+            signed.signature,
+            _signed_bytes(job, signed.site, signed.public),
+            ec.ECDSA(hashes.SHA256()),
+        )
+    except InvalidSignature as err:
+        raise PayloadError(
+            f"site {signed.site}'s mask key is not signed by its site key: it was substituted "
+            "on the way (the server or the network); this client will not use it",
+            "bad-key",
+        ) from err
+
+
+def _raw(private: X25519PrivateKey) -> bytes:
+    return private.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
+
+
+def _prg_key(secret: bytes, stamp: Stamp) -> bytes:
+    info = _PRG_LABEL + stamp.job + struct.pack(">IB", stamp.round_num, stamp.phase)
+    return HKDF(hashes.SHA256(), seeded.SEED_BYTES, salt=None, info=info).derive(secret)

@@ -1,0 +1,380 @@
+"""Pairwise masks inside the ciphertexts (``secagg.crypto.masking``).
+
+The masks must cancel in the server's sum (the aggregate decrypts bit for bit as without
+them), make one client's ciphertext unreadable to another key holder, survive dropouts through
+corrections, refuse a late update after corrections, and refuse a substituted key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from conftest import round_of, update_for
+from hostile import forge_aggregate
+from scipy import stats
+
+from secagg import keys
+from secagg.crypto import Update
+from secagg.crypto.ckks import CkksClient, decrypt_chunks, load_context
+from secagg.crypto.ckks_server import open_payload
+from secagg.crypto.envelope import UPDATE
+from secagg.crypto.masking import Masker, SignedKey, SimulatedIdentities
+from secagg.errors import PayloadError
+from secagg.server import Server
+from secagg.transport.inprocess import InProcessTransport
+
+#: Significance of the uniformity tests: a masked ciphertext fails one by chance once in 1000.
+ALPHA = 1e-3
+CLIENTS = 3
+
+
+@pytest.fixture(scope="module")
+def identities() -> SimulatedIdentities:
+    return SimulatedIdentities()
+
+
+def _clients(session_keys, identities, masked: bool = True) -> list[CkksClient]:  # type: ignore[no-untyped-def]
+    loaded = keys.load_for_client(session_keys)
+    return [
+        CkksClient(loaded, Masker(identities.signer, identities.verifier) if masked else None)
+        for _ in range(CLIENTS)
+    ]
+
+
+def _agree(clients: list[CkksClient], stamp, sites=(10, 11, 12)) -> list[SignedKey]:  # type: ignore[no-untyped-def]
+    peers = [c.masker.publish(stamp.job, site) for c, site in zip(clients, sites, strict=True)]  # type: ignore[union-attr]
+    for position, client in enumerate(clients):
+        client.masker.agree(stamp.for_sender(position), peers)  # type: ignore[union-attr]
+    return peers
+
+
+def _updates(client: CkksClient, n: int = 3000, seed: int = 4) -> list[Update]:
+    rng = np.random.default_rng(seed)
+    return [update_for(client, rng.integers(-500, 500, n), 1 / CLIENTS) for _ in range(CLIENTS)]
+
+
+def _encrypt(clients: list[CkksClient], updates: list[Update], stamp) -> list[bytes]:  # type: ignore[no-untyped-def]
+    return [
+        c.encrypt(u, stamp.for_sender(i))
+        for i, (c, u) in enumerate(zip(clients, updates, strict=True))
+    ]
+
+
+def test_masks_cancel_and_the_sum_decrypts_bit_identically(
+    session_keys, identities, ckks_pair
+) -> None:
+    _, server = ckks_pair
+    stamp = round_of(1, roster=CLIENTS)
+    masked, plain = _clients(session_keys, identities), _clients(session_keys, identities, False)
+    _agree(masked, stamp)
+    updates = _updates(plain[0])
+    with_masks = masked[1].decrypt(server.sum(_encrypt(masked, updates, stamp), stamp), stamp)
+    without = plain[1].decrypt(server.sum(_encrypt(plain, updates, stamp), stamp), stamp)
+    assert with_masks.values.tobytes() == without.values.tobytes()
+    assert (with_masks.weight, with_masks.contributors) == (without.weight, without.contributors)
+    # Both phases are masked (their own PRG streams): the scale exchange cancels too.
+    scales = stamp.scales()
+    masked_sum = server.sum(_encrypt(masked, updates, scales), scales)
+    assert masked[0].decrypt(masked_sum, scales).values.tobytes() == without.values.tobytes()
+
+
+def _slot_low_bits(session_keys, payload: bytes, client: CkksClient, stamp) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """What a key holder decrypts from one client's update: every slot, rounded, mod 256."""
+    opened = open_payload(client.codec, client._shape, payload, stamp, UPDATE)
+    n = client._shape.poly_modulus_degree
+    c0 = np.frombuffer(opened.body, dtype="<u8").reshape(opened.blob_count, n)
+    context = load_context(keys.load_for_client(session_keys).context)
+    slots = decrypt_chunks(context, c0, opened.seeds, [n // 2] * len(c0), client._shape)
+    return np.rint(slots).astype(np.int64) % 256
+
+
+def test_another_clients_ciphertext_decrypts_to_uniform_lanes(session_keys, identities) -> None:
+    """Client 1, holding the shared secret key and the server's whole view (client 0's
+    payload, its seed), decrypts client 0's update: with masks the low 8 bits of every slot
+    pass a chi-square test of uniformity at ALPHA; without masks the same test rejects them
+    (the update is all zeros: the slots are the packed digits, in the clear)."""
+    stamp = round_of(1, roster=CLIENTS)
+    update = Update(np.zeros(20_000), 1 / CLIENTS)
+    masked = _clients(session_keys, identities)
+    _agree(masked, stamp)
+    seen = _slot_low_bits(
+        session_keys, masked[0].encrypt(update, stamp.for_sender(0)), masked[1], stamp
+    )
+    counts = np.bincount(seen, minlength=256)
+    assert stats.chisquare(counts).pvalue > ALPHA, counts
+    plain = _clients(session_keys, identities, False)[0]
+    clear = _slot_low_bits(session_keys, plain.encrypt(update, stamp.for_sender(0)), plain, stamp)
+    assert stats.chisquare(np.bincount(clear, minlength=256)).pvalue < 1e-100
+
+
+def test_a_dropout_is_corrected_and_the_sum_is_exact(session_keys, identities, ckks_pair) -> None:
+    _, server = ckks_pair
+    stamp = round_of(2, roster=CLIENTS)
+    clients = _clients(session_keys, identities)
+    _agree(clients, stamp)
+    updates = _updates(clients[0], seed=7)
+    payloads = _encrypt(clients, updates, stamp)
+    summed = server.sum([payloads[0], payloads[2]], stamp)
+    # Client 1's masks do not cancel: the sum decrypts to noise, which the unpacker refuses.
+    with pytest.raises(PayloadError):
+        clients[0].decrypt(summed, stamp)
+    corrections = [clients[p].correct(stamp.for_sender(p), (1,), 3000) for p in (0, 2)]
+    fixed = server.corrected(summed, corrections, stamp, (1,))
+    total = clients[2].decrypt(fixed, stamp)
+    assert total.contributors == (0, 2)
+    assert np.array_equal(total.values, updates[0].values + updates[2].values)
+    # A contributor that sends no correction leaves the sum unreadable: named, not garbage.
+    with pytest.raises(PayloadError, match="sent no mask correction") as caught:
+        server.corrected(summed, corrections[:1], stamp, (1,))
+    assert caught.value.reason == "missing-correction"
+
+
+def test_a_late_update_after_corrections_is_refused(session_keys, identities, ckks_pair) -> None:
+    _, cipher = ckks_pair
+    stamp = round_of(3, roster=CLIENTS)
+    clients = _clients(session_keys, identities)
+    _agree(clients, stamp)
+    payloads = _encrypt(clients, _updates(clients[0]), stamp)
+    server = Server(cipher, masking=True)
+    summed = server.sum([payloads[0], payloads[2]], stamp, 3000)
+    corrections = [clients[p].correct(stamp.for_sender(p), (1,), 3000) for p in (0, 2)]
+    server.correct(summed, corrections, stamp, (1,))
+    # By round state: the server adds nothing more to a corrected phase.
+    with pytest.raises(PayloadError, match="late update is never added") as caught:
+        server.sum([payloads[1]], stamp, 3000)
+    assert caught.value.reason == "late-update"
+    # By the ledger: a server that adds it anyway must list it, and the clients refuse that.
+    forged = forge_aggregate(cipher, payloads, stamp, (0, 1, 2))
+    with pytest.raises(PayloadError, match=r"adds client\(s\) \[1\] after the round corrected"):
+        clients[0].decrypt(forged, stamp)
+    # Nor does a client give a second set of corrections (which could strip an added client).
+    with pytest.raises(PayloadError, match="already sent"):
+        clients[0].correct(stamp.for_sender(0), (1, 2), 3000)
+
+
+def test_a_substituted_key_agreement_key_is_refused(session_keys, identities) -> None:
+    stamp = round_of(4, roster=CLIENTS)
+    clients = _clients(session_keys, identities)
+    peers = [c.masker.publish(stamp.job, 20 + i) for i, c in enumerate(clients)]  # type: ignore[union-attr]
+    # The server swaps client 2's key for one of its own, signed by a key that is not site 22's.
+    mallory = Masker(SimulatedIdentities().signer, identities.verifier).publish(stamp.job, 22)
+    for forged in (mallory, replace(mallory, signature=peers[2].signature)):
+        with pytest.raises(PayloadError, match="not signed by its site key") as caught:
+            clients[0].masker.agree(stamp.for_sender(0), [*peers[:2], forged])  # type: ignore[union-attr]
+        assert caught.value.reason == "bad-key"
+    # Another job's signed key is no good either: signatures bind the job.
+    other_job = bytes(16)
+    assert other_job != stamp.job
+    other = clients[2].masker.publish(other_job, 22)  # type: ignore[union-attr]
+    with pytest.raises(PayloadError, match="not signed"):
+        clients[0].masker.agree(stamp.for_sender(0), [*peers[:2], other])  # type: ignore[union-attr]
+
+
+# --- whole rounds and jobs ------------------------------------------------------------------
+
+
+class _Dropping(InProcessTransport):
+    """Position ``who`` leaves the round at ``when``: ``keys`` (it got the round's keys and
+    trained, but sends nothing), ``update`` (it sent its scales, not its update) or ``apply``
+    (it sent everything and never takes the aggregate)."""
+
+    def __init__(self, slots, when: str, who: int) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(slots)
+        self.when, self.who = when, who
+
+    def train(self, round_stamp):  # type: ignore[no-untyped-def]
+        replies = super().train(round_stamp)
+        return [r for r in replies if not (self.when == "keys" and r.client_id == self.who)]
+
+    def seal(self, round_stamp, total_samples, scales):  # type: ignore[no-untyped-def]
+        for position, slot in enumerate(self.slots):
+            if position != self.who or self.when == "apply":
+                yield slot.seal(round_stamp.for_sender(position), total_samples, scales)
+
+    def apply(self, round_stamp, payload, scales):  # type: ignore[no-untyped-def]
+        keep = [s for p, s in enumerate(self.slots) if p != self.who or self.when != "apply"]
+        return [s.apply(payload, round_stamp, scales) for s in keep]
+
+
+def _one_round(session_keys, masking: bool, when: str):  # type: ignore[no-untyped-def]
+    from secagg import rounds
+    from secagg.builtin import task_for
+    from secagg.config import RunConfig
+    from secagg.crypto import for_server
+    from secagg.job import build_clients
+
+    config = RunConfig(
+        clients=4,
+        he=True,
+        masking=masking,
+        keys_dir=str(session_keys),
+        tracking=False,
+        device="cpu",
+        local_epochs=1,
+    )
+    transport = _Dropping(build_clients(config, task_for(config)), when, who=1)
+    server = Server(for_server(True, session_keys), masking=masking)
+    metrics, _ = rounds.run_round(server, transport, rounds.round_stamp(bytes(16), 1, 4))
+    return metrics, transport.slots[0].global_vector
+
+
+@pytest.mark.parametrize("when", ["keys", "update", "apply"])
+def test_a_dropout_leaves_the_same_model_as_without_masks(session_keys, when: str) -> None:
+    """Client 1 drops after key agreement, after the scale exchange, or after its upload: the
+    survivors' corrections make the masked round's model bit for bit the unmasked round's."""
+    masked, model = _one_round(session_keys, True, when)
+    unmasked, reference = _one_round(session_keys, False, when)
+    assert model.tobytes() == reference.tobytes()
+    assert masked.clients == unmasked.clients == (4 if when == "apply" else 3)
+    # Corrections cost bytes only when a payload was missing.
+    assert (masked.bytes_up > unmasked.bytes_up) == (when != "apply")
+
+
+def test_the_digits_job_is_unchanged_by_masks(tmp_path, session_keys) -> None:
+    """Masked HE equals unmasked HE exactly, and plaintext FedAvg within one test digit."""
+    from secagg.config import RunConfig
+    from secagg.job import run_job
+
+    def job(name: str, **changes):  # type: ignore[no-untyped-def]
+        config = RunConfig(
+            clients=4,
+            rounds=3,
+            keys_dir=str(session_keys),
+            tracking=False,
+            device="cpu",
+            output_dir=str(tmp_path / name),
+        )
+        return run_job(replace(config, **changes))
+
+    masked, he, plain = job("m", he=True, masking=True), job("h", he=True), job("p")
+    for m, h, p in zip(masked.rounds, he.rounds, plain.rounds, strict=True):
+        assert (m.accuracy, m.loss) == (h.accuracy, h.loss), f"round {m.round}"
+        assert abs(m.accuracy - p.accuracy) <= 0.003, f"round {m.round}"
+        assert m.bytes_up == h.bytes_up and m.bytes_down == h.bytes_down
+
+
+def test_masking_is_refused_where_it_is_not_built_and_ignored_without_he() -> None:
+    from secagg.config import RunConfig
+    from secagg.errors import ConfigError
+
+    for transport in ("grpc",):
+        with pytest.raises(
+            ConfigError, match="masking runs with the in-process and ray transports only"
+        ):
+            RunConfig(he=True, masking=True, transport=transport).validate()
+    # Plaintext FedAvg's server reads every update anyway: the setting changes nothing there.
+    RunConfig(he=False, masking=True, transport="grpc").validate()
+
+
+@pytest.mark.slow
+def test_ray_clients_mask_and_reach_the_unmasked_model(tmp_path, session_keys) -> None:
+    """Ray actors: keys made per actor, signed with simulated site keys derived in each
+    process, relayed with the train task; masked and unmasked runs give the same rounds."""
+    pytest.importorskip("ray")
+    from secagg.config import RunConfig
+    from secagg.job import run_job
+
+    config = RunConfig(
+        he=True,
+        clients=3,
+        rounds=2,
+        transport="ray",
+        client_cpus=0.5,
+        keys_dir=str(session_keys),
+        tracking=False,
+        device="cpu",
+    )
+    runs = [
+        run_job(replace(config, masking=m, output_dir=str(tmp_path / str(m))))
+        for m in (True, False)
+    ]
+    for m, u in zip(runs[0].rounds, runs[1].rounds, strict=True):
+        assert (m.accuracy, m.loss, m.bytes_up) == (u.accuracy, u.loss, u.bytes_up)
+
+
+def test_sampled_rounds_mask_with_each_rounds_clients(tmp_path, session_keys) -> None:
+    """Clients per round drawn from a larger population: reusable clients take on each round's
+    identities (and their per-job keys); masked and unmasked runs give the same rounds."""
+    from secagg.config import RunConfig
+    from secagg.job import run_job
+
+    config = RunConfig(
+        he=True,
+        clients=6,
+        clients_per_round=3,
+        rounds=3,
+        keys_dir=str(session_keys),
+        tracking=False,
+        device="cpu",
+    )
+    runs = [
+        run_job(replace(config, masking=m, output_dir=str(tmp_path / str(m))))
+        for m in (True, False)
+    ]
+    for m, u in zip(runs[0].rounds, runs[1].rounds, strict=True):
+        assert (m.accuracy, m.loss, m.bytes_up) == (u.accuracy, u.loss, u.bytes_up)
+
+
+@pytest.mark.slow
+def test_the_default_digits_job_with_masks_matches_plaintext_every_round(
+    tmp_path, session_keys
+) -> None:
+    """The default job (8 clients, 10 rounds), masked HE against plaintext FedAvg."""
+    from secagg.config import RunConfig
+    from secagg.job import run_job
+
+    base = RunConfig(keys_dir=str(session_keys), tracking=False, device="cpu")
+    masked = run_job(replace(base, he=True, masking=True, output_dir=str(tmp_path / "m")))
+    plain = run_job(replace(base, output_dir=str(tmp_path / "p")))
+    assert masked.final_accuracy >= 0.90
+    for m, p in zip(masked.rounds, plain.rounds, strict=True):
+        assert abs(m.accuracy - p.accuracy) <= 0.003, f"round {m.round}"
+
+
+@pytest.mark.slow
+def test_a_ray_worker_killed_after_key_agreement_is_corrected_for(
+    tmp_path, session_keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A masked Ray run where site 1's worker dies while training round 2 (it got the round's
+    keys, sent nothing): the two survivors correct both phases, and the round ends as the
+    unmasked run's does."""
+    pytest.importorskip("ray")
+    import os
+    import sys
+
+    from test_ray import DYING_TASK, _config
+
+    from secagg.job import run_job
+
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "dying.py").write_text(DYING_TASK)
+    monkeypatch.syspath_prepend(str(package))
+    path = os.pathsep.join(p for p in (str(package), os.environ.get("PYTHONPATH", "")) if p)
+    monkeypatch.setenv("PYTHONPATH", path)
+    config = _config(
+        tmp_path, session_keys, task="dying:DiesOnce", transport="ray", rounds=3, min_clients=2
+    )
+    masked = run_job(replace(config, masking=True, output_dir=str(tmp_path / "m")))
+    plain = run_job(replace(config, output_dir=str(tmp_path / "u")))
+    sys.modules.pop("dying", None)
+    assert [m.clients for m in masked.rounds] == [3, 2, 3]
+    for m, u in zip(masked.rounds, plain.rounds, strict=True):
+        assert (m.accuracy, m.loss) == (u.accuracy, u.loss), f"round {m.round}"
+    # Round 2's corrections: one per survivor and phase, c0 words only.
+    assert masked.rounds[1].bytes_up > plain.rounds[1].bytes_up
+
+
+def test_a_phase_is_masked_once(session_keys, identities) -> None:
+    """A second payload under the same masks (a retried round re-encrypting) would give away
+    the difference of the two: the client refuses it by name."""
+    stamp = round_of(5, roster=CLIENTS)
+    clients = _clients(session_keys, identities)
+    _agree(clients, stamp)
+    update = _updates(clients[0])[0]
+    clients[0].encrypt(update, stamp.for_sender(0))
+    with pytest.raises(PayloadError, match="would reveal their difference") as caught:
+        clients[0].encrypt(update, stamp.for_sender(0))
+    assert caught.value.reason == "mask-reused"
