@@ -234,11 +234,6 @@ def make_task(target: Any, settings: Mapping[str, Any], name: str) -> Task:
     return task
 
 
-def task_name(task: Task) -> str:
-    """How messages name a task: its class."""
-    return type(task).__name__
-
-
 def simulated_site(config: RunConfig, index: int) -> Site:
     """Client ``index`` of a simulation: every client shares ``config.data_dir`` and takes its
     own part of it."""
