@@ -528,8 +528,9 @@ def _bytes_explained(params: int, he: dict[str, Any], keys_dir: Path | None) -> 
         manifest = json.loads((keys_dir / "manifest.json").read_text())["params"]
         degree = int(manifest["poly_modulus_degree"])
         data_primes = len(manifest["coeff_mod_bit_sizes"]) - 1
-    # a ciphertext travels as 2 polynomials of N coefficients, 8 bytes each, per data prime
-    ciphertext = 2 * degree * 8 * data_primes
+    # a ciphertext travels as its c0 alone, N coefficients of 8 bytes per data prime (its c1
+    # is the payload's 32-byte seed)
+    ciphertext = degree * 8 * data_primes
     values = degree // 2 * PACKED.values_per_slot
     upload = he["upload_bytes_per_client_round"]
     return {
@@ -712,7 +713,8 @@ def _bytes_text(report: dict[str, Any]) -> str:
     return (
         f"Why HE's {he:.2f} bytes per parameter depend on the model's size: a payload is whole "
         f"ciphertexts. At N = {b['poly_modulus_degree']:,} one ciphertext is "
-        f"{b['ciphertext_bytes']:,} bytes (2 polynomials x N coefficients x 8 bytes) and "
+        f"{b['ciphertext_bytes']:,} bytes (its c0, N coefficients x 8 bytes; c1 is the "
+        "payload's 32-byte seed) and "
         f"carries {b['values_per_ciphertext']:,} values (N/2 slots x 3 packed values), so no "
         f"model gets below {b['asymptote']:.2f} bytes per parameter. On top of the update come "
         "the ledger (a few slots in each payload) and the scale exchange (an encrypted "
@@ -722,7 +724,7 @@ def _bytes_text(report: dict[str, Any]) -> str:
         f"{b['upload_in_ciphertexts']:.1f} ciphertexts' worth per round: a small model pays "
         "for partly empty ciphertexts and a fixed scale exchange, while a model of millions "
         "of parameters fills its ciphertexts and approaches the floor (3.5M parameters: "
-        "10.89, see bench/RESULTS.md). Plaintext sends 4 bytes (float32) per parameter plus "
+        "5.44, see bench/RESULTS.md). Plaintext sends 4 bytes (float32) per parameter plus "
         "a small envelope."
     )
 
