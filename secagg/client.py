@@ -149,7 +149,7 @@ class Client:
         trained = time.perf_counter()
         change = self._change()
         flattened = time.perf_counter()
-        scales = self.cipher.prepare(change, stamp)
+        scales = self.cipher.prepare(change, stamp, samples)
         self._trained = _Trained(stamp, change, samples)
         seconds = Seconds(
             train=trained - start,

@@ -40,7 +40,7 @@ if TYPE_CHECKING:  # the server imports this module to size the scale exchange: 
 BLOCK = 4096
 #: Exponent range of the magnitude histogram: blocks whose largest weighted change is below
 #: 2**E_MIN share that bin; changes beyond 2**E_MAX are clipped.
-E_MIN, E_MAX = -48, 15
+E_MIN, E_MAX = -48, 40
 BINS = E_MAX - E_MIN + 1
 
 
@@ -75,9 +75,11 @@ def histogram(values: np.ndarray, sizes: np.ndarray) -> np.ndarray:
     return onehot.reshape(-1)
 
 
-def steps(summed: np.ndarray, clients: int, limit: int) -> np.ndarray:
-    """Each block's step from the summed histograms of ``clients`` clients: the largest
-    exponent any client reported, over the room ``limit`` leaves after rounding.
+def steps(summed: np.ndarray, clients: int, limit: int, total: float = 1.0) -> np.ndarray:
+    """Each block's step from the summed histograms of ``clients`` clients: the bound on the
+    sum of what they reported (each bin's count times its power of two), divided by ``total``
+    (the round's sample count: clients report ``n_i x`` their change), over the room ``limit``
+    leaves after rounding.
 
     ``limit`` is the largest magnitude a summed integer may reach (the packed digit's).
     Refuses (PayloadError ``bad-scales``) histograms no ``clients`` honest clients could sum
@@ -91,20 +93,18 @@ def steps(summed: np.ndarray, clients: int, limit: int) -> np.ndarray:
             "the scale aggregate was tampered with",
             "bad-scales",
         )
-    present = counts > 0
-    # The highest bin with a count (every client reports one bin per block).
-    top = np.where(present.any(axis=1), BINS - 1 - np.argmax(present[:, ::-1], axis=1), 0)
-    bound = np.exp2(top + E_MIN).astype(np.float64)
-    return bound / (limit - (clients + 1) // 2)
+    # Exact products summed in numpy's fixed pairwise order (not BLAS, whose order varies by
+    # machine): every client derives bit-identical steps.
+    bound = np.sum(counts * np.exp2(np.arange(E_MIN, E_MAX + 1, dtype=np.float64)), axis=1)
+    return bound / total / (limit - (clients + 1) // 2)
 
 
 def quantize(
-    values: np.ndarray, block_steps: np.ndarray, sizes: np.ndarray, weight: float = 1.0
+    values: np.ndarray, block_steps: np.ndarray, sizes: np.ndarray, limit: float = 2.0**E_MAX
 ) -> tuple[np.ndarray, int]:
-    """Values weighted by ``weight`` to integers on the agreed steps, in place; return them
-    and the clipped count (changes beyond ``2**E_MAX`` before weighting, which the histogram
-    could not report)."""
-    limit = weight * 2.0**E_MAX
+    """Values to integers on the agreed steps, in place; return them and the clipped count
+    (values beyond ``limit``: ``2**E_MAX / N`` for a client's weighted change, what the
+    largest histogram bin covers; only a diverged training reaches it)."""
     clipped = int(np.count_nonzero(values > limit) + np.count_nonzero(values < -limit))
     np.clip(values, -limit, limit, out=values)
     values /= np.repeat(block_steps, sizes)

@@ -45,12 +45,13 @@ def rounds(draw) -> list[tuple[float, np.ndarray]]:
 
 
 def _quantized(clients: list[tuple[float, np.ndarray]]) -> list[np.ndarray]:
-    """The round's protocol: histograms of the changes summed, steps agreed, every client
-    quantizes its weighted change."""
+    """The round's protocol: histograms of the weighted changes summed (a client reports its
+    change times its sample count, and the total divides: weights here, a total of 1), steps
+    agreed, every client quantizes its weighted change."""
     sizes = np.array([clients[0][1].size])
-    summed = np.sum([quantize.histogram(d, sizes) for _, d in clients], axis=0)
+    summed = np.sum([quantize.histogram(w * d, sizes) for w, d in clients], axis=0)
     steps = quantize.steps(summed, len(clients), PACKED.sum_limit)
-    return [quantize.quantize(w * d, steps, sizes, w)[0] for w, d in clients]
+    return [quantize.quantize(w * d, steps, sizes)[0] for w, d in clients]
 
 
 @settings(max_examples=200, deadline=None)
@@ -175,17 +176,14 @@ def test_quantization_error_is_within_the_stated_bound() -> None:
     weights = rng.dirichlet(np.full(clients, 5.0))
     common = rng.normal(0, 0.01, size)
     changes = [common + rng.normal(0, 0.002, size) for _ in weights]
-    updates = [w * d for w, d in zip(weights, changes, strict=True)]
     sizes = np.array([quantize.BLOCK] * (size // quantize.BLOCK) + [size % quantize.BLOCK])
-    summed = np.sum([quantize.histogram(d, sizes) for d in changes], axis=0)
-    steps = quantize.steps(summed, clients, PACKED.sum_limit)
-    total = np.sum(
-        [
-            quantize.quantize(v.copy(), steps, sizes, w)[0]
-            for v, w in zip(updates, weights, strict=True)
-        ],
-        axis=0,
+    samples = np.rint(weights * 10_000).astype(int)  # each client's count, the total N
+    summed = np.sum(
+        [quantize.histogram(n * d, sizes) for n, d in zip(samples, changes, strict=True)], axis=0
     )
+    steps = quantize.steps(summed, clients, PACKED.sum_limit, samples.sum())
+    updates = [n / samples.sum() * d for n, d in zip(samples, changes, strict=True)]
+    total = np.sum([quantize.quantize(v.copy(), steps, sizes)[0] for v in updates], axis=0)
     back = quantize.dequantize(total, steps, sizes)
     exact = np.sum(updates, axis=0)
     in_steps = np.abs(back - exact) / np.repeat(steps, sizes)

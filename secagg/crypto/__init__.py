@@ -35,9 +35,10 @@ class ClientCipher(Protocol):
 
     name: str
 
-    def prepare(self, values: np.ndarray, stamp: Stamp) -> bytes | None:
+    def prepare(self, values: np.ndarray, stamp: Stamp, samples: int = 1) -> bytes | None:
         """What this client contributes to the round's agreement on how to encode ``values``
-        (its unweighted change to the global model), or None when the codec needs none."""
+        (its change to the global model; ``samples`` its sample count, its weight before the
+        round's total is known), or None when the codec needs none."""
         ...
 
     def publish(self, job: bytes, site: int) -> SignedKey | None:

@@ -47,7 +47,7 @@ class PlainCipher:
         """Every round's payloads say the same codec."""
         return self.codec
 
-    def prepare(self, values: np.ndarray, stamp: Stamp) -> None:
+    def prepare(self, values: np.ndarray, stamp: Stamp, samples: int = 1) -> None:
         """Floats need no agreement before they are added."""
         return None
 

@@ -33,15 +33,17 @@ class QuantizedCipher:
         self.name = inner.name
         self.blocks = quantize.block_sizes(layout)
         self.size = layout.size
-        #: the last agreement decrypted: (its digest, the steps, who took part)
-        self._agreed: tuple[bytes, np.ndarray, tuple[int, ...]] | None = None
+        #: the last agreement decrypted: (its digest, the steps, who took part, their samples)
+        self._agreed: tuple[bytes, np.ndarray, tuple[int, ...], int] | None = None
 
-    def prepare(self, values: np.ndarray, stamp: Stamp) -> bytes:
-        """The encrypted magnitude histogram of ``values``, this client's unweighted change."""
-        # Weights are not known yet (they need every client's sample count), and the scale
-        # exchange needs none: each client counts 1/roster, so the ledger's sum stays <= 1.
-        histogram = quantize.histogram(values, self.blocks)
-        return self.inner.encrypt(Update(histogram, 1.0 / stamp.roster), stamp.scales())
+    def prepare(self, values: np.ndarray, stamp: Stamp, samples: int = 1) -> bytes:
+        """The encrypted magnitude histogram of ``samples x values`` (this client's change
+        times its sample count: its weight before the round's total is known)."""
+        histogram = quantize.histogram(values * samples, self.blocks)
+        # The ledger's count slot carries the sample count, so every client reads the round's
+        # total from the summed scales, exactly; each weighs 1/roster, so the sum stays <= 1.
+        update = Update(histogram, 1.0 / stamp.roster, samples)
+        return self.inner.encrypt(update, stamp.scales())
 
     def publish(self, job: bytes, site: int) -> SignedKey | None:
         masker = self.inner.masker
@@ -56,8 +58,9 @@ class QuantizedCipher:
         return self.inner.correct(stamp, dropped, values)
 
     def encrypt(self, update: Update, stamp: Stamp, agreed: bytes | None) -> bytes:
-        steps, _ = self._steps(stamp, agreed)
-        values, clipped = quantize.quantize(update.values.copy(), steps, self.blocks, update.weight)
+        steps, _, total = self._steps(stamp, agreed)
+        limit = 2.0**quantize.E_MAX / total
+        values, clipped = quantize.quantize(update.values.copy(), steps, self.blocks, limit)
         return self.inner.encrypt(Update(values, update.weight, clipped), stamp)
 
     def decrypt(self, payload: bytes, stamp: Stamp, agreed: bytes | None) -> Aggregate:
@@ -68,7 +71,7 @@ class QuantizedCipher:
                 f"{self.size}; are all parties running the same job?",
                 "wrong-length",
             )
-        steps, agreeing = self._steps(stamp, agreed)
+        steps, agreeing, _ = self._steps(stamp, agreed)
         outside = sorted(set(summed.contributors) - set(agreeing))
         if outside:
             raise PayloadError(
@@ -79,8 +82,11 @@ class QuantizedCipher:
         values = quantize.dequantize(summed.values, steps, self.blocks)
         return Aggregate(values, summed.weight, summed.clipped, summed.contributors)
 
-    def _steps(self, stamp: Stamp, agreed: bytes | None) -> tuple[np.ndarray, tuple[int, ...]]:
-        """The round's quantization steps and who agreed on them, from the summed histograms."""
+    def _steps(
+        self, stamp: Stamp, agreed: bytes | None
+    ) -> tuple[np.ndarray, tuple[int, ...], int]:
+        """The round's quantization steps, who agreed on them and their summed sample count,
+        from the summed histograms."""
         if agreed is None:
             raise PayloadError("an integer codec needs the round's scale aggregate", "malformed")
         digest = hashlib.sha256(
@@ -94,7 +100,13 @@ class QuantizedCipher:
                     "running the same job?",
                     "wrong-length",
                 )
-            clients = len(summed.contributors)
-            steps = quantize.steps(summed.values, clients, self.inner.sum_limit_for(stamp))
-            self._agreed = (digest, steps, summed.contributors)
-        return self._agreed[1], self._agreed[2]
+            clients, total = len(summed.contributors), summed.clipped
+            if total < clients:
+                raise PayloadError(
+                    f"the scale aggregate counts {total} samples for {clients} clients",
+                    "bad-scales",
+                )
+            limit = self.inner.sum_limit_for(stamp)
+            steps = quantize.steps(summed.values, clients, limit, total)
+            self._agreed = (digest, steps, summed.contributors, total)
+        return self._agreed[1], self._agreed[2], self._agreed[3]
