@@ -1,27 +1,28 @@
 """Quantization of model updates for the packed codec, with steps every client derives alike.
 
 Integers from different clients can only be added if every client used the same quantization
-step, and the sum must stay inside the packed digit (``|sum| <= 8191``). So each round starts
-with a **scale exchange**: every client splits its change to the global model ``d_i = w_i -
-w_global`` into blocks (``BLOCK`` values, never across tensors), and encrypts, for each block,
-a one-hot histogram of ``e_i = ceil(log2(max |d_i|))`` over ``BINS`` exponents. The server adds
-the histograms without reading them; every client decrypts the same sum ``H`` and derives, for
-each block, ``M = 2**max{e : H[e] > 0}``, a bound on every client's largest change in that block
-within a factor of two, and the step ``M / (8191 - ceil(c / 2))`` for ``c`` contributing clients.
+step, and the sum must stay inside the packed digit. So each round starts with a **scale
+exchange**: every client splits its change to the global model ``d_i = w_i - w_global`` into
+blocks (``BLOCK`` values, never across tensors), and encrypts, for each block, a one-hot
+histogram of ``e_i = ceil(log2(n_i * max |d_i|))`` over ``BINS`` exponents, ``n_i`` its sample
+count, with ``n_i`` itself in the scale payload's ledger. The server adds them without reading
+them; every client decrypts the same sums, ``H`` and ``N = sum n_i``, and derives for each block
+``S = sum_e H[e] * 2**e``, an upper bound of ``sum_i n_i max |d_i|`` within a factor of two, and
+the step ``S / N / (limit - ceil(c / 2))`` for ``c`` contributing clients.
 
-The histogram is of the *unweighted* change because a client's FedAvg weight ``p_i = n_i / N``
-is only known once every client has trained and reported its sample count ``n_i``. The step can
-still never overflow: a client sends ``v_i = p_i * d_i`` rounded on the step, within ``p_i * M /
-step + 1/2`` of zero, and since the weights sum to at most 1 the sum is within ``M / step + c / 2
-<= 8191``. Nothing is clipped (except values beyond ``2**E_MAX``, which only a diverged training
-produces; they are clipped and counted). And the step adapts to every block in every round, the
-first one included, with no state carried between rounds: a client that rejoins needs nothing
-but the round's two aggregates.
+A client reports ``n_i`` times its change because its FedAvg weight ``p_i = n_i / N`` is only
+known once every client has trained and reported its count. The step can never overflow: a
+client sends ``v_i = p_i * d_i`` rounded on the step, within ``n_i max |d_i| / (N step) + 1/2``
+of zero, so the sum is within ``S / (N step) + c / 2 <= limit``. Nothing is clipped (except
+values beyond ``2**E_MAX / N``, which only a diverged training produces; they are clipped and
+counted). And the step adapts to every block in every round, the first one included, with no
+state carried between rounds: a client that rejoins needs nothing but the round's two
+aggregates.
 
 Precision: rounding adds at most ``c / 2`` steps to each summed value, typically ``sqrt(c /
-12)`` steps, and the average divides by the total weight (1 when every client contributed).
-That is about ``2 * sqrt(c / 12) / 8191`` of the block's largest change (about 2e-4 for 8
-clients), where the largest change is the largest any client made, rounded up to a power of two.
+12)`` steps. With clients of similar updates that is about ``2 * sqrt(c / 12) / limit`` of the
+block's largest weighted change (about 2e-4 for 8 clients); the average divides by the total
+weight (1 when every client contributed).
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ if TYPE_CHECKING:  # the server imports this module to size the scale exchange: 
 
 #: Values per block: one quantization step each. Blocks never straddle two tensors.
 BLOCK = 4096
-#: Exponent range of the magnitude histogram: blocks whose largest weighted change is below
-#: 2**E_MIN share that bin; changes beyond 2**E_MAX are clipped.
+#: Exponent range of the magnitude histogram (of a client's sample count times its largest
+#: change in a block): smaller share the lowest bin; beyond 2**E_MAX is clipped.
 E_MIN, E_MAX = -48, 40
 BINS = E_MAX - E_MIN + 1
 

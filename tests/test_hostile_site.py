@@ -29,6 +29,7 @@ from test_deploy import (
     torch_cpu,
 )
 
+from secagg import quantize
 from secagg.config import RunConfig
 from secagg.crypto import Stamp
 from secagg.crypto.ledger import Update
@@ -108,7 +109,7 @@ class Attacker:
         """A well-formed, correctly encrypted scale payload, with ``extra`` values more."""
         stamp = Stamp(self.job, round_num, self.index, 3).scales()
         inner = self.client.cipher.inner  # type: ignore[attr-defined]
-        size = self.client.cipher.blocks.size * 64 + extra  # type: ignore[attr-defined]
+        size = self.client.cipher.blocks.size * quantize.BINS + extra  # type: ignore[attr-defined]
         return bytes(inner.encrypt(Update(np.zeros(size), 1 / 3), stamp))
 
     def huge(self, header: dict, payload: bytes, declared: int) -> str:

@@ -239,7 +239,10 @@ def _job(tmp_path: Path, keys: Path, **changes) -> RunConfig:  # type: ignore[no
 def test_fedadam_with_he_matches_plaintext_every_round(tmp_path: Path, session_keys: Path) -> None:
     plain = run_job(_job(tmp_path / "p", session_keys, he=False))
     he = run_job(_job(tmp_path / "h", session_keys, he=True))
-    assert [r.accuracy for r in he.rounds] == [r.accuracy for r in plain.rounds]
+    # Within one test image (of 360) every round: FedAdam divides by sqrt(v) + tau, which
+    # magnifies the codec's rounding (about 2e-4 of a block's largest change) where v is small.
+    for p, h in zip(plain.rounds, he.rounds, strict=True):
+        assert abs(p.accuracy - h.accuracy) <= 0.003, f"round {p.round}"
     # And the optimizer did something: FedAdam's model is not FedAvg's.
     fedavg = run_job(_job(tmp_path / "a", session_keys, server_optimizer="fedavg"))
     assert [r.accuracy for r in fedavg.rounds] != [r.accuracy for r in plain.rounds]

@@ -82,9 +82,7 @@ class QuantizedCipher:
         values = quantize.dequantize(summed.values, steps, self.blocks)
         return Aggregate(values, summed.weight, summed.clipped, summed.contributors)
 
-    def _steps(
-        self, stamp: Stamp, agreed: bytes | None
-    ) -> tuple[np.ndarray, tuple[int, ...], int]:
+    def _steps(self, stamp: Stamp, agreed: bytes | None) -> tuple[np.ndarray, tuple[int, ...], int]:
         """The round's quantization steps, who agreed on them and their summed sample count,
         from the summed histograms."""
         if agreed is None:
