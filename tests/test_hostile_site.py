@@ -254,7 +254,9 @@ def test_a_hostile_site_is_refused_and_the_job_ends_as_without_it(tmp_path: Path
     assert "wrong-size" in log[11] and "wrong-size" in log[12], log
     assert any("busy" in line for line in log[13:]), log
     assert any("CANCELLED" in line for line in log[13:]), log
-    for reason in ("busy", "malformed", "bad-samples", "wrong-length", "stalled"):
+    # (The flood's two cut streams above are the stall watchdog's work; round 4's stalled
+    # upload is cut by it too, or ends with the job when the honest sites finish first.)
+    for reason in ("busy", "malformed", "bad-samples", "wrong-length"):
         assert f"refused site-3: {reason}" in out, reason
     assert "refused site-1" not in out and "refused site-2" not in out
     assert peak < RSS_LIMIT_MB, f"the server grew to {peak:.0f} MB"
