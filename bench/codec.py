@@ -287,14 +287,20 @@ def run_wire(codec: CipherCodec, models: Sequence[tuple[str, str, tuple[int, ...
     stamp = Stamp(bytes(16), 1, SERVER, WIRE_CLIENTS)
     for label, name, in_shape in models:
         layout = layout_of(build_model(name, in_shape, 10, 0).state_dict())
-        cipher = QuantizedCipher(codec.client, layout)  # type: ignore[arg-type]
+        # One cipher per client, as in a run: each remembers its own sample count.
+        ciphers = [QuantizedCipher(codec.client, layout) for _ in range(WIRE_CLIENTS)]  # type: ignore[arg-type]
+        cipher = ciphers[0]
         rng = np.random.default_rng(0)
         changes = [rng.normal(0, UPDATE_STD, layout.size) for _ in range(WIRE_CLIENTS)]
-        weights = client_weights(WIRE_CLIENTS)
-        scales = [cipher.prepare(c, stamp.for_sender(i)) for i, c in enumerate(changes)]
+        samples = np.arange(1, WIRE_CLIENTS + 1)  # as client_weights: 1, 2, ... samples
+        weights = samples / samples.sum()
+        scales = [
+            ciphers[i].prepare(c, stamp.for_sender(i), int(samples[i]))
+            for i, c in enumerate(changes)
+        ]
         agreed = codec.server.sum(scales, stamp.scales())
         updates = [
-            cipher.encrypt(Update(c * w, w), stamp.for_sender(i), agreed)
+            ciphers[i].encrypt(Update(c * w, w), stamp.for_sender(i), agreed)
             for i, (c, w) in enumerate(zip(changes, weights, strict=True))
         ]
         total = codec.server.sum(updates, stamp)

@@ -227,17 +227,12 @@ class Client:
         result = self._call("evaluate", lambda: self.task.evaluate(self.model, self.data, ctx))
         if result is None:
             return None
-        if not isinstance(result, EvalResult):
-            raise TaskError(
-                f"{self.site.name}: the task's evaluate returned a {type(result).__name__}; "
-                "return secagg.EvalResult(loss, num_samples, metrics) or None"
-            )
-        samples = result.num_samples
-        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-            raise TaskError(
-                f"{self.site.name}: the task's evaluate reported {samples!r} samples; report "
-                "how many test examples it averaged over (a whole number above 0)"
-            )
+        self._returned(
+            result, EvalResult, "evaluate", "EvalResult(loss, num_samples, metrics) or None"
+        )
+        samples = self._count(
+            result.num_samples, "evaluate", "how many test examples it averaged over"
+        )
         loss = self._metrics({"loss": result.loss}, "evaluate")["loss"]
         return EvalReply(self.site.index, loss, samples, self._metrics(result.metrics, "evaluate"))
 
@@ -266,16 +261,26 @@ class Client:
             ) from err
 
     def _samples(self, result: object) -> int:
-        if not isinstance(result, TrainResult):
+        self._returned(result, TrainResult, "train", "TrainResult(num_samples=..., metrics={...})")
+        assert isinstance(result, TrainResult)
+        return self._count(
+            result.num_samples, "train", "how many training examples it used", ": the FedAvg weight"
+        )
+
+    def _returned(self, result: object, kind: type, method: str, usage: str) -> None:
+        """Refuse a task method's result of the wrong type, saying what to return."""
+        if not isinstance(result, kind):
             raise TaskError(
-                f"{self.site.name}: the task's train returned a {type(result).__name__}; return "
-                "secagg.TrainResult(num_samples=..., metrics={...})"
+                f"{self.site.name}: the task's {method} returned a {type(result).__name__}; "
+                f"return secagg.{usage}"
             )
-        samples = result.num_samples
+
+    def _count(self, samples: object, method: str, meaning: str, note: str = "") -> int:
+        """A sample count a task reported, refused unless a whole number above 0."""
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
             raise TaskError(
-                f"{self.site.name}: the task's train reported {samples!r} samples; report how "
-                "many training examples it used (a whole number above 0: the FedAvg weight)"
+                f"{self.site.name}: the task's {method} reported {samples!r} samples; report "
+                f"{meaning} (a whole number above 0{note})"
             )
         return samples
 

@@ -35,11 +35,14 @@ class QuantizedCipher:
         self.size = layout.size
         #: the last agreement decrypted: (its digest, the steps, who took part, their samples)
         self._agreed: tuple[bytes, np.ndarray, tuple[int, ...], int] | None = None
+        #: this client's sample count, as its last ``prepare`` reported it
+        self._samples = 0
 
     def prepare(self, values: np.ndarray, stamp: Stamp, samples: int = 1) -> bytes:
         """The encrypted magnitude histogram of ``samples x values`` (this client's change
         times its sample count: its weight before the round's total is known)."""
         histogram = quantize.histogram(values * samples, self.blocks)
+        self._samples = samples
         # The ledger's count slot carries the sample count, so every client reads the round's
         # total from the summed scales, exactly; each weighs 1/roster, so the sum stays <= 1.
         update = Update(histogram, 1.0 / stamp.roster, samples)
@@ -59,9 +62,16 @@ class QuantizedCipher:
 
     def encrypt(self, update: Update, stamp: Stamp, agreed: bytes | None) -> bytes:
         steps, _, total = self._steps(stamp, agreed)
+        values, weight = update.values.copy(), update.weight
+        if self._samples and weight != self._samples / total:
+            # The steps hold for weights n_i / N with N the scale exchange's (encrypted, exact)
+            # total: a sample total from elsewhere that disagrees (a site or server misreporting)
+            # must not overflow the sum, so the weight is the one the scales agree on.
+            values *= (self._samples / total) / weight
+            weight = self._samples / total
         limit = 2.0**quantize.E_MAX / total
-        values, clipped = quantize.quantize(update.values.copy(), steps, self.blocks, limit)
-        return self.inner.encrypt(Update(values, update.weight, clipped), stamp)
+        values, clipped = quantize.quantize(values, steps, self.blocks, limit)
+        return self.inner.encrypt(Update(values, weight, clipped), stamp)
 
     def decrypt(self, payload: bytes, stamp: Stamp, agreed: bytes | None) -> Aggregate:
         summed = self.inner.decrypt(payload, stamp)
