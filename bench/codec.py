@@ -48,9 +48,9 @@ to ~2 GB more peak RSS (7.3 GB seen), while its per-parameter costs are already 
 up; ``--peer-max 10000000`` includes it. ``--quick`` skips 10M for every config, uses 2 clients
 and takes about 40 s.
 
-Timing is wall clock (``time.perf_counter``) and CPU time: this process's (all threads) plus
-that of secagg's CKKS worker processes (read from /proc). CPU seconds are what the "one core"
-figures use, so they do not depend on how many processes or threads did the work.
+Timing is wall clock (``time.perf_counter``) and CPU time of this process (all threads: secagg's
+CKKS work runs in-process, its encryptions of zero in a background thread). CPU seconds are what
+the "one core" figures use, so they do not depend on how many threads did the work.
 Throughputs use wall time.
 """
 
@@ -83,7 +83,7 @@ import tenseal as ts
 from secagg import keys as secagg_keys
 from secagg import quantize
 from secagg.config import CkksParams
-from secagg.crypto import SERVER, ClientCipher, ServerCipher, Stamp, Update, ckks, envelope
+from secagg.crypto import SERVER, ClientCipher, ServerCipher, Stamp, Update, envelope
 from secagg.crypto.ckks import CkksClient
 from secagg.crypto.ckks_server import CkksServer
 from secagg.crypto.packing import PACKED
@@ -252,8 +252,7 @@ def secagg_packed_codec(params: CkksParams) -> Iterator[CipherCodec]:
         secagg_keys.generate(keys_dir, params)
         client = CkksClient(secagg_keys.load_for_client(keys_dir))
         server = CkksServer(secagg_keys.load_for_server(keys_dir))
-        workers = ckks.worker_count()
-        threads = f"{workers} worker process{'es' if workers > 1 else ''} (SECAGG_WORKERS)"
+        threads = "1 thread (numba kernels; encryptions of zero prepared in a second)"
         codec = CipherCodec(SECAGG_PACKED, threads, client, server)
         codec.keys_dir = keys_dir
         yield codec
@@ -373,7 +372,7 @@ def size_label(n: int, model_n: int | None) -> str:
 
 
 class Stopwatch:
-    """Wall and CPU seconds of a ``with`` block; CPU counts this process and its CKKS workers."""
+    """Wall and CPU seconds of a ``with`` block; CPU counts every thread of this process."""
 
     def __enter__(self) -> Stopwatch:
         self._wall = time.perf_counter()
@@ -386,15 +385,8 @@ class Stopwatch:
 
 
 def cpu_seconds() -> float:
-    """CPU time of this process (all threads) plus its live CKKS worker processes."""
-    total = time.process_time()
-    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    for pid in ckks.worker_pids():
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            # Fields after the command name: utime and stime are the 12th and 13th.
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / ticks
-    return total
+    """CPU time of this process, all threads (the CKKS work runs in this process)."""
+    return time.process_time()
 
 
 def payload_size(payload: Payload) -> int:

@@ -4,7 +4,7 @@
     python bench/compare_he.py --quick    # the small digits MLP, 3 timed repeats, a few minutes
     python bench/compare_he.py --quick --server-optimizer fedadam   # both runs with FedAdam
 
-Timing: an untimed warm-up (one round of the job per mode, so imports, data, worker processes
+Timing: an untimed warm-up (one round of the job per mode, so imports, data, compiled kernels
 and caches are ready) comes first; then the pair is run ``--repeats`` times (3 with
 ``--quick``, 1 for the headline job), alternating which mode goes first, and every time figure
 is the median with its range across repeats. A ratio below 1.0 is reported as within noise: HE
@@ -80,6 +80,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model")
     parser.add_argument("--local-epochs", type=int)
     parser.add_argument("--alpha", type=float, help="Dirichlet label skew")
+    parser.add_argument("--seed", type=int, help="the job's seed (data, partition, model)")
     # Federated optimization: both runs take the same steps (secagg.optimizers).
     parser.add_argument("--server-optimizer", choices=SERVER_OPTIMIZERS)
     parser.add_argument("--server-lr", type=float)
@@ -122,6 +123,7 @@ def job_config(args: argparse.Namespace) -> RunConfig:
         "model": args.model,
         "local_epochs": args.local_epochs,
         "alpha": args.alpha,
+        "seed": args.seed,
         **{name: getattr(args, name) for name in OPTIMIZATION},
         "tracking_uri": args.tracking_uri,
         "keys_dir": str(args.keys),
@@ -355,22 +357,10 @@ def probe(role: str, config_file: Path, payload_file: Path) -> dict[str, float]:
         server_cipher.sum((path.read_bytes() for path in files), stamp)
         peak = _peak_mb()
     result = {"idle_mb": idle, "peak_mb": peak, "growth_mb": peak - idle}
-    if role == "client":
-        result["worker_peak_mb"] = _workers_peak_mb()
     if role == "server":
         result["payload_mb"] = size / 1e6
         result["growth_in_payloads"] = (peak - idle) / (size / 1e6)
     return result
-
-
-def _workers_peak_mb() -> float:
-    """Peak RSS of the largest encryption worker process (they are stopped to read it)."""
-    import resource
-
-    from secagg.crypto import ckks
-
-    ckks.close_pools()
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
 
 def _rss_mb() -> float:
@@ -531,7 +521,7 @@ def _bytes_explained(params: int, he: dict[str, Any], keys_dir: Path | None) -> 
     # a ciphertext travels as its c0 alone, N coefficients of 8 bytes per data prime (its c1
     # is the payload's 32-byte seed)
     ciphertext = degree * 8 * data_primes
-    values = degree // 2 * PACKED.values_per_slot
+    values = degree * PACKED.values_per_slot  # one packed slot per coefficient
     upload = he["upload_bytes_per_client_round"]
     return {
         "poly_modulus_degree": degree,
@@ -715,7 +705,7 @@ def _bytes_text(report: dict[str, Any]) -> str:
         f"ciphertexts. At N = {b['poly_modulus_degree']:,} one ciphertext is "
         f"{b['ciphertext_bytes']:,} bytes (its c0, N coefficients x 8 bytes; c1 is the "
         "payload's 32-byte seed) and "
-        f"carries {b['values_per_ciphertext']:,} values (N/2 slots x 3 packed values), so no "
+        f"carries {b['values_per_ciphertext']:,} values (N coefficients x 3 packed values), so no "
         f"model gets below {b['asymptote']:.2f} bytes per parameter. On top of the update come "
         "the ledger (a few slots in each payload) and the scale exchange (an encrypted "
         "histogram per block of 4,096 values, itself at least one whole ciphertext per round). "
@@ -724,7 +714,7 @@ def _bytes_text(report: dict[str, Any]) -> str:
         f"{b['upload_in_ciphertexts']:.1f} ciphertexts' worth per round: a small model pays "
         "for partly empty ciphertexts and a fixed scale exchange, while a model of millions "
         "of parameters fills its ciphertexts and approaches the floor (3.5M parameters: "
-        "5.44, see bench/RESULTS.md). Plaintext sends 4 bytes (float32) per parameter plus "
+        "2.7, see bench/RESULTS.md). Plaintext sends 4 bytes (float32) per parameter plus "
         "a small envelope."
     )
 

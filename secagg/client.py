@@ -140,6 +140,8 @@ class Client:
         # Always from the global model: a round tried again (the server restarted, or too few
         # sites delivered) must not start from this client's own earlier attempt.
         self.model.load_state_dict(unflatten(self.global_vector, self.layout))
+        # The cipher prepares this round's encryptions in the background while the task trains.
+        self.cipher.precompute(stamp)
         ctx = self.context(stamp.round_num, anchor=True)
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=_seeded(ctx.seed))))
         self.model.train()

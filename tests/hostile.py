@@ -12,7 +12,7 @@ import struct
 
 import numpy as np
 
-from secagg.crypto import SERVER, Stamp, envelope
+from secagg.crypto import SERVER, Stamp, envelope, rlwe
 from secagg.crypto.ckks_server import CkksServer
 from secagg.crypto.packing import PACKED
 from secagg.crypto.plain import PlainCipher
@@ -112,28 +112,12 @@ def with_digest(body_without_digest: bytes | bytearray) -> bytes:
 
 
 def trivial_ciphertext(shape: CiphertextShape, slots: np.ndarray) -> np.ndarray:
-    """A keyless ("trivial") CKKS ciphertext of ``slots`` (at most N/2 of them): ``c0`` is the
-    plaintext's encoding, ``c1`` is zero, so it decrypts to ``slots`` under *any* key.
-
-    Anyone can make one from the public parameters alone: the encoding is SEAL's public CKKS
-    encoder (here through TenSEAL's SEAL bindings, in the test process only), at the packed
-    codec's scale, in the NTT form that ciphertexts travel in.
-    """
-    import tenseal.sealapi as sealapi
-
-    n = shape.poly_modulus_degree
-    parms = sealapi.EncryptionParameters(sealapi.SCHEME_TYPE.CKKS)
-    parms.set_poly_modulus_degree(n)
-    # Fresh ciphertexts live at the level of the data prime alone.
-    parms.set_coeff_modulus([sealapi.Modulus(shape.modulus)])
-    context = sealapi.SEALContext(parms, True, sealapi.SEC_LEVEL_TYPE.NONE)
-    full = np.zeros(n // 2)
-    full[: len(slots)] = slots
-    plain = sealapi.Plaintext()
-    sealapi.CKKSEncoder(context).encode(
-        full.tolist(), context.first_parms_id(), 2.0**PACKED.scale_bits, plain
-    )
-    words = np.array([plain.data(i) for i in range(plain.coeff_count())], dtype="<u8")
+    """A keyless ("trivial") ciphertext of the integer ``slots`` (at most N of them): ``c0`` is
+    the plaintext ``Delta m`` in coefficients, ``c1`` is zero, so it decrypts to ``slots``
+    under *any* key. Anyone can make one from the public parameters alone (N, q and the
+    codec's scale, which the envelope names)."""
+    n, q = shape.poly_modulus_degree, shape.modulus
+    words = rlwe.encode(np.rint(slots).astype(np.int64), 1, n, PACKED.scale_bits, q)[0]
     return np.stack([words, np.zeros_like(words)])
 
 
@@ -144,7 +128,7 @@ def add_trivial(server: CkksServer, aggregate: bytes, delta: np.ndarray) -> byte
     shape = server._shape
     _, _, count, size, body = body_of(aggregate)
     words = np.frombuffer(body, dtype="<u8").reshape(count, -1).copy()
-    per = shape.poly_modulus_degree // 2
+    per = shape.poly_modulus_degree
     for index in range(count):
         part = delta[index * per : (index + 1) * per]
         if np.any(part):

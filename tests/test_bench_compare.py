@@ -49,7 +49,7 @@ def test_compare_he_reports_both_runs_side_by_side(
     markdown = Path(report["files"]["md"]).read_text()
     assert "alternating which went first (plaintext, HE)" in markdown
     assert "a payload is whole ciphertexts" in markdown
-    assert report["bytes_per_parameter"]["values_per_ciphertext"] == 4096 * 3
+    assert report["bytes_per_parameter"]["values_per_ciphertext"] == 8192 * 3  # N coefficients
     for side in ("plain", "he"):
         figures = report[side]
         assert 0 <= figures["final_accuracy"] <= 1

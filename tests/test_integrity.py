@@ -1,7 +1,7 @@
 """A malicious server: what it can add to an aggregate, and that every client refuses it.
 
 The server holds no key, but it needs none to make a *trivial* ciphertext (``c1 = 0``, ``c0``
-the public encoding of any slot values: ``hostile.trivial_ciphertext``), and adding one to the
+the public encoding of any integers: ``hostile.trivial_ciphertext``), and adding one to the
 aggregate adds its values to what every client decrypts. The ledger alone cannot see that; the
 integrity tag (``secagg.crypto.integrity``) must. The honest path must never trip it: a
 thousand honest rounds of the exact-integer check pass, none refused.
@@ -18,7 +18,7 @@ from conftest import JOB, encrypt_all, round_of, update_for
 from hostile import add_trivial, forge_aggregate, restamp_job, trivial_ciphertext, with_digest
 
 from secagg import quantize
-from secagg.crypto import Stamp, Update, envelope, integrity, ledger, seeded
+from secagg.crypto import Stamp, Update, envelope, integrity, ledger, rlwe, seeded
 from secagg.crypto.ckks_server import TAIL, open_payload
 from secagg.crypto.envelope import AGGREGATE, SCALES, SERVER
 from secagg.crypto.packing import PACKED
@@ -54,10 +54,9 @@ def _decrypt_unchecked(client, aggregate: bytes, stamp: Stamp):  # type: ignore[
     opened = open_payload(client.codec, client._shape, aggregate, stamp, AGGREGATE)
     c0 = np.frombuffer(opened.body, dtype="<u8").reshape(opened.blob_count, -1)
     n = opened.values + stamp.roster
-    slots = client._pool.decrypt(
-        client._context, c0, opened.seeds, PACKED.slots_for(n, TAIL), client._shape
-    )
-    return PACKED.unpack(slots, n, TAIL, 0.05)
+    phase = client._secret.decrypt(c0, opened.seeds)
+    slots = rlwe.decode(phase, PACKED.scale_bits, stamp.roster, PACKED.slots_for(n, TAIL))
+    return PACKED.unpack(slots.astype(np.float64), n, TAIL)
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +174,7 @@ def _replace_with_trivial(server, aggregate: bytes, slots: np.ndarray) -> bytes:
     """The aggregate's c0 words replaced by trivial ciphertexts' of ``slots``: no client's
     data (its seeds stay)."""
     shape = server._shape
-    per = shape.poly_modulus_degree // 2
+    per = shape.poly_modulus_degree
     count = -(-slots.size // per)
     words = np.stack(
         [trivial_ciphertext(shape, slots[i * per : (i + 1) * per])[0] for i in range(count)]

@@ -16,11 +16,12 @@ from hostile import forge_aggregate
 from scipy import stats
 
 from secagg import keys
-from secagg.crypto import Update
-from secagg.crypto.ckks import CkksClient, decrypt_chunks, load_context
+from secagg.crypto import Update, rlwe
+from secagg.crypto.ckks import CkksClient
 from secagg.crypto.ckks_server import open_payload
 from secagg.crypto.envelope import UPDATE
 from secagg.crypto.masking import Masker, SignedKey, SimulatedIdentities
+from secagg.crypto.packing import packing_for
 from secagg.errors import PayloadError
 from secagg.server import Server
 from secagg.transport.inprocess import InProcessTransport
@@ -81,13 +82,15 @@ def test_masks_cancel_and_the_sum_decrypts_bit_identically(
 
 
 def _slot_low_bits(session_keys, payload: bytes, client: CkksClient, stamp) -> np.ndarray:  # type: ignore[no-untyped-def]
-    """What a key holder decrypts from one client's update: every slot, rounded, mod 256."""
+    """What a key holder decrypts from one client's update: every slot (coefficient), rounded,
+    mod 256."""
     opened = open_payload(client.codec, client._shape, payload, stamp, UPDATE)
     n = client._shape.poly_modulus_degree
     c0 = np.frombuffer(opened.body, dtype="<u8").reshape(opened.blob_count, n)
-    context = load_context(keys.load_for_client(session_keys).context)
-    slots = decrypt_chunks(context, c0, opened.seeds, [n // 2] * len(c0), client._shape)
-    return np.rint(slots).astype(np.int64) % 256
+    context = keys.load_for_client(session_keys).context
+    phase = rlwe.SecretKey(context, client._shape).decrypt(c0, opened.seeds)
+    bits = packing_for(stamp.roster).scale_bits
+    return ((phase + (1 << (bits - 1))) >> bits).reshape(-1) % 256
 
 
 def test_another_clients_ciphertext_decrypts_to_uniform_lanes(session_keys, identities) -> None:

@@ -1,7 +1,8 @@
 """Seeded ciphertexts: c1 travels as a seed, and what the clients build SEAL decrypts exactly.
 
-``secagg.crypto.seeded`` swaps the uniformly random half of every SEAL ciphertext for one
-expanded from a seed. These tests check it against SEAL itself (its raw ``Decryptor``, through
+The clients build SEAL ciphertexts in numpy (``secagg.crypto.rlwe``, integers in the plaintext's
+coefficients), their uniformly random half expanded from a seed (``secagg.crypto.seeded``).
+These tests check them against SEAL itself (its raw ``Decryptor``, through
 TenSEAL's SEAL bindings), against Python's integers, and against a dishonest server that
 forges, swaps, drops or adds seeds.
 """
@@ -18,10 +19,11 @@ from conftest import encrypt_all, round_of
 from hostile import forge_aggregate, seeds_of, with_seeds
 
 from secagg import keys
-from secagg.crypto import Update, seeded
+from secagg.crypto import Update, rlwe, seeded
 from secagg.crypto.ckks import load_context
+from secagg.crypto.ntt import shoup, transform
 from secagg.crypto.packing import PACKED
-from secagg.crypto.seal_format import from_tenseal, shape_of_context, to_tenseal
+from secagg.crypto.seal_format import add_mod, shape_of_context, to_tenseal
 from secagg.errors import PayloadError
 
 SCALE = 2.0**PACKED.scale_bits
@@ -32,11 +34,11 @@ def sealed(session_keys):  # type: ignore[no-untyped-def]
     """(TenSEAL context, ciphertext shape, secret key) of the session's client keys."""
     context = keys.load_for_client(session_keys).context
     shape = shape_of_context(context)
-    return load_context(context), shape, seeded.SecretKey(context, shape)
+    return load_context(context), shape, rlwe.SecretKey(context, shape)
 
 
-def _plaintext_words(context: ts.Context, words: np.ndarray, shape) -> np.ndarray:  # type: ignore[no-untyped-def]
-    """SEAL's raw decryption of a (2, N) ciphertext: c0 + c1 s, the plaintext in NTT form."""
+def _seal_plaintext(context: ts.Context, words: np.ndarray, shape) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """SEAL's raw decryption of a (2, N) ciphertext in NTT form: c0 + c1 s, in NTT form."""
     vector = ts.ckks_vector_from(
         context, to_tenseal(words, shape.poly_modulus_degree // 2, SCALE, shape)
     )
@@ -46,24 +48,54 @@ def _plaintext_words(context: ts.Context, words: np.ndarray, shape) -> np.ndarra
     return np.array([plain.data(i) for i in range(plain.coeff_count())], dtype=np.uint64)
 
 
-def test_seal_decrypts_a_reseeded_ciphertext_to_the_same_plaintext(sealed) -> None:
-    """(c0', a') from SEAL, re-randomised to (c0, a): SEAL's Decryptor gives c0 for
-    (c0', a' - a), the same plaintext polynomial for (c0, a) as for (c0', a'), and the slots
-    decrypt to the packed integers exactly."""
+def test_seal_decrypts_what_the_clients_build(sealed) -> None:
+    """A ciphertext of N integers built in numpy (``rlwe``), its c0 put in NTT form: SEAL's own
+    Decryptor computes the very plaintext the clients decrypt, word for word, and SEAL's CKKS
+    decoder reads it as the canonical embedding of those integers (SEAL's slot order)."""
     context, shape, secret = sealed
-    q = shape.modulus
-    values = np.random.default_rng(1).integers(-(2**40), 2**40, shape.poly_modulus_degree // 2)
-    fresh = from_tenseal(ts.ckks_vector(context, values.astype(float), SCALE).serialize(), shape)[0]
+    n, q = shape.poly_modulus_degree, shape.modulus
+    values = np.random.default_rng(1).integers(-(2**40), 2**40, n)
     seed = seeded.fresh_seed()
-    c0 = secret.reseed(fresh, seed, 5)
-    a = seeded.expand(seed, 5, shape.poly_modulus_degree, q)
-    difference = (fresh[1] + (np.uint64(q) - a)) % np.uint64(q)
-    assert np.array_equal(_plaintext_words(context, np.stack([fresh[0], difference]), shape), c0)
-    plain = _plaintext_words(context, np.stack([c0, a]), shape)
-    assert np.array_equal(plain, _plaintext_words(context, fresh, shape))
-    vector = ts.ckks_vector_from(context, to_tenseal(np.stack([c0, a]), values.size, SCALE, shape))
-    assert np.array_equal(np.rint(vector.decrypt()), values)
-    assert not np.array_equal(a, fresh[1])  # c1 really was replaced
+    c0 = secret.encrypt_zero(seed, 6)
+    message = rlwe.encode(values, 1, n, PACKED.scale_bits, q)
+    add_mod(c0[5], message[0], q)
+    phase = secret.decrypt(c0[5:], (seed,), start=5)
+    assert np.array_equal(rlwe.decode(phase, PACKED.scale_bits, 1, n), values)
+    a = seeded.expand(seed, 5, n, q)
+    in_ntt = transform(n, q).forward(c0[5:].copy())[0]
+    ours = transform(n, q).forward((phase % q).astype(np.uint64))[0]
+    assert np.array_equal(_seal_plaintext(context, np.stack([in_ntt, a]), shape), ours)
+    vector = ts.ckks_vector_from(context, to_tenseal(np.stack([in_ntt, a]), n // 2, SCALE, shape))
+    slots = np.asarray(vector.decrypt()[:32])
+    roots = np.array([pow(3, i, 2 * n) for i in range(32)])  # SEAL's slot i: X = zeta^(3^i)
+    powers = np.exp(1j * np.pi * np.outer(roots, np.arange(n)) / n)
+    assert np.allclose(slots, (powers @ values).real, rtol=0, atol=1e-3 * 2**40)
+
+
+def test_the_transform_is_seals_and_multiplies_polynomials(sealed) -> None:
+    """SEAL's secret key (in NTT form) transforms back to ternary coefficients; the transform
+    inverts; and in NTT form a coefficient-wise product is the negacyclic product mod q."""
+    _, shape, secret = sealed
+    q, n = shape.modulus, shape.poly_modulus_degree
+    key = transform(n, q).inverse(secret._s.copy()[None, :])[0]
+    assert set(np.unique(key).tolist()) == {0, 1, q - 1}
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, q, (3, n), dtype=np.uint64)
+    assert np.array_equal(transform(n, q).inverse(transform(n, q).forward(x.copy())), x)
+    small_q, small_n = 7681, 16  # 7681 = 1 + 15 * 512: NTT-friendly for N up to 256
+    a, b = rng.integers(0, small_q, (2, small_n))
+    expected = [0] * small_n
+    for i in range(small_n):
+        for j in range(small_n):
+            sign = 1 if i + j < small_n else -1  # X^N = -1
+            expected[(i + j) % small_n] = (
+                expected[(i + j) % small_n] + sign * a[i] * b[j]
+            ) % small_q
+    ring = transform(small_n, small_q)
+    fa = ring.forward(a.astype(np.uint64)[None, :].copy())
+    fb = ring.forward(b.astype(np.uint64)[None, :].copy())[0]
+    product = ring.inverse(ring.multiply(fa, fb, shoup(fb, small_q)))[0]
+    assert product.tolist() == expected
 
 
 def test_multiplication_mod_q_matches_python_integers(sealed) -> None:
@@ -72,9 +104,10 @@ def test_multiplication_mod_q_matches_python_integers(sealed) -> None:
     rng = np.random.default_rng(2)
     x = rng.integers(0, 2**64 - 1, n, dtype=np.uint64, endpoint=True)
     x[:4] = [0, 1, q - 1, 2**64 - 1]  # the edges
-    words = secret._words.tolist()
+    words = secret._s.tolist()
     expected = [(int(a) * b) % q for a, b in zip(x.tolist(), words, strict=True)]
-    assert secret.multiply(x).tolist() == expected
+    got = transform(n, q).multiply(x[None, :].copy(), secret._s, secret._s_shoup)[0]
+    assert got.tolist() == expected
 
 
 @pytest.mark.parametrize("modulus", [(1 << 60) - (1 << 18) + 1, (1 << 40) + 15, 97])
@@ -113,7 +146,7 @@ def test_ciphertexts_never_share_c1(ckks_pair) -> None:
     q, n = client._shape.modulus, client._shape.poly_modulus_degree
     c1 = [seeded.expand(seed, i, n, q).tobytes() for seed in seeds for i in range(3)]
     assert len(set(c1)) == len(c1)
-    bodies = [p[-32 - 3 * 8 * n : -32] for p in payloads]
+    bodies = [p[-32 - 2 * 8 * n : -32] for p in payloads]
     assert len(set(bodies)) == 3
 
 

@@ -41,6 +41,11 @@ class ClientCipher(Protocol):
         round's total is known), or None when the codec needs none."""
         ...
 
+    def precompute(self, stamp: Stamp) -> None:
+        """Start preparing, in the background, what encrypting this client's payloads of
+        ``stamp``'s round takes beyond the values themselves (called before training)."""
+        ...
+
     def publish(self, job: bytes, site: int) -> SignedKey | None:
         """This client's signed key-agreement key for ``job`` as ``site``, or None when it
         does not mask (``masking``)."""

@@ -1,7 +1,7 @@
 """The server side of CKKS: adds ciphertexts as numbers mod q. It imports no TenSEAL.
 
-A ciphertext travels as the coefficients of its ``c0`` (``seal_format``) and, for its uniformly
-random ``c1``, a seed (``seeded``: one per payload). Two ciphertexts at the same level add
+A ciphertext travels as the coefficients of its ``c0`` (``rlwe``: N words, each below q) and,
+for its uniformly random ``c1``, a seed (``seeded``: one per payload). Two ciphertexts add
 coefficient by coefficient mod the data prime ``q``: that is all SEAL's own ``add`` does. So the
 server adds the ``c0`` words and lists each contributor's seed next to its id; the clients
 expand the seeds into the summed ``c1`` themselves. The server needs only the public
@@ -26,7 +26,8 @@ from secagg.crypto.seal_format import CiphertextShape
 from secagg.crypto.seeded import SEED_BYTES
 from secagg.errors import KeyFileError, PayloadError
 
-CODEC_ID = 2
+#: 3: integers in the plaintext's coefficients (2: in CKKS slots, half as many per ciphertext)
+CODEC_ID = 3
 #: The most values a payload may declare: a 2-billion-parameter model.
 MAX_VALUES = 1 << 31
 #: Whole-number slots after the packed values and tally: the ledger's, then the integrity tag.
@@ -36,7 +37,7 @@ TAIL = ledger.TAIL + integrity.SLOTS
 def codec_for(keys: Keys, packed: PackedParams = PACKED) -> tuple[envelope.Codec, CiphertextShape]:
     """The envelope codec and ciphertext shape of the packed CKKS codec under ``keys``."""
     shape = seal_format.shape_of_context(keys.context)
-    packed.check(shape.modulus.bit_length(), shape.poly_modulus_degree)
+    packed.check(shape.modulus.bit_length())
     settings = bytes(
         [
             packed.values_per_slot,
@@ -52,13 +53,14 @@ def blobs_for(
     shape: CiphertextShape, roster: int, packed: PackedParams | None = None
 ) -> Callable[[int], tuple[int, int]]:
     """(ciphertext count, bytes per ciphertext) of a payload of ``values`` update values: a
-    ciphertext travels as its ``c0`` alone, N words (its ``c1`` is the payload's seed)."""
+    ciphertext carries N packed slots and travels as its ``c0`` alone, N words (its ``c1`` is
+    the payload's seed)."""
 
     packing = packed or packing_for(roster)
 
     def layout(values: int) -> tuple[int, int]:
         slots = packing.slots_for(values + roster, TAIL)
-        return math.ceil(slots / (shape.poly_modulus_degree // 2)), shape.c0_nbytes
+        return math.ceil(slots / shape.poly_modulus_degree), shape.c0_nbytes
 
     return layout
 

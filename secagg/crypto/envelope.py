@@ -52,7 +52,11 @@ SERVER = 0xFFFFFFFF
 _HEAD = struct.Struct(">4sBBBB16s16sIIIQ4sIQIHI")
 HEADER_SIZE = _HEAD.size
 _DIGEST = 32
-_CODEC_NAMES = {0: "plaintext", 2: "packed CKKS (HE)"}
+_CODEC_NAMES = {
+    0: "plaintext",
+    2: "packed CKKS in slots (HE, an earlier secagg: upgrade every party)",
+    3: "packed CKKS (HE)",
+}
 #: Largest roster a payload may name (the packed codec itself allows fewer clients).
 MAX_ROSTER = 1 << 16
 

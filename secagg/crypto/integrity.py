@@ -9,8 +9,12 @@ hold the secret key the server lacks, check the summed tag against the decrypted
 - **Key**: ``HKDF-extract(salt="secagg aggregate integrity v1", ikm=client.ctx bytes)``.
   Every client holds the same secret context; the server holds only the public parameters,
   and the key fingerprint it knows (``keys.fingerprint_of``) is another, domain-separated hash.
-- **Vector**: for each job, round and phase, ``r = SHAKE-256(key, job, round, phase)`` read
-  as 64-bit words mod ``P = 2**61 - 1``, one per integer a client encrypts.
+- **Vector**: for each job, round and phase, ``r`` = the AES-256-CTR key stream under
+  ``HMAC-SHA256(key, job, round, phase)``, read as 64-bit words mod ``P = 2**61 - 1``, one
+  per integer a client encrypts (a pseudorandom function of the label, like the SHAKE-256
+  stream it replaces, at a tenth of the cost: 15 ms for 3.5M words). A client computes it
+  while its model trains (``ckks``) and keeps the last few, so encrypting and decrypting the
+  same phase share one.
 - **Tag**: ``t_i = <r, v_i> mod P`` over every integer the client encrypts (its quantized
   digits, tally, weight, clipped count and round tag), sent as three 21-bit limbs in three
   tail slots; summed over up to 1,024 clients the limbs stay below 2**31, far below the
@@ -35,8 +39,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import struct
+import threading
+from collections import OrderedDict
 
 import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from secagg.crypto.envelope import Stamp
 from secagg.errors import PayloadError
@@ -55,6 +62,8 @@ _SALT = b"secagg aggregate integrity v1"
 #: (digits are 14 bits in the standard packing, 19 in the wide one).
 _BLOCK = 1 << 12
 _DIGIT_BOUND = 1 << 19
+#: Vectors kept per key: both phases of this round and the next round's, prepared early.
+_KEPT = 4
 
 
 class MacKey:
@@ -64,6 +73,8 @@ class MacKey:
         # HKDF-extract (RFC 5869): a uniform 32-byte key, independent of the key fingerprint
         # (a hash under another label) that the server is told.
         self._key = hmac.new(_SALT, secret_context, hashlib.sha256).digest()
+        self._vectors: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
 
     def seal(self, stamp: Stamp, digits: np.ndarray, whole: np.ndarray) -> np.ndarray:
         """The tag of one client's entries, as the two whole numbers (float64) it sends."""
@@ -110,8 +121,28 @@ class MacKey:
         return total % P
 
     def vector(self, stamp: Stamp, size: int) -> np.ndarray:
-        """``r`` for ``stamp``'s job, round and phase: ``size`` words below P (uint64)."""
+        """``r`` for ``stamp``'s job, round and phase: ``size`` words below P (uint64).
+
+        Kept for the last few labels (a longer one serves shorter requests): the background
+        thread that prepares a round's encryptions computes it early (``ckks``)."""
         label = b"r\0" + stamp.job + struct.pack(">IB", stamp.round_num, stamp.phase)
-        stream = hashlib.shake_256(self._key + label).digest(8 * size)
+        with self._lock:
+            kept = self._vectors.get(label)
+        if kept is not None and kept.size >= size:
+            return kept[:size]
+        words = _stream(hmac.new(self._key, label, hashlib.sha256).digest(), size)
         # 64-bit words mod P: 2**64 mod P is 8, so the bias is below 2**-60.
-        return np.frombuffer(stream, dtype="<u8") % np.uint64(P)
+        words %= np.uint64(P)
+        words.flags.writeable = False
+        with self._lock:
+            self._vectors[label] = words
+            self._vectors.move_to_end(label)
+            while len(self._vectors) > _KEPT:
+                self._vectors.popitem(last=False)
+        return words
+
+
+def _stream(key: bytes, words: int) -> np.ndarray:
+    """``words`` little-endian 64-bit words of the AES-256-CTR key stream under ``key``."""
+    encryptor = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
+    return np.frombuffer(encryptor.update(bytes(8 * words)), dtype="<u8").copy()

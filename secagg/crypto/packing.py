@@ -1,22 +1,24 @@
-"""Integer packing for CKKS slots: several quantized values per slot, exact after summing.
+"""Integer packing: several quantized values per plaintext coefficient, exact after summing.
 
-A CKKS slot carries a real number with an absolute error set by the encryption noise, not a
-number of significant digits. With one 60-bit data prime, a scale of 2**17 and symmetric
-encryption, a slot carries an integer of up to 2**41 in magnitude that decrypts *exactly*
-after adding the ciphertexts of up to 128 clients (see ``PackedParams``). That is room for
-three 14-bit digits, so three quantized values share one slot and a ciphertext costs
-32 / 3 = 10.7 bytes per value instead of 32.
+A ciphertext carries one integer per coefficient of its plaintext polynomial (``rlwe``), scaled
+by ``Delta = 2**scale_bits`` so the encryption noise (at most 21 per client, ``NOISE_BOUND``)
+stays below half a unit of the sum. With one 60-bit data prime and a scale of 2**17, a
+coefficient carries an integer of up to 2**41 in magnitude that decrypts *exactly* after adding
+the ciphertexts of up to 128 clients (see ``PackedParams``). That is room for three 14-bit
+digits, so three quantized values share one coefficient and a ciphertext of N coefficients
+costs 8 / 3 = 2.7 bytes per value (its ``c0`` alone travels; ``seeded``).
 
 Digits are balanced (signed): a slot holds ``d0 + d1 * 2**B + d2 * 2**(2B)`` with every digit in
 ``[-2**(B-1), 2**(B-1))``. Adding slots adds digits; it stays exact as long as every *summed*
 digit stays inside that range, which is what the per-client bound ``value_bound`` guarantees:
 clients weight their values by ``p_i = n_i / N`` (the weights sum to at most 1), so a sum of
 values each at most ``p_i * L`` plus a rounding half stays within ``L + clients / 2``.
+("Slot" here is one packed integer: one coefficient of the plaintext.)
 
 Some values must not be quantized to B bits (the total weight, the clipped count): they go in
 the *tail*, one whole slot each.
 
-This module is pure numpy; ``ckks`` does the encryption.
+This module is pure numpy; ``rlwe`` does the encryption.
 """
 
 from __future__ import annotations
@@ -28,32 +30,10 @@ import numpy as np
 
 from secagg.errors import ConfigError, PayloadError
 
-#: Noise of one freshly (symmetric-key) encrypted slot, in units of the scaled integer:
-#: the error polynomial (sigma 3.19 per coefficient) mapped through the canonical embedding,
-#: sqrt(N * 3.19**2 / 2); 204 for N=8192, measured 209 (tests check it). Independent between
-#: clients, so it adds up like sqrt(clients).
-_ENCRYPTION_NOISE = {n: math.sqrt(n * 3.19**2 / 2) for n in (4096, 8192, 16384, 32768)}
-#: Error of encoding a slot vector (rounding each coefficient to an integer): sqrt(N / 24),
-#: 18.5 for N=8192. Clients that encrypt *identical* vectors make identical rounding errors,
-#: so in the worst case it adds up like the number of clients, not its square root.
-_ENCODING_NOISE = {n: math.sqrt(n / 24) for n in (4096, 8192, 16384, 32768)}
-#: The summed noise must stay below half a unit with this many standard deviations to spare
-#: (a Gaussian tail of 8 sigma: about 1e-15 per slot, so about 1e-9 per 1M-slot model).
-_NOISE_SIGMAS = 8.0
-#: A decrypted slot further from an integer than this many standard deviations of the honest
-#: noise (``noise_std``) is refused: a wrong key, a damaged or forged ciphertext decrypt to
-#: values that are anywhere, or astronomically large. (Honest noise passes 10 sigma about once
-#: in 1e23 slots.)
-_TOLERANCE_SIGMAS = 10.0
-#: ... and never more than this: beyond half a unit a slot could round to the wrong integer.
-_MAX_OFF_INTEGER = 0.45
-
-
-def noise_std(poly_modulus_degree: int, clients: int) -> float:
-    """Worst-case standard deviation of a sum of ``clients`` fresh ciphertexts' slots."""
-    encryption = _ENCRYPTION_NOISE[poly_modulus_degree] ** 2 * clients
-    encoding = (_ENCODING_NOISE[poly_modulus_degree] * clients) ** 2
-    return math.sqrt(encryption + encoding)
+#: The largest encryption noise of one client's coefficient: SEAL's centered binomial
+#: distribution is a difference of two 21-bit popcounts (``rlwe.noise``). A sum of ``c``
+#: ciphertexts is off by at most ``21 c``, with certainty (not with high probability).
+NOISE_BOUND = 21
 
 
 @dataclass(frozen=True)
@@ -62,8 +42,8 @@ class PackedParams:
 
     ``values_per_slot`` x ``digit_bits`` plus ``scale_bits`` must stay below the data prime
     minus one bit: a balanced slot value is below ``2**(k*B - 1)``, so its scaled coefficients
-    stay below a quarter of the prime. The scale must lift the summed noise of
-    ``max_clients`` clients (``noise_std``) below half a unit with 8 sigma to spare.
+    stay below a quarter of the prime. Half the scale must exceed the summed noise of
+    ``max_clients`` clients (``NOISE_BOUND`` each), so every sum decrypts exactly.
     """
 
     values_per_slot: int = 3
@@ -81,7 +61,7 @@ class PackedParams:
         """Largest magnitude of a summed whole-slot (tail) integer."""
         return 1 << (self.values_per_slot * self.digit_bits - 1)
 
-    def check(self, data_prime_bits: int, poly_modulus_degree: int) -> None:
+    def check(self, data_prime_bits: int) -> None:
         """Refuse a setting where a sum could wrap the modulus or noise could flip a digit."""
         used = self.values_per_slot * self.digit_bits + self.scale_bits
         if used > data_prime_bits - 1:
@@ -90,10 +70,7 @@ class PackedParams:
                 f"2^{self.scale_bits} needs {used + 1} bits, the data prime has "
                 f"{data_prime_bits}"
             )
-        if poly_modulus_degree not in _ENCRYPTION_NOISE:
-            raise ConfigError(f"no noise estimate for N={poly_modulus_degree}")
-        sigma = noise_std(poly_modulus_degree, self.max_clients)
-        if _NOISE_SIGMAS * sigma > 2.0 ** (self.scale_bits - 1):
+        if NOISE_BOUND * self.max_clients >= 1 << (self.scale_bits - 1):
             raise ConfigError(
                 f"scale 2^{self.scale_bits} is too small to decrypt the sum of "
                 f"{self.max_clients} clients exactly"
@@ -143,27 +120,22 @@ class PackedParams:
         out[body:] = tail
         return out
 
-    def tolerance(self, poly_modulus_degree: int, clients: int) -> float:
-        """How far from an integer a decrypted sum of ``clients`` ciphertexts' slot may lie."""
-        noise = noise_std(poly_modulus_degree, max(clients, 1)) / 2.0**self.scale_bits
-        return min(_MAX_OFF_INTEGER, _TOLERANCE_SIGMAS * noise)
-
     def unpack(
         self,
         slots: np.ndarray,
         values: int,
         tail: int,
-        tolerance: float = _MAX_OFF_INTEGER,
         *,
         check_range: bool = True,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Decrypted slot values back to the summed integers (values, tail), as float64.
+        """Decrypted slot integers (float64) back to the summed integers (values, tail).
 
-        Refuses slots further than ``tolerance`` from an integer (see ``tolerance``): that is
-        what a wrong key, a corrupted or forged ciphertext or an overflowing sum decrypts to.
-        Refuses a slot whose digits leave the summed range ``[-digit_limit, digit_limit)`` or
-        whose padding is not zero: no honest sum makes one, and each slot then decodes to one
-        set of digits (so the integrity tag sees every entry as it was summed).
+        Refuses a slot that is not an integer or beyond any sum's magnitude (``not-integer``):
+        that is what a wrong key, a corrupted or forged ciphertext or an overflowing sum
+        decrypts to. Refuses a slot whose digits leave the summed range
+        ``[-digit_limit, digit_limit)`` or whose padding is not zero: no honest sum makes one,
+        and each slot then decodes to one set of digits (so the integrity tag sees every entry
+        as it was summed).
         ``check_range=False`` decodes such a slot anyway, only to diagnose it.
         """
         slots = np.asarray(slots, dtype=np.float64)
@@ -173,9 +145,8 @@ class PackedParams:
                 "malformed",
             )
         rounded = np.rint(slots)
-        off = np.abs(slots - rounded)
         if slots.size and (
-            not off.max() <= tolerance or np.abs(rounded).max() >= 2 * self.tail_limit
+            not np.array_equal(rounded, slots) or np.abs(rounded).max() >= 2 * self.tail_limit
         ):
             raise PayloadError(
                 "aggregate does not decrypt to integers (noise or overflow); it was made with "

@@ -51,6 +51,9 @@ class PlainCipher:
         """Floats need no agreement before they are added."""
         return None
 
+    def precompute(self, stamp: Stamp) -> None:
+        """Nothing to prepare: plaintext payloads are the values themselves."""
+
     def publish(self, job: bytes, site: int) -> SignedKey | None:
         """Plaintext FedAvg does not mask: its server reads every update anyway."""
         return None

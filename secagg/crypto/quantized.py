@@ -33,6 +33,8 @@ class QuantizedCipher:
         self.name = inner.name
         self.blocks = quantize.block_sizes(layout)
         self.size = layout.size
+        #: values of a scale exchange payload: one histogram per block
+        self._scale_values = self.blocks.size * quantize.BINS
         #: the last agreement decrypted: (its digest, the steps, who took part, their samples)
         self._agreed: tuple[bytes, np.ndarray, tuple[int, ...], int] | None = None
         #: this client's sample count, as its last ``prepare`` reported it
@@ -48,6 +50,11 @@ class QuantizedCipher:
         update = Update(histogram, 1.0 / stamp.roster, samples)
         return self.inner.encrypt(update, stamp.scales())
 
+    def precompute(self, stamp: Stamp) -> None:
+        """Prepare both phases' encryptions: the scale exchange's, then the update's."""
+        self.inner.precompute(stamp.scales(), self._scale_values)
+        self.inner.precompute(stamp, self.size)
+
     def publish(self, job: bytes, site: int) -> SignedKey | None:
         masker = self.inner.masker
         return None if masker is None else masker.publish(job, site)
@@ -57,7 +64,7 @@ class QuantizedCipher:
             self.inner.masker.agree(stamp, peers)
 
     def correct(self, stamp: Stamp, dropped: tuple[int, ...]) -> bytes:
-        values = self.blocks.size * quantize.BINS if stamp.phase == SCALES else self.size
+        values = self._scale_values if stamp.phase == SCALES else self.size
         return self.inner.correct(stamp, dropped, values)
 
     def encrypt(self, update: Update, stamp: Stamp, agreed: bytes | None) -> bytes:
@@ -102,7 +109,7 @@ class QuantizedCipher:
         ).digest()
         if self._agreed is None or self._agreed[0] != digest:
             summed = self.inner.decrypt(agreed, stamp.scales())
-            if summed.values.shape != (self.blocks.size * quantize.BINS,):
+            if summed.values.shape != (self._scale_values,):
                 raise PayloadError(
                     "the scale aggregate does not match this client's model; are all parties "
                     "running the same job?",

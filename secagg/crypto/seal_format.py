@@ -1,12 +1,14 @@
 """SEAL's and TenSEAL's byte formats, read and written with numpy: no TenSEAL here.
 
 Why this exists: TenSEAL is not safe on untrusted bytes (a crafted ciphertext can crash the
-process). So secagg never hands it bytes that came off the wire. A CKKS ciphertext travels as
-its raw coefficients, ``2 x N`` unsigned 64-bit words below the data prime ``q``; the receiver
-checks every word against ``q`` with one vectorized compare and, on a client, rebuilds the
-exact bytes TenSEAL expects from those checked numbers (``to_tenseal``). The server never loads
-TenSEAL at all: adding ciphertexts is adding their coefficients mod ``q`` (``add_mod``), which
-is all SEAL's own ``add`` does for two ciphertexts at the same level.
+process). So secagg never hands it bytes that came off the wire: it reads the parameters and
+the secret key out of its own key files here, and builds and reads ciphertexts itself
+(``rlwe``). A ciphertext travels as raw coefficients, unsigned 64-bit words below the data
+prime ``q``; the receiver checks every word against ``q`` with one vectorized compare. The
+server never loads TenSEAL at all: adding ciphertexts is adding their coefficients mod ``q``
+(``add_mod``), which is all SEAL's own ``add`` does for two ciphertexts at the same level.
+``to_tenseal`` writes a ciphertext in TenSEAL's format, so the tests can have SEAL decrypt
+what the clients build.
 
 Formats, as TenSEAL 0.3 and SEAL 4 write them (little-endian):
 
@@ -138,37 +140,9 @@ def _context_fields(context: bytes) -> dict[int, bytes]:
 # --- ciphertexts ------------------------------------------------------------------------------
 
 
-def from_tenseal(blob: bytes, shape: CiphertextShape) -> tuple[np.ndarray, int, float]:
-    """A TenSEAL CKKSVector's bytes as (coefficients (2, N) uint64, vector size, scale).
-
-    Used on a client's own fresh ciphertexts; every field is still checked against ``shape``.
-    """
-    fields = dict(_protobuf(blob))
-    sizes, body, scale = fields.get(1), fields.get(2), fields.get(3)
-    if not isinstance(sizes, bytes) or not isinstance(body, bytes) or not isinstance(scale, float):
-        raise PayloadError("not a TenSEAL CKKS vector", reason="malformed")
-    (size,) = _varints(sizes)
-    data = _seal_object(body, "ciphertext")
-    parms_id, ntt, polys, n, primes, ct_scale, _ = _CT_META.unpack_from(data)
-    if (parms_id, ntt, polys, n, primes) != (
-        shape.parms_id,
-        1,
-        POLYS,
-        shape.poly_modulus_degree,
-        1,
-    ):
-        raise PayloadError("ciphertext is not a fresh CKKS ciphertext of these keys", "malformed")
-    array = _HEADER.size + 8 + _CT_META.size
-    count = struct.unpack_from("<Q", data, _CT_META.size + _HEADER.size)[0]
-    if count != shape.words or len(data) != array + 8 * count:
-        raise PayloadError("ciphertext data has the wrong length", reason="malformed")
-    coefficients = np.frombuffer(data, dtype="<u8", offset=array).reshape(POLYS, -1)
-    check_coefficients(coefficients, shape.modulus)
-    return coefficients, size, ct_scale
-
-
 def to_tenseal(coefficients: np.ndarray, size: int, scale: float, shape: CiphertextShape) -> bytes:
-    """TenSEAL CKKSVector bytes for checked coefficients: the only bytes TenSEAL ever loads.
+    """TenSEAL CKKSVector bytes of a ciphertext in SEAL's NTT form, (2, N) checked words (for
+    tests: secagg itself never hands TenSEAL a ciphertext).
 
     Written uncompressed; SEAL reads any compression mode its header names.
     """
@@ -270,14 +244,6 @@ def _read_varint(data: bytes, i: int) -> tuple[int, int]:
             return value, i
         shift += 7
     raise ValueError("varint is too long")
-
-
-def _varints(data: bytes) -> list[int]:
-    values, i = [], 0
-    while i < len(data):
-        value, i = _read_varint(data, i)
-        values.append(value)
-    return values
 
 
 def _varint(value: int) -> bytes:

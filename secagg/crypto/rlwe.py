@@ -1,0 +1,122 @@
+"""The clients' CKKS ciphertexts, built in numpy: symmetric RLWE with integers in coefficients.
+
+Every client holds the secret key ``s`` (SEAL's, read from ``client.ctx``), so it encrypts
+symmetrically, and the server only ever adds ciphertexts. A ciphertext of the integers
+``m_0 .. m_{N-1}`` (one per coefficient of the plaintext polynomial ``m``) is ::
+
+    c1 = a                      uniform mod q, expanded from a 32-byte seed (``seeded``)
+    c0 = -a s + e + Delta m     in coefficients; e from SEAL's noise distribution
+
+with ``Delta = 2**scale_bits``. The clients decrypt a sum of ciphertexts as
+``c0 + c1 s = Delta sum(m) + sum(e)``: every coefficient carries one integer, so a ciphertext
+carries N of them, where CKKS's slot encoding carries N/2 (its canonical embedding spends
+the other half on the imaginary parts, which secagg never used). It is the same ring, key and
+encryption as SEAL's, with another encoding: SEAL decrypts these ciphertexts (a test turns
+``c0`` into NTT form and has TenSEAL decrypt it), and no TenSEAL call is needed to make or
+read one.
+
+- **Noise** ``e``: SEAL's default sampler, a centered binomial distribution of 21 + 21 fair
+  bits per coefficient (standard deviation 3.24, every value within +-21), drawn from the
+  operating system's CSPRNG. A sum of ``c`` ciphertexts is off by at most ``21 c`` in every
+  coefficient, with certainty: decryption is exact whenever ``Delta > 42 c``, and a
+  coefficient further off than that marks a wrong key, a damaged or a forged ciphertext.
+- **Encryptions of zero** (``encrypt_zero``: ``-a s + e`` for a fresh seed) are the whole cost
+  of encrypting and do not depend on the message: a client prepares them while its model trains
+  (``ckks``), so after training it only adds ``Delta m`` to them.
+- ``a s`` is computed in SEAL's NTT form (``ntt``), where the key is stored and where ``a`` is
+  expanded: the NTT is a bijection of ``Z_q^N``, so ``a`` is uniform in either form.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from secagg.crypto import seal_format, seeded
+from secagg.crypto.ntt import shoup, transform
+from secagg.crypto.packing import NOISE_BOUND
+from secagg.crypto.seal_format import CiphertextShape
+from secagg.errors import KeyFileError, PayloadError
+
+
+class SecretKey:
+    """The clients' secret key: encrypts zeros and decrypts sums, in coefficients."""
+
+    def __init__(self, secret_context: bytes, shape: CiphertextShape) -> None:
+        words = seal_format.secret_key_words(secret_context, shape)
+        if words.shape != (shape.poly_modulus_degree,) or int(words.max()) >= shape.modulus:
+            raise KeyFileError("the secret key does not match the context's parameters")
+        self.shape = shape
+        self.modulus, self.n = shape.modulus, shape.poly_modulus_degree
+        self._ntt = transform(self.n, self.modulus)
+        self._s, self._s_shoup = words, shoup(words, shape.modulus)
+
+    def encrypt_zero(self, seed: bytes, count: int) -> np.ndarray:
+        """``c0`` (count, N) of ``count`` encryptions of zero in coefficients, ciphertext ``i``
+        with ``c1 = expand(seed, i)``: ``-a_i s + e_i mod q``."""
+        q = self.modulus
+        product = np.empty((count, self.n), dtype=np.uint64)
+        for index in range(count):
+            product[index] = seeded.expand(seed, index, self.n, q)
+        self._ntt.multiply(product, self._s, self._s_shoup)
+        self._ntt.inverse(product)
+        # -a s + e: q - (a s) + e, with e in [-21, 21], reduced once into [0, q).
+        out = np.uint64(q) - product
+        out += (noise((count, self.n)) + np.int64(q)).astype(np.uint64)
+        np.remainder(out, np.uint64(q), out=out)
+        return out
+
+    def decrypt(self, c0: np.ndarray, seeds: tuple[bytes, ...], start: int = 0) -> np.ndarray:
+        """``Delta m + e`` (int64, centered) of the sums whose ``c0`` words (count, N) are given,
+        ciphertexts ``start ..`` of their payloads; ``c1`` is the sum of every seed's ``a``."""
+        q = np.uint64(self.modulus)
+        c1 = seeded.expand_sum(seeds, start, len(c0), self.n, self.modulus)
+        self._ntt.multiply(c1, self._s, self._s_shoup)
+        self._ntt.inverse(c1)
+        c1 += c0
+        np.remainder(c1, q, out=c1)
+        centered = c1.view(np.int64)
+        centered[c1 > q // np.uint64(2)] -= np.int64(self.modulus)
+        return centered
+
+
+def noise(shape: tuple[int, ...]) -> np.ndarray:
+    """SEAL's centered binomial noise (int64), from the operating system's CSPRNG."""
+    draws = np.frombuffer(os.urandom(6 * int(np.prod(shape))), dtype=np.uint8).reshape(-1, 6)
+    bits = draws.copy()
+    bits[:, 2] &= 0x1F  # 8 + 8 + 5 = NOISE_BOUND bits on each side
+    bits[:, 5] &= 0x1F
+    ones = np.bitwise_count(bits).astype(np.int64)
+    return (ones[:, :3].sum(axis=1) - ones[:, 3:].sum(axis=1)).reshape(shape)
+
+
+def encode(values: np.ndarray, count: int, n: int, scale_bits: int, modulus: int) -> np.ndarray:
+    """Integers (int64, |v| * 2**scale_bits < q/2) to ``Delta m`` words mod q, (count, N),
+    zero-padded."""
+    words = np.zeros(count * n, dtype=np.int64)
+    words[: values.size] = values
+    words <<= scale_bits
+    words[words < 0] += np.int64(modulus)
+    return words.view(np.uint64).reshape(count, n)
+
+
+def decode(phase: np.ndarray, scale_bits: int, contributors: int, values: int) -> np.ndarray:
+    """The summed integers (int64) of ``values`` coefficients from a decryption ``phase``
+    (``SecretKey.decrypt``) of a sum of ``contributors`` ciphertexts.
+
+    Refuses (PayloadError ``not-integer``) a coefficient further from a multiple of ``Delta``
+    than the summed noise can be, or padding that is not zero: what another key, a damaged
+    or forged ciphertext or an overflowing sum decrypts to."""
+    flat = phase.reshape(-1)
+    half = np.int64(1 << (scale_bits - 1))
+    integers = (flat + half) >> np.int64(scale_bits)
+    residual = flat - (integers << np.int64(scale_bits))
+    bound = NOISE_BOUND * max(contributors, 1)
+    if flat.size and (np.abs(residual).max() > bound or np.any(integers[values:])):
+        raise PayloadError(
+            "aggregate does not decrypt to integers (noise or overflow); it was made with "
+            "other keys, corrupted or forged, or summed more clients than the codec allows",
+            "not-integer",
+        )
+    return integers[:values]
