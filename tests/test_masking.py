@@ -255,15 +255,12 @@ def test_the_digits_job_is_unchanged_by_masks(tmp_path, session_keys) -> None:
         assert m.bytes_up == h.bytes_up and m.bytes_down == h.bytes_down
 
 
-def test_masking_is_refused_where_it_is_not_built_and_ignored_without_he() -> None:
+def test_masking_is_on_by_default_everywhere_and_ignored_without_he() -> None:
     from secagg.config import RunConfig
-    from secagg.errors import ConfigError
 
-    for transport in ("grpc",):
-        with pytest.raises(
-            ConfigError, match="masking runs with the in-process and ray transports only"
-        ):
-            RunConfig(he=True, masking=True, transport=transport).validate()
+    assert RunConfig().masking
+    for transport in ("inprocess", "ray", "grpc"):
+        RunConfig(he=True, transport=transport).validate()
     # Plaintext FedAvg's server reads every update anyway: the setting changes nothing there.
     RunConfig(he=False, masking=True, transport="grpc").validate()
 
