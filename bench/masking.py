@@ -11,9 +11,9 @@ times are dominated by training, which a shared machine makes noisy, so **the cr
 on its own as well: one client's CKKS work in a round (both phases' encryption and decryption,
 the aggregate holding every client's seed), and what masks add to it (checking the round's
 signed keys, the X25519 agreements, the masks of both phases); the minimum of ``--repeats``
-timings each, so other processes on the machine do not count. Run it with ``SECAGG_WORKERS=1``
-so that the CPU seconds of each whole run (this process's, per round, clients built included;
-the best run of each mode) hold all of its CKKS work too.
+timings each, so other processes on the machine do not count. The CPU seconds of each whole run
+(this process's, per round, clients built included; the best run of each mode) hold all of its
+CKKS work too: it runs in this process.
 """
 
 from __future__ import annotations

@@ -75,6 +75,12 @@ def _friendly(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+_MASKING_HELP = (
+    "With --he: pairwise masks inside the ciphertexts, so neither the server nor the server "
+    "with fewer than all other clients of a round can read one client's update; sites sign "
+    "their mask keys with their site certificate (deployments) and correct for sites lost "
+    f"mid-round.{_default('masking')}"
+)
 _POSITIVE = click.FloatRange(min=0, min_open=True)
 _FRACTION = click.FloatRange(0, 1, max_open=True)
 _OPTIMIZATION = [
@@ -181,9 +187,7 @@ def keygen(out_dir: str, force: bool, poly_degree: str, coeff_bits: str) -> None
 @click.option(
     "--masking/--no-masking",
     default=None,
-    help="With --he: pairwise masks inside the ciphertexts, so neither the server nor a "
-    "client it colludes with can read one client's update (in-process and Ray only)."
-    f"{_default('masking')}",
+    help=_MASKING_HELP,
 )
 @click.option(
     "--task",
@@ -640,6 +644,7 @@ def provision(
     default=None,
     help=f"CKKS secure aggregation, or plaintext FedAvg.{_default('he')}",
 )
+@click.option("--masking/--no-masking", default=None, help=_MASKING_HELP)
 @click.option(
     "--min-clients", type=click.IntRange(min=0), help="Sites a round needs [default: all]."
 )

@@ -128,15 +128,18 @@ class Client:
         None when its cipher does not mask."""
         return self.cipher.publish(job, self.site.index)
 
-    def train(self, stamp: Stamp, peers: Sequence[SignedKey] = ()) -> TrainReply:
+    def train(
+        self, stamp: Stamp, peers: Sequence[SignedKey | None] = (), nonce: bytes = b""
+    ) -> TrainReply:
         """Step 1 of a round: the task trains from the global model; keep the change, and for
         an integer codec return its encrypted part of the scale exchange. ``stamp`` is the
         round's, with this client's position in the round as its sender; ``peers`` the
-        round's signed mask keys by position, relayed with the task (none: no masks)."""
+        round's signed mask keys by position, relayed with the task (none: no masks), and
+        ``nonce`` the round's attempt (a round tried again masks afresh)."""
         start = time.perf_counter()
         if peers:
             # Checked before any work: a substituted key stops this client here.
-            self.cipher.agree(stamp, peers)
+            self.cipher.agree(stamp, peers, nonce)
         # Always from the global model: a round tried again (the server restarted, or too few
         # sites delivered) must not start from this client's own earlier attempt.
         self.model.load_state_dict(unflatten(self.global_vector, self.layout))

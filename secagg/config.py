@@ -82,9 +82,8 @@ class RunConfig:
     device: str = "auto"
     he: bool = False
     #: with ``he``: pairwise masks inside the ciphertexts (``secagg.crypto.masking``), so that
-    #: no single party, nor the server with fewer than all other clients, reads one update;
-    #: in-process and Ray transports only in this release
-    masking: bool = False
+    #: no single party, nor the server with fewer than all other clients, reads one update
+    masking: bool = True
     #: what plaintext FedAvg sends: float32 (as usual) or float64
     plain_precision: str = "float32"
     keys_dir: str = "keys"
@@ -165,11 +164,6 @@ class RunConfig:
             (
                 0 <= self.min_clients <= self.per_round,
                 "min_clients must be between 0 (all clients) and the clients per round",
-            ),
-            (
-                not (self.he and self.masking) or self.transport != "grpc",
-                "masking runs with the in-process and ray transports only in this release; "
-                "set masking = false (or --no-masking) for grpc",
             ),
             (self.client_cpus > 0, "client_cpus must be positive"),
             (self.client_gpus >= 0, "client_gpus must be 0 or more"),

@@ -46,6 +46,7 @@ from secagg.server import STATE_FILE, Server, load_checkpoint
 
 if TYPE_CHECKING:  # the server side of this module never imports torch
     from secagg.client import Client
+    from secagg.crypto.certified import CertifiedIdentities
     from secagg.transport.grpc_client import Joined
 
 #: Local settings a site keeps from its own command line, not from the server's job.
@@ -88,7 +89,7 @@ def serve(
     records = RunRecords.open(config, workdir if resume else None)
     config = records.config
     cipher = crypto.for_server(config.he, config.keys_dir, config.plain_precision)
-    server = Server(cipher, workdir)
+    server = Server(cipher, workdir, masking=config.he and config.masking)
     shared = {k: v for k, v in config.to_dict().items() if k not in SITE_LOCAL}
     coordinator = Coordinator(
         kit,
@@ -105,7 +106,7 @@ def serve(
     grpc_server, port = start(service, kit, bind or f"[::]:{kit.port}")
     log(
         f"serving job '{config.job_name}' to {len(kit.roster)} sites on port {port} "
-        f"({'HE' if config.he else 'plaintext'}, rounds {records.first_round}-{config.rounds})"
+        f"({_privacy(config)}, rounds {records.first_round}-{config.rounds})"
     )
     records.start(None)
     minimum = config.min_clients or len(kit.roster)
@@ -155,7 +156,9 @@ def participate(
     try:
         joined = join(connection, Hello(), wait, log)
         try:
-            config, client = _prepare(kit, joined, data_dir, download, device, shard == "auto")
+            config, client, identities = _prepare(
+                kit, joined, data_dir, download, device, shard == "auto"
+            )
         except SecAggError as err:
             # Say why to the server, so it need not wait for this site.
             tell_failed(connection, str(err))
@@ -164,14 +167,14 @@ def participate(
             Path(workdir) if workdir else Path("runs") / f"{_plain(config.job_name)}-{kit.name}"
         )
         folder.mkdir(parents=True, exist_ok=True)
-        site = Site(connection, client, joined, folder, log)
+        site = Site(connection, client, joined, folder, log, identities, kit.certificate)
         log(f"joined job '{config.job_name}' as {kit.name} (task {type(client.task).__name__})")
         parameters = sum(p.numel() for p in client.model.parameters())
         delay = 1.0
         while True:
             applied = site.applied
             try:
-                hello = Hello(site.applied, parameters, client.signature)
+                hello = Hello(site.applied, parameters, client.signature, site.mask_key())
                 again = join(connection, hello, wait, log)
                 if again.job != joined.job:
                     raise CheckpointError(
@@ -191,11 +194,13 @@ def participate(
 
 def _prepare(
     kit: Kit, joined: Joined, data_dir: str, download: bool, device: str, partition: bool
-) -> tuple[RunConfig, Client]:
-    """The job as this site runs it, and its client: the job's task with this site's data."""
+) -> tuple[RunConfig, Client, CertifiedIdentities | None]:
+    """The job as this site runs it, its client (the job's task with this site's data), and
+    when the job masks, the site identities that sign and check the mask keys."""
     from secagg import keys
     from secagg.builtin import task_for
     from secagg.client import Client, resolve_device
+    from secagg.crypto.certified import CertifiedIdentities
     from secagg.task import Site as SiteInfo
     from secagg.transport.grpc_client import check_keys
 
@@ -214,8 +219,19 @@ def _prepare(
         download=download,
         settings=config.task_settings,
     )
-    make_cipher = crypto.for_client(config.he, kit.folder, config.plain_precision)
-    return config, Client(task_for(config), info, config, make_cipher, resolve_device(device))
+    identities = None
+    if config.he and config.masking:
+        identities = CertifiedIdentities(kit.roster, joined.index, kit.private_key, kit.ca)
+    make_cipher = crypto.for_client(config.he, kit.folder, config.plain_precision, identities)
+    client = Client(task_for(config), info, config, make_cipher, resolve_device(device))
+    return config, client, identities
+
+
+def _privacy(config: RunConfig) -> str:
+    """How the job protects updates, in words."""
+    if not config.he:
+        return "plaintext"
+    return "HE, pairwise masks" if config.masking else "HE, no masks"
 
 
 def _plain(name: str) -> str:
@@ -257,7 +273,7 @@ def run_local(config: RunConfig, log: Callable[[str], None] = lambda line: None)
             env=env,
         )
         threads = max(1, (os.cpu_count() or 1) // len(sites))
-        site_env = {**env, "OMP_NUM_THREADS": str(threads), "SECAGG_WORKERS": "1"}
+        site_env = {**env, "OMP_NUM_THREADS": str(threads)}
         # Each site's own output goes to a log file of its own (a pipe nobody reads would
         # block a talkative site); the server reports a failed site's reason by name.
         (output / SITES_DIR).mkdir(exist_ok=True)

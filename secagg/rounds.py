@@ -18,7 +18,7 @@ import numpy as np
 
 from secagg import quantize
 from secagg.crypto import SERVER, Stamp, contributors
-from secagg.errors import SecAggError
+from secagg.errors import PayloadError, SecAggError
 from secagg.messages import ApplyReply, EvalReply, FitReply, TrainReply
 from secagg.server import Server, Summed
 from secagg.transport import Progress, Transport, no_progress
@@ -93,6 +93,7 @@ def run_round(
     ``on_progress`` hears the server add each payload (the transport reports the clients).
     """
     start = time.perf_counter()
+    server.begin(round_stamp)
     # 1 on every client: the task trains from the global model; the client flattens the model
     #   and keeps its change. An integer codec also encrypts how large the change is, per block
     trained = transport.train(round_stamp)
@@ -154,12 +155,20 @@ def _unmasked(
     if not server.masking:
         return summed
     senders = contributors(summed.payload)
-    dropped = tuple(p for p in range(stamp.roster) if p not in senders)
+    dropped = tuple(sorted(transport.keyed(stamp.round_num) - set(senders)))
     if not dropped:
         return summed
     corrections = transport.correct(stamp, dropped, senders)
     kept.extend(corrections)
-    return server.correct(summed, corrections, stamp, dropped)
+    try:
+        return server.correct(summed, corrections, stamp, dropped)
+    except PayloadError as err:
+        # A contributor's correction that does not fit leaves the sum masked: the round can
+        # only start again (with fresh masks), never go on.
+        raise RoundFailed(
+            f"round {stamp.round_num}: the mask corrections for client(s) {list(dropped)} "
+            f"could not be added: {err}"
+        ) from err
 
 
 def sample_clients(population: int, per_round: int, seed: int, round_num: int) -> list[int]:

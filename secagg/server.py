@@ -95,6 +95,12 @@ class Server:
         #: (job, round, phase) whose sum was corrected, and for which dropped clients
         self._closed: dict[tuple[bytes, int, int], tuple[int, ...]] = {}
 
+    def begin(self, round_stamp: Stamp) -> None:
+        """A round starts, or starts again: its clients mask afresh (a new attempt's masks), so
+        what an earlier attempt closed no longer holds."""
+        for key in [k for k in self._closed if k[:2] == (round_stamp.job, round_stamp.round_num)]:
+            del self._closed[key]
+
     def sum(
         self,
         payloads: Iterable[bytes],

@@ -9,8 +9,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import pytest
@@ -18,9 +20,15 @@ import torch
 from test_secrets import secret_key_windows
 
 from secagg.config import RunConfig, dump_job
+from secagg.crypto import Stamp
 from secagg.errors import KeyFileError
+from secagg.messages import FitReply, TrainReply
 from secagg.provision import load_kit, provision
 from secagg.transport import grpc_wire as wire
+from secagg.transport.inprocess import InProcessTransport
+
+if TYPE_CHECKING:
+    from secagg.transport.grpc_client import Site
 
 ROOT = Path(__file__).resolve().parents[1]
 SECAGG = [sys.executable, "-m", "secagg.cli"]
@@ -28,7 +36,6 @@ ENV = {
     **os.environ,
     "PYTHONPATH": str(ROOT),
     "PYTHONUNBUFFERED": "1",
-    "SECAGG_WORKERS": "1",
     "OMP_NUM_THREADS": "1",
 }
 
@@ -56,10 +63,17 @@ def _job(tmp: Path, **changes: object) -> tuple[Path, RunConfig]:
     return path, config
 
 
-def _server(project: Path, job: Path, workdir: Path, port: int, *extra: str) -> subprocess.Popen:
+def _secagg(fault: str | None) -> list[str]:
+    """The ``secagg`` command, or with ``fault`` the one ``tests/patched.py`` patches."""
+    return SECAGG if fault is None else [sys.executable, str(ROOT / "tests" / "patched.py"), fault]
+
+
+def _server(
+    project: Path, job: Path, workdir: Path, port: int, *extra: str, fault: str | None = None
+) -> subprocess.Popen:
     return subprocess.Popen(
         [
-            *SECAGG,
+            *_secagg(fault),
             "server",
             str(job),
             "--kit",
@@ -80,10 +94,10 @@ def _server(project: Path, job: Path, workdir: Path, port: int, *extra: str) -> 
     )
 
 
-def _site(project: Path, name: str, workdir: Path) -> subprocess.Popen:
+def _site(project: Path, name: str, workdir: Path, fault: str | None = None) -> subprocess.Popen:
     return subprocess.Popen(
         [
-            *SECAGG,
+            *_secagg(fault),
             "client",
             "--kit",
             str(project / name),
@@ -155,9 +169,10 @@ def test_provision_writes_private_kits_and_never_overwrites(tmp_path: Path) -> N
 
 @pytest.mark.slow
 def test_grpc_run_matches_the_in_process_run(tmp_path: Path, session_keys: Path) -> None:
-    """`secagg run --transport grpc`: a server and three site processes, the same round code;
-    the global model equals the in-process run's with the same seed, bit for bit (sums are
-    exact integers, so even the keys, throwaway ones for the network run, do not matter)."""
+    """`secagg run --transport grpc`: a server and three site processes, the same round code,
+    pairwise masks on (the default); the global model equals the in-process run's without
+    masks with the same seed, bit for bit (sums are exact integers, so neither the masks nor
+    the keys, throwaway ones for the network run, matter)."""
     common = ["--he", "--clients", "3", "--rounds", "2", "--local-epochs", "1", "--no-tracking"]
     out = tmp_path / "grpc"
     done = subprocess.run(
@@ -171,11 +186,21 @@ def test_grpc_run_matches_the_in_process_run(tmp_path: Path, session_keys: Path)
     assert "final accuracy" in done.stdout
     results = json.loads((out / "results.json").read_text())
     assert [r["clients"] for r in results["rounds"]] == [3, 3]
-    assert results["config"]["transport"] == "grpc"
+    assert results["config"]["transport"] == "grpc" and results["config"]["masking"]
+    assert "HE, pairwise masks" in done.stdout
 
     local = tmp_path / "local"
     plain = subprocess.run(
-        [*SECAGG, "run", *common, "--keys", str(session_keys), "--output", str(local)],
+        [
+            *SECAGG,
+            "run",
+            *common,
+            "--no-masking",
+            "--keys",
+            str(session_keys),
+            "--output",
+            str(local),
+        ],
         capture_output=True,
         text=True,
         env=ENV,
@@ -377,7 +402,7 @@ def test_strangers_and_replays_are_refused_and_the_others_served(tmp_path: Path)
                 _join(channel)
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
         # site-2 for real: it joins, and then replays its own contribution.
-        manual = ManualSite(project / "site-2", port)
+        manual = ManualSite(project / "site-2", port, work / "site-2")
         manual.play_round_with_replays()
         out = _finish(server)
         assert server.returncode == 0, out[-3000:]
@@ -396,31 +421,33 @@ def _reachable(kit_dir: Path, port: int) -> bool:
         return False
 
 
+def joined_site(kit_dir: Path, port: int, workdir: Path) -> Site:
+    """The kit's site as ``secagg client`` makes it (its client, and its certificate identity
+    when the job masks), joined and ready with its model and mask key, driven by hand."""
+    from secagg.deploy import _prepare
+    from secagg.transport.grpc_client import Connection, Site, join
+    from secagg.transport.grpc_wire import Hello
+
+    kit = load_kit(kit_dir, "client")
+    workdir.mkdir(parents=True, exist_ok=True)
+    connection = Connection(kit, f"localhost:{port}")
+    joined = join(connection, Hello(), 30, lambda line: None)
+    _, client, identities = _prepare(kit, joined, "data", False, "cpu", True)
+    site = Site(connection, client, joined, workdir, lambda line: None, identities, kit.certificate)
+    connection.call("Join", Hello(0, 1, client.signature, site.mask_key()).to_wire())
+    return site
+
+
 class ManualSite:
-    """site-2 driven by hand: a real Client behind the raw RPCs, replaying on purpose."""
+    """site-2 driven by hand: a real site behind the raw RPCs, replaying on purpose."""
 
-    def __init__(self, kit_dir: Path, port: int) -> None:
-        from secagg import crypto
-        from secagg.builtin import task_for
-        from secagg.client import Client
-        from secagg.job import simulated_site
-        from secagg.transport.grpc_client import Connection
-        from secagg.transport.grpc_wire import Hello
-
-        self.kit = load_kit(kit_dir, "client")
-        self.connection = Connection(self.kit, f"localhost:{port}")
-        joined = self.connection.call("Join", {})
-        config = RunConfig(**{**joined["config"], "keys_dir": str(kit_dir), "tracking": False})
-        site = simulated_site(config, joined["index"])
-        make_cipher = crypto.for_client(config.he, config.keys_dir)
-        self.client = Client(task_for(config), site, config, make_cipher, torch_cpu())
-        self.job = bytes.fromhex(joined["job"])
-        self.connection.call("Join", Hello(0, 1, self.client.signature).to_wire())
+    def __init__(self, kit_dir: Path, port: int, workdir: Path) -> None:
+        self.site = joined_site(kit_dir, port, workdir)
+        self.connection = self.site.connection
 
     def play_round_with_replays(self) -> None:
-        from secagg.crypto import SERVER, Stamp
         from secagg.errors import PayloadError
-        from secagg.transport.grpc_wire import Report, UploadHeader
+        from secagg.transport.grpc_wire import UploadHeader
 
         after, first_update = 0, None
         while True:
@@ -430,37 +457,20 @@ class ManualSite:
             if task["kind"] in ("wait", "catchup"):
                 continue
             after = task["id"]
-            stamp = Stamp(self.job, task["round"], SERVER, 2)
-            mine = stamp.for_sender(1)
-            if task["kind"] == "train":
-                trained = self.client.train(mine)
-                header = UploadHeader(task["id"], trained.num_samples).to_wire()
-                self.connection.upload(header, trained.scales or b"")
-            elif task["kind"] == "seal":
-                scales = self.connection.download(task["round"], "scales")
-                reply = self.client.seal(mine, task["total_samples"], scales)
-                header = UploadHeader(task["id"], seconds=reply.seconds).to_wire()
-                if first_update is not None:  # round 1's update again: a stale replay
-                    with pytest.raises(PayloadError, match="round 1, expected round 2"):
-                        self.connection.upload(header, first_update)
+            if task["kind"] != "seal":
+                getattr(self.site, f"do_{task['kind']}")(task)
+                continue
+            mine = self.site.round_stamp(task["round"]).for_sender(1)
+            scales = self.connection.download(task["round"], "scales")
+            reply = self.site.client.seal(mine, task["total_samples"], scales)
+            header = UploadHeader(task["id"], seconds=reply.seconds).to_wire()
+            if first_update is not None:  # round 1's update again: a stale replay
+                with pytest.raises(PayloadError, match="round 1, expected round 2"):
+                    self.connection.upload(header, first_update)
+            self.connection.upload(header, reply.payload)
+            with pytest.raises(PayloadError, match="duplicate"):  # the same one twice
                 self.connection.upload(header, reply.payload)
-                with pytest.raises(PayloadError, match="duplicate"):  # the same one twice
-                    self.connection.upload(header, reply.payload)
-                first_update = first_update or reply.payload
-            elif task["kind"] == "apply":
-                update = self.connection.download(task["round"], "update")
-                scales = self.connection.download(task["round"], "scales")
-                applied = self.client.apply(update, stamp, scales)
-                report = Report(
-                    task["id"],
-                    task["round"],
-                    applied.seconds,
-                    applied.clipped,
-                    applied.weight,
-                    applied.contributors,
-                    self.client.evaluate(task["round"]),
-                )
-                self.connection.call("Report", report.to_wire())
+            first_update = first_update or reply.payload
 
 
 def torch_cpu():  # type: ignore[no-untyped-def]
@@ -521,3 +531,90 @@ def test_a_payload_far_over_grpcs_message_limit_streams_intact(tmp_path: Path) -
     result = stream(4_000_000, tmp_path)
     assert result["payload_bytes"] > 2 * 4 * 2**20
     assert result["payload_bytes"] / result["params"] < 3
+
+
+class _LosesTwo(InProcessTransport):
+    """The in-process reference of the dropouts below: in round 2, position 2 sends nothing
+    and position 3 its scales only."""
+
+    def train(self, round_stamp: Stamp) -> list[TrainReply]:
+        replies = super().train(round_stamp)
+        return [r for r in replies if round_stamp.round_num != 2 or r.client_id != 2]
+
+    def seal(self, round_stamp: Stamp, total: int, scales: bytes | None) -> Iterator[FitReply]:
+        for position, slot in enumerate(self.slots):
+            if round_stamp.round_num != 2 or position < 2:
+                yield slot.seal(round_stamp.for_sender(position), total, scales)
+
+
+@pytest.mark.slow
+def test_sites_lost_after_key_agreement_and_after_the_scales_are_corrected_for(
+    tmp_path: Path, session_keys: Path
+) -> None:
+    """Round 2 of a masked job loses site-3 once it has agreed the round's keys (it sends
+    nothing) and site-4 after the scale exchange (it sends its scales, not its update): the
+    survivors correct both phases, and every site ends with the model of an unmasked
+    in-process run that loses the same sites, bit for bit."""
+    project, port = _project(tmp_path, 4)
+    job, config = _job(tmp_path, clients=4, rounds=2, min_clients=2, round_timeout=60.0)
+    work = tmp_path / "work"
+    server = _server(project, job, work / "server", port)
+    faults = [None, None, "die-after-keys:2", "die-at-seal:2"]
+    sites = [_site(project, f"site-{i + 1}", work, fault) for i, fault in enumerate(faults)]
+    try:
+        out = _finish(server)
+        assert server.returncode == 0, out[-3000:]
+        logs = [_finish(site, 60) for site in sites[:2]]
+    finally:
+        _kill_all(server, *sites)
+    results = json.loads((work / "server" / "results.json").read_text())
+    assert [r["clients"] for r in results["rounds"]] == [4, 2]
+    for log in logs:  # the scale exchange lost site-3; the update phase site-3 and site-4
+        assert "round 2: correcting the masks of 1 lost site(s)" in log
+        assert "round 2: correcting the masks of 2 lost site(s)" in log
+    assert json.loads((work / "site-1" / "metrics.json").read_text())["rounds"][-1][
+        "contributors"
+    ] == [0, 1]
+
+    from secagg import crypto, rounds
+    from secagg.builtin import task_for
+    from secagg.job import build_clients
+    from secagg.server import Server
+
+    local = replace(config, masking=False, keys_dir=str(session_keys), device="cpu")
+    transport = _LosesTwo(build_clients(local, task_for(local)))
+    server_side = Server(crypto.for_server(True, session_keys))
+    rounds.run(server_side, transport, bytes(16), [1, 2], lambda metrics: None)
+    reference = transport.slots[0].model.state_dict()
+    for name in ("site-1", "site-2"):
+        model = torch.load(work / name / "model.pt")
+        for key, value in reference.items():
+            assert torch.equal(model[key], value), (name, key)
+
+
+@pytest.mark.slow
+def test_a_mask_key_the_server_substitutes_is_caught_by_name(tmp_path: Path) -> None:
+    """The server relays, in site-2's place, a key signed with a site-2 certificate of
+    another CA (a man in the middle whose signature verifies): site-1 and site-3 refuse it
+    before they mask anything, stop with one line naming site-2, and tell the server."""
+    project, port = _project(tmp_path, 3)
+    other, _ = _project(tmp_path / "other", 3)
+    job, _ = _job(tmp_path, rounds=2, round_timeout=30.0)
+    work = tmp_path / "work"
+    forged = f"forge-key:{other / 'site-2'}"
+    server = _server(project, job, work / "server", port, fault=forged)
+    sites = {name: _site(project, name, work) for name in ("site-1", "site-2", "site-3")}
+    try:
+        for name in ("site-1", "site-3"):
+            out = _finish(sites[name], 120)
+            assert sites[name].returncode == 1, out[-3000:]
+            assert out.strip().splitlines()[-1] == (
+                "Error: site-2's relayed certificate is not signed by this project's CA: it was "
+                "substituted on the way (the server or the network); this site will not use it"
+            )
+        time.sleep(1)  # the server logs each site's Fail as it comes
+        server.kill()
+        out = server.communicate()[0]
+        assert "site-1 failed: site-2's relayed certificate is not signed" in out, out[-3000:]
+    finally:
+        _kill_all(server, *sites.values())

@@ -26,18 +26,16 @@ from test_deploy import (
     _server,
     _site,
     _wait_for,
-    torch_cpu,
+    joined_site,
 )
 
 from secagg import quantize
-from secagg.config import RunConfig
 from secagg.crypto import Stamp
 from secagg.crypto.ledger import Update
 from secagg.errors import PayloadError
-from secagg.provision import load_kit
 from secagg.transport import grpc_wire as wire
-from secagg.transport.grpc_client import Connection, ServerGone
-from secagg.transport.grpc_wire import Hello, Report, UploadHeader
+from secagg.transport.grpc_client import ServerGone
+from secagg.transport.grpc_wire import Report, UploadHeader
 
 #: The server process's resident memory must stay under this (MB) whatever the attacker
 #: sends; an idle server of the digits job holds about 100-150 MB.
@@ -57,27 +55,12 @@ class Attacker:
     """site-3's kit in the test's hands: a real Client for honest-looking payloads, raw
     RPCs for the rest."""
 
-    def __init__(self, kit_dir: Path, port: int) -> None:
-        from secagg import crypto
-        from secagg.builtin import task_for
-        from secagg.client import Client
-        from secagg.job import simulated_site
-
-        self.kit = load_kit(kit_dir, "client")
-        self.target = f"localhost:{port}"
-        self.connection = Connection(self.kit, self.target)
-        joined = self.connection.call("Join", {})
-        config = RunConfig(**{**joined["config"], "keys_dir": str(kit_dir), "tracking": False})
-        self.client = Client(
-            task_for(config),
-            simulated_site(config, joined["index"]),
-            config,
-            crypto.for_client(config.he, config.keys_dir),
-            torch_cpu(),
-        )
-        self.job = bytes.fromhex(joined["job"])
-        self.index = int(joined["index"])
-        self.connection.call("Join", Hello(0, 1, self.client.signature).to_wire())
+    def __init__(self, kit_dir: Path, port: int, workdir: Path) -> None:
+        self.site = joined_site(kit_dir, port, workdir)
+        self.client = self.site.client
+        self.connection = self.site.connection
+        self.job = self.site.joined.job
+        self.index = self.site.joined.index
         self.stop = threading.Event()
         threading.Thread(target=self._ping, daemon=True).start()
 
@@ -227,7 +210,7 @@ def _run(
     try:
         if attack:
             _wait_for(lambda: _reachable(project / "site-3", port), what="the server")
-            attacker = Attacker(project / "site-3", port)
+            attacker = Attacker(project / "site-3", port, work / "site-3")
             try:
                 attacker.play(server.pid, project / "admin", log, peak)
             finally:

@@ -251,22 +251,19 @@ def test_the_digits_job_is_unchanged_by_masks(tmp_path, session_keys) -> None:
         )
         return run_job(replace(config, **changes))
 
-    masked, he, plain = job("m", he=True, masking=True), job("h", he=True), job("p")
+    masked, he, plain = job("m", he=True, masking=True), job("h", he=True, masking=False), job("p")
     for m, h, p in zip(masked.rounds, he.rounds, plain.rounds, strict=True):
         assert (m.accuracy, m.loss) == (h.accuracy, h.loss), f"round {m.round}"
         assert abs(m.accuracy - p.accuracy) <= 0.003, f"round {m.round}"
         assert m.bytes_up == h.bytes_up and m.bytes_down == h.bytes_down
 
 
-def test_masking_is_refused_where_it_is_not_built_and_ignored_without_he() -> None:
+def test_masking_is_on_by_default_everywhere_and_ignored_without_he() -> None:
     from secagg.config import RunConfig
-    from secagg.errors import ConfigError
 
-    for transport in ("grpc",):
-        with pytest.raises(
-            ConfigError, match="masking runs with the in-process and ray transports only"
-        ):
-            RunConfig(he=True, masking=True, transport=transport).validate()
+    assert RunConfig().masking
+    for transport in ("inprocess", "ray", "grpc"):
+        RunConfig(he=True, transport=transport).validate()
     # Plaintext FedAvg's server reads every update anyway: the setting changes nothing there.
     RunConfig(he=False, masking=True, transport="grpc").validate()
 
@@ -361,7 +358,7 @@ def test_a_ray_worker_killed_after_key_agreement_is_corrected_for(
         tmp_path, session_keys, task="dying:DiesOnce", transport="ray", rounds=3, min_clients=2
     )
     masked = run_job(replace(config, masking=True, output_dir=str(tmp_path / "m")))
-    plain = run_job(replace(config, output_dir=str(tmp_path / "u")))
+    plain = run_job(replace(config, masking=False, output_dir=str(tmp_path / "u")))
     sys.modules.pop("dying", None)
     assert [m.clients for m in masked.rounds] == [3, 2, 3]
     for m, u in zip(masked.rounds, plain.rounds, strict=True):

@@ -24,10 +24,29 @@ import numpy as np
 from secagg.crypto import envelope
 from secagg.crypto.envelope import SERVER, Stamp, contributors
 from secagg.crypto.ledger import Aggregate, Update
-from secagg.crypto.masking import Masker, SignedKey, SimulatedIdentities
+from secagg.crypto.masking import Masker, SignedKey
 
 if TYPE_CHECKING:  # the server imports this package: no torch here
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     from secagg.flatten import Layout
+
+
+class Identities(Protocol):
+    """The site keys that sign and check the clients' mask keys: simulated ones
+    (``masking.SimulatedIdentities``) or a deployment's site certificates (``sites``)."""
+
+    def signer(self, site: int) -> ec.EllipticCurvePrivateKey:
+        """The signing key of ``site`` (a deployment's client holds only its own)."""
+        ...
+
+    def verifier(self, site: int) -> ec.EllipticCurvePublicKey:
+        """The public key that ``site``'s signatures are checked with."""
+        ...
+
+    def name(self, site: int) -> str:
+        """How errors call ``site``."""
+        ...
 
 
 class ClientCipher(Protocol):
@@ -51,9 +70,9 @@ class ClientCipher(Protocol):
         does not mask (``masking``)."""
         ...
 
-    def agree(self, stamp: Stamp, peers: Sequence[SignedKey]) -> None:
-        """Check the round's relayed keys (``peers[p]`` is position ``p``'s) and mask every
-        payload of ``stamp``'s round with them."""
+    def agree(self, stamp: Stamp, peers: Sequence[SignedKey | None], nonce: bytes = b"") -> None:
+        """Check the round's relayed keys (``peers[p]`` is position ``p``'s, None for a position
+        without one) and mask every payload of ``stamp``'s round, attempt ``nonce``, with them."""
         ...
 
     def correct(self, stamp: Stamp, dropped: tuple[int, ...]) -> bytes:
@@ -125,7 +144,7 @@ def for_client(
     he: bool,
     keys_dir: str | Path,
     precision: str = "float32",
-    identities: SimulatedIdentities | None = None,
+    identities: Identities | None = None,
 ) -> Callable[[Layout], ClientCipher]:
     """A factory of client-side ciphers for a job: each client gets its own, for its model's
     layout. Keys are read once, here. With ``identities`` (HE only) every cipher masks its
@@ -143,7 +162,7 @@ def for_client(
     def make(layout: Layout) -> ClientCipher:
         masker = None
         if identities is not None:
-            masker = Masker(identities.signer, identities.verifier)
+            masker = Masker(identities.signer, identities.verifier, identities.name)
         return QuantizedCipher(CkksClient(loaded, masker), layout)
 
     return make
@@ -165,6 +184,7 @@ __all__ = [
     "SERVER",
     "Aggregate",
     "ClientCipher",
+    "Identities",
     "ServerCipher",
     "Stamp",
     "Update",

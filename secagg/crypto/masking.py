@@ -12,15 +12,17 @@ unless they know every pairwise secret of ``j``.
 
 ``s_jk`` is an X25519 agreement between ``j``'s and ``k``'s per-job keys (``publish``), each
 signed with its site's ECDSA key and checked before use (``agree``), so a server that swaps a
-key is caught. The PRG is HKDF-SHA256 of ``s_jk`` and the job, round and phase, giving an
-AES-256 key that ``seeded.expand`` turns into words exactly uniform mod q, one polynomial per
-ciphertext index.
+key is caught. The PRG is HKDF-SHA256 of ``s_jk`` and the job, round, phase and the round's
+*attempt nonce* (a round tried again masks afresh: two payloads under one mask would give away
+their difference), giving an AES-256 key that ``seeded.expand`` turns into words exactly
+uniform mod q, one polynomial per ciphertext index.
 
 A client asked to train that sends nothing for a phase leaves masks that do not cancel: the
 phase's contributors then send *corrections* (``correct``), ``c0``-only words that remove their
-pairs with the missing clients, once per (round, phase) and never for a client whose payload
-was added. A client also refuses to decrypt an aggregate that lists a client it corrected for
-(``check_late``): with the corrections known, that client's masks could be removed.
+pairs with the missing clients, once per (round, attempt, phase) and never for a client whose
+payload was added. A client also refuses to decrypt an aggregate that lists a client it
+corrected for (``check_late``): with the corrections known, that client's masks could be
+removed.
 """
 
 from __future__ import annotations
@@ -92,6 +94,10 @@ class SimulatedIdentities:
         """The public key every peer checks the site's signatures with."""
         return self.signer(site).public_key()
 
+    def name(self, site: int) -> str:
+        """How errors call the site: as a simulation names it."""
+        return f"site-{site + 1}"
+
 
 class Masker:
     """One client's pairwise masks: its per-job X25519 keys, the round's agreed secrets, and
@@ -101,14 +107,19 @@ class Masker:
         self,
         signer: Callable[[int], ec.EllipticCurvePrivateKey],
         verifier: Callable[[int], ec.EllipticCurvePublicKey],
+        name: Callable[[int], str] = lambda site: f"site {site}",
     ) -> None:
         self._signer = signer
         self._verifier = verifier
+        #: how errors name a site (a deployment's site names, from its kit's roster)
+        self._name = name
         self._private: dict[tuple[bytes, int], X25519PrivateKey] = {}
         #: (job, round) -> (own position, {peer position: pair secret})
         self._round: tuple[tuple[bytes, int], int, dict[int, bytes]] | None = None
-        self._corrected: dict[tuple[bytes, int, int], tuple[int, ...]] = {}
-        self._masked: set[tuple[bytes, int, int]] = set()
+        #: the agreed round's attempt nonce (fresh masks for a round tried again)
+        self._nonce = b""
+        self._corrected: dict[tuple[bytes, int, bytes, int], tuple[int, ...]] = {}
+        self._masked: set[tuple[bytes, int, bytes, int]] = set()
         #: (job, own public key, a checked peer key) -> the pair's secret
         self._secrets: dict[tuple[bytes, bytes, SignedKey], bytes] = {}
 
@@ -120,34 +131,39 @@ class Masker:
         )
         return SignedKey(site, public, signature)
 
-    def agree(self, stamp: Stamp, peers: Sequence[SignedKey]) -> None:
+    def agree(self, stamp: Stamp, peers: Sequence[SignedKey | None], nonce: bytes = b"") -> None:
         """Check every peer's signature and agree a secret with each; ``peers[p]`` is the key
-        of the round's position ``p``, ``stamp.sender`` this client's position."""
+        of the round's position ``p`` (None: a position that takes no part in the round),
+        ``stamp.sender`` this client's position. ``nonce`` names the round's attempt: every
+        client of an attempt is given the same one, and a new attempt a new one."""
         if len(peers) != stamp.roster:
             raise PayloadError(
                 f"the round has {stamp.roster} clients but {len(peers)} mask keys were relayed",
                 "bad-plan",
             )
         own = peers[stamp.sender]
-        private = self._private.get((stamp.job, own.site))
-        if private is None or _raw(private) != own.public:
+        private = None if own is None else self._private.get((stamp.job, own.site))
+        if own is None or private is None or _raw(private) != own.public:
+            who = "no key" if own is None else f"{self._name(own.site)}'s key"
             raise PayloadError(
-                f"the mask key relayed for this client (site {own.site}) is not its own",
+                f"the mask key relayed for this client is not its own ({who} was relayed at its "
+                "position): it was substituted on the way",
                 "bad-key",
             )
         secrets: dict[int, bytes] = {}
         for position, peer in enumerate(peers):
-            if position == stamp.sender:
+            if position == stamp.sender or peer is None:
                 continue
             # Keys are per job: a peer met in an earlier round was checked then.
             known = (stamp.job, own.public, peer)
             if known not in self._secrets:
-                verify(stamp.job, peer, self._verifier(peer.site))
+                verify(stamp.job, peer, self._verifier(peer.site), self._name(peer.site))
                 shared = private.exchange(X25519PublicKey.from_public_bytes(peer.public))
                 low, high = sorted((own.public, peer.public))
                 self._secrets[known] = shared + low + high
             secrets[position] = self._secrets[known]
         self._round = ((stamp.job, stamp.round_num), stamp.sender, secrets)
+        self._nonce = nonce
 
     def active(self, stamp: Stamp) -> bool:
         """Whether this client agreed masks for ``stamp``'s round."""
@@ -157,7 +173,7 @@ class Masker:
         """``(count, n)`` words: this client's mask for the phase's ciphertexts ``0..count-1``;
         once per (round, phase): a second payload under the same mask would give away the
         difference of the two to any key holder (a retried round stops here, by name)."""
-        key = (stamp.job, stamp.round_num, stamp.phase)
+        key = (stamp.job, stamp.round_num, self._nonce, stamp.phase)
         if key in self._masked:
             raise PayloadError(
                 f"this client already sent a masked payload for round {stamp.round_num}'s "
@@ -172,7 +188,7 @@ class Masker:
     ) -> np.ndarray:
         """``(count, n)`` words that remove this client's pairs with ``dropped`` from a sum;
         given once per (round, phase), and never for this client itself."""
-        key = (stamp.job, stamp.round_num, stamp.phase)
+        key = (stamp.job, stamp.round_num, self._nonce, stamp.phase)
         if key in self._corrected and self._corrected[key] != dropped:
             raise PayloadError(
                 f"corrections for round {stamp.round_num} were already sent for clients "
@@ -187,7 +203,7 @@ class Masker:
 
     def check_late(self, stamp: Stamp, contributors: tuple[int, ...]) -> None:
         """Refuse an aggregate that adds a client this client sent corrections for."""
-        dropped = self._corrected.get((stamp.job, stamp.round_num, stamp.phase), ())
+        dropped = self._corrected.get((stamp.job, stamp.round_num, self._nonce, stamp.phase), ())
         late = sorted(set(dropped) & set(contributors))
         if late:
             raise PayloadError(
@@ -212,7 +228,7 @@ class Masker:
         chosen = sorted(secrets) if only is None else only
         if any(position not in secrets for position in chosen):
             raise PayloadError(f"clients {list(chosen)} are not all in the round", "bad-plan")
-        keys = [_prg_key(secrets[position], stamp) for position in chosen]
+        keys = [_prg_key(secrets[position], stamp, self._nonce) for position in chosen]
         # A pair's words are added by the lower position and subtracted by the higher (and the
         # other way round in a correction): sum each side lazily, subtract once.
         adds = [(own < position) != negate for position in chosen]
@@ -241,10 +257,14 @@ def _lazy_sum(keys: Iterable[bytes], index: int, n: int, modulus: int) -> np.nda
     return total
 
 
-def verify(job: bytes, signed: SignedKey, public: ec.EllipticCurvePublicKey) -> None:
-    """Refuse (``bad-key``) a mask key not signed by its site for this job."""
+def verify(
+    job: bytes, signed: SignedKey, public: ec.EllipticCurvePublicKey, name: str | None = None
+) -> None:
+    """Refuse (``bad-key``) a mask key not signed by its site for this job; errors call the
+    site ``name`` (default ``site N``)."""
+    name = name or f"site {signed.site}"
     if len(signed.public) != PUBLIC_BYTES:
-        raise PayloadError(f"site {signed.site}'s mask key is not {PUBLIC_BYTES} bytes", "bad-key")
+        raise PayloadError(f"{name}'s mask key is not {PUBLIC_BYTES} bytes", "bad-key")
     try:
         public.verify(
             signed.signature,
@@ -253,7 +273,7 @@ def verify(job: bytes, signed: SignedKey, public: ec.EllipticCurvePublicKey) -> 
         )
     except InvalidSignature as err:
         raise PayloadError(
-            f"site {signed.site}'s mask key is not signed by its site key: it was substituted "
+            f"{name}'s mask key is not signed by its site key: it was substituted "
             "on the way (the server or the network); this client will not use it",
             "bad-key",
         ) from err
@@ -265,6 +285,6 @@ def _raw(private: X25519PrivateKey) -> bytes:
     )
 
 
-def _prg_key(secret: bytes, stamp: Stamp) -> bytes:
-    info = _PRG_LABEL + stamp.job + struct.pack(">IB", stamp.round_num, stamp.phase)
+def _prg_key(secret: bytes, stamp: Stamp, nonce: bytes) -> bytes:
+    info = _PRG_LABEL + stamp.job + struct.pack(">IB", stamp.round_num, stamp.phase) + nonce
     return HKDF(hashes.SHA256(), seeded.SEED_BYTES, salt=None, info=info).derive(secret)

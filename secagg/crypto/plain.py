@@ -58,7 +58,7 @@ class PlainCipher:
         """Plaintext FedAvg does not mask: its server reads every update anyway."""
         return None
 
-    def agree(self, stamp: Stamp, peers: Sequence[SignedKey]) -> None:
+    def agree(self, stamp: Stamp, peers: Sequence[SignedKey | None], nonce: bytes = b"") -> None:
         """Nothing to agree: no masks."""
 
     def correct(self, stamp: Stamp, dropped: tuple[int, ...]) -> bytes:

@@ -59,9 +59,9 @@ class QuantizedCipher:
         masker = self.inner.masker
         return None if masker is None else masker.publish(job, site)
 
-    def agree(self, stamp: Stamp, peers: Sequence[SignedKey]) -> None:
+    def agree(self, stamp: Stamp, peers: Sequence[SignedKey | None], nonce: bytes = b"") -> None:
         if self.inner.masker is not None:
-            self.inner.masker.agree(stamp, peers)
+            self.inner.masker.agree(stamp, peers, nonce)
 
     def correct(self, stamp: Stamp, dropped: tuple[int, ...]) -> bytes:
         values = self._scale_values if stamp.phase == SCALES else self.size

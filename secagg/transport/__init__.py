@@ -45,6 +45,12 @@ class Transport(Protocol):
         their encrypted updates as they arrive."""
         ...
 
+    def keyed(self, round_num: int) -> frozenset[int]:
+        """The positions that were handed round ``round_num``'s mask keys (with the train
+        task): each of them that sends nothing for a phase leaves masks that the phase's
+        contributors correct for."""
+        ...
+
     def correct(
         self, stamp: Stamp, dropped: tuple[int, ...], senders: Sequence[int]
     ) -> list[bytes]:

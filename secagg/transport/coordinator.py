@@ -1,7 +1,7 @@
 """Where the network server's RPC handlers meet its round loop: one lock, one current task.
 
-The round loop posts a *task* (train, seal, apply, done) to the sites taking part; each site
-long-polls for it (``next_task``), does it, and uploads its payload (``check_upload``,
+The round loop posts a *task* (train, seal, correct, apply, done) to the sites taking part; each
+site long-polls for it (``next_task``), does it, and uploads its payload (``check_upload``,
 ``deliver``) or its report (``report``). The round loop takes the uploads as they are queued
 (``collect``), at most ``INBOX`` at a time, while at most ``UPLOADS`` are being received, so the
 server holds a handful of payloads whatever the number of sites. A site that stops sending
@@ -29,10 +29,12 @@ from secagg.messages import ModelSignature
 from secagg.provision import ADMIN, Kit
 from secagg.rounds import RoundFailed
 from secagg.server import aggregate_paths
-from secagg.transport.grpc_wire import Hello, Report, UploadHeader
+from secagg.transport.grpc_wire import Hello, MaskKey, Report, UploadHeader
 
 INBOX = 2
 UPLOADS = 2
+#: The tasks a site answers with an upload: its scales, its update, its mask corrections.
+UPLOADS_FOR = ("train", "seal", "correct")
 #: Refused uploads after which a task stops waiting for a site (an honest site that replays
 #: by mistake still gets its own upload in).
 STRIKES = 2
@@ -55,6 +57,8 @@ class Site:
     applied: int = 0
     #: why the site stopped, in its own words (its task failed, its model is not the job's)
     error: str | None = None
+    #: its signed mask key for the job and its certificate, relayed to its peers (``masking``)
+    mask: MaskKey | None = None
 
 
 @dataclass
@@ -125,6 +129,11 @@ class Coordinator:
         self.parameters: int | None = None
         #: the job's model (names, shapes, dtypes, initial weights), as the first site reported
         self.model: ModelSignature | None = None
+        #: the sites mask pairwise (``masking``): each must publish a signed mask key
+        self.masking = bool(config.get("he") and config.get("masking"))
+        #: tasks whose phase was corrected for dropouts, and for which sites: a late upload
+        #: of theirs is refused by round state, never added
+        self.closed: dict[int, tuple[int, ...]] = {}
 
     # --- the round loop's side ---------------------------------------------------------------
 
@@ -282,6 +291,13 @@ class Coordinator:
                         f"{site.name}'s model is not the job's: {difference}", "model-mismatch"
                     )
                 self.parameters = hello.parameters or self.parameters
+                mask = self._mask_key(site, hello)
+                task = self.task
+                if site.mask != mask and task is not None and site.index in task.sites:
+                    # Joined again with a new key (a restarted site): the current task's masks
+                    # are not its own any more; the task goes on without it.
+                    task.dropped.add(site.index)
+                site.mask = mask
             was = site.joined
             site.joined = hello.model is not None
             site.error = None if site.joined else site.error
@@ -301,6 +317,34 @@ class Coordinator:
                 "completed": self.completed,
                 "fingerprint": self.cipher.codec.fingerprint.hex(),
             }
+
+    def _mask_key(self, site: Site, hello: Hello) -> MaskKey | None:
+        """The mask key a ready site sent: required when the job masks, and its own."""
+        if not self.masking:
+            return None
+        if hello.mask is None:
+            raise PayloadError(
+                f"{site.name} sent no mask key, and this job masks (masking = true); run the "
+                "same secagg release on the server and every site",
+                "no-mask-key",
+            )
+        if hello.mask.site != site.index:
+            raise PayloadError(
+                f"{site.name} is site {site.index} of the roster, not {hello.mask.site}",
+                "no-mask-key",
+            )
+        return hello.mask
+
+    def mask_keys(self, sites: frozenset[int]) -> list[dict[str, Any] | None]:
+        """The signed mask keys of ``sites``, by position (None elsewhere), for a train task."""
+        with self.lock:
+            keys = [s.mask if s.index in sites else None for s in self.sites]
+        return [None if key is None else key.to_wire() for key in keys]
+
+    def close(self, task: Task, dropped: tuple[int, ...]) -> None:
+        """``task``'s phase is corrected for ``dropped``: no upload of theirs for it is taken."""
+        with self.lock:
+            self.closed[task.id] = dropped
 
     def next_task(self, site: Site, after: int, wait: float) -> dict[str, Any]:
         deadline = time.monotonic() + min(wait, POLL_SECONDS)
@@ -339,7 +383,13 @@ class Coordinator:
         it must hold (0: no payload), or PayloadError naming what is wrong."""
         with self.lock:
             task = self.task
-            if task is None or header.task != task.id or task.kind not in ("train", "seal"):
+            if site.index in self.closed.get(header.task, ()):
+                raise PayloadError(
+                    f"{site.name}'s upload is late: its round's sum was corrected for its "
+                    "dropout, and a late update is never added",
+                    "late-update",
+                )
+            if task is None or header.task != task.id or task.kind not in UPLOADS_FOR:
                 raise PayloadError("upload answers no current task: stale or replayed", "stale")
             if site.index not in task.sites:
                 raise PayloadError(f"site {site.name} is not asked for this round", "not-in-round")
@@ -360,7 +410,8 @@ class Coordinator:
             raise PayloadError("no site has said what the job's model is yet", "not-in-round")
         roster = len(self.sites)
         stamp = Stamp(self.job, task.round, site.index, roster)
-        if task.kind == "seal":
+        phase = task.body.get("phase", "update") if task.kind == "correct" else task.kind
+        if phase in ("seal", "update"):
             return task, stamp, sum(model.sizes())
         values = quantize.histogram_values(model.sizes()) if self.cipher.quantizes else 0
         return task, stamp.scales(), values

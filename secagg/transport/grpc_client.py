@@ -6,9 +6,14 @@ context from its kit; the server never sees anything but its payloads. The loop:
 - connect over mutual TLS and join, retrying with backoff while the server is not up;
 - catch up: apply the aggregates of every round completed before it joined (a late or
   rejoining site), fetched from the server's checkpoint chain;
-- then, per task: ``train`` (train, upload the encrypted scales), ``seal`` (download the summed
-  scales, upload the encrypted update), ``apply`` (download the aggregate, decrypt, apply,
-  evaluate, report), until ``done`` or ``abort``.
+- then, per task: ``train`` (check the peers' relayed mask keys, train, upload the encrypted
+  scales), ``seal`` (download the summed scales, upload the encrypted update), ``correct``
+  (when a phase lost a site: upload this site's mask corrections), ``apply`` (download the
+  aggregate, decrypt, apply, evaluate, report), until ``done`` or ``abort``.
+
+A relayed mask key that fails its checks (a certificate the project's CA did not sign for that
+site, or a signature that does not verify) stops the site with an error naming the peer: the
+server, or the network, substituted it.
 
 A heartbeat thread pings the server while the site trains, so a slow site is not taken for a
 dead one. If the connection breaks mid-round, the site drops that round's work, reconnects and
@@ -30,6 +35,8 @@ import grpc
 
 from secagg.client import Client
 from secagg.crypto import SERVER, Stamp
+from secagg.crypto.certified import CertifiedIdentities
+from secagg.crypto.masking import SignedKey
 from secagg.errors import ConfigError, PayloadError, SecAggError, TaskError
 from secagg.files import atomic_write_json
 from secagg.provision import Kit
@@ -148,8 +155,14 @@ class Site:
         joined: Joined,
         workdir: Path,
         log: Callable[[str], None],
+        identities: CertifiedIdentities | None = None,
+        certificate: bytes = b"",
     ) -> None:
         self.connection = connection
+        #: this site's key and its peers' checked certificates, when the job masks
+        self.identities = identities
+        #: this site's certificate (PEM), sent with its mask key
+        self.certificate = certificate
         self.client = client
         self.joined = joined
         self.workdir = workdir
@@ -160,6 +173,13 @@ class Site:
         self._scales: dict[int, bytes] = {}
         #: whether rounds have a scale exchange (HE: the packed codec)
         self.scaled = client.config.he
+
+    def mask_key(self) -> wire.MaskKey | None:
+        """This site's signed mask key for the job, with its certificate (None: no masks)."""
+        signed = self.client.mask_key(self.joined.job)
+        if signed is None:
+            return None
+        return wire.MaskKey(signed.site, signed.public, signed.signature, self.certificate)
 
     def round_stamp(self, round_num: int) -> Stamp:
         return Stamp(self.joined.job, round_num, SERVER, self.joined.roster)
@@ -183,7 +203,7 @@ class Site:
                     continue
                 if kind == "wait":
                     continue
-                if kind not in ("train", "seal", "apply"):
+                if kind not in ("train", "seal", "correct", "apply"):
                     raise SecAggError(
                         f"the server asked for '{kind}', which this secagg does not know; run "
                         "the same secagg release on the server and every site"
@@ -195,8 +215,11 @@ class Site:
                     tell_failed(self.connection, str(err))
                     raise
                 except PayloadError as err:
-                    if kind == "apply":
-                        raise  # an aggregate that fails its checks must stop this site
+                    if kind == "apply" or err.reason == "bad-key":
+                        # An aggregate that fails its checks, or a substituted mask key, must
+                        # stop this site; the server hears why.
+                        tell_failed(self.connection, str(err))
+                        raise
                     self.log(
                         f"round {task['round']}: the server refused this site's payload: {err}"
                     )
@@ -215,10 +238,50 @@ class Site:
 
     def do_train(self, task: dict[str, Any]) -> None:
         round_num = int(task["round"])
+        stamp = self.round_stamp(round_num).for_sender(self.joined.index)
+        peers = self._peers(task)
+        if peers is None:
+            return
         self.log(f"round {round_num}: training")
-        reply = self.client.train(self.round_stamp(round_num).for_sender(self.joined.index))
+        nonce = bytes.fromhex(str(task.get("nonce", "")))
+        reply = self.client.train(stamp, peers, nonce)
         header = wire.UploadHeader(int(task["id"]), reply.num_samples, reply.metrics, reply.seconds)
         self.connection.upload(header.to_wire(), reply.scales or b"")
+
+    def _peers(self, task: dict[str, Any]) -> list[SignedKey | None] | None:
+        """The round's relayed mask keys, each peer's certificate checked against the CA
+        (``[]``: the job does not mask); None when the keys predate this site's own (it
+        joined again after the round began): it sits the round out."""
+        if self.identities is None:
+            return []
+        keys = wire.relayed_keys(task.get("keys"), self.joined.roster)
+        own, mine = keys[self.joined.index], self.mask_key()
+        if own is None or mine is None or own.public != mine.public:
+            self.log(f"round {task['round']}: its mask keys predate this site's; sitting it out")
+            return None
+        for position, key in enumerate(keys):
+            if key is None or position == self.joined.index:
+                continue
+            if key.site != position:
+                raise PayloadError(
+                    f"the mask key relayed at {self.identities.name(position)}'s position is "
+                    f"{self.identities.name(key.site)}'s",
+                    "bad-key",
+                )
+            self.identities.learn(key.site, key.certificate)
+        return [None if key is None else key.signed() for key in keys]
+
+    def do_correct(self, task: dict[str, Any]) -> None:
+        round_num = int(task["round"])
+        stamp = self.round_stamp(round_num).for_sender(self.joined.index)
+        if task.get("phase") == "scales":
+            stamp = stamp.scales()
+        dropped = task.get("dropped")
+        if not isinstance(dropped, list) or not all(isinstance(p, int) for p in dropped):
+            raise PayloadError("a correct task must name the dropped sites", "bad-plan")
+        payload = self.client.correct(stamp, tuple(dropped))
+        self.log(f"round {round_num}: correcting the masks of {len(dropped)} lost site(s)")
+        self.connection.upload(wire.UploadHeader(int(task["id"])).to_wire(), payload)
 
     def do_seal(self, task: dict[str, Any]) -> None:
         round_num = int(task["round"])

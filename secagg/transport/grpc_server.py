@@ -9,11 +9,15 @@ RPC handlers run in gRPC's thread pool and meet the round loop in ``Coordinator`
 - the whole payload is then checked like the sum would (``ServerCipher.check``) before it is
   queued, so the sum sees only payloads it will accept, and the site hears why it was refused;
 - fewer than ``min_clients`` deliveries fail the round (``RoundFailed``), and the round loop
-  starts it again.
+  starts it again;
+- when the sites mask (``masking``), the train task relays every site's signed mask key and
+  certificate, by position, with a fresh attempt nonce; a phase that lost a site asks its
+  contributors for corrections (a ``correct`` task), and refuses the lost site's late upload.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from concurrent import futures
 from contextlib import contextmanager
@@ -22,12 +26,12 @@ from typing import Any
 import grpc
 
 from secagg.crypto import Stamp, envelope, ledger
-from secagg.errors import ConfigError, PayloadError, SecAggError
+from secagg.errors import PayloadError, SecAggError
 from secagg.messages import ApplyReply, EvalReply, FitReply, TrainReply
 from secagg.provision import Kit
 from secagg.rounds import RoundFailed
 from secagg.transport import grpc_wire as wire
-from secagg.transport.coordinator import POLL_SECONDS, Coordinator, Site, Upload
+from secagg.transport.coordinator import POLL_SECONDS, Coordinator, Site, Task, Upload
 from secagg.transport.limits import Busy, SiteLimits, Watchdog, pool_size
 
 
@@ -103,14 +107,17 @@ class Service:
                 header = wire.UploadHeader.from_wire(_message(_first(requests)))
                 watchdog.progress()
                 task, stamp, values = self.c.check_upload(site, header)
+                kind = _KINDS[task.kind]
                 with self.limits.hold(site.name, "body"):
                     with watchdog.paused():  # waiting for a turn is not stalling
                         self.c.uploads.acquire()
                     try:
-                        payload = self._receive(requests, stamp, values, watchdog)
+                        size = self._size(task, stamp, values)
+                        payload = self._receive(requests, stamp, values, size, kind, watchdog)
                     finally:
                         self.c.uploads.release()
-                if values:
+                if values and kind == envelope.UPDATE:
+                    # A correction is checked whole when the round adds it (``corrected``).
                     self.c.cipher.check(payload, stamp, values)
                 self.c.deliver(task, Upload(task.id, site.index, payload, header))
             except grpc.RpcError as err:
@@ -128,12 +135,28 @@ class Service:
             return wire.encode({"ok": True})
         raise AssertionError("unreachable: the door aborts")  # pragma: no cover
 
+    def _size(self, task: Task, stamp: Stamp, values: int) -> int:
+        """The exact byte length of the upload ``task`` asks for: an update's, or a mask
+        correction's (no seed; the dropped sites it names instead)."""
+        if not values:
+            return 0
+        size = self.c.cipher.size(values, stamp)
+        if task.kind != "correct":
+            return size
+        seed = self.c.cipher.codec_for_round(stamp).seed_size
+        return size - seed + 4 * len(task.body["dropped"])
+
     def _receive(
-        self, requests: Iterator[bytes], stamp: Stamp, values: int, watchdog: Watchdog
+        self,
+        requests: Iterator[bytes],
+        stamp: Stamp,
+        values: int,
+        size: int,
+        kind: int,
+        watchdog: Watchdog,
     ) -> bytes:
         """The payload's chunks, refused at the first one whose envelope header is wrong or
-        declares any other size than the round's; never more than that size is held."""
-        size = self.c.cipher.size(values, stamp) if values else 0
+        declares any other size than ``size``; never more than that size is held."""
         if size > self.max_payload:
             raise PayloadError(
                 f"the round's payloads are {size} bytes, over this server's limit of "
@@ -147,7 +170,7 @@ class Service:
             if not checked and values:
                 head = bytes(data) + chunk[: envelope.HEADER_SIZE]
                 if len(head) >= envelope.HEADER_SIZE:
-                    self._check_header(head, stamp, values, size)
+                    self._check_header(head, stamp, values, size, kind)
                     checked = True
             if len(data) + len(chunk) > size:
                 raise PayloadError(
@@ -156,11 +179,11 @@ class Service:
             data += chunk
         return bytes(data)
 
-    def _check_header(self, head: bytes, stamp: Stamp, values: int, size: int) -> None:
+    def _check_header(self, head: bytes, stamp: Stamp, values: int, size: int, kind: int) -> None:
         """Refuse a payload whose fixed header is wrong for the round, on its first bytes."""
         declared = envelope.declared_size(head)
         codec = self.c.cipher.codec_for_round(stamp)
-        opened = envelope.read_header(head, codec, stamp, envelope.UPDATE)
+        opened = envelope.read_header(head, codec, stamp, kind)
         ledger.check_length(opened.values, values)
         if declared != size:
             raise PayloadError(
@@ -201,9 +224,13 @@ class Service:
         return wire.encode({"ok": True})
 
 
+#: What an upload for each kind of task carries.
+_KINDS = {"train": envelope.UPDATE, "seal": envelope.UPDATE, "correct": envelope.CORRECTION}
+
+
 def _code(err: PayloadError) -> grpc.StatusCode:
     """The status a refusal travels with: the site's client names it back (``_guard``)."""
-    if err.reason == "model-mismatch":
+    if err.reason in ("model-mismatch", "no-mask-key"):
         return grpc.StatusCode.FAILED_PRECONDITION
     if err.reason == "duplicate":
         return grpc.StatusCode.ALREADY_EXISTS
@@ -258,6 +285,9 @@ class GrpcTransport:
         self.grace = grace
         self._trained: frozenset[int] = frozenset()
         self._evals: list[EvalReply] = []
+        #: the round's sites handed mask keys, and its tasks by phase (``correct`` closes them)
+        self._keyed: frozenset[int] = frozenset()
+        self._phases: dict[int, Task] = {}
 
     def tensor_sizes(self) -> list[int]:
         return self.c.tensor_sizes()
@@ -266,7 +296,16 @@ class GrpcTransport:
         sites = self.c.wait_for_sites(
             round_stamp.round_num, self.min_clients, self.grace, self.timeout
         )
-        task = self.c.post("train", round_stamp.round_num, sites, job=round_stamp.job.hex())
+        masks: dict[str, Any] = {}
+        if self.c.masking:
+            # Every site's signed key, relayed by position, and a fresh attempt nonce: a round
+            # tried again masks afresh.
+            masks = {"keys": self.c.mask_keys(sites), "nonce": os.urandom(16).hex()}
+        self._keyed = sites if self.c.masking else frozenset()
+        task = self.c.post(
+            "train", round_stamp.round_num, sites, job=round_stamp.job.hex(), **masks
+        )
+        self._phases = {envelope.SCALES: task}
         replies = []
         for upload in self.c.collect(task, self.timeout):
             header = upload.meta
@@ -291,20 +330,38 @@ class GrpcTransport:
         task = self.c.post(
             "seal", round_stamp.round_num, self._trained, total_samples=total_samples
         )
+        self._phases[round_stamp.phase] = task
         sealed = set()
         for upload in self.c.collect(task, self.timeout):
             sealed.add(upload.index)
             yield FitReply(upload.index, upload.payload, upload.meta.seconds, len(upload.payload))
         self._require(sealed, round_stamp.round_num, "sent their update")
 
+    def keyed(self, round_num: int) -> frozenset[int]:
+        return self._keyed
+
     def correct(
         self, stamp: Stamp, dropped: tuple[int, ...], senders: Sequence[int]
     ) -> list[bytes]:
-        # Clients of this transport never mask (``RunConfig.validate`` refuses it), so a round
-        # never asks them for corrections.
-        raise ConfigError(
-            "masking runs in-process and with Ray only in this release; set masking = false"
+        """Close the phase to the ``dropped`` sites (a late upload of theirs is refused from
+        here on), then ask ``senders`` for their corrections; every one must come."""
+        self.c.close(self._phases[stamp.phase], dropped)
+        phase = "scales" if stamp.phase == envelope.SCALES else "update"
+        task = self.c.post(
+            "correct",
+            stamp.round_num,
+            frozenset(senders),
+            phase=phase,
+            dropped=list(dropped),
         )
+        corrections = {u.index: u.payload for u in self.c.collect(task, self.timeout)}
+        missing = [self.c.sites[p].name for p in senders if p not in corrections]
+        if missing:
+            raise RoundFailed(
+                f"round {stamp.round_num}: {', '.join(missing)} sent no mask correction in time "
+                f"for the {phase} of {len(dropped)} lost site(s); the round starts again"
+            )
+        return [corrections[p] for p in senders]
 
     def apply(self, round_stamp: Stamp, payload: bytes, scales: bytes | None) -> list[ApplyReply]:
         round_num = round_stamp.round_num

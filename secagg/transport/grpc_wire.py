@@ -11,8 +11,8 @@ Methods of ``secagg.Aggregator``:
 =========  ==============  =============================================================
 Join       unary           a site asks for the job; later says it is ready (its model's shape)
 Ping       unary           heartbeat while a site trains (the server drops silent ones)
-Task       unary           long poll: the next thing to do (train, seal, apply, done, ...)
-Upload     stream -> unary a JSON header, then a payload in chunks
+Task       unary           long poll: the next thing to do (train, seal, correct, apply, done, ...)
+Upload     stream -> unary a JSON header, then a payload (scales, update or correction) in chunks
 Download   unary -> stream an aggregate of a round, in chunks
 Report     unary           what a site measured applying an aggregate, and its evaluation
 Fail       unary           a site stops taking part, and says why (its task failed)
@@ -28,12 +28,16 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from secagg.crypto.masking import PUBLIC_BYTES, SignedKey
 from secagg.errors import PayloadError
 from secagg.messages import EvalReply, ModelSignature, Seconds, metrics
 
 SERVICE = "secagg.Aggregator"
 METHODS = ("Join", "Ping", "Task", "Upload", "Download", "Report", "Fail", "Status", "Abort")
 CHUNK = 1 << 20
+#: Bounds on a relayed mask key's parts: an ECDSA P-256 signature (DER) and a PEM certificate.
+MAX_SIGNATURE = 80
+MAX_CERTIFICATE = 8192
 #: gRPC message limits: chunks and JSON messages stay far below this.
 MESSAGE_LIMIT = 8 * CHUNK
 CHANNEL_OPTIONS = [
@@ -77,25 +81,72 @@ def upload_messages(header: dict[str, Any], payload: bytes) -> Iterable[bytes]:
 
 
 @dataclass(frozen=True)
+class MaskKey:
+    """A site's signed mask key for the job (``masking``) and its site certificate (PEM),
+    which every peer checks against the project's CA before it checks the signature."""
+
+    site: int
+    public: bytes
+    signature: bytes
+    certificate: bytes
+
+    def signed(self) -> SignedKey:
+        return SignedKey(self.site, self.public, self.signature)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "site": self.site,
+            "public": self.public.hex(),
+            "signature": self.signature.hex(),
+            "certificate": self.certificate.decode("ascii"),
+        }
+
+    @classmethod
+    def from_wire(cls, value: object) -> MaskKey:
+        if not isinstance(value, Mapping):
+            raise PayloadError("a mask key must be a mapping", "malformed")
+        certificate = value.get("certificate")
+        if not isinstance(certificate, str) or not 0 < len(certificate) <= MAX_CERTIFICATE:
+            raise PayloadError("a mask key's certificate must be a PEM text", "malformed")
+        return cls(
+            whole(value, "site"),
+            _hex(value, "public", PUBLIC_BYTES, PUBLIC_BYTES),
+            _hex(value, "signature", 8, MAX_SIGNATURE),
+            certificate.encode("ascii", errors="replace"),
+        )
+
+
+def relayed_keys(value: object, roster: int) -> list[MaskKey | None]:
+    """A train task's mask keys, one per position of the round (None: no key there)."""
+    if not isinstance(value, list) or len(value) != roster:
+        raise PayloadError(f"a masked round relays {roster} mask keys, by position", "bad-plan")
+    return [None if entry is None else MaskKey.from_wire(entry) for entry in value]
+
+
+@dataclass(frozen=True)
 class Hello:
     """A site's Join: the last round it applied, and once it is ready to take part, its
-    model's signature and parameter count (without them it only asks for the job)."""
+    model's signature and parameter count (without them it only asks for the job), and when
+    the job masks, its signed mask key."""
 
     applied: int = 0
     parameters: int = 0
     model: ModelSignature | None = None
+    mask: MaskKey | None = None
 
     def to_wire(self) -> dict[str, Any]:
         model = self.model.to_wire() if self.model is not None else None
-        return {"applied": self.applied, "parameters": self.parameters, "model": model}
+        message = {"applied": self.applied, "parameters": self.parameters, "model": model}
+        return message if self.mask is None else {**message, "mask": self.mask.to_wire()}
 
     @classmethod
     def from_wire(cls, message: Mapping[str, Any]) -> Hello:
-        model = message.get("model")
+        model, mask = message.get("model"), message.get("mask")
         return cls(
             whole(message, "applied", default=0),
             whole(message, "parameters", default=0),
             ModelSignature.from_wire(model) if model is not None else None,
+            MaskKey.from_wire(mask) if mask is not None else None,
         )
 
 
@@ -211,6 +262,18 @@ class DownloadRequest:
         if what not in ("update", "scales"):
             raise PayloadError(f"'what' must be 'update' or 'scales', not {what!r}", "malformed")
         return cls(whole(message, "round"), str(what))
+
+
+def _hex(message: Mapping[str, Any], key: str, least: int, most: int) -> bytes:
+    """Bytes a peer sent as hex, of ``least`` to ``most`` bytes, or a named refusal."""
+    value = message.get(key)
+    try:
+        data = bytes.fromhex(value) if isinstance(value, str) else None
+    except ValueError:
+        data = None
+    if data is None or not least <= len(data) <= most:
+        raise PayloadError(f"'{key}' must be {least}-{most} bytes in hex", "malformed")
+    return data
 
 
 def whole(message: Mapping[str, Any], key: str, default: int | None = None) -> int:

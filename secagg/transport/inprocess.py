@@ -11,6 +11,7 @@ built-in tasks' test set) also evaluates every round it did not train in.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Sequence
 
 from secagg.client import Client
@@ -75,10 +76,14 @@ class InProcessTransport:
         # task, by position (none when the clients do not mask).
         keys = [slot.mask_key(round_stamp.job) for slot in self.slots]
         peers = [key for key in keys if key is not None] if None not in keys else []
+        nonce = os.urandom(16)  # a round tried again masks afresh
         return [
-            slot.train(round_stamp.for_sender(position), peers)
+            slot.train(round_stamp.for_sender(position), peers, nonce)
             for position, slot in self._each("train", self.slots)
         ]
+
+    def keyed(self, round_num: int) -> frozenset[int]:
+        return frozenset(range(self.roster))
 
     def correct(
         self, stamp: Stamp, dropped: tuple[int, ...], senders: Sequence[int]

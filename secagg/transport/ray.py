@@ -65,7 +65,6 @@ class ClientActor:
         from secagg.client import Client, resolve_device
         from secagg.task import simulated_site
 
-        os.environ["SECAGG_WORKERS"] = "1"  # one process per client: no CKKS worker pool
         torch.set_num_threads(max(1, math.ceil(config.client_cpus)))
         self.config = config
         self.site_for = simulated_site
@@ -93,8 +92,8 @@ class ClientActor:
     def mask_key(self, job: bytes) -> SignedKey | None:
         return self.client.mask_key(job)
 
-    def train(self, stamp: Stamp, peers: list[SignedKey]) -> TrainReply:
-        return self.client.train(stamp, peers)
+    def train(self, stamp: Stamp, peers: list[SignedKey], nonce: bytes) -> TrainReply:
+        return self.client.train(stamp, peers, nonce)
 
     def correct(self, stamp: Stamp, dropped: tuple[int, ...]) -> bytes:
         return self.client.correct(stamp, dropped)
@@ -228,8 +227,9 @@ class RayTransport:
         # with the train task; none when the clients do not mask.
         keys = self._get([slot.mask_key.remote(round_stamp.job) for slot in self.slots])
         peers = self.ray.put([] if None in keys else keys)
+        nonce = os.urandom(16)  # a round tried again masks afresh
         calls = [
-            (position, slot, slot.train.remote(round_stamp.for_sender(position), peers))
+            (position, slot, slot.train.remote(round_stamp.for_sender(position), peers, nonce))
             for position, slot in enumerate(self.slots)
         ]
         replies, alive = [], []
@@ -241,6 +241,9 @@ class RayTransport:
         self._require(len(replies), round_stamp.round_num, "trained")
         self._round = alive
         return replies
+
+    def keyed(self, round_num: int) -> frozenset[int]:
+        return frozenset(range(self.roster))
 
     def seal(
         self, round_stamp: Stamp, total_samples: int, scales: bytes | None

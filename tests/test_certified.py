@@ -1,0 +1,152 @@
+"""Mask keys signed with the sites' certificate keys (``secagg.crypto.certified``), and the
+network server's round state for masked rounds (``transport.coordinator``), without processes."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from conftest import round_of
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from secagg.crypto.certified import CertifiedIdentities
+from secagg.crypto.masking import Masker, SignedKey
+from secagg.errors import PayloadError
+from secagg.provision import Kit, _ca_certificate, _leaf_certificate, _pem_cert, load_kit, provision
+
+SITES = ["site-1", "site-2", "site-3"]
+
+
+@pytest.fixture(scope="module")
+def kits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return provision(tmp_path_factory.mktemp("project"), "localhost:9000", SITES)
+
+
+def _site(kits: dict[str, Path], name: str) -> tuple[Kit, CertifiedIdentities, Masker]:
+    kit = load_kit(kits[name], "client")
+    identities = CertifiedIdentities(kit.roster, kit.index, kit.private_key, kit.ca)
+    return kit, identities, Masker(identities.signer, identities.verifier, identities.name)
+
+
+def _agree(kits: dict[str, Path], relayed: dict[int, tuple[SignedKey, bytes]]) -> None:
+    """site-1 checks the relayed certificates and agrees masks with the relayed keys."""
+    _, identities, masker = _site(kits, "site-1")
+    stamp = round_of(1, roster=3)
+    own = masker.publish(stamp.job, 0)
+    for site, (_, certificate) in relayed.items():
+        identities.learn(site, certificate)
+    masker.agree(stamp.for_sender(0), [own, relayed[1][0], relayed[2][0]])
+
+
+def _genuine(kits: dict[str, Path]) -> dict[int, tuple[SignedKey, bytes]]:
+    keys = {}
+    for index in (1, 2):
+        kit, _, masker = _site(kits, SITES[index])
+        keys[index] = (masker.publish(round_of(1, roster=3).job, index), kit.certificate)
+    return keys
+
+
+def test_keys_signed_with_site_certificates_agree(kits: dict[str, Path]) -> None:
+    _agree(kits, _genuine(kits))
+
+
+def test_a_swapped_key_is_caught_by_its_signature(kits: dict[str, Path]) -> None:
+    relayed = _genuine(kits)
+    key, certificate = relayed[2]
+    relayed[2] = (replace(key, public=bytes(32)), certificate)
+    with pytest.raises(PayloadError, match="site-3's mask key is not signed by its site key"):
+        _agree(kits, relayed)
+
+
+def test_a_certificate_of_another_ca_is_caught_though_its_signature_verifies(
+    kits: dict[str, Path],
+) -> None:
+    """A server that makes its own CA and a site-2 certificate under it, and signs a key of
+    its own with that certificate's key: the key verifies, the certificate does not."""
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = _ca_certificate(ca_key, "secagg")
+    forged = _pem_cert(_leaf_certificate(key, ca_key, ca, "site-2", "client", "secagg", "x"))
+    mallory = Masker(lambda site: key, lambda site: key.public_key())
+    relayed = _genuine(kits)
+    relayed[1] = (mallory.publish(round_of(1, roster=3).job, 1), forged)
+    with pytest.raises(PayloadError, match="site-2's relayed certificate is not signed by this"):
+        _agree(kits, relayed)
+
+
+@pytest.mark.parametrize("impostor", ["site-3", "server", "admin"])
+def test_another_partys_certificate_is_caught_by_name(kits: dict[str, Path], impostor: str) -> None:
+    """A certificate the project's CA did sign, of another site or of the server, relayed in
+    site-2's place (with a key that party signed)."""
+    relayed = _genuine(kits)
+    certificate = kits[impostor] / f"{'client' if impostor == 'site-3' else impostor}.pem"
+    relayed[1] = (relayed[1][0], certificate.read_bytes())
+    with pytest.raises(PayloadError, match=f"site-2's relayed certificate names '{impostor}'"):
+        _agree(kits, relayed)
+
+
+def test_a_site_signs_for_itself_only_and_needs_a_relayed_certificate(
+    kits: dict[str, Path],
+) -> None:
+    _, identities, _ = _site(kits, "site-1")
+    with pytest.raises(PayloadError, match="this site is site-1; it cannot sign for site-2"):
+        identities.signer(1)
+    with pytest.raises(PayloadError, match="no certificate was relayed with site-3's mask key"):
+        identities.verifier(2)
+    with pytest.raises(PayloadError, match="site-2's relayed certificate is not a certificate"):
+        identities.learn(1, b"-----BEGIN CERTIFICATE-----\nnot one\n")
+
+
+# --- the network server's round state ---------------------------------------------------------
+
+
+def _coordinator(kits: dict[str, Path], tmp_path: Path):  # type: ignore[no-untyped-def]
+    from secagg.crypto.plain import PlainCipher
+    from secagg.transport.coordinator import Coordinator
+
+    kit = load_kit(kits["server"], "server")
+    config = {"he": True, "masking": True}
+    return Coordinator(kit, PlainCipher(), config, bytes(16), tmp_path, 0, 60.0, 1000)
+
+
+def test_the_server_takes_only_each_sites_own_mask_key(kits: dict[str, Path], tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from secagg.messages import ModelSignature
+    from secagg.transport.grpc_wire import Hello, MaskKey
+
+    coordinator = _coordinator(kits, tmp_path)
+    model = ModelSignature([("w", (4,), "float32")], "d")
+    site = coordinator.sites[1]
+    with pytest.raises(PayloadError, match="site-2 sent no mask key, and this job masks"):
+        coordinator.join(site, Hello(model=model))
+    with pytest.raises(PayloadError, match="site-2 is site 1 of the roster, not 2"):
+        coordinator.join(site, Hello(model=model, mask=MaskKey(2, bytes(32), bytes(70), b"-")))
+    assert not site.joined
+
+
+def test_a_late_upload_is_refused_once_its_phase_was_corrected(
+    kits: dict[str, Path], tmp_path: Path
+) -> None:
+    """site-3's update arrives after the round closed the update phase for its dropout: refused
+    by round state (``late-update``), while the corrections are taken."""
+    from secagg.crypto.envelope import UPDATE_PHASE
+    from secagg.messages import ModelSignature
+    from secagg.transport.grpc_wire import Hello, MaskKey, UploadHeader
+
+    coordinator = _coordinator(kits, tmp_path)
+    model = ModelSignature([("w", (4,), "float32")], "d")
+    for site in coordinator.sites:
+        key = MaskKey(site.index, bytes(32), bytes(70), b"-")
+        coordinator.join(site, Hello(model=model, mask=key))
+    assert [k and k["site"] for k in coordinator.mask_keys(frozenset({0, 2}))] == [0, None, 2]
+    everyone = frozenset({0, 1, 2})
+    seal = coordinator.post("seal", 1, everyone, total_samples=30)
+    coordinator.close(seal, (2,))
+    correct = coordinator.post("correct", 1, frozenset({0, 1}), phase="update", dropped=[2])
+    late = coordinator.sites[2]
+    with pytest.raises(PayloadError, match="site-3's upload is late") as caught:
+        coordinator.check_upload(late, UploadHeader(seal.id))
+    assert caught.value.reason == "late-update"
+    with pytest.raises(PayloadError, match="not asked for this round"):
+        coordinator.check_upload(late, UploadHeader(correct.id))
+    task, stamp, values = coordinator.check_upload(coordinator.sites[0], UploadHeader(correct.id))
+    assert (task, stamp.sender, stamp.phase, values) == (correct, 0, UPDATE_PHASE, 4)
