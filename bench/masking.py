@@ -123,7 +123,7 @@ def main() -> None:
         )
         (out / "runs").mkdir()
         runs = out / "runs"
-        for masking in (False, True):  # warm-up: imports, data, worker processes
+        for masking in (False, True):  # warm-up: imports, data, compiled kernels
             _run(replace(config, rounds=1), masking, runs, [])
         results: dict[bool, list[RoundMetrics]] = {False: [], True: []}
         cpu: dict[bool, list[float]] = {False: [], True: []}

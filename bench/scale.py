@@ -25,11 +25,10 @@ also ``ray.init`` and one actor's cold start alone, split into imports and ``loa
 round's seconds (``RoundMetrics.round_seconds``: median and range; round 1 is also shown
 apart, since on Ray it holds every actor's first training step), bytes per round (up and down,
 as the transport counts them), and memory, sampled every 0.2 s and at each round's end: the
-driver's RSS and its peak (VmHWM), the RSS of the driver's other descendants (CKKS worker
-processes in-process), and for Ray the summed RSS and USS (private memory) of the client actor
-processes. RSS counts shared libraries once per process; USS does not.
-
-Writes ``bench/results/scale-<timestamp>.{md,json}`` and prints the markdown table.
+driver's RSS and its peak (VmHWM), the RSS of the driver's other descendants, and for Ray the
+summed RSS and USS (private memory) of the client actor processes. RSS counts shared libraries
+once per process; USS does not. Writes ``bench/results/scale-<timestamp>.{md,json}`` and prints
+the markdown table.
 """
 
 from __future__ import annotations

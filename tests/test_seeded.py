@@ -150,6 +150,26 @@ def test_ciphertexts_never_share_c1(ckks_pair) -> None:
     assert len(set(bodies)) == 3
 
 
+def test_prepared_encryptions_are_used_once_and_decrypt_exactly(ckks_pair) -> None:
+    """Encryptions of zero prepared in the background (``precompute``, as a client does before
+    training) serve one payload each: the same phase encrypted twice (a retried upload) gets
+    two seeds and two c0's, and both decrypt to the update."""
+    client, server = ckks_pair
+    stamp = round_of(3, roster=1)
+    values = np.rint(np.random.default_rng(8).uniform(-500, 500, 30_000))
+    client.precompute(stamp, values.size)
+    client.precompute(stamp, values.size)
+    first, second = (client.encrypt(Update(values, 1.0), stamp.for_sender(0)) for _ in range(2))
+    third = client.encrypt(Update(values, 1.0), stamp.for_sender(0))  # none prepared: made now
+    seeds = {seeds_of(p)[0] for p in (first, second, third)}
+    assert len(seeds) == 3
+    n = client._shape.poly_modulus_degree
+    assert len({p[-32 - 2 * 8 * n : -32] for p in (first, second, third)}) == 3
+    for payload in (first, second, third):
+        total = client.decrypt(server.sum([payload], stamp), stamp)
+        assert np.array_equal(total.values, values)
+
+
 @pytest.fixture(scope="module")
 def three(ckks_pair):  # type: ignore[no-untyped-def]
     client, server = ckks_pair

@@ -20,7 +20,9 @@ integrity tag's vector), so what is left after training is packing and one addit
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -198,38 +200,41 @@ def _entries(values: int, stamp: Stamp) -> int:
     return values + stamp.roster + ledger.TAIL
 
 
+#: One background thread per process prepares every client's encryptions (a simulation holds
+#: many clients; a deployed site, one).
+_BACKGROUND = ThreadPoolExecutor(1, thread_name_prefix="secagg-precompute")
+
+
 class _Zeros:
-    """Encryptions of zero made ahead of time in one background thread, each used once.
+    """Encryptions of zero made ahead of time in the background thread, each used once.
 
     The thread runs numba kernels and AES, which release the GIL: it prepares the next payload
     while the client's model trains. A payload whose size was not prepared makes its own."""
 
     def __init__(self, secret: rlwe.SecretKey) -> None:
         self._secret = secret
-        self._executor: ThreadPoolExecutor | None = None
-        self._ready: dict[int, list[Future[tuple[bytes, np.ndarray]]]] = {}
+        self._ready: dict[int, deque[Future[tuple[bytes, np.ndarray]]]] = {}
+        self._lock = threading.Lock()
 
-    def submit(self, work: Callable[..., object], *args: object) -> None:
+    @staticmethod
+    def submit(work: Callable[..., object], *args: object) -> None:
         """Run ``work(*args)`` in the background thread (for caches it fills)."""
-        self._pool().submit(work, *args)
+        _BACKGROUND.submit(work, *args)
 
     def prepare(self, count: int) -> None:
-        queue = self._ready.setdefault(count, [])
-        if len(queue) < _PREPARED_PER_SIZE:
-            queue.append(self._pool().submit(self._make, count))
+        with self._lock:
+            queue = self._ready.setdefault(count, deque())
+            if len(queue) < _PREPARED_PER_SIZE:
+                queue.append(_BACKGROUND.submit(self._make, count))
 
     def take(self, count: int) -> tuple[bytes, np.ndarray]:
-        """A fresh seed and its ``count`` encryptions of zero, never handed out twice."""
-        queue = self._ready.get(count)
-        if queue:
-            return queue.pop(0).result()
-        return self._make(count)
+        """A fresh seed and its ``count`` encryptions of zero, never handed out twice (each
+        is removed from the queue before it is used)."""
+        with self._lock:
+            queue = self._ready.get(count)
+            prepared = queue.popleft() if queue else None
+        return prepared.result() if prepared is not None else self._make(count)
 
     def _make(self, count: int) -> tuple[bytes, np.ndarray]:
         seed = seeded.fresh_seed()
         return seed, self._secret.encrypt_zero(seed, count)
-
-    def _pool(self) -> ThreadPoolExecutor:
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="secagg-precompute")
-        return self._executor

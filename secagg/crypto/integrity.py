@@ -18,7 +18,7 @@ hold the secret key the server lacks, check the summed tag against the decrypted
 - **Tag**: ``t_i = <r, v_i> mod P`` over every integer the client encrypts (its quantized
   digits, tally, weight, clipped count and round tag), sent as three 21-bit limbs in three
   tail slots; summed over up to 1,024 clients the limbs stay below 2**31, far below the
-  packings' tail limits (2**40 and 2**38).
+  packings' tail limits (2**41 and 2**37).
 - **Check**: ``(lo + 2**21 mid + 2**42 hi) mod P == <r, decrypted sum> mod P``, exact integer
   arithmetic, so an honest aggregate never fails it (false-alarm rate 0).
 
@@ -77,7 +77,7 @@ class MacKey:
         self._lock = threading.Lock()
 
     def seal(self, stamp: Stamp, digits: np.ndarray, whole: np.ndarray) -> np.ndarray:
-        """The tag of one client's entries, as the two whole numbers (float64) it sends."""
+        """The tag of one client's entries, as the three 21-bit limbs (float64) it sends."""
         tag = self._tag(stamp, digits, whole)
         limbs = [(tag >> (_LIMB * i)) & _LIMB_MASK for i in range(SLOTS)]
         return np.array(limbs, dtype=np.float64)

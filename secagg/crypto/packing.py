@@ -189,9 +189,6 @@ def _integers(values: np.ndarray, what: str) -> np.ndarray:
     return values
 
 
-#: The codec's one setting: three 14-bit digits per slot at scale 2**17, up to 128 clients.
-
-
 #: Rounds of up to 128 clients: three 14-bit digits per slot at scale 2^17.
 PACKED = PackedParams()
 #: Rounds of 129 to 1,024 clients: the summed noise of up to 1,024 ciphertexts needs scale

@@ -49,7 +49,12 @@ class SecretKey:
             raise KeyFileError("the secret key does not match the context's parameters")
         self.shape = shape
         self.modulus, self.n = shape.modulus, shape.poly_modulus_degree
-        self._ntt = transform(self.n, self.modulus)
+        try:
+            self._ntt = transform(self.n, self.modulus)
+        except ValueError as err:
+            raise KeyFileError(
+                f"these CKKS parameters cannot be used ({err}); run 'secagg keygen'"
+            ) from err
         self._s, self._s_shoup = words, shoup(words, shape.modulus)
 
     def encrypt_zero(self, seed: bytes, count: int) -> np.ndarray:

@@ -215,9 +215,15 @@ class Site:
                     tell_failed(self.connection, str(err))
                     raise
                 except PayloadError as err:
-                    if kind == "apply" or err.reason == "bad-key":
-                        # An aggregate that fails its checks, or a substituted mask key, must
-                        # stop this site; the server hears why.
+                    if (
+                        kind == "apply"
+                        or err.reason == "bad-key"
+                        or isinstance(err, _AggregateRefused)
+                    ):
+                        # An aggregate that fails its checks (the update's, or the scales'
+                        # while sealing), or a substituted mask key, must stop this site; the
+                        # server hears why. A site that went on would tell a server trying
+                        # aggregates on it, one bit a time, which ones decrypt.
                         tell_failed(self.connection, str(err))
                         raise
                     self.log(
@@ -287,7 +293,12 @@ class Site:
         round_num = int(task["round"])
         scales = self._fetch_scales(round_num)
         stamp = self.round_stamp(round_num).for_sender(self.joined.index)
-        reply = self.client.seal(stamp, int(task["total_samples"]), scales)
+        try:
+            reply = self.client.seal(stamp, int(task["total_samples"]), scales)
+        except PayloadError as err:
+            if err.reason == "bad-plan":
+                raise
+            raise _AggregateRefused(str(err), err.reason) from err  # the scales failed a check
         header = wire.UploadHeader(int(task["id"]), seconds=reply.seconds)
         self.log(f"round {round_num}: sending {reply.size / 1e6:.1f} MB")
         self.connection.upload(header.to_wire(), reply.payload)
@@ -358,3 +369,7 @@ def check_keys(joined: Joined, fingerprint: bytes) -> None:
             "this site's CKKS keys are not the server's (key fingerprints differ); use the "
             "kits of one 'secagg provision'"
         )
+
+
+class _AggregateRefused(PayloadError):
+    """An aggregate this site decrypted failed its checks (not a refusal by the server)."""
