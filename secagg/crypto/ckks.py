@@ -33,7 +33,7 @@ from secagg.crypto import envelope, integrity, ledger, rlwe, seal_format, seeded
 from secagg.crypto.ckks_server import TAIL, blobs_for, codec_for, open_payload
 from secagg.crypto.envelope import AGGREGATE, CORRECTION, UPDATE, Stamp
 from secagg.crypto.ledger import Aggregate, Update
-from secagg.crypto.masking import Masker
+from secagg.crypto.masking import Masker, MaskPlan
 from secagg.crypto.packing import PACKED, WIDE, packing_for
 from secagg.crypto.params import CkksParams, Keys
 from secagg.errors import KeyFileError, PayloadError
@@ -100,6 +100,8 @@ class CkksClient:
         self._secret = rlwe.SecretKey(keys.context, self._shape)
         self._mac = integrity.MacKey(keys.context)
         self._zeros = _Zeros(self._secret)
+        #: masks expanded ahead of time, by (job, round, phase): their plan and the words
+        self._masks: dict[tuple[bytes, int, int], tuple[MaskPlan, Future[np.ndarray]]] = {}
         #: the largest magnitude a summed integer may reach in a round of up to 128 clients
         #: (``sum_limit_for`` says it for any round)
         self.sum_limit: int = PACKED.sum_limit
@@ -120,6 +122,15 @@ class CkksClient:
         count, _ = blobs_for(self._shape, stamp.roster)(values)
         self._zeros.prepare(count)
         self._zeros.submit(self._mac.vector, stamp, _entries(values, stamp))
+        if self.masker is not None and self.masker.active(stamp):
+            # The mask is the pairs' PRG words: known once the round's keys are agreed.
+            plan = self.masker.plan(stamp)
+            n, q = self._shape.poly_modulus_degree, self._shape.modulus
+            words = _BACKGROUND.submit(plan.words, count, n, q)
+            stale = [key for key in self._masks if key[1] < stamp.round_num]
+            for key in stale:  # a phase this client never sent (it dropped out)
+                del self._masks[key]
+            self._masks[(stamp.job, stamp.round_num, stamp.phase)] = (plan, words)
 
     def encrypt(self, update: Update, stamp: Stamp) -> bytes:
         start = time.perf_counter()
@@ -135,7 +146,9 @@ class CkksClient:
         message = rlwe.encode(slots.astype(np.int64), count, n, packing.scale_bits, q)
         seal_format.add_mod(c0, message, q)
         if self.masker is not None and self.masker.active(stamp):
-            seal_format.add_mod(c0, self.masker.mask(stamp, count, n, q), q)
+            ahead = self._masks.pop((stamp.job, stamp.round_num, stamp.phase), None)
+            prepared = None if ahead is None else (ahead[0], ahead[1].result())
+            seal_format.add_mod(c0, self.masker.mask(stamp, count, n, q, prepared), q)
         encrypted = time.perf_counter()
         codec = self.codec_for_round(stamp)
         payload = envelope.to_bytes(

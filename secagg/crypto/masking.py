@@ -169,10 +169,24 @@ class Masker:
         """Whether this client agreed masks for ``stamp``'s round."""
         return self._round is not None and self._round[0] == (stamp.job, stamp.round_num)
 
-    def mask(self, stamp: Stamp, count: int, n: int, modulus: int) -> np.ndarray:
+    def plan(self, stamp: Stamp) -> MaskPlan:
+        """What this client's mask for ``stamp``'s phase is made of (its PRG keys), so that it
+        can be expanded ahead of time (``MaskPlan.words``); it marks nothing as used."""
+        return self._plan(stamp, None, negate=False)
+
+    def mask(
+        self,
+        stamp: Stamp,
+        count: int,
+        n: int,
+        modulus: int,
+        prepared: tuple[MaskPlan, np.ndarray] | None = None,
+    ) -> np.ndarray:
         """``(count, n)`` words: this client's mask for the phase's ciphertexts ``0..count-1``;
         once per (round, phase): a second payload under the same mask would give away the
-        difference of the two to any key holder (a retried round stops here, by name)."""
+        difference of the two to any key holder (a retried round stops here, by name).
+        ``prepared``: a plan and the words it expanded to ahead of time, used when the plan is
+        still this phase's."""
         key = (stamp.job, stamp.round_num, self._nonce, stamp.phase)
         if key in self._masked:
             raise PayloadError(
@@ -180,8 +194,11 @@ class Masker:
                 "phase; masking another under the same masks would reveal their difference",
                 "mask-reused",
             )
+        plan = self._plan(stamp, None, negate=False)
         self._masked.add(key)
-        return self._pairs(stamp, None, count, n, modulus, negate=False)
+        if prepared is not None and prepared[0] == plan and prepared[1].shape == (count, n):
+            return prepared[1]
+        return plan.words(count, n, modulus)
 
     def correct(
         self, stamp: Stamp, dropped: tuple[int, ...], count: int, n: int, modulus: int
@@ -222,6 +239,9 @@ class Masker:
         *,
         negate: bool,
     ) -> np.ndarray:
+        return self._plan(stamp, only, negate=negate).words(count, n, modulus)
+
+    def _plan(self, stamp: Stamp, only: tuple[int, ...] | None, *, negate: bool) -> MaskPlan:
         if self._round is None or not self.active(stamp):
             raise PayloadError(f"no mask keys were agreed for round {stamp.round_num}", "bad-plan")
         _, own, secrets = self._round
@@ -230,16 +250,28 @@ class Masker:
             raise PayloadError(f"clients {list(chosen)} are not all in the round", "bad-plan")
         keys = [_prg_key(secrets[position], stamp, self._nonce) for position in chosen]
         # A pair's words are added by the lower position and subtracted by the higher (and the
-        # other way round in a correction): sum each side lazily, subtract once.
+        # other way round in a correction).
         adds = [(own < position) != negate for position in chosen]
+        plus = tuple(k for k, a in zip(keys, adds, strict=True) if a)
+        minus = tuple(k for k, a in zip(keys, adds, strict=True) if not a)
+        return MaskPlan(plus, minus)
+
+
+@dataclass(frozen=True)
+class MaskPlan:
+    """The PRG keys of one client's mask in one phase: words it adds and words it subtracts.
+    A pure value: expanding it (``words``) needs no state, so it can run in the background."""
+
+    plus: tuple[bytes, ...]
+    minus: tuple[bytes, ...]
+
+    def words(self, count: int, n: int, modulus: int) -> np.ndarray:
+        """``(count, n)`` words mod q: each side summed lazily, subtracted once."""
         q = np.uint64(modulus)
         out = np.empty((count, n), dtype="<u8")
         for index in range(count):
-            plus = _lazy_sum((k for k, a in zip(keys, adds, strict=True) if a), index, n, modulus)
-            minus = _lazy_sum(
-                (k for k, a in zip(keys, adds, strict=True) if not a), index, n, modulus
-            )
-            row = plus + (q - minus)  # below 2q < 2**64
+            row = _lazy_sum(self.plus, index, n, modulus)
+            row += q - _lazy_sum(self.minus, index, n, modulus)  # below 2q < 2**64
             np.subtract(row, q, out=row, where=row >= q)
             out[index] = row
         return out
