@@ -2,7 +2,7 @@
 # The headline job on a GPU, HE and plaintext, in one command (issue 13, target 4):
 #
 #     bash bench/gpu.sh                 # on a CUDA machine: about 3-5 minutes after the install
-#     DEVICE=cpu ROUNDS=1 bash bench/gpu.sh   # the same script on a CPU, to check it runs
+#     DEVICE=cpu JOB=jobs/digits.toml bash bench/gpu.sh   # the script on a CPU, a small job
 #
 # Training runs on the GPU (the job's device is "auto"); encryption runs on the CPU cores, and
 # its costly part (the encryptions of zero) in a background thread while the model trains. The
@@ -21,7 +21,7 @@ args=(--no-memory --repeats 1 --no-tracking --out "$OUT")
 [[ -n "${KEYS:-}" ]] && args+=(--keys "$KEYS")
 job=$(mktemp --suffix=.toml)
 trap 'rm -f "$job"; [[ -n "${smi:-}" ]] && kill "$smi" 2>/dev/null || true' EXIT
-sed "s/^device = .*//" jobs/bench_moderate_cnn.toml > "$job"
+sed "s/^device = .*//" "${JOB:-jobs/bench_moderate_cnn.toml}" > "$job"
 echo "device = \"${DEVICE:-auto}\"" >> "$job"
 if command -v nvidia-smi > /dev/null; then
   nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader -lms 250 \
