@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 import time
@@ -46,6 +47,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run_grid(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
     """One run per (alpha, optimizer, mode); each row holds its accuracy per round."""
+    from secagg.errors import TaskError
     from secagg.job import run_job
 
     base = load_job(args.job)
@@ -67,13 +69,19 @@ def run_grid(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
                     output_dir=str(out / f"{alpha:g}-{name}-{'he' if he else 'plain'}"),
                 ).validate()
                 start = time.perf_counter()
-                result = run_job(config)
+                try:
+                    accuracy = [r.accuracy for r in run_job(config).rounds]
+                    failed = None
+                except TaskError as err:  # a run that diverged is a result, not a crash
+                    accuracy, failed = [math.nan] * config.rounds, str(err)
+                    print(f"  failed: {failed}", file=sys.stderr)
                 rows.append(
                     {
                         "alpha": alpha,
                         "optimizer": name,
                         "he": he,
-                        "accuracy": [r.accuracy for r in result.rounds],
+                        "accuracy": accuracy,
+                        "failed": failed,
                         "seconds": time.perf_counter() - start,
                     }
                 )
