@@ -469,7 +469,7 @@ class ManualSite:
                     self.connection.upload(header, first_update)
             self.connection.upload(header, reply.payload)
             # the same one twice: a duplicate, or stale once its upload closed the phase
-            with pytest.raises(PayloadError, match="duplicate|stale or replayed"):
+            with pytest.raises(PayloadError, match=r"duplicate|stale or replayed"):
                 self.connection.upload(header, reply.payload)
             first_update = first_update or reply.payload
 
