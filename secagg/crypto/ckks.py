@@ -23,7 +23,6 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -121,7 +120,7 @@ class CkksClient:
         tag's vector. ``encrypt`` waits for them if they are not ready (or makes them)."""
         count, _ = blobs_for(self._shape, stamp.roster)(values)
         self._zeros.prepare(count)
-        self._zeros.submit(self._mac.vector, stamp, _entries(values, stamp))
+        _BACKGROUND.submit(self._mac.vector, stamp, _entries(values, stamp))
         if self.masker is not None and self.masker.active(stamp):
             # The mask is the pairs' PRG words: known once the round's keys are agreed.
             plan = self.masker.plan(stamp)
@@ -228,11 +227,6 @@ class _Zeros:
         self._secret = secret
         self._ready: dict[int, deque[Future[tuple[bytes, np.ndarray]]]] = {}
         self._lock = threading.Lock()
-
-    @staticmethod
-    def submit(work: Callable[..., object], *args: object) -> None:
-        """Run ``work(*args)`` in the background thread (for caches it fills)."""
-        _BACKGROUND.submit(work, *args)
 
     def prepare(self, count: int) -> None:
         with self._lock:
