@@ -21,7 +21,7 @@ from test_secrets import secret_key_windows
 
 from secagg.config import RunConfig, dump_job
 from secagg.crypto import Stamp
-from secagg.errors import KeyFileError
+from secagg.errors import KeyFileError, PayloadError
 from secagg.messages import FitReply, TrainReply
 from secagg.provision import load_kit, provision
 from secagg.transport import grpc_wire as wire
@@ -619,3 +619,56 @@ def test_a_mask_key_the_server_substitutes_is_caught_by_name(tmp_path: Path) -> 
         assert "site-1 failed: site-2's relayed certificate is not signed" in out, out[-3000:]
     finally:
         _kill_all(server, *sites.values())
+
+
+class _ScriptedServer:
+    """A server as a site sees it: a seal task per round, then the end; records every call."""
+
+    def __init__(self, rounds: int) -> None:
+        self.tasks = [
+            {"kind": "seal", "id": i + 1, "round": i + 1, "total_samples": 8} for i in range(rounds)
+        ]
+        self.tasks.append({"kind": "done", "id": rounds + 1})
+        self.calls: list[tuple[str, dict]] = []
+
+    def call(self, name: str, message: dict, timeout: float = 0) -> dict:
+        self.calls.append((name, message))
+        return self.tasks.pop(0) if name == "Task" else {}
+
+    def download(self, round_num: int, what: str) -> bytes:
+        return b"scales of round %d" % round_num
+
+    def upload(self, header: dict, payload: bytes) -> None:
+        raise PayloadError("the server refused the payload: duplicate", "duplicate")
+
+
+class _Sealing:
+    """A site's client whose scale aggregate fails its checks (or whose upload is refused)."""
+
+    def __init__(self, reason: str | None) -> None:
+        self.reason = reason
+        self.config = RunConfig(he=True)
+
+    def seal(self, stamp, total_samples, scales):  # type: ignore[no-untyped-def]
+        from secagg.messages import Seconds
+
+        if self.reason is not None:
+            raise PayloadError("aggregate does not decrypt to integers", self.reason)
+        return FitReply(stamp.sender, b"update", Seconds(), 6)
+
+
+def test_a_site_stops_at_a_scale_aggregate_that_fails_its_checks() -> None:
+    """README, no decryption oracle: a scale aggregate that does not decrypt stops the site,
+    which tells the server why; a payload the server refuses does not."""
+    from secagg.transport.grpc_client import Joined, Site
+
+    joined = Joined(bytes(16), 0, 2, {}, 0, "")
+    server = _ScriptedServer(rounds=2)
+    site = Site(server, _Sealing("not-integer"), joined, Path("."), lambda line: None)  # type: ignore[arg-type]
+    with pytest.raises(PayloadError, match="does not decrypt"):
+        site.run()
+    assert [name for name, _ in server.calls if name != "Ping"] == ["Task", "Fail"]
+    server = _ScriptedServer(rounds=2)
+    refused = Site(server, _Sealing(None), joined, Path("."), lambda line: None)  # type: ignore[arg-type]
+    assert refused.run() == "done"
+    assert "Fail" not in [name for name, _ in server.calls]
