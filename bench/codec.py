@@ -276,8 +276,21 @@ def unseeded_size(payload: bytes) -> int:
 
 def run_wire(codec: CipherCodec, models: Sequence[tuple[str, str, tuple[int, ...]]]) -> list[dict]:
     """One real HE round of ``WIRE_CLIENTS`` clients per model, both phases (the scale exchange
-    and the update): bytes per value each way, measured on the payloads, next to the same
-    payloads in the earlier format (``unseeded_size``). The sum is decrypted and checked."""
+    and the update), at each ``he_precision`` (standard, fine): bytes per value each way,
+    measured on the payloads, next to the same payloads in the earlier format
+    (``unseeded_size``). The sum is decrypted and checked."""
+    fine = CipherCodec(
+        SECAGG_PACKED,
+        codec.threads,
+        CkksClient(secagg_keys.load_for_client(codec.keys_dir), precision="fine"),
+        CkksServer(secagg_keys.load_for_server(codec.keys_dir), precision="fine"),
+    )
+    return _wire(codec, models, "standard") + _wire(fine, models, "fine")
+
+
+def _wire(
+    codec: CipherCodec, models: Sequence[tuple[str, str, tuple[int, ...]]], precision: str
+) -> list[dict]:
     from secagg.crypto.quantized import QuantizedCipher
     from secagg.flatten import layout_of
     from secagg.models import build_model
@@ -307,7 +320,12 @@ def run_wire(codec: CipherCodec, models: Sequence[tuple[str, str, tuple[int, ...
         expected = np.sum([c * w for c, w in zip(changes, weights, strict=True)], axis=0)
         up = {"scales": scales[0], "update": updates[0]}
         down = {"scales": agreed, "update": total}
-        row: dict[str, Any] = {"model": label, "values": layout.size, "clients": WIRE_CLIENTS}
+        row: dict[str, Any] = {
+            "model": label,
+            "precision": precision,
+            "values": layout.size,
+            "clients": WIRE_CLIENTS,
+        }
         for way, payloads in (("up", up), ("down", down)):
             for fmt, size_of in (("seeded", len), ("unseeded", unseeded_size)):
                 sizes = {phase: size_of(payload) for phase, payload in payloads.items()}
@@ -317,7 +335,8 @@ def run_wire(codec: CipherCodec, models: Sequence[tuple[str, str, tuple[int, ...
         row["max_abs_error"] = float(np.abs(result.values - expected).max())
         rows.append(row)
         print(
-            f"  {label}: {row['up_unseeded_per_value']:.2f} -> {row['up_seeded_per_value']:.2f} "
+            f"  {label}, {precision}: {row['up_unseeded_per_value']:.2f} -> "
+            f"{row['up_seeded_per_value']:.2f} "
             f"B/value up, {row['down_unseeded_per_value']:.2f} -> "
             f"{row['down_seeded_per_value']:.2f} down",
             flush=True,
@@ -828,6 +847,7 @@ def render_markdown(results: dict) -> str:
         lines += _table(
             [
                 "model",
+                "he_precision",
                 "values",
                 "up before",
                 "up now",
@@ -838,6 +858,7 @@ def render_markdown(results: dict) -> str:
             (
                 (
                     w["model"],
+                    w.get("precision", "standard"),
                     f"{w['values']:,}",
                     f"{w['up_unseeded_per_value']:.2f}",
                     f"**{w['up_seeded_per_value']:.2f}**",

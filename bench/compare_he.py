@@ -50,7 +50,13 @@ sys.path.insert(0, str(REPO))
 
 from typing import TYPE_CHECKING  # noqa: E402
 
-from secagg.config import LR_SCHEDULES, SERVER_OPTIMIZERS, RunConfig, load_job  # noqa: E402
+from secagg.config import (  # noqa: E402
+    HE_PRECISIONS,
+    LR_SCHEDULES,
+    SERVER_OPTIMIZERS,
+    RunConfig,
+    load_job,
+)
 
 if TYPE_CHECKING:
     from secagg.records import RunResult
@@ -66,6 +72,7 @@ OPTIMIZATION = (
     "tau",
     "fedprox_mu",
     "lr_schedule",
+    "he_precision",
 )
 STEPS = ("train", "flatten", "scales", "encrypt", "aggregate", "decrypt", "evaluate")
 
@@ -90,6 +97,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tau", type=float)
     parser.add_argument("--fedprox-mu", type=float)
     parser.add_argument("--lr-schedule", choices=LR_SCHEDULES)
+    parser.add_argument(
+        "--he-precision", choices=HE_PRECISIONS, help="the HE run's packing (default: auto)"
+    )
     parser.add_argument("--keys", type=Path, default=REPO / "keys", help="HE keys (default keys/)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--tracking-uri")
@@ -328,11 +338,11 @@ def probe(role: str, config_file: Path, payload_file: Path) -> dict[str, float]:
         from secagg.client import Client, resolve_device
         from secagg.job import simulated_site
 
-        make_cipher = crypto.for_client(config.he, config.keys_dir, config.plain_precision)
+        make_cipher = crypto.for_client(config.he, config.keys_dir, config.precision)
         site = simulated_site(config, 0)
         client = Client(task_for(config), site, config, make_cipher, resolve_device(config.device))
         idle = _rss_mb()
-        server_cipher = crypto.for_server(config.he, config.keys_dir, config.plain_precision)
+        server_cipher = crypto.for_server(config.he, config.keys_dir, config.precision)
         trained = client.train(stamp.for_sender(0))
         # The client's own payloads, summed alone, stand in for the round's aggregates.
         scales = None
@@ -349,7 +359,7 @@ def probe(role: str, config_file: Path, payload_file: Path) -> dict[str, float]:
             payload_file.with_name(f"{payload_file.name}.{sender}").write_bytes(update)
     else:
         # The server process never imports torch or TenSEAL, nor loads the secret key.
-        server_cipher = crypto.for_server(config.he, config.keys_dir, config.plain_precision)
+        server_cipher = crypto.for_server(config.he, config.keys_dir, config.precision)
         idle = _rss_mb()
         files = [payload_file.with_name(f"{payload_file.name}.{i}") for i in range(config.clients)]
         size = files[0].stat().st_size

@@ -3,6 +3,7 @@ without HE, at two label skews, on one job with the same seed, partition and ini
 
     python bench/optimizers.py                  # the quick digits job, alpha 0.1 and 1.0, ~5 min
     python bench/optimizers.py --job jobs/bench_moderate_cnn.toml   # the headline job, hours
+    python bench/optimizers.py --server-lr fedadam=0.01             # one optimizer's server lr
 
 Every client applies the server optimizer to the decrypted average, so HE and plaintext runs of
 one optimizer should agree round by round; the table shows each run's accuracy per round and
@@ -39,6 +40,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--alphas", nargs="+", type=float, default=ALPHAS)
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--clients", type=int)
+    parser.add_argument(
+        "--server-lr",
+        nargs="+",
+        default=[],
+        metavar="NAME=LR",
+        help="a server lr for one optimizer, e.g. fedadam=0.01 (default: each one's own)",
+    )
     parser.add_argument("--plain-only", action="store_true", help="skip the HE runs")
     parser.add_argument("--keys", type=Path, default=REPO / "keys", help="HE keys (default keys/)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
@@ -54,6 +62,7 @@ def run_grid(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
     given = {"rounds": args.rounds, "clients": args.clients}
     base = replace(base, **{k: v for k, v in given.items() if v is not None})
     base = replace(base, tracking=False, keys_dir=str(_keys(args.keys)))
+    server_lr = _server_lrs(args.server_lr)
     modes = (False,) if args.plain_only else (False, True)
     rows = []
     for alpha in args.alphas:
@@ -65,6 +74,7 @@ def run_grid(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
                     base,
                     alpha=alpha,
                     server_optimizer=name,
+                    server_lr=server_lr.get(name),
                     he=he,
                     output_dir=str(out / f"{alpha:g}-{name}-{'he' if he else 'plain'}"),
                 ).validate()
@@ -89,6 +99,20 @@ def run_grid(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _server_lrs(given: list[str]) -> dict[str, float]:
+    """``["fedadam=0.01"]`` as ``{"fedadam": 0.01}``; a malformed one ends the script."""
+    out = {}
+    for item in given:
+        name, _, value = item.partition("=")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            sys.exit(f"--server-lr {item!r}: write NAME=LR, e.g. fedadam=0.01")
+        if name not in SERVER_OPTIMIZERS or out[name] <= 0:
+            sys.exit(f"--server-lr {item!r}: NAME is a server optimizer and LR positive")
+    return out
+
+
 def _keys(keys_dir: Path) -> Path:
     if (keys_dir / "manifest.json").exists():
         return keys_dir
@@ -101,16 +125,22 @@ def _keys(keys_dir: Path) -> Path:
     return temp
 
 
-def to_markdown(rows: list[dict[str, Any]], job: RunConfig) -> str:
+def to_markdown(
+    rows: list[dict[str, Any]], job: RunConfig, server_lr: dict[str, float] | None = None
+) -> str:
     """Accuracy per round, one line per run, and the HE-plaintext agreement per optimizer."""
     from secagg.optimizers import Hyper
+
+    lrs = server_lr or {}
 
     rounds = len(rows[0]["accuracy"])
     lines = [
         f"Job `{job.job_name}`: {job.dataset} / {job.model}, {job.clients} clients, {rounds} "
-        f"rounds, local {job.optimizer} lr {job.lr:g}, seed {job.seed}. Server optimizers at "
-        "their defaults: "
-        + ", ".join(_settings(Hyper.of(replace(job, server_optimizer=n))) for n in _names(rows))
+        f"rounds, local {job.optimizer} lr {job.lr:g}, seed {job.seed}. Server optimizers: "
+        + ", ".join(
+            _settings(Hyper.of(replace(job, server_optimizer=n, server_lr=lrs.get(n))))
+            for n in _names(rows)
+        )
         + ".",
         "",
         "| alpha | server optimizer | mode | "
@@ -197,7 +227,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     rows = run_grid(args, out / "runs" / f"optimizers-{stamp}")
     job = load_job(args.job)
-    markdown = to_markdown(rows, replace(job, clients=args.clients or job.clients))
+    markdown = to_markdown(
+        rows, replace(job, clients=args.clients or job.clients), _server_lrs(args.server_lr)
+    )
     paths = {
         "md": out / f"optimizers-{stamp}.md",
         "json": out / f"optimizers-{stamp}.json",

@@ -17,6 +17,7 @@ import click
 
 from secagg.config import (
     DATASETS,
+    HE_PRECISIONS,
     LR_SCHEDULES,
     MODELS,
     OPTIMIZERS,
@@ -80,6 +81,13 @@ _MASKING_HELP = (
     "with fewer than all other clients of a round can read one client's update; sites sign "
     "their mask keys with their site certificate (deployments) and correct for sites lost "
     f"mid-round.{_default('masking')}"
+)
+_HE_PRECISION = click.option(
+    "--he-precision",
+    type=click.Choice(HE_PRECISIONS),
+    help="With --he: quantization steps of 15 bits (standard, 2.7 bytes per parameter) or 23 "
+    "bits (fine, 4.0 bytes per parameter); auto: fine with a server optimizer other than "
+    f"fedavg.{_default('he_precision')}",
 )
 _POSITIVE = click.FloatRange(min=0, min_open=True)
 _FRACTION = click.FloatRange(0, 1, max_open=True)
@@ -189,6 +197,7 @@ def keygen(out_dir: str, force: bool, poly_degree: str, coeff_bits: str) -> None
     default=None,
     help=_MASKING_HELP,
 )
+@_HE_PRECISION
 @click.option(
     "--task",
     help="Your task by import path, package.module:TaskClass (default: the built-in "
@@ -645,6 +654,7 @@ def provision(
     help=f"CKKS secure aggregation, or plaintext FedAvg.{_default('he')}",
 )
 @click.option("--masking/--no-masking", default=None, help=_MASKING_HELP)
+@_HE_PRECISION
 @click.option(
     "--min-clients", type=click.IntRange(min=0), help="Sites a round needs [default: all]."
 )

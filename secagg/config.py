@@ -23,6 +23,8 @@ MODELS = ("mlp", "cnn", "moderate-cnn")
 OPTIMIZERS = ("sgd", "adam")
 TRANSPORTS = ("inprocess", "grpc", "ray")
 PRECISIONS = ("float32", "float64")
+#: ``he_precision``: the packed codec's digits (``secagg.crypto.packing``)
+HE_PRECISIONS = ("auto", "standard", "fine")
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
 LR_SCHEDULES = ("constant", "step", "cosine")
 
@@ -86,6 +88,11 @@ class RunConfig:
     masking: bool = True
     #: what plaintext FedAvg sends: float32 (as usual) or float64
     plain_precision: str = "float32"
+    #: with ``he``: how finely updates are quantized. ``standard``: 15-bit steps, 2.7 bytes per
+    #: parameter; ``fine``: 23-bit steps, 4.0 bytes per parameter (float32 plaintext's 4.0);
+    #: ``auto``: standard with FedAvg, fine with any other server optimizer, which carries the
+    #: rounding into later rounds or magnifies it per coordinate (``secagg.crypto.packing``)
+    he_precision: str = "auto"
     keys_dir: str = "keys"
     tracking: bool = True
     tracking_uri: str | None = None
@@ -162,6 +169,10 @@ class RunConfig:
                 f"plain_precision must be one of {', '.join(PRECISIONS)}",
             ),
             (
+                self.he_precision in HE_PRECISIONS,
+                f"he_precision must be one of {', '.join(HE_PRECISIONS)}",
+            ),
+            (
                 0 <= self.min_clients <= self.per_round,
                 "min_clients must be between 0 (all clients) and the clients per round",
             ),
@@ -192,6 +203,16 @@ class RunConfig:
 
             PACKED.check_clients(self.per_round)
         return self
+
+    @property
+    def precision(self) -> str:
+        """What the job's cipher is built with: ``plain_precision`` without HE; with HE,
+        ``he_precision`` with ``auto`` resolved (client and server resolve it alike)."""
+        if not self.he:
+            return self.plain_precision
+        if self.he_precision != "auto":
+            return self.he_precision
+        return "standard" if self.server_optimizer == "fedavg" else "fine"
 
     @property
     def per_round(self) -> int:

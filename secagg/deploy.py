@@ -88,7 +88,7 @@ def serve(
         log(f"resuming from {workdir}/")
     records = RunRecords.open(config, workdir if resume else None)
     config = records.config
-    cipher = crypto.for_server(config.he, config.keys_dir, config.plain_precision)
+    cipher = crypto.for_server(config.he, config.keys_dir, config.precision)
     server = Server(cipher, workdir, masking=config.he and config.masking)
     shared = {k: v for k, v in config.to_dict().items() if k not in SITE_LOCAL}
     coordinator = Coordinator(
@@ -222,7 +222,7 @@ def _prepare(
     identities = None
     if config.he and config.masking:
         identities = CertifiedIdentities(kit.roster, joined.index, kit.private_key, kit.ca)
-    make_cipher = crypto.for_client(config.he, kit.folder, config.plain_precision, identities)
+    make_cipher = crypto.for_client(config.he, kit.folder, config.precision, identities)
     client = Client(task_for(config), info, config, make_cipher, resolve_device(device))
     return config, client, identities
 

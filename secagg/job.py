@@ -40,7 +40,7 @@ def build_clients(
     from the job's model (checked: same names, shapes, dtypes and initial weights as the
     first one's). ``on_progress`` hears each one ready (phase ``clients``)."""
     identities = SimulatedIdentities() if config.he and config.masking else None
-    make_cipher = crypto.for_client(config.he, config.keys_dir, config.plain_precision, identities)
+    make_cipher = crypto.for_client(config.he, config.keys_dir, config.precision, identities)
     device = resolve_device(config.device)
     clients: list[Client] = []
     chosen = list(indexes) or list(range(config.clients))
@@ -95,7 +95,7 @@ def run_job(
     config = records.config.validate()
     transport = _transport(config, task, on_progress)
     try:
-        cipher = crypto.for_server(config.he, config.keys_dir, config.plain_precision)
+        cipher = crypto.for_server(config.he, config.keys_dir, config.precision)
         server = Server(cipher, records.output, masking=config.he and config.masking)
         on_progress("tracking", 0, 1)  # opening an MLflow store can take seconds
         records.start(transport.parameters)

@@ -388,6 +388,7 @@ def _params(config: RunConfig, num_parameters: int | None) -> dict[str, Any]:
         manifest = keyfiles.read_manifest(config.keys_dir)
         params["key_fingerprint"] = manifest["fingerprint"]
         params["ckks"] = json.dumps(manifest["params"])
+        params["he_packing"] = config.precision  # he_precision with auto resolved
     return params
 
 
@@ -422,9 +423,10 @@ def description(result: RunResult) -> str:
     round has measured them."""
     config = result.config
     if config.he:
-        packing = packing_for(config.per_round)
+        packing = packing_for(config.per_round, config.precision)
         codec = (
-            f"CKKS, packed: {packing.values_per_slot} x {packing.digit_bits}-bit values per slot"
+            f"CKKS, packed ({config.precision}): {packing.values_per_slot} x "
+            f"{packing.digit_bits}-bit values per slot"
         )
     else:
         codec = f"plaintext {config.plain_precision}"

@@ -19,9 +19,9 @@ from hostile import add_trivial, forge_aggregate, restamp_job, trivial_ciphertex
 
 from secagg import quantize
 from secagg.crypto import Stamp, Update, envelope, integrity, ledger, rlwe, seeded
-from secagg.crypto.ckks_server import TAIL, open_payload
+from secagg.crypto.ckks_server import TAIL
 from secagg.crypto.envelope import AGGREGATE, SCALES, SERVER
-from secagg.crypto.packing import PACKED
+from secagg.crypto.packing import PACKED, PACKINGS
 from secagg.errors import PayloadError
 
 ROSTER = 3
@@ -51,7 +51,7 @@ def _digit_delta(index: int, amount: float, values: int, roster: int = ROSTER) -
 
 def _decrypt_unchecked(client, aggregate: bytes, stamp: Stamp):  # type: ignore[no-untyped-def]
     """What the aggregate decrypts to, with no ledger or tag check: the attack landed."""
-    opened = open_payload(client.codec, client._shape, aggregate, stamp, AGGREGATE)
+    opened = client._format.open(aggregate, stamp, AGGREGATE)
     c0 = np.frombuffer(opened.body, dtype="<u8").reshape(opened.blob_count, -1)
     n = opened.values + stamp.roster
     phase = client._secret.decrypt(c0, opened.seeds)
@@ -86,7 +86,8 @@ def _attacks() -> dict[str, np.ndarray]:
     shrink[weight_slot] = -(2.0**31)  # half the summed weight: every value doubles
     everywhere = np.zeros(weight_slot + TAIL)
     # +3 on every value of the update (the slots that hold values only)
-    everywhere[: SIZE // PACKED.values_per_slot] = 3 * (1 + 2.0**14 + 2.0**28)
+    b = PACKED.digit_bits
+    everywhere[: SIZE // PACKED.values_per_slot] = 3 * (1 + 2.0**b + 2.0 ** (2 * b))
     clipped = np.zeros(weight_slot + TAIL)
     clipped[weight_slot + 1] = 5.0
     return {
@@ -285,8 +286,10 @@ MAC = integrity.MacKey(b"a shared secret context, for the exact-integer tests")
 
 
 def _honest_round(rng: random.Random, nrng: np.random.Generator):  # type: ignore[no-untyped-def]
-    """A random honest round as the clients' integers: each packs its digits and ledger and
-    seals them; the sum of the packed slots is what an honest server's aggregate decrypts to."""
+    """A random honest round as the clients' integers, in a random packing: each packs its
+    digits and ledger and seals them; the sum of the packed slots is what an honest server's
+    aggregate decrypts to."""
+    packing = rng.choice(PACKINGS)
     clients = rng.choice([1, 2, 3, 8, rng.randint(1, PACKED.max_clients)])
     roster = clients + rng.randint(0, 4)
     values = rng.randint(1, 400)
@@ -295,27 +298,27 @@ def _honest_round(rng: random.Random, nrng: np.random.Generator):  # type: ignor
     stamp = Stamp(job, rng.randint(0, 2**32 - 1), SERVER, roster, phase)
     weights = nrng.dirichlet(np.ones(clients)) * rng.choice([1.0, 0.5])
     senders = sorted(rng.sample(range(roster), clients))
-    total = np.zeros(_slots(values, roster) + TAIL, dtype=np.int64)
+    total = np.zeros(packing.slots_for(values + roster, TAIL), dtype=np.int64)
     exact = np.zeros(values)
     for sender, weight in zip(senders, weights, strict=True):
-        limit = int(weight * PACKED.sum_limit)
+        limit = int(weight * packing.sum_limit)
         update = Update(nrng.integers(-limit, limit, values, endpoint=True).astype(float), weight)
         update.clipped = rng.randint(0, 3)
         tally, tail = ledger.entries(update, stamp.for_sender(sender))
         digits = np.concatenate([update.values, tally])
-        slots = PACKED.pack(digits, np.concatenate([tail, np.zeros(integrity.SLOTS)]))
+        slots = packing.pack(digits, np.concatenate([tail, np.zeros(integrity.SLOTS)]))
         slots[-integrity.SLOTS :] = MAC.seal(stamp, digits, tail)
         total += slots.astype(np.int64)
         exact += update.values
-    return stamp, values, tuple(senders), total.astype(np.float64), exact
+    return packing, stamp, values, tuple(senders), total.astype(np.float64), exact
 
 
 def test_a_thousand_honest_rounds_pass_the_exact_check() -> None:
     """False-alarm rate 0: the check is exact integer arithmetic, no tolerance anywhere."""
     rng, nrng = random.Random(11), np.random.default_rng(11)
     for _ in range(1000):
-        stamp, values, senders, slots, exact = _honest_round(rng, nrng)
-        digits, tail = PACKED.unpack(slots, values + stamp.roster, TAIL)
+        packing, stamp, values, senders, slots, exact = _honest_round(rng, nrng)
+        digits, tail = packing.unpack(slots, values + stamp.roster, TAIL)
         total = ledger.settle(digits[:values], digits[values:], tail, stamp, senders, mac=MAC)
         assert np.array_equal(total.values, exact)
 
@@ -325,18 +328,19 @@ def test_any_change_to_an_honest_sum_fails_the_check() -> None:
     round or phase: refused, by the tag or before it by the unpacker's range."""
     rng, nrng = random.Random(12), np.random.default_rng(12)
     for trial in range(300):
-        stamp, values, senders, slots, _ = _honest_round(rng, nrng)
+        packing, stamp, values, senders, slots, _ = _honest_round(rng, nrng)
         changed = slots.copy()
         slot = rng.randrange(slots.size)
-        step = rng.choice([1, -1, 2**14, -(2**28)]) * (integrity.P if trial % 3 == 0 else 1)
+        b = packing.digit_bits
+        step = rng.choice([1, -1, 2**b, -(2 ** (2 * b))]) * (integrity.P if trial % 3 == 0 else 1)
         changed[slot] += step
         with pytest.raises(PayloadError) as caught:
-            digits, tail = PACKED.unpack(changed, values + stamp.roster, TAIL)
+            digits, tail = packing.unpack(changed, values + stamp.roster, TAIL)
             ledger.settle(digits[:values], digits[values:], tail, stamp, senders, mac=MAC)
         assert caught.value.reason not in {"", "invalid"}
     # The same honest entries, checked as another job's, round's or phase's: other r.
-    stamp, values, senders, slots, _ = _honest_round(rng, nrng)
-    digits, tail = PACKED.unpack(slots, values + stamp.roster, TAIL)
+    packing, stamp, values, senders, slots, _ = _honest_round(rng, nrng)
+    digits, tail = packing.unpack(slots, values + stamp.roster, TAIL)
     for other in (
         Stamp(OTHER_JOB, stamp.round_num, SERVER, stamp.roster, stamp.phase),
         Stamp(stamp.job, stamp.round_num ^ 1, SERVER, stamp.roster, stamp.phase),
@@ -347,12 +351,30 @@ def test_any_change_to_an_honest_sum_fails_the_check() -> None:
         assert caught.value.reason == "forged"
 
 
-def test_the_tag_fits_the_tail_and_the_prime_exceeds_every_entry() -> None:
+@pytest.mark.parametrize("packing", PACKINGS, ids=["standard", "fine", "wide"])
+def test_the_tag_fits_the_tail_and_the_prime_exceeds_every_entry(packing) -> None:
     # Two 31-bit limbs of a tag below P, summed over the most clients, fit a tail slot.
-    assert PACKED.max_clients * (2**31 - 1) < PACKED.tail_limit
+    assert packing.max_clients * (2**31 - 1) < packing.tail_limit
     # Every entry the unpacker accepts is below 2 x tail_limit in magnitude: two such entries
     # differ by less than P, so entries congruent mod P are equal.
-    assert 4 * PACKED.tail_limit < integrity.P
+    assert 4 * packing.tail_limit < integrity.P
+
+
+def test_the_tag_is_exact_for_the_widest_digits() -> None:
+    """The tag's int64 arithmetic, against Python's unbounded integers, with every digit at
+    the edge of the widest packing's range (where a too-long block would overflow)."""
+    from secagg.crypto.packing import FINE
+
+    edge = FINE.digit_limit
+    # Long runs of one sign: the partial sums grow as fast as they can.
+    digits = np.repeat([edge - 1.0, -edge], 5_000)
+    whole = np.array([2.0**45 - 1, -(2.0**45) + 1, 7.0])
+    stamp = Stamp(OTHER_JOB, 3, SERVER, 4)
+    r = MAC.vector(stamp, digits.size + whole.size)
+    entries = [int(v) for v in digits] + [int(v) for v in whole]
+    expected = sum(int(w) * v for w, v in zip(r.tolist(), entries, strict=True)) % integrity.P
+    limbs = MAC.seal(stamp, digits, whole)
+    assert sum(int(v) << (21 * i) for i, v in enumerate(limbs)) == expected
 
 
 def test_the_integrity_key_comes_from_the_secret_context(session_keys) -> None:

@@ -18,7 +18,6 @@ from scipy import stats
 from secagg import keys
 from secagg.crypto import Update, rlwe
 from secagg.crypto.ckks import CkksClient
-from secagg.crypto.ckks_server import open_payload
 from secagg.crypto.envelope import UPDATE
 from secagg.crypto.masking import Masker, SignedKey, SimulatedIdentities
 from secagg.crypto.packing import packing_for
@@ -84,7 +83,7 @@ def test_masks_cancel_and_the_sum_decrypts_bit_identically(
 def _slot_low_bits(session_keys, payload: bytes, client: CkksClient, stamp) -> np.ndarray:  # type: ignore[no-untyped-def]
     """What a key holder decrypts from one client's update: every slot (coefficient), rounded,
     mod 256."""
-    opened = open_payload(client.codec, client._shape, payload, stamp, UPDATE)
+    opened = client._format.open(payload, stamp, UPDATE)
     n = client._shape.poly_modulus_degree
     c0 = np.frombuffer(opened.body, dtype="<u8").reshape(opened.blob_count, n)
     context = keys.load_for_client(session_keys).context

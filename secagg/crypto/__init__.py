@@ -143,16 +143,18 @@ class ServerCipher(Protocol):
 def for_client(
     he: bool,
     keys_dir: str | Path,
-    precision: str = "float32",
+    precision: str | None = None,
     identities: Identities | None = None,
 ) -> Callable[[Layout], ClientCipher]:
     """A factory of client-side ciphers for a job: each client gets its own, for its model's
-    layout. Keys are read once, here. With ``identities`` (HE only) every cipher masks its
-    payloads pairwise, signing its key-agreement keys with those site keys."""
+    layout. Keys are read once, here. ``precision``: ``float32``/``float64`` for plaintext,
+    ``standard``/``fine`` for HE (``RunConfig.precision``). With ``identities`` (HE only)
+    every cipher masks its payloads pairwise, signing its key-agreement keys with those site
+    keys."""
     if not he:
         from secagg.crypto.plain import PlainCipher
 
-        return lambda layout: PlainCipher(precision)
+        return lambda layout: PlainCipher(precision or "float32")
     from secagg import keys
     from secagg.crypto.ckks import CkksClient
     from secagg.crypto.quantized import QuantizedCipher
@@ -163,21 +165,22 @@ def for_client(
         masker = None
         if identities is not None:
             masker = Masker(identities.signer, identities.verifier, identities.name)
-        return QuantizedCipher(CkksClient(loaded, masker), layout)
+        return QuantizedCipher(CkksClient(loaded, masker, precision or "standard"), layout)
 
     return make
 
 
-def for_server(he: bool, keys_dir: str | Path, precision: str = "float32") -> ServerCipher:
-    """The server-side cipher for a job; for HE it is built from the public context only."""
+def for_server(he: bool, keys_dir: str | Path, precision: str | None = None) -> ServerCipher:
+    """The server-side cipher for a job; for HE it is built from the public context only.
+    ``precision`` as in ``for_client``; the clients' and the server's must match."""
     if not he:
         from secagg.crypto.plain import PlainCipher
 
-        return PlainCipher(precision)
+        return PlainCipher(precision or "float32")
     from secagg import keys
     from secagg.crypto.ckks_server import CkksServer
 
-    return CkksServer(keys.load_for_server(keys_dir))
+    return CkksServer(keys.load_for_server(keys_dir), precision or "standard")
 
 
 __all__ = [

@@ -29,11 +29,11 @@ import numpy as np
 import tenseal as ts
 
 from secagg.crypto import envelope, integrity, ledger, rlwe, seal_format, seeded
-from secagg.crypto.ckks_server import TAIL, blobs_for, codec_for, open_payload
+from secagg.crypto.ckks_server import TAIL, RoundFormat
 from secagg.crypto.envelope import AGGREGATE, CORRECTION, UPDATE, Stamp
 from secagg.crypto.ledger import Aggregate, Update
 from secagg.crypto.masking import Masker, MaskPlan
-from secagg.crypto.packing import PACKED, WIDE, packing_for
+from secagg.crypto.packing import packing_for
 from secagg.crypto.params import CkksParams, Keys
 from secagg.errors import KeyFileError, PayloadError
 
@@ -86,7 +86,9 @@ class CkksClient:
 
     name = "ckks-packed"
 
-    def __init__(self, keys: Keys, masker: Masker | None = None) -> None:
+    def __init__(
+        self, keys: Keys, masker: Masker | None = None, precision: str = "standard"
+    ) -> None:
         #: pairwise masks (``masking``): None sends ciphertexts any key holder can read
         self.masker = masker
         if not load_context(keys.context).is_private():
@@ -94,8 +96,10 @@ class CkksClient:
                 "a client needs the secret context (keys/client.ctx), "
                 "but was given a public one (server.ctx)"
             )
-        self.codec, self._shape = codec_for(keys)
-        self._codecs = {p: codec_for(keys, p)[0] for p in (PACKED, WIDE)}
+        #: ``standard`` or ``fine`` (``packing``): the server's must be the same
+        self.precision = precision
+        self._format = RoundFormat(keys, precision)
+        self.codec, self._shape = self._format.codec, self._format.shape
         self._secret = rlwe.SecretKey(keys.context, self._shape)
         self._mac = integrity.MacKey(keys.context)
         self._zeros = _Zeros(self._secret)
@@ -103,22 +107,22 @@ class CkksClient:
         self._masks: dict[tuple[bytes, int, int], tuple[MaskPlan, Future[np.ndarray]]] = {}
         #: the largest magnitude a summed integer may reach in a round of up to 128 clients
         #: (``sum_limit_for`` says it for any round)
-        self.sum_limit: int = PACKED.sum_limit
+        self.sum_limit: int = packing_for(1, precision).sum_limit
         self.last_seconds: dict[str, float] = {}
 
     def sum_limit_for(self, stamp: Stamp) -> int:
         """The largest magnitude a summed integer of ``stamp``'s round may reach."""
-        return packing_for(stamp.roster).sum_limit
+        return self._format.packing(stamp).sum_limit
 
     def codec_for_round(self, stamp: Stamp) -> envelope.Codec:
         """The envelope codec of ``stamp``'s round (its packing depends on the round's size)."""
-        return self._codecs[packing_for(stamp.roster)]
+        return self._format.codec_for(stamp)
 
     def precompute(self, stamp: Stamp, values: int) -> None:
         """Start preparing, in the background, what encrypting ``values`` values in ``stamp``'s
         phase needs beyond the values themselves: encryptions of zero and the integrity
         tag's vector. ``encrypt`` waits for them if they are not ready (or makes them)."""
-        count, _ = blobs_for(self._shape, stamp.roster)(values)
+        count, _ = self._format.blobs(stamp)(values)
         self._zeros.prepare(count)
         _BACKGROUND.submit(self._mac.vector, stamp, _entries(values, stamp))
         if self.masker is not None and self.masker.active(stamp):
@@ -135,11 +139,11 @@ class CkksClient:
         start = time.perf_counter()
         tally, tail = ledger.entries(update, stamp)
         digits = np.concatenate([update.values, tally])
-        packing = packing_for(stamp.roster)
+        packing = self._format.packing(stamp)
         # Packed first: it refuses what it cannot carry before the tag reads any of it.
         slots = packing.pack(digits, np.concatenate([tail, np.zeros(integrity.SLOTS)]))
         slots[-integrity.SLOTS :] = self._mac.seal(stamp, digits, tail)
-        count, size = blobs_for(self._shape, stamp.roster)(update.values.size)
+        count, size = self._format.blobs(stamp)(update.values.size)
         q, n = self._shape.modulus, self._shape.poly_modulus_degree
         seed, c0 = self._zeros.take(count)
         message = rlwe.encode(slots.astype(np.int64), count, n, packing.scale_bits, q)
@@ -164,7 +168,7 @@ class CkksClient:
         ``dropped`` clients from the sum of ``stamp``'s phase (of ``values`` values)."""
         if self.masker is None:
             raise PayloadError("this client does not mask; it has nothing to correct", "bad-plan")
-        count, size = blobs_for(self._shape, stamp.roster)(values)
+        count, size = self._format.blobs(stamp)(values)
         q, n = self._shape.modulus, self._shape.poly_modulus_degree
         words = self.masker.correct(stamp, dropped, count, n, q)
         return envelope.to_bytes(
@@ -179,7 +183,7 @@ class CkksClient:
         )
 
     def decrypt(self, payload: bytes, stamp: Stamp) -> Aggregate:
-        opened = open_payload(self.codec_for_round(stamp), self._shape, payload, stamp, AGGREGATE)
+        opened = self._format.open(payload, stamp, AGGREGATE)
         if self.masker is not None:
             self.masker.check_late(stamp, opened.contributors)
         c0 = np.frombuffer(opened.body, dtype="<u8").reshape(
@@ -187,7 +191,7 @@ class CkksClient:
         )
         seal_format.check_coefficients(c0, self._shape.modulus)
         n, roster = opened.values, stamp.roster
-        packing = packing_for(roster)
+        packing = self._format.packing(stamp)
         phase = self._secret.decrypt(c0, opened.seeds)
         integers = rlwe.decode(
             phase, packing.scale_bits, len(opened.contributors), packing.slots_for(n + roster, TAIL)

@@ -20,7 +20,7 @@ import numpy as np
 
 from secagg.crypto import envelope, integrity, ledger, seal_format
 from secagg.crypto.envelope import AGGREGATE, CORRECTION, SERVER, UPDATE, Stamp
-from secagg.crypto.packing import PACKED, WIDE, PackedParams, packing_for
+from secagg.crypto.packing import PACKED, PACKINGS, PackedParams, packing_for
 from secagg.crypto.params import Keys
 from secagg.crypto.seal_format import CiphertextShape
 from secagg.crypto.seeded import SEED_BYTES
@@ -50,13 +50,11 @@ def codec_for(keys: Keys, packed: PackedParams = PACKED) -> tuple[envelope.Codec
 
 
 def blobs_for(
-    shape: CiphertextShape, roster: int, packed: PackedParams | None = None
+    shape: CiphertextShape, roster: int, packing: PackedParams
 ) -> Callable[[int], tuple[int, int]]:
-    """(ciphertext count, bytes per ciphertext) of a payload of ``values`` update values: a
-    ciphertext carries N packed slots and travels as its ``c0`` alone, N words (its ``c1`` is
-    the payload's seed)."""
-
-    packing = packed or packing_for(roster)
+    """(ciphertext count, bytes per ciphertext) of a payload of ``values`` update values in a
+    round of ``roster`` clients packed by ``packing``: a ciphertext carries N packed slots and
+    travels as its ``c0`` alone, N words (its ``c1`` is the payload's seed)."""
 
     def layout(values: int) -> tuple[int, int]:
         slots = packing.slots_for(values + roster, TAIL)
@@ -65,28 +63,63 @@ def blobs_for(
     return layout
 
 
+class RoundFormat:
+    """What a round's payloads look like under one key set and precision (``standard`` or
+    ``fine``, see ``packing``): the packing (from the round's size), the envelope codec and the
+    ciphertext layout. Client and server build the same one."""
+
+    def __init__(self, keys: Keys, precision: str) -> None:
+        self.precision = precision
+        self._codecs = {p: codec_for(keys, p)[0] for p in PACKINGS}
+        #: the codec of rounds of up to 128 clients
+        self.codec, self.shape = codec_for(keys, packing_for(1, precision))
+
+    def packing(self, stamp: Stamp) -> PackedParams:
+        return packing_for(stamp.roster, self.precision)
+
+    def codec_for(self, stamp: Stamp) -> envelope.Codec:
+        return self._codecs[self.packing(stamp)]
+
+    def blobs(self, stamp: Stamp) -> Callable[[int], tuple[int, int]]:
+        return blobs_for(self.shape, stamp.roster, self.packing(stamp))
+
+    def open(self, payload: bytes | memoryview, stamp: Stamp, kind: int) -> envelope.Envelope:
+        """A payload's envelope, checked against ``stamp``'s round and its layout."""
+        return envelope.from_bytes(
+            payload,
+            self.codec_for(stamp),
+            stamp,
+            kind,
+            blobs_for=self.blobs(stamp),
+            max_values=MAX_VALUES,
+        )
+
+
 class CkksServer:
-    """Adds packed-CKKS payloads; refuses any context that holds a secret key."""
+    """Adds packed-CKKS payloads; refuses any context that holds a secret key.
+
+    ``precision`` (``standard`` or ``fine``, see ``packing``) must be the clients' own: it
+    sets how many values a ciphertext carries."""
 
     name = "ckks-packed"
     quantizes = True
 
-    def __init__(self, keys: Keys) -> None:
+    def __init__(self, keys: Keys, precision: str = "standard") -> None:
         if seal_format.context_has_secret_key(keys.context):
             raise KeyFileError(
                 "the server was given a context with the secret key; it must only ever load "
                 "the public context (keys/server.ctx)"
             )
-        self.codec, self._shape = codec_for(keys)
-        self._codecs = {p: codec_for(keys, p)[0] for p in (PACKED, WIDE)}
+        self._format = RoundFormat(keys, precision)
+        self.codec, self._shape = self._format.codec, self._format.shape
 
     def codec_for_round(self, stamp: Stamp) -> envelope.Codec:
         """The envelope codec of ``stamp``'s round (its packing depends on the round's size)."""
-        return self._codecs[packing_for(stamp.roster)]
+        return self._format.codec_for(stamp)
 
     def size(self, values: int, stamp: Stamp) -> int:
         """The byte length of an update of ``values`` values for ``stamp``'s round."""
-        count, size = blobs_for(self._shape, stamp.roster)(values)
+        count, size = self._format.blobs(stamp)(values)
         return envelope.update_size(count, size, SEED_BYTES)
 
     def check(
@@ -95,7 +128,7 @@ class CkksServer:
         """Everything ``sum`` refuses an update for, short of adding it: its envelope against
         the round (and its length against ``values``), and every ciphertext word below q.
         Returns the opened envelope."""
-        opened = open_payload(self.codec_for_round(stamp), self._shape, payload, stamp, UPDATE)
+        opened = self._format.open(payload, stamp, UPDATE)
         ledger.check_length(opened.values, values)
         seal_format.check_coefficients(np.frombuffer(opened.body, dtype="<u8"), self._shape.modulus)
         return opened
@@ -126,7 +159,7 @@ class CkksServer:
         total, count_values, senders = ledger.accumulate(
             payloads, open_update, add, allowed, packing_for(stamp.roster).max_clients
         )
-        count, size = blobs_for(self._shape, stamp.roster)(count_values)
+        count, size = self._format.blobs(stamp)(count_values)
         return envelope.to_bytes(
             self.codec_for_round(stamp),
             AGGREGATE,
@@ -145,13 +178,11 @@ class CkksServer:
         """The aggregate with every contributor's mask corrections for ``dropped`` added
         (``masking``): one correction from each contributor, each naming exactly ``dropped``,
         or the masks would not cancel (PayloadError ``missing-correction``)."""
-        summed = open_payload(self.codec_for_round(stamp), self._shape, aggregate, stamp, AGGREGATE)
+        summed = self._format.open(aggregate, stamp, AGGREGATE)
         total = np.frombuffer(summed.body, dtype="<u8").copy()
         wanted, seen = tuple(sorted(dropped)), set()
         for payload in corrections:
-            opened = open_payload(
-                self.codec_for_round(stamp), self._shape, payload, stamp, CORRECTION
-            )
+            opened = self._format.open(payload, stamp, CORRECTION)
             sender = opened.stamp.sender
             if opened.contributors != wanted or opened.values != summed.values:
                 raise PayloadError(
@@ -173,7 +204,7 @@ class CkksServer:
                 f"client(s) {missing} sent no mask correction: the sum cannot be unmasked",
                 "missing-correction",
             )
-        count, size = blobs_for(self._shape, stamp.roster)(summed.values)
+        count, size = self._format.blobs(stamp)(summed.values)
         return envelope.to_bytes(
             self.codec_for_round(stamp),
             AGGREGATE,
@@ -185,21 +216,3 @@ class CkksServer:
             summed.contributors,
             summed.seeds,
         )
-
-
-def open_payload(
-    codec: envelope.Codec,
-    shape: CiphertextShape,
-    payload: bytes | memoryview,
-    stamp: Stamp,
-    kind: int,
-) -> envelope.Envelope:
-    """A packed-CKKS payload's envelope, checked against the round (both sides use it)."""
-    return envelope.from_bytes(
-        payload,
-        codec,
-        stamp,
-        kind,
-        blobs_for=blobs_for(shape, stamp.roster),
-        max_values=MAX_VALUES,
-    )

@@ -217,7 +217,8 @@ def read_header(payload: bytes | memoryview, codec: Codec, expect: Stamp, kind: 
     if settings != codec.settings:
         raise PayloadError(
             f"payload's codec settings {settings.hex()} differ from this party's "
-            f"{codec.settings.hex()}; run one secagg release and one key set everywhere",
+            f"{codec.settings.hex()} (packing or key size); run one secagg release, one key "
+            "set and one he_precision everywhere",
             "wrong-codec",
         )
     if seed_size != codec.seed_size:

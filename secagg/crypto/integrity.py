@@ -18,7 +18,7 @@ hold the secret key the server lacks, check the summed tag against the decrypted
 - **Tag**: ``t_i = <r, v_i> mod P`` over every integer the client encrypts (its quantized
   digits, tally, weight, clipped count and round tag), sent as three 21-bit limbs in three
   tail slots; summed over up to 1,024 clients the limbs stay below 2**31, far below the
-  packings' tail limits (2**41 and 2**37).
+  packings' tail limits (2**41 and more).
 - **Check**: ``(lo + 2**21 mid + 2**42 hi) mod P == <r, decrypted sum> mod P``, exact integer
   arithmetic, so an honest aggregate never fails it (false-alarm rate 0).
 
@@ -27,7 +27,7 @@ sum does not depend on ``r`` except through the tags. An aggregate passes only i
 are congruent mod ``P`` to the combination of updates its tag slot was summed from (otherwise
 it passes for at most 2 of the ``P`` possible ``r``: probability ``2**-60`` per forgery); the
 tally, an entry like any other, pins that combination to the listed contributors, each once;
-and every entry the unpacker accepts lies within ``+-2**42``, far inside ``P``, so congruent
+and every entry the unpacker accepts lies within ``+-2**46``, far inside ``P``, so congruent
 means equal. Another job's, round's or phase's ciphertext was tagged under another ``r``.
 
 What it does not prove: a client that colludes with the server knows ``r``; the server can
@@ -48,7 +48,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from secagg.crypto.envelope import Stamp
 from secagg.errors import PayloadError
 
-#: The tag's prime: larger than twice any entry the unpacker accepts (|entry| < 2**42).
+#: The tag's prime: larger than twice any entry the unpacker accepts (|entry| < 2**46).
 P = (1 << 61) - 1
 #: Tail slots the tag takes: three 21-bit limbs (room for the sums of 1,024 clients).
 SLOTS = 3
@@ -58,10 +58,10 @@ _LIMB_MASK = (1 << _LIMB) - 1
 _HALF = 31
 _HALF_MASK = (1 << _HALF) - 1
 _SALT = b"secagg aggregate integrity v1"
-#: Entries per exact int64 dot product: 2**12 x (r's 31-bit half) x (|digit| < 2**19) < 2**62
-#: (digits are 14 bits in the standard packing, 19 in the wide one).
-_BLOCK = 1 << 12
-_DIGIT_BOUND = 1 << 19
+#: Entries per exact int64 partial sum: 2**8 x (r's 31-bit half) x (|digit| < 2**23) < 2**62
+#: (digits are 15 bits in the standard packing, 23 in the fine one, 21 in the wide one).
+_BLOCK = 1 << 8
+_DIGIT_BOUND = 1 << 23
 #: Vectors kept per key: both phases of this round and the next round's, prepared early.
 _KEPT = 4
 
@@ -111,11 +111,7 @@ class MacKey:
         r = self.vector(stamp, small.size + len(big))
         low = (r[: small.size] & _HALF_MASK).astype(np.int64)
         high = (r[: small.size] >> _HALF).astype(np.int64)
-        total = 0
-        for start in range(0, small.size, _BLOCK):
-            part = small_int[start : start + _BLOCK]
-            total += int(np.dot(low[start : start + _BLOCK], part))
-            total += int(np.dot(high[start : start + _BLOCK], part)) << _HALF
+        total = _dot(low, small_int) + (_dot(high, small_int) << _HALF)
         for weight, value in zip(r[small.size :].tolist(), big, strict=True):
             total += weight * value
         return total % P
@@ -140,6 +136,16 @@ class MacKey:
             while len(self._vectors) > _KEPT:
                 self._vectors.popitem(last=False)
         return words
+
+
+def _dot(weights: np.ndarray, values: np.ndarray) -> int:
+    """``sum(weights * values)`` exactly, for ``0 <= weights < 2**31`` and
+    ``|values| < _DIGIT_BOUND``: int64 products summed in blocks that cannot overflow, each
+    block's sum split in 31-bit halves before the blocks are added."""
+    if not values.size:
+        return 0
+    blocks = np.add.reduceat(weights * values, np.arange(0, values.size, _BLOCK))
+    return (int((blocks >> _HALF).sum()) << _HALF) + int((blocks & _HALF_MASK).sum())
 
 
 def _stream(key: bytes, words: int) -> np.ndarray:

@@ -1,12 +1,15 @@
 """Integer packing: several quantized values per plaintext coefficient, exact after summing.
 
 A ciphertext carries one integer per coefficient of its plaintext polynomial (``rlwe``), scaled
-by ``Delta = 2**scale_bits`` so the encryption noise (at most 21 per client, ``NOISE_BOUND``)
-stays below half a unit of the sum. With one 60-bit data prime and a scale of 2**17, a
-coefficient carries an integer of up to 2**41 in magnitude that decrypts *exactly* after adding
-the ciphertexts of up to 128 clients (see ``PackedParams``). That is room for three 14-bit
-digits, so three quantized values share one coefficient and a ciphertext of N coefficients
-costs 8 / 3 = 2.7 bytes per value (its ``c0`` alone travels; ``seeded``).
+by ``Delta = 2**scale_bits`` so the encryption noise (at most 21 per client, ``NOISE_BOUND``,
+with certainty) stays below half a unit of the sum. With one 60-bit data prime and a scale of
+2**13, a coefficient carries an integer of up to 2**45 in magnitude that decrypts *exactly*
+after adding the ciphertexts of up to 128 clients (see ``PackedParams``). A ciphertext of N
+coefficients costs 8 bytes per coefficient (its ``c0`` alone travels; ``seeded``), shared by:
+
+- ``standard``: three 15-bit digits per coefficient, 2.7 bytes per value;
+- ``fine``: two 23-bit digits per coefficient, 4.0 bytes per value (what float32 plaintext
+  sends), 256 times finer steps.
 
 Digits are balanced (signed): a slot holds ``d0 + d1 * 2**B + d2 * 2**(2B)`` with every digit in
 ``[-2**(B-1), 2**(B-1))``. Adding slots adds digits; it stays exact as long as every *summed*
@@ -17,6 +20,10 @@ values each at most ``p_i * L`` plus a rounding half stays within ``L + clients 
 
 Some values must not be quantized to B bits (the total weight, the clipped count): they go in
 the *tail*, one whole slot each.
+
+Every party derives a round's packing from the job's precision and the round's size alone
+(``packing_for``); the packing is part of the envelope's codec settings, so a client and a
+server that disagree refuse each other's payloads by name.
 
 This module is pure numpy; ``rlwe`` does the encryption.
 """
@@ -47,8 +54,8 @@ class PackedParams:
     """
 
     values_per_slot: int = 3
-    digit_bits: int = 14
-    scale_bits: int = 17
+    digit_bits: int = 15
+    scale_bits: int = 13
     max_clients: int = 128
 
     @property
@@ -96,7 +103,7 @@ class PackedParams:
     def pack(self, values: np.ndarray, tail: np.ndarray) -> np.ndarray:
         """Integer values (and whole-slot tail integers) to float64 slot values, exactly.
 
-        Slot values stay below 2**42, so float64 arithmetic on them is exact integer arithmetic.
+        Slot values stay below 2**46, so float64 arithmetic on them is exact integer arithmetic.
         """
         k = self.values_per_slot
         values = _integers(np.asarray(values, dtype=np.float64), "value")
@@ -189,17 +196,29 @@ def _integers(values: np.ndarray, what: str) -> np.ndarray:
     return values
 
 
-#: Rounds of up to 128 clients: three 14-bit digits per slot at scale 2^17.
+#: Rounds of up to 128 clients, ``standard`` precision: three 15-bit digits per slot at scale
+#: 2^13 (128 x 21 = 2,688 of summed noise stays below half of 2^13).
 PACKED = PackedParams()
-#: Rounds of 129 to 1,024 clients: the summed noise of up to 1,024 ciphertexts needs scale
-#: 2^19, which leaves room for two 19-bit digits per slot. Each client's weighted share of a
-#: sum is about 1/c of it, so many clients need finer steps, not coarser ones: 2 x 19 bits
-#: keeps the precision of 8 clients at 3 x 14 bits, for 1.5 times the bytes per value (three
-#: 13-bit digits would fit too, and would lose two orders of magnitude of precision).
-WIDE = PackedParams(values_per_slot=2, digit_bits=19, scale_bits=19, max_clients=1024)
+#: Rounds of up to 128 clients, ``fine`` precision: two 23-bit digits per slot at scale 2^13.
+#: A server optimizer carries rounding from one round into the next (momentum), and the
+#: adaptive ones divide each coordinate by its own running magnitude, which magnifies the
+#: rounding of small coordinates: with 23-bit digits FedAdam, FedYogi, FedAdagrad and FedAvgM
+#: end every round of the digits job exactly where plaintext does (with 15-bit digits, one test
+#: image apart in some rounds).
+FINE = PackedParams(values_per_slot=2, digit_bits=23, scale_bits=13)
+#: Rounds of 129 to 1,024 clients, either precision: the summed noise of up to 1,024
+#: ciphertexts needs scale 2^16, which leaves room for two 21-bit digits per slot. Each
+#: client's weighted share of a sum is about 1/c of it, so many clients need finer steps, not
+#: coarser ones: 2 x 21 bits keeps the precision of 128 clients at 3 x 15 bits (three 14-bit
+#: digits would fit too, and would lose two orders of magnitude).
+WIDE = PackedParams(values_per_slot=2, digit_bits=21, scale_bits=16, max_clients=1024)
+#: Every packing a round may use.
+PACKINGS = (PACKED, FINE, WIDE)
 
 
-def packing_for(clients: int) -> PackedParams:
-    """The packing of a round of ``clients`` clients: the narrowest noise budget that holds
-    them (every party derives it from the round's roster size alone)."""
-    return PACKED if clients <= PACKED.max_clients else WIDE
+def packing_for(clients: int, precision: str = "standard") -> PackedParams:
+    """The packing of a round of ``clients`` clients at ``precision`` (``standard`` or
+    ``fine``): above 128 clients the noise budget leaves one choice, ``WIDE``."""
+    if clients > PACKED.max_clients:
+        return WIDE
+    return FINE if precision == "fine" else PACKED

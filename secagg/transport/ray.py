@@ -70,9 +70,7 @@ class ClientActor:
         self.site_for = simulated_site
         # The client context is read here, in the actor, from the job's key folder (on every
         # node, at the same path): the driver, which sums, never holds the secret key.
-        make_cipher = crypto.for_client(
-            config.he, config.keys_dir, config.plain_precision, identities
-        )
+        make_cipher = crypto.for_client(config.he, config.keys_dir, config.precision, identities)
 
         site = simulated_site(config, index)
         device = resolve_device(config.device)
