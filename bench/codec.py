@@ -16,7 +16,8 @@ run in the same process, on the same machine, on the same random vectors:
     ``CkksClient``/``CkksServer`` with the default ``CkksParams`` (N=8192, primes (60, 60)),
     keys made by ``secagg.keys.generate`` and loaded per role. Clients weight their own update
     and quantize it like a client does (``secagg.quantize``, one range for the whole vector),
-    three 14-bit values per slot; the server only adds ciphertexts, as numbers mod q.
+    three 15-bit values per slot (and, for the wire section, the fine packing: two 23-bit
+    values); the server only adds ciphertexts, as numbers mod q.
 ``peer-baseline``
     NVIDIA FLARE's HE example setting, written here directly against TenSEAL: N=8192, primes
     (60, 40, 40, 60), scale 2**40, public-key encryption, one CKKS vector per model tensor

@@ -172,7 +172,7 @@ def test_he_refuses_more_clients_per_round_than_its_headroom(tmp_path, session_k
 def test_rounds_above_128_clients_use_the_wide_packing_and_match_plaintext(
     tmp_path, session_keys
 ) -> None:
-    """140 clients per round (of 160): the round's packing is the wide one (two 19-bit
+    """140 clients per round (of 160): the round's packing is the wide one (two 21-bit
     values per slot), sums still decrypt exactly, and HE follows plaintext FedAvg."""
     config = _config(tmp_path, session_keys, rounds=1, clients=160, clients_per_round=140)
     config = replace(config, min_client_samples=1)
