@@ -203,8 +203,8 @@ PACKED = PackedParams()
 #: A server optimizer carries rounding from one round into the next (momentum), and the
 #: adaptive ones divide each coordinate by its own running magnitude, which magnifies the
 #: rounding of small coordinates: with 23-bit digits FedAdam, FedYogi, FedAdagrad and FedAvgM
-#: end every round of the digits job exactly where plaintext does (with 15-bit digits, one test
-#: image apart in some rounds).
+#: end every round of the digits job exactly where plaintext does (with 15-bit digits the
+#: adaptive ones end some rounds one test image apart).
 FINE = PackedParams(values_per_slot=2, digit_bits=23, scale_bits=13)
 #: Rounds of 129 to 1,024 clients, either precision: the summed noise of up to 1,024
 #: ciphertexts needs scale 2^16, which leaves room for two 21-bit digits per slot. Each
