@@ -131,6 +131,30 @@ def test_aggregate_of_other_keys_with_a_forged_fingerprint_is_refused(ckks_pair,
         client.decrypt(with_digest(forged), stamp)
 
 
+def test_clients_of_one_key_in_one_process_decrypt_alike_and_others_stay_apart(
+    ckks_pair, session_keys, tmp_path
+) -> None:
+    """Clients of one key in one process share the expensive half of decrypting (c1 s): a
+    second client decrypts the same aggregate to the same sum, and a client of another key,
+    given that aggregate with its fingerprint forged, still decrypts noise, not the sum."""
+    client, server = ckks_pair
+    twin = CkksClient(keys.load_for_client(session_keys))
+    stamp = round_of(1, roster=2)
+    ups = [Update(np.full(5000, 5.0), 0.5), Update(np.arange(5000.0), 0.5)]
+    aggregate = server.sum(encrypt_all(client, ups, stamp), stamp)
+    first, second = client.decrypt(aggregate, stamp), twin.decrypt(aggregate, stamp)
+    assert np.array_equal(first.values, ups[0].values + ups[1].values)
+    assert np.array_equal(second.values, first.values)
+    keys.generate(tmp_path, CkksParams())
+    stranger = CkksClient(keys.load_for_client(tmp_path))
+    forged = bytearray(aggregate[:-32])
+    forged[8:24] = stranger.codec.fingerprint
+    from hostile import with_digest
+
+    with pytest.raises(PayloadError, match="does not decrypt to integers"):
+        stranger.decrypt(with_digest(forged), stamp)
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip", "empty", "garbage", "pad"])
 def test_corrupt_payload_is_refused(cipher_pair, damage: str) -> None:
     client, server = cipher_pair

@@ -165,6 +165,30 @@ def test_noise_model_matches_measured_fresh_noise(session_keys) -> None:
     assert np.abs(noise).max() >= 12  # not all zeros: 65,536 draws reach past 12 sigma/3
 
 
+def test_noise_is_the_centered_binomial_and_fresh_every_call() -> None:
+    """rlwe.noise against the exact distribution of (21 fair bits) - (21 fair bits): a
+    chi-square test over every value expected 5 times or more (false alarm about 1e-6), and
+    two calls never the same draw (a fresh key each)."""
+    from math import comb
+
+    from secagg.crypto import rlwe
+
+    draws = rlwe.noise((64, 8192))
+    values, counts = np.unique(draws, return_counts=True)
+    b = NOISE_BOUND
+
+    def expected(k: int) -> float:
+        ways = sum(comb(b, i) * comb(b, i - k) for i in range(max(0, k), min(b, b + k) + 1))
+        return draws.size * ways / 4**b
+
+    cells = [(c, expected(int(v))) for v, c in zip(values, counts, strict=True)]
+    cells = [(c, e) for c, e in cells if e >= 5]
+    chi2 = sum((c - e) ** 2 / e for c, e in cells)
+    assert len(cells) >= 25
+    assert chi2 < 80  # 1e-6 tail of chi-square with about 30 degrees of freedom
+    assert not np.array_equal(rlwe.noise((4, 8192)), rlwe.noise((4, 8192)))
+
+
 def test_slots_that_are_not_integers_are_refused() -> None:
     slots = PACKED.pack(np.array([1.0, -2.0, 3.0]), np.array([5]))
     noisy = slots + np.array([0.25, 0.0])

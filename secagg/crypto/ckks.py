@@ -124,7 +124,7 @@ class CkksClient:
         tag's vector. ``encrypt`` waits for them if they are not ready (or makes them)."""
         count, _ = self._format.blobs(stamp)(values)
         self._zeros.prepare(count)
-        _BACKGROUND.submit(self._mac.vector, stamp, _entries(values, stamp))
+        _BACKGROUND.submit(self._mac.halves, stamp, _entries(values, stamp))
         if self.masker is not None and self.masker.active(stamp):
             # The mask is the pairs' PRG words: known once the round's keys are agreed.
             plan = self.masker.plan(stamp)

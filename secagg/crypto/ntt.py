@@ -15,27 +15,17 @@ They release the GIL, so a client can prepare ciphertexts in a thread while its 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from functools import cache
-from typing import Any
 
 import numba
 import numpy as np
+
+from secagg.crypto.compiled import kernel
 
 #: q below 2**60: the lazy butterflies hold values up to 4q in 64 bits, and seed expansion sums
 #: 16 polynomials before one reduction (``seeded.LAZY_TERMS``). SEAL's primes have 60 bits at
 #: most.
 MAX_MODULUS_BITS = 60
-
-
-def _kernel(function: Callable[..., Any]) -> Any:
-    """Compile ``function`` without the GIL, caching the machine code next to this module (or
-    in the user's cache folder); where neither is writable (a read-only install, a service user
-    without a home), compile it afresh in each process instead of failing the import."""
-    try:
-        return numba.njit(cache=True, nogil=True)(function)
-    except RuntimeError:  # numba finds no writable cache location
-        return numba.njit(nogil=True)(function)
 
 
 @numba.njit(inline="always")
@@ -48,7 +38,7 @@ def _mulhi(x: np.uint64, y: np.uint64) -> np.uint64:  # pragma: no cover - compi
     return x1 * y1 + (cross1 >> shift) + (cross2 >> shift) + (middle >> shift)
 
 
-@_kernel
+@kernel
 def _forward(a, w, shoup, q):  # pragma: no cover - compiled
     rows, n = a.shape
     two_q = q + q
@@ -78,7 +68,7 @@ def _forward(a, w, shoup, q):  # pragma: no cover - compiled
             x[j] = u
 
 
-@_kernel
+@kernel
 def _inverse(a, w, shoup, q, n_inv, n_inv_shoup):  # pragma: no cover
     rows, n = a.shape
     two_q = q + q
@@ -107,7 +97,7 @@ def _inverse(a, w, shoup, q, n_inv, n_inv_shoup):  # pragma: no cover
             x[j] = u
 
 
-@_kernel
+@kernel
 def _multiply(a, b, shoup, q):  # pragma: no cover - compiled
     rows, n = a.shape
     for r in range(rows):
