@@ -118,6 +118,7 @@ def _assert_one_line_error(result, *fragments: str, code: int = 1) -> None:  # t
         (["run", "--dataset", "imagenet"], "--dataset"),
         (["run", "--rounds", "x"], "--rounds"),
         (["keygen", "--poly-degree", "1000"], "--poly-degree"),
+        (["run", "--he-precision", "double"], "--he-precision"),
     ],
 )
 def test_invalid_flag_values_are_usage_errors(
@@ -178,6 +179,25 @@ def test_job_file_values_are_overridden_by_flags(tmp_path: Path) -> None:
     results = json.loads((tmp_path / "o" / "results.json").read_text())
     assert results["config"]["rounds"] == 1 and results["config"]["clients"] == 2
     assert results["config"]["local_epochs"] == 1
+
+
+@pytest.mark.slow
+def test_he_precision_is_a_flag_and_a_job_setting(tmp_path: Path, keys_dir: Path) -> None:
+    """--he-precision reaches the run (and its results.json); a bad job-file value is one line
+    naming the choices."""
+    for precision in ("standard", "fine"):
+        args = ["run", "--he", "--he-precision", precision, "--clients", "2", "--rounds", "1"]
+        args += ["--keys", str(keys_dir), "--output", precision, "--no-tracking"]
+        result = _invoke(args, tmp_path)
+        assert result.exit_code == 0, result.output
+        results = json.loads((tmp_path / precision / "results.json").read_text())
+        assert results["config"]["he_precision"] == precision
+    job = tmp_path / "job.toml"
+    job.write_text('he_precision = "double"\n')
+    _assert_one_line_error(
+        _invoke(["run", str(job), "--no-tracking"], tmp_path),
+        "he_precision must be one of auto, standard, fine",
+    )
 
 
 @pytest.mark.parametrize(

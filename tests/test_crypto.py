@@ -131,6 +131,33 @@ def test_aggregate_of_other_keys_with_a_forged_fingerprint_is_refused(ckks_pair,
         client.decrypt(with_digest(forged), stamp)
 
 
+def test_fine_precision_carries_two_values_per_coefficient_and_needs_a_matching_server(
+    session_keys,
+) -> None:
+    """``fine`` packs two 23-bit values per coefficient where ``standard`` packs three 15-bit
+    ones: 1.5 times the ciphertexts for a large update, and a sum as exact. A server of the
+    other precision refuses the payloads by name, never decodes them wrongly."""
+    fine = CkksClient(keys.load_for_client(session_keys), precision="fine")
+    fine_server = CkksServer(keys.load_for_server(session_keys), precision="fine")
+    standard = CkksClient(keys.load_for_client(session_keys))
+    server = CkksServer(keys.load_for_server(session_keys))
+    assert (fine.sum_limit, standard.sum_limit) == (2**22 - 1, 2**14 - 1)
+    stamp = round_of(1, roster=2)
+    rng = np.random.default_rng(2)
+    sizes = {}
+    for name, client, summer in (("fine", fine, fine_server), ("standard", standard, server)):
+        values = np.rint(rng.uniform(-1, 1, 500_000) * (client.sum_limit // 2))
+        ups = [Update(values, 0.5), Update(-np.rint(values / 2), 0.5)]
+        payloads = encrypt_all(client, ups, stamp)
+        sizes[name] = len(payloads[0])
+        total = client.decrypt(summer.sum(payloads, stamp), stamp)
+        assert np.array_equal(total.values, ups[0].values + ups[1].values)
+    assert 1.45 < sizes["fine"] / sizes["standard"] < 1.55
+    with pytest.raises(PayloadError, match=r"codec settings .* he_precision") as err:
+        server.sum(encrypt_all(fine, ups, stamp), stamp)
+    assert err.value.reason == "wrong-codec"
+
+
 def test_clients_of_one_key_in_one_process_decrypt_alike_and_others_stay_apart(
     ckks_pair, session_keys, tmp_path
 ) -> None:
