@@ -476,7 +476,7 @@ def summarize(runs: Runs, memory: dict[str, Any], keys_dir: Path | None = None) 
             / p["download_bytes_per_client_round"],
         },
         "time_ratios": time_ratios,
-        "bytes_per_parameter": _bytes_explained(params, h, keys_dir),
+        "bytes_per_parameter": _bytes_explained(params, h, keys_dir, he.config),
         "memory_mb": memory,
         "machine": _machine(),
     }
@@ -518,10 +518,14 @@ def _ratio_text(ratio: dict[str, Any], repeats: int) -> str:
     return text
 
 
-def _bytes_explained(params: int, he: dict[str, Any], keys_dir: Path | None) -> dict[str, Any]:
+def _bytes_explained(
+    params: int, he: dict[str, Any], keys_dir: Path | None, config: RunConfig
+) -> dict[str, Any]:
     """Why HE's bytes per parameter depend on the model's size: payloads are whole
     ciphertexts, and the ledger and the scale exchange come on top."""
-    from secagg.crypto.packing import PACKED
+    from secagg.crypto.packing import packing_for
+
+    packing = packing_for(config.per_round, config.precision)
 
     degree, data_primes = 8192, 1
     if keys_dir is not None and (keys_dir / "manifest.json").exists():
@@ -531,12 +535,14 @@ def _bytes_explained(params: int, he: dict[str, Any], keys_dir: Path | None) -> 
     # a ciphertext travels as its c0 alone, N coefficients of 8 bytes per data prime (its c1
     # is the payload's 32-byte seed)
     ciphertext = degree * 8 * data_primes
-    values = degree * PACKED.values_per_slot  # one packed slot per coefficient
+    values = degree * packing.values_per_slot  # one packed slot per coefficient
     upload = he["upload_bytes_per_client_round"]
     return {
         "poly_modulus_degree": degree,
         "ciphertext_bytes": ciphertext,
         "values_per_ciphertext": values,
+        "values_per_coefficient": packing.values_per_slot,
+        "he_precision": config.precision,
         "asymptote": ciphertext / values,
         "update_ciphertexts_at_least": math.ceil(params / values) if params else 0,
         "upload_in_ciphertexts": upload / ciphertext,
@@ -715,7 +721,8 @@ def _bytes_text(report: dict[str, Any]) -> str:
         f"ciphertexts. At N = {b['poly_modulus_degree']:,} one ciphertext is "
         f"{b['ciphertext_bytes']:,} bytes (its c0, N coefficients x 8 bytes; c1 is the "
         "payload's 32-byte seed) and "
-        f"carries {b['values_per_ciphertext']:,} values (N coefficients x 3 packed values), so no "
+        f"carries {b['values_per_ciphertext']:,} values (N coefficients x "
+        f"{b['values_per_coefficient']} packed values, he_precision {b['he_precision']}), so no "
         f"model gets below {b['asymptote']:.2f} bytes per parameter. On top of the update come "
         "the ledger (a few slots in each payload) and the scale exchange (an encrypted "
         "histogram per block of 4,096 values, itself at least one whole ciphertext per round). "
@@ -724,8 +731,8 @@ def _bytes_text(report: dict[str, Any]) -> str:
         f"{b['upload_in_ciphertexts']:.1f} ciphertexts' worth per round: a small model pays "
         "for partly empty ciphertexts and a fixed scale exchange, while a model of millions "
         "of parameters fills its ciphertexts and approaches the floor (3.5M parameters: "
-        "2.7, see bench/RESULTS.md). Plaintext sends 4 bytes (float32) per parameter plus "
-        "a small envelope."
+        "2.76 standard, 4.11 fine, see bench/RESULTS.md). Plaintext sends 4 bytes (float32) "
+        "per parameter plus a small envelope."
     )
 
 
