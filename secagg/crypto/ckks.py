@@ -96,8 +96,7 @@ class CkksClient:
                 "a client needs the secret context (keys/client.ctx), "
                 "but was given a public one (server.ctx)"
             )
-        #: ``standard`` or ``fine`` (``packing``): the server's must be the same
-        self.precision = precision
+        # precision: ``standard`` or ``fine`` (``packing``); the server's must be the same
         self._format = RoundFormat(keys, precision)
         self.codec, self._shape = self._format.codec, self._format.shape
         self._secret = rlwe.SecretKey(keys.context, self._shape)

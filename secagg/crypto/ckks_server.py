@@ -157,7 +157,7 @@ class CkksServer:
             return self.check(payload, stamp, values)
 
         total, count_values, senders = ledger.accumulate(
-            payloads, open_update, add, allowed, packing_for(stamp.roster).max_clients
+            payloads, open_update, add, allowed, self._format.packing(stamp).max_clients
         )
         count, size = self._format.blobs(stamp)(count_values)
         return envelope.to_bytes(

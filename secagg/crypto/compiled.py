@@ -45,7 +45,7 @@ def dot_halves(
     low: np.ndarray, high: np.ndarray, values: np.ndarray, block: int, modulus: int
 ) -> tuple[int, int]:
     """``(sum(low * values) mod modulus, sum(high * values) mod modulus)`` exactly, in one
-    pass: ``low`` and ``high`` int64 below 2**31, ``values`` integers (float64) small enough
-    that ``block`` products add up within int64 (the caller's bound)."""
+    pass: ``low`` and ``high`` integers (int32 here) in ``[0, 2**31)``, ``values`` integers
+    (float64) small enough that ``block`` products add up within int64 (the caller's bound)."""
     lo, hi = _dot_halves(low, high, values, np.int64(block), np.int64(modulus))
     return int(lo), int(hi)

@@ -35,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import weakref
 from collections import OrderedDict
 
 import numpy as np
@@ -50,10 +51,13 @@ from secagg.errors import KeyFileError, PayloadError
 _NOISE_MASK = np.uint64((1 << NOISE_BOUND) - 1)
 #: The last few ``c1 s`` products (coefficients), by key, seeds and ciphertext range: clients
 #: of one key in one process (a simulation) decrypt each aggregate alike, and expanding every
-#: contributor's seed and multiplying by ``s`` is most of decrypting. Products above
-#: ``_SHARED_BYTES`` are not kept (a deployment's site decrypts an aggregate once).
+#: contributor's seed and multiplying by ``s`` is most of decrypting. Kept only while another
+#: key of the same words lives in the process (a deployment's site, one client, keeps none),
+#: and only up to ``_SHARED_BYTES`` each.
 _PRODUCTS: OrderedDict[tuple[bytes, tuple[bytes, ...], int, int], np.ndarray] = OrderedDict()
 _PRODUCTS_LOCK = threading.Lock()
+#: The live ``SecretKey`` objects of each key, by the key's id.
+_HOLDERS: dict[bytes, weakref.WeakSet[SecretKey]] = {}
 _PRODUCTS_KEPT = 2
 _SHARED_BYTES = 64 << 20
 
@@ -75,6 +79,8 @@ class SecretKey:
             ) from err
         self._s, self._s_shoup = words, shoup(words, shape.modulus)
         self._id = hashlib.sha256(words.tobytes()).digest()
+        with _PRODUCTS_LOCK:
+            _HOLDERS.setdefault(self._id, weakref.WeakSet()).add(self)
 
     def encrypt_zero(self, seed: bytes, count: int) -> np.ndarray:
         """``c0`` (count, N) of ``count`` encryptions of zero in coefficients, ciphertext ``i``
@@ -113,7 +119,9 @@ class SecretKey:
         c1 = seeded.expand_sum(seeds, start, count, self.n, self.modulus)
         self._ntt.multiply(c1, self._s, self._s_shoup)
         self._ntt.inverse(c1)
-        if c1.nbytes <= _SHARED_BYTES:
+        with _PRODUCTS_LOCK:
+            shared = len(_HOLDERS[self._id]) > 1
+        if shared and c1.nbytes <= _SHARED_BYTES:
             with _PRODUCTS_LOCK:
                 _PRODUCTS[key] = c1.copy()
                 while len(_PRODUCTS) > _PRODUCTS_KEPT:
