@@ -131,3 +131,42 @@ def test_a_worker_killed_mid_round_is_a_client_that_dropped_out(
         run_job(strict)
     state = (tmp_path / "strict" / "state.json").read_text()
     assert '"round": 1' in state
+
+
+class _SlowRay:
+    """Ray's module as a loaded machine shows it: the first local starts time out."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures, self.starts, self.shutdowns = failures, 0, 0
+
+    def init(self, **kwargs):  # type: ignore[no-untyped-def]
+        self.starts += 1
+        if self.starts <= self.failures:
+            raise Exception("The current node timed out during startup. This could happen ...")
+
+    def shutdown(self) -> None:
+        self.shutdowns += 1
+
+
+def test_a_local_ray_that_starts_slowly_is_started_again(tmp_path: Path) -> None:
+    from secagg.transport.ray import LOCAL_STARTS, _start
+
+    config = RunConfig(transport="ray", output_dir=str(tmp_path))
+    slow = _SlowRay(failures=LOCAL_STARTS - 1)
+    with pytest.warns(UserWarning, match="did not start in time"):
+        _start(slow, config, actors=3)
+    assert slow.starts == LOCAL_STARTS and slow.shutdowns == LOCAL_STARTS - 1
+    never = _SlowRay(failures=LOCAL_STARTS)
+    with pytest.warns(UserWarning), pytest.raises(Exception, match="timed out during startup"):
+        _start(never, config, actors=3)
+    assert never.starts == LOCAL_STARTS  # and no more: the last error is the run's
+
+
+def test_joining_a_cluster_is_tried_once(tmp_path: Path) -> None:
+    from secagg.transport.ray import _start
+
+    config = RunConfig(transport="ray", ray_address="10.0.0.1:6379", output_dir=str(tmp_path))
+    slow = _SlowRay(failures=1)
+    with pytest.raises(Exception, match="timed out"):
+        _start(slow, config, actors=3)
+    assert slow.starts == 1

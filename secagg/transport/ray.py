@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -136,6 +137,39 @@ def _check_room(ray: Any, config: RunConfig, actors: int) -> None:
             )
 
 
+#: how many times a local Ray is started before its startup error is the run's
+LOCAL_STARTS = 3
+
+
+def _start(ray: Any, config: RunConfig, actors: int) -> None:
+    """Start (or join) Ray. A local Ray's raylet must register within Ray's fixed 30 s; on a
+    loaded machine it sometimes does not, so a local start is tried again (with a warning)
+    before it fails the run. Joining a cluster is tried once: its errors are the user's to see.
+    """
+    if config.ray_address:
+        ray.init(address=config.ray_address, include_dashboard=False, logging_level="WARNING")
+        return
+    # A local Ray gets room for every actor: its CPUs are a scheduling budget, and clients
+    # that wait for a CPU take turns rather than deadlock the round.
+    for attempt in range(1, LOCAL_STARTS + 1):
+        try:
+            ray.init(
+                num_cpus=_local_cpus(config, actors),
+                include_dashboard=False,
+                logging_level="WARNING",
+            )
+            return
+        except Exception as err:  # Ray raises a bare Exception for a startup timeout
+            ray.shutdown()
+            if "timed out during startup" not in str(err) or attempt == LOCAL_STARTS:
+                raise
+            warnings.warn(
+                f"the local Ray did not start in time (attempt {attempt} of {LOCAL_STARTS}); "
+                "trying again",
+                stacklevel=2,
+            )
+
+
 class RayTransport:
     """The Transport the round loop drives when clients are Ray actors."""
 
@@ -146,15 +180,7 @@ class RayTransport:
         actors = self.roster + (1 if self.sampled else 0)
         self.started = not ray.is_initialized()
         if self.started:
-            # A local Ray gets room for every actor: its CPUs are a scheduling budget, and
-            # clients that wait for a CPU take turns rather than deadlock the round.
-            local = {} if config.ray_address else {"num_cpus": _local_cpus(config, actors)}
-            ray.init(
-                address=config.ray_address,
-                include_dashboard=False,
-                logging_level="WARNING",
-                **local,
-            )
+            _start(ray, config, actors)
         _check_room(ray, config, actors)
         # Actors on this machine find the keys where the driver was started.
         self.config = replace(config, keys_dir=str(Path(config.keys_dir).resolve()))
