@@ -17,7 +17,7 @@ from secagg import quantize
 from secagg.config import RunConfig
 from secagg.crypto import Update
 from secagg.crypto.packing import NOISE_BOUND, PACKED, PACKINGS, PackedParams
-from secagg.errors import ConfigError
+from secagg.errors import ConfigError, PayloadError
 
 
 def _changes(draw, count: int, size: int, edge: bool) -> list[tuple[float, np.ndarray]]:
@@ -240,3 +240,145 @@ def test_quantization_error_is_within_the_stated_bound() -> None:
     largest = np.repeat(np.maximum.reduceat(np.abs(exact), starts), sizes)
     typical = np.sqrt(np.mean((np.abs(back - exact) / largest) ** 2))
     assert 5e-5 < typical < 3e-4
+
+
+# --- the compiled passes the clients run are the numpy reference, word for word ---------------
+
+Q = (1 << 60) - (1 << 14) + 1  # a 60-bit NTT prime, like the keys' data prime
+N = 64
+
+
+def _digits(rng: np.random.Generator, packing: PackedParams, size: int, low: int) -> np.ndarray:
+    """Random digits in ``[low, digit_limit)`` with the range's ends (and the balanced split's
+    ties) among them: a client packs down to ``-digit_limit + 1``, a sum reaches one lower."""
+    limit = packing.digit_limit
+    digits = rng.integers(low, limit, size).astype(np.float64)
+    edges = [low, limit - 1, 0, -1, limit // 2, -(limit // 2)]
+    digits[: min(size, 6)] = edges[: min(size, 6)]
+    return digits
+
+
+def _packed(packing: PackedParams, values: np.ndarray, tail: np.ndarray) -> np.ndarray:
+    """Slot integers (int64) of digits and tail, by plain integer arithmetic."""
+    k = packing.values_per_slot
+    flat = np.zeros(-(-values.size // k) * k, dtype=np.int64)
+    flat[: values.size] = values
+    powers = np.int64(1) << (packing.digit_bits * np.arange(k, dtype=np.int64))
+    return np.concatenate([flat.reshape(-1, k) @ powers, tail.astype(np.int64)])
+
+
+@pytest.mark.parametrize("packing", PACKINGS, ids=lambda p: f"{p.values_per_slot}x{p.digit_bits}")
+def test_the_compiled_packing_pass_adds_what_pack_and_encode_make(packing) -> None:
+    from secagg.crypto import compiled, rlwe
+    from secagg.crypto.seal_format import add_mod
+
+    rng = np.random.default_rng(packing.digit_bits)
+    for size in (1, 2, 3, 100, 301):
+        # one client's digits stay within the packing's limits (a sum's do too)
+        values = _digits(rng, packing, size, -packing.digit_limit + 1)
+        limit = packing.tail_limit
+        tail = np.array([limit - 1, -limit + 1, 0.0, rng.integers(-limit, limit)])
+        slots = packing.slots_for(size, tail.size)
+        count = -(-slots // N)
+        c0 = rng.integers(0, Q, (count, N), dtype=np.uint64)
+        expected = c0.copy()
+        message = rlwe.encode(
+            packing.pack(values, tail).astype(np.int64), count, N, packing.scale_bits, Q
+        )
+        add_mod(expected, message, Q)
+        assert compiled.pack_add(c0.reshape(-1), values, tail, packing, Q) == compiled.OK
+        assert np.array_equal(c0, expected)
+    words = np.zeros(N, dtype=np.uint64)
+    for bad in (np.nan, np.inf, 0.5, packing.digit_limit, -packing.digit_limit - 1.0):
+        verdict = compiled.pack_add(words, np.array([1.0, bad]), np.zeros(1), packing, Q)
+        assert verdict == compiled.BAD_VALUE
+        with pytest.raises(PayloadError):
+            packing.pack(np.array([1.0, bad]), np.zeros(1))
+    for bad in (np.nan, 0.5, packing.tail_limit):
+        verdict = compiled.pack_add(words, np.ones(2), np.array([bad]), packing, Q)
+        assert verdict == compiled.BAD_TAIL
+        with pytest.raises(PayloadError):
+            packing.pack(np.ones(2), np.array([bad]))
+
+
+def _phase(rng, packing, values, tail, contributors, *, noise=None, pad=0):  # type: ignore[no-untyped-def]
+    """(c0, c1 s) words whose decryption is the packed ``values`` and ``tail`` at scale, plus
+    noise of ``contributors`` ciphertexts (one coefficient's exactly ``noise`` when given),
+    and ``pad`` in the first padding coefficient."""
+    slots = _packed(packing, values, tail)
+    count = -(-(slots.size + 1) // N)
+    plain = np.zeros(count * N, dtype=np.int64)
+    plain[: slots.size] = slots << packing.scale_bits
+    bound = NOISE_BOUND * contributors
+    plain += rng.integers(-bound, bound + 1, plain.size)
+    if noise is not None:
+        at = rng.integers(0, slots.size)
+        plain[at] = (slots[at] << packing.scale_bits) + noise
+    plain[slots.size] += pad << packing.scale_bits
+    product = rng.integers(0, Q, count * N, dtype=np.uint64)
+    words = (plain % Q).astype(np.uint64)  # numpy's % by a positive modulus: in [0, Q)
+    c0 = (words + (np.uint64(Q) - product)) % np.uint64(Q)
+    return c0.reshape(count, N), product.reshape(count, N)
+
+
+def _reference(c0, product, packing, clients, values, tail):  # type: ignore[no-untyped-def]
+    """What ``rlwe.decrypt``, ``rlwe.decode`` and ``packing.unpack`` read, or the reason
+    they refuse."""
+    from secagg.crypto import rlwe
+    from secagg.crypto.seal_format import add_mod
+
+    phase = product.copy()
+    add_mod(phase, c0, Q)
+    centered = phase.view(np.int64)
+    centered[phase > np.uint64(Q // 2)] -= Q
+    try:
+        slots = rlwe.decode(centered, packing.scale_bits, clients, packing.slots_for(values, tail))
+        return packing.unpack(slots.astype(np.float64), values, tail)
+    except PayloadError as err:
+        return err.reason
+
+
+@pytest.mark.parametrize("packing", PACKINGS, ids=lambda p: f"{p.values_per_slot}x{p.digit_bits}")
+def test_the_compiled_opening_pass_reads_what_decrypt_decode_and_unpack_read(packing) -> None:
+    """Honest sums (digits within +-(limit - 1), tails at their limits, the noise of the most
+    clients) read back exactly; slots drawn over the whole range, in range or not, get the
+    reference's verdict; too much noise and non-zero padding are not integers."""
+    from secagg.crypto import compiled
+
+    verdicts = {compiled.OK: None, compiled.NOT_INTEGER: "not-integer"}
+    verdicts[compiled.OUT_OF_RANGE] = "out-of-range"
+    rng = np.random.default_rng(packing.scale_bits)
+    clients = packing.max_clients
+    for size in (1, 2, 3, 100, 301):
+        values = _digits(rng, packing, size, -packing.digit_limit + 1)
+        tail = np.array([packing.tail_limit - 1, -packing.tail_limit + 1, 7.0])
+        c0, product = _phase(rng, packing, values, tail, clients)
+        verdict, digits, whole = compiled.open_sum(c0, product, Q, clients, packing, size, 3)
+        assert verdict == compiled.OK
+        assert np.array_equal(digits, values) and np.array_equal(whole, tail)
+        assert all(
+            map(np.array_equal, (digits, whole), _reference(c0, product, packing, clients, size, 3))
+        )
+    seen = set()
+    for trial in range(300):
+        size = int(rng.integers(1, 12))
+        # any slot integer an aggregate might hold: digits up to twice the limit (overflow)
+        spread = packing.digit_limit * (1 if trial % 3 else 2)
+        values = rng.integers(-spread, spread, size).astype(np.float64)
+        c0, product = _phase(rng, packing, values, np.zeros(3), 1)
+        verdict, digits, whole = compiled.open_sum(c0, product, Q, 1, packing, size, 3)
+        expected = _reference(c0, product, packing, 1, size, 3)
+        if isinstance(expected, str):
+            assert verdicts[verdict] == expected
+        else:
+            assert verdict == compiled.OK
+            assert np.array_equal(digits, expected[0]) and np.array_equal(whole, expected[1])
+        seen.add(verdict)
+    assert seen == {compiled.OK, compiled.OUT_OF_RANGE}
+    values, tail = _digits(rng, packing, 50, -packing.digit_limit + 1), np.zeros(3)
+    noisy = _phase(rng, packing, values, tail, 1, noise=NOISE_BOUND * clients + 1)
+    padded = _phase(rng, packing, values, tail, 1, pad=1)
+    for c0, product in (noisy, padded):
+        verdict, _, _ = compiled.open_sum(c0, product, Q, clients, packing, 50, 3)
+        assert verdict == compiled.NOT_INTEGER
+        assert _reference(c0, product, packing, clients, 50, 3) == "not-integer"

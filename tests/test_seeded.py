@@ -19,10 +19,13 @@ from conftest import encrypt_all, round_of
 from hostile import forge_aggregate, seeds_of, with_seeds
 
 from secagg import keys
-from secagg.crypto import Update, rlwe, seeded
-from secagg.crypto.ckks import load_context
+from secagg.crypto import Stamp, Update, rlwe, seeded
+from secagg.crypto.ckks import CkksClient, load_context
+from secagg.crypto.ckks_server import CkksServer
+from secagg.crypto.envelope import SERVER
 from secagg.crypto.ntt import shoup, transform
 from secagg.crypto.packing import PACKED
+from secagg.crypto.params import CkksParams
 from secagg.crypto.seal_format import add_mod, shape_of_context, to_tenseal
 from secagg.errors import PayloadError
 
@@ -168,6 +171,51 @@ def test_prepared_encryptions_are_used_once_and_decrypt_exactly(ckks_pair) -> No
     for payload in (first, second, third):
         total = client.decrypt(server.sum([payload], stamp), stamp)
         assert np.array_equal(total.values, values)
+
+
+def test_a_rounds_two_phases_share_one_seed_and_its_peers_expand_the_update_early(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client prepares a round's scale exchange and update under one seed, on disjoint
+    ranges of its key stream, so whoever reads the summed scales can make the update sum's
+    c1 s before that sum arrives: decrypting it then expands no seed. A retried round draws
+    a new seed; a sum whose seeds differ (a client dropped between the phases) is decrypted
+    from its own seeds."""
+    from secagg.crypto import ckks
+
+    keys.generate(tmp_path, CkksParams())
+    client = CkksClient(keys.load_for_client(tmp_path))  # the only holder of its key
+    server = CkksServer(keys.load_for_server(tmp_path))
+    stamp = round_of(6, roster=1).for_sender(0)
+    counts, values = np.arange(40.0), np.rint(np.random.default_rng(2).uniform(-99, 99, 30_000))
+
+    def one_round(stamp: Stamp) -> tuple[bytes, bytes]:
+        client.precompute(stamp.scales(), counts.size)
+        client.precompute(stamp, values.size)
+        scales = client.encrypt(Update(counts, 1.0), stamp.scales())
+        client.decrypt(server.sum([scales], stamp.scales().for_sender(SERVER)), stamp.scales())
+        return scales, client.encrypt(Update(values, 1.0), stamp)
+
+    scales, update = one_round(stamp)
+    assert seeds_of(scales) == seeds_of(update)
+    first = ckks.first_index(stamp.scales())
+    assert first >= 2**62 and ckks.first_index(stamp) == 0  # no ciphertext index in common
+    ckks._BACKGROUND.submit(lambda: None).result()  # the prefetch is done
+    made: list[int] = []
+    product = rlwe.SecretKey._product
+    monkeypatch.setattr(
+        rlwe.SecretKey, "_product", lambda self, *a: made.append(1) or product(self, *a)
+    )
+    summed = server.sum([update], stamp.for_sender(SERVER))
+    assert np.array_equal(client.decrypt(summed, stamp).values, values)
+    assert made == []  # c1 s was ready
+    retried_scales, retried = one_round(stamp)  # the same round again
+    assert seeds_of(retried) == seeds_of(retried_scales) != seeds_of(update)
+    other = client.encrypt(Update(values, 1.0), stamp)  # not prepared: a seed of its own
+    assert seeds_of(other) not in (seeds_of(retried), seeds_of(update))
+    made.clear()
+    total = client.decrypt(server.sum([other], stamp.for_sender(SERVER)), stamp)
+    assert np.array_equal(total.values, values) and made == [1]
 
 
 @pytest.fixture(scope="module")

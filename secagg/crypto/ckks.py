@@ -16,30 +16,41 @@ payload carries (``seeded``), and an aggregate's ``c1`` from its contributors' s
 Encrypting is adding ``Delta m`` to an encryption of zero, and those do not depend on the
 update: ``precompute`` makes them in a background thread while the model trains (with the
 integrity tag's vector), so what is left after training is packing and one addition mod q.
+Decrypting is mostly expanding every contributor's seed into the sum's ``c1`` and multiplying
+it by ``s``; a round's two payloads share their sender's seed (``first_index``), so a client
+starts that for the update's sum as soon as it has decrypted the summed scales, and it runs
+while the client encrypts and the server adds.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import NoReturn
 
 import numpy as np
 import tenseal as ts
 
-from secagg.crypto import envelope, integrity, ledger, rlwe, seal_format, seeded
+from secagg.crypto import compiled, envelope, integrity, ledger, rlwe, seal_format, seeded
 from secagg.crypto.ckks_server import TAIL, RoundFormat
-from secagg.crypto.envelope import AGGREGATE, CORRECTION, UPDATE, Stamp
+from secagg.crypto.envelope import AGGREGATE, CORRECTION, SCALES, UPDATE, UPDATE_PHASE, Stamp
 from secagg.crypto.ledger import Aggregate, Update
 from secagg.crypto.masking import Masker, MaskPlan
 from secagg.crypto.packing import packing_for
 from secagg.crypto.params import CkksParams, Keys
 from secagg.errors import KeyFileError, PayloadError
 
-#: Prepared encryptions of zero kept per ciphertext count (a client that skipped a round
-#: keeps its unused ones for the next; each is used once).
-_PREPARED_PER_SIZE = 2
+#: The first ciphertext index (``seeded.expand``) of each phase's payloads. A client encrypts
+#: both phases of a round under one seed, on disjoint ranges of its key stream, so its peers,
+#: who read every contributor's seed in the summed scales, can expand the update's ``c1``
+#: before the update's sum arrives (``CkksClient.decrypt``).
+_FIRST_INDEX = {UPDATE_PHASE: 0, SCALES: 1 << 63}
+
+
+def first_index(stamp: Stamp) -> int:
+    """The seed index of the first ciphertext of a payload of ``stamp``'s phase."""
+    return _FIRST_INDEX[stamp.phase]
 
 
 def make_contexts(params: CkksParams) -> tuple[bytes, bytes]:
@@ -102,6 +113,8 @@ class CkksClient:
         self._secret = rlwe.SecretKey(keys.context, self._shape)
         self._mac = integrity.MacKey(keys.context)
         self._zeros = _Zeros(self._secret)
+        #: the update's ciphertext count of the round last prepared: (job, round) -> count
+        self._update_blobs: dict[tuple[bytes, int], int] = {}
         #: masks expanded ahead of time, by (job, round, phase): their plan and the words
         self._masks: dict[tuple[bytes, int, int], tuple[MaskPlan, Future[np.ndarray]]] = {}
         #: the largest magnitude a summed integer may reach in a round of up to 128 clients
@@ -122,7 +135,9 @@ class CkksClient:
         phase needs beyond the values themselves: encryptions of zero and the integrity
         tag's vector. ``encrypt`` waits for them if they are not ready (or makes them)."""
         count, _ = self._format.blobs(stamp)(values)
-        self._zeros.prepare(count)
+        self._zeros.prepare(stamp, count)
+        if stamp.phase == UPDATE_PHASE:
+            self._update_blobs = {(stamp.job, stamp.round_num): count}
         _BACKGROUND.submit(self._mac.halves, stamp, _entries(values, stamp))
         if self.masker is not None and self.masker.active(stamp):
             # The mask is the pairs' PRG words: known once the round's keys are agreed.
@@ -139,14 +154,20 @@ class CkksClient:
         tally, tail = ledger.entries(update, stamp)
         digits = np.concatenate([update.values, tally])
         packing = self._format.packing(stamp)
-        # Packed first: it refuses what it cannot carry before the tag reads any of it.
-        slots = packing.pack(digits, np.concatenate([tail, np.zeros(integrity.SLOTS)]))
-        slots[-integrity.SLOTS :] = self._mac.seal(stamp, digits, tail)
         count, size = self._format.blobs(stamp)(update.values.size)
         q, n = self._shape.modulus, self._shape.poly_modulus_degree
-        seed, c0 = self._zeros.take(count)
-        message = rlwe.encode(slots.astype(np.int64), count, n, packing.scale_bits, q)
-        seal_format.add_mod(c0, message, q)
+        seed, c0 = self._zeros.take(stamp, count)
+        words = c0.reshape(-1)
+        # Packed, scaled and added to the encryption of zero in one pass (``packing.pack``
+        # and ``rlwe.encode`` say the same in numpy), which refuses what the packing cannot
+        # carry before the tag reads any of it; the tag's slots come last.
+        whole = np.concatenate([tail, np.zeros(integrity.SLOTS)])
+        if compiled.pack_add(words, digits, whole, packing, q) != compiled.OK:
+            packing.pack(digits, whole)  # raises, naming what it cannot carry
+            raise PayloadError("the update cannot be packed", "malformed")  # pragma: no cover
+        tag_slots = packing.slots_for(digits.size, whole.size) - integrity.SLOTS
+        tag = self._mac.seal(stamp, digits, tail)
+        compiled.pack_add(words[tag_slots:], np.empty(0), tag, packing, q)
         if self.masker is not None and self.masker.active(stamp):
             ahead = self._masks.pop((stamp.job, stamp.round_num, stamp.phase), None)
             prepared = None if ahead is None else (ahead[0], ahead[1].result())
@@ -191,21 +212,44 @@ class CkksClient:
         seal_format.check_coefficients(c0, self._shape.modulus)
         n, roster = opened.values, stamp.roster
         packing = self._format.packing(stamp)
-        phase = self._secret.decrypt(c0, opened.seeds)
+        # Decrypted, scaled down and unpacked in one pass; what it refuses, the numpy
+        # reference names (``_refuse``).
+        product = self._secret.c1_s(opened.seeds, first_index(stamp), len(c0))
+        q, senders = self._shape.modulus, len(opened.contributors)
+        verdict, digits, tail = compiled.open_sum(
+            c0, product, q, senders, packing, n + roster, TAIL
+        )
+        if verdict != compiled.OK:
+            self._refuse(c0, opened, stamp)
+        update_blobs = self._update_blobs.get((stamp.job, stamp.round_num))
+        if stamp.phase == SCALES and update_blobs:
+            # The update's sum will list the same seeds, unless a client drops out between the
+            # phases: its c1 s can be made while this client encrypts and the server adds.
+            self._secret.prefetch(opened.seeds, 0, update_blobs, _BACKGROUND.submit)
+        return ledger.settle(
+            digits[:n], digits[n:], tail, stamp, opened.contributors, mac=self._mac
+        )
+
+    def _refuse(self, c0: np.ndarray, opened: envelope.Envelope, stamp: Stamp) -> NoReturn:
+        """Raise the PayloadError that names why a sum does not decrypt and unpack, by the
+        numpy reference (``rlwe``, ``packing``), which the compiled pass follows."""
+        n, roster = opened.values, stamp.roster
+        packing = self._format.packing(stamp)
+        phase = self._secret.decrypt(c0, opened.seeds, first_index(stamp))
         integers = rlwe.decode(
             phase, packing.scale_bits, len(opened.contributors), packing.slots_for(n + roster, TAIL)
         )
         slots = integers.astype(np.float64)
         try:
-            digits, tail = packing.unpack(slots, n + roster, TAIL)
+            packing.unpack(slots, n + roster, TAIL)
         except PayloadError as err:
             if err.reason == "out-of-range":
                 # A duplicated update overflows digits too: let the tally name it if it can.
                 loose, _ = packing.unpack(slots, n + roster, TAIL, check_range=False)
                 ledger.check_tally(loose[n:], stamp, opened.contributors)
             raise
-        return ledger.settle(
-            digits[:n], digits[n:], tail, stamp, opened.contributors, mac=self._mac
+        raise PayloadError(  # pragma: no cover - the reference refuses what the pass refuses
+            "aggregate does not decrypt to integers", "not-integer"
         )
 
 
@@ -223,28 +267,40 @@ _BACKGROUND = ThreadPoolExecutor(1, thread_name_prefix="secagg-precompute")
 class _Zeros:
     """Encryptions of zero made ahead of time in the background thread, each used once.
 
-    The thread runs numba kernels and AES, which release the GIL: it prepares the next payload
-    while the client's model trains. A payload whose size was not prepared makes its own."""
+    The thread runs numba kernels and AES, which release the GIL: it prepares a round's
+    payloads while the client's model trains. Both phases of a round share one seed (on
+    disjoint index ranges, ``_FIRST_INDEX``); a phase prepared again (a retried round) draws a
+    new seed, so no seed's key stream ever encrypts two messages. A payload that was not
+    prepared makes its own, under a fresh seed."""
 
     def __init__(self, secret: rlwe.SecretKey) -> None:
         self._secret = secret
-        self._ready: dict[int, deque[Future[tuple[bytes, np.ndarray]]]] = {}
+        #: (job, round, phase) -> (ciphertext count, its seed and encryptions of zero)
+        self._ready: dict[tuple[bytes, int, int], tuple[int, Future[tuple[bytes, np.ndarray]]]]
+        self._ready = {}
+        #: the round being prepared, its seed and the phases prepared under that seed
+        self._seed: tuple[tuple[bytes, int], bytes, set[int]] | None = None
         self._lock = threading.Lock()
 
-    def prepare(self, count: int) -> None:
+    def prepare(self, stamp: Stamp, count: int) -> None:
+        this_round = (stamp.job, stamp.round_num)
         with self._lock:
-            queue = self._ready.setdefault(count, deque())
-            if len(queue) < _PREPARED_PER_SIZE:
-                queue.append(_BACKGROUND.submit(self._make, count))
+            if self._seed is None or self._seed[0] != this_round or stamp.phase in self._seed[2]:
+                self._seed = (this_round, seeded.fresh_seed(), set())
+                self._ready = {key: v for key, v in self._ready.items() if key[:2] == this_round}
+            _, seed, phases = self._seed
+            phases.add(stamp.phase)
+            made = _BACKGROUND.submit(self._make, seed, count, first_index(stamp))
+            self._ready[(*this_round, stamp.phase)] = (count, made)
 
-    def take(self, count: int) -> tuple[bytes, np.ndarray]:
-        """A fresh seed and its ``count`` encryptions of zero, never handed out twice (each
-        is removed from the queue before it is used)."""
+    def take(self, stamp: Stamp, count: int) -> tuple[bytes, np.ndarray]:
+        """A seed and its ``count`` encryptions of zero for ``stamp``'s phase, never handed
+        out twice (each is removed before it is used)."""
         with self._lock:
-            queue = self._ready.get(count)
-            prepared = queue.popleft() if queue else None
-        return prepared.result() if prepared is not None else self._make(count)
+            prepared = self._ready.pop((stamp.job, stamp.round_num, stamp.phase), None)
+        if prepared is not None and prepared[0] == count:
+            return prepared[1].result()
+        return self._make(seeded.fresh_seed(), count, first_index(stamp))
 
-    def _make(self, count: int) -> tuple[bytes, np.ndarray]:
-        seed = seeded.fresh_seed()
-        return seed, self._secret.encrypt_zero(seed, count)
+    def _make(self, seed: bytes, count: int, start: int) -> tuple[bytes, np.ndarray]:
+        return seed, self._secret.encrypt_zero(seed, count, start)

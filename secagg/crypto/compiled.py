@@ -49,3 +49,146 @@ def dot_halves(
     (float64) small enough that ``block`` products add up within int64 (the caller's bound)."""
     lo, hi = _dot_halves(low, high, values, np.int64(block), np.int64(modulus))
     return int(lo), int(hi)
+
+
+# --- packing, encoding and adding in one pass (``packing`` and ``rlwe`` are the reference) ---
+
+#: ``pack_add``'s and ``open_sum``'s verdicts: what the numpy reference refuses by name.
+OK, BAD_VALUE, BAD_TAIL, NOT_INTEGER, OUT_OF_RANGE = 0, 1, 2, 3, 4
+
+
+@kernel
+def _pack_add(
+    c0, values, tail, k, bits, scale_bits, modulus, digit_limit, tail_limit
+):  # pragma: no cover - compiled
+    n = values.size
+    body = (n + k - 1) // k
+    for slot in range(body):
+        packed = np.int64(0)
+        for j in range(k - 1, -1, -1):
+            index = slot * k + j
+            digit = np.int64(0)
+            if index < n:
+                value = values[index]
+                # NaN fails the comparison too
+                if not abs(value) < digit_limit or value != np.floor(value):
+                    return BAD_VALUE
+                digit = np.int64(value)
+            packed = (packed << bits) + digit
+        word = packed << scale_bits
+        if word < 0:
+            word += modulus
+        total = c0[slot] + np.uint64(word)
+        c0[slot] = total - np.uint64(modulus) if total >= np.uint64(modulus) else total
+    for t in range(tail.size):
+        value = tail[t]
+        if not abs(value) < tail_limit or value != np.floor(value):
+            return BAD_TAIL
+        word = np.int64(value) << scale_bits
+        if word < 0:
+            word += modulus
+        total = c0[body + t] + np.uint64(word)
+        c0[body + t] = total - np.uint64(modulus) if total >= np.uint64(modulus) else total
+    return OK
+
+
+def pack_add(
+    c0: np.ndarray, values: np.ndarray, tail: np.ndarray, packing: Any, modulus: int
+) -> int:
+    """Pack integer ``values`` (float64) and whole-slot ``tail`` integers as ``packing`` does,
+    scale them by ``2**scale_bits`` and add them mod ``modulus`` to the ``c0`` words (flat,
+    slot ``i`` at word ``i``), in one pass. Returns ``OK``, or ``BAD_VALUE``/``BAD_TAIL`` for
+    what ``packing.pack`` refuses (then ``c0`` is partly changed: the caller discards it)."""
+    return int(
+        _pack_add(
+            c0,
+            np.ascontiguousarray(values, dtype=np.float64),
+            np.ascontiguousarray(tail, dtype=np.float64),
+            np.int64(packing.values_per_slot),
+            np.int64(packing.digit_bits),
+            np.int64(packing.scale_bits),
+            np.int64(modulus),
+            np.float64(packing.digit_limit),
+            np.float64(packing.tail_limit),
+        )
+    )
+
+
+@kernel
+def _open_sum(
+    c0, product, modulus, scale_bits, bound, k, bits, values, slots, tail, digits, whole
+):  # pragma: no cover - compiled
+    q = np.uint64(modulus)
+    half_q = q // np.uint64(2)
+    half = np.int64(1) << (scale_bits - 1)
+    base = np.float64(np.int64(1) << bits)
+    limit = np.float64(np.int64(1) << (bits - 1))
+    top = np.float64(np.int64(1) << (k * bits))  # twice the tail limit
+    body = slots - tail
+    for i in range(c0.size):
+        word = c0[i] + product[i]
+        if word >= q:
+            word -= q
+        centered = np.int64(word) if word <= half_q else np.int64(word) - np.int64(modulus)
+        integer = (centered + half) >> scale_bits
+        if abs(centered - (integer << scale_bits)) > bound:
+            return NOT_INTEGER
+        if i >= slots:
+            if integer != 0:
+                return NOT_INTEGER
+            continue
+        rest = np.float64(integer)
+        if abs(rest) >= top:
+            return NOT_INTEGER
+        if i >= body:
+            whole[i - body] = rest
+            continue
+        for j in range(k - 1):
+            upper = np.rint(rest / base)
+            digit = rest - upper * base
+            rest = upper
+            if not (digit < limit and digit >= -limit) or (i * k + j >= values and digit != 0):
+                return OUT_OF_RANGE
+            if i * k + j < values:
+                digits[i * k + j] = digit
+        j = k - 1
+        if not (rest < limit and rest >= -limit) or (i * k + j >= values and rest != 0):
+            return OUT_OF_RANGE
+        if i * k + j < values:
+            digits[i * k + j] = rest
+    return OK
+
+
+def open_sum(
+    c0: np.ndarray,
+    product: np.ndarray,
+    modulus: int,
+    contributors: int,
+    packing: Any,
+    values: int,
+    tail: int,
+) -> tuple[int, np.ndarray, np.ndarray]:
+    """Decrypt and unpack a sum in one pass: ``c0 + c1 s`` (``product``) mod ``modulus``,
+    centered, divided by the scale to integers (off by at most the noise of ``contributors``
+    ciphertexts), split into ``values`` balanced digits and ``tail`` whole integers, as
+    ``rlwe.decrypt``, ``rlwe.decode`` and ``packing.unpack`` do. Returns (verdict, digits,
+    tail), the verdict ``OK``, ``NOT_INTEGER`` or ``OUT_OF_RANGE`` as those refuse."""
+    from secagg.crypto.packing import NOISE_BOUND
+
+    digits = np.empty(values)
+    whole = np.empty(tail)
+    verdict = _open_sum(
+        c0.reshape(-1),
+        product.reshape(-1),
+        np.int64(modulus),
+        np.int64(packing.scale_bits),
+        np.int64(NOISE_BOUND * max(contributors, 1)),
+        np.int64(packing.values_per_slot),
+        np.int64(packing.digit_bits),
+        np.int64(values),
+        np.int64(packing.slots_for(values, tail)),
+        np.int64(tail),
+        digits,
+        whole,
+    )
+    return int(verdict), digits, whole

@@ -37,6 +37,8 @@ import os
 import threading
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -49,16 +51,20 @@ from secagg.errors import KeyFileError, PayloadError
 
 #: The low ``NOISE_BOUND`` bits of a word: one side of the centered binomial draw.
 _NOISE_MASK = np.uint64((1 << NOISE_BOUND) - 1)
-#: The last few ``c1 s`` products (coefficients), by key, seeds and ciphertext range: clients
-#: of one key in one process (a simulation) decrypt each aggregate alike, and expanding every
-#: contributor's seed and multiplying by ``s`` is most of decrypting. Kept only while another
-#: key of the same words lives in the process (a deployment's site, one client, keeps none),
-#: and only up to ``_SHARED_BYTES`` each.
-_PRODUCTS: OrderedDict[tuple[bytes, tuple[bytes, ...], int, int], np.ndarray] = OrderedDict()
+#: ``c1 s`` products (coefficients) by key, seeds and ciphertext range, as futures: a client
+#: starts one in the background as soon as it knows the seeds of a sum it will decrypt
+#: (``prefetch``), and clients of one key in one process (a simulation) decrypt each sum
+#: alike, so they share them. Expanding every contributor's seed and multiplying by ``s`` is
+#: most of decrypting. Only the last ``_PRODUCTS_KEPT`` are kept; a product that no other
+#: holder of its key can use is handed over (not copied) to the one that uses it.
+_PRODUCTS: OrderedDict[tuple[bytes, tuple[bytes, ...], int, int], Future[np.ndarray]] = (
+    OrderedDict()
+)
 _PRODUCTS_LOCK = threading.Lock()
 #: The live ``SecretKey`` objects of each key, by the key's id.
 _HOLDERS: dict[bytes, weakref.WeakSet[SecretKey]] = {}
 _PRODUCTS_KEPT = 2
+#: A product computed at decryption is kept for the key's other holders only up to this size.
 _SHARED_BYTES = 64 << 20
 
 
@@ -82,51 +88,80 @@ class SecretKey:
         with _PRODUCTS_LOCK:
             _HOLDERS.setdefault(self._id, weakref.WeakSet()).add(self)
 
-    def encrypt_zero(self, seed: bytes, count: int) -> np.ndarray:
+    def encrypt_zero(self, seed: bytes, count: int, start: int = 0) -> np.ndarray:
         """``c0`` (count, N) of ``count`` encryptions of zero in coefficients, ciphertext ``i``
-        with ``c1 = expand(seed, i)``: ``-a_i s + e_i mod q``."""
+        with ``c1 = expand(seed, start + i)``: ``-a_i s + e_i mod q``."""
         q = self.modulus
         product = np.empty((count, self.n), dtype=np.uint64)
         for index in range(count):
-            product[index] = seeded.expand(seed, index, self.n, q)
+            product[index] = seeded.expand(seed, start + index, self.n, q)
         self._ntt.multiply(product, self._s, self._s_shoup)
         self._ntt.inverse(product)
-        # -a s + e: q - (a s) + e, with e in [-21, 21], reduced once into [0, q).
+        # -a s + e: (q - a s) + (e mod q), e in [-21, 21], both below q, added mod q.
         out = np.uint64(q) - product
-        out += (noise((count, self.n)) + np.int64(q)).astype(np.uint64)
-        np.remainder(out, np.uint64(q), out=out)
+        error = noise((count, self.n))
+        error[error < 0] += np.int64(q)
+        seal_format.add_mod(out, error.view(np.uint64), q)
         return out
 
     def decrypt(self, c0: np.ndarray, seeds: tuple[bytes, ...], start: int = 0) -> np.ndarray:
         """``Delta m + e`` (int64, centered) of the sums whose ``c0`` words (count, N) are given,
         ciphertexts ``start ..`` of their payloads; ``c1`` is the sum of every seed's ``a``."""
         q = np.uint64(self.modulus)
-        c1 = self._c1_s(seeds, start, len(c0))
-        c1 += c0
-        np.remainder(c1, q, out=c1)
+        c1 = self.c1_s(seeds, start, len(c0)).copy()
+        seal_format.add_mod(c1, c0, self.modulus)
         centered = c1.view(np.int64)
         centered[c1 > q // np.uint64(2)] -= np.int64(self.modulus)
         return centered
 
-    def _c1_s(self, seeds: tuple[bytes, ...], start: int, count: int) -> np.ndarray:
-        """``c1 s`` in coefficients (a fresh array) for ``seeds``' ciphertexts
-        ``start .. start + count - 1``."""
+    def prefetch(
+        self,
+        seeds: tuple[bytes, ...],
+        start: int,
+        count: int,
+        submit: Callable[..., Future[np.ndarray]],
+    ) -> None:
+        """Start computing (with ``submit``, a background executor's) the ``c1 s`` that
+        decrypting a sum of ``seeds``' ciphertexts ``start .. start + count - 1`` takes, so
+        ``decrypt`` finds it ready. A sum with other seeds (a client dropped) just does not
+        find it."""
+        key = (self._id, seeds, start, count)
+        with _PRODUCTS_LOCK:
+            if key not in _PRODUCTS:
+                _PRODUCTS[key] = submit(self._product, seeds, start, count)
+                _trim()
+
+    def c1_s(self, seeds: tuple[bytes, ...], start: int, count: int) -> np.ndarray:
+        """``c1 s`` in coefficients, (count, N), for ``seeds``' ciphertexts ``start .. start +
+        count - 1``. It may be shared with the key's other holders: never change it."""
         key = (self._id, seeds, start, count)
         with _PRODUCTS_LOCK:
             kept = _PRODUCTS.get(key)
+            sole = len(_HOLDERS[self._id]) == 1
+            if kept is not None and sole:
+                del _PRODUCTS[key]  # no one else can use it: hand it over
         if kept is not None:
-            return kept.copy()
+            return kept.result()
+        c1 = self._product(seeds, start, count)
+        if not sole and c1.nbytes <= _SHARED_BYTES:
+            done: Future[np.ndarray] = Future()
+            done.set_result(c1)
+            with _PRODUCTS_LOCK:
+                _PRODUCTS[key] = done
+                _trim()
+        return c1
+
+    def _product(self, seeds: tuple[bytes, ...], start: int, count: int) -> np.ndarray:
         c1 = seeded.expand_sum(seeds, start, count, self.n, self.modulus)
         self._ntt.multiply(c1, self._s, self._s_shoup)
         self._ntt.inverse(c1)
-        with _PRODUCTS_LOCK:
-            shared = len(_HOLDERS[self._id]) > 1
-        if shared and c1.nbytes <= _SHARED_BYTES:
-            with _PRODUCTS_LOCK:
-                _PRODUCTS[key] = c1.copy()
-                while len(_PRODUCTS) > _PRODUCTS_KEPT:
-                    _PRODUCTS.popitem(last=False)
         return c1
+
+
+def _trim() -> None:
+    """Forget the oldest products beyond ``_PRODUCTS_KEPT`` (the caller holds the lock)."""
+    while len(_PRODUCTS) > _PRODUCTS_KEPT:
+        _PRODUCTS.popitem(last=False)
 
 
 def noise(shape: tuple[int, ...]) -> np.ndarray:
@@ -146,8 +181,11 @@ def encode(values: np.ndarray, count: int, n: int, scale_bits: int, modulus: int
     words = np.zeros(count * n, dtype=np.int64)
     words[: values.size] = values
     words <<= scale_bits
-    words[words < 0] += np.int64(modulus)
-    return words.view(np.uint64).reshape(count, n)
+    # A negative word read unsigned is 2**64 - |w|; adding q wraps it to q - |w|, below it,
+    # while a non-negative word is the smaller one unchanged.
+    unsigned = words.view(np.uint64)
+    np.minimum(unsigned, unsigned + np.uint64(modulus), out=unsigned)
+    return unsigned.reshape(count, n)
 
 
 def decode(phase: np.ndarray, scale_bits: int, contributors: int, values: int) -> np.ndarray:

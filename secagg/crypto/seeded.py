@@ -2,9 +2,12 @@
 
 In symmetric RLWE encryption ``c1 = a`` is uniformly random and independent of the secret key
 and of the message; only ``c0 = -a s + e + Delta m`` carries information. So a client draws a
-fresh seed per payload, expands it (``expand``) into one uniform polynomial ``a_i`` per
+fresh seed per round, expands it (``expand``) into one uniform polynomial ``a_i`` per
 ciphertext ``i`` (in SEAL's NTT form, where the key is kept), builds ``c0`` for that ``a_i``
-(``rlwe``) and sends ``c0`` and the seed: half the bytes. SEAL's own symmetric encryption does
+(``rlwe``) and sends ``c0`` and the seed: half the bytes. The round's two payloads (the scale
+exchange, then the update) take disjoint ranges of ``i`` (``ckks.first_index``), so no ``a_i``
+serves two messages, and the peers who read the seeds in the summed scales can expand the
+update sum's ``c1`` before it arrives. SEAL's own symmetric encryption does
 the same when asked to save a seed (``encrypt_zero_symmetric`` with ``save_seed``).
 
 Sums: the server adds the ``c0`` of every update mod q and lists every contributor's seed;

@@ -138,7 +138,7 @@ def _check_room(ray: Any, config: RunConfig, actors: int) -> None:
 
 
 #: how many times a local Ray is started before its startup error is the run's
-LOCAL_STARTS = 3
+LOCAL_STARTS = 4
 
 
 def _start(ray: Any, config: RunConfig, actors: int) -> None:
