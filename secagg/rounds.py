@@ -240,11 +240,14 @@ def _counted(
         on_progress(phase, done, total)
 
 
-def _streamed(arrivals: list[float], each: list[float]) -> float:
-    """When a server that adds each payload as soon as it arrives is done."""
+def _streamed(summed: Summed, arrivals: list[float]) -> float:
+    """When a server is done that checks each payload as it arrives (each on the thread that
+    received it, side by side, as the network server does) and adds them one at a time."""
+    checks = summed.checks + [0.0] * max(0, len(arrivals) - len(summed.checks))
+    ready = sorted(a + c for a, c in zip(sorted(arrivals), checks, strict=False))
     done = 0.0
-    for arrival, seconds in zip(sorted(arrivals), each, strict=False):
-        done = max(done, arrival) + seconds
+    for at, seconds in zip(ready, summed.seconds, strict=False):
+        done = max(done, at) + seconds
     return done
 
 
@@ -265,7 +268,7 @@ class RoundRecord:
         trained, fits, applied = self.trained, self.fits, self.applied
         sealed = {f.client_id for f in fits}
         senders = [t for t in trained if t.client_id in sealed] or trained
-        scale_sums = self.scales.seconds if self.scales is not None else []
+        scale_sums = [*self.scales.seconds, *self.scales.checks] if self.scales else []
         up = sum(len(t.scales or b"") for t in trained) + sum(f.size for f in fits)
         up += self.corrections
         down = (len(self.summed.payload) + (len(self.scales.payload) if self.scales else 0)) * len(
@@ -286,7 +289,7 @@ class RoundRecord:
             flatten_seconds=sum(t.seconds.flatten for t in trained),
             scales_seconds=sum(t.seconds.prepare for t in trained),
             encrypt_seconds=sum(f.seconds.encrypt for f in fits),
-            aggregate_seconds=sum(scale_sums) + sum(self.summed.seconds),
+            aggregate_seconds=sum(scale_sums) + sum(self.summed.seconds) + sum(self.summed.checks),
             decrypt_seconds=sum(a.seconds.decrypt for a in applied),
             evaluate_seconds=0.0,
             bytes_up=up,
@@ -305,13 +308,13 @@ class RoundRecord:
         trained = [t for t in self.trained if t.client_id in fits]
         ready = [t.seconds.train + t.seconds.flatten + t.seconds.prepare for t in trained]
         if self.scales is not None:  # every client waits for the summed scales
-            agreed = _streamed(ready, self.scales.seconds)
+            agreed = _streamed(self.scales, ready)
             ready = [agreed for _ in trained]
         arrivals = [
             r + fits[t.client_id].seconds.encrypt for r, t in zip(ready, trained, strict=True)
         ]
         slowest = max((a.seconds.decrypt + a.seconds.unflatten for a in self.applied), default=0)
-        return _streamed(arrivals, self.summed.seconds) + slowest
+        return _streamed(self.summed, arrivals) + slowest
 
 
 def _averaged(reports: list[tuple[int, dict[str, float]]]) -> dict[str, float]:

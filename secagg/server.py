@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -75,11 +75,14 @@ def _paths(workdir: Path, round_num: int, suffix: str) -> tuple[Path, Path]:
 
 @dataclass(frozen=True)
 class Summed:
-    """An aggregate, and the seconds the server spent on each payload of it, in arrival order
-    (the last one includes serializing the total)."""
+    """An aggregate, and the seconds the server spent adding each payload of it, in arrival
+    order (the last one includes serializing the total), and checking each one. A network
+    server checks each upload on the thread that receives it, as it arrives, so checks run
+    side by side; only adding is one after another."""
 
     payload: bytes
     seconds: list[float]
+    checks: list[float] = field(default_factory=list)
 
 
 class Server:
@@ -120,10 +123,10 @@ class Server:
                 f"{list(closed)}; a late update is never added",
                 "late-update",
             )
-        timed = _Timed(payloads)
+        timed = _Timed(payloads, lambda payload: self.cipher.check(payload, round_stamp, values))
         summed = self.cipher.sum(timed, round_stamp, allowed, values)
         timed.close()
-        return Summed(summed, timed.each)
+        return Summed(summed, timed.each, timed.checks)
 
     def correct(
         self, summed: Summed, corrections: Iterable[bytes], stamp: Stamp, dropped: tuple[int, ...]
@@ -134,7 +137,9 @@ class Server:
         self._closed[(stamp.job, stamp.round_num, stamp.phase)] = dropped
         payload = self.cipher.corrected(summed.payload, corrections, stamp, dropped)
         return Summed(
-            payload, [*summed.seconds[:-1], summed.seconds[-1] + time.perf_counter() - start]
+            payload,
+            [*summed.seconds[:-1], summed.seconds[-1] + time.perf_counter() - start],
+            summed.checks,
         )
 
     def checkpoint(
@@ -180,12 +185,16 @@ def load_checkpoint(workdir: str | Path) -> Checkpoint:
 
 
 class _Timed:
-    """Wraps the arrival stream to time the server's work on each payload, not its waiting."""
+    """Wraps the arrival stream to time the server's work on each payload, not its waiting:
+    checking it as it arrives (``check``; a payload a network server checked on arrival is
+    not checked again), then adding it."""
 
-    def __init__(self, payloads: Iterable[bytes]) -> None:
+    def __init__(self, payloads: Iterable[bytes], check: Callable[[bytes], object]) -> None:
         self._it = iter(payloads)
+        self._check = check
         self._handed: float | None = None
         self.each: list[float] = []
+        self.checks: list[float] = []
 
     def __iter__(self) -> _Timed:
         return self
@@ -193,7 +202,10 @@ class _Timed:
     def __next__(self) -> bytes:
         self.close()
         item = next(self._it)
+        start = time.perf_counter()
+        self._check(item)
         self._handed = time.perf_counter()
+        self.checks.append(self._handed - start)
         return item
 
     def close(self) -> None:

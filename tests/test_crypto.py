@@ -79,14 +79,14 @@ def test_server_sums_a_stream_without_holding_it(cipher_pair, monkeypatch) -> No
     client, server = cipher_pair
     stamp = round_of(1, roster=3)
     events: list[str] = []
-    real_check = server.check
+    real_check = server._check  # what the sum does with a payload nobody checked on arrival
 
     def check(payload, round_stamp, values=None):  # type: ignore[no-untyped-def]
         opened = real_check(payload, round_stamp, values)
         events.append(f"added {opened.stamp.sender}")
         return opened
 
-    monkeypatch.setattr(server, "check", check)
+    monkeypatch.setattr(server, "_check", check)
 
     def arrivals():  # type: ignore[no-untyped-def]
         for sender, value in enumerate((1.0, 2.0, 3.0)):
@@ -97,6 +97,36 @@ def test_server_sums_a_stream_without_holding_it(cipher_pair, monkeypatch) -> No
     assert events == ["sent 0", "added 0", "sent 1", "added 1", "sent 2", "added 2"]
     assert np.allclose(total.values, 6.0, atol=1e-6)
     assert total.weight == pytest.approx(0.75, abs=1e-6)
+
+
+def test_an_update_checked_on_arrival_is_added_without_a_second_check(
+    cipher_pair, monkeypatch
+) -> None:
+    """The network server checks each upload as it arrives (``check``); the round's sum then
+    only adds it. Another object with the same bytes, or the same payload summed for another
+    round or length, is checked again, and a payload that fails its check is never added."""
+    client, server = cipher_pair
+    stamp = round_of(3, roster=2)
+    ups = [Update(np.full(100, 1.0), 0.5), Update(np.full(100, 2.0), 0.5)]
+    first, second = encrypt_all(client, ups, stamp)
+    opened = server.check(first, stamp.for_sender(0), 100)  # as the upload handler does
+    assert server.check(first, stamp.for_sender(0), 100) is opened  # once
+    checks: list[int] = []
+    real_check = server._check
+    monkeypatch.setattr(server, "_check", lambda p, s, v: checks.append(1) or real_check(p, s, v))
+    total = client.decrypt(server.sum([first, second], stamp, values=100), stamp)
+    assert np.allclose(total.values, 3.0, atol=1e-6) and len(checks) == 1  # only `second`
+    server.check(first, stamp, 100)
+    server.sum([bytes(bytearray(first)), second], stamp, values=100)  # equal bytes, new object
+    assert len(checks) == 4
+    server.check(first, stamp, 100)
+    with pytest.raises(PayloadError):
+        server.sum([first], stamp, values=99)  # checked for another length: checked again
+    damaged = first[:-1] + bytes([first[-1] ^ 1])
+    with pytest.raises(PayloadError):
+        server.check(damaged, stamp, 100)
+    with pytest.raises(PayloadError):
+        server.sum([damaged], stamp, values=100)
 
 
 def test_payload_from_other_keys_is_refused(ckks_pair, tmp_path) -> None:

@@ -184,3 +184,16 @@ def test_rounds_above_128_clients_use_the_wide_packing_and_match_plaintext(
     # Two values per slot instead of three: half as many again bytes per value.
     ratio = he.rounds[0].bytes_up_per_client / plain.rounds[0].bytes_up_per_client
     assert ratio > 2
+
+
+def test_deployment_latency_checks_uploads_side_by_side_and_adds_them_in_turn() -> None:
+    """The latency model of a round's sum: each upload is checked on the thread that
+    received it as it arrives (side by side), and added one at a time."""
+    from secagg.rounds import _streamed
+    from secagg.server import Summed
+
+    together = Summed(b"", seconds=[0.1, 0.1, 0.1], checks=[1.0, 1.0, 1.0])
+    assert _streamed(together, [0.0, 0.0, 0.0]) == pytest.approx(1.3)
+    assert _streamed(together, [0.0, 2.0, 4.0]) == pytest.approx(5.1)
+    unchecked = Summed(b"", seconds=[0.5, 0.5])
+    assert _streamed(unchecked, [0.0, 0.0]) == pytest.approx(1.0)

@@ -112,6 +112,8 @@ class CkksServer:
             )
         self._format = RoundFormat(keys, precision)
         self.codec, self._shape = self._format.codec, self._format.shape
+        #: updates checked as they arrived (``check``), which the sum does not check again
+        self._checked = ledger.Checked()
 
     def codec_for_round(self, stamp: Stamp) -> envelope.Codec:
         """The envelope codec of ``stamp``'s round (its packing depends on the round's size)."""
@@ -128,6 +130,13 @@ class CkksServer:
         """Everything ``sum`` refuses an update for, short of adding it: its envelope against
         the round (and its length against ``values``), and every ciphertext word below q.
         Returns the opened envelope."""
+        return self._checked.check(
+            payload, stamp, values, lambda: self._check(payload, stamp, values)
+        )
+
+    def _check(
+        self, payload: bytes | memoryview, stamp: Stamp, values: int | None
+    ) -> envelope.Envelope:
         opened = self._format.open(payload, stamp, UPDATE)
         ledger.check_length(opened.values, values)
         seal_format.check_coefficients(np.frombuffer(opened.body, dtype="<u8"), self._shape.modulus)
@@ -154,7 +163,7 @@ class CkksServer:
             return total
 
         def open_update(payload: bytes) -> envelope.Envelope:
-            return self.check(payload, stamp, values)
+            return self._checked.take(payload, stamp, values) or self._check(payload, stamp, values)
 
         total, count_values, senders = ledger.accumulate(
             payloads, open_update, add, allowed, self._format.packing(stamp).max_clients

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
 
-from secagg.crypto.envelope import Envelope, Stamp
+from secagg.crypto.envelope import SERVER, Envelope, Stamp
 from secagg.crypto.integrity import MacKey
 from secagg.errors import PayloadError
 
@@ -225,3 +226,60 @@ def accumulate(
     if total is None or values is None:
         raise PayloadError("no payloads to sum", "empty")
     return total, values, tuple(sorted(senders))
+
+
+class Checked:
+    """Updates a server cipher has checked as they arrived, until its sum adds them.
+
+    A network server checks each upload on the thread that receives it, as it arrives, so a
+    bad one is refused (and its site named) at once, and many are checked at the same time;
+    the round's sum then only adds. A payload is known by identity: ``bytes`` cannot change
+    after they were checked. A payload checked with its sender's stamp also passes for the
+    round's (the sender's is the stricter check). Only one round's payloads are kept."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._round: tuple[bytes, int] | None = None
+        self._opened: dict[int, tuple[bytes, Stamp, int | None, Envelope]] = {}
+
+    def check(
+        self,
+        payload: bytes | memoryview,
+        stamp: Stamp,
+        values: int | None,
+        check: Callable[[], Envelope],
+    ) -> Envelope:
+        """``check()``'s envelope of ``payload``, checked once."""
+        found = self._find(payload, stamp, values, remove=False)
+        if found is not None:
+            return found
+        opened = check()
+        if isinstance(payload, bytes):
+            with self._lock:
+                if self._round != (stamp.job, stamp.round_num):
+                    self._opened.clear()
+                    self._round = (stamp.job, stamp.round_num)
+                self._opened[id(payload)] = (payload, stamp, values, opened)
+        return opened
+
+    def take(
+        self, payload: bytes | memoryview, stamp: Stamp, values: int | None
+    ) -> Envelope | None:
+        """The envelope of a payload checked for ``stamp`` and ``values`` (forgotten now), or
+        None when it was not."""
+        return self._find(payload, stamp, values, remove=True)
+
+    def _find(
+        self, payload: bytes | memoryview, stamp: Stamp, values: int | None, *, remove: bool
+    ) -> Envelope | None:
+        with self._lock:
+            entry = self._opened.get(id(payload))
+            if entry is None or entry[0] is not payload or entry[2] != values:
+                return None
+            checked = entry[1]
+            same = checked.for_sender(SERVER) == stamp.for_sender(SERVER)
+            if not same or stamp.sender not in (SERVER, checked.sender):
+                return None
+            if remove:
+                del self._opened[id(payload)]
+            return entry[3]

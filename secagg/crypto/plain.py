@@ -42,6 +42,8 @@ class PlainCipher:
         self.dtype = np.dtype(DTYPES[precision])
         # Settings "f32" or "f64": the two precisions never read each other's payloads.
         self.codec = envelope.Codec(0, FINGERPRINT, f"f{precision[-2:]}\0".encode())
+        #: updates checked as they arrived (``check``), which the sum does not check again
+        self._checked = ledger.Checked()
 
     def codec_for_round(self, stamp: Stamp) -> envelope.Codec:
         """Every round's payloads say the same codec."""
@@ -85,7 +87,15 @@ class PlainCipher:
     def check(
         self, payload: bytes | memoryview, stamp: Stamp, values: int | None = None
     ) -> envelope.Envelope:
-        """Everything ``sum`` refuses an update for, short of adding it."""
+        """Everything ``sum`` refuses an update for, short of adding it (once: ``sum`` does
+        not check again what was checked as it arrived)."""
+        return self._checked.check(
+            payload, stamp, values, lambda: self._check(payload, stamp, values)
+        )
+
+    def _check(
+        self, payload: bytes | memoryview, stamp: Stamp, values: int | None
+    ) -> envelope.Envelope:
         opened = self._open(payload, stamp, UPDATE)
         ledger.check_length(opened.values, values)
         return opened
@@ -105,7 +115,7 @@ class PlainCipher:
             return total
 
         def open_update(payload: bytes) -> envelope.Envelope:
-            return self.check(payload, stamp, values)
+            return self._checked.take(payload, stamp, values) or self._check(payload, stamp, values)
 
         total, count, senders = ledger.accumulate(payloads, open_update, add, allowed)
         return self._payload(AGGREGATE, stamp, count, total, senders)
