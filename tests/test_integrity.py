@@ -392,3 +392,17 @@ def test_the_integrity_key_comes_from_the_secret_context(session_keys) -> None:
     assert np.array_equal(ours, integrity.MacKey(bytes(secret.context)).vector(stamp, 64))
     for other in (public.context, secret.fingerprint, public.fingerprint):
         assert not np.array_equal(ours, integrity.MacKey(other).vector(stamp, 64))
+
+
+def test_r_is_the_key_stream_mod_p_in_exact_halves() -> None:
+    """r's words, reduced mod P = 2**61 - 1 and split in 31-bit halves in one compiled pass,
+    are Python's ``word % P``, at the reduction's edges too."""
+    from secagg.crypto import compiled
+
+    words = np.random.default_rng(3).integers(0, 2**64 - 1, 20_000, np.uint64, endpoint=True)
+    words[:5] = [2**64 - 1, integrity.P, integrity.P - 1, 2 * integrity.P, 2 * integrity.P + 1]
+    low, high = compiled.split_halves(words, 61, 31)
+    assert low.dtype == high.dtype == np.int32
+    assert [int(lo) + (int(hi) << 31) for lo, hi in zip(low, high, strict=True)] == [
+        int(w) % integrity.P for w in words
+    ]

@@ -51,6 +51,31 @@ def dot_halves(
     return int(lo), int(hi)
 
 
+@kernel
+def _split_halves(words, prime_bits, half_bits, low, high):  # pragma: no cover - compiled
+    prime = (np.uint64(1) << np.uint64(prime_bits)) - np.uint64(1)
+    mask = (np.uint64(1) << np.uint64(half_bits)) - np.uint64(1)
+    for i in range(words.size):
+        word = words[i]
+        word = (word & prime) + (word >> np.uint64(prime_bits))  # 2**bits = 1 mod the prime
+        if word >= prime:
+            word -= prime
+        low[i] = np.int32(word & mask)
+        high[i] = np.int32(word >> np.uint64(half_bits))
+
+
+def split_halves(
+    words: np.ndarray, prime_bits: int, half_bits: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``words mod (2**prime_bits - 1)`` (uint64 words, a Mersenne prime of at most 62 bits)
+    as their low ``half_bits`` bits and the rest, int32 each (``half_bits`` at least
+    ``prime_bits - 31``, at most 31), in one pass."""
+    low = np.empty(words.size, dtype=np.int32)
+    high = np.empty(words.size, dtype=np.int32)
+    _split_halves(words, np.int64(prime_bits), np.int64(half_bits), low, high)
+    return low, high
+
+
 # --- packing, encoding and adding in one pass (``packing`` and ``rlwe`` are the reference) ---
 
 #: ``pack_add``'s and ``open_sum``'s verdicts: what the numpy reference refuses by name.

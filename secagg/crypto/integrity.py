@@ -56,7 +56,6 @@ _LIMB = 21
 _LIMB_MASK = (1 << _LIMB) - 1
 #: r is split in 31-bit halves for exact int64 dot products (see ``_BLOCK``).
 _HALF = 31
-_HALF_MASK = (1 << _HALF) - 1
 _SALT = b"secagg aggregate integrity v1"
 #: Entries per exact int64 partial sum: 2**8 x (r's 31-bit half) x (|digit| < 2**23) < 2**62
 #: (digits are 15 bits in the standard packing, 23 in the fine one, 21 in the wide one).
@@ -133,11 +132,11 @@ class MacKey:
             kept = _VECTORS.get((self._key, label))
         if kept is not None and kept[0].size >= size:
             return kept[0][:size], kept[1][:size]
+        from secagg.crypto.compiled import split_halves  # numba: clients only
+
         words = _stream(hmac.new(self._key, label, hashlib.sha256).digest(), size)
         # 64-bit words mod P: 2**64 mod P is 8, so the bias is below 2**-60.
-        words %= np.uint64(P)
-        low = (words & np.uint64(_HALF_MASK)).astype(np.int32)
-        high = (words >> np.uint64(_HALF)).astype(np.int32)
+        low, high = split_halves(words, P.bit_length(), _HALF)
         low.flags.writeable = high.flags.writeable = False
         with _VECTORS_LOCK:
             _VECTORS[(self._key, label)] = (low, high)
@@ -150,4 +149,4 @@ class MacKey:
 def _stream(key: bytes, words: int) -> np.ndarray:
     """``words`` little-endian 64-bit words of the AES-256-CTR key stream under ``key``."""
     encryptor = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
-    return np.frombuffer(encryptor.update(bytes(8 * words)), dtype="<u8").copy()
+    return np.frombuffer(encryptor.update(bytes(8 * words)), dtype="<u8")
