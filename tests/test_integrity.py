@@ -401,7 +401,8 @@ def test_r_is_the_key_stream_mod_p_in_exact_halves() -> None:
 
     words = np.random.default_rng(3).integers(0, 2**64 - 1, 20_000, np.uint64, endpoint=True)
     words[:5] = [2**64 - 1, integrity.P, integrity.P - 1, 2 * integrity.P, 2 * integrity.P + 1]
-    low, high = compiled.split_halves(words, 61, 31)
+    low, high = np.empty(words.size, np.int32), np.empty(words.size, np.int32)
+    compiled.split_halves(words, 61, 31, low, high)
     assert low.dtype == high.dtype == np.int32
     assert [int(lo) + (int(hi) << 31) for lo, hi in zip(low, high, strict=True)] == [
         int(w) % integrity.P for w in words

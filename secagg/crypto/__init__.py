@@ -114,7 +114,8 @@ class ServerCipher(Protocol):
         self, payload: bytes | memoryview, stamp: Stamp, values: int | None = None
     ) -> envelope.Envelope:
         """Refuse (PayloadError) an update ``sum`` would refuse, without adding it; with
-        ``values``, also one that does not carry exactly that many values."""
+        ``values``, also one that does not carry exactly that many values. A payload (``bytes``)
+        checked here, as it arrived, is not checked again when ``sum`` adds it."""
         ...
 
     def sum(

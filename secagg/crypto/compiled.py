@@ -65,15 +65,38 @@ def _split_halves(words, prime_bits, half_bits, low, high):  # pragma: no cover 
 
 
 def split_halves(
-    words: np.ndarray, prime_bits: int, half_bits: int
-) -> tuple[np.ndarray, np.ndarray]:
+    words: np.ndarray, prime_bits: int, half_bits: int, low: np.ndarray, high: np.ndarray
+) -> None:
     """``words mod (2**prime_bits - 1)`` (uint64 words, a Mersenne prime of at most 62 bits)
-    as their low ``half_bits`` bits and the rest, int32 each (``half_bits`` at least
-    ``prime_bits - 31``, at most 31), in one pass."""
-    low = np.empty(words.size, dtype=np.int32)
-    high = np.empty(words.size, dtype=np.int32)
+    into ``low`` (their low ``half_bits`` bits) and ``high`` (the rest), int32 arrays of the
+    words' length (``half_bits`` at least ``prime_bits - 31``, at most 31), in one pass."""
     _split_halves(words, np.int64(prime_bits), np.int64(half_bits), low, high)
-    return low, high
+
+
+@kernel
+def _take_below(words, mask, modulus, out, at, add):  # pragma: no cover - compiled
+    n = out.size
+    for i in range(words.size):
+        if at >= n:
+            break
+        word = words[i] & mask
+        if word < modulus:
+            if add:
+                out[at] += word
+            else:
+                out[at] = word
+            at += 1
+    return at
+
+
+def take_below(
+    words: np.ndarray, bits: int, modulus: int, out: np.ndarray, at: int, add: bool
+) -> int:
+    """Rejection sampling mod ``modulus``: each of ``words`` masked to its low ``bits`` bits and
+    kept when below ``modulus``, written (or, with ``add``, added) to ``out`` from position
+    ``at`` until ``out`` is full. Returns the next position to fill."""
+    mask = np.uint64((1 << bits) - 1)
+    return int(_take_below(words, mask, np.uint64(modulus), out, np.int64(at), add))
 
 
 # --- packing, encoding and adding in one pass (``packing`` and ``rlwe`` are the reference) ---

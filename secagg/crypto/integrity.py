@@ -43,8 +43,8 @@ import threading
 from collections import OrderedDict
 
 import numpy as np
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from secagg.crypto import seeded
 from secagg.crypto.envelope import Stamp
 from secagg.errors import PayloadError
 
@@ -134,9 +134,15 @@ class MacKey:
             return kept[0][:size], kept[1][:size]
         from secagg.crypto.compiled import split_halves  # numba: clients only
 
-        words = _stream(hmac.new(self._key, label, hashlib.sha256).digest(), size)
-        # 64-bit words mod P: 2**64 mod P is 8, so the bias is below 2**-60.
-        low, high = split_halves(words, P.bit_length(), _HALF)
+        # The AES-256-CTR key stream under HMAC(key, label), as 64-bit words mod P (2**64 mod P
+        # is 8, so the bias is below 2**-60), split as it is drawn.
+        low, high = np.empty(size, dtype=np.int32), np.empty(size, dtype=np.int32)
+        at = 0
+        stream = hmac.new(self._key, label, hashlib.sha256).digest()
+        for words in seeded.key_stream(stream, bytes(16), size):
+            end = at + words.size
+            split_halves(words, P.bit_length(), _HALF, low[at:end], high[at:end])
+            at = end
         low.flags.writeable = high.flags.writeable = False
         with _VECTORS_LOCK:
             _VECTORS[(self._key, label)] = (low, high)
@@ -144,9 +150,3 @@ class MacKey:
             while len(_VECTORS) > _KEPT:
                 _VECTORS.popitem(last=False)
         return low, high
-
-
-def _stream(key: bytes, words: int) -> np.ndarray:
-    """``words`` little-endian 64-bit words of the AES-256-CTR key stream under ``key``."""
-    encryptor = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
-    return np.frombuffer(encryptor.update(bytes(8 * words)), dtype="<u8")

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from secagg.crypto import seeded
+from secagg.crypto import seal_format, seeded
 from secagg.crypto.envelope import Stamp
 from secagg.errors import PayloadError
 
@@ -267,26 +267,11 @@ class MaskPlan:
 
     def words(self, count: int, n: int, modulus: int) -> np.ndarray:
         """``(count, n)`` words mod q: each side summed lazily, subtracted once."""
-        q = np.uint64(modulus)
-        out = np.empty((count, n), dtype="<u8")
-        for index in range(count):
-            row = _lazy_sum(self.plus, index, n, modulus)
-            row += q - _lazy_sum(self.minus, index, n, modulus)  # below 2q < 2**64
-            np.subtract(row, q, out=row, where=row >= q)
-            out[index] = row
+        out = seeded.expand_sum(self.plus, 0, count, n, modulus)
+        minus = seeded.expand_sum(self.minus, 0, count, n, modulus)
+        np.subtract(np.uint64(modulus), minus, out=minus)  # in (0, q]: adds right mod q
+        seal_format.add_mod(out, minus, modulus)
         return out
-
-
-def _lazy_sum(keys: Iterable[bytes], index: int, n: int, modulus: int) -> np.ndarray:
-    """The sum mod q of what each key expands to for ciphertext ``index``."""
-    q = np.uint64(modulus)
-    total = np.zeros(n, dtype="<u8")
-    for terms, key in enumerate(keys, 1):
-        total += seeded.expand(key, index, n, modulus)
-        if terms % seeded.LAZY_TERMS == 0:
-            np.remainder(total, q, out=total)
-    np.remainder(total, q, out=total)
-    return total
 
 
 def verify(

@@ -41,7 +41,6 @@ from collections.abc import Callable
 from concurrent.futures import Future
 
 import numpy as np
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from secagg.crypto import seal_format, seeded
 from secagg.crypto.ntt import shoup, transform
@@ -167,12 +166,14 @@ def _trim() -> None:
 def noise(shape: tuple[int, ...]) -> np.ndarray:
     """SEAL's centered binomial noise (int64): per coefficient, the popcount of 21 fair bits
     minus that of 21 others, from one 64-bit word of a freshly keyed AES-256-CTR stream."""
-    count = int(np.prod(shape))
-    stream = Cipher(algorithms.AES(os.urandom(32)), modes.CTR(bytes(16))).encryptor()
-    words = np.frombuffer(stream.update(bytes(8 * count)), dtype="<u8")
-    plus = np.bitwise_count(words & _NOISE_MASK).astype(np.int64)
-    minus = np.bitwise_count((words >> np.uint64(NOISE_BOUND)) & _NOISE_MASK).astype(np.int64)
-    return (plus - minus).reshape(shape)
+    out = np.empty(int(np.prod(shape)), dtype=np.int64)
+    at = 0
+    for words in seeded.key_stream(os.urandom(32), bytes(16), out.size):
+        plus = np.bitwise_count(words & _NOISE_MASK)
+        minus = np.bitwise_count((words >> np.uint64(NOISE_BOUND)) & _NOISE_MASK)
+        np.subtract(plus, minus, out=out[at : at + words.size], dtype=np.int64)
+        at += words.size
+    return out.reshape(shape)
 
 
 def encode(values: np.ndarray, count: int, n: int, scale_bits: int, modulus: int) -> np.ndarray:

@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
+from collections.abc import Iterator
 
 import numpy as np
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
 
 #: Bytes of one seed: an AES-256 key.
 SEED_BYTES = 32
@@ -38,6 +40,31 @@ SEED_BYTES = 32
 LAZY_TERMS = 15
 #: Extra words drawn with the first batch so that a rejected word almost never costs a second.
 _SPARE = 64
+#: Key stream is drawn into a reused buffer of this many words at most: a fresh buffer per draw
+#: costs more in page faults than AES itself does (28 MB: 25 ms fresh, 4 ms reused).
+_CHUNK_WORDS = 1 << 17
+_ZEROS = bytes(8 * _CHUNK_WORDS)
+_SCRATCH = threading.local()
+
+
+def key_stream(key: bytes, counter: bytes, words: int) -> Iterator[np.ndarray]:
+    """``words`` little-endian 64-bit words of the AES-256-CTR key stream under ``key`` from
+    the 16-byte ``counter`` on (``draw``'s chunks)."""
+    return draw(Cipher(algorithms.AES(key), modes.CTR(counter)).encryptor(), words)
+
+
+def draw(encryptor: CipherContext, words: int) -> Iterator[np.ndarray]:
+    """The next ``words`` 64-bit words of an AES-CTR ``encryptor``'s key stream, in chunks of
+    at most 1 MiB. Each chunk is a view of one buffer per thread, valid only until the next
+    chunk is drawn in that thread: use it, or copy it."""
+    buffer = getattr(_SCRATCH, "buffer", None)
+    if buffer is None:
+        buffer = _SCRATCH.buffer = bytearray(len(_ZEROS) + 16)
+    while words > 0:
+        take = min(words, _CHUNK_WORDS)
+        encryptor.update_into(memoryview(_ZEROS)[: 8 * take], buffer)
+        yield np.frombuffer(buffer, dtype="<u8", count=take)
+        words -= take
 
 
 def fresh_seed() -> bytes:
@@ -47,21 +74,9 @@ def fresh_seed() -> bytes:
 
 def expand(seed: bytes, index: int, n: int, modulus: int) -> np.ndarray:
     """The uniform polynomial mod ``modulus`` (``n`` uint64 words) of ciphertext ``index``."""
-    if len(seed) != SEED_BYTES:
-        raise ValueError(f"a seed is {SEED_BYTES} bytes")
-    counter = struct.pack(">QQ", index, 0)
-    stream = Cipher(algorithms.AES(seed), modes.CTR(counter)).encryptor()
-    mask = np.uint64((1 << modulus.bit_length()) - 1)
-    q = np.uint64(modulus)
-    parts: list[np.ndarray] = []
-    have, draw = 0, n + _SPARE
-    while have < n:
-        words = np.frombuffer(stream.update(bytes(8 * draw)), dtype="<u8") & mask
-        kept = words[words < q]
-        parts.append(kept)
-        have += kept.size
-        draw = n - have + _SPARE
-    return np.concatenate(parts)[:n] if len(parts) > 1 else parts[0][:n]
+    out = np.empty(n, dtype="<u8")
+    _expand_into(out, seed, index, modulus, add=False)
+    return out
 
 
 def expand_sum(
@@ -71,11 +86,28 @@ def expand_sum(
     seed's polynomial: the ``c1`` of a sum of seeded ciphertexts."""
     out = np.zeros((count, n), dtype="<u8")
     q = np.uint64(modulus)
-    for offset in range(count):
-        row = out[offset]
-        # Words are below q < 2**60: up to 15 of them add without wrapping 64 bits.
-        for group in range(0, len(seeds), LAZY_TERMS):
-            for seed in seeds[group : group + LAZY_TERMS]:
-                row += expand(seed, start + offset, n, modulus)
-            np.remainder(row, q, out=row)
+    # Words are below q < 2**60: up to 15 of them add without wrapping 64 bits.
+    for group in range(0, len(seeds), LAZY_TERMS):
+        for seed in seeds[group : group + LAZY_TERMS]:
+            for offset in range(count):
+                _expand_into(out[offset], seed, start + offset, modulus, add=True)
+        np.remainder(out, q, out=out)
     return out
+
+
+def _expand_into(row: np.ndarray, seed: bytes, index: int, modulus: int, *, add: bool) -> None:
+    """Write (or add) ciphertext ``index``'s polynomial into ``row``: the key stream from
+    ``index || 0`` on, words masked to q's bit length and kept below q, ``n + _SPARE`` words
+    drawn first and (rarely) what rejection left plus ``_SPARE`` again."""
+    from secagg.crypto.compiled import take_below  # numba: clients only
+
+    if len(seed) != SEED_BYTES:
+        raise ValueError(f"a seed is {SEED_BYTES} bytes")
+    n, bits = row.size, modulus.bit_length()
+    counter = struct.pack(">QQ", index, 0)
+    stream = Cipher(algorithms.AES(seed), modes.CTR(counter)).encryptor()
+    have, more = 0, n + _SPARE
+    while have < n:
+        for chunk in draw(stream, more):
+            have = take_below(chunk, bits, modulus, row, have, add)
+        more = n - have + _SPARE
