@@ -289,3 +289,38 @@ def test_an_update_carrying_another_clients_seed_is_refused(ckks_pair, three) ->
     with pytest.raises(PayloadError) as caught:
         client.decrypt(aggregate, stamp)
     assert caught.value.reason == "not-integer"
+
+
+def _ctr_spec(seed: bytes, index: int, n: int, modulus: int) -> np.ndarray:
+    """The expansion as ``seeded``'s docstring states it: one AES-256-CTR stream from
+    ``index || 0``, 64-bit little-endian words masked to q's bit length, kept below q; drawn
+    ``n + 64`` words at a time, then what rejection left plus 64."""
+    import struct
+
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    stream = Cipher(algorithms.AES(seed), modes.CTR(struct.pack(">QQ", index, 0))).encryptor()
+    mask = (1 << modulus.bit_length()) - 1
+    kept: list[int] = []
+    more = n + 64
+    while len(kept) < n:
+        words = np.frombuffer(stream.update(bytes(8 * more)), dtype="<u8")
+        kept += [int(w) & mask for w in words if int(w) & mask < modulus]
+        more = n - len(kept) + 64
+    return np.array(kept[:n], dtype=np.uint64)
+
+
+@pytest.mark.parametrize(("n", "modulus"), [(8192, (1 << 60) - (1 << 14) + 1), (64, 97), (7, 3)])
+def test_expansion_in_batches_is_one_ctr_stream_per_ciphertext(n: int, modulus: int) -> None:
+    """Many ciphertexts' words come from one AES call over explicit counter blocks; each row
+    is still exactly its own CTR stream, at indexes near the scale exchange's 2**63 too, and
+    with a modulus that rejects most words (rows that continue their stream)."""
+    seed = os.urandom(32)
+    out = np.empty((5, n), dtype=np.uint64)
+    seeded.expand_rows(out, seed, 2**63 - 2, modulus)
+    for row in range(5):
+        assert np.array_equal(out[row], _ctr_spec(seed, 2**63 - 2 + row, n, modulus))
+    assert np.array_equal(seeded.expand(seed, 3, n, modulus), _ctr_spec(seed, 3, n, modulus))
+    seeds = (seed, os.urandom(32))
+    summed = sum(_ctr_spec(s, 9, n, modulus).astype(object) for s in seeds) % modulus
+    assert np.array_equal(seeded.expand_sum(seeds, 9, 1, n, modulus)[0], summed.astype(np.uint64))

@@ -92,8 +92,7 @@ class SecretKey:
         with ``c1 = expand(seed, start + i)``: ``-a_i s + e_i mod q``."""
         q = self.modulus
         product = np.empty((count, self.n), dtype=np.uint64)
-        for index in range(count):
-            product[index] = seeded.expand(seed, start + index, self.n, q)
+        seeded.expand_rows(product, seed, start, q)
         self._ntt.multiply(product, self._s, self._s_shoup)
         self._ntt.inverse(product)
         # -a s + e: (q - a s) + (e mod q), e in [-21, 21], both below q, added mod q.
