@@ -105,6 +105,16 @@ def take_below(
 OK, BAD_VALUE, BAD_TAIL, NOT_INTEGER, OUT_OF_RANGE = 0, 1, 2, 3, 4
 
 
+@numba.njit(inline="always")
+def _add_scaled(c0, at, integer, scale_bits, modulus):  # pragma: no cover - compiled
+    """``c0[at] += integer * 2**scale_bits mod modulus`` (``c0[at]`` below the modulus)."""
+    word = integer << scale_bits
+    if word < 0:
+        word += modulus
+    total = c0[at] + np.uint64(word)
+    c0[at] = total - np.uint64(modulus) if total >= np.uint64(modulus) else total
+
+
 @kernel
 def _pack_add(
     c0, values, tail, k, bits, scale_bits, modulus, digit_limit, tail_limit
@@ -123,20 +133,12 @@ def _pack_add(
                     return BAD_VALUE
                 digit = np.int64(value)
             packed = (packed << bits) + digit
-        word = packed << scale_bits
-        if word < 0:
-            word += modulus
-        total = c0[slot] + np.uint64(word)
-        c0[slot] = total - np.uint64(modulus) if total >= np.uint64(modulus) else total
+        _add_scaled(c0, slot, packed, scale_bits, modulus)
     for t in range(tail.size):
         value = tail[t]
         if not abs(value) < tail_limit or value != np.floor(value):
             return BAD_TAIL
-        word = np.int64(value) << scale_bits
-        if word < 0:
-            word += modulus
-        total = c0[body + t] + np.uint64(word)
-        c0[body + t] = total - np.uint64(modulus) if total >= np.uint64(modulus) else total
+        _add_scaled(c0, body + t, np.int64(value), scale_bits, modulus)
     return OK
 
 
@@ -191,19 +193,17 @@ def _open_sum(
         if i >= body:
             whole[i - body] = rest
             continue
-        for j in range(k - 1):
-            upper = np.rint(rest / base)
-            digit = rest - upper * base
-            rest = upper
-            if not (digit < limit and digit >= -limit) or (i * k + j >= values and digit != 0):
+        for j in range(k):
+            digit = rest  # the top digit is what is left
+            if j < k - 1:  # balanced: rest - base * round(rest / base), exact in float64
+                upper = np.rint(rest / base)
+                digit = rest - upper * base
+                rest = upper
+            at = i * k + j
+            if not (digit < limit and digit >= -limit) or (at >= values and digit != 0):
                 return OUT_OF_RANGE
-            if i * k + j < values:
-                digits[i * k + j] = digit
-        j = k - 1
-        if not (rest < limit and rest >= -limit) or (i * k + j >= values and rest != 0):
-            return OUT_OF_RANGE
-        if i * k + j < values:
-            digits[i * k + j] = rest
+            if at < values:
+                digits[at] = digit
     return OK
 
 

@@ -95,12 +95,13 @@ class SecretKey:
         seeded.expand_rows(product, seed, start, q)
         self._ntt.multiply(product, self._s, self._s_shoup)
         self._ntt.inverse(product)
-        # -a s + e: (q - a s) + (e mod q), e in [-21, 21], both below q, added mod q.
-        out = np.uint64(q) - product
+        # -a s + e: (q - a s) + (e mod q), e in [-21, 21]; q - a s is at most q, so the sum
+        # stays below 2q and one add mod q reduces it.
+        np.subtract(np.uint64(q), product, out=product)
         error = noise((count, self.n))
         error[error < 0] += np.int64(q)
-        seal_format.add_mod(out, error.view(np.uint64), q)
-        return out
+        seal_format.add_mod(product, error.view(np.uint64), q)
+        return product
 
     def decrypt(self, c0: np.ndarray, seeds: tuple[bytes, ...], start: int = 0) -> np.ndarray:
         """``Delta m + e`` (int64, centered) of the sums whose ``c0`` words (count, N) are given,

@@ -161,8 +161,14 @@ def _start(ray: Any, config: RunConfig, actors: int) -> None:
             return
         except Exception as err:  # Ray raises a bare Exception for a startup timeout
             ray.shutdown()
-            if "timed out during startup" not in str(err) or attempt == LOCAL_STARTS:
+            if "timed out during startup" not in str(err):
                 raise
+            if attempt == LOCAL_STARTS:
+                raise ConfigError(
+                    f"the local Ray timed out during startup {LOCAL_STARTS} times (its node "
+                    "must register within 30 s): stop other work on this machine and run again, "
+                    "or use --transport inprocess"
+                ) from err
             warnings.warn(
                 f"the local Ray did not start in time (attempt {attempt} of {LOCAL_STARTS}); "
                 "trying again",
