@@ -58,6 +58,7 @@ from secagg.config import (  # noqa: E402
     RunConfig,
     load_job,
 )
+from secagg.crypto.seal_format import wire_nbytes  # noqa: E402
 
 if TYPE_CHECKING:
     from secagg.records import RunResult
@@ -455,6 +456,13 @@ def summarize(runs: Runs, memory: dict[str, Any], keys_dir: Path | None = None) 
 
     p, h = side(runs.plain), side(runs.he)
     time_ratios = {key: _ratio(p["samples"][key], h["samples"][key]) for key in TIMES}
+    # Round by round (the first repeat): one round slowed by something outside the job moves
+    # the sum, not the median of the rounds' own ratios.
+    round_ratios = [
+        h_round.latency_seconds / p_round.latency_seconds
+        for p_round, h_round in zip(plain.rounds, he.rounds, strict=True)
+        if p_round.latency_seconds > 0
+    ]
     return {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "job": plain.config.to_dict(),
@@ -471,12 +479,16 @@ def summarize(runs: Runs, memory: dict[str, Any], keys_dir: Path | None = None) 
         "ratios": {
             "simulated_wall_time": time_ratios["simulated_wall_seconds"]["median"],
             "deployment_latency": time_ratios["deployment_latency_seconds"]["median"],
+            "deployment_latency_median_round": (
+                statistics.median(round_ratios) if round_ratios else None
+            ),
             "run_time": time_ratios["run_seconds"]["median"],
             "upload_bytes": h["upload_bytes_per_client_round"] / p["upload_bytes_per_client_round"],
             "download_bytes": h["download_bytes_per_client_round"]
             / p["download_bytes_per_client_round"],
         },
         "time_ratios": time_ratios,
+        "latency_round_ratios": round_ratios,
         "bytes_per_parameter": _bytes_explained(params, h, keys_dir, he.config),
         "memory_mb": memory,
         "machine": _machine(),
@@ -533,9 +545,9 @@ def _bytes_explained(
         manifest = json.loads((keys_dir / "manifest.json").read_text())["params"]
         degree = int(manifest["poly_modulus_degree"])
         data_primes = len(manifest["coeff_mod_bit_sizes"]) - 1
-    # a ciphertext travels as its c0 alone, N coefficients of 8 bytes per data prime (its c1
+    # a ciphertext travels as its c0 alone, N coefficients of 60 bits per data prime (its c1
     # is the payload's 32-byte seed)
-    ciphertext = degree * 8 * data_primes
+    ciphertext = wire_nbytes(degree) * data_primes
     values = degree * packing.values_per_slot  # one packed slot per coefficient
     upload = he["upload_bytes_per_client_round"]
     return {
@@ -589,6 +601,13 @@ def to_markdown(report: dict[str, Any]) -> str:
         ratio = _ratio_text(report["time_ratios"][key], repeats)
         lines.append(
             f"| {name} | {_seconds(p['samples'][key])} | {_seconds(h['samples'][key])} | {ratio} |"
+        )
+    if r.get("deployment_latency_median_round") is not None:
+        each = report["latency_round_ratios"]
+        lines.append(
+            "| deployment round latency, median of the rounds' own ratios (first repeat; "
+            f"rounds {min(each):.2f}-{max(each):.2f}x) | | | "
+            f"{r['deployment_latency_median_round']:.2f}x |"
         )
     lines += [
         f"| upload per client per round | {_mb(p['upload_bytes_per_client_round'])} | "
@@ -720,7 +739,7 @@ def _bytes_text(report: dict[str, Any]) -> str:
     return (
         f"Why HE's {he:.2f} bytes per parameter depend on the model's size: a payload is whole "
         f"ciphertexts. At N = {b['poly_modulus_degree']:,} one ciphertext is "
-        f"{b['ciphertext_bytes']:,} bytes (its c0, N coefficients x 8 bytes; c1 is the "
+        f"{b['ciphertext_bytes']:,} bytes (its c0, N coefficients of 60 bits; c1 is the "
         "payload's 32-byte seed) and "
         f"carries {b['values_per_ciphertext']:,} values (N coefficients x "
         f"{b['values_per_coefficient']} packed values, he_precision {b['he_precision']}), so no "

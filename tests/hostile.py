@@ -16,7 +16,7 @@ from secagg.crypto import SERVER, Stamp, envelope, rlwe
 from secagg.crypto.ckks_server import CkksServer
 from secagg.crypto.packing import PACKED
 from secagg.crypto.plain import PlainCipher
-from secagg.crypto.seal_format import CiphertextShape, add_mod
+from secagg.crypto.seal_format import CiphertextShape, add_mod, from_wire, to_wire
 
 # Offsets into the fixed header (see secagg.crypto.envelope).
 JOB_OFFSET = 4 + 4 + 16
@@ -75,14 +75,13 @@ def forge_aggregate(
             part = np.frombuffer(body, dtype="<f4").astype(np.float64)
             total = part if total is None else total + part
         else:
-            words = np.frombuffer(body, dtype="<u8")
+            words = from_wire(body, server._shape.modulus)
             if total is None:
-                total = words.copy()
+                total = words
             else:
                 add_mod(total, words, server._shape.modulus)
     assert total is not None
-    if isinstance(server, PlainCipher):
-        total = total.astype("<f4")
+    total = total.astype("<f4") if isinstance(server, PlainCipher) else to_wire(total)
     return envelope.to_bytes(
         server.codec,
         envelope.AGGREGATE,
@@ -127,14 +126,14 @@ def add_trivial(server: CkksServer, aggregate: bytes, delta: np.ndarray) -> byte
     is zero, so it changes only the ``c0`` words the aggregate carries."""
     shape = server._shape
     _, _, count, size, body = body_of(aggregate)
-    words = np.frombuffer(body, dtype="<u8").reshape(count, -1).copy()
+    words = from_wire(body, shape.modulus).reshape(count, -1)
     per = shape.poly_modulus_degree
     for index in range(count):
         part = delta[index * per : (index + 1) * per]
         if np.any(part):
             add_mod(words[index], trivial_ciphertext(shape, part)[0], shape.modulus)
     start = len(aggregate) - 32 - count * size
-    return with_digest(aggregate[:start] + words.tobytes())
+    return with_digest(aggregate[:start] + to_wire(words).tobytes())
 
 
 def restamp_job(payload: bytes, job: bytes) -> bytes:

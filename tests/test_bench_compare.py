@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 from urllib.parse import unquote
@@ -49,6 +50,12 @@ def test_compare_he_reports_both_runs_side_by_side(
     markdown = Path(report["files"]["md"]).read_text()
     assert "alternating which went first (plaintext, HE)" in markdown
     assert "a payload is whole ciphertexts" in markdown
+    # Latency round by round too: one slow round moves the sum, not the median of the ratios.
+    each = report["latency_round_ratios"]
+    assert len(each) == 2 and all(ratio > 0 for ratio in each)
+    median_round = report["ratios"]["deployment_latency_median_round"]
+    assert median_round == pytest.approx(statistics.median(each))
+    assert f"{median_round:.2f}x |" in markdown and "median of the rounds' own ratios" in markdown
     assert report["bytes_per_parameter"]["values_per_ciphertext"] == 8192 * 3  # N coefficients
     for side in ("plain", "he"):
         figures = report[side]

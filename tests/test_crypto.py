@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 from conftest import JOB, encrypt_all, round_of, update_for
-from hostile import forge_aggregate, restamp
+from hostile import body_of, forge_aggregate, restamp, with_digest
 
 from secagg import keys
 from secagg.config import CkksParams
@@ -18,6 +18,7 @@ from secagg.crypto.ckks import CkksClient
 from secagg.crypto.ckks_server import CkksServer
 from secagg.crypto.packing import PACKED
 from secagg.crypto.plain import PlainCipher
+from secagg.crypto.seal_format import from_wire, to_wire
 from secagg.errors import KeyFileError, PayloadError
 
 
@@ -450,3 +451,51 @@ out = server.sum(((folder / f"p{{i}}").read_bytes() for i in range(2)), stamp)
     assert done.returncode == 0, done.stderr
     total = client.decrypt((tmp_path / "sum").read_bytes(), stamp)
     assert np.array_equal(total.values, np.full(50, 2.0))
+
+
+# --- coefficients on the wire -----------------------------------------------------------------
+
+
+def test_coefficients_travel_in_60_bits_and_read_back_exactly(ckks_pair) -> None:
+    """Two coefficients in 15 bytes: an update of the 3.5M-parameter size sends 7.5 bytes per
+    coefficient where raw words took 8, and every word below q (the extremes included) reads
+    back as itself."""
+    client, server = ckks_pair
+    q, n = server._shape.modulus, server._shape.poly_modulus_degree
+    rng = np.random.default_rng(5)
+    words = rng.integers(0, q, 4 * n, dtype=np.uint64)
+    words[:4] = [0, q - 1, q - 1, 0]
+    wire = to_wire(words)
+    assert wire.size == words.size * 15 // 2
+    assert np.array_equal(from_wire(wire.tobytes(), q), words)
+    stamp = round_of(2, roster=3).for_sender(1)
+    payload = client.encrypt(update_for(client, rng.integers(-50, 50, 100_000)), stamp)
+    _, _, count, size, body = body_of(payload)
+    assert size == n * 15 // 2 and len(body) == count * size
+    assert len(payload) == server.size(100_000, stamp)
+
+
+@pytest.mark.parametrize("forged", ["q", "top"])
+def test_a_coefficient_not_below_q_on_the_wire_is_refused(ckks_pair, forged: str) -> None:
+    """60 bits hold numbers from q up to 2**60 - 1 that no honest party sends: the server
+    refuses such an update, and a client such an aggregate, as ``bad-ciphertext``."""
+    client, server = ckks_pair
+    q = server._shape.modulus
+    stamp = round_of(3, roster=2)
+    payloads = encrypt_all(client, [update_for(client, np.arange(10.0))] * 2, stamp)
+    bad = q if forged == "q" else (1 << 60) - 1
+
+    def with_word(payload: bytes) -> bytes:
+        _, _, _, _, body = body_of(payload)
+        words = from_wire(body, q)
+        words[7] = bad
+        start = len(payload) - 32 - len(body)
+        return with_digest(payload[:start] + to_wire(words).tobytes())
+
+    with pytest.raises(PayloadError) as caught:
+        server.check(with_word(payloads[0]), stamp.for_sender(0))
+    assert caught.value.reason == "bad-ciphertext"
+    aggregate = server.sum(payloads, stamp)
+    with pytest.raises(PayloadError) as caught:
+        client.decrypt(with_word(aggregate), stamp)
+    assert caught.value.reason == "bad-ciphertext"

@@ -23,6 +23,7 @@ from secagg.crypto.ckks import first_index
 from secagg.crypto.ckks_server import TAIL
 from secagg.crypto.envelope import AGGREGATE, SCALES, SERVER
 from secagg.crypto.packing import PACKED, PACKINGS
+from secagg.crypto.seal_format import from_wire, to_wire
 from secagg.errors import PayloadError
 
 ROSTER = 3
@@ -53,7 +54,7 @@ def _digit_delta(index: int, amount: float, values: int, roster: int = ROSTER) -
 def _decrypt_unchecked(client, aggregate: bytes, stamp: Stamp):  # type: ignore[no-untyped-def]
     """What the aggregate decrypts to, with no ledger or tag check: the attack landed."""
     opened = client._format.open(aggregate, stamp, AGGREGATE)
-    c0 = np.frombuffer(opened.body, dtype="<u8").reshape(opened.blob_count, -1)
+    c0 = from_wire(opened.body, client._shape.modulus).reshape(opened.blob_count, -1)
     n = opened.values + stamp.roster
     phase = client._secret.decrypt(c0, opened.seeds, first_index(stamp))
     slots = rlwe.decode(phase, PACKED.scale_bits, stamp.roster, PACKED.slots_for(n, TAIL))
@@ -181,8 +182,9 @@ def _replace_with_trivial(server, aggregate: bytes, slots: np.ndarray) -> bytes:
     words = np.stack(
         [trivial_ciphertext(shape, slots[i * per : (i + 1) * per])[0] for i in range(count)]
     )
-    start = len(aggregate) - 32 - words.nbytes
-    return with_digest(aggregate[:start] + words.tobytes())
+    body = to_wire(words)
+    start = len(aggregate) - 32 - body.size
+    return with_digest(aggregate[:start] + body.tobytes())
 
 
 # --- (b) the scale exchange -------------------------------------------------------------------

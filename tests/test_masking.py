@@ -21,6 +21,7 @@ from secagg.crypto.ckks import CkksClient
 from secagg.crypto.envelope import UPDATE
 from secagg.crypto.masking import Masker, SignedKey, SimulatedIdentities
 from secagg.crypto.packing import packing_for
+from secagg.crypto.seal_format import from_wire
 from secagg.errors import PayloadError
 from secagg.server import Server
 from secagg.transport.inprocess import InProcessTransport
@@ -85,7 +86,7 @@ def _slot_low_bits(session_keys, payload: bytes, client: CkksClient, stamp) -> n
     mod 256."""
     opened = client._format.open(payload, stamp, UPDATE)
     n = client._shape.poly_modulus_degree
-    c0 = np.frombuffer(opened.body, dtype="<u8").reshape(opened.blob_count, n)
+    c0 = from_wire(opened.body, client._shape.modulus).reshape(opened.blob_count, n)
     context = keys.load_for_client(session_keys).context
     phase = rlwe.SecretKey(context, client._shape).decrypt(c0, opened.seeds)
     bits = packing_for(stamp.roster).scale_bits

@@ -16,7 +16,7 @@ import pytest
 import tenseal as ts
 import tenseal.sealapi as sealapi
 from conftest import encrypt_all, round_of
-from hostile import forge_aggregate, seeds_of, with_seeds
+from hostile import body_of, forge_aggregate, seeds_of, with_seeds
 
 from secagg import keys
 from secagg.crypto import Stamp, Update, rlwe, seeded
@@ -26,7 +26,7 @@ from secagg.crypto.envelope import SERVER
 from secagg.crypto.ntt import shoup, transform
 from secagg.crypto.packing import PACKED
 from secagg.crypto.params import CkksParams
-from secagg.crypto.seal_format import add_mod, shape_of_context, to_tenseal
+from secagg.crypto.seal_format import add_mod, from_wire, shape_of_context, to_tenseal
 from secagg.errors import PayloadError
 
 SCALE = 2.0**PACKED.scale_bits
@@ -73,6 +73,30 @@ def test_seal_decrypts_what_the_clients_build(sealed) -> None:
     roots = np.array([pow(3, i, 2 * n) for i in range(32)])  # SEAL's slot i: X = zeta^(3^i)
     powers = np.exp(1j * np.pi * np.outer(roots, np.arange(n)) / n)
     assert np.allclose(slots, (powers @ values).real, rtol=0, atol=1e-3 * 2**40)
+
+
+def test_seal_decrypts_a_payload_read_off_the_wire(sealed, ckks_pair) -> None:
+    """A real update, as its bytes travel (60-bit words, a seed): each ciphertext's ``c0``
+    read from the wire with ``c1`` expanded from the payload's seed is a ciphertext SEAL's own
+    Decryptor opens to the plaintext the clients compute."""
+    context, shape, secret = sealed
+    client, _ = ckks_pair
+    n, q = shape.poly_modulus_degree, shape.modulus
+    stamp = round_of(4, roster=2).for_sender(1)
+    values = np.random.default_rng(2).integers(-1000, 1000, 3 * n).astype(np.float64)
+    payload = client.encrypt(Update(values, 1.0), stamp)
+    _, _, count, _, body = body_of(payload)
+    c0 = from_wire(body, q).reshape(count, n)
+    (seed,) = seeds_of(payload)
+    for i in (0, count - 1):
+        mine = secret.decrypt(c0[i : i + 1], (seed,), start=i)
+        a = seeded.expand(seed, i, n, q)
+        in_ntt = transform(n, q).forward(c0[i : i + 1].copy())[0]
+        ours = transform(n, q).forward((mine % q).astype(np.uint64))[0]
+        assert np.array_equal(_seal_plaintext(context, np.stack([in_ntt, a]), shape), ours)
+    first = secret.decrypt(c0[:1], (seed,), start=0)
+    digits = rlwe.decode(first, PACKED.scale_bits, 1, n)
+    assert np.any(digits)  # the update's packed digits, not an encryption of zero
 
 
 def test_the_transform_is_seals_and_multiplies_polynomials(sealed) -> None:

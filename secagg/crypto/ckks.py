@@ -175,7 +175,14 @@ class CkksClient:
         encrypted = time.perf_counter()
         codec = self.codec_for_round(stamp)
         payload = envelope.to_bytes(
-            codec, UPDATE, stamp, update.values.size, count, size, [c0], seeds=(seed,)
+            codec,
+            UPDATE,
+            stamp,
+            update.values.size,
+            count,
+            size,
+            [seal_format.to_wire(c0)],
+            seeds=(seed,),
         )
         self.last_seconds = {
             "encrypt": encrypted - start,
@@ -198,7 +205,7 @@ class CkksClient:
             values,
             count,
             size,
-            [words],
+            [seal_format.to_wire(words)],
             tuple(sorted(dropped)),
         )
 
@@ -206,10 +213,9 @@ class CkksClient:
         opened = self._format.open(payload, stamp, AGGREGATE)
         if self.masker is not None:
             self.masker.check_late(stamp, opened.contributors)
-        c0 = np.frombuffer(opened.body, dtype="<u8").reshape(
+        c0 = seal_format.from_wire(opened.body, self._shape.modulus).reshape(
             opened.blob_count, self._shape.poly_modulus_degree
         )
-        seal_format.check_coefficients(c0, self._shape.modulus)
         n, roster = opened.values, stamp.roster
         packing = self._format.packing(stamp)
         # Decrypted, scaled down and unpacked in one pass; what it refuses, the numpy

@@ -1,6 +1,7 @@
 """The server side of CKKS: adds ciphertexts as numbers mod q. It imports no TenSEAL.
 
-A ciphertext travels as the coefficients of its ``c0`` (``rlwe``: N words, each below q) and,
+A ciphertext travels as the coefficients of its ``c0`` (``rlwe``: N words, each below q, 60 bits
+apiece on the wire, ``seal_format.to_wire``) and,
 for its uniformly random ``c1``, a seed (``seeded``: one per payload). Two ciphertexts add
 coefficient by coefficient mod the data prime ``q``: that is all SEAL's own ``add`` does. So the
 server adds the ``c0`` words and lists each contributor's seed next to its id; the clients
@@ -139,7 +140,7 @@ class CkksServer:
     ) -> envelope.Envelope:
         opened = self._format.open(payload, stamp, UPDATE)
         ledger.check_length(opened.values, values)
-        seal_format.check_coefficients(np.frombuffer(opened.body, dtype="<u8"), self._shape.modulus)
+        seal_format.from_wire(opened.body, self._shape.modulus)
         return opened
 
     def sum(
@@ -154,11 +155,14 @@ class CkksServer:
         The aggregate holds the summed ``c0`` words and every contributor's seed."""
         seeds: dict[int, bytes] = {}
 
+        unpacked: list[np.ndarray] = []  # one buffer, reused for every update
+
         def add(total: np.ndarray | None, opened: envelope.Envelope) -> np.ndarray:
-            words = np.frombuffer(opened.body, dtype="<u8")
             seeds[opened.stamp.sender] = opened.seeds[0]
-            if total is None:
-                return words.copy()
+            if total is None:  # every update was checked below q (``_check``) when opened
+                return seal_format.unpack_wire(opened.body)
+            unpacked[:] = unpacked or [np.empty_like(total)]
+            words = seal_format.unpack_wire(opened.body, out=unpacked[0])
             seal_format.add_mod(total, words, self._shape.modulus)
             return total
 
@@ -176,7 +180,7 @@ class CkksServer:
             count_values,
             count,
             size,
-            [total],
+            [seal_format.to_wire(total)],
             senders,
             tuple(seeds[sender] for sender in senders),
         )
@@ -188,7 +192,7 @@ class CkksServer:
         (``masking``): one correction from each contributor, each naming exactly ``dropped``,
         or the masks would not cancel (PayloadError ``missing-correction``)."""
         summed = self._format.open(aggregate, stamp, AGGREGATE)
-        total = np.frombuffer(summed.body, dtype="<u8").copy()
+        total = seal_format.from_wire(summed.body, self._shape.modulus)
         wanted, seen = tuple(sorted(dropped)), set()
         for payload in corrections:
             opened = self._format.open(payload, stamp, CORRECTION)
@@ -203,8 +207,7 @@ class CkksServer:
                     "one already, is refused",
                     "duplicate",
                 )
-            words = np.frombuffer(opened.body, dtype="<u8")
-            seal_format.check_coefficients(words, self._shape.modulus)
+            words = seal_format.from_wire(opened.body, self._shape.modulus)
             seal_format.add_mod(total, words, self._shape.modulus)
             seen.add(sender)
         missing = sorted(set(summed.contributors) - seen)
@@ -221,7 +224,7 @@ class CkksServer:
             summed.values,
             count,
             size,
-            [total],
+            [seal_format.to_wire(total)],
             summed.contributors,
             summed.seeds,
         )

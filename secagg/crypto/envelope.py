@@ -43,7 +43,7 @@ import numpy as np
 from secagg.errors import PayloadError
 
 MAGIC = b"SAGG"
-VERSION = 4
+VERSION = 5
 UPDATE, AGGREGATE = 1, 2
 #: a client's mask corrections for the clients a phase lost (``masking``): ``c0`` words only
 CORRECTION = 3

@@ -5,11 +5,12 @@ by ``Delta = 2**scale_bits`` so the encryption noise (at most 21 per client, ``N
 with certainty) stays below half a unit of the sum. With one 60-bit data prime and a scale of
 2**13, a coefficient carries an integer of up to 2**45 in magnitude that decrypts *exactly*
 after adding the ciphertexts of up to 128 clients (see ``PackedParams``). A ciphertext of N
-coefficients costs 8 bytes per coefficient (its ``c0`` alone travels; ``seeded``), shared by:
+coefficients costs 7.5 bytes per coefficient (its ``c0`` alone travels, 60 bits a word;
+``seeded``, ``seal_format.to_wire``), shared by:
 
-- ``standard``: three 15-bit digits per coefficient, 2.7 bytes per value;
-- ``fine``: two 23-bit digits per coefficient, 4.0 bytes per value (what float32 plaintext
-  sends), 256 times finer steps.
+- ``standard``: three 15-bit digits per coefficient, 2.5 bytes per value;
+- ``fine``: two 23-bit digits per coefficient, 3.75 bytes per value (float32 plaintext sends
+  4), 256 times finer steps.
 
 Digits are balanced (signed): a slot holds ``d0 + d1 * 2**B + d2 * 2**(2B)`` with every digit in
 ``[-2**(B-1), 2**(B-1))``. Adding slots adds digits; it stays exact as long as every *summed*

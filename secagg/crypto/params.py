@@ -11,9 +11,9 @@ class CkksParams:
 
     The default is one 60-bit data prime plus a 60-bit special prime at N=8192: the server
     only adds ciphertexts (multiplicative depth zero), so one data prime is enough and a
-    ciphertext travels as one polynomial of that prime (its ``c0``; ``c1`` is a seed): 8
-    bytes per coefficient, 2.7 per packed value. The packed codec needs the 60-bit data prime
-    (``secagg.crypto.packing``); its scale is the codec's own.
+    ciphertext travels as one polynomial of that prime (its ``c0``; ``c1`` is a seed): 60
+    bits per coefficient, 2.5 bytes per packed value (``standard``). The packed codec needs
+    the 60-bit data prime (``secagg.crypto.packing``); its scale is the codec's own.
     """
 
     poly_modulus_degree: int = 8192

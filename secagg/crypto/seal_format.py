@@ -3,8 +3,9 @@
 Why this exists: TenSEAL is not safe on untrusted bytes (a crafted ciphertext can crash the
 process). So secagg never hands it bytes that came off the wire: it reads the parameters and
 the secret key out of its own key files here, and builds and reads ciphertexts itself
-(``rlwe``). A ciphertext travels as raw coefficients, unsigned 64-bit words below the data
-prime ``q``; the receiver checks every word against ``q`` with one vectorized compare. The
+(``rlwe``). A ciphertext travels as raw coefficients, words below the data prime ``q``, 60 bits
+each (``to_wire``: SEAL's primes have at most 60 bits, so two words fill 15 bytes); the
+receiver unpacks them and checks every word against ``q`` (``from_wire``). The
 server never loads TenSEAL at all: adding ciphertexts is adding their coefficients mod ``q``
 (``add_mod``), which is all SEAL's own ``add`` does for two ciphertexts at the same level.
 ``to_tenseal`` writes a ciphertext in TenSEAL's format, so the tests can have SEAL decrypt
@@ -47,6 +48,11 @@ _CONTEXT_FIELDS = {1, 2, 3, 4}
 _SECRET_FIELD = 3
 #: Ciphertexts carry two polynomials (c0, c1) after encryption or addition.
 POLYS = 2
+#: Bits of one coefficient on the wire: SEAL's primes are at most 60 bits long.
+WIRE_BITS = 60
+_WIRE_MASK = np.uint64((1 << WIRE_BITS) - 1)
+#: Two coefficients travel in 15 bytes (raw uint64 words would take 16).
+_PAIR_BYTES = 2 * WIRE_BITS // 8
 
 
 @dataclass(frozen=True)
@@ -69,8 +75,9 @@ class CiphertextShape:
 
     @property
     def c0_nbytes(self) -> int:
-        """Bytes of one polynomial, what a seeded ciphertext sends (``secagg.crypto.seeded``)."""
-        return 8 * self.poly_modulus_degree
+        """Bytes of one polynomial on the wire (``to_wire``), what a seeded ciphertext sends
+        (``secagg.crypto.seeded``)."""
+        return wire_nbytes(self.poly_modulus_degree)
 
 
 # --- contexts ---------------------------------------------------------------------------------
@@ -90,8 +97,13 @@ def shape_of_context(context: bytes) -> CiphertextShape:
             offset += head[-1]
     except struct.error as err:
         raise KeyFileError("context parameters are truncated; run 'secagg keygen'") from err
-    if scheme != _SCHEME_CKKS or not primes or n & (n - 1):
+    if scheme != _SCHEME_CKKS or not primes or n & (n - 1) or n < 2:
         raise KeyFileError("context is not a CKKS context; run 'secagg keygen'")
+    if primes[0].bit_length() > WIRE_BITS:
+        raise KeyFileError(
+            f"the context's data prime has {primes[0].bit_length()} bits; SEAL's primes have "
+            f"at most {WIRE_BITS}: the key files are corrupt, run 'secagg keygen'"
+        )
     # The first level's parms_id: scheme, N, the first prime, and a plain modulus of zero.
     words = struct.pack("<4Q", scheme, n, primes[0], 0)
     parms_id = hashlib.blake2b(words, digest_size=32).digest()
@@ -161,6 +173,58 @@ def to_tenseal(coefficients: np.ndarray, size: int, scale: float, shape: Ciphert
             b"\x19" + struct.pack("<d", scale),
         )
     )
+
+
+def wire_nbytes(words: int) -> int:
+    """Bytes of ``words`` coefficients on the wire (an even count: N is a power of two)."""
+    return words // 2 * _PAIR_BYTES
+
+
+def to_wire(words: np.ndarray) -> np.ndarray:
+    """Coefficients below ``2**60`` (an even count) as bytes, two in every 15 (little-endian):
+    ``w0 | w1 << 60`` in the first 8 bytes, ``w1 >> 4`` in the next 7. Every 15 bytes read back
+    as two 60-bit words, so the form has no spare bits a forger could set."""
+    pairs = words.reshape(-1, 2)
+    out = np.zeros(len(pairs) * _PAIR_BYTES + 1, dtype=np.uint8)  # + 1: the last 8-byte store
+    shift = np.uint64(WIRE_BITS)
+    # Overlapping little-endian views: each pair's high word first (bytes 7-14, its low byte
+    # 0), then its low word over bytes 0-7.
+    _pair_view(out, 7, len(pairs))[:] = (pairs[:, 1] >> np.uint64(4)) << np.uint64(8)
+    _pair_view(out, 0, len(pairs))[:] = pairs[:, 0] | (pairs[:, 1] << shift)
+    return out[:-1]
+
+
+def from_wire(body: bytes | memoryview | np.ndarray, modulus: int) -> np.ndarray:
+    """The coefficients ``body`` carries (``to_wire``'s form), each checked to be below
+    ``modulus`` (PayloadError ``bad-ciphertext`` otherwise): a new uint64 array."""
+    words = unpack_wire(body)
+    check_coefficients(words, modulus)
+    return words
+
+
+def unpack_wire(body: bytes | memoryview | np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """The 60-bit words ``body`` carries, into ``out`` (uint64, one word per coefficient) or a
+    new array, *unchecked* against q: only for a body ``from_wire`` has checked already."""
+    data = np.frombuffer(body, dtype=np.uint8)
+    if data.size % _PAIR_BYTES:
+        raise PayloadError(
+            "ciphertext body is not whole coefficients: the payload was cut or forged",
+            reason="malformed",
+        )
+    pairs = data.size // _PAIR_BYTES
+    words = np.empty((pairs, 2), dtype=np.uint64) if out is None else out.reshape(pairs, 2)
+    if pairs:
+        low, high = _pair_view(data, 0, pairs), _pair_view(data, 7, pairs)
+        np.bitwise_and(low, _WIRE_MASK, out=words[:, 0])
+        np.right_shift(high, np.uint64(8), out=words[:, 1])
+        np.left_shift(words[:, 1], np.uint64(4), out=words[:, 1])
+        np.bitwise_or(words[:, 1], low >> np.uint64(WIRE_BITS), out=words[:, 1])
+    return words.reshape(-1)
+
+
+def _pair_view(data: np.ndarray, offset: int, pairs: int) -> np.ndarray:
+    """Little-endian uint64 words at ``offset`` of every 15-byte pair (unaligned, strided)."""
+    return np.ndarray((pairs,), dtype="<u8", buffer=data, offset=offset, strides=(_PAIR_BYTES,))
 
 
 def check_coefficients(coefficients: np.ndarray, modulus: int) -> None:
