@@ -157,3 +157,35 @@ def test_optimizers_bench_writes_its_table_and_figure(tmp_path: Path) -> None:
     assert "| 0.5 | fedadam | plaintext |" in markdown
     assert "fedadam (server lr 0.1, beta1 0.9, beta2 0.99, tau 0.001)" in markdown
     assert Path(report["files"]["png"]).stat().st_size > 0
+
+
+def test_the_seed_summary_sets_each_seed_and_their_mean_against_the_floor() -> None:
+    """bench/seeds.py: a seed beyond its own floor shows as such, and the mean over the seeds
+    of |HE − plaintext| is set against the mean of |floor|."""
+    from bench import seeds
+
+    def report(difference: float, floor: float, plain: float) -> dict[str, object]:
+        last = {
+            "plain_accuracy": plain,
+            "he_accuracy": plain + difference / 100,
+            "float64_accuracy": plain + floor / 100,
+            "difference_points": difference,
+            "floor_points": floor,
+        }
+        return {
+            "job": {"model": "m", "dataset": "d", "clients": 8, "rounds": 1},
+            "rounds": [last],
+            "ratios": {"simulated_wall_time": 1.02, "deployment_latency": 1.01},
+        }
+
+    summary = seeds.summarize(
+        {0: report(0.56, -0.28, 0.90), 1: report(0.0, 0.28, 0.93), 2: report(-0.28, 0.56, 0.95)}
+    )
+    assert [f["within_floor"] for f in summary["final"].values()] == [False, True, True]
+    assert not summary["final_within_floor_every_seed"]
+    assert summary["final_mean_abs_difference_points"] == pytest.approx(0.84 / 3)
+    assert summary["final_mean_abs_floor_points"] == pytest.approx(1.12 / 3)
+    markdown = seeds.to_markdown(summary)
+    assert "mean |HE − plaintext| 0.28 points, mean |floor| 0.37 points (within the floor)" in (
+        markdown
+    )

@@ -189,6 +189,26 @@ def test_noise_is_the_centered_binomial_and_fresh_every_call() -> None:
     assert not np.array_equal(rlwe.noise((4, 8192)), rlwe.noise((4, 8192)))
 
 
+def test_encryptions_of_zero_in_one_pass_add_the_references_noise() -> None:
+    """``encrypt_zero``'s compiled pass (``-a s + e mod q``) against numpy: the noise that
+    ``rlwe.noise_of`` reads from the same key-stream words, added to ``q - a s`` in Python
+    integers; products at 0 and q - 1 and words at all-ones included (the wrap-arounds)."""
+    from secagg.crypto import compiled, rlwe
+
+    q = (1 << 60) - (1 << 14) + 1  # an NTT-friendly prime below 2**60, as keygen picks
+    rng = np.random.default_rng(9)
+    product = rng.integers(0, q, 50_000, dtype=np.uint64)
+    words = rng.integers(0, 2**64, 50_000, dtype=np.uint64)
+    product[:4] = [0, q - 1, 0, q - 1]
+    words[:4] = [2**64 - 1, 2**64 - 1, (1 << NOISE_BOUND) - 1, (1 << NOISE_BOUND) - 1]
+    noise = rlwe.noise_of(words)
+    expected = [(q - int(p) + int(e)) % q for p, e in zip(product, noise, strict=True)]
+    out = product.copy()
+    compiled.zero_from(out, words, NOISE_BOUND, q)
+    assert out.tolist() == expected
+    assert noise[2] == NOISE_BOUND and noise[0] == 0 and int(out[2]) == NOISE_BOUND
+
+
 def test_slots_that_are_not_integers_are_refused() -> None:
     slots = PACKED.pack(np.array([1.0, -2.0, 3.0]), np.array([5]))
     noisy = slots + np.array([0.25, 0.0])

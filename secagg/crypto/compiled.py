@@ -106,6 +106,36 @@ OK, BAD_VALUE, BAD_TAIL, NOT_INTEGER, OUT_OF_RANGE = 0, 1, 2, 3, 4
 
 
 @numba.njit(inline="always")
+def _popcount(x):  # pragma: no cover - compiled (LLVM emits the CPU's popcount for this idiom)
+    x = x - ((x >> np.uint64(1)) & np.uint64(0x5555555555555555))
+    x = (x & np.uint64(0x3333333333333333)) + ((x >> np.uint64(2)) & np.uint64(0x3333333333333333))
+    x = (x + (x >> np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
+    return np.int64((x * np.uint64(0x0101010101010101)) >> np.uint64(56))
+
+
+@kernel
+def _zero_from(product, words, bound, modulus):  # pragma: no cover - compiled
+    mask = (np.uint64(1) << np.uint64(bound)) - np.uint64(1)
+    q = np.int64(modulus)
+    for i in range(product.size):
+        word = words[i]
+        noise = _popcount(word & mask) - _popcount((word >> np.uint64(bound)) & mask)
+        value = q - np.int64(product[i]) + noise  # in [1 - bound, q + bound]
+        if value >= q:
+            value -= q
+        elif value < 0:
+            value += q
+        product[i] = np.uint64(value)
+
+
+def zero_from(product: np.ndarray, words: np.ndarray, bound: int, modulus: int) -> None:
+    """``product = -product + e mod q`` in place, one pass: ``product`` holds ``a s`` (uint64
+    words below q), ``e`` is the centered binomial noise ``rlwe.noise_of(words)`` draws
+    from the same key-stream words (one per coefficient)."""
+    _zero_from(product, words, np.int64(bound), np.int64(modulus))
+
+
+@numba.njit(inline="always")
 def _add_scaled(c0, at, integer, scale_bits, modulus):  # pragma: no cover - compiled
     """``c0[at] += integer * 2**scale_bits mod modulus`` (``c0[at]`` below the modulus)."""
     word = integer << scale_bits

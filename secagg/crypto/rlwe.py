@@ -95,12 +95,13 @@ class SecretKey:
         seeded.expand_rows(product, seed, start, q)
         self._ntt.multiply(product, self._s, self._s_shoup)
         self._ntt.inverse(product)
-        # -a s + e: (q - a s) + (e mod q), e in [-21, 21]; q - a s is at most q, so the sum
-        # stays below 2q and one add mod q reduces it.
-        np.subtract(np.uint64(q), product, out=product)
-        error = noise((count, self.n))
-        error[error < 0] += np.int64(q)
-        seal_format.add_mod(product, error.view(np.uint64), q)
+        # -a s + e mod q in one pass over a fresh key stream (``noise`` says the same in numpy)
+        from secagg.crypto.compiled import zero_from  # numba: clients only
+
+        flat, at = product.reshape(-1), 0
+        for words in seeded.key_stream(os.urandom(32), bytes(16), flat.size):
+            zero_from(flat[at : at + words.size], words, NOISE_BOUND, q)
+            at += words.size
         return product
 
     def decrypt(self, c0: np.ndarray, seeds: tuple[bytes, ...], start: int = 0) -> np.ndarray:
@@ -169,11 +170,17 @@ def noise(shape: tuple[int, ...]) -> np.ndarray:
     out = np.empty(int(np.prod(shape)), dtype=np.int64)
     at = 0
     for words in seeded.key_stream(os.urandom(32), bytes(16), out.size):
-        plus = np.bitwise_count(words & _NOISE_MASK)
-        minus = np.bitwise_count((words >> np.uint64(NOISE_BOUND)) & _NOISE_MASK)
-        np.subtract(plus, minus, out=out[at : at + words.size], dtype=np.int64)
+        out[at : at + words.size] = noise_of(words)
         at += words.size
     return out.reshape(shape)
+
+
+def noise_of(words: np.ndarray) -> np.ndarray:
+    """The noise (int64) that key-stream ``words`` draw, one value per word: the popcount of its
+    low ``NOISE_BOUND`` bits minus that of the next ``NOISE_BOUND``."""
+    plus = np.bitwise_count(words & _NOISE_MASK)
+    minus = np.bitwise_count((words >> np.uint64(NOISE_BOUND)) & _NOISE_MASK)
+    return np.subtract(plus, minus, dtype=np.int64)
 
 
 def encode(values: np.ndarray, count: int, n: int, scale_bits: int, modulus: int) -> np.ndarray:
