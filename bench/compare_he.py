@@ -17,7 +17,9 @@ Two time figures are reported, and they answer different questions:
 * **deployment round latency**: what a deployment with the clients on their own machines would
   see per round, every client working at once: training, the scale exchange (HE), encrypting,
   the server checking each update as it arrives (side by side, as the network server's upload
-  handlers do) and adding them in turn, and the slowest client's decrypt.
+  handlers do) and adding them in turn, and the slowest client's decrypt. Reported summed over
+  rounds, and as the median of the rounds' own HE / plaintext ratios (one round slowed by
+  something outside the job moves the sum, not that median).
 
 Accuracy is compared per round, and against a floor: a third run repeats the plaintext job with
 its updates sent as float64 instead of float32, a change at the level of float32 rounding. How
