@@ -155,14 +155,15 @@ class CkksServer:
         The aggregate holds the summed ``c0`` words and every contributor's seed."""
         seeds: dict[int, bytes] = {}
 
-        unpacked: list[np.ndarray] = []  # one buffer, reused for every update
+        words: np.ndarray | None = None  # each update's words in turn, in one reused array
 
         def add(total: np.ndarray | None, opened: envelope.Envelope) -> np.ndarray:
+            nonlocal words
             seeds[opened.stamp.sender] = opened.seeds[0]
-            if total is None:  # every update was checked below q (``_check``) when opened
+            # Every update was checked below q (``_check``) when it was opened.
+            if total is None:
                 return seal_format.unpack_wire(opened.body)
-            unpacked[:] = unpacked or [np.empty_like(total)]
-            words = seal_format.unpack_wire(opened.body, out=unpacked[0])
+            words = seal_format.unpack_wire(opened.body, out=words)
             seal_format.add_mod(total, words, self._shape.modulus)
             return total
 
