@@ -185,13 +185,12 @@ def to_wire(words: np.ndarray) -> np.ndarray:
     ``w0 | w1 << 60`` in the first 8 bytes, ``w1 >> 4`` in the next 7. Every 15 bytes read back
     as two 60-bit words, so the form has no spare bits a forger could set."""
     pairs = words.reshape(-1, 2)
-    out = np.zeros(len(pairs) * _PAIR_BYTES + 1, dtype=np.uint8)  # + 1: the last 8-byte store
-    shift = np.uint64(WIRE_BITS)
+    out = np.empty(len(pairs) * _PAIR_BYTES, dtype=np.uint8)  # every byte is written below
     # Overlapping little-endian views: each pair's high word first (bytes 7-14, its low byte
     # 0), then its low word over bytes 0-7.
     _pair_view(out, 7, len(pairs))[:] = (pairs[:, 1] >> np.uint64(4)) << np.uint64(8)
-    _pair_view(out, 0, len(pairs))[:] = pairs[:, 0] | (pairs[:, 1] << shift)
-    return out[:-1]
+    _pair_view(out, 0, len(pairs))[:] = pairs[:, 0] | (pairs[:, 1] << np.uint64(WIRE_BITS))
+    return out
 
 
 def from_wire(body: bytes | memoryview | np.ndarray, modulus: int) -> np.ndarray:
