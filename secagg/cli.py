@@ -85,9 +85,9 @@ _MASKING_HELP = (
 _HE_PRECISION = click.option(
     "--he-precision",
     type=click.Choice(HE_PRECISIONS),
-    help="With --he: quantization steps of 15 bits (standard, 2.7 bytes per parameter) or 23 "
-    "bits (fine, 4.0 bytes per parameter); auto: fine with a server optimizer other than "
-    f"fedavg.{_default('he_precision')}",
+    help="With --he: quantization steps of 15 bits (standard, 2.6 bytes per parameter) or 23 "
+    "bits (fine, 3.9 bytes per parameter; float32 plaintext: 4.0); auto: fine with a server "
+    f"optimizer other than fedavg.{_default('he_precision')}",
 )
 _POSITIVE = click.FloatRange(min=0, min_open=True)
 _FRACTION = click.FloatRange(0, 1, max_open=True)

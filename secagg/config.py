@@ -88,8 +88,8 @@ class RunConfig:
     masking: bool = True
     #: what plaintext FedAvg sends: float32 (as usual) or float64
     plain_precision: str = "float32"
-    #: with ``he``: how finely updates are quantized. ``standard``: 15-bit steps, 2.7 bytes per
-    #: parameter; ``fine``: 23-bit steps, 4.0 bytes per parameter (float32 plaintext's 4.0);
+    #: with ``he``: how finely updates are quantized. ``standard``: 15-bit steps, 2.6 bytes per
+    #: parameter; ``fine``: 23-bit steps, 3.9 bytes per parameter (float32 plaintext: 4.0);
     #: ``auto``: standard with FedAvg, fine with any other server optimizer, which carries the
     #: rounding into later rounds or magnifies it per coordinate (``secagg.crypto.packing``)
     he_precision: str = "auto"
