@@ -2,6 +2,7 @@
 
     python bench/seeds.py                      # headline job, seeds 0 1 2 (an hour on 2 CPUs)
     python bench/seeds.py --quick --seeds 0 1  # the digits MLP job, a few minutes
+    python bench/seeds.py --reports bench/results/2026*.json   # summarize compare_he reports
 
 For every seed it runs ``compare_he`` once (plaintext, HE, and the float64 floor: plaintext with
 its updates sent as float64 instead of float32), then states two things per the issue:
@@ -9,7 +10,10 @@ its updates sent as float64 instead of float32), then states two things per the 
 * **final accuracy**: for each seed, |HE − plaintext| against |float64 − plaintext| of the same
   seed (the floor: how far a change at the level of float32 rounding moves this job), and over
   the seeds, the mean of each: on a job whose outcome a rounding-level change moves by a test
-  image or two, a single seed's comparison is close to a coin flip, their mean is not;
+  image or two, a single seed's comparison is close to a coin flip, their mean is not; and how
+  many seeds HE ends farther from plaintext than the floor, nearer, or as far, with the exact
+  two-sided sign test over the untied seeds (a small p says HE moves the final accuracy more, or
+  less, than rounding alone does; a large one says the seeds cannot tell them apart);
 * **per round**: the mean over seeds of HE − plaintext, against the seed-to-seed spread (the
   standard deviation across seeds of the plaintext accuracy of that round).
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -39,7 +44,52 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--keys", type=Path, default=compare_he.REPO / "keys")
     parser.add_argument("--out", type=Path, default=compare_he.REPO / "bench" / "results")
+    parser.add_argument(
+        "--reports",
+        type=Path,
+        nargs="+",
+        help="summarize these compare_he JSON reports (one per seed, same job) instead of running",
+    )
     return parser.parse_args(argv)
+
+
+#: what must match for reports of several seeds to be one comparison
+_SAME_JOB = ("model", "dataset", "clients", "rounds", "local_epochs", "alpha", "he_precision")
+
+
+def load_reports(paths: list[Path]) -> dict[int, dict[str, Any]]:
+    """compare_he JSON reports by seed; SystemExit with a one-line reason when one cannot be read,
+    has no floor, repeats a seed or comes from another job."""
+    reports: dict[int, dict[str, Any]] = {}
+    for path in paths:
+        try:
+            report = json.loads(path.read_text())
+            seed, job = int(report["job"]["seed"]), report["job"]
+            floors = [r["floor_points"] for r in report["rounds"]]
+            if None not in floors:
+                summarize({seed: report})  # has every figure the summary takes
+        except (OSError, ValueError, KeyError, TypeError, IndexError, StopIteration) as err:
+            raise SystemExit(f"{path}: not a compare_he JSON report ({err})") from None
+        if None in floors:
+            raise SystemExit(f"{path}: has no float64 floor (it was run with --no-floor)")
+        if seed in reports:
+            raise SystemExit(f"{path}: seed {seed} is given twice; pass one report per seed")
+        first = next(iter(reports.values()), report)["job"]
+        differ = [key for key in _SAME_JOB if job.get(key) != first.get(key)]
+        if differ:
+            raise SystemExit(f"{path}: another job than the first report ({', '.join(differ)})")
+        reports[seed] = report
+    return dict(sorted(reports.items()))
+
+
+def sign_test(farther: int, nearer: int) -> float:
+    """The exact two-sided sign test's p-value: how likely a split at least this uneven is when
+    each untied seed is as likely to go either way."""
+    n, k = farther + nearer, min(farther, nearer)
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return min(1.0, 2 * tail)
 
 
 def summarize(reports: dict[int, dict[str, Any]]) -> dict[str, Any]:
@@ -82,11 +132,26 @@ def summarize(reports: dict[int, dict[str, Any]]) -> dict[str, Any]:
         "final_mean_abs_floor_points": statistics.fmean(
             abs(f["floor_points"]) for f in finals.values()
         ),
+        **_farther_or_nearer(finals),
         "rounds_within_spread": sum(r["within_spread"] for r in rounds),
         "time_ratios": {
             seed: {k: r["ratios"][k] for k in ("simulated_wall_time", "deployment_latency")}
             for seed, r in reports.items()
         },
+    }
+
+
+def _farther_or_nearer(finals: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Seeds where HE ends farther from plaintext than the floor, nearer, or as far (the same
+    number of test images: accuracies differ by whole images, so ties are common)."""
+    gaps = [abs(f["difference_points"]) - abs(f["floor_points"]) for f in finals.values()]
+    farther = sum(gap > 1e-9 for gap in gaps)
+    nearer = sum(gap < -1e-9 for gap in gaps)
+    return {
+        "final_farther_seeds": farther,
+        "final_nearer_seeds": nearer,
+        "final_tied_seeds": len(gaps) - farther - nearer,
+        "final_sign_test_p": sign_test(farther, nearer),
     }
 
 
@@ -110,7 +175,10 @@ def to_markdown(summary: dict[str, Any]) -> str:
     lines += [
         "",
         f"Over the seeds: mean |HE − plaintext| {difference:.2f} points, mean |floor| "
-        f"{floor:.2f} points ({'within' if difference <= floor else 'beyond'} the floor).",
+        f"{floor:.2f} points ({'within' if difference <= floor else 'beyond'} the floor). "
+        f"HE ends farther from plaintext than the floor on {summary['final_farther_seeds']} "
+        f"seeds, nearer on {summary['final_nearer_seeds']}, as far on "
+        f"{summary['final_tied_seeds']} (sign test p = {summary['final_sign_test_p']:.2f}).",
         "",
         "| round | mean HE − plaintext (points) | seed-to-seed spread (points) | within |",
         "| ---: | ---: | ---: | --- |",
@@ -130,6 +198,8 @@ def to_markdown(summary: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.reports:
+        return _write(load_reports(args.reports), args.out)
     common = ["--no-memory", "--no-tracking", "--keys", str(args.keys), "--out", str(args.out)]
     if args.quick:
         common.append("--quick")
@@ -140,12 +210,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.quick:
         common += ["--repeats", "1"]
     reports = {seed: compare_he.main([*common, "--seed", str(seed)]) for seed in args.seeds}
+    return _write(reports, args.out)
+
+
+def _write(reports: dict[int, dict[str, Any]], out: Path) -> dict[str, Any]:
     summary = summarize(reports)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    args.out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     markdown = to_markdown(summary)
-    (args.out / f"{stamp}-seeds.md").write_text(markdown + "\n")
-    (args.out / f"{stamp}-seeds.json").write_text(json.dumps(summary, indent=2))
+    (out / f"{stamp}-seeds.md").write_text(markdown + "\n")
+    (out / f"{stamp}-seeds.json").write_text(json.dumps(summary, indent=2))
     print(markdown)
     return summary
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -189,3 +190,64 @@ def test_the_seed_summary_sets_each_seed_and_their_mean_against_the_floor() -> N
     assert "mean |HE − plaintext| 0.28 points, mean |floor| 0.37 points (within the floor)" in (
         markdown
     )
+
+
+def _seed_report(seed: int, difference: float, floor: float | None) -> dict[str, object]:
+    last = {
+        "plain_accuracy": 0.9,
+        "he_accuracy": 0.9 + difference / 100,
+        "float64_accuracy": None if floor is None else 0.9 + floor / 100,
+        "difference_points": difference,
+        "floor_points": floor,
+    }
+    job = {"model": "m", "dataset": "d", "clients": 8, "rounds": 1, "seed": seed}
+    ratios = {"simulated_wall_time": 1.0, "deployment_latency": 1.0}
+    return {"job": job, "rounds": [last], "ratios": ratios}
+
+
+def test_the_seed_summary_counts_seeds_farther_and_nearer_than_the_floor() -> None:
+    """Ties (the same number of test images) are counted apart, and the sign test weighs only
+    the untied seeds: 2 farther, 0 nearer is a coin flip's outcome (p = 0.5), 9 to 1 is not."""
+    from bench import seeds
+
+    finals = {
+        0: {"difference_points": 0.56, "floor_points": -0.28},
+        1: {"difference_points": -0.28, "floor_points": 0.28},
+        2: {"difference_points": 0.83, "floor_points": 0.0},
+    }
+    counts = seeds._farther_or_nearer(finals)
+    assert (counts["final_farther_seeds"], counts["final_nearer_seeds"]) == (2, 0)
+    assert counts["final_tied_seeds"] == 1
+    assert counts["final_sign_test_p"] == pytest.approx(0.5)
+    assert seeds.sign_test(9, 1) == pytest.approx(2 * 11 / 1024)
+    assert seeds.sign_test(0, 0) == 1.0
+
+
+def test_the_seed_summary_reads_reports_of_one_job_only(tmp_path: Path) -> None:
+    """--reports summarizes compare_he reports without running anything, and refuses, in one
+    line, a report of another job, a seed given twice or a report without its floor."""
+    from bench import seeds
+
+    def write(name: str, report: dict[str, object]) -> Path:
+        path = tmp_path / name
+        path.write_text(json.dumps(report))
+        return path
+
+    a = write("a.json", _seed_report(0, 0.28, -0.28))
+    b = write("b.json", _seed_report(1, -0.28, 0.56))
+    summary = seeds.main(["--reports", str(b), str(a), "--out", str(tmp_path / "out")])
+    assert summary["seeds"] == [0, 1]
+    assert summary["final_tied_seeds"] == 1 and summary["final_nearer_seeds"] == 1
+    assert list((tmp_path / "out").glob("*-seeds.md"))
+
+    other = _seed_report(2, 0.0, 0.0)
+    other["job"]["model"] = "cnn"  # type: ignore[index]
+    bad = [
+        (write("other.json", other), "another job than the first report (model)"),
+        (a, "seed 0 is given twice"),
+        (write("nofloor.json", _seed_report(3, 0.0, None)), "no float64 floor"),
+        (write("junk.json", {"rounds": []}), "not a compare_he JSON report"),
+    ]
+    for path, reason in bad:
+        with pytest.raises(SystemExit, match=re.escape(reason)):
+            seeds.load_reports([a, path])
