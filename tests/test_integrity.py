@@ -382,6 +382,21 @@ def test_the_tag_is_exact_for_the_widest_digits() -> None:
     assert sum(int(v) << (21 * i) for i, v in enumerate(limbs)) == expected
 
 
+@pytest.mark.parametrize("bad", [2.0**23, -(2.0**23), float("nan"), float("inf")])
+def test_a_digit_beyond_the_tags_exact_range_is_refused(bad) -> None:
+    """A digit whose products could overflow the tag's int64 blocks (or is no number) is
+    refused by name, wherever it sits, never tagged as garbage."""
+    stamp = Stamp(OTHER_JOB, 3, SERVER, 4)
+    for at in (0, 700, 9_999):
+        digits = np.ones(10_000)
+        digits[at] = bad
+        with pytest.raises(PayloadError, match="out of range") as caught:
+            MAC.seal(stamp, digits, np.array([1.0, 0.0, 7.0]))
+        assert caught.value.reason == "malformed"
+    # just inside the range, the tag is made
+    assert MAC.seal(stamp, np.full(10, 2.0**23 - 1), np.array([1.0, 0.0, 7.0])).shape == (3,)
+
+
 def test_the_integrity_key_comes_from_the_secret_context(session_keys) -> None:
     """Two clients derive one key from client.ctx; the server's context (public parameters)
     or the published key fingerprint give another."""

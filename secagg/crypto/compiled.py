@@ -25,7 +25,7 @@ def kernel(function: Callable[..., Any]) -> Any:
 
 
 @kernel
-def _dot_halves(low, high, values, block, modulus):  # pragma: no cover - compiled
+def _dot_halves(low, high, values, block, modulus, bound):  # pragma: no cover - compiled
     lo_total = 0
     hi_total = 0
     n = values.size
@@ -33,22 +33,27 @@ def _dot_halves(low, high, values, block, modulus):  # pragma: no cover - compil
         lo_part = 0
         hi_part = 0
         for i in range(start, min(start + block, n)):
+            if not abs(values[i]) < bound:  # NaN too
+                return False, 0, 0
             value = np.int64(values[i])
             lo_part += low[i] * value
             hi_part += high[i] * value
         lo_total = (lo_total + lo_part % modulus) % modulus
         hi_total = (hi_total + hi_part % modulus) % modulus
-    return lo_total, hi_total
+    return True, lo_total, hi_total
 
 
 def dot_halves(
-    low: np.ndarray, high: np.ndarray, values: np.ndarray, block: int, modulus: int
-) -> tuple[int, int]:
+    low: np.ndarray, high: np.ndarray, values: np.ndarray, block: int, modulus: int, bound: int
+) -> tuple[int, int] | None:
     """``(sum(low * values) mod modulus, sum(high * values) mod modulus)`` exactly, in one
     pass: ``low`` and ``high`` integers (int32 here) in ``[0, 2**31)``, ``values`` integers
-    (float64) small enough that ``block`` products add up within int64 (the caller's bound)."""
-    lo, hi = _dot_halves(low, high, values, np.int64(block), np.int64(modulus))
-    return int(lo), int(hi)
+    (float64) below ``bound`` in magnitude, small enough that ``block`` products add up within
+    int64 (the caller's bound). None when a value is not below ``bound`` (or is NaN)."""
+    ok, lo, hi = _dot_halves(
+        low, high, values, np.int64(block), np.int64(modulus), np.float64(bound)
+    )
+    return (int(lo), int(hi)) if ok else None
 
 
 @kernel

@@ -106,11 +106,13 @@ class MacKey:
         from secagg.crypto.compiled import dot_halves  # numba: clients only
 
         small = np.ascontiguousarray(digits, dtype=np.float64)
-        if small.size and not np.abs(small).max() < _DIGIT_BOUND:
-            raise PayloadError("a packed digit is out of range", "malformed")
         big = [int(v) for v in np.asarray(whole, dtype=np.float64)]
         low, high = self.halves(stamp, small.size + len(big))
-        lo, hi = dot_halves(low, high, small, _BLOCK, P)
+        # the range check is the kernel's, in the same pass (no 8-bytes-per-value temporary)
+        halves = dot_halves(low, high, small, _BLOCK, P, _DIGIT_BOUND)
+        if halves is None:
+            raise PayloadError("a packed digit is out of range", "malformed")
+        lo, hi = halves
         total = lo + (hi << _HALF)
         for index, value in enumerate(big, start=small.size):
             total += (int(low[index]) + (int(high[index]) << _HALF)) * value
