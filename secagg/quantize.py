@@ -64,10 +64,16 @@ def histogram_values(tensor_sizes: Iterable[int]) -> int:
     return int(blocks_of(tensor_sizes).size) * BINS
 
 
-def histogram(values: np.ndarray, sizes: np.ndarray) -> np.ndarray:
-    """One-hot (blocks x BINS, flattened) of each block's magnitude exponent ``ceil(log2 max)``."""
+def histogram(values: np.ndarray, sizes: np.ndarray, factor: float = 1.0) -> np.ndarray:
+    """One-hot (blocks x BINS, flattened) of each block's magnitude exponent ``ceil(log2 max)``
+    of ``factor x values`` (``factor > 0``), with no scaled or absolute copy of ``values``:
+    rounding is monotonic, so the largest scaled magnitude is the largest magnitude scaled."""
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    peaks = np.maximum.reduceat(np.abs(values), starts) if values.size else np.empty(0)
+    if values.size:
+        highest = np.maximum.reduceat(values, starts)
+        peaks = np.maximum(highest, -np.minimum.reduceat(values, starts)) * factor
+    else:
+        peaks = np.empty(0)
     _, exponents = np.frexp(peaks)  # peak < 2**exponent (peak = 0 gives exponent 0)
     bins = np.clip(exponents - E_MIN, 0, BINS - 1)
     bins[peaks == 0] = 0

@@ -55,6 +55,29 @@ def _quantized(
     return [quantize.quantize(w * d, steps, sizes)[0] for w, d in clients]
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.floats(-1e3, 1e3, allow_nan=False, allow_subnormal=True) | st.sampled_from([0.0, -0.0]),
+        min_size=1,
+        max_size=60,
+    ),
+    st.integers(1, 10),
+    st.integers(1, 10**6),
+)
+def test_a_histogram_of_scaled_values_needs_no_scaled_copy(values, blocks, samples) -> None:
+    """A client reports the histogram of its change times its sample count: taken on the
+    change with the count as a factor, every block lands in the very bin it did on the scaled
+    copy (the steps every client derives must not move by a bit)."""
+    change = np.array(values)
+    cuts = np.linspace(0, change.size, min(blocks, change.size) + 1).astype(int)
+    sizes = np.diff(cuts)
+    sizes = sizes[sizes > 0]
+    assert np.array_equal(
+        quantize.histogram(change, sizes, samples), quantize.histogram(change * samples, sizes)
+    )
+
+
 @settings(max_examples=200, deadline=None)
 @given(rounds(), st.sampled_from(PACKINGS))
 def test_agreed_steps_never_overflow_and_sums_unpack_exactly(clients, packing) -> None:

@@ -43,7 +43,7 @@ class QuantizedCipher:
     def prepare(self, values: np.ndarray, stamp: Stamp, samples: int = 1) -> bytes:
         """The encrypted magnitude histogram of ``samples x values`` (this client's change
         times its sample count: its weight before the round's total is known)."""
-        histogram = quantize.histogram(values * samples, self.blocks)
+        histogram = quantize.histogram(values, self.blocks, samples)
         self._samples = samples
         # The ledger's count slot carries the sample count, so every client reads the round's
         # total from the summed scales, exactly; each weighs 1/roster, so the sum stays <= 1.
