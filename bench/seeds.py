@@ -2,7 +2,7 @@
 
     python bench/seeds.py                      # headline job, seeds 0 1 2 (an hour on 2 CPUs)
     python bench/seeds.py --quick --seeds 0 1  # the digits MLP job, a few minutes
-    python bench/seeds.py --reports bench/results/2026*.json   # summarize compare_he reports
+    python bench/seeds.py --reports A.json B.json C.json   # compare_he reports, one per seed
 
 For every seed it runs ``compare_he`` once (plaintext, HE, and the float64 floor: plaintext with
 its updates sent as float64 instead of float32), then states two things per the issue:
