@@ -334,7 +334,9 @@ def _ctr_spec(seed: bytes, index: int, n: int, modulus: int) -> np.ndarray:
     return np.array(kept[:n], dtype=np.uint64)
 
 
-@pytest.mark.parametrize(("n", "modulus"), [(8192, (1 << 60) - (1 << 14) + 1), (64, 97), (7, 3)])
+@pytest.mark.parametrize(
+    ("n", "modulus"), [(8192, (1 << 60) - (1 << 14) + 1), (64, 97), (64, 65), (7, 3)]
+)
 def test_expansion_in_batches_is_one_ctr_stream_per_ciphertext(n: int, modulus: int) -> None:
     """Many ciphertexts' words come from one AES call over explicit counter blocks; each row
     is still exactly its own CTR stream, at indexes near the scale exchange's 2**63 too, and
@@ -345,6 +347,10 @@ def test_expansion_in_batches_is_one_ctr_stream_per_ciphertext(n: int, modulus: 
     for row in range(5):
         assert np.array_equal(out[row], _ctr_spec(seed, 2**63 - 2 + row, n, modulus))
     assert np.array_equal(seeded.expand(seed, 3, n, modulus), _ctr_spec(seed, 3, n, modulus))
-    seeds = (seed, os.urandom(32))
-    summed = sum(_ctr_spec(s, 9, n, modulus).astype(object) for s in seeds) % modulus
-    assert np.array_equal(seeded.expand_sum(seeds, 9, 1, n, modulus)[0], summed.astype(np.uint64))
+    # A sum's c1: every seed's rows, 17 seeds (more than one lazily reduced group of 15)
+    seeds = (seed, *(os.urandom(32) for _ in range(16)))
+    total = seeded.expand_sum(seeds, 2**63 - 2, 5, n, modulus)
+    for row in range(5):
+        index = 2**63 - 2 + row
+        summed = sum(_ctr_spec(s, index, n, modulus).astype(object) for s in seeds) % modulus
+        assert np.array_equal(total[row], summed.astype(np.uint64))

@@ -104,6 +104,23 @@ def take_below(
     return int(_take_below(words, mask, np.uint64(modulus), out, np.int64(at), add))
 
 
+@kernel
+def _take_rows(stream, mask, modulus, out, add, have):  # pragma: no cover - compiled
+    for row in range(out.shape[0]):
+        have[row] = _take_below(stream[row], mask, modulus, out[row], 0, add)
+
+
+def take_rows(
+    stream: np.ndarray, bits: int, modulus: int, out: np.ndarray, add: bool
+) -> np.ndarray:
+    """``take_below`` row by row, from position 0 of each row of ``out``, in one call: how far
+    each row was filled (int64), ``out.shape[1]`` where its words sufficed."""
+    have = np.empty(out.shape[0], dtype=np.int64)
+    mask = np.uint64((1 << bits) - 1)
+    _take_rows(stream, mask, np.uint64(modulus), out, add, have)
+    return have
+
+
 # --- packing, encoding and adding in one pass (``packing`` and ``rlwe`` are the reference) ---
 
 #: ``pack_add``'s and ``open_sum``'s verdicts: what the numpy reference refuses by name.

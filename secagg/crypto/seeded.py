@@ -84,7 +84,7 @@ def expand(seed: bytes, index: int, n: int, modulus: int) -> np.ndarray:
 def expand_rows(out: np.ndarray, seed: bytes, start: int, modulus: int) -> None:
     """Write the polynomials of ciphertexts ``start .. start + rows - 1`` into the rows of
     ``out`` (``(rows, n)`` uint64)."""
-    _expand_rows(out, seed, start, modulus, add=False)
+    _expand_rows(out, (seed,), start, modulus, add=False)
 
 
 def expand_sum(
@@ -96,32 +96,36 @@ def expand_sum(
     q = np.uint64(modulus)
     # Words are below q < 2**60: up to 15 of them add without wrapping 64 bits.
     for group in range(0, len(seeds), LAZY_TERMS):
-        for seed in seeds[group : group + LAZY_TERMS]:
-            _expand_rows(out, seed, start, modulus, add=True)
+        _expand_rows(out, seeds[group : group + LAZY_TERMS], start, modulus, add=True)
         np.remainder(out, q, out=out)
     return out
 
 
-def _expand_rows(out: np.ndarray, seed: bytes, start: int, modulus: int, *, add: bool) -> None:
-    """Write (or add) ciphertexts ``start ..``'s polynomials into the rows of ``out``.
+def _expand_rows(
+    out: np.ndarray, seeds: tuple[bytes, ...], start: int, modulus: int, *, add: bool
+) -> None:
+    """Write (or, with ``add``, add) every seed's polynomials of ciphertexts ``start ..`` into
+    the rows of ``out`` (``add=False`` takes one seed).
 
     Every row's first ``n + _SPARE`` words come from one AES call for many rows: CTR mode's
     key stream is AES of the counter blocks ``index || j``, so encrypting those blocks
-    explicitly (ECB over counters, one key schedule) gives the same words as one CTR stream per
-    row at a fraction of the calls. A row that rejection left short (for a 60-bit NTT prime, one
-    word in about 2**40 is rejected) continues its own CTR stream (``_expand_into``)."""
-    from secagg.crypto.compiled import take_below  # numba: clients only
+    explicitly (ECB over counters, one key schedule per seed) gives the same words as one CTR
+    stream per row at a fraction of the calls; the counter blocks are written once for all the
+    seeds. A row that rejection left short (for a 60-bit NTT prime, one word in about 2**40 is
+    rejected) continues its own CTR stream (``_expand_into``)."""
+    from secagg.crypto.compiled import take_rows  # numba: clients only
 
-    if len(seed) != SEED_BYTES:
+    if any(len(seed) != SEED_BYTES for seed in seeds):
         raise ValueError(f"a seed is {SEED_BYTES} bytes")
     count, n = out.shape
     words, bits = n + _SPARE, modulus.bit_length()
     if words % 2 or words > _CHUNK_WORDS:  # not whole AES blocks, or rows too long to batch
-        for row in range(count):
-            _expand_into(out[row], seed, start + row, modulus, add=add)
+        for seed in seeds:
+            for row in range(count):
+                _expand_into(out[row], seed, start + row, modulus, add=add)
         return
     blocks, batch = words // 2, _CHUNK_WORDS // words
-    aes = Cipher(algorithms.AES(seed), modes.ECB()).encryptor()
+    ciphers = [Cipher(algorithms.AES(seed), modes.ECB()).encryptor() for seed in seeds]
     buffer = getattr(_SCRATCH, "rows", None)
     if buffer is None:
         buffer = _SCRATCH.rows = bytearray(len(_ZEROS) + 16)
@@ -130,13 +134,13 @@ def _expand_rows(out: np.ndarray, seed: bytes, start: int, modulus: int, *, add:
         counters = np.empty((rows, blocks, 2), dtype=">u8")
         counters[:, :, 0] = (np.uint64(start + first) + np.arange(rows, dtype=np.uint64))[:, None]
         counters[:, :, 1] = np.arange(blocks, dtype=np.uint64)[None, :]
-        aes.update_into(counters.data.cast("B"), buffer)
-        stream = np.frombuffer(buffer, dtype="<u8", count=rows * words).reshape(rows, words)
-        for offset in range(rows):
-            row = out[first + offset]
-            have = take_below(stream[offset], bits, modulus, row, 0, add)
-            if have < n:
-                index = start + first + offset
+        for seed, aes in zip(seeds, ciphers, strict=True):
+            aes.update_into(counters.data.cast("B"), buffer)
+            stream = np.frombuffer(buffer, dtype="<u8", count=rows * words).reshape(rows, words)
+            filled = take_rows(stream, bits, modulus, out[first : first + rows], add)
+            for offset in np.flatnonzero(filled < n).tolist():
+                index, row = start + first + offset, out[first + offset]
+                have = int(filled[offset])
                 _expand_into(row, seed, index, modulus, add=add, block=blocks, have=have)
 
 
