@@ -69,15 +69,23 @@ def load_reports(paths: list[Path]) -> dict[int, dict[str, Any]]:
             if None not in floors:
                 summarize({seed: report})  # has every figure the summary takes
         except (OSError, ValueError, KeyError, TypeError, IndexError, StopIteration) as err:
-            raise SystemExit(f"{path}: not a compare_he JSON report ({err})") from None
+            raise SystemExit(
+                f"{path}: not a compare_he JSON report ({err}); pass the .json compare_he wrote"
+            ) from None
         if None in floors:
-            raise SystemExit(f"{path}: has no float64 floor (it was run with --no-floor)")
+            raise SystemExit(
+                f"{path}: has no float64 floor (it was run with --no-floor); "
+                "run compare_he again without it"
+            )
         if seed in reports:
             raise SystemExit(f"{path}: seed {seed} is given twice; pass one report per seed")
         first = next(iter(reports.values()), report)["job"]
         differ = [key for key in _SAME_JOB if job.get(key) != first.get(key)]
         if differ:
-            raise SystemExit(f"{path}: another job than the first report ({', '.join(differ)})")
+            raise SystemExit(
+                f"{path}: another job than the first report ({', '.join(differ)}); "
+                "pass reports of one job only"
+            )
         reports[seed] = report
     return dict(sorted(reports.items()))
 
