@@ -81,6 +81,21 @@ def split_halves(
 @kernel
 def _take_below(words, mask, modulus, out, at, add):  # pragma: no cover - compiled
     n = out.size
+    need = n - at
+    if 0 < need <= words.size:
+        # The common case (a word is rejected about once in 2**40 for a 60-bit NTT prime):
+        # count the rejections, then copy or add without a branch per word (both vectorize).
+        rejected = 0
+        for i in range(need):
+            rejected += (words[i] & mask) >= modulus
+        if rejected == 0:
+            if add:
+                for i in range(need):
+                    out[at + i] += words[i] & mask
+            else:
+                for i in range(need):
+                    out[at + i] = words[i] & mask
+            return n
     for i in range(words.size):
         if at >= n:
             break
@@ -108,6 +123,23 @@ def take_below(
 def _take_rows(stream, mask, modulus, out, add, have):  # pragma: no cover - compiled
     for row in range(out.shape[0]):
         have[row] = _take_below(stream[row], mask, modulus, out[row], 0, add)
+
+
+@kernel
+def _reduce_lazy(out, modulus, bits):  # pragma: no cover - compiled
+    for i in range(out.size):
+        value = out[i]
+        value -= (value >> bits) * modulus  # below 2**bits plus a few q
+        while value >= modulus:
+            value -= modulus
+        out[i] = value
+
+
+def reduce_lazy(out: np.ndarray, modulus: int) -> None:
+    """``out mod modulus`` in place (uint64): cheaper than a division for words that are lazy
+    sums of a few words below ``modulus`` (one subtraction or two for an NTT prime just below
+    a power of two; correct, if slower, for any)."""
+    _reduce_lazy(out.reshape(-1), np.uint64(modulus), np.uint64(modulus.bit_length()))
 
 
 def take_rows(

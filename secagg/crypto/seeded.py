@@ -92,12 +92,13 @@ def expand_sum(
 ) -> np.ndarray:
     """``(count, n)``: for each ciphertext ``start .. start+count-1``, the sum mod q of every
     seed's polynomial: the ``c1`` of a sum of seeded ciphertexts."""
+    from secagg.crypto.compiled import reduce_lazy  # numba: clients only
+
     out = np.zeros((count, n), dtype="<u8")
-    q = np.uint64(modulus)
     # Words are below q < 2**60: up to 15 of them add without wrapping 64 bits.
     for group in range(0, len(seeds), LAZY_TERMS):
         _expand_rows(out, seeds[group : group + LAZY_TERMS], start, modulus, add=True)
-        np.remainder(out, q, out=out)
+        reduce_lazy(out, modulus)
     return out
 
 
