@@ -162,7 +162,7 @@ def test_optimizers_bench_writes_its_table_and_figure(tmp_path: Path) -> None:
 
 def test_the_seed_summary_sets_each_seed_and_their_mean_against_the_floor() -> None:
     """bench/seeds.py: a seed beyond its own floor shows as such, and the mean over the seeds
-    of |HE − plaintext| is set against the mean of |floor|."""
+    of HE − plaintext (HE's effect) and of |HE − plaintext| are set against the mean |floor|."""
     from bench import seeds
 
     def report(difference: float, floor: float, plain: float) -> dict[str, object]:
@@ -186,7 +186,17 @@ def test_the_seed_summary_sets_each_seed_and_their_mean_against_the_floor() -> N
     assert not summary["final_within_floor_every_seed"]
     assert summary["final_mean_abs_difference_points"] == pytest.approx(0.84 / 3)
     assert summary["final_mean_abs_floor_points"] == pytest.approx(1.12 / 3)
+    # HE's mean effect, signed: +0.28 / 3 points, within the mean |floor|
+    assert summary["final_mean_difference_points"] == pytest.approx(0.28 / 3)
+    assert summary["final_mean_within_floor"]
     markdown = seeds.to_markdown(summary)
+    assert "mean HE − plaintext over the seeds: +0.09 points, within the mean |floor| of 0.37" in (
+        markdown
+    )
+    # A codec that moves every seed the same way is beyond, though each seed is near its floor
+    biased = seeds.summarize({s: report(0.56, 0.28 * (-1) ** s, 0.9) for s in range(3)})
+    assert biased["final_mean_difference_points"] == pytest.approx(0.56)
+    assert not biased["final_mean_within_floor"]
     assert "mean |HE − plaintext| 0.28 points, mean |floor| 0.37 points (within the floor)" in (
         markdown
     )
