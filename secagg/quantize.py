@@ -111,14 +111,19 @@ def quantize(
 ) -> tuple[np.ndarray, int]:
     """Values to integers on the agreed steps, in place; return them and the clipped count
     (values beyond ``limit``: ``2**E_MAX / N`` for a client's weighted change, what the
-    largest histogram bin covers; only a diverged training reaches it)."""
-    clipped = int(np.count_nonzero(values > limit) + np.count_nonzero(values < -limit))
-    np.clip(values, -limit, limit, out=values)
-    values /= np.repeat(block_steps, sizes)
-    return np.rint(values, out=values), clipped
+    largest histogram bin covers; only a diverged training reaches it).
+
+    In numpy: clip to ``[-limit, limit]``, divide by ``np.repeat(block_steps, sizes)``,
+    ``np.rint``; done in one compiled pass, bit for bit the same (a test checks)."""
+    from secagg.crypto.compiled import quantize_blocks  # numba: clients only
+
+    return values, quantize_blocks(values, block_steps, sizes, limit)
 
 
 def dequantize(values: np.ndarray, block_steps: np.ndarray, sizes: np.ndarray) -> np.ndarray:
-    """Summed integers back to values: the inverse scaling of ``quantize``, in place."""
-    values *= np.repeat(block_steps, sizes)
+    """Summed integers back to values: the inverse scaling of ``quantize``, in place (as
+    ``values *= np.repeat(block_steps, sizes)``, in one compiled pass)."""
+    from secagg.crypto.compiled import scale_blocks  # numba: clients only
+
+    scale_blocks(values, block_steps, sizes)
     return values

@@ -78,6 +78,39 @@ def test_a_histogram_of_scaled_values_needs_no_scaled_copy(values, blocks, sampl
     )
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.floats(allow_nan=True, allow_infinity=True, allow_subnormal=True)
+        | st.sampled_from([0.0, -0.0, 0.5, -0.5, 1.5, -2.5]),
+        min_size=1,
+        max_size=60,
+    ),
+    st.lists(st.floats(1e-12, 1e3), min_size=1, max_size=10),
+    st.floats(1e-3, 1e300),
+)
+def test_quantizing_in_one_pass_is_numpys_clip_divide_and_rint(values, steps, limit) -> None:
+    """Clients quantize in one compiled pass; every client must get numpy's integers bit for
+    bit (clipping and its count, ties rounded to even, NaN kept), and dequantize alike."""
+    change = np.array(values)
+    cuts = np.linspace(0, change.size, min(len(steps), change.size) + 1).astype(int)
+    sizes = np.diff(cuts)
+    block_steps = np.array(steps[: sizes.size])
+    expected = np.clip(change, -limit, limit) / np.repeat(block_steps, sizes)
+    clipped = int(np.count_nonzero(change > limit) + np.count_nonzero(change < -limit))
+    got, count = quantize.quantize(change.copy(), block_steps, sizes, limit)
+    assert np.array_equal(got, np.rint(expected), equal_nan=True) and count == clipped
+    scaled = quantize.dequantize(got.copy(), block_steps, sizes)
+    assert np.array_equal(scaled, got * np.repeat(block_steps, sizes), equal_nan=True)
+
+
+def test_quantizing_refuses_blocks_that_do_not_cover_the_values() -> None:
+    with pytest.raises(ValueError, match="2 blocks of 7 values for 8"):
+        quantize.quantize(np.zeros(8), np.ones(2), np.array([4, 3]))
+    with pytest.raises(ValueError, match="float64"):
+        quantize.dequantize(np.zeros(8, dtype=np.float32), np.ones(2), np.array([4, 4]))
+
+
 @settings(max_examples=200, deadline=None)
 @given(rounds(), st.sampled_from(PACKINGS))
 def test_agreed_steps_never_overflow_and_sums_unpack_exactly(clients, packing) -> None:
