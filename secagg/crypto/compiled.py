@@ -187,9 +187,15 @@ def _scale_blocks(values, steps, sizes):  # pragma: no cover - compiled
 
 def _check_blocks(values: np.ndarray, steps: np.ndarray, sizes: np.ndarray) -> None:
     if values.dtype != np.float64 or values.ndim != 1 or not values.flags.writeable:
-        raise ValueError("expected a writeable one-dimensional float64 array")
+        raise ValueError(
+            "quantization works in place on a writeable one-dimensional float64 array: pass "
+            "a float64 copy of the flattened update"
+        )
     if steps.shape != sizes.shape or int(sizes.sum()) != values.size or np.any(sizes < 0):
-        raise ValueError(f"{sizes.size} blocks of {int(sizes.sum())} values for {values.size}")
+        raise ValueError(
+            f"{sizes.size} blocks of {int(sizes.sum())} values for {values.size}: take the "
+            "steps and block sizes from the same model layout as the values (block_sizes)"
+        )
 
 
 def quantize_blocks(values: np.ndarray, steps: np.ndarray, sizes: np.ndarray, limit: float) -> int:
