@@ -585,6 +585,13 @@ def _mb(n: float) -> str:
     type=click.Path(file_okay=False),
     help="Folder for the CA and one kit per party.",
 )
+@click.option(
+    "--threshold",
+    type=click.IntRange(min=0),
+    default=0,
+    help="The fewest contributors any sum a site unmasks or decrypts may have, signed into "
+    "every kit [default: max(3, 2n/3 + 1) of the n sites, at most n].",
+)
 @click.option("--force", is_flag=True, help="Replace existing kits.")
 @_friendly
 def provision(
@@ -593,6 +600,7 @@ def provision(
     project_file: str | None,
     project_name: str,
     out_dir: str,
+    threshold: int,
     force: bool,
 ) -> None:
     """Make a CA, certificates, CKKS keys and one startup kit per party."""
@@ -605,6 +613,7 @@ def provision(
         server_address = spec.get("server", server_address)
         names = list(spec.get("clients", []))
         project_name = spec.get("name", project_name)
+        threshold = int(spec.get("threshold", threshold))
     else:
         names = [name.strip() for name in (sites or "").split(",") if name.strip()]
     if not server_address or not names:
@@ -614,7 +623,14 @@ def provision(
     click.echo(
         f"provisioning project '{project_name}': server {server_address}, {len(names)} sites"
     )
-    folders = kits.provision(out_dir, server_address, names, project_name, force=force)
+    folders = kits.provision(
+        out_dir, server_address, names, project_name, force=force, threshold=threshold
+    )
+    policy = kits.load_kit(folders["server"], "server").policy()
+    click.echo(
+        f"  round policy: every sum has at least {policy.threshold} of at most "
+        f"{policy.max_round} sites (signed by the CA into every kit)"
+    )
     click.echo(f"  {folders['ca']}/  certificate authority (keep ca.key offline)")
     click.echo(f"  {folders['server']}/  server kit: public CKKS context, no secret key")
     for name in names:

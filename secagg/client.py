@@ -35,7 +35,7 @@ from torch import nn
 from secagg import messages
 from secagg.config import RunConfig
 from secagg.crypto import ClientCipher, Stamp, Update
-from secagg.crypto.masking import SignedKey
+from secagg.crypto.masking import Reveal, SignedKey
 from secagg.errors import ConfigError, PayloadError, SecAggError, TaskError
 from secagg.files import atomic_write
 from secagg.flatten import Layout, describe, flatten, unflatten
@@ -189,10 +189,18 @@ class Client:
         seconds = Seconds(encrypt=time.perf_counter() - start)
         return FitReply(stamp.sender, payload, seconds, len(payload))
 
-    def correct(self, stamp: Stamp, dropped: tuple[int, ...]) -> bytes:
-        """The correction that removes this client's masks with the ``dropped`` positions
-        from the sum of ``stamp``'s phase (``stamp`` names this client's position)."""
-        return self.cipher.correct(stamp, dropped)
+    def confirm(self, stamp: Stamp, survivors: tuple[int, ...]) -> bytes:
+        """This client's signature of the survivor set the server says ``stamp``'s phase
+        added (``stamp`` names this client's position): the consistency round."""
+        return self.cipher.confirm(stamp, survivors)
+
+    def reveal(
+        self, stamp: Stamp, survivors: tuple[int, ...], confirmations: dict[int, bytes]
+    ) -> Reveal:
+        """What unmasks the phase's sum over ``survivors``, once enough of them confirmed the
+        same set: this client's self-mask key and its corrections for the keyed clients that
+        sent nothing."""
+        return self.cipher.reveal(stamp, survivors, confirmations)
 
     def apply(self, payload: bytes, round_stamp: Stamp, scales: bytes | None) -> ApplyReply:
         """Decrypt the summed update, check its ledger, divide by the total weight, take the

@@ -9,12 +9,15 @@ import dataclasses
 import json
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tomllib
 
 from secagg.crypto.params import CkksParams
 from secagg.errors import ConfigError
+
+if TYPE_CHECKING:
+    from secagg.crypto.policy import RoundPolicy
 
 __all__ = ["CkksParams", "RunConfig", "dump_job", "load_job", "type_error", "with_overrides"]
 
@@ -86,6 +89,11 @@ class RunConfig:
     #: with ``he``: pairwise masks inside the ciphertexts (``secagg.crypto.masking``), so that
     #: no single party, nor the server with fewer than all other clients, reads one update
     masking: bool = True
+    #: with ``masking`` in a simulation: the round policy's threshold, the fewest contributors
+    #: any sum a client unmasks or decrypts may have (``secagg.crypto.policy``; 0: the
+    #: default, max(3, 2m/3 + 1) of the m clients per round, at most m). A deployment takes
+    #: it from the kits, where ``secagg provision --threshold`` signed it
+    threshold: int = 0
     #: what plaintext FedAvg sends: float32 (as usual) or float64
     plain_precision: str = "float32"
     #: with ``he``: how finely updates are quantized. ``standard``: 15-bit steps, 2.6 bytes per
@@ -176,6 +184,10 @@ class RunConfig:
                 0 <= self.min_clients <= self.per_round,
                 "min_clients must be between 0 (all clients) and the clients per round",
             ),
+            (
+                0 <= self.threshold <= self.per_round,
+                "threshold must be between 0 (the default) and the clients per round",
+            ),
             (self.client_cpus > 0, "client_cpus must be positive"),
             (self.client_gpus >= 0, "client_gpus must be 0 or more"),
             (self.round_timeout > 0, "round_timeout must be positive (seconds)"),
@@ -213,6 +225,12 @@ class RunConfig:
         if self.he_precision != "auto":
             return self.he_precision
         return "standard" if self.server_optimizer == "fedavg" else "fine"
+
+    def policy(self) -> RoundPolicy:
+        """A simulation's round policy: rounds of ``per_round`` clients, ``threshold``."""
+        from secagg.crypto.policy import RoundPolicy
+
+        return RoundPolicy.for_round_size(self.per_round, self.threshold)
 
     @property
     def per_round(self) -> int:

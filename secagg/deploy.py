@@ -110,6 +110,12 @@ def serve(
     )
     records.start(None)
     minimum = config.min_clients or len(kit.roster)
+    if config.he and config.masking:
+        # The sites refuse any sum below the kits' threshold: waiting for fewer is pointless.
+        threshold = kit.policy().threshold
+        if minimum < threshold:
+            log(f"min_clients {minimum} is below the kits' round policy; using {threshold}")
+            minimum = threshold
     transport = GrpcTransport(coordinator, minimum, config.round_timeout)
 
     def after_round(metrics: RoundMetrics) -> None:
@@ -222,7 +228,9 @@ def _prepare(
     identities = None
     if config.he and config.masking:
         identities = CertifiedIdentities(kit.roster, joined.index, kit.private_key, kit.ca)
-    make_cipher = crypto.for_client(config.he, kit.folder, config.precision, identities)
+    make_cipher = crypto.for_client(
+        config.he, kit.folder, config.precision, identities, kit.policy()
+    )
     client = Client(task_for(config), info, config, make_cipher, resolve_device(device))
     return config, client, identities
 

@@ -40,7 +40,9 @@ def build_clients(
     from the job's model (checked: same names, shapes, dtypes and initial weights as the
     first one's). ``on_progress`` hears each one ready (phase ``clients``)."""
     identities = SimulatedIdentities() if config.he and config.masking else None
-    make_cipher = crypto.for_client(config.he, config.keys_dir, config.precision, identities)
+    make_cipher = crypto.for_client(
+        config.he, config.keys_dir, config.precision, identities, config.policy()
+    )
     device = resolve_device(config.device)
     clients: list[Client] = []
     chosen = list(indexes) or list(range(config.clients))

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 
 from secagg import keys
 from secagg.crypto.params import CkksParams
+from secagg.crypto.policy import RoundPolicy
 from secagg.errors import ConfigError, KeyFileError
 from secagg.files import atomic_write
 
@@ -86,6 +87,12 @@ class Kit:
     def port(self) -> int:
         return int(self.server.rsplit(":", 1)[1])
 
+    def policy(self) -> RoundPolicy:
+        """The round policy in this kit, refused unless the project's CA signed it."""
+        from cryptography import x509
+
+        return RoundPolicy.load(self.folder, x509.load_pem_x509_certificate(self.ca))
+
 
 def provision(
     out: str | Path,
@@ -94,12 +101,18 @@ def provision(
     project: str = "secagg",
     params: CkksParams | None = None,
     force: bool = False,
+    threshold: int = 0,
 ) -> dict[str, Path]:
     """Make the CA, certificates, CKKS keys and every party's kit under ``out``; return the
-    kit folders by party name (``server``, each site, ``admin``) plus ``ca``."""
+    kit folders by party name (``server``, each site, ``admin``) plus ``ca``.
+
+    Every kit also holds the round policy (``crypto.policy``), signed with the CA's key:
+    ``threshold`` is the fewest contributors any sum a site unmasks or decrypts may have
+    (0: the default for rounds of all the sites)."""
     out = Path(out)
     address = _address(server)
     _check_names(clients)
+    policy = RoundPolicy.for_round_size(len(clients), threshold)
     parties = [SERVER, *clients, ADMIN]
     existing = [name for name in ["ca", *parties] if (out / name).exists()]
     if existing and not force:
@@ -142,6 +155,8 @@ def provision(
         _write(folder / f"{role}.key", _pem_key(key))
         for file in _KIT_KEYS[role]:
             _write(folder / file, key_files[file])
+        if role != ADMIN:
+            policy.save(folder, ca_key)
         folders[name] = folder
     return folders
 

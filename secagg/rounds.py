@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from secagg import quantize
-from secagg.crypto import SERVER, Stamp, contributors
+from secagg.crypto import SERVER, Reveal, Stamp, contributors
 from secagg.errors import PayloadError, SecAggError
 from secagg.messages import ApplyReply, EvalReply, FitReply, TrainReply
 from secagg.server import Server, Summed
@@ -112,7 +112,8 @@ def run_round(
         if scale_payloads
         else None
     )
-    corrections: list[bytes] = []
+    #: each phase's reveals, with the confirmations relayed to every survivor (``masking``)
+    corrections: list[list[Reveal]] = []
     if scales is not None:
         scales = _unmasked(server, transport, round_stamp.scales(), scales, corrections)
     agreed = scales.payload if scales is not None else None
@@ -136,7 +137,7 @@ def run_round(
     evals = transport.evaluate(round_stamp.round_num)
     end = time.perf_counter()
     record = RoundRecord(
-        trained, fits, applied, evals, scales, summed, sum(len(c) for c in corrections)
+        trained, fits, applied, evals, scales, summed, *_unmasking_bytes(corrections)
     )
     metrics = replace(
         record.metrics(round_stamp.round_num),
@@ -146,28 +147,36 @@ def run_round(
     return metrics, aggregates
 
 
+def _unmasking_bytes(phases: list[list[Reveal]]) -> tuple[int, int]:
+    """Bytes up (each survivor's confirmation, key and correction) and down (every survivor
+    gets the phase's confirmations) of a round's unmasking."""
+    up = sum(len(r) for reveals in phases for r in reveals)
+    down = sum(len(reveals) * sum(len(r.confirmation) for r in reveals) for reveals in phases)
+    return up, down
+
+
 def _unmasked(
-    server: Server, transport: Transport, stamp: Stamp, summed: Summed, kept: list[bytes]
+    server: Server, transport: Transport, stamp: Stamp, summed: Summed, kept: list[list[Reveal]]
 ) -> Summed:
-    """A phase's sum with its masks cancelled: every position of the round was handed the
-    round's keys, so each one that sent nothing leaves masks that only the contributors'
-    corrections remove (kept in ``kept``, for the round's byte count)."""
+    """A phase's sum with its masks removed: every contributor added a self-mask and its
+    pairs with every keyed position. The contributors confirm the survivor set among
+    themselves (each signs it and checks the others' signatures: the consistency round), then
+    each reveals its self-mask key and, for the keyed positions that sent nothing, the
+    correction of its pairs with them (kept in ``kept``, for the round's byte count)."""
     if not server.masking:
         return summed
-    senders = contributors(summed.payload)
-    dropped = tuple(sorted(transport.keyed(stamp.round_num) - set(senders)))
-    if not dropped:
-        return summed
-    corrections = transport.correct(stamp, dropped, senders)
-    kept.extend(corrections)
+    survivors = contributors(summed.payload)
+    dropped = tuple(sorted(transport.keyed(stamp.round_num) - set(survivors)))
+    reveals = transport.unmask(stamp, survivors)
+    kept.append(reveals)
     try:
-        return server.correct(summed, corrections, stamp, dropped)
+        return server.correct(summed, reveals, stamp, dropped)
     except PayloadError as err:
         # A contributor's correction that does not fit leaves the sum masked: the round can
         # only start again (with fresh masks), never go on.
         raise RoundFailed(
-            f"round {stamp.round_num}: the mask corrections for client(s) {list(dropped)} "
-            f"could not be added: {err}"
+            f"round {stamp.round_num}: the contributors' mask reveals (for the dropout of "
+            f"client(s) {list(dropped)}) could not be added: {err}"
         ) from err
 
 
@@ -261,8 +270,11 @@ class RoundRecord:
     evals: list[EvalReply]
     scales: Summed | None
     summed: Summed
-    #: bytes of mask corrections the clients sent (only when a masked round lost a client)
+    #: bytes the clients sent to unmask the sums (``masking``): confirmations, self-mask keys,
+    #: and corrections when a phase lost a client
     corrections: int = 0
+    #: bytes the clients received to unmask: every survivor's confirmation, relayed to all
+    confirmations: int = 0
 
     def metrics(self, round_num: int) -> RoundMetrics:
         trained, fits, applied = self.trained, self.fits, self.applied
@@ -274,6 +286,7 @@ class RoundRecord:
         down = (len(self.summed.payload) + (len(self.scales.payload) if self.scales else 0)) * len(
             applied
         )
+        down += self.confirmations
         task_metrics = _averaged([(e.num_samples, e.metrics) for e in self.evals])
         train_metrics = _averaged([(t.num_samples, t.metrics) for t in senders])
         losses = _averaged([(e.num_samples, {"loss": e.loss}) for e in self.evals])

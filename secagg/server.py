@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from secagg.crypto import ServerCipher, Stamp
+from secagg.crypto import Reveal, ServerCipher, Stamp
 from secagg.errors import CheckpointError, PayloadError
 from secagg.files import atomic_write, atomic_write_json
 
@@ -129,13 +129,13 @@ class Server:
         return Summed(summed, timed.each, timed.checks)
 
     def correct(
-        self, summed: Summed, corrections: Iterable[bytes], stamp: Stamp, dropped: tuple[int, ...]
+        self, summed: Summed, reveals: Sequence[Reveal], stamp: Stamp, dropped: tuple[int, ...]
     ) -> Summed:
-        """Add the contributors' mask corrections for ``dropped`` to a phase's sum, and close
-        the phase: nothing more is added to it."""
+        """Unmask a phase's sum with its contributors' reveals (their self-mask keys, and
+        their corrections for ``dropped``), and close the phase: nothing more is added to it."""
         start = time.perf_counter()
         self._closed[(stamp.job, stamp.round_num, stamp.phase)] = dropped
-        payload = self.cipher.corrected(summed.payload, corrections, stamp, dropped)
+        payload = self.cipher.corrected(summed.payload, reveals, stamp, dropped)
         return Summed(
             payload,
             [*summed.seconds[:-1], summed.seconds[-1] + time.perf_counter() - start],

@@ -4,6 +4,11 @@ python tests/patched.py die-after-keys:2 client --kit ...   # dies once it agree
 python tests/patched.py die-at-seal:2 client --kit ...      # dies when asked for round 2's update
 python tests/patched.py forge-key:KIT server job.toml ...   # relays site 2's key forged with
                                                             # KIT's certificate (another CA)
+python tests/patched.py lie-dropout:DIR server job.toml ... # claims site-1 dropped out of the
+                                                            # update phase though it delivered;
+                                                            # dumps what it gathers into DIR
+python tests/patched.py lie-small:2 server job.toml ...     # keys each round to 2 sites only
+python tests/patched.py lie-split server job.toml ...       # shows site-1 another survivor set
 """
 
 from __future__ import annotations
@@ -69,7 +74,79 @@ def _forge_key(kit_dir: str) -> None:
     Coordinator.mask_keys = forged  # type: ignore[method-assign]
 
 
-FAULTS = {"die-after-keys": _die_after_keys, "die-at-seal": _die_at_seal, "forge-key": _forge_key}
+def _lie_dropout(folder: str) -> None:
+    """The update phase's survivors are told site-1 (position 0) dropped out, though the
+    server holds its update: what a colluding site would then decrypt is dumped into
+    ``folder`` (site-1's update, and every correction the others sent for it)."""
+    from secagg.crypto import envelope
+    from secagg.transport.grpc_server import GrpcTransport
+
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    seal, unmask = GrpcTransport.seal, GrpcTransport.unmask
+
+    def keeping(self: GrpcTransport, stamp: Any, total: int, scales: Any) -> Any:
+        for reply in seal(self, stamp, total, scales):
+            if reply.client_id == 0:
+                (out / "victim.bin").write_bytes(reply.payload)
+            yield reply
+
+    def lying(self: GrpcTransport, stamp: Any, survivors: tuple[int, ...]) -> Any:
+        if stamp.phase != envelope.UPDATE_PHASE or 0 not in survivors:
+            return unmask(self, stamp, survivors)
+        reveals = unmask(self, stamp, tuple(p for p in survivors if p != 0))
+        for reveal in reveals:
+            (out / f"correction-{reveal.sender}.bin").write_bytes(reveal.correction)
+        return reveals
+
+    GrpcTransport.seal = keeping  # type: ignore[method-assign]
+    GrpcTransport.unmask = lying  # type: ignore[method-assign]
+
+
+def _lie_small(size: int) -> None:
+    """Every round is keyed to ``size`` sites only, whatever the policy says."""
+    from secagg.transport.coordinator import Coordinator
+
+    wait = Coordinator.wait_for_sites
+
+    def few(self: Coordinator, *args: Any, **kwargs: Any) -> frozenset[int]:
+        return frozenset(sorted(wait(self, *args, **kwargs))[:size])
+
+    Coordinator.wait_for_sites = few  # type: ignore[method-assign]
+
+
+def _lie_split(_: str) -> None:
+    """site-1 is shown the survivor set without site-3, the others the true one; each gets
+    every site's confirmation."""
+    from secagg.transport.coordinator import Coordinator
+
+    post, next_task = Coordinator.post, Coordinator.next_task
+    views: dict[int, list[int]] = {}
+
+    def split(self: Coordinator, kind: str, round_num: int, sites: Any, **body: Any) -> Any:
+        task = post(self, kind, round_num, sites, **body)
+        if kind in ("confirm", "correct"):
+            views[task.id] = [p for p in body["survivors"] if p != 2]
+        return task
+
+    def shown(self: Coordinator, site: Any, after: int, wait: float) -> dict[str, Any]:
+        task = next_task(self, site, after, wait)
+        if site.index == 0 and task.get("id") in views:
+            task = {**task, "survivors": views[task["id"]]}
+        return task
+
+    Coordinator.post = split  # type: ignore[method-assign]
+    Coordinator.next_task = shown  # type: ignore[method-assign]
+
+
+FAULTS = {
+    "die-after-keys": _die_after_keys,
+    "die-at-seal": _die_at_seal,
+    "forge-key": _forge_key,
+    "lie-dropout": _lie_dropout,
+    "lie-small": _lie_small,
+    "lie-split": _lie_split,
+}
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

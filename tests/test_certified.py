@@ -148,5 +148,6 @@ def test_a_late_upload_is_refused_once_its_phase_was_corrected(
     assert caught.value.reason == "late-update"
     with pytest.raises(PayloadError, match="not asked for this round"):
         coordinator.check_upload(late, UploadHeader(correct.id))
-    task, stamp, values = coordinator.check_upload(coordinator.sites[0], UploadHeader(correct.id))
+    revealing = UploadHeader(correct.id, revealed=bytes(32))
+    task, stamp, values = coordinator.check_upload(coordinator.sites[0], revealing)
     assert (task, stamp.sender, stamp.phase, values) == (correct, 0, UPDATE_PHASE, 4)

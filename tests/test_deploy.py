@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
+import numpy as np
 import pytest
 import torch
 from test_secrets import secret_key_windows
@@ -48,9 +49,12 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def _project(tmp: Path, sites: int) -> tuple[Path, int]:
+def _project(tmp: Path, sites: int, threshold: int = 2) -> tuple[Path, int]:
+    """A project of ``sites`` sites whose round policy lets a sum of ``threshold`` be
+    decrypted (2: these tests drop sites out of small rounds; the default is larger)."""
     port = _free_port()
-    provision(tmp / "project", f"localhost:{port}", [f"site-{i + 1}" for i in range(sites)])
+    names = [f"site-{i + 1}" for i in range(sites)]
+    provision(tmp / "project", f"localhost:{port}", names, threshold=threshold)
     return tmp / "project", port
 
 
@@ -672,3 +676,106 @@ def test_a_site_stops_at_a_scale_aggregate_that_fails_its_checks() -> None:
     refused = Site(server, _Sealing(None), joined, Path("."), lambda line: None)  # type: ignore[arg-type]
     assert refused.run() == "done"
     assert "Fail" not in [name for name, _ in server.calls]
+
+
+# --- a lying server --------------------------------------------------------------------------
+
+
+def _low_bits_of_view(kit: Path, victim: bytes, corrections: list[bytes]) -> np.ndarray:
+    """What a colluding site (its kit's secret key) decrypts from the victim's update once
+    every correction the others sent for it is taken off: each slot's low 8 bits."""
+    from secagg import keys
+    from secagg.crypto import envelope, rlwe
+    from secagg.crypto.ckks import CkksClient
+    from secagg.crypto.packing import packing_for
+    from secagg.crypto.seal_format import from_wire
+
+    loaded = keys.load_for_client(kit)
+    client = CkksClient(loaded)
+    q, n = client._shape.modulus, client._shape.poly_modulus_degree
+
+    def opened(payload: bytes, kind: int) -> envelope.Envelope:
+        head = envelope._HEAD.unpack_from(payload)
+        stamp = Stamp(head[6], head[7], head[8], head[9], head[4])
+        return client._format.open(payload, stamp, kind)
+
+    update = opened(victim, envelope.UPDATE)
+    words = from_wire(update.body, q).copy()
+    for correction in corrections:
+        # A correction cancels the survivor's half of each pair: minus it, the victim's half.
+        words = (words + q - from_wire(opened(correction, envelope.CORRECTION).body, q)) % q
+    phase = rlwe.SecretKey(loaded.context, client._shape).decrypt(
+        words.reshape(-1, n), update.seeds
+    )
+    bits = packing_for(update.stamp.roster).scale_bits
+    return ((phase + (1 << (bits - 1))) >> bits).reshape(-1) % 256
+
+
+def test_a_server_that_lies_about_a_dropout_unmasks_nothing(tmp_path: Path) -> None:
+    """A patched server holds site-1's update yet tells site-2 and site-3 that site-1 dropped
+    out: they correct their pairs with it, and the server keeps everything. A colluding site
+    decrypting site-1's update minus every correction gets slots whose low bits are uniform
+    (chi-square): site-1's self-mask, whose key only site-1 holds and never revealed, is still
+    on. The round cannot complete, and the job fails rather than decrypt anything."""
+    from scipy import stats
+
+    project, port = _project(tmp_path, 3)
+    job, _ = _job(tmp_path, rounds=1, round_retries=0, round_timeout=30.0)
+    work, dump = tmp_path / "work", tmp_path / "dump"
+    server = _server(project, job, work / "server", port, fault=f"lie-dropout:{dump}")
+    sites = [_site(project, f"site-{i}", work) for i in (1, 2, 3)]
+    try:
+        out = _finish(server, 240)
+        assert server.returncode != 0, out[-3000:]
+        assert "sent no mask reveal" in out or "could not be added" in out, out[-3000:]
+    finally:
+        _kill_all(server, *sites)
+    corrections = [(dump / f"correction-{p}.bin").read_bytes() for p in (1, 2)]
+    assert all(corrections), "the honest sites sent corrections for the 'dropped' site"
+    seen = _low_bits_of_view(project / "site-3", (dump / "victim.bin").read_bytes(), corrections)
+    assert stats.chisquare(np.bincount(seen, minlength=256)).pvalue > 1e-3
+
+
+def test_sites_refuse_a_round_smaller_than_the_kits_threshold(tmp_path: Path) -> None:
+    """The kits' policy says 3 (the default for 3 sites); a patched server keys the round to
+    two sites. Both stop before training, with one line naming the server's claim, and tell
+    the server why."""
+    project, port = _project(tmp_path, 3, threshold=0)
+    job, _ = _job(tmp_path, rounds=1, round_timeout=30.0)
+    work = tmp_path / "work"
+    server = _server(project, job, work / "server", port, fault="lie-small:2")
+    sites = {name: _site(project, name, work) for name in ("site-1", "site-2", "site-3")}
+    try:
+        for name in ("site-1", "site-2"):
+            out = _finish(sites[name], 120)
+            assert sites[name].returncode == 1, out[-3000:]
+            assert (
+                out.strip()
+                .splitlines()[-1]
+                .startswith(
+                    "Error: the server's round hands keys to 2 site(s), fewer than the round "
+                    "policy's threshold of 3"
+                )
+            ), out[-3000:]
+            assert "sending" not in out  # refused before anything left the site
+    finally:
+        _kill_all(server, *sites.values())
+
+
+def test_a_survivor_set_shown_differently_is_caught_by_name(tmp_path: Path) -> None:
+    """A patched server shows site-1 a survivor set without site-3 and the others the true
+    one. site-1 signs only what it was shown, finds too few confirmations of it, reveals
+    nothing and stops, naming the site whose confirmation is of another set."""
+    project, port = _project(tmp_path, 3)
+    job, _ = _job(tmp_path, rounds=1, round_retries=0, round_timeout=30.0)
+    work = tmp_path / "work"
+    server = _server(project, job, work / "server", port, fault="lie-split")
+    sites = {name: _site(project, name, work) for name in ("site-1", "site-2", "site-3")}
+    try:
+        out = _finish(sites["site-1"], 180)
+        assert sites["site-1"].returncode == 1, out[-3000:]
+        last = out.strip().splitlines()[-1]
+        assert last.startswith("Error: only 1 of the 2 confirmations needed"), out[-3000:]
+        assert "site-2] signed another set (the server showed sites different survivor" in last
+    finally:
+        _kill_all(server, *sites.values())

@@ -1,8 +1,11 @@
 """Pairwise masks inside the ciphertexts (``secagg.crypto.masking``).
 
-The masks must cancel in the server's sum (the aggregate decrypts bit for bit as without
-them), make one client's ciphertext unreadable to another key holder, survive dropouts through
-corrections, refuse a late update after corrections, and refuse a substituted key.
+The masks must cancel in the server's unmasked sum (the aggregate decrypts bit for bit as
+without them), make one client's ciphertext unreadable to another key holder, survive dropouts
+through corrections, refuse a late update after corrections, and refuse a substituted key.
+Against a lying server: a false dropout claim leaves the victim's self-mask on, and the
+clients refuse sums below the round policy's threshold and survivor sets shown differently to
+different sites.
 """
 
 from __future__ import annotations
@@ -16,11 +19,12 @@ from hostile import forge_aggregate
 from scipy import stats
 
 from secagg import keys
-from secagg.crypto import Update, rlwe
+from secagg.crypto import Update, rlwe, seal_format
 from secagg.crypto.ckks import CkksClient
-from secagg.crypto.envelope import UPDATE
-from secagg.crypto.masking import Masker, SignedKey, SimulatedIdentities
+from secagg.crypto.envelope import AGGREGATE, CORRECTION, UPDATE
+from secagg.crypto.masking import Masker, SignedKey, SimulatedIdentities, self_masks
 from secagg.crypto.packing import packing_for
+from secagg.crypto.policy import RoundPolicy
 from secagg.crypto.seal_format import from_wire
 from secagg.errors import PayloadError
 from secagg.server import Server
@@ -63,6 +67,18 @@ def _encrypt(clients: list[CkksClient], updates: list[Update], stamp) -> list[by
     ]
 
 
+def _reveals(clients, stamp, survivors, values=3000):  # type: ignore[no-untyped-def]
+    """The consistency round, then each survivor's reveal, as the round loop runs them."""
+    signed = {p: clients[p].confirm(stamp.for_sender(p), survivors) for p in survivors}
+    return [clients[p].reveal(stamp.for_sender(p), survivors, signed, values) for p in survivors]
+
+
+def _unmask(clients, server, summed, stamp, survivors, values=3000):  # type: ignore[no-untyped-def]
+    dropped = tuple(sorted(set(range(len(clients))) - set(survivors)))
+    reveals = _reveals(clients, stamp, survivors, values)
+    return server.corrected(summed, reveals, stamp, dropped)
+
+
 def test_masks_cancel_and_the_sum_decrypts_bit_identically(
     session_keys, identities, ckks_pair
 ) -> None:
@@ -71,13 +87,18 @@ def test_masks_cancel_and_the_sum_decrypts_bit_identically(
     masked, plain = _clients(session_keys, identities), _clients(session_keys, identities, False)
     _agree(masked, stamp)
     updates = _updates(plain[0])
-    with_masks = masked[1].decrypt(server.sum(_encrypt(masked, updates, stamp), stamp), stamp)
+    summed = server.sum(_encrypt(masked, updates, stamp), stamp)
+    with_masks = masked[1].decrypt(_unmask(masked, server, summed, stamp, (0, 1, 2)), stamp)
     without = plain[1].decrypt(server.sum(_encrypt(plain, updates, stamp), stamp), stamp)
     assert with_masks.values.tobytes() == without.values.tobytes()
     assert (with_masks.weight, with_masks.contributors) == (without.weight, without.contributors)
     # Both phases are masked (their own PRG streams): the scale exchange cancels too.
     scales = stamp.scales()
     masked_sum = server.sum(_encrypt(masked, updates, scales), scales)
+    # Each client's self-mask is still on until the survivors reveal their keys.
+    with pytest.raises(PayloadError):
+        masked[0].decrypt(masked_sum, scales)
+    masked_sum = _unmask(masked, server, masked_sum, scales, (0, 1, 2))
     assert masked[0].decrypt(masked_sum, scales).values.tobytes() == without.values.tobytes()
 
 
@@ -123,14 +144,14 @@ def test_a_dropout_is_corrected_and_the_sum_is_exact(session_keys, identities, c
     # Client 1's masks do not cancel: the sum decrypts to noise, which the unpacker refuses.
     with pytest.raises(PayloadError):
         clients[0].decrypt(summed, stamp)
-    corrections = [clients[p].correct(stamp.for_sender(p), (1,), 3000) for p in (0, 2)]
-    fixed = server.corrected(summed, corrections, stamp, (1,))
+    reveals = _reveals(clients, stamp, (0, 2))
+    fixed = server.corrected(summed, reveals, stamp, (1,))
     total = clients[2].decrypt(fixed, stamp)
     assert total.contributors == (0, 2)
     assert np.array_equal(total.values, updates[0].values + updates[2].values)
-    # A contributor that sends no correction leaves the sum unreadable: named, not garbage.
-    with pytest.raises(PayloadError, match="sent no mask correction") as caught:
-        server.corrected(summed, corrections[:1], stamp, (1,))
+    # A contributor that sends no reveal leaves the sum unreadable: named, not garbage.
+    with pytest.raises(PayloadError, match="sent no mask reveal") as caught:
+        server.corrected(summed, reveals[:1], stamp, (1,))
     assert caught.value.reason == "missing-correction"
 
 
@@ -142,8 +163,7 @@ def test_a_late_update_after_corrections_is_refused(session_keys, identities, ck
     payloads = _encrypt(clients, _updates(clients[0]), stamp)
     server = Server(cipher, masking=True)
     summed = server.sum([payloads[0], payloads[2]], stamp, 3000)
-    corrections = [clients[p].correct(stamp.for_sender(p), (1,), 3000) for p in (0, 2)]
-    server.correct(summed, corrections, stamp, (1,))
+    server.correct(summed, _reveals(clients, stamp, (0, 2)), stamp, (1,))
     # By round state: the server adds nothing more to a corrected phase.
     with pytest.raises(PayloadError, match="late update is never added") as caught:
         server.sum([payloads[1]], stamp, 3000)
@@ -152,9 +172,10 @@ def test_a_late_update_after_corrections_is_refused(session_keys, identities, ck
     forged = forge_aggregate(cipher, payloads, stamp, (0, 1, 2))
     with pytest.raises(PayloadError, match=r"adds client\(s\) \[1\] after the round corrected"):
         clients[0].decrypt(forged, stamp)
-    # Nor does a client give a second set of corrections (which could strip an added client).
-    with pytest.raises(PayloadError, match="already sent"):
-        clients[0].correct(stamp.for_sender(0), (1, 2), 3000)
+    # Nor does a client confirm a second survivor set (which could strip an added client).
+    with pytest.raises(PayloadError, match="two survivor sets") as caught:
+        clients[0].confirm(stamp.for_sender(0), (0, 1, 2))
+    assert caught.value.reason == "inconsistent"
 
 
 def test_a_substituted_key_agreement_key_is_refused(session_keys, identities) -> None:
@@ -231,8 +252,10 @@ def test_a_dropout_leaves_the_same_model_as_without_masks(session_keys, when: st
     unmasked, reference = _one_round(session_keys, False, when)
     assert model.tobytes() == reference.tobytes()
     assert masked.clients == unmasked.clients == (4 if when == "apply" else 3)
-    # Corrections cost bytes only when a payload was missing.
-    assert (masked.bytes_up > unmasked.bytes_up) == (when != "apply")
+    # Every survivor confirms and reveals a 32-byte self-mask key per phase (about 100 bytes);
+    # corrections (c0 words) cost more only when a payload was missing.
+    extra = masked.bytes_up - unmasked.bytes_up
+    assert extra < 2 * 4 * 120 if when == "apply" else extra > 100 * 2 * 3 * 32
 
 
 def test_the_digits_job_is_unchanged_by_masks(tmp_path, session_keys) -> None:
@@ -255,7 +278,9 @@ def test_the_digits_job_is_unchanged_by_masks(tmp_path, session_keys) -> None:
     for m, h, p in zip(masked.rounds, he.rounds, plain.rounds, strict=True):
         assert (m.accuracy, m.loss) == (h.accuracy, h.loss), f"round {m.round}"
         assert abs(m.accuracy - p.accuracy) <= 0.003, f"round {m.round}"
-        assert m.bytes_up == h.bytes_up and m.bytes_down == h.bytes_down
+        # Confirmations, self-mask keys and relayed signatures: well under 2% of the bytes.
+        assert 0 < m.bytes_up - h.bytes_up <= 0.02 * h.bytes_up
+        assert 0 < m.bytes_down - h.bytes_down <= 0.02 * h.bytes_down
 
 
 def test_masking_is_on_by_default_everywhere_and_ignored_without_he() -> None:
@@ -291,7 +316,8 @@ def test_ray_clients_mask_and_reach_the_unmasked_model(tmp_path, session_keys) -
         for m in (True, False)
     ]
     for m, u in zip(runs[0].rounds, runs[1].rounds, strict=True):
-        assert (m.accuracy, m.loss, m.bytes_up) == (u.accuracy, u.loss, u.bytes_up)
+        assert (m.accuracy, m.loss) == (u.accuracy, u.loss)
+        assert u.bytes_up < m.bytes_up <= 1.02 * u.bytes_up  # confirmations and keys only
 
 
 def test_sampled_rounds_mask_with_each_rounds_clients(tmp_path, session_keys) -> None:
@@ -314,7 +340,8 @@ def test_sampled_rounds_mask_with_each_rounds_clients(tmp_path, session_keys) ->
         for m in (True, False)
     ]
     for m, u in zip(runs[0].rounds, runs[1].rounds, strict=True):
-        assert (m.accuracy, m.loss, m.bytes_up) == (u.accuracy, u.loss, u.bytes_up)
+        assert (m.accuracy, m.loss) == (u.accuracy, u.loss)
+        assert u.bytes_up < m.bytes_up <= 1.02 * u.bytes_up  # confirmations and keys only
 
 
 @pytest.mark.slow
@@ -355,7 +382,13 @@ def test_a_ray_worker_killed_after_key_agreement_is_corrected_for(
     path = os.pathsep.join(p for p in (str(package), os.environ.get("PYTHONPATH", "")) if p)
     monkeypatch.setenv("PYTHONPATH", path)
     config = _config(
-        tmp_path, session_keys, task="dying:DiesOnce", transport="ray", rounds=3, min_clients=2
+        tmp_path,
+        session_keys,
+        task="dying:DiesOnce",
+        transport="ray",
+        rounds=3,
+        min_clients=2,
+        threshold=2,
     )
     masked = run_job(replace(config, masking=True, output_dir=str(tmp_path / "m")))
     plain = run_job(replace(config, masking=False, output_dir=str(tmp_path / "u")))
@@ -378,3 +411,119 @@ def test_a_phase_is_masked_once(session_keys, identities) -> None:
     with pytest.raises(PayloadError, match="would reveal their difference") as caught:
         clients[0].encrypt(update, stamp.for_sender(0))
     assert caught.value.reason == "mask-reused"
+
+
+# --- a lying server ---------------------------------------------------------------------------
+
+
+def _policed(session_keys, identities, size: int, threshold: int) -> list[CkksClient]:  # type: ignore[no-untyped-def]
+    loaded = keys.load_for_client(session_keys)
+    policy = RoundPolicy(threshold, size)
+    return [
+        CkksClient(loaded, Masker(identities.signer, identities.verifier, policy=policy))
+        for _ in range(size)
+    ]
+
+
+def test_a_false_dropout_claim_leaves_the_victims_self_mask_on(
+    session_keys, identities, ckks_pair
+) -> None:
+    """The server holds client 0's upload yet tells the others it dropped: they confirm the
+    set without it and correct their pairs with it. Client 0's ciphertext plus every
+    correction (the colluding client 3 removes its own pair too) still decrypts, for the
+    colluder, to uniform lanes: client 0 never revealed its self-mask key, which no one else
+    holds. With that key the same view would decrypt to client 0's update exactly."""
+    _, server = ckks_pair
+    stamp = round_of(6, roster=4)
+    clients = _policed(session_keys, identities, 4, threshold=3)
+    _agree(clients, stamp, sites=(30, 31, 32, 33))
+    update = Update(np.zeros(20_000), 1 / 4)
+    victim = clients[0].encrypt(update, stamp.for_sender(0))
+    survivors = (1, 2, 3)
+    reveals = _reveals(clients, stamp, survivors, values=20_000)
+    # The server's whole view of client 0, with every other client's pair removed.
+    q = clients[0]._shape.modulus
+    opened = clients[0]._format.open(server.sum([victim], stamp), stamp, AGGREGATE)
+    words = from_wire(opened.body, q).copy()
+    for reveal in reveals:
+        # A correction cancels the survivor's half of a pair; minus it, the victim's half.
+        correction = clients[0]._format.open(reveal.correction, stamp, CORRECTION)
+        seal_format.add_mod(words, (q - from_wire(correction.body, q)) % q, q)
+    seen = _low_bits_of(session_keys, clients[1], words, opened.seeds, stamp)
+    assert stats.chisquare(np.bincount(seen, minlength=256)).pvalue > ALPHA
+    # The self-mask is all that hides it: with client 0's own key the lanes are the zeros.
+    own = clients[0].masker._self_key(stamp.for_sender(0))  # type: ignore[union-attr]
+    n = clients[0]._shape.poly_modulus_degree
+    seal_format.add_mod(words, self_masks([own], opened.blob_count, n, q).reshape(-1), q)
+    clear = _low_bits_of(session_keys, clients[1], words, opened.seeds, stamp)
+    assert stats.chisquare(np.bincount(clear, minlength=256)).pvalue < 1e-100
+    # And client 0, asked to unmask a set that leaves it out, refuses.
+    with pytest.raises(PayloadError, match="leaves this site out"):
+        clients[0].confirm(stamp.for_sender(0), survivors)
+
+
+def _low_bits_of(session_keys, client, words, seeds, stamp) -> np.ndarray:  # type: ignore[no-untyped-def]
+    n = client._shape.poly_modulus_degree
+    context = keys.load_for_client(session_keys).context
+    phase = rlwe.SecretKey(context, client._shape).decrypt(words.reshape(-1, n), seeds)
+    bits = packing_for(stamp.roster).scale_bits
+    return ((phase + (1 << (bits - 1))) >> bits).reshape(-1) % 256
+
+
+def test_the_round_policy_refuses_small_rounds_and_sums(
+    session_keys, identities, ckks_pair
+) -> None:
+    """With a threshold of 3: a round keyed to two sites, a survivor set of two, and an
+    aggregate of two contributors are each refused by name, whatever the server claims."""
+    _, server = ckks_pair
+    stamp = round_of(7, roster=4)
+    clients = _policed(session_keys, identities, 4, threshold=3)
+    peers = [c.masker.publish(stamp.job, 40 + i) for i, c in enumerate(clients)]  # type: ignore[union-attr]
+    with pytest.raises(PayloadError, match="keys to 2 site") as caught:
+        clients[0].masker.agree(stamp.for_sender(0), [peers[0], peers[1], None, None])  # type: ignore[union-attr]
+    assert caught.value.reason == "policy"
+    _agree(clients, stamp, sites=(40, 41, 42, 43))
+    with pytest.raises(PayloadError, match="threshold of 3") as caught:
+        clients[0].confirm(stamp.for_sender(0), (0, 1))
+    assert caught.value.reason == "policy"
+    payloads = _encrypt(clients[:2], _updates(clients[0])[:2], stamp)
+    with pytest.raises(PayloadError, match=r"aggregate adds 2 site\(s\)") as caught:
+        clients[2].decrypt(server.sum(payloads, stamp), stamp)
+    assert caught.value.reason == "policy"
+
+
+def test_survivor_sets_shown_differently_are_caught_by_name(session_keys, identities) -> None:
+    """The server shows clients 0 and 1 the full set, clients 2 and 3 a set without client 0
+    (threshold 3 of 4). Client 1 signs only the first; neither group gathers three valid
+    confirmations of its set, so no one reveals anything, and each names the sites whose
+    confirmation is of another set."""
+    stamp = round_of(8, roster=4)
+    clients = _policed(session_keys, identities, 4, threshold=3)
+    _agree(clients, stamp, sites=(50, 51, 52, 53))
+    full, without = (0, 1, 2, 3), (1, 2, 3)
+    signed = {p: clients[p].confirm(stamp.for_sender(p), full) for p in (0, 1)}
+    signed |= {p: clients[p].confirm(stamp.for_sender(p), without) for p in (2, 3)}
+    with pytest.raises(PayloadError, match="two survivor sets"):
+        clients[1].confirm(stamp.for_sender(1), without)
+    with pytest.raises(PayloadError, match=r"only 2 of the 3.*site 52, site 53\] signed another"):
+        clients[0].reveal(stamp.for_sender(0), full, signed, 3000)
+    with pytest.raises(PayloadError, match=r"only 2 of the 3.*site 51\] signed another") as caught:
+        clients[2].reveal(stamp.for_sender(2), without, signed, 3000)
+    assert caught.value.reason == "inconsistent"
+
+
+def test_a_site_that_revealed_sits_out_a_retry_of_the_round(session_keys, identities) -> None:
+    """Once a client revealed its update's self-mask key in one attempt of a round, it refuses
+    the round's later attempts: the same update in two sums would give away their difference.
+    A retry after only the scale exchange was unmasked (a server restarted mid-round) is
+    taken."""
+    stamp = round_of(9, roster=3)
+    clients = _clients(session_keys, identities)
+    peers = _agree(clients, stamp, sites=(60, 61, 62))
+    _reveals(clients, stamp.scales(), (0, 1, 2))
+    for position, client in enumerate(clients):  # a retry: the scales alone were unmasked
+        client.masker.agree(stamp.for_sender(position), peers, b"retry")  # type: ignore[union-attr]
+    _reveals(clients, stamp, (0, 1, 2))
+    with pytest.raises(PayloadError, match="sits the round out") as caught:
+        clients[0].masker.agree(stamp.for_sender(0), peers, b"another attempt")  # type: ignore[union-attr]
+    assert caught.value.reason == "sit-out"

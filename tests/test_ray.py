@@ -113,7 +113,13 @@ def test_a_worker_killed_mid_round_is_a_client_that_dropped_out(
     path = os.pathsep.join(p for p in (str(package), os.environ.get("PYTHONPATH", "")) if p)
     monkeypatch.setenv("PYTHONPATH", path)
     config = _config(
-        tmp_path, session_keys, task="dying:DiesOnce", transport="ray", rounds=3, min_clients=2
+        tmp_path,
+        session_keys,
+        task="dying:DiesOnce",
+        transport="ray",
+        rounds=3,
+        min_clients=2,
+        threshold=2,
     )
     result = run_job(config)
     # Round 2 goes on with the two clients left (the average stays right: the ledger), and

@@ -24,7 +24,8 @@ import numpy as np
 from secagg.crypto import envelope
 from secagg.crypto.envelope import SERVER, Stamp, contributors
 from secagg.crypto.ledger import Aggregate, Update
-from secagg.crypto.masking import Masker, SignedKey
+from secagg.crypto.masking import Masker, Reveal, SignedKey
+from secagg.crypto.policy import RoundPolicy
 
 if TYPE_CHECKING:  # the server imports this package: no torch here
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -75,9 +76,15 @@ class ClientCipher(Protocol):
         without one) and mask every payload of ``stamp``'s round, attempt ``nonce``, with them."""
         ...
 
-    def correct(self, stamp: Stamp, dropped: tuple[int, ...]) -> bytes:
-        """The correction payload that removes this client's masks with ``dropped`` from the
-        sum of ``stamp``'s phase (once per round and phase)."""
+    def confirm(self, stamp: Stamp, survivors: tuple[int, ...]) -> bytes:
+        """This client's signature of the survivor set of ``stamp``'s phase (``masking``)."""
+        ...
+
+    def reveal(
+        self, stamp: Stamp, survivors: tuple[int, ...], confirmations: dict[int, bytes]
+    ) -> Reveal:
+        """What unmasks the sum of ``stamp``'s phase over ``survivors``, once at least the
+        policy's threshold of them confirmed that set (once per round and phase)."""
         ...
 
     def encrypt(self, update: Update, stamp: Stamp, agreed: bytes | None) -> bytes:
@@ -134,10 +141,11 @@ class ServerCipher(Protocol):
         ...
 
     def corrected(
-        self, aggregate: bytes, corrections: Iterable[bytes], stamp: Stamp, dropped: tuple[int, ...]
+        self, aggregate: bytes, reveals: Sequence[Reveal], stamp: Stamp, dropped: tuple[int, ...]
     ) -> bytes:
-        """``aggregate`` with every contributor's mask corrections for the ``dropped`` clients
-        added; refused unless each contributor sent exactly one."""
+        """``aggregate`` unmasked: every contributor's self-mask removed with the key it
+        revealed, and its corrections for the ``dropped`` clients added; refused unless each
+        contributor sent exactly one reveal."""
         ...
 
 
@@ -146,12 +154,13 @@ def for_client(
     keys_dir: str | Path,
     precision: str | None = None,
     identities: Identities | None = None,
+    policy: RoundPolicy | None = None,
 ) -> Callable[[Layout], ClientCipher]:
     """A factory of client-side ciphers for a job: each client gets its own, for its model's
     layout. Keys are read once, here. ``precision``: ``float32``/``float64`` for plaintext,
     ``standard``/``fine`` for HE (``RunConfig.precision``). With ``identities`` (HE only)
     every cipher masks its payloads pairwise, signing its key-agreement keys with those site
-    keys."""
+    keys, and enforces ``policy`` on every round (``crypto.policy``)."""
     if not he:
         from secagg.crypto.plain import PlainCipher
 
@@ -165,7 +174,7 @@ def for_client(
     def make(layout: Layout) -> ClientCipher:
         masker = None
         if identities is not None:
-            masker = Masker(identities.signer, identities.verifier, identities.name)
+            masker = Masker(identities.signer, identities.verifier, identities.name, policy)
         return QuantizedCipher(CkksClient(loaded, masker, precision or "standard"), layout)
 
     return make
@@ -189,6 +198,8 @@ __all__ = [
     "Aggregate",
     "ClientCipher",
     "Identities",
+    "Reveal",
+    "RoundPolicy",
     "ServerCipher",
     "Stamp",
     "Update",

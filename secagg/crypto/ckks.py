@@ -36,7 +36,7 @@ from secagg.crypto import compiled, envelope, integrity, ledger, rlwe, seal_form
 from secagg.crypto.ckks_server import TAIL, RoundFormat
 from secagg.crypto.envelope import AGGREGATE, CORRECTION, SCALES, UPDATE, UPDATE_PHASE, Stamp
 from secagg.crypto.ledger import Aggregate, Update
-from secagg.crypto.masking import Masker, MaskPlan
+from secagg.crypto.masking import Masker, MaskPlan, Reveal
 from secagg.crypto.packing import packing_for
 from secagg.crypto.params import CkksParams, Keys
 from secagg.errors import KeyFileError, PayloadError
@@ -190,15 +190,29 @@ class CkksClient:
         }
         return payload
 
-    def correct(self, stamp: Stamp, dropped: tuple[int, ...], values: int) -> bytes:
-        """A correction payload: ``c0`` words that remove this client's masks with the
-        ``dropped`` clients from the sum of ``stamp``'s phase (of ``values`` values)."""
-        if self.masker is None:
-            raise PayloadError("this client does not mask; it has nothing to correct", "bad-plan")
+    def confirm(self, stamp: Stamp, survivors: tuple[int, ...]) -> bytes:
+        """This client's signature of the survivor set of ``stamp``'s phase (``masking``)."""
+        return self._masker().confirm(stamp, survivors)
+
+    def reveal(
+        self,
+        stamp: Stamp,
+        survivors: tuple[int, ...],
+        confirmations: dict[int, bytes],
+        values: int,
+    ) -> Reveal:
+        """What unmasks the sum of ``stamp``'s phase (of ``values`` values) over the confirmed
+        ``survivors``: this client's self-mask key, and a correction payload (``c0`` words
+        removing its pairs with the keyed clients that sent nothing) when there are any."""
+        masker = self._masker()
         count, size = self._format.blobs(stamp)(values)
         q, n = self._shape.modulus, self._shape.poly_modulus_degree
-        words = self.masker.correct(stamp, dropped, count, n, q)
-        return envelope.to_bytes(
+        key, words = masker.reveal(stamp, survivors, confirmations, count, n, q)
+        signature = masker.signature(stamp)
+        if words is None:
+            return Reveal(stamp.sender, key, confirmation=signature)
+        dropped = tuple(sorted(set(range(stamp.roster)) & masker.keyed() - set(survivors)))
+        correction = envelope.to_bytes(
             self.codec_for_round(stamp),
             CORRECTION,
             stamp,
@@ -206,8 +220,14 @@ class CkksClient:
             count,
             size,
             [seal_format.to_wire(words)],
-            tuple(sorted(dropped)),
+            dropped,
         )
+        return Reveal(stamp.sender, key, correction, signature)
+
+    def _masker(self) -> Masker:
+        if self.masker is None:
+            raise PayloadError("this client does not mask; it has nothing to unmask", "bad-plan")
+        return self.masker
 
     def decrypt(self, payload: bytes, stamp: Stamp) -> Aggregate:
         opened = self._format.open(payload, stamp, AGGREGATE)

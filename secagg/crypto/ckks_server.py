@@ -15,12 +15,13 @@ added. The codec description both sides must agree on
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
-from secagg.crypto import envelope, integrity, ledger, seal_format
+from secagg.crypto import envelope, integrity, ledger, masking, seal_format
 from secagg.crypto.envelope import AGGREGATE, CORRECTION, SERVER, UPDATE, Stamp
+from secagg.crypto.masking import Reveal
 from secagg.crypto.packing import PACKED, PACKINGS, PackedParams, packing_for
 from secagg.crypto.params import Keys
 from secagg.crypto.seal_format import CiphertextShape
@@ -187,36 +188,61 @@ class CkksServer:
         )
 
     def corrected(
-        self, aggregate: bytes, corrections: Iterable[bytes], stamp: Stamp, dropped: tuple[int, ...]
+        self, aggregate: bytes, reveals: Sequence[Reveal], stamp: Stamp, dropped: tuple[int, ...]
     ) -> bytes:
-        """The aggregate with every contributor's mask corrections for ``dropped`` added
-        (``masking``): one correction from each contributor, each naming exactly ``dropped``,
-        or the masks would not cancel (PayloadError ``missing-correction``)."""
+        """The aggregate unmasked (``masking``): one reveal from each contributor, whose
+        self-mask key is expanded and subtracted, and, when clients dropped, whose correction
+        (naming exactly ``dropped``) is added; otherwise the masks would not cancel
+        (PayloadError ``missing-correction``)."""
         summed = self._format.open(aggregate, stamp, AGGREGATE)
-        total = seal_format.from_wire(summed.body, self._shape.modulus)
-        wanted, seen = tuple(sorted(dropped)), set()
-        for payload in corrections:
-            opened = self._format.open(payload, stamp, CORRECTION)
-            sender = opened.stamp.sender
-            if opened.contributors != wanted or opened.values != summed.values:
-                raise PayloadError(
-                    f"client {sender}'s correction is not for clients {list(wanted)}", "bad-plan"
-                )
+        q = self._shape.modulus
+        total = seal_format.from_wire(summed.body, q)
+        wanted, seen, keys = tuple(sorted(dropped)), set(), []
+        for reveal in reveals:
+            sender = reveal.sender
             if sender not in summed.contributors or sender in seen:
                 raise PayloadError(
-                    f"a correction from client {sender}, which is not a contributor or sent "
+                    f"a reveal from client {sender}, which is not a contributor or sent "
                     "one already, is refused",
                     "duplicate",
                 )
-            words = seal_format.from_wire(opened.body, self._shape.modulus)
-            seal_format.add_mod(total, words, self._shape.modulus)
+            if len(reveal.key) != SEED_BYTES:
+                raise PayloadError(
+                    f"client {sender}'s self-mask key is not {SEED_BYTES} bytes", "malformed"
+                )
+            if bool(wanted) != bool(reveal.correction):
+                raise PayloadError(
+                    f"client {sender}'s reveal "
+                    + (
+                        "lacks its correction"
+                        if wanted
+                        else "carries a correction nobody asked for"
+                    ),
+                    "bad-plan",
+                )
+            if wanted:
+                opened = self._format.open(reveal.correction, stamp, CORRECTION)
+                if (
+                    opened.stamp.sender != sender
+                    or opened.contributors != wanted
+                    or opened.values != summed.values
+                ):
+                    raise PayloadError(
+                        f"client {sender}'s correction is not for clients {list(wanted)}",
+                        "bad-plan",
+                    )
+                seal_format.add_mod(total, seal_format.from_wire(opened.body, q), q)
+            keys.append(reveal.key)
             seen.add(sender)
         missing = sorted(set(summed.contributors) - seen)
         if missing:
             raise PayloadError(
-                f"client(s) {missing} sent no mask correction: the sum cannot be unmasked",
+                f"client(s) {missing} sent no mask reveal: the sum cannot be unmasked",
                 "missing-correction",
             )
+        count = summed.blob_count
+        n = self._shape.poly_modulus_degree
+        seal_format.add_mod(total, masking.self_masks(keys, count, n, q).reshape(-1), q)
         count, size = self._format.blobs(stamp)(summed.values)
         return envelope.to_bytes(
             self.codec_for_round(stamp),

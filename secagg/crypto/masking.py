@@ -17,12 +17,17 @@ key is caught. The PRG is HKDF-SHA256 of ``s_jk`` and the job, round, phase and 
 their difference), giving an AES-256 key that ``seeded.expand`` turns into words exactly
 uniform mod q, one polynomial per ciphertext index.
 
-A client asked to train that sends nothing for a phase leaves masks that do not cancel: the
-phase's contributors then send *corrections* (``correct``), ``c0``-only words that remove their
-pairs with the missing clients, once per (round, attempt, phase) and never for a client whose
-payload was added. A client also refuses to decrypt an aggregate that lists a client it
-corrected for (``check_late``): with the corrections known, that client's masks could be
-removed.
+Each client also adds a *self-mask* ``PRG(b_j)`` under a key it draws afresh for each round,
+attempt and phase (double masking, as in SecAgg, Bonawitz et al. 2017). After the server adds a
+phase's payloads, its contributors *unmask* it in two steps: each signs the survivor set the
+server names (``confirm``; one set per phase), then, given at least the round policy's
+threshold of signatures of the same set by distinct survivors (``reveal``), sends its self-mask
+key and, for keyed clients that sent nothing, the *correction* that removes its pairs with
+them. A client the server falsely calls dropped never reveals its self-mask key, so the others'
+corrections do not unmask it; a server that shows different clients different sets gathers too
+few signatures for either. A client refuses to decrypt an aggregate whose contributors are not
+exactly the survivors it confirmed (``check_late``), and once it revealed a key for a round it
+sits out the round's later attempts (its update in two sums would give away their difference).
 """
 
 from __future__ import annotations
@@ -36,18 +41,42 @@ import numpy as np
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from secagg.crypto import seal_format, seeded
-from secagg.crypto.envelope import Stamp
+from secagg.crypto.envelope import SCALES, Stamp
+from secagg.crypto.policy import RoundPolicy
 from secagg.errors import PayloadError
 
 #: Bytes of an X25519 public key.
 PUBLIC_BYTES = 32
+#: Bytes of a confirmation: an ECDSA P-256 signature as r || s.
+SIGNATURE_BYTES = 64
 _SIGNED_LABEL = b"secagg mask key v1\0"
 _PRG_LABEL = b"secagg pairwise mask v1\0"
+_CONFIRM_LABEL = b"secagg survivors v1\0"
 _P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+
+
+@dataclass(frozen=True)
+class Reveal:
+    """What one contributor sends to unmask a phase's sum: its self-mask key for the phase
+    (the server expands and subtracts it) and, when the phase lost clients, the correction
+    (an envelope of ``c0`` words) that removes its pairs with them (empty otherwise)."""
+
+    sender: int
+    key: bytes
+    correction: bytes = b""
+    #: the sender's signature of the survivor set (the consistency round), for byte counts
+    confirmation: bytes = b""
+
+    def __len__(self) -> int:
+        return len(self.key) + len(self.correction) + len(self.confirmation)
 
 
 @dataclass(frozen=True)
@@ -108,9 +137,13 @@ class Masker:
         signer: Callable[[int], ec.EllipticCurvePrivateKey],
         verifier: Callable[[int], ec.EllipticCurvePublicKey],
         name: Callable[[int], str] = lambda site: f"site {site}",
+        policy: RoundPolicy | None = None,
     ) -> None:
         self._signer = signer
         self._verifier = verifier
+        #: what this client enforces whatever the server claims (``crypto.policy``); None:
+        #: only that a round hands keys to at least one other site
+        self.policy = policy
         #: how errors name a site (a deployment's site names, from its kit's roster)
         self._name = name
         self._private: dict[tuple[bytes, int], X25519PrivateKey] = {}
@@ -118,7 +151,20 @@ class Masker:
         self._round: tuple[tuple[bytes, int], int, dict[int, bytes]] | None = None
         #: the agreed round's attempt nonce (fresh masks for a round tried again)
         self._nonce = b""
+        #: (job, round, nonce, phase) -> the survivor set this client confirmed (signed)
+        self._confirmed: dict[tuple[bytes, int, bytes, int], tuple[int, ...]] = {}
+        #: (job, round, nonce, phase) -> this client's signature of the set it confirmed
+        self._signatures: dict[tuple[bytes, int, bytes, int], bytes] = {}
+        #: (job, round, nonce, phase) -> the survivors it revealed its self-mask key for
         self._corrected: dict[tuple[bytes, int, bytes, int], tuple[int, ...]] = {}
+        #: (job, round) -> the attempt in which this client revealed its update's self-mask
+        #: key: its update of that round is never sent again (another attempt could
+        #: difference it)
+        self._released: dict[tuple[bytes, int], bytes] = {}
+        #: (job, round, nonce, phase) -> this client's fresh self-mask key
+        self._self_keys: dict[tuple[bytes, int, bytes, int], bytes] = {}
+        #: the round's positions -> the site at each (whose key signs its confirmations)
+        self._sites: dict[int, int] = {}
         self._masked: set[tuple[bytes, int, bytes, int]] = set()
         #: (job, own public key, a checked peer key) -> the pair's secret
         self._secrets: dict[tuple[bytes, bytes, SignedKey], bytes] = {}
@@ -141,6 +187,19 @@ class Masker:
                 f"the round has {stamp.roster} clients but {len(peers)} mask keys were relayed",
                 "bad-plan",
             )
+        released = self._released.get((stamp.job, stamp.round_num))
+        if released is not None and released != nonce:
+            raise PayloadError(
+                f"this site already revealed its masks for round {stamp.round_num} in an earlier "
+                "attempt; it sits the round out (the same update in two sums would give away "
+                "their difference)",
+                "sit-out",
+            )
+        keyed = sum(peer is not None for peer in peers)
+        if self.policy is not None:
+            self.policy.check_roster(keyed)
+        elif keyed < 2:
+            raise PayloadError("a masked round needs at least two keyed sites", "policy")
         own = peers[stamp.sender]
         private = None if own is None else self._private.get((stamp.job, own.site))
         if own is None or private is None or _raw(private) != own.public:
@@ -163,7 +222,14 @@ class Masker:
                 self._secrets[known] = shared + low + high
             secrets[position] = self._secrets[known]
         self._round = ((stamp.job, stamp.round_num), stamp.sender, secrets)
+        self._sites = {p: peer.site for p, peer in enumerate(peers) if peer is not None}
         self._nonce = nonce
+        for key in [k for k in self._self_keys if k[:2] != (stamp.job, stamp.round_num)]:
+            del self._self_keys[key]
+
+    def keyed(self) -> set[int]:
+        """The positions of the agreed round that were handed keys."""
+        return set(self._sites)
 
     def active(self, stamp: Stamp) -> bool:
         """Whether this client agreed masks for ``stamp``'s round."""
@@ -200,34 +266,168 @@ class Masker:
             return prepared[1]
         return plan.words(count, n, modulus)
 
-    def correct(
-        self, stamp: Stamp, dropped: tuple[int, ...], count: int, n: int, modulus: int
-    ) -> np.ndarray:
-        """``(count, n)`` words that remove this client's pairs with ``dropped`` from a sum;
-        given once per (round, phase), and never for this client itself."""
-        key = (stamp.job, stamp.round_num, self._nonce, stamp.phase)
-        if key in self._corrected and self._corrected[key] != dropped:
+    def confirm(self, stamp: Stamp, survivors: tuple[int, ...]) -> bytes:
+        """Sign the survivor set the server says ``stamp``'s phase added (the consistency
+        round); refused (PayloadError) when it breaks the policy, leaves this client out, or
+        differs from a set this client already signed for the phase."""
+        key = self._check_survivors(stamp, survivors)
+        earlier = self._confirmed.get(key)
+        if earlier is not None and earlier != survivors:
             raise PayloadError(
-                f"corrections for round {stamp.round_num} were already sent for clients "
-                f"{list(self._corrected[key])}; a second set would let the server remove "
-                "an added client's masks",
+                f"the server showed this site two survivor sets for round {stamp.round_num}'s "
+                f"{_phase(stamp)}: {_names(earlier, self._site_name)} and then "
+                f"{_names(survivors, self._site_name)}; it signs only one",
+                "inconsistent",
+            )
+        self._confirmed[key] = survivors
+        der = self._signer(self._sites[stamp.sender]).sign(
+            self._confirmation(stamp, survivors), ec.ECDSA(hashes.SHA256())
+        )
+        # r || s, 32 bytes each: a fixed length (DER's varies), so rounds count equal bytes
+        signature = b"".join(n.to_bytes(32, "big") for n in decode_dss_signature(der))
+        self._signatures[key] = signature
+        return signature
+
+    def reveal(
+        self,
+        stamp: Stamp,
+        survivors: tuple[int, ...],
+        confirmations: dict[int, bytes],
+        count: int,
+        n: int,
+        modulus: int,
+    ) -> tuple[bytes, np.ndarray | None]:
+        """This client's self-mask key for ``stamp``'s phase, and the ``(count, n)`` words
+        that remove its pairs with the round's keyed clients outside ``survivors`` (None when
+        there are none). Only for the set this client confirmed, once per phase, and only
+        when at least ``threshold`` distinct survivors confirmed the same set: a server that
+        showed sites different sets gets nothing."""
+        key = self._check_survivors(stamp, survivors)
+        if self._confirmed.get(key) != survivors:
+            raise PayloadError(
+                f"the server asks this site to unmask round {stamp.round_num}'s "
+                f"{_phase(stamp)} for {_names(survivors, self._site_name)}, a survivor set it "
+                "did not confirm",
+                "inconsistent",
+            )
+        if key in self._corrected:
+            raise PayloadError(
+                f"this site already unmasked round {stamp.round_num}'s {_phase(stamp)}; it "
+                "does so once",
                 "bad-plan",
             )
-        if not self.active(stamp) or stamp.sender in dropped or not dropped:
-            raise PayloadError("no corrections for a client that did not contribute", "bad-plan")
-        self._corrected[key] = dropped
-        return self._pairs(stamp, dropped, count, n, modulus, negate=True)
+        self._check_confirmations(stamp, survivors, confirmations)
+        self._corrected[key] = survivors
+        if stamp.phase != SCALES:
+            # The update is as good as unmasked: never again in another sum of this round.
+            # (The scale exchange's key may be revealed again in a retry: the round then
+            # only goes on when the server's restart or a lost site made it fail before the
+            # update, and what differencing two scale sums gives is one site's histogram.)
+            self._released[(stamp.job, stamp.round_num)] = self._nonce
+        dropped = tuple(sorted(set(self._sites) - set(survivors)))
+        words = self._pairs(stamp, dropped, count, n, modulus, negate=True) if dropped else None
+        return self._self_key(stamp), words
+
+    def signature(self, stamp: Stamp) -> bytes:
+        """This client's confirmation of ``stamp``'s phase (empty if it confirmed none)."""
+        return self._signatures.get((stamp.job, stamp.round_num, self._nonce, stamp.phase), b"")
 
     def check_late(self, stamp: Stamp, contributors: tuple[int, ...]) -> None:
-        """Refuse an aggregate that adds a client this client sent corrections for."""
-        dropped = self._corrected.get((stamp.job, stamp.round_num, self._nonce, stamp.phase), ())
-        late = sorted(set(dropped) & set(contributors))
-        if late:
+        """Refuse an aggregate of fewer contributors than the policy allows, or, for a phase
+        this client unmasked, one that does not add exactly the survivors it confirmed (a
+        late update is never added)."""
+        if self.policy is not None:
+            self.policy.check_sum(len(contributors), "the aggregate adds")
+        survivors = self._corrected.get((stamp.job, stamp.round_num, self._nonce, stamp.phase))
+        if survivors is not None and tuple(contributors) != survivors:
+            late = sorted(set(contributors) - set(survivors))
+            what = (
+                f"adds client(s) {late} after the round corrected for their dropout: "
+                if late
+                else "does not add the survivors this site confirmed: "
+            )
             raise PayloadError(
-                f"the aggregate adds client(s) {late} after the round corrected for their "
-                "dropout: a late update is never added",
+                f"the aggregate {what}a sum other than the confirmed one is never decrypted",
                 "late-update",
             )
+
+    def _check_survivors(
+        self, stamp: Stamp, survivors: tuple[int, ...]
+    ) -> tuple[bytes, int, bytes, int]:
+        """Refuse a survivor set that is not a sorted subset of the round's keyed sites with
+        this client in it and at least ``threshold`` members; return the phase's key."""
+        if not self.active(stamp):
+            raise PayloadError(f"no mask keys were agreed for round {stamp.round_num}", "bad-plan")
+        if list(survivors) != sorted(set(survivors)) or not set(survivors) <= set(self._sites):
+            raise PayloadError(
+                f"the survivor set {list(survivors)} is not a sorted subset of the round's "
+                "keyed sites",
+                "bad-plan",
+            )
+        if stamp.sender not in survivors:
+            raise PayloadError(
+                "no corrections for a client that did not contribute: the survivor set "
+                "leaves this site out",
+                "bad-plan",
+            )
+        if self.policy is not None:
+            self.policy.check_sum(len(survivors), f"the server says the {_phase(stamp)} added")
+        return (stamp.job, stamp.round_num, self._nonce, stamp.phase)
+
+    def _check_confirmations(
+        self, stamp: Stamp, survivors: tuple[int, ...], confirmations: dict[int, bytes]
+    ) -> None:
+        """At least ``threshold`` (all survivors without a policy) valid signatures of this
+        survivor set by distinct survivors, or PayloadError naming the sites whose
+        confirmation did not verify."""
+        message = self._confirmation(stamp, survivors)
+        valid, bad = 0, []
+        for position, signature in sorted(confirmations.items()):
+            if position not in survivors:
+                continue
+            try:
+                if len(signature) != SIGNATURE_BYTES:
+                    raise ValueError("not a P-256 signature")
+                der = encode_dss_signature(
+                    int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
+                )
+                self._verifier(self._sites[position]).verify(
+                    der, message, ec.ECDSA(hashes.SHA256())
+                )
+                valid += 1
+            except (InvalidSignature, ValueError, TypeError):
+                bad.append(position)
+        needed = self.policy.threshold if self.policy is not None else len(survivors)
+        if valid < needed:
+            why = (
+                f"; {_names(tuple(bad), self._site_name)} signed another set (the server showed "
+                "sites different survivor sets) or their confirmation was altered"
+                if bad
+                else ""
+            )
+            raise PayloadError(
+                f"only {valid} of the {needed} confirmations needed of the survivor set "
+                f"{_names(survivors, self._site_name)} for round {stamp.round_num}'s "
+                f"{_phase(stamp)} verify{why}: this site reveals nothing",
+                "inconsistent",
+            )
+
+    def _confirmation(self, stamp: Stamp, survivors: tuple[int, ...]) -> bytes:
+        return (
+            _CONFIRM_LABEL
+            + stamp.job
+            + struct.pack(">IBI", stamp.round_num, stamp.phase, len(survivors))
+            + self._nonce
+            + struct.pack(f">{len(survivors)}I", *survivors)
+        )
+
+    def _site_name(self, position: int) -> str:
+        return self._name(self._sites.get(position, position))
+
+    def _self_key(self, stamp: Stamp) -> bytes:
+        """This client's self-mask key for ``stamp``'s phase of the agreed attempt, fresh."""
+        key = (stamp.job, stamp.round_num, self._nonce, stamp.phase)
+        return self._self_keys.setdefault(key, os.urandom(seeded.SEED_BYTES))
 
     def _pairs(
         self,
@@ -254,6 +454,8 @@ class Masker:
         adds = [(own < position) != negate for position in chosen]
         plus = tuple(k for k, a in zip(keys, adds, strict=True) if a)
         minus = tuple(k for k, a in zip(keys, adds, strict=True) if not a)
+        if only is None:  # the mask itself: the pairs and this client's self-mask
+            plus += (self._self_key(stamp),)
         return MaskPlan(plus, minus)
 
 
@@ -294,6 +496,19 @@ def verify(
             "on the way (the server or the network); this client will not use it",
             "bad-key",
         ) from err
+
+
+def self_masks(keys: Sequence[bytes], count: int, n: int, modulus: int) -> np.ndarray:
+    """``(count, n)`` words that remove the revealed self-masks ``keys`` from a sum."""
+    return MaskPlan((), tuple(keys)).words(count, n, modulus)
+
+
+def _phase(stamp: Stamp) -> str:
+    return "scale exchange" if stamp.phase == SCALES else "update"
+
+
+def _names(positions: tuple[int, ...], name: Callable[[int], str]) -> str:
+    return "[" + ", ".join(name(p) for p in positions) + "]"
 
 
 def _raw(private: X25519PrivateKey) -> bytes:

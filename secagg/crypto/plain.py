@@ -19,7 +19,7 @@ import numpy as np
 from secagg.crypto import envelope, ledger
 from secagg.crypto.envelope import AGGREGATE, UPDATE, Stamp
 from secagg.crypto.ledger import Aggregate, Update
-from secagg.crypto.masking import SignedKey
+from secagg.crypto.masking import Reveal, SignedKey
 from secagg.errors import ConfigError, PayloadError
 
 # No keys in a plaintext run; a fixed fingerprint still stops HE payloads being read as plain.
@@ -63,8 +63,13 @@ class PlainCipher:
     def agree(self, stamp: Stamp, peers: Sequence[SignedKey | None], nonce: bytes = b"") -> None:
         """Nothing to agree: no masks."""
 
-    def correct(self, stamp: Stamp, dropped: tuple[int, ...]) -> bytes:
-        raise PayloadError("plaintext FedAvg does not mask; it has nothing to correct", "bad-plan")
+    def confirm(self, stamp: Stamp, survivors: tuple[int, ...]) -> bytes:
+        raise PayloadError("plaintext FedAvg does not mask; it has nothing to confirm", "bad-plan")
+
+    def reveal(
+        self, stamp: Stamp, survivors: tuple[int, ...], confirmations: dict[int, bytes]
+    ) -> Reveal:
+        raise PayloadError("plaintext FedAvg does not mask; it has nothing to unmask", "bad-plan")
 
     def encrypt(self, update: Update, stamp: Stamp, agreed: bytes | None = None) -> bytes:
         tally, tail = ledger.entries(update, stamp)
@@ -121,7 +126,7 @@ class PlainCipher:
         return self._payload(AGGREGATE, stamp, count, total, senders)
 
     def corrected(
-        self, aggregate: bytes, corrections: Iterable[bytes], stamp: Stamp, dropped: tuple[int, ...]
+        self, aggregate: bytes, reveals: Sequence[Reveal], stamp: Stamp, dropped: tuple[int, ...]
     ) -> bytes:
         """Plaintext sums carry no masks: there is never a correction to add."""
         raise PayloadError("plaintext FedAvg does not mask; it takes no corrections", "bad-plan")

@@ -20,7 +20,7 @@ from secagg import quantize
 from secagg.crypto.ckks import CkksClient
 from secagg.crypto.envelope import SCALES, Stamp
 from secagg.crypto.ledger import Aggregate, Update
-from secagg.crypto.masking import SignedKey
+from secagg.crypto.masking import Reveal, SignedKey
 from secagg.errors import PayloadError
 from secagg.flatten import Layout
 
@@ -63,9 +63,14 @@ class QuantizedCipher:
         if self.inner.masker is not None:
             self.inner.masker.agree(stamp, peers, nonce)
 
-    def correct(self, stamp: Stamp, dropped: tuple[int, ...]) -> bytes:
+    def confirm(self, stamp: Stamp, survivors: tuple[int, ...]) -> bytes:
+        return self.inner.confirm(stamp, survivors)
+
+    def reveal(
+        self, stamp: Stamp, survivors: tuple[int, ...], confirmations: dict[int, bytes]
+    ) -> Reveal:
         values = self._scale_values if stamp.phase == SCALES else self.size
-        return self.inner.correct(stamp, dropped, values)
+        return self.inner.reveal(stamp, survivors, confirmations, values)
 
     def encrypt(self, update: Update, stamp: Stamp, agreed: bytes | None) -> bytes:
         steps, _, total = self._steps(stamp, agreed)

@@ -7,10 +7,10 @@ add each payload as it arrives.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
-from secagg.crypto import Stamp
+from secagg.crypto import Reveal, Stamp
 from secagg.messages import ApplyReply, EvalReply, FitReply, TrainReply
 
 #: Hears how a long step goes: ``(phase, done, total)``, e.g. ``("encrypt", 3, 8)`` when the
@@ -51,11 +51,11 @@ class Transport(Protocol):
         contributors correct for."""
         ...
 
-    def correct(
-        self, stamp: Stamp, dropped: tuple[int, ...], senders: Sequence[int]
-    ) -> list[bytes]:
-        """Ask ``senders`` (the contributors of ``stamp``'s phase) for the corrections that
-        remove their masks with the ``dropped`` clients (``masking``); return them."""
+    def unmask(self, stamp: Stamp, survivors: tuple[int, ...]) -> list[Reveal]:
+        """Unmask ``stamp``'s phase (``masking``): have its contributors ``survivors`` confirm
+        that set (each signs it; the signatures are relayed to all of them), then reveal
+        their self-mask keys and their corrections for the keyed positions that sent nothing;
+        return the reveals (RoundFailed when a survivor answers neither in time)."""
         ...
 
     def apply(self, round_stamp: Stamp, payload: bytes, scales: bytes | None) -> list[ApplyReply]:

@@ -33,8 +33,9 @@ from secagg.transport.grpc_wire import Hello, MaskKey, Report, UploadHeader
 
 INBOX = 2
 UPLOADS = 2
-#: The tasks a site answers with an upload: its scales, its update, its mask corrections.
-UPLOADS_FOR = ("train", "seal", "correct")
+#: The tasks a site answers with an upload: its scales, its update, its signature of the
+#: survivor set, its mask reveal (self-mask key, and corrections when the phase lost sites).
+UPLOADS_FOR = ("train", "seal", "confirm", "correct")
 #: Refused uploads after which a task stops waiting for a site (an honest site that replays
 #: by mistake still gets its own upload in).
 STRIKES = 2
@@ -410,7 +411,15 @@ class Coordinator:
             raise PayloadError("no site has said what the job's model is yet", "not-in-round")
         roster = len(self.sites)
         stamp = Stamp(self.job, task.round, site.index, roster)
-        phase = task.body.get("phase", "update") if task.kind == "correct" else task.kind
+        unmasking = task.kind in ("confirm", "correct")
+        phase = task.body.get("phase", "update") if unmasking else task.kind
+        if task.kind == "confirm" and not header.confirmation:
+            raise PayloadError("a confirm upload must carry the site's signature", "malformed")
+        if task.kind == "correct" and not header.revealed:
+            raise PayloadError("a correct upload must carry the site's self-mask key", "malformed")
+        if task.kind == "confirm" or (task.kind == "correct" and not task.body.get("dropped")):
+            # Nothing but the header: a signature, or a key when no site dropped.
+            return task, stamp if phase != "scales" else stamp.scales(), 0
         if phase in ("seal", "update"):
             return task, stamp, sum(model.sizes())
         values = quantize.histogram_values(model.sizes()) if self.cipher.quantizes else 0

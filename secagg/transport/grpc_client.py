@@ -203,7 +203,7 @@ class Site:
                     continue
                 if kind == "wait":
                     continue
-                if kind not in ("train", "seal", "correct", "apply"):
+                if kind not in ("train", "seal", "confirm", "correct", "apply"):
                     raise SecAggError(
                         f"the server asked for '{kind}', which this secagg does not know; run "
                         "the same secagg release on the server and every site"
@@ -217,13 +217,14 @@ class Site:
                 except PayloadError as err:
                     if (
                         kind == "apply"
-                        or err.reason == "bad-key"
+                        or err.reason in _STOPS
                         or isinstance(err, _AggregateRefused)
                     ):
                         # An aggregate that fails its checks (the update's, or the scales'
-                        # while sealing), or a substituted mask key, must stop this site; the
-                        # server hears why. A site that went on would tell a server trying
-                        # aggregates on it, one bit a time, which ones decrypt.
+                        # while sealing), a substituted mask key, or a server that breaks the
+                        # round policy or shows sites different survivor sets must stop this
+                        # site; the server hears why. A site that went on would tell a server
+                        # trying aggregates on it, one bit a time, which ones decrypt.
                         tell_failed(self.connection, str(err))
                         raise
                     self.log(
@@ -250,7 +251,13 @@ class Site:
             return
         self.log(f"round {round_num}: training")
         nonce = bytes.fromhex(str(task.get("nonce", "")))
-        reply = self.client.train(stamp, peers, nonce)
+        try:
+            reply = self.client.train(stamp, peers, nonce)
+        except PayloadError as err:
+            if err.reason != "sit-out":
+                raise
+            self.log(f"round {round_num}: {err}")
+            return
         header = wire.UploadHeader(int(task["id"]), reply.num_samples, reply.metrics, reply.seconds)
         self.connection.upload(header.to_wire(), reply.scales or b"")
 
@@ -277,17 +284,44 @@ class Site:
             self.identities.learn(key.site, key.certificate)
         return [None if key is None else key.signed() for key in keys]
 
+    def do_confirm(self, task: dict[str, Any]) -> None:
+        stamp, survivors = self._unmasking(task)
+        signature = self.client.confirm(stamp, survivors)
+        header = wire.UploadHeader(int(task["id"]), confirmation=signature)
+        self.connection.upload(header.to_wire(), b"")
+
     def do_correct(self, task: dict[str, Any]) -> None:
-        round_num = int(task["round"])
-        stamp = self.round_stamp(round_num).for_sender(self.joined.index)
+        stamp, survivors = self._unmasking(task)
+        relayed = task.get("confirmations")
+        if not isinstance(relayed, dict) or len(relayed) > self.joined.roster:
+            raise PayloadError("a correct task must relay the survivors' confirmations", "bad-plan")
+        confirmations = {}
+        for position, signature in relayed.items():
+            try:
+                confirmations[int(position)] = bytes.fromhex(str(signature))
+            except ValueError as err:
+                raise PayloadError("a relayed confirmation is not hex", "bad-plan") from err
+        reveal = self.client.reveal(stamp, survivors, confirmations)
+        if reveal.correction:
+            lost = len(task.get("dropped") or ())
+            self.log(f"round {stamp.round_num}: correcting the masks of {lost} lost site(s)")
+        header = wire.UploadHeader(int(task["id"]), revealed=reveal.key)
+        self.connection.upload(header.to_wire(), reveal.correction)
+
+    def _unmasking(self, task: dict[str, Any]) -> tuple[Stamp, tuple[int, ...]]:
+        """The phase's stamp (this site's position) and the survivor set a confirm or correct
+        task names."""
+        stamp = self.round_stamp(int(task["round"])).for_sender(self.joined.index)
         if task.get("phase") == "scales":
             stamp = stamp.scales()
-        dropped = task.get("dropped")
-        if not isinstance(dropped, list) or not all(isinstance(p, int) for p in dropped):
-            raise PayloadError("a correct task must name the dropped sites", "bad-plan")
-        payload = self.client.correct(stamp, tuple(dropped))
-        self.log(f"round {round_num}: correcting the masks of {len(dropped)} lost site(s)")
-        self.connection.upload(wire.UploadHeader(int(task["id"])).to_wire(), payload)
+        survivors = task.get("survivors")
+        if (
+            not isinstance(survivors, list)
+            or len(survivors) > self.joined.roster
+            or not all(isinstance(p, int) and not isinstance(p, bool) for p in survivors)
+        ):
+            raise PayloadError("an unmasking task must name the survivor set", "bad-plan")
+        return stamp, tuple(survivors)
 
     def do_seal(self, task: dict[str, Any]) -> None:
         round_num = int(task["round"])
@@ -369,6 +403,11 @@ def check_keys(joined: Joined, fingerprint: bytes) -> None:
             "this site's CKKS keys are not the server's (key fingerprints differ); use the "
             "kits of one 'secagg provision'"
         )
+
+
+#: Refusals that stop this site: a substituted mask key, a round that breaks the round policy,
+#: survivor sets that differ between sites (each is the server's lie, or the network's).
+_STOPS = ("bad-key", "policy", "inconsistent")
 
 
 class _AggregateRefused(PayloadError):

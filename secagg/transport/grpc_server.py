@@ -18,14 +18,14 @@ RPC handlers run in gRPC's thread pool and meet the round loop in ``Coordinator`
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from concurrent import futures
 from contextlib import contextmanager
 from typing import Any
 
 import grpc
 
-from secagg.crypto import Stamp, envelope, ledger
+from secagg.crypto import Reveal, Stamp, envelope, ledger
 from secagg.errors import PayloadError, SecAggError
 from secagg.messages import ApplyReply, EvalReply, FitReply, TrainReply
 from secagg.provision import Kit
@@ -225,7 +225,12 @@ class Service:
 
 
 #: What an upload for each kind of task carries.
-_KINDS = {"train": envelope.UPDATE, "seal": envelope.UPDATE, "correct": envelope.CORRECTION}
+_KINDS = {
+    "train": envelope.UPDATE,
+    "seal": envelope.UPDATE,
+    "confirm": envelope.CORRECTION,  # a header alone (the signature); no payload
+    "correct": envelope.CORRECTION,
+}
 
 
 def _code(err: PayloadError) -> grpc.StatusCode:
@@ -340,28 +345,39 @@ class GrpcTransport:
     def keyed(self, round_num: int) -> frozenset[int]:
         return self._keyed
 
-    def correct(
-        self, stamp: Stamp, dropped: tuple[int, ...], senders: Sequence[int]
-    ) -> list[bytes]:
-        """Close the phase to the ``dropped`` sites (a late upload of theirs is refused from
-        here on), then ask ``senders`` for their corrections; every one must come."""
+    def unmask(self, stamp: Stamp, survivors: tuple[int, ...]) -> list[Reveal]:
+        """Close the phase to the keyed sites that sent nothing (a late upload of theirs is
+        refused from here on); ask ``survivors`` to confirm the set (``confirm``), relay their
+        signatures with a ``correct`` task, and return their reveals; every one must come."""
+        dropped = tuple(sorted(self._keyed - set(survivors)))
         self.c.close(self._phases[stamp.phase], dropped)
         phase = "scales" if stamp.phase == envelope.SCALES else "update"
+        sites = frozenset(survivors)
+        task = self.c.post(
+            "confirm", stamp.round_num, sites, phase=phase, survivors=list(survivors)
+        )
+        signed = {u.index: u.meta.confirmation for u in self.c.collect(task, self.timeout)}
         task = self.c.post(
             "correct",
             stamp.round_num,
-            frozenset(senders),
+            sites,
             phase=phase,
+            survivors=list(survivors),
             dropped=list(dropped),
+            confirmations={str(p): s.hex() for p, s in signed.items()},
         )
-        corrections = {u.index: u.payload for u in self.c.collect(task, self.timeout)}
-        missing = [self.c.sites[p].name for p in senders if p not in corrections]
+        reveals = {
+            u.index: Reveal(u.index, u.meta.revealed, u.payload, signed.get(u.index, b""))
+            for u in self.c.collect(task, self.timeout)
+        }
+        missing = [self.c.sites[p].name for p in survivors if p not in reveals]
         if missing:
             raise RoundFailed(
-                f"round {stamp.round_num}: {', '.join(missing)} sent no mask correction in time "
-                f"for the {phase} of {len(dropped)} lost site(s); the round starts again"
+                f"round {stamp.round_num}: {', '.join(missing)} sent no mask reveal in time "
+                f"for the {phase} (the phase lost {len(dropped)} site(s)); the round starts "
+                "again"
             )
-        return [corrections[p] for p in senders]
+        return [reveals[p] for p in survivors]
 
     def apply(self, round_stamp: Stamp, payload: bytes, scales: bytes | None) -> list[ApplyReply]:
         round_num = round_stamp.round_num

@@ -159,14 +159,24 @@ class UploadHeader:
     samples: int = 0
     metrics: Mapping[str, float] = field(default_factory=dict)
     seconds: Seconds = field(default_factory=Seconds)
+    #: a ``confirm`` upload: the site's signature of the survivor set it was shown
+    confirmation: bytes = b""
+    #: a ``correct`` upload: the site's self-mask key for the phase (its correction, when
+    #: the phase lost sites, is the payload)
+    revealed: bytes = b""
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        message: dict[str, Any] = {
             "task": self.task,
             "samples": self.samples,
             "metrics": dict(self.metrics),
             "seconds": self.seconds.to_dict(),
         }
+        if self.confirmation:
+            message["confirmation"] = self.confirmation.hex()
+        if self.revealed:
+            message["revealed"] = self.revealed.hex()
+        return message
 
     @classmethod
     def from_wire(cls, message: Mapping[str, Any]) -> UploadHeader:
@@ -175,6 +185,8 @@ class UploadHeader:
             whole(message, "samples", default=0),
             metrics(message.get("metrics")),
             Seconds.from_wire(message.get("seconds")),
+            _hex(message, "confirmation", 1, 256) if "confirmation" in message else b"",
+            _hex(message, "revealed", 32, 32) if "revealed" in message else b"",
         )
 
 

@@ -15,7 +15,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 
 from secagg.client import Client
-from secagg.crypto import Stamp
+from secagg.crypto import Reveal, Stamp
 from secagg.messages import ApplyReply, EvalReply, FitReply, TrainReply
 from secagg.task import Site
 from secagg.transport import Progress, no_progress
@@ -85,10 +85,9 @@ class InProcessTransport:
     def keyed(self, round_num: int) -> frozenset[int]:
         return frozenset(range(self.roster))
 
-    def correct(
-        self, stamp: Stamp, dropped: tuple[int, ...], senders: Sequence[int]
-    ) -> list[bytes]:
-        return [self.slots[p].correct(stamp.for_sender(p), dropped) for p in senders]
+    def unmask(self, stamp: Stamp, survivors: tuple[int, ...]) -> list[Reveal]:
+        signed = {p: self.slots[p].confirm(stamp.for_sender(p), survivors) for p in survivors}
+        return [self.slots[p].reveal(stamp.for_sender(p), survivors, signed) for p in survivors]
 
     def seal(
         self, round_stamp: Stamp, total_samples: int, scales: bytes | None

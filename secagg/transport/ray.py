@@ -29,14 +29,14 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from secagg.config import RunConfig
 from secagg.crypto import Stamp
-from secagg.crypto.masking import SignedKey
+from secagg.crypto.masking import Reveal, SignedKey
 from secagg.errors import ConfigError, SecAggError
 from secagg.messages import ApplyReply, EvalReply, FitReply, ModelSignature, TrainReply
 from secagg.rounds import RoundFailed, sample_clients
@@ -71,7 +71,9 @@ class ClientActor:
         self.site_for = simulated_site
         # The client context is read here, in the actor, from the job's key folder (on every
         # node, at the same path): the driver, which sums, never holds the secret key.
-        make_cipher = crypto.for_client(config.he, config.keys_dir, config.precision, identities)
+        make_cipher = crypto.for_client(
+            config.he, config.keys_dir, config.precision, identities, config.policy()
+        )
 
         site = simulated_site(config, index)
         device = resolve_device(config.device)
@@ -94,8 +96,13 @@ class ClientActor:
     def train(self, stamp: Stamp, peers: list[SignedKey], nonce: bytes) -> TrainReply:
         return self.client.train(stamp, peers, nonce)
 
-    def correct(self, stamp: Stamp, dropped: tuple[int, ...]) -> bytes:
-        return self.client.correct(stamp, dropped)
+    def confirm(self, stamp: Stamp, survivors: tuple[int, ...]) -> bytes:
+        return self.client.confirm(stamp, survivors)
+
+    def reveal(
+        self, stamp: Stamp, survivors: tuple[int, ...], confirmations: dict[int, bytes]
+    ) -> Reveal:
+        return self.client.reveal(stamp, survivors, confirmations)
 
     def seal(self, stamp: Stamp, total: int, scales: bytes | None) -> FitReply:
         return self.client.seal(stamp, total, scales)
@@ -293,12 +300,15 @@ class RayTransport:
                 yield reply
         self._require(sealed, round_stamp.round_num, "sent their update")
 
-    def correct(
-        self, stamp: Stamp, dropped: tuple[int, ...], senders: Sequence[int]
-    ) -> list[bytes]:
-        refs = [self.slots[p].correct.remote(stamp.for_sender(p), dropped) for p in senders]
-        # An actor that died now leaves its correction out: the server names it.
-        return [c for c in (self._survive(ref) for ref in refs) if c is not None]
+    def unmask(self, stamp: Stamp, survivors: tuple[int, ...]) -> list[Reveal]:
+        refs = {p: self.slots[p].confirm.remote(stamp.for_sender(p), survivors) for p in survivors}
+        signed = {p: s for p, s in ((p, self._survive(r)) for p, r in refs.items()) if s}
+        shared = self.ray.put(signed)
+        reveals = [
+            self.slots[p].reveal.remote(stamp.for_sender(p), survivors, shared) for p in survivors
+        ]
+        # An actor that died now leaves its reveal out: the server names it.
+        return [r for r in (self._survive(ref) for ref in reveals) if r is not None]
 
     def apply(self, round_stamp: Stamp, payload: bytes, scales: bytes | None) -> list[ApplyReply]:
         shared, shared_scales = self.ray.put(payload), self.ray.put(scales)

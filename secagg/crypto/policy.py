@@ -1,0 +1,144 @@
+"""The round policy the clients enforce, whatever the server claims.
+
+The server decides who is in a round and which of them "dropped out"; with masks alone a server
+that lies about either could have a sum of one honest update unmasked and hand it to a
+colluding site. So the party that runs ``secagg provision`` fixes the policy in every kit,
+signed with the project CA's key (simulations take it from the job), and every client refuses,
+by name, any step that breaks it:
+
+- ``threshold`` ``t``: the fewest contributors any sum it helps unmask, or decrypts, may have.
+  A client refuses to agree a round's keys with fewer than ``t`` keyed sites, to confirm or
+  unmask a survivor set of fewer than ``t``, and to decrypt an aggregate of fewer than ``t``.
+- ``max_round``: the most sites a round may hand keys to.
+
+Why the default ``t = max(min(n, 3), floor(2n/3) + 1)`` for rounds of up to ``n`` (Bonawitz et
+al., CCS 2017, active model): a server with ``c`` colluding sites learns only sums of at least
+``t - c`` honest updates, so one honest update stays hidden while ``c <= t - 2``; and two
+survivor sets each confirmed by ``t`` distinct sites share more than ``c`` of them when
+``2t - n > c``, so a server that shows different sites different survivor sets is caught by an
+honest site that signed only one. With ``t`` near ``2n/3`` both hold for ``c`` up to about
+``n/3``, and up to ``n - t`` sites (about a third) may drop out of a round.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from secagg.errors import ConfigError, PayloadError
+
+#: The file a provisioned kit holds the policy in, and its CA signature beside it.
+POLICY_FILE = "policy.json"
+SIGNATURE_FILE = "policy.sig"
+_LABEL = "secagg round policy v1"
+
+
+def default_threshold(sites: int) -> int:
+    """The default ``t`` for rounds of up to ``sites`` sites (see the module's docstring)."""
+    return max(min(sites, 3), 2 * sites // 3 + 1)
+
+
+@dataclass(frozen=True)
+class RoundPolicy:
+    """What every client of a job enforces about the rounds it takes part in."""
+
+    #: the fewest contributors any sum a client unmasks or decrypts may have
+    threshold: int
+    #: the most sites a round may hand keys to
+    max_round: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, int):
+            raise ConfigError("the round policy's threshold must be a whole number")
+        if isinstance(self.max_round, bool) or not isinstance(self.max_round, int):
+            raise ConfigError("the round policy's max_round must be a whole number")
+        if not 1 <= self.threshold <= self.max_round:
+            raise ConfigError(
+                f"the round policy's threshold ({self.threshold}) must be between 1 and its "
+                f"max_round ({self.max_round})"
+            )
+
+    @classmethod
+    def for_round_size(cls, sites: int, threshold: int = 0) -> RoundPolicy:
+        """The policy of rounds of up to ``sites`` sites; ``threshold`` 0: the default."""
+        return cls(threshold or default_threshold(sites), sites)
+
+    def tolerated(self) -> int:
+        """How many colluding sites a lying server may have while no single honest update of a
+        full round is revealed and a split view of the survivors is caught."""
+        return max(0, min(self.threshold - 2, 2 * self.threshold - self.max_round - 1))
+
+    def check_roster(self, keyed: int) -> None:
+        """Refuse a round that hands keys to fewer than ``threshold`` or more than ``max_round``
+        sites (PayloadError ``policy``)."""
+        if keyed > self.max_round:
+            raise PayloadError(
+                f"the server's round hands keys to {keyed} sites, more than the {self.max_round} "
+                "the job's round policy allows: this site will not take part",
+                "policy",
+            )
+        self.check_sum(keyed, "the server's round hands keys to")
+
+    def check_sum(self, count: int, what: str) -> None:
+        """Refuse a sum of fewer than ``threshold`` contributors; ``what`` says whose claim."""
+        if count < self.threshold:
+            raise PayloadError(
+                f"{what} {count} site(s), fewer than the round policy's threshold of "
+                f"{self.threshold}: a sum that small could reveal one site's update, so this "
+                "site refuses it (the server claimed it)",
+                "policy",
+            )
+
+    def to_bytes(self) -> bytes:
+        """The canonical bytes the CA signs."""
+        body = {"policy": _LABEL, "threshold": self.threshold, "max_round": self.max_round}
+        return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> RoundPolicy:
+        """Inverse of ``to_bytes``; ConfigError naming what is wrong."""
+        try:
+            body = json.loads(data)
+        except ValueError as err:
+            raise ConfigError(f"the round policy is not valid JSON: {err}") from err
+        if not isinstance(body, dict) or body.get("policy") != _LABEL:
+            raise ConfigError("the round policy file is not a secagg round policy")
+        return cls(body.get("threshold"), body.get("max_round"))  # type: ignore[arg-type]
+
+    def save(self, folder: Path, ca_key: ec.EllipticCurvePrivateKey) -> None:
+        """Write the policy and the CA's signature of it into a kit ``folder``."""
+        from secagg.files import atomic_write
+
+        data = self.to_bytes()
+        atomic_write(folder / POLICY_FILE, data, mode=0o600)
+        signature = ca_key.sign(data, ec.ECDSA(hashes.SHA256()))
+        atomic_write(folder / SIGNATURE_FILE, signature, mode=0o600)
+
+    @classmethod
+    def load(cls, folder: Path, ca: x509.Certificate) -> RoundPolicy:
+        """The kit's policy, refused (ConfigError) unless the project's CA signed it."""
+        try:
+            data = (folder / POLICY_FILE).read_bytes()
+            signature = (folder / SIGNATURE_FILE).read_bytes()
+        except FileNotFoundError as err:
+            raise ConfigError(
+                f"{folder} holds no signed round policy ({POLICY_FILE}, {SIGNATURE_FILE}); "
+                "make the kits again with this release's 'secagg provision'"
+            ) from err
+        public = ca.public_key()
+        if not isinstance(public, ec.EllipticCurvePublicKey):
+            raise ConfigError("the project CA's key is not an ECDSA key")
+        try:
+            public.verify(signature, data, ec.ECDSA(hashes.SHA256()))
+        except InvalidSignature as err:
+            raise ConfigError(
+                f"{folder / POLICY_FILE} is not signed by this project's CA: it was altered; "
+                "restore it from the kit 'secagg provision' made"
+            ) from err
+        return cls.from_bytes(data)
