@@ -130,13 +130,12 @@ def test_a_late_upload_is_refused_once_its_phase_was_corrected(
     by round state (``late-update``), while the corrections are taken."""
     from secagg.crypto.envelope import UPDATE_PHASE
     from secagg.messages import ModelSignature
-    from secagg.transport.grpc_wire import Hello, MaskKey, UploadHeader
+    from secagg.transport.grpc_wire import Hello, UploadHeader
 
     coordinator = _coordinator(kits, tmp_path)
     model = ModelSignature([("w", (4,), "float32")], "d")
     for site in coordinator.sites:
-        key = MaskKey(site.index, bytes(32), bytes(70), b"-")
-        coordinator.join(site, Hello(model=model, mask=key))
+        coordinator.join(site, Hello(model=model, mask=_signed_key(kits, site.name)))
     assert [k and k["site"] for k in coordinator.mask_keys(frozenset({0, 2}))] == [0, None, 2]
     everyone = frozenset({0, 1, 2})
     seal = coordinator.post("seal", 1, everyone, total_samples=30)
@@ -151,3 +150,62 @@ def test_a_late_upload_is_refused_once_its_phase_was_corrected(
     revealing = UploadHeader(correct.id, revealed=bytes(32))
     task, stamp, values = coordinator.check_upload(coordinator.sites[0], revealing)
     assert (task, stamp.sender, stamp.phase, values) == (correct, 0, UPDATE_PHASE, 4)
+
+
+def _signed_key(kits: dict[str, Path], name: str, job: bytes = bytes(16)):  # type: ignore[no-untyped-def]
+    from secagg.transport.grpc_wire import MaskKey
+
+    kit, _, masker = _site(kits, name)
+    key = masker.publish(job, kit.index)
+    return MaskKey(kit.index, key.public, key.signature, kit.certificate)
+
+
+def test_a_site_joining_with_a_badly_signed_mask_key_is_left_out_at_the_door(
+    kits: dict[str, Path], tmp_path: Path
+) -> None:
+    """One insider's bad key never reaches the honest sites (where it would stop them): the
+    server checks each joining key against the site's CA-signed certificate and refuses it,
+    naming the site; the others join."""
+    from dataclasses import replace
+
+    from secagg.messages import ModelSignature
+    from secagg.transport.grpc_wire import Hello
+
+    coordinator = _coordinator(kits, tmp_path)
+    model = ModelSignature([("w", (4,), "float32")], "d")
+    good = _signed_key(kits, "site-2")
+    bad = replace(good, signature=bytes(len(good.signature)))
+    other_job = _signed_key(kits, "site-2", job=b"x" * 16)
+    foreign = replace(good, certificate=load_kit(kits["site-1"], "client").certificate)
+    for key, why in (
+        (bad, "not signed by its site key"),
+        (other_job, "not signed by its site key"),
+        (foreign, "names 'site-1'"),
+    ):
+        with pytest.raises(PayloadError, match=f"site-2's mask key is refused.*{why}") as caught:
+            coordinator.join(coordinator.sites[1], Hello(model=model, mask=key))
+        assert caught.value.reason == "no-mask-key"
+    assert not coordinator.sites[1].joined
+    coordinator.join(coordinator.sites[1], Hello(model=model, mask=good))
+    assert coordinator.sites[1].joined
+
+
+def test_a_site_claiming_more_test_samples_than_the_bound_is_refused(
+    kits: dict[str, Path], tmp_path: Path
+) -> None:
+    """The round's metrics are weighted by test counts: a site that claims 2**61 test samples
+    at accuracy 1.0 would set them. Its report is refused, naming it, like a training count
+    over max_client_samples (1000 here)."""
+    from secagg.messages import EvalReply, Seconds
+    from secagg.transport.grpc_wire import Report
+
+    coordinator = _coordinator(kits, tmp_path)
+    task = coordinator.post("apply", 1, frozenset({0, 1, 2}))
+    lying = EvalReply(1, 0.0, 2**61, {"accuracy": 1.0})
+    report = Report(task.id, 1, Seconds(), 0, 1.0, (0, 1, 2), lying)
+    with pytest.raises(PayloadError, match="site-2 reports 2305843009213693952 test samples"):
+        coordinator.report(coordinator.sites[1], report)
+    assert 1 not in coordinator.reports
+    honest = Report(task.id, 1, Seconds(), 0, 1.0, (0, 1, 2), EvalReply(1, 0.5, 900, {}))
+    coordinator.report(coordinator.sites[1], honest)
+    assert coordinator.reports[1] == honest

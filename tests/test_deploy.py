@@ -678,6 +678,44 @@ def test_a_site_stops_at_a_scale_aggregate_that_fails_its_checks() -> None:
     assert "Fail" not in [name for name, _ in server.calls]
 
 
+class _Scales:
+    """A server whose round 3 was tried again with other members: other summed scales."""
+
+    def __init__(self) -> None:
+        self.served = b"scales of attempt 1"
+        self.downloads = 0
+
+    def download(self, round_num: int, what: str) -> bytes:
+        self.downloads += 1
+        return self.served
+
+
+def test_a_retried_round_never_decodes_on_an_earlier_attempts_scales() -> None:
+    """A site keeps the scales it sealed with; the round is tried again with other members,
+    so their sum changes. The apply task names the scales by digest: the site's copy is used
+    only when it is the named one, and a catching-up site (no task) always downloads. Kept by
+    round number alone, the old copy decoded the new aggregate on the old steps: a silent
+    fork of the site's model."""
+    import hashlib
+
+    from secagg.transport.grpc_client import Joined, Site
+
+    server = _Scales()
+    joined = Joined(bytes(16), 0, 2, {}, 0, "")
+    site = Site(server, _Sealing(None), joined, Path("."), lambda line: None)  # type: ignore[arg-type]
+    first = hashlib.sha256(server.served).hexdigest()
+    assert site._fetch_scales(3, first) == b"scales of attempt 1"
+    assert site._fetch_scales(3, first) == b"scales of attempt 1"
+    assert server.downloads == 1  # the same attempt's copy is reused
+    server.served = b"scales of attempt 2"
+    second = hashlib.sha256(server.served).hexdigest()
+    assert site._fetch_scales(3, second) == b"scales of attempt 2"
+    assert site._fetch_scales(3, None) == b"scales of attempt 2"  # catching up: downloaded
+    assert server.downloads == 3
+    with pytest.raises(PayloadError, match="not the ones its task names"):
+        site._fetch_scales(3, first)
+
+
 # --- a lying server --------------------------------------------------------------------------
 
 

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from secagg.crypto.masking import SignedKey, verify
 from secagg.errors import PayloadError
 
 #: What ``secagg provision`` writes in a site certificate's organizational unit.
@@ -74,28 +75,46 @@ class CertifiedIdentities:
         known = self._peers.get(site)
         if known is not None and known[0] == certificate:
             return
-        name = self.name(site)
-        try:
-            cert = x509.load_pem_x509_certificate(certificate)
-        except ValueError as err:
-            raise PayloadError(
-                f"{name}'s relayed certificate is not a certificate", "bad-key"
-            ) from err
-        try:
-            cert.verify_directly_issued_by(self._ca)
-        except (ValueError, TypeError, InvalidSignature) as err:
-            raise PayloadError(
-                f"{name}'s relayed certificate is not signed by this project's CA: it was "
-                "substituted on the way (the server or the network); this site will not use it",
-                "bad-key",
-            ) from err
-        problem = _problem(cert, name)
-        if problem is not None:
-            raise PayloadError(f"{name}'s relayed certificate {problem}", "bad-key")
-        public = cert.public_key()
-        if not isinstance(public, ec.EllipticCurvePublicKey):
-            raise PayloadError(f"{name}'s relayed certificate holds no ECDSA key", "bad-key")
+        public = certificate_key(self._ca, self.name(site), certificate)
         self._peers[site] = (certificate, public)
+
+
+def certificate_key(
+    ca: x509.Certificate, name: str, certificate: bytes, whose: str = "relayed "
+) -> ec.EllipticCurvePublicKey:
+    """The ECDSA key of site ``name``'s ``certificate``, refused (``bad-key``, naming the site)
+    unless the project's CA signed it for that site, as a client, and it is in date."""
+    try:
+        cert = x509.load_pem_x509_certificate(certificate)
+    except ValueError as err:
+        raise PayloadError(f"{name}'s {whose}certificate is not a certificate", "bad-key") from err
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature) as err:
+        raise PayloadError(
+            f"{name}'s {whose}certificate is not signed by this project's CA: it was "
+            "substituted on the way (the server or the network); this site will not use it",
+            "bad-key",
+        ) from err
+    problem = _problem(cert, name)
+    if problem is not None:
+        raise PayloadError(f"{name}'s {whose}certificate {problem}", "bad-key")
+    public = cert.public_key()
+    if not isinstance(public, ec.EllipticCurvePublicKey):
+        raise PayloadError(f"{name}'s {whose}certificate holds no ECDSA key", "bad-key")
+    return public
+
+
+def check_joining_key(
+    ca_certificate: bytes, name: str, signed: SignedKey, certificate: bytes, job: bytes
+) -> None:
+    """The server's check of a joining site's mask key, before it relays it to anyone: signed
+    for ``job`` by the site's own CA-signed certificate. A site whose key fails is refused at
+    the door (``bad-key``, naming it), so one site's bad key never reaches, and stops, the
+    honest sites; a key that fails at a site after this check was altered on the way."""
+    ca = x509.load_pem_x509_certificate(ca_certificate)
+    public = certificate_key(ca, name, certificate, whose="")
+    verify(job, signed, public, name)
 
 
 def _problem(cert: x509.Certificate, name: str) -> str | None:

@@ -24,6 +24,7 @@ import grpc
 
 from secagg import quantize
 from secagg.crypto import ServerCipher, Stamp
+from secagg.crypto.certified import check_joining_key
 from secagg.errors import PayloadError, SecAggError
 from secagg.messages import ModelSignature
 from secagg.provision import ADMIN, Kit
@@ -334,6 +335,16 @@ class Coordinator:
                 f"{site.name} is site {site.index} of the roster, not {hello.mask.site}",
                 "no-mask-key",
             )
+        try:
+            check_joining_key(
+                self.kit.ca, site.name, hello.mask.signed(), hello.mask.certificate, self.job
+            )
+        except PayloadError as err:
+            # Refused at the door: relayed, a bad key would stop every honest site.
+            raise PayloadError(
+                f"{site.name}'s mask key is refused, and the site is left out: {err}",
+                "no-mask-key",
+            ) from err
         return hello.mask
 
     def mask_keys(self, sites: frozenset[int]) -> list[dict[str, Any] | None]:
@@ -445,6 +456,15 @@ class Coordinator:
             raise PayloadError("the server is not taking payloads", "busy") from err
 
     def report(self, site: Site, report: Report) -> None:
+        evaluation = report.evaluation
+        if evaluation is not None and evaluation.num_samples > self.max_samples:
+            # The round's metrics are weighted by test counts: an unbounded claim would let
+            # one site set them (refused like a training count, by the job's bound).
+            raise PayloadError(
+                f"{site.name} reports {evaluation.num_samples} test samples, over the job's "
+                f"max_client_samples ({self.max_samples}); its report is refused",
+                "bad-samples",
+            )
         with self.lock:
             site.applied = max(site.applied, min(report.applied, self.completed))
             task = self.task

@@ -24,6 +24,7 @@ measured (``metrics.json``) in its work folder.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import threading
 import time
 from collections.abc import Callable
@@ -325,7 +326,7 @@ class Site:
 
     def do_seal(self, task: dict[str, Any]) -> None:
         round_num = int(task["round"])
-        scales = self._fetch_scales(round_num)
+        scales = self._fetch_scales(round_num, task.get("scales"))
         stamp = self.round_stamp(round_num).for_sender(self.joined.index)
         try:
             reply = self.client.seal(stamp, int(task["total_samples"]), scales)
@@ -338,11 +339,11 @@ class Site:
         self.connection.upload(header.to_wire(), reply.payload)
 
     def do_apply(self, task: dict[str, Any]) -> None:
-        self._apply(int(task["round"]), task["id"])
+        self._apply(int(task["round"]), task["id"], task.get("scales"))
 
-    def _apply(self, round_num: int, task_id: int | None) -> None:
+    def _apply(self, round_num: int, task_id: int | None, digest: object = None) -> None:
         update = self.connection.download(round_num, "update")
-        scales = self._fetch_scales(round_num)
+        scales = self._fetch_scales(round_num, digest)
         applied = self.client.apply(update, self.round_stamp(round_num), scales)
         self.applied = round_num
         self._scales.pop(round_num, None)
@@ -371,12 +372,24 @@ class Site:
         )
         self.log(f"round {round_num}: applied the global model{shown}")
 
-    def _fetch_scales(self, round_num: int) -> bytes | None:
+    def _fetch_scales(self, round_num: int, digest: object = None) -> bytes | None:
+        """The round's summed scales: the copy this site holds only when it is the one the
+        task names (its SHA-256), else the server's. A round tried again with other members
+        has other scales: a copy kept by round number alone would decode the new aggregate
+        on the old steps, and fork this site's model without an error."""
         if not self.scaled:
             return None
-        if round_num not in self._scales:
-            self._scales[round_num] = self.connection.download(round_num, "scales")
-        return self._scales[round_num]
+        held = self._scales.get(round_num)
+        if held is not None and isinstance(digest, str) and _digest(held) == digest:
+            return held
+        fresh = self.connection.download(round_num, "scales")
+        if isinstance(digest, str) and _digest(fresh) != digest:
+            raise PayloadError(
+                f"the server's scales of round {round_num} are not the ones its task names",
+                "bad-plan",
+            )
+        self._scales[round_num] = fresh
+        return fresh
 
     def _save(self) -> None:
         self.client.save(self.workdir / "model.pt")
@@ -408,6 +421,10 @@ def check_keys(joined: Joined, fingerprint: bytes) -> None:
 #: Refusals that stop this site: a substituted mask key, a round that breaks the round policy,
 #: survivor sets that differ between sites (each is the server's lie, or the network's).
 _STOPS = ("bad-key", "policy", "inconsistent")
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 class _AggregateRefused(PayloadError):

@@ -17,6 +17,7 @@ RPC handlers run in gRPC's thread pool and meet the round loop in ``Coordinator`
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 from concurrent import futures
@@ -233,6 +234,11 @@ _KINDS = {
 }
 
 
+def _digest(scales: bytes | None) -> str | None:
+    """How a task names the round's summed scales (a site's copy must be these)."""
+    return None if scales is None else hashlib.sha256(scales).hexdigest()
+
+
 def _code(err: PayloadError) -> grpc.StatusCode:
     """The status a refusal travels with: the site's client names it back (``_guard``)."""
     if err.reason in ("model-mismatch", "no-mask-key"):
@@ -333,7 +339,11 @@ class GrpcTransport:
         if scales is not None:
             self.c.publish(round_stamp.round_num, "scales", scales)
         task = self.c.post(
-            "seal", round_stamp.round_num, self._trained, total_samples=total_samples
+            "seal",
+            round_stamp.round_num,
+            self._trained,
+            total_samples=total_samples,
+            scales=_digest(scales),
         )
         self._phases[round_stamp.phase] = task
         sealed = set()
@@ -385,7 +395,7 @@ class GrpcTransport:
         with self.c.lock:
             self.c.completed = round_num
         sites = frozenset(self.c.ready_sites(round_num))
-        task = self.c.post("apply", round_num, sites)
+        task = self.c.post("apply", round_num, sites, scales=_digest(scales))
         reports = self.c.collect_reports(task, self.timeout)
         self._evals = [r.evaluation for r in reports.values() if r.evaluation is not None]
         return [
