@@ -162,7 +162,14 @@ class Client:
             prepare=time.perf_counter() - flattened,
         )
         metrics = self._metrics(result.metrics, "train")
-        return TrainReply(stamp.sender, samples, scales, metrics, seconds)
+        # Shares of the round's self-mask keys go out with the training upload: before any
+        # masked payload counts, every position holds its share (``crypto.shares``).
+        bundle = self.cipher.share(stamp) if peers else None
+        if bundle is None:
+            return TrainReply(stamp.sender, samples, scales, metrics, seconds)
+        return TrainReply(
+            stamp.sender, samples, scales, metrics, seconds, bundle.sealed, bundle.commitment
+        )
 
     def seal(self, stamp: Stamp, total_samples: int, scales: bytes | None) -> FitReply:
         """Step 3: weight the change by ``n_i / total_samples``, and encrypt it (an integer
@@ -195,12 +202,17 @@ class Client:
         return self.cipher.confirm(stamp, survivors)
 
     def reveal(
-        self, stamp: Stamp, survivors: tuple[int, ...], confirmations: dict[int, bytes]
+        self,
+        stamp: Stamp,
+        survivors: tuple[int, ...],
+        confirmations: dict[int, bytes],
+        sealed: dict[int, bytes] | None = None,
     ) -> Reveal:
         """What unmasks the phase's sum over ``survivors``, once enough of them confirmed the
-        same set: this client's self-mask key and its corrections for the keyed clients that
+        same set: this client's self-mask key, its shares of the other survivors' keys
+        (``sealed``: what each sealed to it), and its corrections for the keyed clients that
         sent nothing."""
-        return self.cipher.reveal(stamp, survivors, confirmations)
+        return self.cipher.reveal(stamp, survivors, confirmations, sealed)
 
     def apply(self, payload: bytes, round_stamp: Stamp, scales: bytes | None) -> ApplyReply:
         """Decrypt the summed update, check its ledger, divide by the total weight, take the

@@ -115,7 +115,7 @@ def run_round(
     #: each phase's reveals, with the confirmations relayed to every survivor (``masking``)
     corrections: list[list[Reveal]] = []
     if scales is not None:
-        scales = _unmasked(server, transport, round_stamp.scales(), scales, corrections)
+        scales = _unmasked(server, transport, round_stamp.scales(), scales, corrections, trained)
     agreed = scales.payload if scales is not None else None
     # 3 on every client: weight the change by n_i / N, quantize it on the agreed steps and
     #   encrypt it; 4 on the server: add the updates as they arrive, only from clients that
@@ -126,7 +126,7 @@ def run_round(
     added = _counted(_payloads(sealed, fits), "aggregate", on_progress, len(takers))
     summed = server.sum(added, round_stamp, sum(sizes), frozenset(takers))
     # 4b masked payloads: the clients that sent remove their masks with any that did not
-    summed = _unmasked(server, transport, round_stamp, summed, corrections)
+    summed = _unmasked(server, transport, round_stamp, summed, corrections, trained)
     aggregates = RoundAggregates(summed.payload, agreed)
     on_aggregate(round_stamp.round_num, aggregates)
     # 5 on every client: decrypt, check the ledger, divide by the total weight, add to the
@@ -137,7 +137,7 @@ def run_round(
     evals = transport.evaluate(round_stamp.round_num)
     end = time.perf_counter()
     record = RoundRecord(
-        trained, fits, applied, evals, scales, summed, *_unmasking_bytes(corrections)
+        trained, fits, applied, evals, scales, summed, *_unmasking_bytes(corrections, trained)
     )
     metrics = replace(
         record.metrics(round_stamp.round_num),
@@ -147,16 +147,27 @@ def run_round(
     return metrics, aggregates
 
 
-def _unmasking_bytes(phases: list[list[Reveal]]) -> tuple[int, int]:
-    """Bytes up (each survivor's confirmation, key and correction) and down (every survivor
-    gets the phase's confirmations) of a round's unmasking."""
+def _unmasking_bytes(phases: list[list[Reveal]], trained: list[TrainReply]) -> tuple[int, int]:
+    """Bytes up (each client's sealed shares and commitment; each survivor's confirmation,
+    key, shares and correction) and down (every survivor gets the phase's confirmations and
+    the shares sealed to it) of a round's masks."""
     up = sum(len(r) for reveals in phases for r in reveals)
-    down = sum(len(reveals) * sum(len(r.confirmation) for r in reveals) for reveals in phases)
+    up += sum(len(t.commitment) + sum(map(len, t.sealed.values())) for t in trained)
+    down = 0
+    for reveals in phases:
+        down += len(reveals) * sum(len(r.confirmation) for r in reveals)
+        senders = {r.sender for r in reveals}
+        down += sum(len(t.sealed.get(p, b"")) for t in trained for p in senders)
     return up, down
 
 
 def _unmasked(
-    server: Server, transport: Transport, stamp: Stamp, summed: Summed, kept: list[list[Reveal]]
+    server: Server,
+    transport: Transport,
+    stamp: Stamp,
+    summed: Summed,
+    kept: list[list[Reveal]],
+    trained: list[TrainReply],
 ) -> Summed:
     """A phase's sum with its masks removed: every contributor added a self-mask and its
     pairs with every keyed position. The contributors confirm the survivor set among
@@ -169,8 +180,9 @@ def _unmasked(
     dropped = tuple(sorted(transport.keyed(stamp.round_num) - set(survivors)))
     reveals = transport.unmask(stamp, survivors)
     kept.append(reveals)
+    commitments = {t.client_id: t.commitment for t in trained}
     try:
-        return server.correct(summed, reveals, stamp, dropped)
+        return server.correct(summed, reveals, stamp, dropped, commitments)
     except PayloadError as err:
         # A contributor's correction that does not fit leaves the sum masked: the round can
         # only start again (with fresh masks), never go on.

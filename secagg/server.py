@@ -129,13 +129,20 @@ class Server:
         return Summed(summed, timed.each, timed.checks)
 
     def correct(
-        self, summed: Summed, reveals: Sequence[Reveal], stamp: Stamp, dropped: tuple[int, ...]
+        self,
+        summed: Summed,
+        reveals: Sequence[Reveal],
+        stamp: Stamp,
+        dropped: tuple[int, ...],
+        commitments: dict[int, bytes] | None = None,
     ) -> Summed:
-        """Unmask a phase's sum with its contributors' reveals (their self-mask keys, and
-        their corrections for ``dropped``), and close the phase: nothing more is added to it."""
+        """Unmask a phase's sum with its contributors' reveals (their self-mask keys, their
+        shares of the others' keys, and their corrections for ``dropped``), and close the
+        phase: nothing more is added to it. ``commitments``: each contributor's commitment
+        to its keys, which lets a key that was not revealed be rebuilt from shares."""
         start = time.perf_counter()
         self._closed[(stamp.job, stamp.round_num, stamp.phase)] = dropped
-        payload = self.cipher.corrected(summed.payload, reveals, stamp, dropped)
+        payload = self.cipher.corrected(summed.payload, reveals, stamp, dropped, commitments)
         return Summed(
             payload,
             [*summed.seconds[:-1], summed.seconds[-1] + time.perf_counter() - start],

@@ -2,6 +2,8 @@
 
 python tests/patched.py die-after-keys:2 client --kit ...   # dies once it agreed round 2's keys
 python tests/patched.py die-at-seal:2 client --kit ...      # dies when asked for round 2's update
+python tests/patched.py die-at-reveal:2 client --kit ...     # dies when asked to unmask round
+                                                            # 2's update (after confirming it)
 python tests/patched.py forge-key:KIT server job.toml ...   # relays site 2's key forged with
                                                             # KIT's certificate (another CA)
 python tests/patched.py lie-dropout:DIR server job.toml ... # claims site-1 dropped out of the
@@ -44,6 +46,19 @@ def _die_at_seal(round_num: int) -> None:
         seal(self, task)
 
     Site.do_seal = dying  # type: ignore[method-assign]
+
+
+def _die_at_reveal(round_num: int) -> None:
+    from secagg.transport.grpc_client import Site
+
+    correct = Site.do_correct
+
+    def dying(self: Site, task: dict[str, Any]) -> None:
+        if int(task["round"]) == round_num and task.get("phase") == "update":
+            os._exit(3)
+        correct(self, task)
+
+    Site.do_correct = dying  # type: ignore[method-assign]
 
 
 def _forge_key(kit_dir: str) -> None:
@@ -142,6 +157,7 @@ def _lie_split(_: str) -> None:
 FAULTS = {
     "die-after-keys": _die_after_keys,
     "die-at-seal": _die_at_seal,
+    "die-at-reveal": _die_at_reveal,
     "forge-key": _forge_key,
     "lie-dropout": _lie_dropout,
     "lie-small": _lie_small,

@@ -598,6 +598,47 @@ def test_sites_lost_after_key_agreement_and_after_the_scales_are_corrected_for(
 
 
 @pytest.mark.slow
+def test_a_site_lost_while_the_round_unmasks_is_rebuilt_from_shares(
+    tmp_path: Path, session_keys: Path
+) -> None:
+    """site-3 confirms round 2's survivors, then dies before revealing its self-mask key:
+    the server rebuilds the key from the shares site-1 and site-2 reveal (checked against
+    site-3's commitment), the round completes with all three updates, and the survivors end
+    with the model of an unmasked in-process run in which nobody dropped, bit for bit."""
+    project, port = _project(tmp_path, 3)
+    job, config = _job(tmp_path, rounds=2, min_clients=2, round_timeout=60.0)
+    work = tmp_path / "work"
+    server = _server(project, job, work / "server", port)
+    faults = [None, None, "die-at-reveal:2"]
+    sites = [_site(project, f"site-{i + 1}", work, fault) for i, fault in enumerate(faults)]
+    try:
+        out = _finish(server)
+        assert server.returncode == 0, out[-3000:]
+        assert "site-3 sent no mask reveal in time; their keys for the update are rebuilt" in out
+        for site in sites[:2]:
+            _finish(site, 60)
+    finally:
+        _kill_all(server, *sites)
+    results = json.loads((work / "server" / "results.json").read_text())
+    assert [r["clients"] for r in results["rounds"]] == [3, 3]
+
+    from secagg import crypto, rounds
+    from secagg.builtin import task_for
+    from secagg.job import build_clients
+    from secagg.server import Server
+
+    local = replace(config, masking=False, keys_dir=str(session_keys), device="cpu")
+    transport = InProcessTransport(build_clients(local, task_for(local)))
+    server_side = Server(crypto.for_server(True, session_keys))
+    rounds.run(server_side, transport, bytes(16), [1, 2], lambda metrics: None)
+    reference = transport.slots[0].model.state_dict()
+    for name in ("site-1", "site-2"):
+        model = torch.load(work / name / "model.pt")
+        for key, value in reference.items():
+            assert torch.equal(model[key], value), (name, key)
+
+
+@pytest.mark.slow
 def test_a_mask_key_the_server_substitutes_is_caught_by_name(tmp_path: Path) -> None:
     """The server relays, in site-2's place, a key signed with a site-2 certificate of
     another CA (a man in the middle whose signature verifies): site-1 and site-3 refuse it

@@ -24,7 +24,7 @@ import numpy as np
 from secagg.crypto import envelope
 from secagg.crypto.envelope import SERVER, Stamp, contributors
 from secagg.crypto.ledger import Aggregate, Update
-from secagg.crypto.masking import Masker, Reveal, SignedKey
+from secagg.crypto.masking import Masker, Reveal, ShareBundle, SignedKey
 from secagg.crypto.policy import RoundPolicy
 
 if TYPE_CHECKING:  # the server imports this package: no torch here
@@ -80,11 +80,21 @@ class ClientCipher(Protocol):
         """This client's signature of the survivor set of ``stamp``'s phase (``masking``)."""
         ...
 
+    def share(self, stamp: Stamp) -> ShareBundle | None:
+        """This client's shares of its self-mask keys for ``stamp``'s round, sealed to each
+        keyed position, and its commitment to the keys (None: it does not mask)."""
+        ...
+
     def reveal(
-        self, stamp: Stamp, survivors: tuple[int, ...], confirmations: dict[int, bytes]
+        self,
+        stamp: Stamp,
+        survivors: tuple[int, ...],
+        confirmations: dict[int, bytes],
+        sealed: dict[int, bytes] | None = None,
     ) -> Reveal:
         """What unmasks the sum of ``stamp``'s phase over ``survivors``, once at least the
-        policy's threshold of them confirmed that set (once per round and phase)."""
+        policy's threshold of them confirmed that set (once per round and phase); ``sealed``:
+        the shares the other survivors sealed to this client, by sender."""
         ...
 
     def encrypt(self, update: Update, stamp: Stamp, agreed: bytes | None) -> bytes:
@@ -141,11 +151,16 @@ class ServerCipher(Protocol):
         ...
 
     def corrected(
-        self, aggregate: bytes, reveals: Sequence[Reveal], stamp: Stamp, dropped: tuple[int, ...]
+        self,
+        aggregate: bytes,
+        reveals: Sequence[Reveal],
+        stamp: Stamp,
+        dropped: tuple[int, ...],
+        commitments: dict[int, bytes] | None = None,
     ) -> bytes:
         """``aggregate`` unmasked: every contributor's self-mask removed with the key it
-        revealed, and its corrections for the ``dropped`` clients added; refused unless each
-        contributor sent exactly one reveal."""
+        revealed (or, for one that revealed nothing, the key its shares rebuild, checked
+        against its ``commitments``), and its corrections for the ``dropped`` clients added."""
         ...
 
 

@@ -200,17 +200,21 @@ class CkksClient:
         survivors: tuple[int, ...],
         confirmations: dict[int, bytes],
         values: int,
+        sealed: dict[int, bytes] | None = None,
     ) -> Reveal:
         """What unmasks the sum of ``stamp``'s phase (of ``values`` values) over the confirmed
-        ``survivors``: this client's self-mask key, and a correction payload (``c0`` words
-        removing its pairs with the keyed clients that sent nothing) when there are any."""
+        ``survivors``: this client's self-mask key, its shares of the other survivors' keys
+        (opened from ``sealed``, sender -> the shares sealed to this client), and a correction
+        payload (``c0`` words removing its pairs with the keyed clients that sent nothing)
+        when there are any."""
         masker = self._masker()
+        masker.take(stamp, sealed or {})
         count, size = self._format.blobs(stamp)(values)
         q, n = self._shape.modulus, self._shape.poly_modulus_degree
-        key, words = masker.reveal(stamp, survivors, confirmations, count, n, q)
+        key, words, held = masker.reveal(stamp, survivors, confirmations, count, n, q)
         signature = masker.signature(stamp)
         if words is None:
-            return Reveal(stamp.sender, key, confirmation=signature)
+            return Reveal(stamp.sender, key, confirmation=signature, shares=held)
         dropped = tuple(sorted(set(range(stamp.roster)) & masker.keyed() - set(survivors)))
         correction = envelope.to_bytes(
             self.codec_for_round(stamp),
@@ -222,7 +226,7 @@ class CkksClient:
             [seal_format.to_wire(words)],
             dropped,
         )
-        return Reveal(stamp.sender, key, correction, signature)
+        return Reveal(stamp.sender, key, correction, signature, held)
 
     def _masker(self) -> Masker:
         if self.masker is None:

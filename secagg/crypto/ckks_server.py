@@ -136,6 +136,32 @@ class CkksServer:
             payload, stamp, values, lambda: self._check(payload, stamp, values)
         )
 
+    def _correction(
+        self, reveal: Reveal, stamp: Stamp, wanted: tuple[int, ...], values: int
+    ) -> np.ndarray | None:
+        """A reveal's correction words (None when no client dropped), refused unless the
+        reveal is well formed and its correction is its sender's, for exactly ``wanted``."""
+        sender = reveal.sender
+        if len(reveal.key) != SEED_BYTES:
+            raise PayloadError(
+                f"client {sender}'s self-mask key is not {SEED_BYTES} bytes", "malformed"
+            )
+        if bool(wanted) != bool(reveal.correction):
+            what = "lacks its correction" if wanted else "carries a correction nobody asked for"
+            raise PayloadError(f"client {sender}'s reveal {what}", "bad-plan")
+        if not wanted:
+            return None
+        opened = self._format.open(reveal.correction, stamp, CORRECTION)
+        if (
+            opened.stamp.sender != sender
+            or opened.contributors != wanted
+            or opened.values != values
+        ):
+            raise PayloadError(
+                f"client {sender}'s correction is not for clients {list(wanted)}", "bad-plan"
+            )
+        return seal_format.from_wire(opened.body, self._shape.modulus)
+
     def _check(
         self, payload: bytes | memoryview, stamp: Stamp, values: int | None
     ) -> envelope.Envelope:
@@ -188,61 +214,55 @@ class CkksServer:
         )
 
     def corrected(
-        self, aggregate: bytes, reveals: Sequence[Reveal], stamp: Stamp, dropped: tuple[int, ...]
+        self,
+        aggregate: bytes,
+        reveals: Sequence[Reveal],
+        stamp: Stamp,
+        dropped: tuple[int, ...],
+        commitments: dict[int, bytes] | None = None,
     ) -> bytes:
-        """The aggregate unmasked (``masking``): one reveal from each contributor, whose
-        self-mask key is expanded and subtracted, and, when clients dropped, whose correction
-        (naming exactly ``dropped``) is added; otherwise the masks would not cancel
-        (PayloadError ``missing-correction``)."""
+        """The aggregate unmasked (``masking``): every contributor's self-mask key expanded
+        and subtracted, and, when clients dropped, every contributor's correction (naming
+        exactly ``dropped``) added. A contributor that revealed nothing is recovered from the
+        shares of its key the others revealed (checked against its ``commitments``), when no
+        client dropped; otherwise its pairs would not cancel (``missing-correction``)."""
         summed = self._format.open(aggregate, stamp, AGGREGATE)
         q = self._shape.modulus
         total = seal_format.from_wire(summed.body, q)
-        wanted, seen, keys = tuple(sorted(dropped)), set(), []
+        wanted, seen, kept, keys = tuple(sorted(dropped)), set(), set(), []
         for reveal in reveals:
-            sender = reveal.sender
-            if sender not in summed.contributors or sender in seen:
+            if reveal.sender not in summed.contributors or reveal.sender in seen:
                 raise PayloadError(
-                    f"a reveal from client {sender}, which is not a contributor or sent "
+                    f"a reveal from client {reveal.sender}, which is not a contributor or sent "
                     "one already, is refused",
                     "duplicate",
                 )
-            if len(reveal.key) != SEED_BYTES:
-                raise PayloadError(
-                    f"client {sender}'s self-mask key is not {SEED_BYTES} bytes", "malformed"
-                )
-            if bool(wanted) != bool(reveal.correction):
-                raise PayloadError(
-                    f"client {sender}'s reveal "
-                    + (
-                        "lacks its correction"
-                        if wanted
-                        else "carries a correction nobody asked for"
-                    ),
-                    "bad-plan",
-                )
-            if wanted:
-                opened = self._format.open(reveal.correction, stamp, CORRECTION)
-                if (
-                    opened.stamp.sender != sender
-                    or opened.contributors != wanted
-                    or opened.values != summed.values
-                ):
-                    raise PayloadError(
-                        f"client {sender}'s correction is not for clients {list(wanted)}",
-                        "bad-plan",
-                    )
-                seal_format.add_mod(total, seal_format.from_wire(opened.body, q), q)
+            correction = self._correction(reveal, stamp, wanted, summed.values)
+            if correction is not None:
+                seal_format.add_mod(total, correction, q)
+            seen.add(reveal.sender)
+            if commitments is not None and not masking.committed(
+                reveal.key, commitments.get(reveal.sender, b""), stamp.phase
+            ):
+                continue  # not the key it committed to: rebuilt from the shares below
             keys.append(reveal.key)
-            seen.add(sender)
+            kept.add(reveal.sender)
         missing = sorted(set(summed.contributors) - seen)
-        if missing:
+        if missing and (wanted or commitments is None):
             raise PayloadError(
-                f"client(s) {missing} sent no mask reveal: the sum cannot be unmasked",
+                f"client(s) {missing} sent no mask reveal: the sum cannot be unmasked"
+                + (" (its pairs with the dropped clients stay on)" if wanted else ""),
                 "missing-correction",
             )
-        count = summed.blob_count
+        # Vanished while the round unmasked, or revealed another key than it committed to:
+        # rebuilt from the shares the others revealed.
+        for sender in sorted(set(summed.contributors) - kept):
+            assert commitments is not None
+            commitment = commitments.get(sender, b"")
+            keys.append(masking.rebuild(sender, reveals, commitment, stamp.phase))
         n = self._shape.poly_modulus_degree
-        seal_format.add_mod(total, masking.self_masks(keys, count, n, q).reshape(-1), q)
+        removal = masking.self_masks(keys, summed.blob_count, n, q)
+        seal_format.add_mod(total, removal.reshape(-1), q)
         count, size = self._format.blobs(stamp)(summed.values)
         return envelope.to_bytes(
             self.codec_for_round(stamp),

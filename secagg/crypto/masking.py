@@ -32,10 +32,11 @@ sits out the round's later attempts (its update in two sums would give away thei
 
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from cryptography.exceptions import InvalidSignature
@@ -48,8 +49,8 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from secagg.crypto import seal_format, seeded
-from secagg.crypto.envelope import SCALES, Stamp
+from secagg.crypto import seal_format, seeded, shares
+from secagg.crypto.envelope import SCALES, UPDATE_PHASE, Stamp
 from secagg.crypto.policy import RoundPolicy
 from secagg.errors import PayloadError
 
@@ -74,9 +75,23 @@ class Reveal:
     correction: bytes = b""
     #: the sender's signature of the survivor set (the consistency round), for byte counts
     confirmation: bytes = b""
+    #: its shares of the other survivors' self-mask keys for the phase, by survivor: what
+    #: rebuilds the key of a survivor that vanished before revealing it
+    shares: dict[int, bytes] = field(default_factory=dict)
 
     def __len__(self) -> int:
-        return len(self.key) + len(self.correction) + len(self.confirmation)
+        held = sum(len(share) for share in self.shares.values())
+        return len(self.key) + len(self.correction) + len(self.confirmation) + held
+
+
+@dataclass(frozen=True)
+class ShareBundle:
+    """What a client hands out with its training upload: its shares of both phases' self-mask
+    keys, sealed to each keyed position (relayed by the server, which cannot open them), and
+    a commitment to the two keys (SHA-256 of each) that a rebuilt key is checked against."""
+
+    sealed: dict[int, bytes]
+    commitment: bytes
 
 
 @dataclass(frozen=True)
@@ -163,6 +178,9 @@ class Masker:
         self._released: dict[tuple[bytes, int], bytes] = {}
         #: (job, round, nonce, phase) -> this client's fresh self-mask key
         self._self_keys: dict[tuple[bytes, int, bytes, int], bytes] = {}
+        #: (job, round, nonce) -> sender -> its shares of its (scales, update) keys for this
+        #: client, opened
+        self._held: dict[tuple[bytes, int, bytes], dict[int, tuple[bytes, bytes]]] = {}
         #: the round's positions -> the site at each (whose key signs its confirmations)
         self._sites: dict[int, int] = {}
         self._masked: set[tuple[bytes, int, bytes, int]] = set()
@@ -226,6 +244,8 @@ class Masker:
         self._nonce = nonce
         for key in [k for k in self._self_keys if k[:2] != (stamp.job, stamp.round_num)]:
             del self._self_keys[key]
+        for held in [k for k in self._held if k[:2] != (stamp.job, stamp.round_num)]:
+            del self._held[held]
 
     def keyed(self) -> set[int]:
         """The positions of the agreed round that were handed keys."""
@@ -266,6 +286,48 @@ class Masker:
             return prepared[1]
         return plan.words(count, n, modulus)
 
+    def share(self, stamp: Stamp) -> ShareBundle:
+        """This client's threshold shares of both phases' self-mask keys of the agreed round,
+        one per keyed position, each sealed to its recipient (``crypto.shares``)."""
+        if self._round is None or not self.active(stamp):
+            raise PayloadError(f"no mask keys were agreed for round {stamp.round_num}", "bad-plan")
+        _, own, secrets = self._round
+        keys = [self._self_key(_at(stamp, phase)) for phase in (SCALES, UPDATE_PHASE)]
+        positions = sorted(self._sites)
+        threshold = self.policy.threshold if self.policy is not None else len(positions)
+        threshold = min(threshold, len(positions))
+        scales, update = (shares.split(key, positions, threshold) for key in keys)
+        context = self._share_context(stamp)
+        sealed = {
+            p: shares.seal(secrets[p], context, own, p, scales[p] + update[p])
+            for p in positions
+            if p != own
+        }
+        self._held.setdefault(context_key(stamp, self._nonce), {})[own] = (scales[own], update[own])
+        commitment = b"".join(hashlib.sha256(key).digest() for key in keys)
+        return ShareBundle(sealed, commitment)
+
+    def take(self, stamp: Stamp, sealed: dict[int, bytes]) -> None:
+        """Open the shares the round's other clients sealed to this one (``sealed``: sender
+        -> bytes); one that does not open is left out (the others rebuild without it)."""
+        if self._round is None or not self.active(stamp):
+            return
+        _, own, secrets = self._round
+        held = self._held.setdefault(context_key(stamp, self._nonce), {})
+        context = self._share_context(stamp)
+        for sender, blob in sealed.items():
+            if sender in held or sender not in secrets:
+                continue
+            try:
+                opened = shares.open_sealed(secrets[sender], context, sender, own, blob)
+            except PayloadError:
+                continue
+            if len(opened) == 2 * shares.SHARE_BYTES:
+                held[sender] = (opened[: shares.SHARE_BYTES], opened[shares.SHARE_BYTES :])
+
+    def _share_context(self, stamp: Stamp) -> bytes:
+        return stamp.job + struct.pack(">I", stamp.round_num) + self._nonce
+
     def confirm(self, stamp: Stamp, survivors: tuple[int, ...]) -> bytes:
         """Sign the survivor set the server says ``stamp``'s phase added (the consistency
         round); refused (PayloadError) when it breaks the policy, leaves this client out, or
@@ -296,12 +358,13 @@ class Masker:
         count: int,
         n: int,
         modulus: int,
-    ) -> tuple[bytes, np.ndarray | None]:
-        """This client's self-mask key for ``stamp``'s phase, and the ``(count, n)`` words
-        that remove its pairs with the round's keyed clients outside ``survivors`` (None when
-        there are none). Only for the set this client confirmed, once per phase, and only
-        when at least ``threshold`` distinct survivors confirmed the same set: a server that
-        showed sites different sets gets nothing."""
+    ) -> tuple[bytes, np.ndarray | None, dict[int, bytes]]:
+        """This client's self-mask key for ``stamp``'s phase, the ``(count, n)`` words that
+        remove its pairs with the round's keyed clients outside ``survivors`` (None when
+        there are none), and its shares of the other survivors' keys for the phase. Only for
+        the set this client confirmed, once per phase, and only when at least ``threshold``
+        distinct survivors confirmed the same set: a server that showed sites different sets
+        gets nothing."""
         key = self._check_survivors(stamp, survivors)
         if self._confirmed.get(key) != survivors:
             raise PayloadError(
@@ -326,7 +389,14 @@ class Masker:
             self._released[(stamp.job, stamp.round_num)] = self._nonce
         dropped = tuple(sorted(set(self._sites) - set(survivors)))
         words = self._pairs(stamp, dropped, count, n, modulus, negate=True) if dropped else None
-        return self._self_key(stamp), words
+        return self._self_key(stamp), words, self._shares_of(stamp, survivors)
+
+    def _shares_of(self, stamp: Stamp, survivors: tuple[int, ...]) -> dict[int, bytes]:
+        """This client's shares of the other survivors' self-mask keys for the phase: only of
+        survivors (a client outside the set gets corrections instead, never both)."""
+        held = self._held.get(context_key(stamp, self._nonce), {})
+        index = 0 if stamp.phase == SCALES else 1
+        return {u: held[u][index] for u in survivors if u != stamp.sender and u in held}
 
     def signature(self, stamp: Stamp) -> bytes:
         """This client's confirmation of ``stamp``'s phase (empty if it confirmed none)."""
@@ -496,6 +566,40 @@ def verify(
             "on the way (the server or the network); this client will not use it",
             "bad-key",
         ) from err
+
+
+def context_key(stamp: Stamp, nonce: bytes) -> tuple[bytes, int, bytes]:
+    """A round's attempt: what the shares a client holds belong to."""
+    return (stamp.job, stamp.round_num, nonce)
+
+
+def rebuild(sender: int, reveals: Sequence[Reveal], commitment: bytes, phase: int) -> bytes:
+    """The self-mask key of ``sender`` (which revealed nothing) from the shares the other
+    survivors revealed, checked against the commitment it made when it trained (PayloadError
+    ``missing-correction`` naming it when they do not rebuild it)."""
+    held = {r.sender: r.shares[sender] for r in reveals if sender in r.shares}
+    try:
+        key = shares.combine(held, seeded.SEED_BYTES)
+    except PayloadError:
+        key = b""
+    if not held or not committed(key, commitment, phase):
+        raise PayloadError(
+            f"client {sender} sent no mask reveal (or not the key it committed to), and the "
+            f"{len(held)} share(s) of its key the others revealed do not rebuild it: the sum "
+            "cannot be unmasked",
+            "missing-correction",
+        )
+    return key
+
+
+def committed(key: bytes, commitment: bytes, phase: int) -> bool:
+    """Whether ``key`` is the one a client committed to for ``phase`` when it trained."""
+    index = 0 if phase == SCALES else 1
+    return hashlib.sha256(key).digest() == commitment[32 * index : 32 * index + 32]
+
+
+def _at(stamp: Stamp, phase: int) -> Stamp:
+    return Stamp(stamp.job, stamp.round_num, stamp.sender, stamp.roster, phase)
 
 
 def self_masks(keys: Sequence[bytes], count: int, n: int, modulus: int) -> np.ndarray:

@@ -19,7 +19,7 @@ import numpy as np
 from secagg.crypto import envelope, ledger
 from secagg.crypto.envelope import AGGREGATE, UPDATE, Stamp
 from secagg.crypto.ledger import Aggregate, Update
-from secagg.crypto.masking import Reveal, SignedKey
+from secagg.crypto.masking import Reveal, ShareBundle, SignedKey
 from secagg.errors import ConfigError, PayloadError
 
 # No keys in a plaintext run; a fixed fingerprint still stops HE payloads being read as plain.
@@ -66,8 +66,16 @@ class PlainCipher:
     def confirm(self, stamp: Stamp, survivors: tuple[int, ...]) -> bytes:
         raise PayloadError("plaintext FedAvg does not mask; it has nothing to confirm", "bad-plan")
 
+    def share(self, stamp: Stamp) -> ShareBundle | None:
+        """Plaintext FedAvg has no self-masks to share."""
+        return None
+
     def reveal(
-        self, stamp: Stamp, survivors: tuple[int, ...], confirmations: dict[int, bytes]
+        self,
+        stamp: Stamp,
+        survivors: tuple[int, ...],
+        confirmations: dict[int, bytes],
+        sealed: dict[int, bytes] | None = None,
     ) -> Reveal:
         raise PayloadError("plaintext FedAvg does not mask; it has nothing to unmask", "bad-plan")
 
@@ -126,7 +134,12 @@ class PlainCipher:
         return self._payload(AGGREGATE, stamp, count, total, senders)
 
     def corrected(
-        self, aggregate: bytes, reveals: Sequence[Reveal], stamp: Stamp, dropped: tuple[int, ...]
+        self,
+        aggregate: bytes,
+        reveals: Sequence[Reveal],
+        stamp: Stamp,
+        dropped: tuple[int, ...],
+        commitments: dict[int, bytes] | None = None,
     ) -> bytes:
         """Plaintext sums carry no masks: there is never a correction to add."""
         raise PayloadError("plaintext FedAvg does not mask; it takes no corrections", "bad-plan")

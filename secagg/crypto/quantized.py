@@ -20,7 +20,7 @@ from secagg import quantize
 from secagg.crypto.ckks import CkksClient
 from secagg.crypto.envelope import SCALES, Stamp
 from secagg.crypto.ledger import Aggregate, Update
-from secagg.crypto.masking import Reveal, SignedKey
+from secagg.crypto.masking import Reveal, ShareBundle, SignedKey
 from secagg.errors import PayloadError
 from secagg.flatten import Layout
 
@@ -67,10 +67,18 @@ class QuantizedCipher:
         return self.inner.confirm(stamp, survivors)
 
     def reveal(
-        self, stamp: Stamp, survivors: tuple[int, ...], confirmations: dict[int, bytes]
+        self,
+        stamp: Stamp,
+        survivors: tuple[int, ...],
+        confirmations: dict[int, bytes],
+        sealed: dict[int, bytes] | None = None,
     ) -> Reveal:
         values = self._scale_values if stamp.phase == SCALES else self.size
-        return self.inner.reveal(stamp, survivors, confirmations, values)
+        return self.inner.reveal(stamp, survivors, confirmations, values, sealed)
+
+    def share(self, stamp: Stamp) -> ShareBundle | None:
+        masker = self.inner.masker
+        return masker.share(stamp) if masker is not None and masker.active(stamp) else None
 
     def encrypt(self, update: Update, stamp: Stamp, agreed: bytes | None) -> bytes:
         steps, _, total = self._steps(stamp, agreed)

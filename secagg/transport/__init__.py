@@ -24,6 +24,19 @@ def no_progress(phase: str, done: int, total: int) -> None:
     """The default ``Progress``: nobody is listening."""
 
 
+def sealed_to(
+    trained: dict[int, dict[int, bytes]], survivors: tuple[int, ...], recipient: int
+) -> dict[int, bytes]:
+    """The self-mask key shares each survivor sealed to ``recipient`` (sender -> bytes), from
+    what every client handed out with its training upload (``trained``: sender -> its sealed
+    shares by recipient)."""
+    return {
+        sender: trained[sender][recipient]
+        for sender in survivors
+        if recipient in trained.get(sender, {})
+    }
+
+
 class Transport(Protocol):
     #: how many clients the job has; they are numbered 0 .. roster - 1
     roster: int
@@ -54,8 +67,9 @@ class Transport(Protocol):
     def unmask(self, stamp: Stamp, survivors: tuple[int, ...]) -> list[Reveal]:
         """Unmask ``stamp``'s phase (``masking``): have its contributors ``survivors`` confirm
         that set (each signs it; the signatures are relayed to all of them), then reveal
-        their self-mask keys and their corrections for the keyed positions that sent nothing;
-        return the reveals (RoundFailed when a survivor answers neither in time)."""
+        their self-mask keys, their shares of the others' keys (relayed to each, sealed, with
+        the signatures) and their corrections for the keyed positions that sent nothing;
+        return the reveals that came (the server rebuilds a missing key from shares)."""
         ...
 
     def apply(self, round_stamp: Stamp, payload: bytes, scales: bytes | None) -> list[ApplyReply]:

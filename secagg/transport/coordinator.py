@@ -376,7 +376,10 @@ class Coordinator:
                     self.lock.notify_all()
                     return {"kind": "done", "id": task.id}
                 if task is not None and task.id > after and site.index in task.sites:
-                    return {"kind": task.kind, "id": task.id, "round": task.round, **task.body}
+                    body = task.body
+                    if "shares" in body:  # each site gets only the shares sealed to it
+                        body = {**body, "shares": body["shares"].get(str(site.index), {})}
+                    return {"kind": task.kind, "id": task.id, "round": task.round, **body}
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return {"kind": "wait", "id": after}

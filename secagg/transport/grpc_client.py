@@ -259,7 +259,14 @@ class Site:
                 raise
             self.log(f"round {round_num}: {err}")
             return
-        header = wire.UploadHeader(int(task["id"]), reply.num_samples, reply.metrics, reply.seconds)
+        header = wire.UploadHeader(
+            int(task["id"]),
+            reply.num_samples,
+            reply.metrics,
+            reply.seconds,
+            sealed=reply.sealed,
+            commitment=reply.commitment,
+        )
         self.connection.upload(header.to_wire(), reply.scales or b"")
 
     def _peers(self, task: dict[str, Any]) -> list[SignedKey | None] | None:
@@ -302,11 +309,12 @@ class Site:
                 confirmations[int(position)] = bytes.fromhex(str(signature))
             except ValueError as err:
                 raise PayloadError("a relayed confirmation is not hex", "bad-plan") from err
-        reveal = self.client.reveal(stamp, survivors, confirmations)
+        sealed = wire.by_position(task.get("shares"), "shares", 1, 512)
+        reveal = self.client.reveal(stamp, survivors, confirmations, sealed)
         if reveal.correction:
             lost = len(task.get("dropped") or ())
             self.log(f"round {stamp.round_num}: correcting the masks of {lost} lost site(s)")
-        header = wire.UploadHeader(int(task["id"]), revealed=reveal.key)
+        header = wire.UploadHeader(int(task["id"]), revealed=reveal.key, held=reveal.shares)
         self.connection.upload(header.to_wire(), reveal.correction)
 
     def _unmasking(self, task: dict[str, Any]) -> tuple[Stamp, tuple[int, ...]]:

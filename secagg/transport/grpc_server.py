@@ -32,6 +32,7 @@ from secagg.messages import ApplyReply, EvalReply, FitReply, TrainReply
 from secagg.provision import Kit
 from secagg.rounds import RoundFailed
 from secagg.transport import grpc_wire as wire
+from secagg.transport import sealed_to
 from secagg.transport.coordinator import POLL_SECONDS, Coordinator, Site, Task, Upload
 from secagg.transport.limits import Busy, SiteLimits, Watchdog, pool_size
 
@@ -299,6 +300,8 @@ class GrpcTransport:
         #: the round's sites handed mask keys, and its tasks by phase (``correct`` closes them)
         self._keyed: frozenset[int] = frozenset()
         self._phases: dict[int, Task] = {}
+        #: the round's sealed self-mask key shares: sender -> recipient -> bytes
+        self._sealed: dict[int, dict[int, bytes]] = {}
 
     def tensor_sizes(self) -> list[int]:
         return self.c.tensor_sizes()
@@ -327,10 +330,13 @@ class GrpcTransport:
                     upload.payload or None,
                     dict(header.metrics),
                     header.seconds,
+                    dict(header.sealed),
+                    header.commitment,
                 )
             )
         self._require({r.client_id for r in replies}, round_stamp.round_num, "trained")
         self._trained = frozenset(r.client_id for r in replies)
+        self._sealed = {r.client_id: r.sealed for r in replies}
         return replies
 
     def seal(
@@ -375,19 +381,31 @@ class GrpcTransport:
             survivors=list(survivors),
             dropped=list(dropped),
             confirmations={str(p): s.hex() for p, s in signed.items()},
+            # Each site is handed only the shares sealed to it (``Coordinator.next_task``).
+            shares={
+                str(p): {str(u): s.hex() for u, s in sealed_to(self._sealed, survivors, p).items()}
+                for p in survivors
+            },
         )
         reveals = {
-            u.index: Reveal(u.index, u.meta.revealed, u.payload, signed.get(u.index, b""))
+            u.index: Reveal(
+                u.index, u.meta.revealed, u.payload, signed.get(u.index, b""), dict(u.meta.held)
+            )
             for u in self.c.collect(task, self.timeout)
         }
         missing = [self.c.sites[p].name for p in survivors if p not in reveals]
-        if missing:
+        if missing and dropped:
             raise RoundFailed(
                 f"round {stamp.round_num}: {', '.join(missing)} sent no mask reveal in time "
-                f"for the {phase} (the phase lost {len(dropped)} site(s)); the round starts "
-                "again"
+                f"for the {phase}, and the phase lost {len(dropped)} site(s) whose pairs only "
+                "they can correct; the round starts again"
             )
-        return [reveals[p] for p in survivors]
+        if missing:
+            self.c.log(
+                f"round {stamp.round_num}: {', '.join(missing)} sent no mask reveal in time; "
+                f"their keys for the {phase} are rebuilt from the others' shares"
+            )
+        return [reveals[p] for p in survivors if p in reveals]
 
     def apply(self, round_stamp: Stamp, payload: bytes, scales: bytes | None) -> list[ApplyReply]:
         round_num = round_stamp.round_num

@@ -164,6 +164,12 @@ class UploadHeader:
     #: a ``correct`` upload: the site's self-mask key for the phase (its correction, when
     #: the phase lost sites, is the payload)
     revealed: bytes = b""
+    #: a ``correct`` upload: its shares of the other survivors' keys, by survivor
+    held: Mapping[int, bytes] = field(default_factory=dict)
+    #: a ``train`` upload (masks): its self-mask key shares sealed to each position, and its
+    #: commitment to the keys
+    sealed: Mapping[int, bytes] = field(default_factory=dict)
+    commitment: bytes = b""
 
     def to_wire(self) -> dict[str, Any]:
         message: dict[str, Any] = {
@@ -176,6 +182,12 @@ class UploadHeader:
             message["confirmation"] = self.confirmation.hex()
         if self.revealed:
             message["revealed"] = self.revealed.hex()
+        for name in ("held", "sealed"):
+            values = getattr(self, name)
+            if values:
+                message[name] = {str(p): blob.hex() for p, blob in values.items()}
+        if self.commitment:
+            message["commitment"] = self.commitment.hex()
         return message
 
     @classmethod
@@ -187,6 +199,9 @@ class UploadHeader:
             Seconds.from_wire(message.get("seconds")),
             _hex(message, "confirmation", 1, 256) if "confirmation" in message else b"",
             _hex(message, "revealed", 32, 32) if "revealed" in message else b"",
+            by_position(message.get("held"), "held", 66, 66),
+            by_position(message.get("sealed"), "sealed", 1, 512),
+            _hex(message, "commitment", 64, 64) if "commitment" in message else b"",
         )
 
 
@@ -274,6 +289,20 @@ class DownloadRequest:
         if what not in ("update", "scales"):
             raise PayloadError(f"'what' must be 'update' or 'scales', not {what!r}", "malformed")
         return cls(whole(message, "round"), str(what))
+
+
+def by_position(value: object, key: str, least: int, most: int) -> dict[int, bytes]:
+    """A peer's ``{position: hex}`` table (absent: empty), or a named refusal."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or len(value) > 1 << 16:
+        raise PayloadError(f"'{key}' must be a table of positions", "malformed")
+    table = {}
+    for position, blob in value.items():
+        if not isinstance(position, str) or not position.isdigit() or len(position) > 6:
+            raise PayloadError(f"'{key}' must be keyed by positions", "malformed")
+        table[int(position)] = _hex({key: blob}, key, least, most)
+    return table
 
 
 def _hex(message: Mapping[str, Any], key: str, least: int, most: int) -> bytes:

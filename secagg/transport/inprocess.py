@@ -18,7 +18,7 @@ from secagg.client import Client
 from secagg.crypto import Reveal, Stamp
 from secagg.messages import ApplyReply, EvalReply, FitReply, TrainReply
 from secagg.task import Site
-from secagg.transport import Progress, no_progress
+from secagg.transport import Progress, no_progress, sealed_to
 
 
 class InProcessTransport:
@@ -39,6 +39,8 @@ class InProcessTransport:
         self.site_for = site_for
         self.evaluator = evaluator
         self.on_progress = on_progress
+        #: the round's sealed self-mask key shares: sender -> recipient -> bytes
+        self._sealed: dict[int, dict[int, bytes]] = {}
 
     @property
     def holder(self) -> Client:
@@ -77,17 +79,24 @@ class InProcessTransport:
         keys = [slot.mask_key(round_stamp.job) for slot in self.slots]
         peers = [key for key in keys if key is not None] if None not in keys else []
         nonce = os.urandom(16)  # a round tried again masks afresh
-        return [
+        replies = [
             slot.train(round_stamp.for_sender(position), peers, nonce)
             for position, slot in self._each("train", self.slots)
         ]
+        self._sealed = {reply.client_id: reply.sealed for reply in replies}
+        return replies
 
     def keyed(self, round_num: int) -> frozenset[int]:
         return frozenset(range(self.roster))
 
     def unmask(self, stamp: Stamp, survivors: tuple[int, ...]) -> list[Reveal]:
         signed = {p: self.slots[p].confirm(stamp.for_sender(p), survivors) for p in survivors}
-        return [self.slots[p].reveal(stamp.for_sender(p), survivors, signed) for p in survivors]
+        return [
+            self.slots[p].reveal(
+                stamp.for_sender(p), survivors, signed, sealed_to(self._sealed, survivors, p)
+            )
+            for p in survivors
+        ]
 
     def seal(
         self, round_stamp: Stamp, total_samples: int, scales: bytes | None

@@ -41,6 +41,7 @@ from secagg.errors import ConfigError, SecAggError
 from secagg.messages import ApplyReply, EvalReply, FitReply, ModelSignature, TrainReply
 from secagg.rounds import RoundFailed, sample_clients
 from secagg.task import Task
+from secagg.transport import sealed_to
 
 
 def _ray() -> Any:
@@ -100,9 +101,13 @@ class ClientActor:
         return self.client.confirm(stamp, survivors)
 
     def reveal(
-        self, stamp: Stamp, survivors: tuple[int, ...], confirmations: dict[int, bytes]
+        self,
+        stamp: Stamp,
+        survivors: tuple[int, ...],
+        confirmations: dict[int, bytes],
+        sealed: dict[int, bytes],
     ) -> Reveal:
-        return self.client.reveal(stamp, survivors, confirmations)
+        return self.client.reveal(stamp, survivors, confirmations, sealed)
 
     def seal(self, stamp: Stamp, total: int, scales: bytes | None) -> FitReply:
         return self.client.seal(stamp, total, scales)
@@ -216,6 +221,8 @@ class RayTransport:
         self._check_models()
         self._sizes: list[int] = self._get(self.slots[0].tensor_sizes.remote())
         self._round: list[tuple[int, Any]] = []
+        #: the round's sealed self-mask key shares: sender -> recipient -> bytes
+        self._sealed: dict[int, dict[int, bytes]] = {}
         #: the clients of the population this round's slots stand for
         self._chosen: list[int] = first
 
@@ -277,6 +284,7 @@ class RayTransport:
                 alive.append((position, slot))
         self._require(len(replies), round_stamp.round_num, "trained")
         self._round = alive
+        self._sealed = {reply.client_id: reply.sealed for reply in replies}
         return replies
 
     def keyed(self, round_num: int) -> frozenset[int]:
@@ -305,7 +313,10 @@ class RayTransport:
         signed = {p: s for p, s in ((p, self._survive(r)) for p, r in refs.items()) if s}
         shared = self.ray.put(signed)
         reveals = [
-            self.slots[p].reveal.remote(stamp.for_sender(p), survivors, shared) for p in survivors
+            self.slots[p].reveal.remote(
+                stamp.for_sender(p), survivors, shared, sealed_to(self._sealed, survivors, p)
+            )
+            for p in survivors
         ]
         # An actor that died now leaves its reveal out: the server names it.
         return [r for r in (self._survive(ref) for ref in reveals) if r is not None]
