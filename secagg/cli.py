@@ -310,6 +310,12 @@ def keygen(out_dir: str, force: bool, poly_degree: str, coeff_bits: str) -> None
     help="grpc, ray: clients a round needs to go on [default: all of the round].",
 )
 @click.option(
+    "--threshold",
+    type=click.IntRange(min=0),
+    help="with masks: the fewest contributors any sum a client unmasks or decrypts may have "
+    "(the round policy) [default: max(min(m, 3), 2m/3 + 1) of the m clients per round].",
+)
+@click.option(
     "--round-timeout",
     type=click.FloatRange(min=0, min_open=True),
     help=f"grpc: seconds each phase of a round waits for the sites.{_default('round_timeout')}",
