@@ -154,10 +154,11 @@ def _unmasking_bytes(phases: list[list[Reveal]], trained: list[TrainReply]) -> t
     up = sum(len(r) for reveals in phases for r in reveals)
     up += sum(len(t.commitment) + sum(map(len, t.sealed.values())) for t in trained)
     down = 0
-    for reveals in phases:
+    for phase, reveals in enumerate(phases):
         down += len(reveals) * sum(len(r.confirmation) for r in reveals)
-        senders = {r.sender for r in reveals}
-        down += sum(len(t.sealed.get(p, b"")) for t in trained for p in senders)
+        if phase == 0:  # the shares are relayed once, with the first phase's unmasking
+            senders = {r.sender for r in reveals}
+            down += sum(len(t.sealed.get(p, b"")) for t in trained for p in senders)
     return up, down
 
 

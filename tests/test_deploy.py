@@ -704,7 +704,7 @@ class _Sealing:
 
 def test_a_site_stops_at_a_scale_aggregate_that_fails_its_checks() -> None:
     """README, no decryption oracle: a scale aggregate that does not decrypt stops the site,
-    which tells the server why; a payload the server refuses does not."""
+    which tells the server why, by reason code only; a payload the server refuses does not."""
     from secagg.transport.grpc_client import Joined, Site
 
     joined = Joined(bytes(16), 0, 2, {}, 0, "")
@@ -713,6 +713,11 @@ def test_a_site_stops_at_a_scale_aggregate_that_fails_its_checks() -> None:
     with pytest.raises(PayloadError, match="does not decrypt"):
         site.run()
     assert [name for name, _ in server.calls if name != "Ping"] == ["Task", "Fail"]
+    # The server hears the reason code only: what the site decrypted stays on the site.
+    told = next(message["error"] for name, message in server.calls if name == "Fail")
+    assert (
+        told == "refused round 1's aggregate (not-integer); the details are in this site's own log"
+    )
     server = _ScriptedServer(rounds=2)
     refused = Site(server, _Sealing(None), joined, Path("."), lambda line: None)  # type: ignore[arg-type]
     assert refused.run() == "done"

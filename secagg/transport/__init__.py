@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from secagg.crypto import Reveal, Stamp
+from secagg.crypto.envelope import SCALES
 from secagg.messages import ApplyReply, EvalReply, FitReply, TrainReply
 
 #: Hears how a long step goes: ``(phase, done, total)``, e.g. ``("encrypt", 3, 8)`` when the
@@ -25,11 +26,14 @@ def no_progress(phase: str, done: int, total: int) -> None:
 
 
 def sealed_to(
-    trained: dict[int, dict[int, bytes]], survivors: tuple[int, ...], recipient: int
+    trained: dict[int, dict[int, bytes]], stamp: Stamp, survivors: tuple[int, ...], recipient: int
 ) -> dict[int, bytes]:
     """The self-mask key shares each survivor sealed to ``recipient`` (sender -> bytes), from
     what every client handed out with its training upload (``trained``: sender -> its sealed
-    shares by recipient)."""
+    shares by recipient). Relayed once a round, when its scale exchange unmasks (every
+    survivor of the update took part in it, and keeps the shares it opened): none after."""
+    if stamp.phase != SCALES:
+        return {}
     return {
         sender: trained[sender][recipient]
         for sender in survivors

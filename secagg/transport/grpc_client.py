@@ -226,7 +226,8 @@ class Site:
                         # round policy or shows sites different survivor sets must stop this
                         # site; the server hears why. A site that went on would tell a server
                         # trying aggregates on it, one bit a time, which ones decrypt.
-                        tell_failed(self.connection, str(err))
+                        decrypted = kind == "apply" or isinstance(err, _AggregateRefused)
+                        tell_failed(self.connection, _told(err, task) if decrypted else str(err))
                         raise
                     self.log(
                         f"round {task['round']}: the server refused this site's payload: {err}"
@@ -416,6 +417,16 @@ def tell_failed(connection: Connection, error: str) -> None:
     # If the server is gone too, this site's own error is what matters.
     with contextlib.suppress(SecAggError):
         connection.call("Fail", {"error": error}, timeout=10)
+
+
+def _told(err: PayloadError, task: dict[str, Any]) -> str:
+    """What the server hears of an aggregate this site refused: the reason code alone. The
+    full message can hold numbers decrypted from the sum (a tally, a weight, round tags),
+    which stay on the site."""
+    return (
+        f"refused round {task.get('round')}'s aggregate ({err.reason}); the details are in "
+        "this site's own log"
+    )
 
 
 def check_keys(joined: Joined, fingerprint: bytes) -> None:

@@ -382,10 +382,7 @@ class GrpcTransport:
             dropped=list(dropped),
             confirmations={str(p): s.hex() for p, s in signed.items()},
             # Each site is handed only the shares sealed to it (``Coordinator.next_task``).
-            shares={
-                str(p): {str(u): s.hex() for u, s in sealed_to(self._sealed, survivors, p).items()}
-                for p in survivors
-            },
+            shares={str(p): self._sealed_hex(stamp, survivors, p) for p in survivors},
         )
         reveals = {
             u.index: Reveal(
@@ -406,6 +403,10 @@ class GrpcTransport:
                 f"their keys for the {phase} are rebuilt from the others' shares"
             )
         return [reveals[p] for p in survivors if p in reveals]
+
+    def _sealed_hex(self, stamp: Stamp, survivors: tuple[int, ...], p: int) -> dict[str, str]:
+        sealed = sealed_to(self._sealed, stamp, survivors, p)
+        return {str(sender): blob.hex() for sender, blob in sealed.items()}
 
     def apply(self, round_stamp: Stamp, payload: bytes, scales: bytes | None) -> list[ApplyReply]:
         round_num = round_stamp.round_num

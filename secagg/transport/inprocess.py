@@ -93,7 +93,7 @@ class InProcessTransport:
         signed = {p: self.slots[p].confirm(stamp.for_sender(p), survivors) for p in survivors}
         return [
             self.slots[p].reveal(
-                stamp.for_sender(p), survivors, signed, sealed_to(self._sealed, survivors, p)
+                stamp.for_sender(p), survivors, signed, sealed_to(self._sealed, stamp, survivors, p)
             )
             for p in survivors
         ]

@@ -314,7 +314,7 @@ class RayTransport:
         shared = self.ray.put(signed)
         reveals = [
             self.slots[p].reveal.remote(
-                stamp.for_sender(p), survivors, shared, sealed_to(self._sealed, survivors, p)
+                stamp.for_sender(p), survivors, shared, sealed_to(self._sealed, stamp, survivors, p)
             )
             for p in survivors
         ]
