@@ -2,6 +2,7 @@
 
     python bench/masking.py --clients-per-round 8 --rounds 3 --repeats 3
     python bench/masking.py --clients 100 --clients-per-round 100 --rounds 2 --repeats 2
+    python bench/masking.py --job jobs/bench_moderate_cnn.toml --rounds 1 --repeats 1
 
 Two parts. **The job**: the built-in digits job in-process, masked and unmasked (alternating
 which goes first, after one untimed warm-up round of each), same seed; per-round medians of the
@@ -30,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from secagg import keys
-from secagg.config import CkksParams, RunConfig
+from secagg.config import CkksParams, RunConfig, load_job
 from secagg.crypto.ckks_server import TAIL
 from secagg.crypto.packing import PACKED
 from secagg.job import run_job
@@ -56,9 +57,9 @@ def _best(repeats: int, step: Callable[[], object]) -> float:
 
 
 def crypto_seconds(
-    keys_dir: Path, per_round: int, repeats: int
+    keys_dir: Path, config: RunConfig, repeats: int
 ) -> tuple[float, float, float, float]:
-    """One client's CKKS seconds in a round of ``per_round`` digits clients, what masks add
+    """One client's CKKS seconds in a round of ``config``'s job, what masks add
     to it (key agreement, both phases' double masks), what unmasking adds to it (signing the
     survivor set, checking every survivor's signature, revealing its key), and what the
     server spends removing the round's self-masks."""
@@ -70,7 +71,7 @@ def crypto_seconds(
     from secagg.crypto.masking import Masker, SimulatedIdentities
     from secagg.flatten import flatten
 
-    config = RunConfig()
+    per_round = config.per_round
     _, layout = flatten(task_for(config).build_model().state_dict())
     values = {1: quantize.histogram_values(e.size for e in layout.entries), 0: layout.size}
     client = CkksClient(keys.load_for_client(keys_dir))
@@ -135,24 +136,26 @@ _UNMASK_ROUNDS = iter(range(20_000, 1_000_000))
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--job", help="a job file (default: the built-in digits job)")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--clients-per-round", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    per_round = args.clients_per_round or args.clients
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         keys.generate(out / "keys", CkksParams())
-        config = RunConfig(
+        base = load_job(args.job) if args.job else RunConfig(clients=args.clients)
+        config = replace(
+            base,
             he=True,
-            clients=args.clients,
             clients_per_round=args.clients_per_round,
             rounds=args.rounds,
             keys_dir=str(out / "keys"),
             tracking=False,
             device="cpu",
         )
+        per_round = config.per_round
         (out / "runs").mkdir()
         runs = out / "runs"
         for masking in (False, True):  # warm-up: imports, data, compiled kernels
@@ -163,9 +166,7 @@ def main() -> None:
             order = (False, True) if repeat % 2 == 0 else (True, False)
             for masking in order:
                 results[masking].extend(_run(config, masking, runs, cpu[masking]))
-        crypto, extra, unmask, removal = crypto_seconds(
-            out / "keys", per_round, max(args.repeats, 5)
-        )
+        crypto, extra, unmask, removal = crypto_seconds(out / "keys", config, max(args.repeats, 5))
     masked, plain = results[True], results[False]
     for m, u in zip(masked, plain, strict=True):
         assert (m.accuracy, m.loss) == (u.accuracy, u.loss), "masks changed the model"
@@ -174,7 +175,8 @@ def main() -> None:
         return statistics.median(float(getattr(r, name)) for r in rows)
 
     print(
-        f"digits job, {per_round} clients per round of {args.clients}, {args.rounds} rounds x "
+        f"{config.job_name} job, {per_round} clients per round of {config.clients}, "
+        f"{args.rounds} rounds x "
         f"{args.repeats} repeats; per-round medians"
     )
     print("| figure | unmasked HE | masked HE | masked / unmasked |")
