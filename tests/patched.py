@@ -10,6 +10,8 @@ python tests/patched.py lie-dropout:DIR server job.toml ... # claims site-1 drop
                                                             # update phase though it delivered;
                                                             # dumps what it gathers into DIR
 python tests/patched.py lie-small:2 server job.toml ...     # keys each round to 2 sites only
+python tests/patched.py lie-retry server job.toml ...       # fails round 1 once its update was
+                                                            # unmasked, and tries it again
 python tests/patched.py lie-split server job.toml ...       # shows site-1 another survivor set
 """
 
@@ -118,6 +120,24 @@ def _lie_dropout(folder: str) -> None:
     GrpcTransport.unmask = lying  # type: ignore[method-assign]
 
 
+def _lie_retry(_: str) -> None:
+    """Round 1 'fails' after its update was unmasked (the server holds the sum), and is tried
+    again: a colluding site could difference the two sums if any site sent its update twice."""
+    from secagg.rounds import RoundFailed
+    from secagg.transport.grpc_server import GrpcTransport
+
+    apply = GrpcTransport.apply
+    failed: list[int] = []
+
+    def lying(self: GrpcTransport, stamp: Any, payload: bytes, scales: Any) -> Any:
+        if not failed:
+            failed.append(stamp.round_num)
+            raise RoundFailed(f"round {stamp.round_num}: patched to fail after unmasking")
+        return apply(self, stamp, payload, scales)
+
+    GrpcTransport.apply = lying  # type: ignore[method-assign]
+
+
 def _lie_small(size: int) -> None:
     """Every round is keyed to ``size`` sites only, whatever the policy says."""
     from secagg.transport.coordinator import Coordinator
@@ -161,6 +181,7 @@ FAULTS = {
     "forge-key": _forge_key,
     "lie-dropout": _lie_dropout,
     "lie-small": _lie_small,
+    "lie-retry": _lie_retry,
     "lie-split": _lie_split,
 }
 

@@ -863,3 +863,30 @@ def test_a_survivor_set_shown_differently_is_caught_by_name(tmp_path: Path) -> N
         assert "site-2] signed another set (the server showed sites different survivor" in last
     finally:
         _kill_all(server, *sites.values())
+
+
+def test_a_round_retried_after_its_update_was_unmasked_gets_no_update_twice(
+    tmp_path: Path,
+) -> None:
+    """A patched server unmasks round 1's update, then says the round failed and tries it
+    again: a colluding site could difference the two sums (over S, then S minus a victim) if
+    a site sent its update twice. Every site that revealed its key sits the retry out, sends
+    its update once, and the retry ends for lack of sites."""
+    project, port = _project(tmp_path, 3)
+    job, _ = _job(tmp_path, rounds=1, round_retries=1, round_timeout=10.0)
+    work = tmp_path / "work"
+    server = _server(project, job, work / "server", port, fault="lie-retry")
+    sites = [_site(project, f"site-{i}", work) for i in (1, 2, 3)]
+    try:
+        out = _finish(server, 240)
+        assert server.returncode != 0, out[-3000:]
+        assert "trying round 1 again" in out and "only 0 site(s) trained" in out, out[-3000:]
+    finally:
+        _kill_all(server)
+        for site in sites:
+            if site.poll() is None:
+                site.kill()
+        logs = [site.communicate()[0] for site in sites]
+    for log in logs:
+        assert log.count("round 1: sending") == 1, log[-3000:]
+        assert "already revealed its masks for round 1" in log and "sits the round out" in log
