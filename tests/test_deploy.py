@@ -538,6 +538,31 @@ def test_a_payload_far_over_grpcs_message_limit_streams_intact(tmp_path: Path) -
     assert result["payload_bytes"] / result["params"] < 3
 
 
+def _assert_models_as_in_process(
+    work: Path,
+    config: RunConfig,
+    keys: Path,
+    transport_class: type[InProcessTransport],
+    names: tuple[str, ...],
+) -> None:
+    """Each named site ends with the model of the same job run unmasked in one process, with
+    ``transport_class`` (which may drop the same clients), bit for bit."""
+    from secagg import crypto, rounds
+    from secagg.builtin import task_for
+    from secagg.job import build_clients
+    from secagg.server import Server
+
+    local = replace(config, masking=False, keys_dir=str(keys), device="cpu")
+    transport = transport_class(build_clients(local, task_for(local)))
+    server_side = Server(crypto.for_server(True, keys))
+    rounds.run(server_side, transport, bytes(16), range(1, config.rounds + 1), lambda m: None)
+    reference = transport.slots[0].model.state_dict()
+    for name in names:
+        model = torch.load(work / name / "model.pt")
+        for key, value in reference.items():
+            assert torch.equal(model[key], value), (name, key)
+
+
 class _LosesTwo(InProcessTransport):
     """The in-process reference of the dropouts below: in round 2, position 2 sends nothing
     and position 3 its scales only."""
@@ -581,20 +606,7 @@ def test_sites_lost_after_key_agreement_and_after_the_scales_are_corrected_for(
         "contributors"
     ] == [0, 1]
 
-    from secagg import crypto, rounds
-    from secagg.builtin import task_for
-    from secagg.job import build_clients
-    from secagg.server import Server
-
-    local = replace(config, masking=False, keys_dir=str(session_keys), device="cpu")
-    transport = _LosesTwo(build_clients(local, task_for(local)))
-    server_side = Server(crypto.for_server(True, session_keys))
-    rounds.run(server_side, transport, bytes(16), [1, 2], lambda metrics: None)
-    reference = transport.slots[0].model.state_dict()
-    for name in ("site-1", "site-2"):
-        model = torch.load(work / name / "model.pt")
-        for key, value in reference.items():
-            assert torch.equal(model[key], value), (name, key)
+    _assert_models_as_in_process(work, config, session_keys, _LosesTwo, ("site-1", "site-2"))
 
 
 @pytest.mark.slow
@@ -622,20 +634,9 @@ def test_a_site_lost_while_the_round_unmasks_is_rebuilt_from_shares(
     results = json.loads((work / "server" / "results.json").read_text())
     assert [r["clients"] for r in results["rounds"]] == [3, 3]
 
-    from secagg import crypto, rounds
-    from secagg.builtin import task_for
-    from secagg.job import build_clients
-    from secagg.server import Server
-
-    local = replace(config, masking=False, keys_dir=str(session_keys), device="cpu")
-    transport = InProcessTransport(build_clients(local, task_for(local)))
-    server_side = Server(crypto.for_server(True, session_keys))
-    rounds.run(server_side, transport, bytes(16), [1, 2], lambda metrics: None)
-    reference = transport.slots[0].model.state_dict()
-    for name in ("site-1", "site-2"):
-        model = torch.load(work / name / "model.pt")
-        for key, value in reference.items():
-            assert torch.equal(model[key], value), (name, key)
+    _assert_models_as_in_process(
+        work, config, session_keys, InProcessTransport, ("site-1", "site-2")
+    )
 
 
 @pytest.mark.slow
