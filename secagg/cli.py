@@ -637,6 +637,13 @@ def provision(
         f"  round policy: every sum has at least {policy.threshold} of at most "
         f"{policy.max_round} sites (signed by the CA into every kit)"
     )
+    if policy.threshold < 3:
+        click.echo(
+            f"  warning: with a threshold of {policy.threshold}, a sum of two is decrypted, and "
+            "each of its two sites reads the other's update (the sum minus its own); pass "
+            "--threshold 3 or more to protect single updates",
+            err=True,
+        )
     click.echo(f"  {folders['ca']}/  certificate authority (keep ca.key offline)")
     click.echo(f"  {folders['server']}/  server kit: public CKKS context, no secret key")
     for name in names:

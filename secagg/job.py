@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -107,6 +108,7 @@ def run_job(
             replayed = records.first_round - 1
             for round_num in range(1, records.first_round):
                 stamp = rounds.round_stamp(records.job_id, round_num, transport.roster)
+                stamp = replace(stamp, attempt=records.resumed.attempt(round_num))
                 transport.apply(stamp, *records.resumed.aggregates(round_num))
                 on_progress("replay", round_num, replayed)
         transport.on_progress = on_progress  # from here on: a replay is not a round's "apply"

@@ -306,6 +306,7 @@ class RunRecords:
                 aggregates.scales,
                 self._state(),
                 encrypted=self.config.he,
+                attempt=aggregates.attempt,
             )
 
         def after_round(metrics: RoundMetrics) -> None:

@@ -8,6 +8,7 @@ the transport.
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -77,6 +78,8 @@ class RoundAggregates:
 
     update: bytes
     scales: bytes | None
+    #: the attempt that made them (masked rounds): what a client checks them under
+    attempt: bytes = b""
 
 
 def run_round(
@@ -127,7 +130,7 @@ def run_round(
     summed = server.sum(added, round_stamp, sum(sizes), frozenset(takers))
     # 4b masked payloads: the clients that sent remove their masks with any that did not
     summed = _unmasked(server, transport, round_stamp, summed, corrections, trained)
-    aggregates = RoundAggregates(summed.payload, agreed)
+    aggregates = RoundAggregates(summed.payload, agreed, round_stamp.attempt)
     on_aggregate(round_stamp.round_num, aggregates)
     # 5 on every client: decrypt, check the ledger, divide by the total weight, add to the
     #   global model
@@ -232,6 +235,10 @@ def run(
     for round_num in rounds:
         stamp = round_stamp(job, round_num, transport.roster)
         for attempt in itertools.count():
+            if server.masking:
+                # Each try of a masked round has a nonce of its own, which the clients bind
+                # into their masks, shares, confirmations and every contribution's tags.
+                stamp = replace(stamp, attempt=os.urandom(16))
             try:
                 metrics, _ = run_round(server, transport, stamp, on_aggregate, on_progress)
                 break

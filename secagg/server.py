@@ -55,9 +55,22 @@ class Checkpoint:
                 "broken, so the global model cannot be rebuilt; start a new run"
             ) from err
 
+    def attempt(self, round_num: int) -> bytes:
+        """The attempt that made ``round_num``'s aggregates (empty: an unmasked round)."""
+        return attempt_of(self.workdir, round_num)
+
+
+def attempt_of(workdir: Path, round_num: int) -> bytes:
+    """The attempt nonce a masked round's aggregates were made under, beside them in the
+    chain (empty when there is none: unmasked rounds)."""
+    path = _paths(workdir, round_num, ATTEMPT_SUFFIX)[0]
+    return path.read_bytes() if path.exists() else b""
+
 
 #: file suffix of an aggregate, by whether it is encrypted
 ENCRYPTED_SUFFIX, PLAIN_SUFFIX = ".enc", ".bin"
+#: file suffix of a masked round's attempt nonce, which its aggregates are checked under
+ATTEMPT_SUFFIX = ".attempt"
 
 
 def aggregate_paths(workdir: Path, round_num: int) -> tuple[Path, Path]:
@@ -157,13 +170,16 @@ class Server:
         state: dict[str, object],
         *,
         encrypted: bool,
+        attempt: bytes = b"",
     ) -> None:
-        """Persist the round's aggregates (named ``.enc`` only when ``encrypted``), then the
-        run state after ``round_num``."""
+        """Persist the round's aggregates (named ``.enc`` only when ``encrypted``) and the
+        attempt that made them, then the run state after ``round_num``."""
         if self.workdir is None:
             return
         suffix = ENCRYPTED_SUFFIX if encrypted else PLAIN_SUFFIX
         update_path, scales_path = _paths(self.workdir, round_num, suffix)
+        if attempt:
+            atomic_write(_paths(self.workdir, round_num, ATTEMPT_SUFFIX)[0], attempt, mode=0o600)
         if scales is not None:
             atomic_write(scales_path, scales, mode=0o600)
         atomic_write(update_path, summed, mode=0o600)

@@ -209,3 +209,24 @@ def test_a_site_claiming_more_test_samples_than_the_bound_is_refused(
     honest = Report(task.id, 1, Seconds(), 0, 1.0, (0, 1, 2), EvalReply(1, 0.5, 900, {}))
     coordinator.report(coordinator.sites[1], honest)
     assert coordinator.reports[1] == honest
+
+
+def test_the_round_policy_in_a_kit_is_the_cas(kits: dict[str, Path], tmp_path: Path) -> None:
+    """Every kit holds the round policy signed by the project's CA: a site reads it back, and
+    refuses one that was changed (a lower threshold, say) or is missing, saying what to do."""
+    import shutil
+
+    from secagg.crypto.policy import POLICY_FILE, RoundPolicy, default_threshold
+    from secagg.errors import ConfigError
+
+    kit = load_kit(kits["site-1"], "client")
+    assert kit.policy() == RoundPolicy(default_threshold(len(SITES)), len(SITES))
+    assert load_kit(kits["server"], "server").policy() == kit.policy()
+    copy = tmp_path / "site-1"
+    shutil.copytree(kits["site-1"], copy)
+    (copy / POLICY_FILE).write_bytes(RoundPolicy(1, len(SITES)).to_bytes())
+    with pytest.raises(ConfigError, match="is not signed by this project's CA: it was altered"):
+        load_kit(copy, "client").policy()
+    (copy / POLICY_FILE).unlink()
+    with pytest.raises(ConfigError, match="make the kits again"):
+        load_kit(copy, "client").policy()

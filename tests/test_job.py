@@ -51,12 +51,12 @@ def test_resume_continues_from_the_last_round(tmp_path, session_keys, he: bool) 
     state = json.loads((run_dir / "state.json").read_text())
     assert state["round"] == 2
     chain = sorted(p.name for p in (run_dir / "aggregates").iterdir())
-    # Each round keeps its aggregate; HE also the summed scales that decode it. Only
-    # encrypted aggregates are named .enc.
+    # Each round keeps its aggregate; HE also the summed scales that decode it, and (masked)
+    # the attempt nonce they are checked under. Only encrypted aggregates are named .enc.
     expected = ["round-0001.bin", "round-0002.bin"]
     if he:
-        expected = ["round-0001.enc", "round-0001.scales.enc", "round-0002.enc"]
-        expected.append("round-0002.scales.enc")
+        expected = ["round-0001.attempt", "round-0001.enc", "round-0001.scales.enc"]
+        expected += ["round-0002.attempt", "round-0002.enc", "round-0002.scales.enc"]
     assert chain == expected
     last = run_dir / "aggregates" / expected[-1].replace(".scales", "")
     checkpoint_before = last.read_bytes()

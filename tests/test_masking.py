@@ -522,18 +522,60 @@ def test_survivor_sets_shown_differently_are_caught_by_name(session_keys, identi
     assert caught.value.reason == "inconsistent"
 
 
-def test_a_site_that_revealed_sits_out_a_retry_of_the_round(session_keys, identities) -> None:
-    """Once a client revealed its update's self-mask key in one attempt of a round, it refuses
-    the round's later attempts: the same update in two sums would give away their difference.
-    A retry after only the scale exchange was unmasked (a server restarted mid-round) is
-    taken."""
+def test_a_site_that_sent_its_update_sits_out_a_retry_of_the_round(
+    session_keys, identities
+) -> None:
+    """Once a client sent its masked update in one attempt of a round, it refuses the round's
+    later attempts: the same update in two sums would give away their difference (its key
+    may be rebuilt from shares without it). A retry after only the scale exchange was
+    unmasked (a server restarted mid-round) is taken."""
     stamp = round_of(9, roster=3)
     clients = _clients(session_keys, identities)
     peers = _agree(clients, stamp, sites=(60, 61, 62))
     _reveals(clients, stamp.scales(), (0, 1, 2))
     for position, client in enumerate(clients):  # a retry: the scales alone were unmasked
         client.masker.agree(stamp.for_sender(position), peers, b"retry")  # type: ignore[union-attr]
-    _reveals(clients, stamp, (0, 1, 2))
+    retry = replace(stamp, attempt=b"retry")
+    clients[0].encrypt(_updates(clients[0])[0], retry.for_sender(0))  # its update leaves
     with pytest.raises(PayloadError, match="sits the round out") as caught:
         clients[0].masker.agree(stamp.for_sender(0), peers, b"another attempt")  # type: ignore[union-attr]
     assert caught.value.reason == "sit-out"
+
+
+def test_an_aggregate_that_mixes_attempts_is_refused(session_keys, ckks_pair) -> None:
+    """Each try of a masked round has its own nonce, bound into every contribution's round
+    tag and integrity tag: a server that sums contributions of two attempts (say, to pair an
+    update with another attempt's scales) gets an aggregate no client decrypts, under either
+    attempt; one attempt's own sum decrypts."""
+    _, server = ckks_pair
+    loaded = keys.load_for_client(session_keys)
+    clients = [CkksClient(loaded) for _ in range(CLIENTS)]
+    one, two = (replace(round_of(10, roster=CLIENTS), attempt=a) for a in (b"one", b"two"))
+    updates = _updates(clients[0])
+    first = _encrypt(clients, updates, one)
+    mixed = server.sum([*first[:2], clients[2].encrypt(updates[2], two.for_sender(2))], one)
+    for attempt in (one, two):
+        with pytest.raises(PayloadError) as caught:
+            clients[0].decrypt(mixed, attempt)
+        assert caught.value.reason in ("replayed", "forged")
+    assert clients[0].decrypt(server.sum(first, one), one).contributors == (0, 1, 2)
+
+
+def test_a_phase_unmasked_without_a_site_that_masked_it_is_refused(
+    session_keys, identities
+) -> None:
+    """A site that sent a masked payload in an attempt decrypts that phase's aggregate only
+    if it confirmed the survivors and unmasked with them: a server that left it out (and
+    rebuilt its key from shares) to hand it another sum gets a refusal, not a silent wrong
+    model."""
+    stamp = replace(round_of(11, roster=CLIENTS), attempt=b"two")
+    clients = _clients(session_keys, identities)
+    for position, client in enumerate(clients):
+        peers = [c.masker.publish(stamp.job, 70 + i) for i, c in enumerate(clients)]  # type: ignore[union-attr]
+        client.masker.agree(stamp.for_sender(position), peers, b"two")  # type: ignore[union-attr]
+    scales = stamp.scales()
+    clients[0].encrypt(_updates(clients[0])[0], scales.for_sender(0))
+    with pytest.raises(PayloadError, match="unmasked without this site") as caught:
+        clients[0].masker.check_late(scales, (0, 1, 2))  # type: ignore[union-attr]
+    assert caught.value.reason == "late-update"
+    clients[1].masker.check_late(scales, (0, 1, 2))  # type: ignore[union-attr]  # sent none

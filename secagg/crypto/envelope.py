@@ -74,6 +74,10 @@ class Stamp:
     sender: int
     roster: int
     phase: int = UPDATE_PHASE
+    #: the round's attempt (masked rounds: the nonce the server drew for this try of the
+    #: round). Not in the envelope: it is bound into what the payload encrypts (the ledger's
+    #: round tag, the integrity tag's key), so an aggregate that mixes attempts is refused
+    attempt: bytes = b""
 
     def __post_init__(self) -> None:
         if len(self.job) != 16:
@@ -85,13 +89,25 @@ class Stamp:
 
         if self.phase not in (UPDATE_PHASE, SCALES):
             raise ValueError("phase must be UPDATE_PHASE or SCALES")
+        if len(self.attempt) > 64:
+            raise ValueError("an attempt nonce is at most 64 bytes")
 
     def for_sender(self, sender: int) -> Stamp:
-        return Stamp(self.job, self.round_num, sender, self.roster, self.phase)
+        return Stamp(self.job, self.round_num, sender, self.roster, self.phase, self.attempt)
 
     def scales(self) -> Stamp:
         """The same round's scale exchange."""
-        return Stamp(self.job, self.round_num, self.sender, self.roster, SCALES)
+        return Stamp(self.job, self.round_num, self.sender, self.roster, SCALES, self.attempt)
+
+    def at(self, phase: int) -> Stamp:
+        """The same round's ``phase``."""
+        return Stamp(self.job, self.round_num, self.sender, self.roster, phase, self.attempt)
+
+    def label(self) -> bytes:
+        """Job, round, phase and attempt as bytes, for what binds a payload's contents to
+        them (the ledger's round tag, the integrity tag's key)."""
+        head = self.job + struct.pack(">IB", self.round_num, self.phase)
+        return head + (struct.pack(">B", len(self.attempt)) + self.attempt if self.attempt else b"")
 
 
 @dataclass(frozen=True)

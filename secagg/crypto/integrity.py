@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import struct
 import threading
 from collections import OrderedDict
 
@@ -129,7 +128,7 @@ class MacKey:
 
         Kept for the last few labels (a longer one serves shorter requests): the background
         thread that prepares a round's encryptions computes it early (``ckks``)."""
-        label = b"r\0" + stamp.job + struct.pack(">IB", stamp.round_num, stamp.phase)
+        label = b"r\0" + stamp.label()
         with _VECTORS_LOCK:
             kept = _VECTORS.get((self._key, label))
         if kept is not None and kept[0].size >= size:

@@ -24,7 +24,6 @@ change everything anyway, so there the ledger only catches accidents.
 from __future__ import annotations
 
 import hashlib
-import struct
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -79,8 +78,9 @@ def entries(update: Update, stamp: Stamp) -> tuple[np.ndarray, np.ndarray]:
 
 
 def round_tag(stamp: Stamp) -> int:
-    """The job's, round's and phase's tag, in ``[1, 2**24]``: what each contribution adds."""
-    label = b"secagg round tag\0" + stamp.job + struct.pack(">IB", stamp.round_num, stamp.phase)
+    """The job's, round's, phase's (and attempt's) tag, in ``[1, 2**24]``: what each
+    contribution adds."""
+    label = b"secagg round tag\0" + stamp.label()
     digest = hashlib.sha256(label).digest()
     return 1 + (int.from_bytes(digest[:4], "big") >> (32 - _ROUND_TAG_BITS))
 

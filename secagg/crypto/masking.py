@@ -172,12 +172,13 @@ class Masker:
         self._signatures: dict[tuple[bytes, int, bytes, int], bytes] = {}
         #: (job, round, nonce, phase) -> the survivors it revealed its self-mask key for
         self._corrected: dict[tuple[bytes, int, bytes, int], tuple[int, ...]] = {}
-        #: (job, round) -> the attempt in which this client revealed its update's self-mask
-        #: key: its update of that round is never sent again (another attempt could
-        #: difference it)
+        #: (job, round) -> the attempt in which this client sent its masked update: its update
+        #: of that round is never sent again (another attempt could difference it)
         self._released: dict[tuple[bytes, int], bytes] = {}
         #: (job, round, nonce, phase) -> this client's fresh self-mask key
         self._self_keys: dict[tuple[bytes, int, bytes, int], bytes] = {}
+        #: (job, round, nonce) -> the shares this client handed out for that attempt
+        self._bundles: dict[tuple[bytes, int, bytes], ShareBundle] = {}
         #: (job, round, nonce) -> sender -> its shares of its (scales, update) keys for this
         #: client, opened
         self._held: dict[tuple[bytes, int, bytes], dict[int, tuple[bytes, bytes]]] = {}
@@ -244,8 +245,9 @@ class Masker:
         self._nonce = nonce
         for key in [k for k in self._self_keys if k[:2] != (stamp.job, stamp.round_num)]:
             del self._self_keys[key]
-        for held in [k for k in self._held if k[:2] != (stamp.job, stamp.round_num)]:
-            del self._held[held]
+        for table in (self._held, self._bundles):
+            for old in [k for k in table if k[:2] != (stamp.job, stamp.round_num)]:
+                del table[old]
 
     def keyed(self) -> set[int]:
         """The positions of the agreed round that were handed keys."""
@@ -282,6 +284,11 @@ class Masker:
             )
         plan = self._plan(stamp, None, negate=False)
         self._masked.add(key)
+        if stamp.phase != SCALES:
+            # The update leaves now, under this attempt's masks, and its key may be rebuilt
+            # from shares without this client: it is never sent in another attempt of the
+            # round (the difference of two sums would give it away).
+            self._released[(stamp.job, stamp.round_num)] = self._nonce
         if prepared is not None and prepared[0] == plan and prepared[1].shape == (count, n):
             return prepared[1]
         return plan.words(count, n, modulus)
@@ -291,8 +298,11 @@ class Masker:
         one per keyed position, each sealed to its recipient (``crypto.shares``)."""
         if self._round is None or not self.active(stamp):
             raise PayloadError(f"no mask keys were agreed for round {stamp.round_num}", "bad-plan")
+        made = self._bundles.get(context_key(stamp, self._nonce))
+        if made is not None:  # one sealing per attempt and pair: GCM's nonce is fixed
+            return made
         _, own, secrets = self._round
-        keys = [self._self_key(_at(stamp, phase)) for phase in (SCALES, UPDATE_PHASE)]
+        keys = [self._self_key(stamp.at(phase)) for phase in (SCALES, UPDATE_PHASE)]
         positions = sorted(self._sites)
         threshold = self.policy.threshold if self.policy is not None else len(positions)
         threshold = min(threshold, len(positions))
@@ -305,7 +315,8 @@ class Masker:
         }
         self._held.setdefault(context_key(stamp, self._nonce), {})[own] = (scales[own], update[own])
         commitment = b"".join(hashlib.sha256(key).digest() for key in keys)
-        return ShareBundle(sealed, commitment)
+        bundle = self._bundles[context_key(stamp, self._nonce)] = ShareBundle(sealed, commitment)
+        return bundle
 
     def take(self, stamp: Stamp, sealed: dict[int, bytes]) -> None:
         """Open the shares the round's other clients sealed to this one (``sealed``: sender
@@ -381,12 +392,6 @@ class Masker:
             )
         self._check_confirmations(stamp, survivors, confirmations)
         self._corrected[key] = survivors
-        if stamp.phase != SCALES:
-            # The update is as good as unmasked: never again in another sum of this round.
-            # (The scale exchange's key may be revealed again in a retry: the round then
-            # only goes on when the server's restart or a lost site made it fail before the
-            # update, and what differencing two scale sums gives is one site's histogram.)
-            self._released[(stamp.job, stamp.round_num)] = self._nonce
         dropped = tuple(sorted(set(self._sites) - set(survivors)))
         words = self._pairs(stamp, dropped, count, n, modulus, negate=True) if dropped else None
         return self._self_key(stamp), words, self._shares_of(stamp, survivors)
@@ -403,12 +408,22 @@ class Masker:
         return self._signatures.get((stamp.job, stamp.round_num, self._nonce, stamp.phase), b"")
 
     def check_late(self, stamp: Stamp, contributors: tuple[int, ...]) -> None:
-        """Refuse an aggregate of fewer contributors than the policy allows, or, for a phase
-        this client unmasked, one that does not add exactly the survivors it confirmed (a
-        late update is never added)."""
+        """Refuse an aggregate of fewer contributors than the policy allows; and, for a phase
+        of an attempt in which this client sent a masked payload, one that does not add
+        exactly the survivors it confirmed and unmasked for (a late update is never added,
+        and no sum is unmasked behind its back). ``stamp.attempt`` names the attempt the
+        aggregate belongs to, which its contributions' tags are checked against."""
         if self.policy is not None:
             self.policy.check_sum(len(contributors), "the aggregate adds")
-        survivors = self._corrected.get((stamp.job, stamp.round_num, self._nonce, stamp.phase))
+        key = (stamp.job, stamp.round_num, stamp.attempt, stamp.phase)
+        survivors = self._corrected.get(key)
+        if survivors is None and key in self._masked:
+            raise PayloadError(
+                f"the aggregate of round {stamp.round_num}'s {_phase(stamp)} was unmasked "
+                "without this site, which sent a masked payload for it and confirmed no "
+                "survivor set: it is not decrypted",
+                "late-update",
+            )
         if survivors is not None and tuple(contributors) != survivors:
             late = sorted(set(contributors) - set(survivors))
             what = (
@@ -486,7 +501,7 @@ class Masker:
         return (
             _CONFIRM_LABEL
             + stamp.job
-            + struct.pack(">IBI", stamp.round_num, stamp.phase, len(survivors))
+            + struct.pack(">IBIB", stamp.round_num, stamp.phase, len(survivors), len(self._nonce))
             + self._nonce
             + struct.pack(f">{len(survivors)}I", *survivors)
         )
@@ -596,10 +611,6 @@ def committed(key: bytes, commitment: bytes, phase: int) -> bool:
     """Whether ``key`` is the one a client committed to for ``phase`` when it trained."""
     index = 0 if phase == SCALES else 1
     return hashlib.sha256(key).digest() == commitment[32 * index : 32 * index + 32]
-
-
-def _at(stamp: Stamp, phase: int) -> Stamp:
-    return Stamp(stamp.job, stamp.round_num, stamp.sender, stamp.roster, phase)
 
 
 def self_masks(keys: Sequence[bytes], count: int, n: int, modulus: int) -> np.ndarray:

@@ -117,9 +117,7 @@ class QuantizedCipher:
         from the summed histograms."""
         if agreed is None:
             raise PayloadError("an integer codec needs the round's scale aggregate", "malformed")
-        digest = hashlib.sha256(
-            stamp.job + stamp.round_num.to_bytes(4, "big") + bytes(agreed)
-        ).digest()
+        digest = hashlib.sha256(stamp.label() + bytes(agreed)).digest()
         if self._agreed is None or self._agreed[0] != digest:
             summed = self.inner.decrypt(agreed, stamp.scales())
             if summed.values.shape != (self._scale_values,):

@@ -29,7 +29,7 @@ from secagg.errors import PayloadError, SecAggError
 from secagg.messages import ModelSignature
 from secagg.provision import ADMIN, Kit
 from secagg.rounds import RoundFailed
-from secagg.server import aggregate_paths
+from secagg.server import aggregate_paths, attempt_of
 from secagg.transport.grpc_wire import Hello, MaskKey, Report, UploadHeader
 
 INBOX = 2
@@ -490,6 +490,8 @@ class Coordinator:
             return held
         if not 1 <= round_num <= self.completed:
             raise PayloadError(f"round {round_num} has no aggregate yet", "not-found")
+        if what == "attempt":
+            return attempt_of(self.workdir, round_num)
         update, scales = aggregate_paths(self.workdir, round_num)
         chosen = scales if what == "scales" else update
         try:

@@ -172,6 +172,8 @@ class Site:
         self.applied = 0
         self.metrics: list[dict[str, Any]] = []
         self._scales: dict[int, bytes] = {}
+        #: the attempt of the round this site last trained in (its train task's nonce)
+        self._attempts: dict[int, bytes] = {}
         #: whether rounds have a scale exchange (HE: the packed codec)
         self.scaled = client.config.he
 
@@ -182,8 +184,12 @@ class Site:
             return None
         return wire.MaskKey(signed.site, signed.public, signed.signature, self.certificate)
 
-    def round_stamp(self, round_num: int) -> Stamp:
-        return Stamp(self.joined.job, round_num, SERVER, self.joined.roster)
+    def round_stamp(self, round_num: int, attempt: bytes | None = None) -> Stamp:
+        """A round's stamp, with ``attempt`` (default: the one this site took part in last,
+        from its train task; never a later task's claim)."""
+        if attempt is None:
+            attempt = self._attempts.get(round_num, b"")
+        return Stamp(self.joined.job, round_num, SERVER, self.joined.roster, attempt=attempt)
 
     def run(self) -> str:
         """Do tasks until the job ends; return how it ended (``done`` or the abort reason)."""
@@ -247,12 +253,13 @@ class Site:
 
     def do_train(self, task: dict[str, Any]) -> None:
         round_num = int(task["round"])
-        stamp = self.round_stamp(round_num).for_sender(self.joined.index)
+        nonce = _nonce(task.get("nonce", ""))
+        stamp = self.round_stamp(round_num, nonce).for_sender(self.joined.index)
         peers = self._peers(task)
         if peers is None:
             return
         self.log(f"round {round_num}: training")
-        nonce = bytes.fromhex(str(task.get("nonce", "")))
+        self._attempts = {round_num: nonce}
         try:
             reply = self.client.train(stamp, peers, nonce)
         except PayloadError as err:
@@ -348,12 +355,24 @@ class Site:
         self.connection.upload(header.to_wire(), reply.payload)
 
     def do_apply(self, task: dict[str, Any]) -> None:
-        self._apply(int(task["round"]), task["id"], task.get("scales"))
+        attempt = _nonce(task.get("attempt", ""))
+        self._apply(int(task["round"]), task["id"], task.get("scales"), attempt)
 
-    def _apply(self, round_num: int, task_id: int | None, digest: object = None) -> None:
+    def _apply(
+        self,
+        round_num: int,
+        task_id: int | None,
+        digest: object = None,
+        attempt: bytes | None = None,
+    ) -> None:
+        """Apply a round's aggregate, checked under ``attempt``, the try of the round that
+        made it (the server names it; every contribution's tags must agree, so an aggregate
+        that mixes attempts is refused); a catching-up site asks the server for it."""
         update = self.connection.download(round_num, "update")
         scales = self._fetch_scales(round_num, digest)
-        applied = self.client.apply(update, self.round_stamp(round_num), scales)
+        if attempt is None:
+            attempt = _nonce(self.connection.download(round_num, "attempt").hex())
+        applied = self.client.apply(update, self.round_stamp(round_num, attempt), scales)
         self.applied = round_num
         self._scales.pop(round_num, None)
         try:
@@ -440,6 +459,17 @@ def check_keys(joined: Joined, fingerprint: bytes) -> None:
 #: Refusals that stop this site: a substituted mask key, a round that breaks the round policy,
 #: survivor sets that differ between sites (each is the server's lie, or the network's).
 _STOPS = ("bad-key", "policy", "inconsistent")
+
+
+def _nonce(value: object) -> bytes:
+    """An attempt nonce a task names (hex), refused unless 0 to 64 bytes."""
+    try:
+        nonce = bytes.fromhex(str(value))
+    except ValueError as err:
+        raise PayloadError("a task's attempt nonce is not hex", "bad-plan") from err
+    if len(nonce) > 64:
+        raise PayloadError("a task's attempt nonce is over 64 bytes", "bad-plan")
+    return nonce
 
 
 def _digest(data: bytes) -> str:

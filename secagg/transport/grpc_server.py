@@ -314,7 +314,8 @@ class GrpcTransport:
         if self.c.masking:
             # Every site's signed key, relayed by position, and a fresh attempt nonce: a round
             # tried again masks afresh.
-            masks = {"keys": self.c.mask_keys(sites), "nonce": os.urandom(16).hex()}
+            nonce = round_stamp.attempt or os.urandom(16)
+            masks = {"keys": self.c.mask_keys(sites), "nonce": nonce.hex()}
         self._keyed = sites if self.c.masking else frozenset()
         task = self.c.post(
             "train", round_stamp.round_num, sites, job=round_stamp.job.hex(), **masks
@@ -414,7 +415,10 @@ class GrpcTransport:
         with self.c.lock:
             self.c.completed = round_num
         sites = frozenset(self.c.ready_sites(round_num))
-        task = self.c.post("apply", round_num, sites, scales=_digest(scales))
+        self.c.publish(round_num, "attempt", round_stamp.attempt)
+        task = self.c.post(
+            "apply", round_num, sites, scales=_digest(scales), attempt=round_stamp.attempt.hex()
+        )
         reports = self.c.collect_reports(task, self.timeout)
         self._evals = [r.evaluation for r in reports.values() if r.evaluation is not None]
         return [

@@ -286,8 +286,10 @@ class DownloadRequest:
     @classmethod
     def from_wire(cls, message: Mapping[str, Any]) -> DownloadRequest:
         what = message.get("what")
-        if what not in ("update", "scales"):
-            raise PayloadError(f"'what' must be 'update' or 'scales', not {what!r}", "malformed")
+        if what not in ("update", "scales", "attempt"):
+            raise PayloadError(
+                f"'what' must be 'update', 'scales' or 'attempt', not {what!r}", "malformed"
+            )
         return cls(whole(message, "round"), str(what))
 
 

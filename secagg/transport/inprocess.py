@@ -78,7 +78,7 @@ class InProcessTransport:
         # task, by position (none when the clients do not mask).
         keys = [slot.mask_key(round_stamp.job) for slot in self.slots]
         peers = [key for key in keys if key is not None] if None not in keys else []
-        nonce = os.urandom(16)  # a round tried again masks afresh
+        nonce = round_stamp.attempt or os.urandom(16)  # a round tried again masks afresh
         replies = [
             slot.train(round_stamp.for_sender(position), peers, nonce)
             for position, slot in self._each("train", self.slots)

@@ -271,7 +271,7 @@ class RayTransport:
         # with the train task; none when the clients do not mask.
         keys = self._get([slot.mask_key.remote(round_stamp.job) for slot in self.slots])
         peers = self.ray.put([] if None in keys else keys)
-        nonce = os.urandom(16)  # a round tried again masks afresh
+        nonce = round_stamp.attempt or os.urandom(16)  # a round tried again masks afresh
         calls = [
             (position, slot, slot.train.remote(round_stamp.for_sender(position), peers, nonce))
             for position, slot in enumerate(self.slots)
