@@ -10,6 +10,9 @@ python tests/patched.py lie-dropout:DIR server job.toml ... # claims site-1 drop
                                                             # update phase though it delivered;
                                                             # dumps what it gathers into DIR
 python tests/patched.py lie-small:2 server job.toml ...     # keys each round to 2 sites only
+python tests/patched.py bad-key client --kit ...            # joins with a badly signed mask key
+python tests/patched.py retry-split server job.toml ...     # round 1 by site-1 and site-2, then
+                                                            # (failed) by site-3 and site-4
 python tests/patched.py lie-retry server job.toml ...       # fails round 1 once its update was
                                                             # unmasked, and tries it again
 python tests/patched.py lie-split server job.toml ...       # shows site-1 another survivor set
@@ -174,6 +177,48 @@ def _lie_split(_: str) -> None:
     Coordinator.next_task = shown  # type: ignore[method-assign]
 
 
+def _bad_key(_: str) -> None:
+    """This site joins with its mask key signed wrongly (a buggy or hostile site)."""
+    from dataclasses import replace
+
+    from secagg.transport.grpc_client import Site
+
+    mask_key = Site.mask_key
+
+    def bad(self: Site) -> Any:
+        key = mask_key(self)
+        return None if key is None else replace(key, signature=bytes(len(key.signature)))
+
+    Site.mask_key = bad  # type: ignore[method-assign]
+
+
+def _retry_split(_: str) -> None:
+    """Round 1's first attempt is keyed to site-1 and site-2 only; once they sealed (and so
+    fetched its scales), the round 'fails' and is tried again with site-3 and site-4 (the first
+    two sit it out). Every site then applies the second attempt's aggregate."""
+    from secagg.rounds import RoundFailed
+    from secagg.transport.coordinator import Coordinator
+    from secagg.transport.grpc_server import GrpcTransport
+
+    apply, wait = GrpcTransport.apply, Coordinator.wait_for_sites
+    tries: list[int] = []
+
+    def failing(self: GrpcTransport, stamp: Any, payload: bytes, scales: Any) -> Any:
+        if not tries:
+            tries.append(1)
+            raise RoundFailed("round 1: patched to fail after its first attempt")
+        return apply(self, stamp, payload, scales)
+
+    def split(self: Coordinator, round_num: int, *args: Any, **kwargs: Any) -> frozenset[int]:
+        sites = wait(self, round_num, *args, **kwargs)
+        if round_num != 1:
+            return sites
+        return sites - ({0, 1} if tries else {2, 3})
+
+    GrpcTransport.apply = failing  # type: ignore[method-assign]
+    Coordinator.wait_for_sites = split  # type: ignore[method-assign]
+
+
 FAULTS = {
     "die-after-keys": _die_after_keys,
     "die-at-seal": _die_at_seal,
@@ -182,6 +227,8 @@ FAULTS = {
     "lie-dropout": _lie_dropout,
     "lie-small": _lie_small,
     "lie-retry": _lie_retry,
+    "bad-key": _bad_key,
+    "retry-split": _retry_split,
     "lie-split": _lie_split,
 }
 

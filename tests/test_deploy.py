@@ -891,3 +891,53 @@ def test_a_round_retried_after_its_update_was_unmasked_gets_no_update_twice(
     for log in logs:
         assert log.count("round 1: sending") == 1, log[-3000:]
         assert "already revealed its masks for round 1" in log and "sits the round out" in log
+
+
+def test_a_site_with_a_badly_signed_mask_key_is_left_out_and_the_others_finish(
+    tmp_path: Path,
+) -> None:
+    """site-3 joins with its mask key signed wrongly: the server refuses it at the door, by
+    name (it would otherwise stop every honest site), and site-1 and site-2 finish the job."""
+    project, port = _project(tmp_path, 3)
+    job, _ = _job(tmp_path, rounds=1, min_clients=2, round_timeout=30.0)
+    work = tmp_path / "work"
+    server = _server(project, job, work / "server", port)
+    sites = [_site(project, f"site-{i}", work, "bad-key" if i == 3 else None) for i in (1, 2, 3)]
+    try:
+        out = _finish(server)
+        assert server.returncode == 0, out[-3000:]
+        for site in sites[:2]:
+            assert "the job is done" in _finish(site, 60)
+    finally:
+        _kill_all(server, *sites)
+    assert "site-3's mask key is refused, and the site is left out" in out, out[-3000:]
+    assert [
+        r["clients"] for r in json.loads((work / "server" / "results.json").read_text())["rounds"]
+    ] == [2]
+
+
+def test_a_round_retried_with_other_members_leaves_every_site_the_same_model(
+    tmp_path: Path,
+) -> None:
+    """Round 1 is sealed by site-1 and site-2 (which fetch its scales), fails, and is tried
+    again by site-3 and site-4. Every site applies the retry's aggregate with the retry's
+    scales (named by digest and attempt; a copy kept by round number decoded it on the first
+    attempt's steps, a silent fork): all four end with the same model, bit for bit."""
+    project, port = _project(tmp_path, 4)
+    job, _ = _job(tmp_path, clients=4, rounds=2, min_clients=2, round_timeout=60.0)
+    work = tmp_path / "work"
+    server = _server(project, job, work / "server", port, fault="retry-split")
+    sites = [_site(project, f"site-{i}", work) for i in (1, 2, 3, 4)]
+    try:
+        out = _finish(server)
+        assert server.returncode == 0, out[-3000:]
+        assert "trying round 1 again" in out
+        logs = [_finish(site, 60) for site in sites]
+    finally:
+        _kill_all(server, *sites)
+    assert all("the job is done" in log for log in logs)
+    rounds = json.loads((work / "server" / "results.json").read_text())["rounds"]
+    assert [r["clients"] for r in rounds] == [2, 4]
+    models = [torch.load(work / f"site-{i}" / "model.pt") for i in (1, 2, 3, 4)]
+    for key, value in models[0].items():
+        assert all(torch.equal(m[key], value) for m in models[1:]), key
