@@ -882,6 +882,8 @@ def test_a_round_retried_after_its_update_was_unmasked_gets_no_update_twice(
         out = _finish(server, 240)
         assert server.returncode != 0, out[-3000:]
         assert "trying round 1 again" in out and "only 0 site(s) trained" in out, out[-3000:]
+        # Each says so at once: the server does not wait out the phase for them.
+        assert out.count("sits round 1 out: it sent its update in an earlier attempt") == 3
     finally:
         _kill_all(server)
         for site in sites:

@@ -439,6 +439,20 @@ class Coordinator:
         values = quantize.histogram_values(model.sizes()) if self.cipher.quantizes else 0
         return task, stamp.scales(), values
 
+    def sit_out(self, site: Site, task_id: int) -> None:
+        """``site`` sits out the current train task (it sent its update in an earlier attempt
+        of the round): the task stops waiting for it."""
+        with self.lock:
+            task = self.task
+            if task is None or task.id != task_id or task.kind != "train":
+                raise PayloadError("sitting out answers no current train task", "stale")
+            task.dropped.add(site.index)
+            self.lock.notify_all()
+        self.log(
+            f"{site.name} sits round {task.round} out: it sent its update in an earlier "
+            "attempt, and never sends it twice"
+        )
+
     def drop(self, site: Site, task: Task, at_once: bool = False) -> None:
         """Count a refused upload of ``site`` for ``task``; at ``STRIKES`` of them (or
         ``at_once``: a stalled stream) the task goes on without waiting for the site."""

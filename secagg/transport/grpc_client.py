@@ -266,6 +266,8 @@ class Site:
             if err.reason != "sit-out":
                 raise
             self.log(f"round {round_num}: {err}")
+            header = wire.UploadHeader(int(task["id"]), sitting_out=True)
+            self.connection.upload(header.to_wire(), b"")  # so the server need not wait
             return
         header = wire.UploadHeader(
             int(task["id"]),

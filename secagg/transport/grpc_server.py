@@ -108,6 +108,9 @@ class Service:
             try:
                 header = wire.UploadHeader.from_wire(_message(_first(requests)))
                 watchdog.progress()
+                if header.sitting_out:
+                    self.c.sit_out(site, header.task)
+                    return wire.encode({"ok": True})
                 task, stamp, values = self.c.check_upload(site, header)
                 kind = _KINDS[task.kind]
                 with self.limits.hold(site.name, "body"):

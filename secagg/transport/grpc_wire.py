@@ -170,6 +170,9 @@ class UploadHeader:
     #: commitment to the keys
     sealed: Mapping[int, bytes] = field(default_factory=dict)
     commitment: bytes = b""
+    #: a ``train`` upload without a payload: the site sits this attempt of the round out
+    #: (it sent its update in an earlier one), so the server need not wait for it
+    sitting_out: bool = False
 
     def to_wire(self) -> dict[str, Any]:
         message: dict[str, Any] = {
@@ -188,6 +191,8 @@ class UploadHeader:
                 message[name] = {str(p): blob.hex() for p, blob in values.items()}
         if self.commitment:
             message["commitment"] = self.commitment.hex()
+        if self.sitting_out:
+            message["sitting_out"] = True
         return message
 
     @classmethod
@@ -202,6 +207,7 @@ class UploadHeader:
             by_position(message.get("held"), "held", 66, 66),
             by_position(message.get("sealed"), "sealed", 1, 512),
             _hex(message, "commitment", 64, 64) if "commitment" in message else b"",
+            message.get("sitting_out") is True,
         )
 
 
