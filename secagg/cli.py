@@ -635,7 +635,8 @@ def provision(
     policy = kits.load_kit(folders["server"], "server").policy()
     click.echo(
         f"  round policy: every sum has at least {policy.threshold} of at most "
-        f"{policy.max_round} sites (signed by the CA into every kit)"
+        f"{policy.max_round} sites (signed by the CA into every kit); a lying server with up "
+        f"to {policy.tolerated()} colluding site(s) reads no single update"
     )
     if policy.threshold < 3:
         click.echo(

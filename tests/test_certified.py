@@ -221,6 +221,14 @@ def test_the_round_policy_in_a_kit_is_the_cas(kits: dict[str, Path], tmp_path: P
 
     kit = load_kit(kits["site-1"], "client")
     assert kit.policy() == RoundPolicy(default_threshold(len(SITES)), len(SITES))
+    # What provision reports: colluders c with c <= t - 2 and 2t - n > c.
+    assert [default_threshold(n) for n in (2, 3, 4, 8, 100)] == [2, 3, 3, 6, 67]
+    assert [RoundPolicy(t, n).tolerated() for t, n in ((2, 3), (3, 3), (6, 8), (67, 100))] == [
+        0,
+        1,
+        3,
+        33,
+    ]
     assert load_kit(kits["server"], "server").policy() == kit.policy()
     copy = tmp_path / "site-1"
     shutil.copytree(kits["site-1"], copy)
