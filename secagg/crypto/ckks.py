@@ -215,7 +215,7 @@ class CkksClient:
         signature = masker.signature(stamp)
         if words is None:
             return Reveal(stamp.sender, key, confirmation=signature, shares=held)
-        dropped = tuple(sorted(set(range(stamp.roster)) & masker.keyed() - set(survivors)))
+        dropped = tuple(sorted(masker.keyed() - set(survivors)))  # the pairs ``words`` remove
         correction = envelope.to_bytes(
             self.codec_for_round(stamp),
             CORRECTION,

@@ -275,7 +275,7 @@ class Masker:
         difference of the two to any key holder (a retried round stops here, by name).
         ``prepared``: a plan and the words it expanded to ahead of time, used when the plan is
         still this phase's."""
-        key = (stamp.job, stamp.round_num, self._nonce, stamp.phase)
+        key = self._phase_key(stamp)
         if key in self._masked:
             raise PayloadError(
                 f"this client already sent a masked payload for round {stamp.round_num}'s "
@@ -400,12 +400,12 @@ class Masker:
         """This client's shares of the other survivors' self-mask keys for the phase: only of
         survivors (a client outside the set gets corrections instead, never both)."""
         held = self._held.get(context_key(stamp, self._nonce), {})
-        index = 0 if stamp.phase == SCALES else 1
+        index = _slot(stamp.phase)
         return {u: held[u][index] for u in survivors if u != stamp.sender and u in held}
 
     def signature(self, stamp: Stamp) -> bytes:
         """This client's confirmation of ``stamp``'s phase (empty if it confirmed none)."""
-        return self._signatures.get((stamp.job, stamp.round_num, self._nonce, stamp.phase), b"")
+        return self._signatures.get(self._phase_key(stamp), b"")
 
     def check_late(self, stamp: Stamp, contributors: tuple[int, ...]) -> None:
         """Refuse an aggregate of fewer contributors than the policy allows; and, for a phase
@@ -457,6 +457,11 @@ class Masker:
             )
         if self.policy is not None:
             self.policy.check_sum(len(survivors), f"the server says the {_phase(stamp)} added")
+        return self._phase_key(stamp)
+
+    def _phase_key(self, stamp: Stamp) -> tuple[bytes, int, bytes, int]:
+        """``stamp``'s phase of the agreed attempt: what this client's per-phase state is
+        kept by (its masks, self-mask keys, confirmations and reveals)."""
         return (stamp.job, stamp.round_num, self._nonce, stamp.phase)
 
     def _check_confirmations(
@@ -511,7 +516,7 @@ class Masker:
 
     def _self_key(self, stamp: Stamp) -> bytes:
         """This client's self-mask key for ``stamp``'s phase of the agreed attempt, fresh."""
-        key = (stamp.job, stamp.round_num, self._nonce, stamp.phase)
+        key = self._phase_key(stamp)
         return self._self_keys.setdefault(key, os.urandom(seeded.SEED_BYTES))
 
     def _pairs(
@@ -609,8 +614,13 @@ def rebuild(sender: int, reveals: Sequence[Reveal], commitment: bytes, phase: in
 
 def committed(key: bytes, commitment: bytes, phase: int) -> bool:
     """Whether ``key`` is the one a client committed to for ``phase`` when it trained."""
-    index = 0 if phase == SCALES else 1
+    index = _slot(phase)
     return hashlib.sha256(key).digest() == commitment[32 * index : 32 * index + 32]
+
+
+def _slot(phase: int) -> int:
+    """Where a phase's key sits in a client's shares and commitment: scales first."""
+    return 0 if phase == SCALES else 1
 
 
 def self_masks(keys: Sequence[bytes], count: int, n: int, modulus: int) -> np.ndarray:
