@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import torch
@@ -50,6 +50,9 @@ from secagg.messages import (
 )
 from secagg.optimizers import Hyper, ServerOptimizer, positions_of
 from secagg.task import EvalResult, RoundContext, Site, Task, TrainResult
+
+if TYPE_CHECKING:
+    from secagg.crypto.quantized import Agreement
 
 T = TypeVar("T")
 
@@ -154,14 +157,18 @@ class Client:
         trained = time.perf_counter()
         change = self._change()
         flattened = time.perf_counter()
-        scales = self.cipher.prepare(change, stamp, samples)
+        metrics = self._metrics(result.metrics, "train")
+        scales = self.cipher.prepare(change, stamp, samples, metrics)
         self._trained = _Trained(stamp, change, samples)
         seconds = Seconds(
             train=trained - start,
             flatten=flattened - trained,
             prepare=time.perf_counter() - flattened,
         )
-        metrics = self._metrics(result.metrics, "train")
+        if scales is not None:
+            # An integer codec carries the count and the metrics inside the encrypted scales:
+            # the server reads neither (``crypto.report``).
+            samples, metrics = 0, {}
         # Shares of the round's self-mask keys go out with the training upload: before any
         # masked payload counts, every position holds its share (``crypto.shares``).
         bundle = self.cipher.share(stamp) if peers else None
@@ -181,6 +188,12 @@ class Client:
                 f"{self.site.name} has no trained update for round {stamp.round_num}",
                 "bad-plan",
             )
+        start = time.perf_counter()
+        agreement = self.cipher.agreement(stamp, scales)
+        metrics: dict[str, float] = {}
+        if agreement is not None:
+            # The total is the one the clients encrypted, never the server's word.
+            total_samples, metrics = self._total(agreement), agreement.metrics or {}
         if not 0 < trained.num_samples <= total_samples:
             raise PayloadError(
                 f"{self.site.name} trained on {trained.num_samples} samples, the round "
@@ -188,13 +201,26 @@ class Client:
                 "bad-plan",
             )
         self._trained = None
-        start = time.perf_counter()
         weight = trained.num_samples / total_samples
         values = trained.change
         values *= weight
         payload = self.cipher.encrypt(Update(values, weight), trained.stamp, scales)
         seconds = Seconds(encrypt=time.perf_counter() - start)
-        return FitReply(stamp.sender, payload, seconds, len(payload))
+        return FitReply(stamp.sender, payload, seconds, len(payload), metrics)
+
+    def _total(self, agreement: Agreement) -> int:
+        """The round's sample total from its encrypted scales, refused when more than its
+        sites could have trained on (each at most the job's ``max_client_samples``): the
+        bound a server that cannot read the counts no longer checks per site."""
+        sites = len(agreement.contributors)
+        if agreement.samples > sites * self.config.max_client_samples:
+            raise PayloadError(
+                f"the round's {sites} site(s) claim {agreement.samples} training samples in "
+                f"all, over {sites} x the job's max_client_samples "
+                f"({self.config.max_client_samples}): a site misreported its count",
+                "bad-scales",
+            )
+        return agreement.samples
 
     def confirm(self, stamp: Stamp, survivors: tuple[int, ...]) -> bytes:
         """This client's signature of the survivor set the server says ``stamp``'s phase
@@ -288,9 +314,16 @@ class Client:
     def _samples(self, result: object) -> int:
         self._returned(result, TrainResult, "train", "TrainResult(num_samples=..., metrics={...})")
         assert isinstance(result, TrainResult)
-        return self._count(
+        samples = self._count(
             result.num_samples, "train", "how many training examples it used", ": the FedAvg weight"
         )
+        if samples > self.config.max_client_samples:
+            raise TaskError(
+                f"{self.site.name}: the task's train reported {samples} samples, over the job's "
+                f"max_client_samples ({self.config.max_client_samples}); raise the bound in the "
+                "job if the site really has that many"
+            )
+        return samples
 
     def _returned(self, result: object, kind: type, method: str, usage: str) -> None:
         """Refuse a task method's result of the wrong type, saying what to return."""

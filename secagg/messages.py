@@ -120,7 +120,8 @@ class Seconds:
 
 @dataclass(frozen=True)
 class TrainReply:
-    """A client after training: its sample count (the FedAvg weight), what its task measured,
+    """A client after training: its sample count (the FedAvg weight) and what its task
+    measured (both 0 and empty for an integer codec, which encrypts them with the scales),
     and, for an integer codec, its encrypted part of the scale exchange."""
 
     client_id: int
@@ -142,6 +143,9 @@ class FitReply:
     payload: bytes
     seconds: Seconds = field(default_factory=Seconds)
     size: int = 0
+    #: an integer codec: the round's training metrics as this client decrypted them from
+    #: the summed scales (every site's average, never one site's values)
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from secagg.crypto import report
 from secagg.errors import PayloadError
 
 if TYPE_CHECKING:  # the server imports this module to size the scale exchange: no torch
@@ -60,8 +61,9 @@ def blocks_of(tensor_sizes: Iterable[int]) -> np.ndarray:
 
 
 def histogram_values(tensor_sizes: Iterable[int]) -> int:
-    """How many values a scale-exchange payload carries for a model of ``tensor_sizes``."""
-    return int(blocks_of(tensor_sizes).size) * BINS
+    """How many values a scale-exchange payload carries for a model of ``tensor_sizes``: the
+    histograms, then the site's training report (``secagg.crypto.report``)."""
+    return int(blocks_of(tensor_sizes).size) * BINS + report.VALUES
 
 
 def histogram(values: np.ndarray, sizes: np.ndarray, factor: float = 1.0) -> np.ndarray:

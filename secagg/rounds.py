@@ -10,6 +10,8 @@ from __future__ import annotations
 import itertools
 import os
 import time
+import warnings
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
 from math import nan
@@ -308,7 +310,11 @@ class RoundRecord:
         )
         down += self.confirmations
         task_metrics = _averaged([(e.num_samples, e.metrics) for e in self.evals])
-        train_metrics = _averaged([(t.num_samples, t.metrics) for t in senders])
+        train_metrics = (
+            _agreed([f.metrics for f in fits])
+            if self.scales is not None
+            else _averaged([(t.num_samples, t.metrics) for t in senders])
+        )
         losses = _averaged([(e.num_samples, {"loss": e.loss}) for e in self.evals])
         return RoundMetrics(
             round=round_num,
@@ -348,6 +354,23 @@ class RoundRecord:
         ]
         slowest = max((a.seconds.decrypt + a.seconds.unflatten for a in self.applied), default=0)
         return _streamed(self.summed, arrivals) + slowest
+
+
+def _agreed(reports: list[dict[str, float]]) -> dict[str, float]:
+    """The training metrics that most clients decrypted from the round's summed scales (an
+    integer codec: every client reads the same sum; a client that says otherwise is outvoted
+    and logged). Empty when none came."""
+    if not reports:
+        return {}
+    votes = Counter(tuple(sorted(r.items(), key=lambda item: item[0])) for r in reports)
+    agreed, count = votes.most_common(1)[0]
+    if count < len(reports):
+        warnings.warn(
+            f"{len(reports) - count} of {len(reports)} clients decrypted other training "
+            "metrics than the rest; the majority's are kept",
+            stacklevel=2,
+        )
+    return dict(agreed)
 
 
 def _averaged(reports: list[tuple[int, dict[str, float]]]) -> dict[str, float]:

@@ -92,7 +92,7 @@ class Attacker:
         """A well-formed, correctly encrypted scale payload, with ``extra`` values more."""
         stamp = Stamp(self.job, round_num, self.index, 3).scales()
         inner = self.client.cipher.inner  # type: ignore[attr-defined]
-        size = self.client.cipher.blocks.size * quantize.BINS + extra  # type: ignore[attr-defined]
+        size = quantize.histogram_values(e.size for e in self.client.layout.entries) + extra
         return bytes(inner.encrypt(Update(np.zeros(size), 1 / 3), stamp))
 
     def huge(self, header: dict, payload: bytes, declared: int) -> str:
@@ -174,10 +174,10 @@ class Attacker:
                 continue
             if kind != "train":
                 continue
-            header = UploadHeader(task["id"], samples=100).to_wire()
+            header = UploadHeader(task["id"]).to_wire()  # HE: the count travels encrypted
             honest = self.scales(round_num)
             # Each twice: the second refused upload in a task leaves the site out of it.
-            if round_num == 1:  # one site claiming almost every sample of the federation
+            if round_num == 1:  # its count in plain, where HE carries it encrypted
                 claim = {**header, "samples": 10**15}
                 for _ in range(2):
                     log.append(self.refused(lambda: self.connection.upload(claim, honest)))  # noqa: B023

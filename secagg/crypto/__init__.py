@@ -15,7 +15,7 @@ only module that imports TenSEAL, ``quantized`` puts the scale exchange around i
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -30,6 +30,7 @@ from secagg.crypto.policy import RoundPolicy
 if TYPE_CHECKING:  # the server imports this package: no torch here
     from cryptography.hazmat.primitives.asymmetric import ec
 
+    from secagg.crypto.quantized import Agreement
     from secagg.flatten import Layout
 
 
@@ -55,10 +56,18 @@ class ClientCipher(Protocol):
 
     name: str
 
-    def prepare(self, values: np.ndarray, stamp: Stamp, samples: int = 1) -> bytes | None:
+    def prepare(
+        self,
+        values: np.ndarray,
+        stamp: Stamp,
+        samples: int = 1,
+        metrics: Mapping[str, float] | None = None,
+    ) -> bytes | None:
         """What this client contributes to the round's agreement on how to encode ``values``
         (its change to the global model; ``samples`` its sample count, its weight before the
-        round's total is known), or None when the codec needs none."""
+        round's total is known; ``metrics`` its task's training metrics, which an integer
+        codec encrypts with the agreement), or None when the codec needs none (the count and
+        metrics then travel in plain)."""
         ...
 
     def precompute(self, stamp: Stamp) -> None:
@@ -95,6 +104,11 @@ class ClientCipher(Protocol):
         """What unmasks the sum of ``stamp``'s phase over ``survivors``, once at least the
         policy's threshold of them confirmed that set (once per round and phase); ``sealed``:
         the shares the other survivors sealed to this client, by sender."""
+        ...
+
+    def agreement(self, stamp: Stamp, agreed: bytes | None) -> Agreement | None:
+        """What the sum of ``stamp``'s round's ``prepare`` payloads says (the integer codec's
+        steps, sample total and training metrics), or None when the codec needs none."""
         ...
 
     def encrypt(self, update: Update, stamp: Stamp, agreed: bytes | None) -> bytes:

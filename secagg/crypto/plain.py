@@ -12,7 +12,7 @@ its job, round and phase, which catches a misrouted or replayed payload, not a l
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -49,12 +49,23 @@ class PlainCipher:
         """Every round's payloads say the same codec."""
         return self.codec
 
-    def prepare(self, values: np.ndarray, stamp: Stamp, samples: int = 1) -> None:
-        """Floats need no agreement before they are added."""
+    def prepare(
+        self,
+        values: np.ndarray,
+        stamp: Stamp,
+        samples: int = 1,
+        metrics: Mapping[str, float] | None = None,
+    ) -> None:
+        """Floats need no agreement before they are added (and a plaintext server reads each
+        site's count and metrics in plain, as it reads its update)."""
         return None
 
     def precompute(self, stamp: Stamp) -> None:
         """Nothing to prepare: plaintext payloads are the values themselves."""
+
+    def agreement(self, stamp: Stamp, agreed: bytes | None) -> None:
+        """No agreement: the server gives the sample total."""
+        return None
 
     def publish(self, job: bytes, site: int) -> SignedKey | None:
         """Plaintext FedAvg does not mask: its server reads every update anyway."""

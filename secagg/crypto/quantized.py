@@ -12,11 +12,13 @@ round are decrypted once and kept until the next round's agreement arrives.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from secagg import quantize
+from secagg.crypto import report
 from secagg.crypto.ckks import CkksClient
 from secagg.crypto.envelope import SCALES, Stamp
 from secagg.crypto.ledger import Aggregate, Update
@@ -33,21 +35,33 @@ class QuantizedCipher:
         self.name = inner.name
         self.blocks = quantize.block_sizes(layout)
         self.size = layout.size
-        #: values of a scale exchange payload: one histogram per block
-        self._scale_values = self.blocks.size * quantize.BINS
-        #: the last agreement decrypted: (its digest, the steps, who took part, their samples)
-        self._agreed: tuple[bytes, np.ndarray, tuple[int, ...], int] | None = None
-        #: this client's sample count, as its last ``prepare`` reported it
+        #: values of a scale exchange payload: one histogram per block, then the report
+        self._histogram_values = self.blocks.size * quantize.BINS
+        self._scale_values = self._histogram_values + report.VALUES
+        #: the last agreement decrypted, by its digest
+        self._agreed: tuple[bytes, Agreement] | None = None
+        #: this client's sample count and training metrics, as its last ``prepare`` had them
         self._samples = 0
+        self._metrics: Mapping[str, float] = {}
 
-    def prepare(self, values: np.ndarray, stamp: Stamp, samples: int = 1) -> bytes:
+    def prepare(
+        self,
+        values: np.ndarray,
+        stamp: Stamp,
+        samples: int = 1,
+        metrics: Mapping[str, float] | None = None,
+    ) -> bytes:
         """The encrypted magnitude histogram of ``samples x values`` (this client's change
-        times its sample count: its weight before the round's total is known)."""
+        times its sample count: its weight before the round's total is known), followed by
+        its training ``metrics`` (``report``): neither its count nor its metrics travel in
+        plain."""
+        metrics = dict(metrics or {})
         histogram = quantize.histogram(values, self.blocks, samples)
-        self._samples = samples
+        self._samples, self._metrics = samples, metrics
         # The ledger's count slot carries the sample count, so every client reads the round's
         # total from the summed scales, exactly; each weighs 1/roster, so the sum stays <= 1.
-        update = Update(histogram, 1.0 / stamp.roster, samples)
+        payload = np.concatenate([histogram, report.encode(metrics, samples)])
+        update = Update(payload, 1.0 / stamp.roster, samples)
         return self.inner.encrypt(update, stamp.scales())
 
     def precompute(self, stamp: Stamp) -> None:
@@ -81,7 +95,8 @@ class QuantizedCipher:
         return masker.share(stamp) if masker is not None and masker.active(stamp) else None
 
     def encrypt(self, update: Update, stamp: Stamp, agreed: bytes | None) -> bytes:
-        steps, _, total = self._steps(stamp, agreed)
+        agreement = self.agreement(stamp, agreed)
+        steps, total = agreement.steps, agreement.samples
         values, weight = update.values.copy(), update.weight
         if self._samples and weight != self._samples / total:
             # The steps hold for weights n_i / N with N the scale exchange's (encrypted, exact)
@@ -101,8 +116,9 @@ class QuantizedCipher:
                 f"{self.size}; are all parties running the same job?",
                 "wrong-length",
             )
-        steps, agreeing, _ = self._steps(stamp, agreed)
-        outside = sorted(set(summed.contributors) - set(agreeing))
+        agreement = self.agreement(stamp, agreed)
+        steps = agreement.steps
+        outside = sorted(set(summed.contributors) - set(agreement.contributors))
         if outside:
             raise PayloadError(
                 f"the aggregate adds updates of client(s) {outside} that took no part in the "
@@ -112,27 +128,47 @@ class QuantizedCipher:
         values = quantize.dequantize(summed.values, steps, self.blocks)
         return Aggregate(values, summed.weight, summed.clipped, summed.contributors)
 
-    def _steps(self, stamp: Stamp, agreed: bytes | None) -> tuple[np.ndarray, tuple[int, ...], int]:
-        """The round's quantization steps, who agreed on them and their summed sample count,
-        from the summed histograms."""
+    def agreement(self, stamp: Stamp, agreed: bytes | None) -> Agreement:
+        """What the round's summed scales say: the quantization steps, who took part, their
+        summed sample count and their training metrics, decrypted once per agreement."""
         if agreed is None:
             raise PayloadError("an integer codec needs the round's scale aggregate", "malformed")
         digest = hashlib.sha256(stamp.label() + bytes(agreed)).digest()
         if self._agreed is None or self._agreed[0] != digest:
-            summed = self.inner.decrypt(agreed, stamp.scales())
-            if summed.values.shape != (self._scale_values,):
-                raise PayloadError(
-                    "the scale aggregate does not match this client's model; are all parties "
-                    "running the same job?",
-                    "wrong-length",
-                )
-            clients, total = len(summed.contributors), summed.clipped
-            if total < clients:
-                raise PayloadError(
-                    f"the scale aggregate counts {total} samples for {clients} clients",
-                    "bad-scales",
-                )
-            limit = self.inner.sum_limit_for(stamp)
-            steps = quantize.steps(summed.values, clients, limit, total)
-            self._agreed = (digest, steps, summed.contributors, total)
-        return self._agreed[1], self._agreed[2], self._agreed[3]
+            self._agreed = (digest, self._read(stamp, agreed))
+        return self._agreed[1]
+
+    def _read(self, stamp: Stamp, agreed: bytes) -> Agreement:
+        summed = self.inner.decrypt(agreed, stamp.scales())
+        if summed.values.shape != (self._scale_values,):
+            raise PayloadError(
+                "the scale aggregate does not match this client's model; are all parties "
+                "running the same job?",
+                "wrong-length",
+            )
+        clients, total = len(summed.contributors), summed.clipped
+        if total < clients:
+            raise PayloadError(
+                f"the scale aggregate counts {total} samples for {clients} clients",
+                "bad-scales",
+            )
+        limit = self.inner.sum_limit_for(stamp)
+        histograms = summed.values[: self._histogram_values]
+        steps = quantize.steps(histograms, clients, limit, total)
+        reported = summed.values[self._histogram_values :]
+        metrics = report.read(reported, self._metrics, clients)
+        return Agreement(steps, summed.contributors, total, metrics)
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """A round's decrypted scale exchange."""
+
+    steps: np.ndarray
+    #: who took part (the only clients whose updates the steps hold for)
+    contributors: tuple[int, ...]
+    #: their summed sample count: the FedAvg total
+    samples: int
+    #: their training metrics, each averaged weighted by sample count (None: the sites
+    #: reported different metric names)
+    metrics: dict[str, float] | None

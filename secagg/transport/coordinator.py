@@ -415,12 +415,8 @@ class Coordinator:
                     "duplicate",
                 )
             model = self.model
-        if task.kind == "train" and not 1 <= header.samples <= self.max_samples:
-            raise PayloadError(
-                f"a training upload must report between 1 and {self.max_samples} samples "
-                f"(the job's max_client_samples), not {header.samples}",
-                "bad-samples",
-            )
+        if task.kind == "train":
+            self._check_count(header)
         if model is None:
             raise PayloadError("no site has said what the job's model is yet", "not-in-round")
         roster = len(self.sites)
@@ -438,6 +434,25 @@ class Coordinator:
             return task, stamp, sum(model.sizes())
         values = quantize.histogram_values(model.sizes()) if self.cipher.quantizes else 0
         return task, stamp.scales(), values
+
+    def _check_count(self, header: UploadHeader) -> None:
+        """A training upload's plain count and metrics: a plaintext site's count within the
+        job's ``max_client_samples``; an HE site's count and metrics travel encrypted in its
+        scales (the clients bound the total), and in plain they are refused."""
+        if self.cipher.quantizes:
+            if header.samples or header.metrics:
+                raise PayloadError(
+                    "an HE training upload carries its sample count and metrics inside its "
+                    "encrypted scales, not in plain; is the site running another secagg "
+                    "version?",
+                    "bad-samples",
+                )
+        elif not 1 <= header.samples <= self.max_samples:
+            raise PayloadError(
+                f"a training upload must report between 1 and {self.max_samples} samples "
+                f"(the job's max_client_samples), not {header.samples}",
+                "bad-samples",
+            )
 
     def sit_out(self, site: Site, task_id: int) -> None:
         """``site`` sits out the current train task (it sent its update in an earlier attempt

@@ -352,7 +352,7 @@ class Site:
             if err.reason == "bad-plan":
                 raise
             raise _AggregateRefused(str(err), err.reason) from err  # the scales failed a check
-        header = wire.UploadHeader(int(task["id"]), seconds=reply.seconds)
+        header = wire.UploadHeader(int(task["id"]), metrics=reply.metrics, seconds=reply.seconds)
         self.log(f"round {round_num}: sending {reply.size / 1e6:.1f} MB")
         self.connection.upload(header.to_wire(), reply.payload)
 

@@ -359,7 +359,10 @@ class GrpcTransport:
         sealed = set()
         for upload in self.c.collect(task, self.timeout):
             sealed.add(upload.index)
-            yield FitReply(upload.index, upload.payload, upload.meta.seconds, len(upload.payload))
+            meta = upload.meta
+            yield FitReply(
+                upload.index, upload.payload, meta.seconds, len(upload.payload), dict(meta.metrics)
+            )
         self._require(sealed, round_stamp.round_num, "sent their update")
 
     def keyed(self, round_num: int) -> frozenset[int]:

@@ -1,0 +1,116 @@
+"""A site's training metrics, summed inside the encryption: the server never reads them.
+
+With an integer codec a site's sample count travels in its scale payload's ledger (the FedAvg
+total every client reads from the summed scales), and its task's training metrics travel in the
+same payload, after the histograms, as a **report**: for each metric, in name order, the
+count-weighted value ``X = round(v * n * 2**FRACTION_BITS)``, the count ``n`` and a flag set when
+``v`` is not a finite number within ``+-2**VALUE_LIMIT_BITS``. The server adds the reports with
+the histograms, without reading them; every client decrypts the same sum and reads each
+metric's count-weighted average over the sites (NaN when any site's value was not finite, as a
+plaintext average would be). The server learns the averages only when the clients report them
+back after decrypting (``FitReply.metrics``), checked to agree.
+
+Integers of up to 112 bits cannot sit in one packed digit (15 bits at the narrowest packing),
+so each travels as non-negative 4-bit **limbs**, least significant first, one per value: the
+sum of up to 1,024 sites' limbs (``15 x 1,024 = 15,360``) stays inside every packing's summed
+digit, and the limb sums recombine into the exact total in Python integers.
+
+Names never travel: every site encodes its own metrics in its own name order, and adds the
+32-bit fingerprint of its sorted names (as limbs). When the summed fingerprint is not the
+sites' count times a site's own, the sites reported different metrics, and the round's training
+metrics are unknown (``read`` returns None): the names must agree, as every site of a job runs
+the same task.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping
+
+import numpy as np
+
+from secagg.errors import PayloadError
+
+#: Named metrics a report holds (a task's training metrics, as ``messages.MAX_METRICS``).
+ENTRIES = 64
+#: Bits per limb: 15 x 1,024 sites summed stays inside the narrowest packing's digit.
+LIMB_BITS = 4
+#: Fixed-point fraction of a count-weighted value.
+FRACTION_BITS = 24
+#: A site's count (the FedAvg weight) stays below this power of two (``max_client_samples``).
+COUNT_BITS = 53
+#: Values within +-2**VALUE_LIMIT_BITS are summed; beyond, the metric is NaN for the round.
+VALUE_LIMIT_BITS = 31
+#: Bits of an offset count-weighted value (always non-negative once offset).
+VALUE_BITS = FRACTION_BITS + COUNT_BITS + VALUE_LIMIT_BITS + 1
+_FINGERPRINT_BITS = 32
+
+
+def _limbs(bits: int) -> int:
+    return math.ceil(bits / LIMB_BITS)
+
+
+_VALUE_LIMBS, _COUNT_LIMBS, _PRINT_LIMBS = _limbs(VALUE_BITS), _limbs(COUNT_BITS), 8
+#: Limbs per entry: the weighted value, the count, the flag.
+_ENTRY = _VALUE_LIMBS + _COUNT_LIMBS + 1
+#: Values a report adds to a scale payload.
+VALUES = _PRINT_LIMBS + ENTRIES * _ENTRY
+_OFFSET = 1 << (VALUE_BITS - 1)
+
+
+def encode(metrics: Mapping[str, float], count: int) -> np.ndarray:
+    """The report of a site that trained on ``count`` examples and measured ``metrics``."""
+    if len(metrics) > ENTRIES:
+        raise PayloadError(f"a report holds at most {ENTRIES} metrics, not {len(metrics)}")
+    if not 0 < count < 1 << COUNT_BITS:
+        raise PayloadError(f"a report's count must be in [1, 2**{COUNT_BITS}), not {count}")
+    out = np.zeros(VALUES)
+    out[:_PRINT_LIMBS] = _split(fingerprint(metrics), _PRINT_LIMBS)
+    for index, name in enumerate(sorted(metrics)):
+        value, start = metrics[name], _PRINT_LIMBS + index * _ENTRY
+        if math.isfinite(value) and abs(value) < 1 << VALUE_LIMIT_BITS:
+            weighted = round(value * count * (1 << FRACTION_BITS)) + _OFFSET
+            out[start : start + _VALUE_LIMBS] = _split(weighted, _VALUE_LIMBS)
+            out[start + _VALUE_LIMBS : start + _ENTRY - 1] = _split(count, _COUNT_LIMBS)
+        else:
+            out[start + _ENTRY - 1] = 1
+    return out
+
+
+def read(summed: np.ndarray, names: Mapping[str, object], sites: int) -> dict[str, float] | None:
+    """The count-weighted average of each metric over the ``sites`` whose reports were
+    summed into ``summed``, named as this site's own ``names``; None when the sites reported
+    other metric names than these. Refuses (PayloadError) a sum no honest sites make."""
+    summed = np.asarray(summed, dtype=np.float64)
+    if summed.shape != (VALUES,) or np.any(summed < 0) or np.any(summed > 15 * sites):
+        raise PayloadError("the summed training report is out of range", "tampered")
+    own = _split(fingerprint(names), _PRINT_LIMBS)
+    if not np.array_equal(summed[:_PRINT_LIMBS], own * sites):
+        return None
+    averages: dict[str, float] = {}
+    for index, name in enumerate(sorted(names)):
+        start = _PRINT_LIMBS + index * _ENTRY
+        flagged = int(summed[start + _ENTRY - 1])
+        count = _join(summed[start + _VALUE_LIMBS : start + _ENTRY - 1])
+        if flagged or count == 0:
+            averages[name] = math.nan
+            continue
+        weighted = _join(summed[start : start + _VALUE_LIMBS]) - _OFFSET * sites
+        averages[name] = weighted / count / (1 << FRACTION_BITS)
+    return averages
+
+
+def fingerprint(names: Mapping[str, object]) -> int:
+    """32 bits of SHA-256 over the sorted names."""
+    digest = hashlib.sha256("\0".join(sorted(names)).encode()).digest()
+    return int.from_bytes(digest[: _FINGERPRINT_BITS // 8], "big")
+
+
+def _split(number: int, limbs: int) -> np.ndarray:
+    mask = (1 << LIMB_BITS) - 1
+    return np.array([(number >> (LIMB_BITS * k)) & mask for k in range(limbs)], dtype=np.float64)
+
+
+def _join(limbs: np.ndarray) -> int:
+    return sum(int(limb) << (LIMB_BITS * k) for k, limb in enumerate(limbs))

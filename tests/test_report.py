@@ -1,0 +1,93 @@
+"""A site's sample count and training metrics travel inside the encrypted scale exchange
+(``secagg.crypto.report``): the server never reads one site's, and every client reads the
+count-weighted averages a plaintext server would have computed."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from secagg import rounds
+from secagg.crypto import report
+from secagg.crypto.packing import PACKINGS
+from secagg.errors import PayloadError
+from secagg.messages import TrainReply
+from secagg.server import Server
+from secagg.transport.inprocess import InProcessTransport
+
+
+def _summed(reports: list[tuple[dict[str, float], int]]) -> np.ndarray:
+    return np.sum([report.encode(metrics, count) for metrics, count in reports], axis=0)
+
+
+def test_the_summed_reports_give_each_metrics_count_weighted_average() -> None:
+    rng = np.random.default_rng(5)
+    counts = [int(c) for c in rng.integers(1, 10**7, 6)]
+    sites = [({"loss": float(rng.normal(3, 2)), "f1": float(rng.random())}, c) for c in counts]
+    averages = report.read(_summed(sites), sites[0][0], len(sites))
+    assert averages is not None
+    for name in ("loss", "f1"):
+        expected = sum(m[name] * c for m, c in sites) / sum(counts)
+        assert math.isclose(averages[name], expected, rel_tol=1e-9, abs_tol=1e-9), name
+
+
+def test_a_site_with_a_non_finite_value_makes_that_metric_nan_only() -> None:
+    sites = [({"loss": math.nan, "acc": 0.5}, 10), ({"loss": 1.0, "acc": 0.7}, 30)]
+    averages = report.read(_summed(sites), {"loss": 0, "acc": 0}, 2)
+    assert averages is not None and math.isnan(averages["loss"])
+    assert math.isclose(averages["acc"], (0.5 * 10 + 0.7 * 30) / 40, rel_tol=1e-12)
+
+
+def test_sites_that_report_other_metric_names_give_no_averages() -> None:
+    sites = [({"loss": 1.0}, 10), ({"loss": 1.0, "acc": 0.5}, 10)]
+    assert report.read(_summed(sites), {"loss": 0}, 2) is None
+    assert report.read(_summed(sites), {"loss": 0, "acc": 0}, 2) is None
+
+
+def test_the_largest_sum_a_round_may_add_fits_every_packing() -> None:
+    """1,024 sites (the widest round) each at the bound: no summed value leaves the
+    narrowest packing's digit, so the sum stays exact."""
+    extreme = report.encode({"a": -(2.0**31) + 1, "b": 2.0**31 - 1}, 2**53 - 1)
+    assert (extreme * 1024).max() <= min(p.sum_limit for p in PACKINGS)
+    with pytest.raises(PayloadError, match="out of range"):
+        report.read(extreme * 1024 + 16 * 1024, {"a": 0, "b": 0}, 1024)
+
+
+class _Recording(InProcessTransport):
+    def train(self, round_stamp):  # type: ignore[no-untyped-def]
+        self.replies: list[TrainReply] = super().train(round_stamp)
+        return self.replies
+
+
+def _round(session_keys, he: bool, lie: int = 1):  # type: ignore[no-untyped-def]
+    from secagg.builtin import task_for
+    from secagg.config import RunConfig
+    from secagg.crypto import for_server
+    from secagg.job import build_clients
+
+    config = RunConfig(clients=3, he=he, keys_dir=str(session_keys), tracking=False, device="cpu")
+    transport = _Recording(build_clients(config, task_for(config)))
+    if lie > 1:  # site 0 encrypts a count far beyond max_client_samples
+        cipher = transport.slots[0].cipher
+        prepare = cipher.prepare
+        cipher.prepare = lambda v, s, n=1, m=None: prepare(v, s, n * lie, m)  # type: ignore[method-assign,assignment]
+    server = Server(for_server(he, session_keys), masking=he)
+    metrics, _ = rounds.run_round(server, transport, rounds.round_stamp(bytes(16), 1, 3))
+    return metrics, transport.replies
+
+
+def test_the_server_reads_no_sites_count_or_metrics_under_he(session_keys) -> None:
+    he, secret = _round(session_keys, he=True)
+    plain, seen = _round(session_keys, he=False)
+    assert all(r.num_samples == 0 and r.metrics == {} for r in secret)
+    assert all(r.num_samples > 0 and "loss" in r.metrics for r in seen)
+    # ... and the round's training loss is the one plaintext FedAvg averages in the open.
+    assert math.isclose(he.train_loss, plain.train_loss, rel_tol=1e-9)
+
+
+def test_a_count_lied_inside_the_encryption_is_refused_by_the_clients(session_keys) -> None:
+    with pytest.raises(PayloadError, match="a site misreported its count") as caught:
+        _round(session_keys, he=True, lie=10**9)
+    assert caught.value.reason == "bad-scales"
