@@ -16,6 +16,9 @@ python tests/patched.py retry-split server job.toml ...     # round 1 by site-1 
 python tests/patched.py lie-retry server job.toml ...       # fails round 1 once its update was
                                                             # unmasked, and tries it again
 python tests/patched.py lie-split server job.toml ...       # shows site-1 another survivor set
+python tests/patched.py replay-attempt:DIR server job.toml  # retries round 1 with site-1's scales
+                                                            # of the first attempt; dumps the
+                                                            # retry's unmasked scales into DIR
 """
 
 from __future__ import annotations
@@ -219,6 +222,36 @@ def _retry_split(_: str) -> None:
     Coordinator.wait_for_sites = split  # type: ignore[method-assign]
 
 
+def _replay_attempt(folder: str) -> None:
+    """Round 1's first attempt 'fails' once its scales are in (no site has sent its update,
+    so none sits the retry out); in the retry, site-1's scale payload is replaced by its
+    first attempt's, a valid ciphertext under an envelope that passes. The retry's unmasked
+    scale sum is dumped into ``folder`` (what a colluding site would decrypt)."""
+    from dataclasses import replace
+
+    from secagg.rounds import RoundFailed
+    from secagg.transport.grpc_server import GrpcTransport
+
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    train, seal = GrpcTransport.train, GrpcTransport.seal
+    kept: dict[int, bytes] = {}
+
+    def replaying(self: GrpcTransport, stamp: Any) -> Any:
+        replies = train(self, stamp)
+        if not kept:
+            kept.update({r.client_id: r.scales for r in replies if r.scales})
+            raise RoundFailed(f"round {stamp.round_num}: patched to fail after its scales")
+        return [replace(r, scales=kept[0]) if r.client_id == 0 else r for r in replies]
+
+    def dumping(self: GrpcTransport, stamp: Any, total: int, scales: Any) -> Any:
+        (out / "scales.bin").write_bytes(scales)
+        return seal(self, stamp, total, scales)
+
+    GrpcTransport.train = replaying  # type: ignore[method-assign]
+    GrpcTransport.seal = dumping  # type: ignore[method-assign]
+
+
 FAULTS = {
     "die-after-keys": _die_after_keys,
     "die-at-seal": _die_at_seal,
@@ -230,6 +263,7 @@ FAULTS = {
     "bad-key": _bad_key,
     "retry-split": _retry_split,
     "lie-split": _lie_split,
+    "replay-attempt": _replay_attempt,
 }
 
 if __name__ == "__main__":

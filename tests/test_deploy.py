@@ -766,9 +766,12 @@ def test_a_retried_round_never_decodes_on_an_earlier_attempts_scales() -> None:
 # --- a lying server --------------------------------------------------------------------------
 
 
-def _low_bits_of_view(kit: Path, victim: bytes, corrections: list[bytes]) -> np.ndarray:
-    """What a colluding site (its kit's secret key) decrypts from the victim's update once
-    every correction the others sent for it is taken off: each slot's low 8 bits."""
+def _low_bits_of_view(
+    kit: Path, victim: bytes, corrections: list[bytes], kind: int | None = None
+) -> np.ndarray:
+    """What a colluding site (its kit's secret key) decrypts from the victim's update (or
+    another payload of ``kind``) once every correction the others sent for it is taken off:
+    each slot's low 8 bits."""
     from secagg import keys
     from secagg.crypto import envelope, rlwe
     from secagg.crypto.ckks import CkksClient
@@ -784,7 +787,7 @@ def _low_bits_of_view(kit: Path, victim: bytes, corrections: list[bytes]) -> np.
         stamp = Stamp(head[6], head[7], head[8], head[9], head[4])
         return client._format.open(payload, stamp, kind)
 
-    update = opened(victim, envelope.UPDATE)
+    update = opened(victim, envelope.UPDATE if kind is None else kind)
     words = from_wire(update.body, q).copy()
     for correction in corrections:
         # A correction cancels the survivor's half of each pair: minus it, the victim's half.
@@ -819,6 +822,41 @@ def test_a_server_that_lies_about_a_dropout_unmasks_nothing(tmp_path: Path) -> N
     assert all(corrections), "the honest sites sent corrections for the 'dropped' site"
     seen = _low_bits_of_view(project / "site-3", (dump / "victim.bin").read_bytes(), corrections)
     assert stats.chisquare(np.bincount(seen, minlength=256)).pvalue > 1e-3
+
+
+def test_a_ciphertext_replayed_from_an_earlier_attempt_unmasks_nothing(tmp_path: Path) -> None:
+    """A patched server fails round 1 once its scales are in, and in the retry puts site-1's
+    scale payload of the first attempt in place of its fresh one (a valid ciphertext, whose
+    envelope passes). Its masks were drawn for the first attempt, so the retry's unmasking
+    leaves them on: what a colluding site decrypts from the retry's sum has uniform low bits
+    (chi-square), and every site refuses the sum, naming it, instead of decoding it."""
+    from scipy import stats
+
+    from secagg.crypto import envelope
+
+    project, port = _project(tmp_path, 3)
+    job, _ = _job(tmp_path, rounds=1, round_retries=1, round_timeout=30.0)
+    work, dump = tmp_path / "work", tmp_path / "dump"
+    server = _server(project, job, work / "server", port, fault=f"replay-attempt:{dump}")
+    sites = [_site(project, f"site-{i}", work) for i in (1, 2, 3)]
+    try:
+        out = _finish(server, 240)
+        assert server.returncode != 0, out[-3000:]
+        assert "trying round 1 again" in out, out[-3000:]
+    finally:
+        _kill_all(server)
+        for site in sites:
+            if site.poll() is None:
+                site.kill()
+        logs = [site.communicate()[0] for site in sites]
+    seen = _low_bits_of_view(
+        project / "site-3", (dump / "scales.bin").read_bytes(), [], envelope.AGGREGATE
+    )
+    assert stats.chisquare(np.bincount(seen, minlength=256)).pvalue > 1e-3
+    for log in logs:
+        assert "sending" not in log, log[-3000:]  # no site sealed an update on those scales
+        last = log.strip().splitlines()[-1]
+        assert last.startswith("Error: aggregate does not decrypt") and "replayed" in last, log
 
 
 def test_sites_refuse_a_round_smaller_than_the_kits_threshold(tmp_path: Path) -> None:

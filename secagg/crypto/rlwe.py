@@ -211,7 +211,8 @@ def decode(phase: np.ndarray, scale_bits: int, contributors: int, values: int) -
     if flat.size and (np.abs(residual).max() > bound or np.any(integers[values:])):
         raise PayloadError(
             "aggregate does not decrypt to integers (noise or overflow); it was made with "
-            "other keys, corrupted or forged, or summed more clients than the codec allows",
+            "other keys, corrupted or forged, left masked (a contribution masked for another "
+            "attempt of the round, replayed), or summed more clients than the codec allows",
             "not-integer",
         )
     return integers[:values]
