@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from secagg.errors import ConfigError, PayloadError, SecAggError, TaskError
 from secagg.files import atomic_write
 from secagg.flatten import Layout, describe, flatten, unflatten
 from secagg.messages import (
+    EVAL_LOSS,
     ApplyReply,
     EvalReply,
     FitReply,
@@ -94,6 +96,8 @@ class Client:
             Hyper.of(config), positions_of(self.layout, parameters)
         )
         self._trained: _Trained | None = None
+        #: what this client's last encrypted evaluation measured (None: it had no test data)
+        self._evaluated: dict[str, float] | None = None
 
     def check_model(self, job: ModelSignature) -> None:
         """Refuse to take part with a model that is not the job's (ConfigError)."""
@@ -271,16 +275,46 @@ class Client:
             self.site.index, seconds, aggregate.clipped, aggregate.weight, aggregate.contributors
         )
 
-    def evaluate(self, round_num: int) -> EvalReply | None:
-        """The task's evaluation of the global model on this client's test data, if it has any."""
-        ctx = self.context(round_num)
+    def evaluate(self, stamp: Stamp) -> EvalReply | None:
+        """The task's evaluation of the global model on this client's test data, if it has
+        any. With an integer codec it is encrypted for ``stamp``'s evaluation phase (``stamp``
+        names this client's position), zeros when it has no test data, so that the sum counts
+        every client: nothing of it travels in plain."""
+        ctx = self.context(stamp.round_num)
         self.model.eval()
         result = self._call("evaluate", lambda: self.task.evaluate(self.model, self.data, ctx))
-        if result is None:
+        reply = None if result is None else self._evaluation(result)
+        measured = None if reply is None else {**reply.metrics, EVAL_LOSS: reply.loss}
+        count = 0 if reply is None else reply.num_samples
+        payload = self.cipher.evaluation(stamp, measured, count)
+        if payload is None:
+            return reply
+        self._evaluated = measured
+        return EvalReply(stamp.sender, math.nan, 0, {}, payload)
+
+    def averages(self, stamp: Stamp, payload: bytes) -> dict[str, float] | None:
+        """The round's evaluations summed (``payload``, of ``stamp``'s evaluation phase),
+        decrypted and averaged over the clients that evaluated, weighted by their test counts
+        (the loss under ``EVAL_LOSS``); None when this client did not evaluate (it cannot name
+        the metrics) or the clients evaluated different metrics. Refuses a sum whose clients
+        claim more test examples than ``max_client_samples`` each."""
+        if self._evaluated is None:
             return None
+        reading = self.cipher.averages(payload, stamp, self._evaluated)
+        if reading.count > reading.sites * self.config.max_client_samples:
+            raise PayloadError(
+                f"the round's {reading.sites} evaluating site(s) claim {reading.count} test "
+                f"examples in all, over {reading.sites} x the job's max_client_samples "
+                f"({self.config.max_client_samples}): a site misreported its count",
+                "bad-samples",
+            )
+        return reading.averages
+
+    def _evaluation(self, result: object) -> EvalReply:
         self._returned(
             result, EvalResult, "evaluate", "EvalResult(loss, num_samples, metrics) or None"
         )
+        assert isinstance(result, EvalResult)
         samples = self._count(
             result.num_samples, "evaluate", "how many test examples it averaged over"
         )

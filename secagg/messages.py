@@ -16,6 +16,9 @@ from secagg.errors import PayloadError
 
 #: A task may report at most this many named metrics per round.
 MAX_METRICS = 64
+#: The name an evaluation's loss has among its metrics in an encrypted report (no task's
+#: metric can have it: names are printable).
+EVAL_LOSS = "\0loss"
 
 
 Signature = list[tuple[str, tuple[int, ...], str]]
@@ -167,6 +170,9 @@ class EvalReply:
     loss: float
     num_samples: int
     metrics: dict[str, float] = field(default_factory=dict)
+    #: an integer codec: the evaluation encrypted (``crypto.report``; the fields above are
+    #: then NaN, 0 and empty: the server reads none of them)
+    payload: bytes = b""
 
     def to_wire(self) -> dict[str, Any]:
         return {"loss": self.loss, "samples": self.num_samples, "metrics": self.metrics}

@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 
 from secagg import quantize
-from secagg.crypto import SERVER, Reveal, Stamp, contributors
+from secagg.crypto import SERVER, Reveal, Stamp, contributors, report
 from secagg.errors import PayloadError, SecAggError
-from secagg.messages import ApplyReply, EvalReply, FitReply, TrainReply
+from secagg.messages import EVAL_LOSS, ApplyReply, FitReply, TrainReply
 from secagg.server import Server, Summed
 from secagg.transport import Progress, Transport, no_progress
 
@@ -137,12 +137,13 @@ def run_round(
     # 5 on every client: decrypt, check the ledger, divide by the total weight, add to the
     #   global model
     applied = transport.apply(round_stamp, summed.payload, agreed)
-    # 6 the clients evaluate the global model they now hold (the server cannot)
+    # 6 the clients evaluate the global model they now hold (the server cannot); an integer
+    #   codec encrypts each evaluation, the server adds them, and the clients decrypt the sum
     eval_start = time.perf_counter()
-    evals = transport.evaluate(round_stamp.round_num)
+    evaluated = _evaluated(server, transport, round_stamp)
     end = time.perf_counter()
     record = RoundRecord(
-        trained, fits, applied, evals, scales, summed, *_unmasking_bytes(corrections, trained)
+        trained, fits, applied, evaluated, scales, summed, *_unmasking_bytes(corrections, trained)
     )
     metrics = replace(
         record.metrics(round_stamp.round_num),
@@ -150,6 +151,45 @@ def run_round(
         evaluate_seconds=end - eval_start,
     )
     return metrics, aggregates
+
+
+@dataclass(frozen=True)
+class Evaluated:
+    """The round's evaluation of its new global model: each metric averaged over the clients
+    that evaluated, weighted by their test counts, and what it cost on the wire."""
+
+    metrics: dict[str, float]
+    loss: float
+    bytes_up: int = 0
+    bytes_down: int = 0
+
+
+def _evaluated(server: Server, transport: Transport, round_stamp: Stamp) -> Evaluated:
+    """The clients' evaluations: averaged here when they came in plain (plaintext FedAvg);
+    with an integer codec, added by the server without reading them, then decrypted and
+    averaged by the clients, whose answers must agree (``_agreed``). An evaluation that
+    cannot be summed leaves the round's metrics unknown, never the round failed: its model
+    is already applied."""
+    stamp = round_stamp.evaluation(transport.evaluators(round_stamp.round_num))
+    evals = transport.evaluate(stamp)
+    payloads = [e.payload for e in evals if e.payload]
+    if not payloads:
+        losses = _averaged([(e.num_samples, {"loss": e.loss}) for e in evals])
+        metrics = _averaged([(e.num_samples, e.metrics) for e in evals])
+        return Evaluated(metrics, losses.get("loss", nan))
+    up = sum(map(len, payloads))
+    try:
+        summed = server.sum(payloads, stamp, report.VALUES)
+        views = transport.averages(stamp, summed.payload)
+    except (PayloadError, RoundFailed) as err:
+        warnings.warn(
+            f"round {stamp.round_num}: the clients' evaluations were not averaged: {err}",
+            stacklevel=2,
+        )
+        return Evaluated({}, nan, up)
+    agreed = _agreed(views)
+    loss = agreed.pop(EVAL_LOSS, nan)
+    return Evaluated(agreed, loss, up, len(summed.payload) * len(payloads))
 
 
 def _unmasking_bytes(phases: list[list[Reveal]], trained: list[TrainReply]) -> tuple[int, int]:
@@ -289,7 +329,7 @@ class RoundRecord:
     trained: list[TrainReply]
     fits: list[FitReply]
     applied: list[ApplyReply]
-    evals: list[EvalReply]
+    evaluated: Evaluated
     scales: Summed | None
     summed: Summed
     #: bytes the clients sent to unmask the sums (``masking``): confirmations, self-mask keys,
@@ -309,19 +349,20 @@ class RoundRecord:
             applied
         )
         down += self.confirmations
-        task_metrics = _averaged([(e.num_samples, e.metrics) for e in self.evals])
+        up += self.evaluated.bytes_up
+        down += self.evaluated.bytes_down
+        task_metrics = self.evaluated.metrics
         train_metrics = (
             _agreed([f.metrics for f in fits])
             if self.scales is not None
             else _averaged([(t.num_samples, t.metrics) for t in senders])
         )
-        losses = _averaged([(e.num_samples, {"loss": e.loss}) for e in self.evals])
         return RoundMetrics(
             round=round_num,
             clients=len(fits),
             # No evaluation can come back when every site dropped out after sending its update.
             accuracy=task_metrics.get("accuracy", nan),
-            loss=losses.get("loss", nan),
+            loss=self.evaluated.loss,
             train_loss=train_metrics.get("loss", nan),
             round_seconds=0.0,
             train_seconds=sum(t.seconds.train for t in trained),

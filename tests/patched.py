@@ -16,6 +16,8 @@ python tests/patched.py retry-split server job.toml ...     # round 1 by site-1 
 python tests/patched.py lie-retry server job.toml ...       # fails round 1 once its update was
                                                             # unmasked, and tries it again
 python tests/patched.py lie-split server job.toml ...       # shows site-1 another survivor set
+python tests/patched.py record:DIR server job.toml ...      # writes every upload header and
+                                                            # report it receives into DIR
 python tests/patched.py replay-attempt:DIR server job.toml  # retries round 1 with site-1's scales
                                                             # of the first attempt; dumps the
                                                             # retry's unmasked scales into DIR
@@ -252,6 +254,35 @@ def _replay_attempt(folder: str) -> None:
     GrpcTransport.seal = dumping  # type: ignore[method-assign]
 
 
+def _record(folder: str) -> None:
+    """A curious server: every upload header and report it receives, as it arrives, is
+    written to ``folder``/seen.jsonl (site, task kind, message)."""
+    import json
+
+    from secagg.transport.coordinator import Coordinator
+
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    check, report = Coordinator.check_upload, Coordinator.report
+
+    def write(site: Any, kind: str, message: Any) -> None:
+        line = json.dumps({"site": site.name, "kind": kind, "message": message}, default=str)
+        with (out / "seen.jsonl").open("a") as seen:
+            seen.write(line + "\n")
+
+    def checking(self: Coordinator, site: Any, header: Any) -> Any:
+        task = self.task
+        write(site, task.kind if task is not None else "?", header.to_wire())
+        return check(self, site, header)
+
+    def reporting(self: Coordinator, site: Any, message: Any) -> None:
+        write(site, "report", message.to_wire())
+        report(self, site, message)
+
+    Coordinator.check_upload = checking  # type: ignore[method-assign]
+    Coordinator.report = reporting  # type: ignore[method-assign]
+
+
 FAULTS = {
     "die-after-keys": _die_after_keys,
     "die-at-seal": _die_at_seal,
@@ -264,6 +295,7 @@ FAULTS = {
     "retry-split": _retry_split,
     "lie-split": _lie_split,
     "replay-attempt": _replay_attempt,
+    "record": _record,
 }
 
 if __name__ == "__main__":

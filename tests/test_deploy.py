@@ -824,6 +824,50 @@ def test_a_server_that_lies_about_a_dropout_unmasks_nothing(tmp_path: Path) -> N
     assert stats.chisquare(np.bincount(seen, minlength=256)).pvalue > 1e-3
 
 
+def test_a_curious_server_reads_no_sites_count_or_metrics(tmp_path: Path) -> None:
+    """Every message the server receives from the sites, recorded as it arrives: no training
+    count or metric and no evaluation in plain, only ciphertexts; the sites that can name the
+    metrics tell it the averages they decrypted, all the same, which it logs."""
+    project, port = _project(tmp_path, 3)
+    job, _ = _job(tmp_path, rounds=2)
+    work, dump = tmp_path / "work", tmp_path / "dump"
+    server = _server(project, job, work / "server", port, fault=f"record:{dump}")
+    sites = [_site(project, f"site-{i}", work) for i in (1, 2, 3)]
+    try:
+        out = _finish(server)
+        assert server.returncode == 0, out[-3000:]
+        for site in sites:
+            assert "the job is done" in _finish(site, 60)
+    finally:
+        _kill_all(server, *sites)
+    seen = [json.loads(line) for line in (dump / "seen.jsonl").read_text().splitlines()]
+    kinds = {entry["kind"] for entry in seen}
+    assert {"train", "seal", "report", "evaluate", "average"} <= kinds, kinds
+    for entry in seen:
+        message = entry["message"]
+        assert not message.get("samples"), entry  # no count in plain
+        assert "eval" not in message, entry  # no site's evaluation in plain
+        if entry["kind"] in ("train", "evaluate"):
+            assert message["metrics"] == {}, entry
+    rounds = json.loads((work / "server" / "results.json").read_text())["rounds"]
+    for number, logged in enumerate(rounds, 1):
+        views = [
+            e["message"]["metrics"]
+            for e in seen
+            if e["kind"] == "average" and e["message"]["metrics"] and _round_of(e, seen) == number
+        ]
+        assert views and all(v == views[0] for v in views), views
+        assert views[0]["accuracy"] == logged["accuracy"] > 0.5
+        assert logged["metrics"]["train_loss"] > 0  # the averages of the sites' seal uploads
+
+
+def _round_of(entry: dict, seen: list[dict]) -> int:
+    """The round a recorded upload belongs to: the number of train uploads of its site
+    recorded before it."""
+    before = seen[: seen.index(entry)]
+    return sum(1 for e in before if e["kind"] == "train" and e["site"] == entry["site"])
+
+
 def test_a_ciphertext_replayed_from_an_earlier_attempt_unmasks_nothing(tmp_path: Path) -> None:
     """A patched server fails round 1 once its scales are in, and in the retry puts site-1's
     scale payload of the first attempt in place of its fresh one (a valid ciphertext, whose

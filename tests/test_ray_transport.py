@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
+from secagg.crypto import SERVER, Stamp
 from secagg.transport.ray import RayTransport
 
 
@@ -26,7 +27,7 @@ class _Actor:
     def _become(self, index: int) -> None:
         self.site = index
 
-    def _evaluate(self, round_num: int) -> Any:
+    def _evaluate(self, stamp: Stamp) -> Any:
         self.evaluated += 1
         return SimpleNamespace(site=self.site) if self.site == 0 else None
 
@@ -44,12 +45,17 @@ def _transport(chosen: list[int]) -> tuple[RayTransport, list[_Actor], _Actor]:
     return transport, slots, evaluator
 
 
+def _stamp(transport: RayTransport) -> Stamp:
+    """Round 1's evaluation by the transport's evaluating clients."""
+    return Stamp(bytes(16), 1, SERVER, 3).evaluation(transport.evaluators(1))
+
+
 def test_client_0_evaluates_once_when_a_round_draws_it() -> None:
     # Drawn: its slot evaluates, the evaluator (client 0 too) does not count it again.
     transport, _, evaluator = _transport([0, 5, 9])
-    assert [r.site for r in transport.evaluate(1)] == [0]
+    assert [r.site for r in transport.evaluate(_stamp(transport))] == [0]
     assert evaluator.evaluated == 0
     # Not drawn: the evaluator evaluates.
     transport, _, evaluator = _transport([3, 5, 9])
-    assert [r.site for r in transport.evaluate(1)] == [0]
+    assert [r.site for r in transport.evaluate(_stamp(transport))] == [0]
     assert evaluator.evaluated == 1

@@ -13,7 +13,7 @@ from secagg import rounds
 from secagg.crypto import report
 from secagg.crypto.packing import PACKINGS
 from secagg.errors import PayloadError
-from secagg.messages import TrainReply
+from secagg.messages import EvalReply, TrainReply
 from secagg.server import Server
 from secagg.transport.inprocess import InProcessTransport
 
@@ -26,7 +26,7 @@ def test_the_summed_reports_give_each_metrics_count_weighted_average() -> None:
     rng = np.random.default_rng(5)
     counts = [int(c) for c in rng.integers(1, 10**7, 6)]
     sites = [({"loss": float(rng.normal(3, 2)), "f1": float(rng.random())}, c) for c in counts]
-    averages = report.read(_summed(sites), sites[0][0], len(sites))
+    averages = report.read(_summed(sites), sites[0][0], len(sites)).averages
     assert averages is not None
     for name in ("loss", "f1"):
         expected = sum(m[name] * c for m, c in sites) / sum(counts)
@@ -35,15 +35,15 @@ def test_the_summed_reports_give_each_metrics_count_weighted_average() -> None:
 
 def test_a_site_with_a_non_finite_value_makes_that_metric_nan_only() -> None:
     sites = [({"loss": math.nan, "acc": 0.5}, 10), ({"loss": 1.0, "acc": 0.7}, 30)]
-    averages = report.read(_summed(sites), {"loss": 0, "acc": 0}, 2)
+    averages = report.read(_summed(sites), {"loss": 0, "acc": 0}, 2).averages
     assert averages is not None and math.isnan(averages["loss"])
     assert math.isclose(averages["acc"], (0.5 * 10 + 0.7 * 30) / 40, rel_tol=1e-12)
 
 
 def test_sites_that_report_other_metric_names_give_no_averages() -> None:
     sites = [({"loss": 1.0}, 10), ({"loss": 1.0, "acc": 0.5}, 10)]
-    assert report.read(_summed(sites), {"loss": 0}, 2) is None
-    assert report.read(_summed(sites), {"loss": 0, "acc": 0}, 2) is None
+    assert report.read(_summed(sites), {"loss": 0}, 2).averages is None
+    assert report.read(_summed(sites), {"loss": 0, "acc": 0}, 2).averages is None
 
 
 def test_the_largest_sum_a_round_may_add_fits_every_packing() -> None:
@@ -60,8 +60,12 @@ class _Recording(InProcessTransport):
         self.replies: list[TrainReply] = super().train(round_stamp)
         return self.replies
 
+    def evaluate(self, stamp):  # type: ignore[no-untyped-def]
+        self.evals: list[EvalReply] = super().evaluate(stamp)
+        return self.evals
 
-def _round(session_keys, he: bool, lie: int = 1):  # type: ignore[no-untyped-def]
+
+def _round(session_keys, he: bool, lie: int = 1, lie_eval: int = 1):  # type: ignore[no-untyped-def]
     from secagg.builtin import task_for
     from secagg.config import RunConfig
     from secagg.crypto import for_server
@@ -73,21 +77,44 @@ def _round(session_keys, he: bool, lie: int = 1):  # type: ignore[no-untyped-def
         cipher = transport.slots[0].cipher
         prepare = cipher.prepare
         cipher.prepare = lambda v, s, n=1, m=None: prepare(v, s, n * lie, m)  # type: ignore[method-assign,assignment]
+    if lie_eval > 1:  # site 0 encrypts a test count far beyond max_client_samples
+        cipher = transport.slots[0].cipher
+        evaluation = cipher.evaluation
+        cipher.evaluation = lambda s, m, n=0: evaluation(s, m, n * lie_eval)  # type: ignore[method-assign,assignment]
     server = Server(for_server(he, session_keys), masking=he)
     metrics, _ = rounds.run_round(server, transport, rounds.round_stamp(bytes(16), 1, 3))
-    return metrics, transport.replies
+    return metrics, transport
 
 
 def test_the_server_reads_no_sites_count_or_metrics_under_he(session_keys) -> None:
+    """Under HE the server gets no site's training count or metrics, and no site's
+    evaluation: only ciphertexts, whose sum the sites decrypt. The round's metrics are the
+    ones plaintext FedAvg averages in the open."""
     he, secret = _round(session_keys, he=True)
     plain, seen = _round(session_keys, he=False)
-    assert all(r.num_samples == 0 and r.metrics == {} for r in secret)
-    assert all(r.num_samples > 0 and "loss" in r.metrics for r in seen)
-    # ... and the round's training loss is the one plaintext FedAvg averages in the open.
+    assert all(r.num_samples == 0 and r.metrics == {} for r in secret.replies)
+    assert all(r.num_samples > 0 and "loss" in r.metrics for r in seen.replies)
+    # Every site of the round sends an evaluation (zeros without test data), none in plain.
+    assert len(secret.evals) == 3
+    assert all(e.payload and e.num_samples == 0 and not e.metrics for e in secret.evals)
+    assert all(math.isnan(e.loss) for e in secret.evals)
+    assert seen.evals and all(not e.payload and e.num_samples > 0 for e in seen.evals)
     assert math.isclose(he.train_loss, plain.train_loss, rel_tol=1e-9)
+    assert he.accuracy == plain.accuracy  # one test set, at site 0: the same digits right
+    assert math.isclose(he.loss, plain.loss, rel_tol=1e-4)  # the models differ by rounding
 
 
 def test_a_count_lied_inside_the_encryption_is_refused_by_the_clients(session_keys) -> None:
     with pytest.raises(PayloadError, match="a site misreported its count") as caught:
         _round(session_keys, he=True, lie=10**9)
     assert caught.value.reason == "bad-scales"
+
+
+def test_a_test_count_lied_inside_the_encryption_leaves_the_metrics_unknown(
+    session_keys,
+) -> None:
+    """The round's model stands (it is applied before anyone evaluates); its evaluation,
+    which no site can trust, is reported as unknown, with a warning naming why."""
+    with pytest.warns(UserWarning, match="a site misreported its count"):
+        metrics, _ = _round(session_keys, he=True, lie_eval=10**9)
+    assert math.isnan(metrics.accuracy) and math.isnan(metrics.loss)

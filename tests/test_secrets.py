@@ -70,8 +70,9 @@ def test_server_receives_and_stores_no_secret_key_material(
         output_dir=str(out),
     )
     run_job(config)
-    # Per round: three scale payloads and their sum, three updates and their sum.
-    assert len(received) == 2 * (3 + 1 + 3 + 1)
+    # Per round: three scale payloads and their sum, three updates and their sum, three
+    # evaluations and their sum.
+    assert len(received) == 2 * (3 + 1 + 3 + 1 + 3 + 1)
 
     windows = secret_key_windows((session_keys / "client.ctx").read_bytes())
     stored = [path for path in out.rglob("*") if path.is_file()]

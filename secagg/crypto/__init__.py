@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # the server imports this package: no torch here
     from cryptography.hazmat.primitives.asymmetric import ec
 
     from secagg.crypto.quantized import Agreement
+    from secagg.crypto.report import Reading
     from secagg.flatten import Layout
 
 
@@ -109,6 +110,18 @@ class ClientCipher(Protocol):
     def agreement(self, stamp: Stamp, agreed: bytes | None) -> Agreement | None:
         """What the sum of ``stamp``'s round's ``prepare`` payloads says (the integer codec's
         steps, sample total and training metrics), or None when the codec needs none."""
+        ...
+
+    def evaluation(
+        self, stamp: Stamp, metrics: Mapping[str, float] | None, count: int = 0
+    ) -> bytes | None:
+        """This client's evaluation (``metrics`` over ``count`` test examples; None: no test
+        data) encrypted for ``stamp``'s evaluation phase, or None when the codec sends
+        evaluations in plain."""
+        ...
+
+    def averages(self, payload: bytes, stamp: Stamp, names: Mapping[str, object]) -> Reading:
+        """The sum of ``stamp``'s evaluations, decrypted and read with ``names``."""
         ...
 
     def encrypt(self, update: Update, stamp: Stamp, agreed: bytes | None) -> bytes:

@@ -34,7 +34,15 @@ import tenseal as ts
 
 from secagg.crypto import compiled, envelope, integrity, ledger, rlwe, seal_format, seeded
 from secagg.crypto.ckks_server import TAIL, RoundFormat
-from secagg.crypto.envelope import AGGREGATE, CORRECTION, SCALES, UPDATE, UPDATE_PHASE, Stamp
+from secagg.crypto.envelope import (
+    AGGREGATE,
+    CORRECTION,
+    EVALUATION,
+    SCALES,
+    UPDATE,
+    UPDATE_PHASE,
+    Stamp,
+)
 from secagg.crypto.ledger import Aggregate, Update
 from secagg.crypto.masking import Masker, MaskPlan, Reveal
 from secagg.crypto.packing import packing_for
@@ -45,7 +53,7 @@ from secagg.errors import KeyFileError, PayloadError
 #: both phases of a round under one seed, on disjoint ranges of its key stream, so its peers,
 #: who read every contributor's seed in the summed scales, can expand the update's ``c1``
 #: before the update's sum arrives (``CkksClient.decrypt``).
-_FIRST_INDEX = {UPDATE_PHASE: 0, SCALES: 1 << 63}
+_FIRST_INDEX = {UPDATE_PHASE: 0, SCALES: 1 << 63, EVALUATION: 1 << 62}
 
 
 def first_index(stamp: Stamp) -> int:

@@ -48,6 +48,8 @@ UPDATE, AGGREGATE = 1, 2
 #: a client's mask corrections for the clients a phase lost (``masking``): ``c0`` words only
 CORRECTION = 3
 UPDATE_PHASE, SCALES = 0, 1
+#: the sites' encrypted evaluations of a round's new global model (``report``)
+EVALUATION = 2
 SERVER = 0xFFFFFFFF
 _HEAD = struct.Struct(">4sBBBB16s16sIIIQ4sIQIHI")
 HEADER_SIZE = _HEAD.size
@@ -87,8 +89,8 @@ class Stamp:
         if self.sender != SERVER and not 0 <= self.sender < self.roster:
             raise ValueError("sender must be a roster index or SERVER")
 
-        if self.phase not in (UPDATE_PHASE, SCALES):
-            raise ValueError("phase must be UPDATE_PHASE or SCALES")
+        if self.phase not in (UPDATE_PHASE, SCALES, EVALUATION):
+            raise ValueError("phase must be UPDATE_PHASE, SCALES or EVALUATION")
         if len(self.attempt) > 64:
             raise ValueError("an attempt nonce is at most 64 bytes")
 
@@ -102,6 +104,11 @@ class Stamp:
     def at(self, phase: int) -> Stamp:
         """The same round's ``phase``."""
         return Stamp(self.job, self.round_num, self.sender, self.roster, phase, self.attempt)
+
+    def evaluation(self, roster: int) -> Stamp:
+        """The same round's evaluation by ``roster`` sites (a simulation's evaluator may
+        evaluate besides the round's clients)."""
+        return Stamp(self.job, self.round_num, self.sender, roster, EVALUATION, self.attempt)
 
     def label(self) -> bytes:
         """Job, round, phase and attempt as bytes, for what binds a payload's contents to
@@ -262,7 +269,11 @@ def read_header(payload: bytes | memoryview, codec: Codec, expect: Stamp, kind: 
             "wrong-job",
         )
     if phase != expect.phase:
-        names = {UPDATE_PHASE: "a model update", SCALES: "a scale exchange"}
+        names = {
+            UPDATE_PHASE: "a model update",
+            SCALES: "a scale exchange",
+            EVALUATION: "an evaluation",
+        }
         raise PayloadError(
             f"payload is {names.get(phase, f'of phase {phase}')}, expected {names[expect.phase]}",
             "wrong-phase",

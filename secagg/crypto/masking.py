@@ -50,7 +50,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from secagg.crypto import seal_format, seeded, shares
-from secagg.crypto.envelope import SCALES, UPDATE_PHASE, Stamp
+from secagg.crypto.envelope import EVALUATION, SCALES, UPDATE_PHASE, Stamp
 from secagg.crypto.policy import RoundPolicy
 from secagg.errors import PayloadError
 
@@ -254,8 +254,10 @@ class Masker:
         return set(self._sites)
 
     def active(self, stamp: Stamp) -> bool:
-        """Whether this client agreed masks for ``stamp``'s round."""
-        return self._round is not None and self._round[0] == (stamp.job, stamp.round_num)
+        """Whether this client masks ``stamp``'s payload: it agreed masks for the round, and
+        the phase is one the round unmasks (an evaluation is encrypted, not masked)."""
+        agreed = self._round is not None and self._round[0] == (stamp.job, stamp.round_num)
+        return agreed and stamp.phase != EVALUATION
 
     def plan(self, stamp: Stamp) -> MaskPlan:
         """What this client's mask for ``stamp``'s phase is made of (its PRG keys), so that it

@@ -20,6 +20,7 @@ from secagg.crypto import envelope, ledger
 from secagg.crypto.envelope import AGGREGATE, UPDATE, Stamp
 from secagg.crypto.ledger import Aggregate, Update
 from secagg.crypto.masking import Reveal, ShareBundle, SignedKey
+from secagg.crypto.report import Reading
 from secagg.errors import ConfigError, PayloadError
 
 # No keys in a plaintext run; a fixed fingerprint still stops HE payloads being read as plain.
@@ -66,6 +67,13 @@ class PlainCipher:
     def agreement(self, stamp: Stamp, agreed: bytes | None) -> None:
         """No agreement: the server gives the sample total."""
         return None
+
+    def evaluation(self, stamp: Stamp, metrics: Mapping[str, float] | None, count: int = 0) -> None:
+        """A plaintext evaluation travels in plain (the server reads every update anyway)."""
+        return None
+
+    def averages(self, payload: bytes, stamp: Stamp, names: Mapping[str, object]) -> Reading:
+        raise PayloadError("plaintext FedAvg sums no evaluations", "bad-plan")
 
     def publish(self, job: bytes, site: int) -> SignedKey | None:
         """Plaintext FedAvg does not mask: its server reads every update anyway."""

@@ -94,6 +94,27 @@ class QuantizedCipher:
         masker = self.inner.masker
         return masker.share(stamp) if masker is not None and masker.active(stamp) else None
 
+    def evaluation(
+        self, stamp: Stamp, metrics: Mapping[str, float] | None, count: int = 0
+    ) -> bytes:
+        """This client's evaluation of the round's global model (``metrics`` over ``count``
+        test examples; None: it has no test data, and reports zeros so that the sum still
+        counts it), encrypted (``report``): the server never reads it."""
+        update = Update(report.encode(metrics, count), 1.0 / stamp.roster)
+        return self.inner.encrypt(update, stamp)
+
+    def averages(self, payload: bytes, stamp: Stamp, names: Mapping[str, object]) -> report.Reading:
+        """The summed evaluations of ``stamp``'s round, decrypted and checked (ledger, tag,
+        the round policy's threshold), read with this client's metric ``names``."""
+        summed = self.inner.decrypt(payload, stamp)
+        if summed.values.shape != (report.VALUES,):
+            raise PayloadError(
+                "the summed evaluations do not have an evaluation's length; are all parties "
+                "running the same secagg?",
+                "wrong-length",
+            )
+        return report.read(summed.values, names, len(summed.contributors))
+
     def encrypt(self, update: Update, stamp: Stamp, agreed: bytes | None) -> bytes:
         agreement = self.agreement(stamp, agreed)
         steps, total = agreement.steps, agreement.samples
@@ -156,7 +177,7 @@ class QuantizedCipher:
         histograms = summed.values[: self._histogram_values]
         steps = quantize.steps(histograms, clients, limit, total)
         reported = summed.values[self._histogram_values :]
-        metrics = report.read(reported, self._metrics, clients)
+        metrics = report.read(reported, self._metrics, clients).averages
         return Agreement(steps, summed.contributors, total, metrics)
 
 

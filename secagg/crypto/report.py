@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -54,21 +55,27 @@ def _limbs(bits: int) -> int:
 _VALUE_LIMBS, _COUNT_LIMBS, _PRINT_LIMBS = _limbs(VALUE_BITS), _limbs(COUNT_BITS), 8
 #: Limbs per entry: the weighted value, the count, the flag.
 _ENTRY = _VALUE_LIMBS + _COUNT_LIMBS + 1
-#: Values a report adds to a scale payload.
-VALUES = _PRINT_LIMBS + ENTRIES * _ENTRY
+#: Where the entries start: after the reporting flag and the names' fingerprint.
+_HEAD = 1 + _PRINT_LIMBS
+#: Values of a report (what it adds to a scale payload; an evaluation payload's size).
+VALUES = _HEAD + ENTRIES * _ENTRY
 _OFFSET = 1 << (VALUE_BITS - 1)
 
 
-def encode(metrics: Mapping[str, float], count: int) -> np.ndarray:
-    """The report of a site that trained on ``count`` examples and measured ``metrics``."""
+def encode(metrics: Mapping[str, float] | None, count: int = 0) -> np.ndarray:
+    """The report of a site that measured ``metrics`` over ``count`` examples (its training
+    or test set); zeros for a site with nothing to report (``metrics`` None)."""
+    out = np.zeros(VALUES)
+    if metrics is None:
+        return out
     if len(metrics) > ENTRIES:
         raise PayloadError(f"a report holds at most {ENTRIES} metrics, not {len(metrics)}")
     if not 0 < count < 1 << COUNT_BITS:
         raise PayloadError(f"a report's count must be in [1, 2**{COUNT_BITS}), not {count}")
-    out = np.zeros(VALUES)
-    out[:_PRINT_LIMBS] = _split(fingerprint(metrics), _PRINT_LIMBS)
+    out[0] = 1
+    out[1:_HEAD] = _split(fingerprint(metrics), _PRINT_LIMBS)
     for index, name in enumerate(sorted(metrics)):
-        value, start = metrics[name], _PRINT_LIMBS + index * _ENTRY
+        value, start = metrics[name], _HEAD + index * _ENTRY
         if math.isfinite(value) and abs(value) < 1 << VALUE_LIMIT_BITS:
             weighted = round(value * count * (1 << FRACTION_BITS)) + _OFFSET
             out[start : start + _VALUE_LIMBS] = _split(weighted, _VALUE_LIMBS)
@@ -78,27 +85,41 @@ def encode(metrics: Mapping[str, float], count: int) -> np.ndarray:
     return out
 
 
-def read(summed: np.ndarray, names: Mapping[str, object], sites: int) -> dict[str, float] | None:
-    """The count-weighted average of each metric over the ``sites`` whose reports were
-    summed into ``summed``, named as this site's own ``names``; None when the sites reported
-    other metric names than these. Refuses (PayloadError) a sum no honest sites make."""
+@dataclass(frozen=True)
+class Reading:
+    """A summed report, read: how many sites reported, the largest summed count of an entry
+    (how many examples they claim to have measured over), and the averages by name (None
+    when the sites reported other metric names than the reader's)."""
+
+    sites: int
+    count: int
+    averages: dict[str, float] | None
+
+
+def read(summed: np.ndarray, names: Mapping[str, object], sites: int) -> Reading:
+    """The count-weighted average of each metric over the sites that reported, of the
+    ``sites`` whose reports were summed into ``summed``, named as this site's own ``names``.
+    Refuses (PayloadError) a sum no honest sites make."""
     summed = np.asarray(summed, dtype=np.float64)
     if summed.shape != (VALUES,) or np.any(summed < 0) or np.any(summed > 15 * sites):
-        raise PayloadError("the summed training report is out of range", "tampered")
+        raise PayloadError("the summed report is out of range", "tampered")
+    reporting = int(summed[0])
     own = _split(fingerprint(names), _PRINT_LIMBS)
-    if not np.array_equal(summed[:_PRINT_LIMBS], own * sites):
-        return None
+    if not reporting or not np.array_equal(summed[1:_HEAD], own * reporting):
+        return Reading(reporting, 0, None)
     averages: dict[str, float] = {}
+    most = 0
     for index, name in enumerate(sorted(names)):
-        start = _PRINT_LIMBS + index * _ENTRY
+        start = _HEAD + index * _ENTRY
         flagged = int(summed[start + _ENTRY - 1])
         count = _join(summed[start + _VALUE_LIMBS : start + _ENTRY - 1])
+        most = max(most, count)
         if flagged or count == 0:
             averages[name] = math.nan
             continue
-        weighted = _join(summed[start : start + _VALUE_LIMBS]) - _OFFSET * sites
+        weighted = _join(summed[start : start + _VALUE_LIMBS]) - _OFFSET * reporting
         averages[name] = weighted / count / (1 << FRACTION_BITS)
-    return averages
+    return Reading(reporting, most, averages)
 
 
 def fingerprint(names: Mapping[str, object]) -> int:

@@ -80,6 +80,17 @@ class Transport(Protocol):
         """Send the summed update (and its scales) to every client to decrypt and apply."""
         ...
 
-    def evaluate(self, round_num: int) -> list[EvalReply]:
-        """The clients' evaluations of the global model (those with test data)."""
+    def evaluators(self, round_num: int) -> int:
+        """How many clients evaluate round ``round_num``'s global model (a simulation's
+        evaluator may evaluate besides the round's clients, at the last position)."""
+        ...
+
+    def evaluate(self, stamp: Stamp) -> list[EvalReply]:
+        """The clients' evaluations of the global model, for ``stamp``'s evaluation phase:
+        in plain (those with test data), or encrypted (every evaluating client's)."""
+        ...
+
+    def averages(self, stamp: Stamp, payload: bytes) -> list[dict[str, float]]:
+        """Have the evaluating clients decrypt the summed evaluations ``payload`` and say
+        what each metric averages to (the clients that can name them)."""
         ...

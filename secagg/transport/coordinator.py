@@ -23,7 +23,7 @@ from typing import Any
 import grpc
 
 from secagg import quantize
-from secagg.crypto import ServerCipher, Stamp
+from secagg.crypto import ServerCipher, Stamp, report
 from secagg.crypto.certified import check_joining_key
 from secagg.errors import PayloadError, SecAggError
 from secagg.messages import ModelSignature
@@ -36,7 +36,7 @@ INBOX = 2
 UPLOADS = 2
 #: The tasks a site answers with an upload: its scales, its update, its signature of the
 #: survivor set, its mask reveal (self-mask key, and corrections when the phase lost sites).
-UPLOADS_FOR = ("train", "seal", "confirm", "correct")
+UPLOADS_FOR = ("train", "seal", "confirm", "correct", "evaluate", "average")
 #: Refused uploads after which a task stops waiting for a site (an honest site that replays
 #: by mistake still gets its own upload in).
 STRIKES = 2
@@ -427,6 +427,9 @@ class Coordinator:
             raise PayloadError("a confirm upload must carry the site's signature", "malformed")
         if task.kind == "correct" and not header.revealed:
             raise PayloadError("a correct upload must carry the site's self-mask key", "malformed")
+        if task.kind in ("evaluate", "average"):
+            # An encrypted evaluation; the averages a site read from their sum, in its header
+            return task, stamp.evaluation(roster), report.VALUES if task.kind == "evaluate" else 0
         if task.kind == "confirm" or (task.kind == "correct" and not task.body.get("dropped")):
             # Nothing but the header: a signature, or a key when no site dropped.
             return task, stamp if phase != "scales" else stamp.scales(), 0
@@ -521,6 +524,8 @@ class Coordinator:
             raise PayloadError(f"round {round_num} has no aggregate yet", "not-found")
         if what == "attempt":
             return attempt_of(self.workdir, round_num)
+        if what == "evaluation":  # summed for the current round only, never kept
+            raise PayloadError(f"round {round_num}'s evaluations are not summed", "not-found")
         update, scales = aggregate_paths(self.workdir, round_num)
         chosen = scales if what == "scales" else update
         try:

@@ -40,6 +40,7 @@ from secagg.crypto.certified import CertifiedIdentities
 from secagg.crypto.masking import SignedKey
 from secagg.errors import ConfigError, PayloadError, SecAggError, TaskError
 from secagg.files import atomic_write_json
+from secagg.messages import EVAL_LOSS
 from secagg.provision import Kit
 from secagg.transport import grpc_wire as wire
 
@@ -210,7 +211,7 @@ class Site:
                     continue
                 if kind == "wait":
                     continue
-                if kind not in ("train", "seal", "confirm", "correct", "apply"):
+                if kind not in _KINDS:
                     raise SecAggError(
                         f"the server asked for '{kind}', which this secagg does not know; run "
                         "the same secagg release on the server and every site"
@@ -377,11 +378,13 @@ class Site:
         applied = self.client.apply(update, self.round_stamp(round_num, attempt), scales)
         self.applied = round_num
         self._scales.pop(round_num, None)
-        try:
-            evaluation = self.client.evaluate(round_num)
-        except TaskError as err:
-            tell_failed(self.connection, str(err))
-            raise
+        evaluation = None
+        if not self.scaled:  # HE: the site evaluates for the round's evaluate task, encrypted
+            try:
+                evaluation = self.client.evaluate(self._evaluation_stamp(round_num, attempt))
+            except TaskError as err:
+                tell_failed(self.connection, str(err))
+                raise
         report = wire.Report(
             task_id,
             round_num,
@@ -401,6 +404,47 @@ class Site:
             for name, value in (evaluation.metrics if evaluation else {}).items()
         )
         self.log(f"round {round_num}: applied the global model{shown}")
+
+    def _evaluation_stamp(self, round_num: int, attempt: bytes) -> Stamp:
+        """The round's evaluation phase, as the site at this position encrypts it."""
+        stamp = self.round_stamp(round_num, attempt).evaluation(self.joined.roster)
+        return stamp.for_sender(self.joined.index)
+
+    def do_evaluate(self, task: dict[str, Any]) -> None:
+        """Evaluate the global model just applied and upload it encrypted (zeros without test
+        data: the sum still counts this site); the server reads nothing of it."""
+        round_num = int(task["round"])
+        stamp = self._evaluation_stamp(round_num, _nonce(task.get("attempt", "")))
+        reply = self.client.evaluate(stamp)
+        payload = b"" if reply is None else reply.payload
+        self.connection.upload(wire.UploadHeader(int(task["id"])).to_wire(), payload)
+
+    def do_average(self, task: dict[str, Any]) -> None:
+        """Decrypt the round's summed evaluations and tell the server what they average to
+        (nothing when this site did not evaluate and cannot name them). A sum that fails
+        its checks stops this site, as an aggregate does (no decryption oracle)."""
+        round_num = int(task["round"])
+        stamp = self.round_stamp(round_num, _nonce(task.get("attempt", "")))
+        summed = self.connection.download(round_num, "evaluation")
+        try:
+            averages = self.client.averages(stamp.evaluation(self.joined.roster), summed)
+        except PayloadError as err:
+            if err.reason != "bad-samples":
+                raise _AggregateRefused(str(err), err.reason) from err
+            # An honest sum (it passed every check) in which a site lied about its count:
+            # the round's metrics are unknown, and the round stands.
+            self.log(f"round {round_num}: the sites' evaluation is not reported: {err}")
+            averages = None
+        header = wire.UploadHeader(int(task["id"]), metrics=averages or {})
+        self.connection.upload(header.to_wire(), b"")
+        if averages:
+            for row in reversed(self.metrics):  # the round's row, written when it applied
+                if row.get("round") == round_num:
+                    row["evaluation"] = _shown(averages)
+                    break
+            self._save()
+            shown = "".join(f", {k} {v:.4f}" for k, v in _shown(averages).items())
+            self.log(f"round {round_num}: the sites' evaluation{shown}")
 
     def _fetch_scales(self, round_num: int, digest: object = None) -> bytes | None:
         """The round's summed scales: the copy this site holds only when it is the one the
@@ -431,6 +475,15 @@ class Site:
                 self.connection.call("Ping", {}, timeout=5)
             except SecAggError:
                 continue
+
+
+#: The tasks a site does (``do_<kind>``).
+_KINDS = ("train", "seal", "confirm", "correct", "apply", "evaluate", "average")
+
+
+def _shown(averages: dict[str, float]) -> dict[str, float]:
+    """Averages as a person reads them: the loss by its name."""
+    return {("loss" if k == EVAL_LOSS else k): v for k, v in averages.items()}
 
 
 def tell_failed(connection: Connection, error: str) -> None:

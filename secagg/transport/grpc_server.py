@@ -18,6 +18,7 @@ RPC handlers run in gRPC's thread pool and meet the round loop in ``Coordinator`
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections.abc import Iterator
 from concurrent import futures
@@ -235,6 +236,8 @@ _KINDS = {
     "seal": envelope.UPDATE,
     "confirm": envelope.CORRECTION,  # a header alone (the signature); no payload
     "correct": envelope.CORRECTION,
+    "evaluate": envelope.UPDATE,
+    "average": envelope.CORRECTION,  # a header alone (the averages a site read)
 }
 
 
@@ -300,6 +303,7 @@ class GrpcTransport:
         self.grace = grace
         self._trained: frozenset[int] = frozenset()
         self._evals: list[EvalReply] = []
+        self._applied: frozenset[int] = frozenset()
         #: the round's sites handed mask keys, and its tasks by phase (``correct`` closes them)
         self._keyed: frozenset[int] = frozenset()
         self._phases: dict[int, Task] = {}
@@ -427,13 +431,32 @@ class GrpcTransport:
         )
         reports = self.c.collect_reports(task, self.timeout)
         self._evals = [r.evaluation for r in reports.values() if r.evaluation is not None]
+        self._applied = frozenset(reports)
         return [
             ApplyReply(i, r.seconds, r.clipped, r.weight, r.contributors)
             for i, r in reports.items()
         ]
 
-    def evaluate(self, round_num: int) -> list[EvalReply]:
-        return self._evals
+    def evaluators(self, round_num: int) -> int:
+        return self.roster
+
+    def evaluate(self, stamp: Stamp) -> list[EvalReply]:
+        """Plaintext: the evaluations the sites reported with their apply. HE: the sites that
+        applied the round encrypt theirs for an evaluate task (each uploads one, zeros when
+        it has no test data)."""
+        if not self.c.cipher.quantizes:
+            return self._evals
+        task = self.c.post("evaluate", stamp.round_num, self._applied, attempt=stamp.attempt.hex())
+        uploads = self.c.collect(task, self.timeout)
+        return [EvalReply(u.index, math.nan, 0, {}, u.payload) for u in uploads]
+
+    def averages(self, stamp: Stamp, payload: bytes) -> list[dict[str, float]]:
+        """The sites that applied the round decrypt the summed evaluations; each uploads what
+        the metrics average to (nothing when it cannot name them: it had no test data)."""
+        self.c.publish(stamp.round_num, "evaluation", payload)
+        task = self.c.post("average", stamp.round_num, self._applied, attempt=stamp.attempt.hex())
+        views = [dict(u.meta.metrics) for u in self.c.collect(task, self.timeout)]
+        return [view for view in views if view]
 
     def _require(self, delivered: set[int], round_num: int, what: str) -> None:
         if len(delivered) < self.min_clients:

@@ -292,9 +292,10 @@ class DownloadRequest:
     @classmethod
     def from_wire(cls, message: Mapping[str, Any]) -> DownloadRequest:
         what = message.get("what")
-        if what not in ("update", "scales", "attempt"):
+        if what not in ("update", "scales", "attempt", "evaluation"):
             raise PayloadError(
-                f"'what' must be 'update', 'scales' or 'attempt', not {what!r}", "malformed"
+                f"'what' must be 'update', 'scales', 'attempt' or 'evaluation', not {what!r}",
+                "malformed",
             )
         return cls(whole(message, "round"), str(what))
 

@@ -114,9 +114,21 @@ class InProcessTransport:
             self.evaluator.apply(payload, round_stamp, scales)
         return replies
 
-    def evaluate(self, round_num: int) -> list[EvalReply]:
+    def _evaluating(self) -> list[Client]:
+        """The round's clients, and the evaluator when it did not train in the round."""
         clients = list(self.slots)
         if self.evaluator is not None and all(c.site != self.evaluator.site for c in clients):
             clients.append(self.evaluator)
-        replies = [c.evaluate(round_num) for _, c in self._each("evaluate", clients)]
+        return clients
+
+    def evaluators(self, round_num: int) -> int:
+        return len(self._evaluating())
+
+    def evaluate(self, stamp: Stamp) -> list[EvalReply]:
+        clients = self._evaluating()
+        replies = [c.evaluate(stamp.for_sender(p)) for p, c in self._each("evaluate", clients)]
         return [reply for reply in replies if reply is not None]
+
+    def averages(self, stamp: Stamp, payload: bytes) -> list[dict[str, float]]:
+        views = (c.averages(stamp, payload) for c in self._evaluating())
+        return [view for view in views if view is not None]

@@ -115,8 +115,11 @@ class ClientActor:
     def apply(self, payload: bytes, stamp: Stamp, scales: bytes | None) -> ApplyReply:
         return self.client.apply(payload, stamp, scales)
 
-    def evaluate(self, round_num: int) -> EvalReply | None:
-        return self.client.evaluate(round_num)
+    def evaluate(self, stamp: Stamp) -> EvalReply | None:
+        return self.client.evaluate(stamp)
+
+    def averages(self, stamp: Stamp, payload: bytes) -> dict[str, float] | None:
+        return self.client.averages(stamp, payload)
 
     def index(self) -> int:
         return self.client.site.index
@@ -328,14 +331,27 @@ class RayTransport:
             self._get(self.evaluator.apply.remote(shared, round_stamp, shared_scales))
         return [r for r in (self._survive(ref) for ref in refs) if r is not None]
 
-    def evaluate(self, round_num: int) -> list[EvalReply]:
+    def _evaluating(self) -> list[Any]:
+        """As in-process: the evaluator is client 0, which evaluates once, in its slot when
+        the round drew it (twice would count its test set twice in the round's averages)."""
         actors = list(self.slots)
-        # As in-process: the evaluator is client 0, which evaluates once, in its slot when the
-        # round drew it (twice would count its test set twice in the round's averages).
         if self.evaluator is not None and 0 not in self._chosen:
             actors.append(self.evaluator)
-        replies = (self._survive(a.evaluate.remote(round_num)) for a in actors)
+        return actors
+
+    def evaluators(self, round_num: int) -> int:
+        return len(self._evaluating())
+
+    def evaluate(self, stamp: Stamp) -> list[EvalReply]:
+        refs = [a.evaluate.remote(stamp.for_sender(p)) for p, a in enumerate(self._evaluating())]
+        replies = (self._survive(ref) for ref in refs)
         return [r for r in replies if r is not None]
+
+    def averages(self, stamp: Stamp, payload: bytes) -> list[dict[str, float]]:
+        shared = self.ray.put(payload)
+        refs = [a.averages.remote(stamp, shared) for a in self._evaluating()]
+        views = (self._survive(ref) for ref in refs)
+        return [view for view in views if view is not None]
 
     def model_bytes(self) -> bytes:
         """The global model (a torch state dict, serialized) as the clients hold it."""
