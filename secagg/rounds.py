@@ -21,6 +21,7 @@ import numpy as np
 
 from secagg import quantize
 from secagg.crypto import SERVER, Reveal, Stamp, contributors, report
+from secagg.crypto.envelope import EVALUATION
 from secagg.errors import PayloadError, SecAggError
 from secagg.messages import EVAL_LOSS, ApplyReply, FitReply, TrainReply
 from secagg.server import Server, Summed
@@ -140,7 +141,7 @@ def run_round(
     # 6 the clients evaluate the global model they now hold (the server cannot); an integer
     #   codec encrypts each evaluation, the server adds them, and the clients decrypt the sum
     eval_start = time.perf_counter()
-    evaluated = _evaluated(server, transport, round_stamp)
+    evaluated = _evaluated(server, transport, round_stamp, trained, corrections)
     end = time.perf_counter()
     record = RoundRecord(
         trained, fits, applied, evaluated, scales, summed, *_unmasking_bytes(corrections, trained)
@@ -164,12 +165,20 @@ class Evaluated:
     bytes_down: int = 0
 
 
-def _evaluated(server: Server, transport: Transport, round_stamp: Stamp) -> Evaluated:
+def _evaluated(
+    server: Server,
+    transport: Transport,
+    round_stamp: Stamp,
+    trained: list[TrainReply],
+    corrections: list[list[Reveal]],
+) -> Evaluated:
     """The clients' evaluations: averaged here when they came in plain (plaintext FedAvg);
     with an integer codec, added by the server without reading them, then decrypted and
     averaged by the clients, whose answers must agree (``_agreed``). An evaluation that
     cannot be summed leaves the round's metrics unknown, never the round failed: its model
-    is already applied."""
+    is already applied. The round's clients mask their evaluations like their updates, and
+    unmask the sum the same way (a simulation's extra evaluator, which holds none of the
+    round's keys, makes it an unmasked one)."""
     stamp = round_stamp.evaluation(transport.evaluators(round_stamp.round_num))
     evals = transport.evaluate(stamp)
     payloads = [e.payload for e in evals if e.payload]
@@ -180,6 +189,8 @@ def _evaluated(server: Server, transport: Transport, round_stamp: Stamp) -> Eval
     up = sum(map(len, payloads))
     try:
         summed = server.sum(payloads, stamp, report.VALUES)
+        if stamp.roster == round_stamp.roster:
+            summed = _unmasked(server, transport, stamp, summed, corrections, trained)
         views = transport.averages(stamp, summed.payload)
     except (PayloadError, RoundFailed) as err:
         warnings.warn(
@@ -226,7 +237,10 @@ def _unmasked(
     dropped = tuple(sorted(transport.keyed(stamp.round_num) - set(survivors)))
     reveals = transport.unmask(stamp, survivors)
     kept.append(reveals)
-    commitments = {t.client_id: t.commitment for t in trained}
+    # An evaluation's keys are neither shared nor committed to: a lost survivor loses it.
+    commitments = (
+        {t.client_id: t.commitment for t in trained} if stamp.phase != EVALUATION else None
+    )
     try:
         return server.correct(summed, reveals, stamp, dropped, commitments)
     except PayloadError as err:

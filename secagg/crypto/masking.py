@@ -184,6 +184,8 @@ class Masker:
         self._held: dict[tuple[bytes, int, bytes], dict[int, tuple[bytes, bytes]]] = {}
         #: the round's positions -> the site at each (whose key signs its confirmations)
         self._sites: dict[int, int] = {}
+        #: the agreed round's roster (an evaluation by more sites than it keyed is unmasked)
+        self._roster = 0
         self._masked: set[tuple[bytes, int, bytes, int]] = set()
         #: (job, own public key, a checked peer key) -> the pair's secret
         self._secrets: dict[tuple[bytes, bytes, SignedKey], bytes] = {}
@@ -242,6 +244,7 @@ class Masker:
             secrets[position] = self._secrets[known]
         self._round = ((stamp.job, stamp.round_num), stamp.sender, secrets)
         self._sites = {p: peer.site for p, peer in enumerate(peers) if peer is not None}
+        self._roster = stamp.roster
         self._nonce = nonce
         for key in [k for k in self._self_keys if k[:2] != (stamp.job, stamp.round_num)]:
             del self._self_keys[key]
@@ -254,10 +257,11 @@ class Masker:
         return set(self._sites)
 
     def active(self, stamp: Stamp) -> bool:
-        """Whether this client masks ``stamp``'s payload: it agreed masks for the round, and
-        the phase is one the round unmasks (an evaluation is encrypted, not masked)."""
+        """Whether this client masks ``stamp``'s payload: it agreed masks for the round (an
+        evaluation is masked when the round's positions evaluate it; a simulation's extra
+        evaluator, which holds no keys of the round, makes it unmasked)."""
         agreed = self._round is not None and self._round[0] == (stamp.job, stamp.round_num)
-        return agreed and stamp.phase != EVALUATION
+        return agreed and (stamp.phase != EVALUATION or stamp.roster == self._roster)
 
     def plan(self, stamp: Stamp) -> MaskPlan:
         """What this client's mask for ``stamp``'s phase is made of (its PRG keys), so that it
@@ -286,7 +290,7 @@ class Masker:
             )
         plan = self._plan(stamp, None, negate=False)
         self._masked.add(key)
-        if stamp.phase != SCALES:
+        if stamp.phase == UPDATE_PHASE:
             # The update leaves now, under this attempt's masks, and its key may be rebuilt
             # from shares without this client: it is never sent in another attempt of the
             # round (the difference of two sums would give it away).
@@ -401,6 +405,8 @@ class Masker:
     def _shares_of(self, stamp: Stamp, survivors: tuple[int, ...]) -> dict[int, bytes]:
         """This client's shares of the other survivors' self-mask keys for the phase: only of
         survivors (a client outside the set gets corrections instead, never both)."""
+        if stamp.phase == EVALUATION:  # its keys are not shared: a lost survivor loses it
+            return {}
         held = self._held.get(context_key(stamp, self._nonce), {})
         index = _slot(stamp.phase)
         return {u: held[u][index] for u in survivors if u != stamp.sender and u in held}
@@ -621,7 +627,10 @@ def committed(key: bytes, commitment: bytes, phase: int) -> bool:
 
 
 def _slot(phase: int) -> int:
-    """Where a phase's key sits in a client's shares and commitment: scales first."""
+    """Where a phase's key sits in a client's shares and commitment: scales first (the
+    evaluation's key is neither shared nor committed to)."""
+    if phase == EVALUATION:
+        raise PayloadError("an evaluation's self-mask key has no shares", "bad-plan")
     return 0 if phase == SCALES else 1
 
 
@@ -631,7 +640,7 @@ def self_masks(keys: Sequence[bytes], count: int, n: int, modulus: int) -> np.nd
 
 
 def _phase(stamp: Stamp) -> str:
-    return "scale exchange" if stamp.phase == SCALES else "update"
+    return {SCALES: "scale exchange", EVALUATION: "evaluation"}.get(stamp.phase, "update")
 
 
 def _names(positions: tuple[int, ...], name: Callable[[int], str]) -> str:

@@ -20,7 +20,7 @@ import numpy as np
 from secagg import quantize
 from secagg.crypto import report
 from secagg.crypto.ckks import CkksClient
-from secagg.crypto.envelope import SCALES, Stamp
+from secagg.crypto.envelope import EVALUATION, SCALES, Stamp
 from secagg.crypto.ledger import Aggregate, Update
 from secagg.crypto.masking import Reveal, ShareBundle, SignedKey
 from secagg.errors import PayloadError
@@ -87,7 +87,7 @@ class QuantizedCipher:
         confirmations: dict[int, bytes],
         sealed: dict[int, bytes] | None = None,
     ) -> Reveal:
-        values = self._scale_values if stamp.phase == SCALES else self.size
+        values = {SCALES: self._scale_values, EVALUATION: report.VALUES}.get(stamp.phase, self.size)
         return self.inner.reveal(stamp, survivors, confirmations, values, sealed)
 
     def share(self, stamp: Stamp) -> ShareBundle | None:

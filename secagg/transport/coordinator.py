@@ -430,6 +430,9 @@ class Coordinator:
         if task.kind in ("evaluate", "average"):
             # An encrypted evaluation; the averages a site read from their sum, in its header
             return task, stamp.evaluation(roster), report.VALUES if task.kind == "evaluate" else 0
+        if phase == "evaluation":  # a confirm or correct task of the evaluation phase
+            header_only = task.kind == "confirm" or not task.body.get("dropped")
+            return task, stamp.evaluation(roster), 0 if header_only else report.VALUES
         if task.kind == "confirm" or (task.kind == "correct" and not task.body.get("dropped")):
             # Nothing but the header: a signature, or a key when no site dropped.
             return task, stamp if phase != "scales" else stamp.scales(), 0

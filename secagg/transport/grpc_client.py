@@ -334,6 +334,8 @@ class Site:
         stamp = self.round_stamp(int(task["round"])).for_sender(self.joined.index)
         if task.get("phase") == "scales":
             stamp = stamp.scales()
+        elif task.get("phase") == "evaluation":
+            stamp = stamp.evaluation(self.joined.roster)
         survivors = task.get("survivors")
         if (
             not isinstance(survivors, list)
@@ -429,10 +431,11 @@ class Site:
         try:
             averages = self.client.averages(stamp.evaluation(self.joined.roster), summed)
         except PayloadError as err:
-            if err.reason != "bad-samples":
+            if err.reason not in ("bad-samples", "policy"):
                 raise _AggregateRefused(str(err), err.reason) from err
-            # An honest sum (it passed every check) in which a site lied about its count:
-            # the round's metrics are unknown, and the round stands.
+            # A sum of too few sites (refused before decrypting), or an honest one (it passed
+            # every check) in which a site lied about its count: the round's metrics are
+            # unknown, and the round stands.
             self.log(f"round {round_num}: the sites' evaluation is not reported: {err}")
             averages = None
         header = wire.UploadHeader(int(task["id"]), metrics=averages or {})

@@ -230,6 +230,13 @@ class Service:
         return wire.encode({"ok": True})
 
 
+#: How unmasking tasks name each phase.
+_PHASES = {
+    envelope.SCALES: "scales",
+    envelope.UPDATE_PHASE: "update",
+    envelope.EVALUATION: "evaluation",
+}
+
 #: What an upload for each kind of task carries.
 _KINDS = {
     "train": envelope.UPDATE,
@@ -304,6 +311,8 @@ class GrpcTransport:
         self._trained: frozenset[int] = frozenset()
         self._evals: list[EvalReply] = []
         self._applied: frozenset[int] = frozenset()
+        #: the round's sites that sent their update: the ones that evaluate its model (HE)
+        self._contributed: frozenset[int] = frozenset()
         #: the round's sites handed mask keys, and its tasks by phase (``correct`` closes them)
         self._keyed: frozenset[int] = frozenset()
         self._phases: dict[int, Task] = {}
@@ -368,6 +377,7 @@ class GrpcTransport:
                 upload.index, upload.payload, meta.seconds, len(upload.payload), dict(meta.metrics)
             )
         self._require(sealed, round_stamp.round_num, "sent their update")
+        self._contributed = frozenset(sealed)
 
     def keyed(self, round_num: int) -> frozenset[int]:
         return self._keyed
@@ -378,7 +388,7 @@ class GrpcTransport:
         signatures with a ``correct`` task, and return their reveals; every one must come."""
         dropped = tuple(sorted(self._keyed - set(survivors)))
         self.c.close(self._phases[stamp.phase], dropped)
-        phase = "scales" if stamp.phase == envelope.SCALES else "update"
+        phase = _PHASES[stamp.phase]
         sites = frozenset(survivors)
         task = self.c.post(
             "confirm", stamp.round_num, sites, phase=phase, survivors=list(survivors)
@@ -431,7 +441,7 @@ class GrpcTransport:
         )
         reports = self.c.collect_reports(task, self.timeout)
         self._evals = [r.evaluation for r in reports.values() if r.evaluation is not None]
-        self._applied = frozenset(reports)
+        self._applied = frozenset(reports) & self._contributed
         return [
             ApplyReply(i, r.seconds, r.clipped, r.weight, r.contributors)
             for i, r in reports.items()
@@ -442,11 +452,12 @@ class GrpcTransport:
 
     def evaluate(self, stamp: Stamp) -> list[EvalReply]:
         """Plaintext: the evaluations the sites reported with their apply. HE: the sites that
-        applied the round encrypt theirs for an evaluate task (each uploads one, zeros when
-        it has no test data)."""
+        sent the round's update and applied it encrypt theirs for an evaluate task (each
+        uploads one, zeros when it has no test data)."""
         if not self.c.cipher.quantizes:
             return self._evals
         task = self.c.post("evaluate", stamp.round_num, self._applied, attempt=stamp.attempt.hex())
+        self._phases[stamp.phase] = task
         uploads = self.c.collect(task, self.timeout)
         return [EvalReply(u.index, math.nan, 0, {}, u.payload) for u in uploads]
 
