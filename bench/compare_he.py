@@ -753,7 +753,8 @@ def _bytes_text(report: dict[str, Any]) -> str:
         f"{b['upload_in_ciphertexts']:.1f} ciphertexts' worth per round: a small model pays "
         "for partly empty ciphertexts and a fixed scale exchange, while a model of millions "
         "of parameters fills its ciphertexts and approaches the floor (3.5M parameters: "
-        "2.59 standard, 3.85 fine, see bench/RESULTS.md). Plaintext sends 4 bytes (float32) "
+        "2.61 standard with the encrypted evaluations, see bench/RESULTS.md). Plaintext "
+        "sends 4 bytes (float32) "
         "per parameter plus a small envelope."
     )
 
