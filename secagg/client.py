@@ -275,18 +275,19 @@ class Client:
             self.site.index, seconds, aggregate.clipped, aggregate.weight, aggregate.contributors
         )
 
-    def evaluate(self, stamp: Stamp) -> EvalReply | None:
+    def evaluate(self, stamp: Stamp, unmasked: bool = False) -> EvalReply | None:
         """The task's evaluation of the global model on this client's test data, if it has
         any. With an integer codec it is encrypted for ``stamp``'s evaluation phase (``stamp``
         names this client's position), zeros when it has no test data, so that the sum counts
-        every client: nothing of it travels in plain."""
+        every client: nothing of it travels in plain. A client that masks sends it masked
+        or not at all (``unmasked``: a simulation's extra evaluator holds no round keys)."""
         ctx = self.context(stamp.round_num)
         self.model.eval()
         result = self._call("evaluate", lambda: self.task.evaluate(self.model, self.data, ctx))
         reply = None if result is None else self._evaluation(result)
         measured = None if reply is None else {**reply.metrics, EVAL_LOSS: reply.loss}
         count = 0 if reply is None else reply.num_samples
-        payload = self.cipher.evaluation(stamp, measured, count)
+        payload = self.cipher.evaluation(stamp, measured, count, unmasked)
         if payload is None:
             return reply
         self._evaluated = measured

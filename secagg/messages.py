@@ -200,8 +200,12 @@ def metrics(value: object, what: str = "metrics") -> dict[str, float]:
         raise PayloadError(f"{what} has {len(items)} entries, at most {MAX_METRICS}", "malformed")
     out = {}
     for name, number in items.items():
-        if not isinstance(name, str) or not 0 < len(name) <= 64:
-            raise PayloadError(f"{what} names must be strings of 1-64 characters", "malformed")
+        printable = isinstance(name, str) and (name.isprintable() or name == EVAL_LOSS)
+        if not printable or not 0 < len(name) <= 64:
+            # EVAL_LOSS: the evaluation's loss, as the sites report it back
+            raise PayloadError(
+                f"{what} names must be printable strings of 1-64 characters", "malformed"
+            )
         out[name] = _number(number, f"{what}.{name}")
     return out
 

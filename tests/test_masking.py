@@ -542,6 +542,28 @@ def test_a_site_that_sent_its_update_sits_out_a_retry_of_the_round(
     assert caught.value.reason == "sit-out"
 
 
+def test_a_retry_unmasks_the_scales_only_over_the_same_sites(session_keys, identities) -> None:
+    """The scale exchange carries each site's count and training metrics, and training is
+    seeded: a retry that unmasked it over one site fewer would give that site's away. Every
+    site that unmasked the round's scales refuses another attempt's over other sites (so no
+    one rebuilds its key from shares either), and takes one over the same sites."""
+    stamp = round_of(10, roster=3)
+    clients = _clients(session_keys, identities)
+    peers = _agree(clients, stamp, sites=(70, 71, 72))
+    _reveals(clients, stamp.scales(), (0, 1, 2))
+    for position, client in enumerate(clients):
+        client.masker.agree(stamp.for_sender(position), peers, b"retry")  # type: ignore[union-attr]
+    retry = replace(stamp, attempt=b"retry").scales()
+    signed = {p: clients[p].confirm(retry.for_sender(p), (1, 2)) for p in (1, 2)}
+    for p in (1, 2):
+        with pytest.raises(PayloadError, match="only over the same sites") as caught:
+            clients[p].reveal(retry.for_sender(p), (1, 2), signed, 3000)
+        assert caught.value.reason == "sit-out"
+    for position, client in enumerate(clients):  # the same sites in a third attempt: taken
+        client.masker.agree(stamp.for_sender(position), peers, b"third")  # type: ignore[union-attr]
+    assert len(_reveals(clients, replace(stamp, attempt=b"third").scales(), (0, 1, 2))) == 3
+
+
 def test_an_aggregate_that_mixes_attempts_is_refused(session_keys, ckks_pair) -> None:
     """Each try of a masked round has its own nonce, bound into every contribution's round
     tag and integrity tag: a server that sums contributions of two attempts (say, to pair an

@@ -27,7 +27,7 @@ class _Actor:
     def _become(self, index: int) -> None:
         self.site = index
 
-    def _evaluate(self, stamp: Stamp) -> Any:
+    def _evaluate(self, stamp: Stamp, unmasked: bool = False) -> Any:
         self.evaluated += 1
         return SimpleNamespace(site=self.site) if self.site == 0 else None
 
@@ -42,6 +42,7 @@ def _transport(chosen: list[int]) -> tuple[RayTransport, list[_Actor], _Actor]:
     evaluator = _Actor(0)
     transport.ray, transport.slots, transport.evaluator = fake_ray, slots, evaluator
     transport._chosen = chosen
+    transport.roster = len(chosen)
     return transport, slots, evaluator
 
 

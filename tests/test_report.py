@@ -82,7 +82,7 @@ def _round(session_keys, he: bool, lie: int = 1, lie_eval: int = 1, masking: boo
     if lie_eval > 1:  # site 0 encrypts a test count far beyond max_client_samples
         cipher = transport.slots[0].cipher
         evaluation = cipher.evaluation
-        cipher.evaluation = lambda s, m, n=0: evaluation(s, m, n * lie_eval)  # type: ignore[method-assign,assignment]
+        cipher.evaluation = lambda s, m, n=0, u=False: evaluation(s, m, n * lie_eval, u)  # type: ignore[method-assign,assignment]
     server = Server(for_server(he, session_keys), masking=he and masking)
     metrics, _ = rounds.run_round(server, transport, rounds.round_stamp(bytes(16), 1, 3))
     return metrics, transport
@@ -151,3 +151,16 @@ def test_one_sites_evaluation_is_masked_from_a_colluding_key_holder(
     seen = ((phase + (1 << (bits - 1))) >> bits).reshape(-1) % 256
     pvalue = stats.chisquare(np.bincount(seen, minlength=256)).pvalue
     assert pvalue > 1e-3 if masking else pvalue < 1e-100
+
+
+def test_a_site_never_sends_its_evaluation_unmasked(session_keys) -> None:
+    """A server that asks for the evaluation of a round (or a roster) the site holds no mask
+    keys for would get it unmasked, for a colluding key holder to read: the site refuses."""
+    _, transport = _round(session_keys, he=True)
+    site = transport.slots[0]
+    for stamp in (
+        rounds.round_stamp(bytes(16), 7, 3).evaluation(3),  # a round it agreed no keys for
+        rounds.round_stamp(bytes(16), 1, 3).evaluation(4),  # another roster than it keyed
+    ):
+        with pytest.raises(PayloadError, match="sends none unmasked"):
+            site.evaluate(stamp.for_sender(0))

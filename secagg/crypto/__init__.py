@@ -113,11 +113,15 @@ class ClientCipher(Protocol):
         ...
 
     def evaluation(
-        self, stamp: Stamp, metrics: Mapping[str, float] | None, count: int = 0
+        self,
+        stamp: Stamp,
+        metrics: Mapping[str, float] | None,
+        count: int = 0,
+        unmasked: bool = False,
     ) -> bytes | None:
         """This client's evaluation (``metrics`` over ``count`` test examples; None: no test
-        data) encrypted for ``stamp``'s evaluation phase, or None when the codec sends
-        evaluations in plain."""
+        data) encrypted for ``stamp``'s evaluation phase (masked unless ``unmasked``), or None
+        when the codec sends evaluations in plain."""
         ...
 
     def averages(self, payload: bytes, stamp: Stamp, names: Mapping[str, object]) -> Reading:

@@ -175,6 +175,9 @@ class Masker:
         #: (job, round) -> the attempt in which this client sent its masked update: its update
         #: of that round is never sent again (another attempt could difference it)
         self._released: dict[tuple[bytes, int], bytes] = {}
+        #: (job, round) -> the attempt and survivor set this client unmasked the round's scale
+        #: exchange for: another attempt's is unmasked only over the same sites
+        self._scales_unmasked: dict[tuple[bytes, int], tuple[bytes, tuple[int, ...]]] = {}
         #: (job, round, nonce, phase) -> this client's fresh self-mask key
         self._self_keys: dict[tuple[bytes, int, bytes, int], bytes] = {}
         #: (job, round, nonce) -> the shares this client handed out for that attempt
@@ -397,10 +400,29 @@ class Masker:
                 "bad-plan",
             )
         self._check_confirmations(stamp, survivors, confirmations)
+        if stamp.phase == SCALES:
+            self._check_scales_retry(stamp, survivors)
         self._corrected[key] = survivors
         dropped = tuple(sorted(set(self._sites) - set(survivors)))
         words = self._pairs(stamp, dropped, count, n, modulus, negate=True) if dropped else None
         return self._self_key(stamp), words, self._shares_of(stamp, survivors)
+
+    def _check_scales_retry(self, stamp: Stamp, survivors: tuple[int, ...]) -> None:
+        """Unmask a round's scale exchange in a later attempt only over the sites it was
+        unmasked over before: training is seeded, so two sums over sets that differ by one
+        site would give that site's histogram, count and training metrics away. (Every
+        honest survivor refuses, so the others cannot rebuild its key from shares.)"""
+        round_key = (stamp.job, stamp.round_num)
+        earlier = self._scales_unmasked.get(round_key)
+        if earlier is not None and earlier[0] != self._nonce and earlier[1] != survivors:
+            raise PayloadError(
+                f"this site unmasked round {stamp.round_num}'s scale exchange over "
+                f"{_names(earlier[1], self._site_name)} in an earlier attempt; it does so again "
+                "only over the same sites (two sums over different sites would give a site's "
+                "count and metrics away), and sits this attempt out",
+                "sit-out",
+            )
+        self._scales_unmasked[round_key] = (self._nonce, survivors)
 
     def _shares_of(self, stamp: Stamp, survivors: tuple[int, ...]) -> dict[int, bytes]:
         """This client's shares of the other survivors' self-mask keys for the phase: only of

@@ -68,7 +68,13 @@ class PlainCipher:
         """No agreement: the server gives the sample total."""
         return None
 
-    def evaluation(self, stamp: Stamp, metrics: Mapping[str, float] | None, count: int = 0) -> None:
+    def evaluation(
+        self,
+        stamp: Stamp,
+        metrics: Mapping[str, float] | None,
+        count: int = 0,
+        unmasked: bool = False,
+    ) -> None:
         """A plaintext evaluation travels in plain (the server reads every update anyway)."""
         return None
 

@@ -95,11 +95,24 @@ class QuantizedCipher:
         return masker.share(stamp) if masker is not None and masker.active(stamp) else None
 
     def evaluation(
-        self, stamp: Stamp, metrics: Mapping[str, float] | None, count: int = 0
+        self,
+        stamp: Stamp,
+        metrics: Mapping[str, float] | None,
+        count: int = 0,
+        unmasked: bool = False,
     ) -> bytes:
         """This client's evaluation of the round's global model (``metrics`` over ``count``
         test examples; None: it has no test data, and reports zeros so that the sum still
-        counts it), encrypted (``report``): the server never reads it."""
+        counts it), encrypted (``report``): the server never reads it. A client that masks
+        refuses to send it without masks (a server naming a round or roster this client
+        holds no keys for) unless ``unmasked`` says the round's evaluation is unmasked."""
+        masker = self.inner.masker
+        if masker is not None and not unmasked and not masker.active(stamp):
+            raise PayloadError(
+                f"this site holds no mask keys for round {stamp.round_num}'s evaluation by "
+                f"{stamp.roster} sites: it sends none unmasked",
+                "bad-plan",
+            )
         update = Update(report.encode(metrics, count), 1.0 / stamp.roster)
         return self.inner.encrypt(update, stamp)
 
@@ -177,7 +190,10 @@ class QuantizedCipher:
         histograms = summed.values[: self._histogram_values]
         steps = quantize.steps(histograms, clients, limit, total)
         reported = summed.values[self._histogram_values :]
-        metrics = report.read(reported, self._metrics, clients).averages
+        try:
+            metrics = report.read(reported, self._metrics, clients).averages
+        except PayloadError:  # a site's report out of range: the metrics are unknown
+            metrics = None
         return Agreement(steps, summed.contributors, total, metrics)
 
 

@@ -33,8 +33,8 @@ import numpy as np
 
 from secagg.errors import PayloadError
 
-#: Named metrics a report holds (a task's training metrics, as ``messages.MAX_METRICS``).
-ENTRIES = 64
+#: Named metrics a report holds: a task's metrics (``messages.MAX_METRICS``) and its loss.
+ENTRIES = 65
 #: Bits per limb: 15 x 1,024 sites summed stays inside the narrowest packing's digit.
 LIMB_BITS = 4
 #: Fixed-point fraction of a count-weighted value.
@@ -102,7 +102,10 @@ def read(summed: np.ndarray, names: Mapping[str, object], sites: int) -> Reading
     Refuses (PayloadError) a sum no honest sites make."""
     summed = np.asarray(summed, dtype=np.float64)
     if summed.shape != (VALUES,) or np.any(summed < 0) or np.any(summed > 15 * sites):
-        raise PayloadError("the summed report is out of range", "tampered")
+        raise PayloadError(
+            "the summed report is out of range: a site encrypted a report no honest site makes",
+            "bad-report",
+        )
     reporting = int(summed[0])
     own = _split(fingerprint(names), _PRINT_LIMBS)
     if not reporting or not np.array_equal(summed[1:_HEAD], own * reporting):

@@ -416,7 +416,15 @@ class Site:
         """Evaluate the global model just applied and upload it encrypted (zeros without test
         data: the sum still counts this site); the server reads nothing of it."""
         round_num = int(task["round"])
-        stamp = self._evaluation_stamp(round_num, _nonce(task.get("attempt", "")))
+        if round_num not in self._attempts or self.applied != round_num:
+            raise PayloadError(
+                f"the server asks for an evaluation of round {round_num}, which is not the "
+                "round this site trained in and applied last: it sends none",
+                "bad-plan",
+            )
+        # Under the attempt this site trained in, never one the task names: its masks are
+        # that attempt's (an evaluation it cannot mask is never sent, ``Client.evaluate``).
+        stamp = self._evaluation_stamp(round_num, self._attempts[round_num])
         reply = self.client.evaluate(stamp)
         payload = b"" if reply is None else reply.payload
         self.connection.upload(wire.UploadHeader(int(task["id"])).to_wire(), payload)
@@ -426,12 +434,12 @@ class Site:
         (nothing when this site did not evaluate and cannot name them). A sum that fails
         its checks stops this site, as an aggregate does (no decryption oracle)."""
         round_num = int(task["round"])
-        stamp = self.round_stamp(round_num, _nonce(task.get("attempt", "")))
+        stamp = self.round_stamp(round_num)  # the attempt this site trained in
         summed = self.connection.download(round_num, "evaluation")
         try:
             averages = self.client.averages(stamp.evaluation(self.joined.roster), summed)
         except PayloadError as err:
-            if err.reason not in ("bad-samples", "policy"):
+            if err.reason not in ("bad-samples", "bad-report", "policy"):
                 raise _AggregateRefused(str(err), err.reason) from err
             # A sum of too few sites (refused before decrypting), or an honest one (it passed
             # every check) in which a site lied about its count: the round's metrics are

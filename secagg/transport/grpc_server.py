@@ -27,7 +27,7 @@ from typing import Any
 
 import grpc
 
-from secagg.crypto import Reveal, Stamp, envelope, ledger
+from secagg.crypto import Reveal, Stamp, contributors, envelope, ledger
 from secagg.errors import PayloadError, SecAggError
 from secagg.messages import ApplyReply, EvalReply, FitReply, TrainReply
 from secagg.provision import Kit
@@ -458,14 +458,22 @@ class GrpcTransport:
             return self._evals
         task = self.c.post("evaluate", stamp.round_num, self._applied, attempt=stamp.attempt.hex())
         self._phases[stamp.phase] = task
-        uploads = self.c.collect(task, self.timeout)
+        uploads = list(self.c.collect(task, self.timeout))
+        if len(uploads) < self.min_clients:
+            # The sites would refuse to unmask a sum below the round policy's threshold.
+            self.c.log(
+                f"round {stamp.round_num}: only {len(uploads)} site(s) evaluated, at least "
+                f"{self.min_clients} are needed; the round's metrics are unknown"
+            )
+            return []
         return [EvalReply(u.index, math.nan, 0, {}, u.payload) for u in uploads]
 
     def averages(self, stamp: Stamp, payload: bytes) -> list[dict[str, float]]:
         """The sites that applied the round decrypt the summed evaluations; each uploads what
         the metrics average to (nothing when it cannot name them: it had no test data)."""
         self.c.publish(stamp.round_num, "evaluation", payload)
-        task = self.c.post("average", stamp.round_num, self._applied, attempt=stamp.attempt.hex())
+        summed = frozenset(contributors(payload))  # a late evaluator's is not in it
+        task = self.c.post("average", stamp.round_num, summed)
         views = [dict(u.meta.metrics) for u in self.c.collect(task, self.timeout)]
         return [view for view in views if view]
 

@@ -126,7 +126,10 @@ class InProcessTransport:
 
     def evaluate(self, stamp: Stamp) -> list[EvalReply]:
         clients = self._evaluating()
-        replies = [c.evaluate(stamp.for_sender(p)) for p, c in self._each("evaluate", clients)]
+        unmasked = stamp.roster != self.roster  # the evaluator holds none of the round's keys
+        replies = [
+            c.evaluate(stamp.for_sender(p), unmasked) for p, c in self._each("evaluate", clients)
+        ]
         return [reply for reply in replies if reply is not None]
 
     def averages(self, stamp: Stamp, payload: bytes) -> list[dict[str, float]]:

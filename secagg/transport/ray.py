@@ -115,8 +115,8 @@ class ClientActor:
     def apply(self, payload: bytes, stamp: Stamp, scales: bytes | None) -> ApplyReply:
         return self.client.apply(payload, stamp, scales)
 
-    def evaluate(self, stamp: Stamp) -> EvalReply | None:
-        return self.client.evaluate(stamp)
+    def evaluate(self, stamp: Stamp, unmasked: bool = False) -> EvalReply | None:
+        return self.client.evaluate(stamp, unmasked)
 
     def averages(self, stamp: Stamp, payload: bytes) -> dict[str, float] | None:
         return self.client.averages(stamp, payload)
@@ -343,7 +343,9 @@ class RayTransport:
         return len(self._evaluating())
 
     def evaluate(self, stamp: Stamp) -> list[EvalReply]:
-        refs = [a.evaluate.remote(stamp.for_sender(p)) for p, a in enumerate(self._evaluating())]
+        unmasked = stamp.roster != self.roster  # the evaluator holds none of the round's keys
+        actors = self._evaluating()
+        refs = [a.evaluate.remote(stamp.for_sender(p), unmasked) for p, a in enumerate(actors)]
         replies = (self._survive(ref) for ref in refs)
         return [r for r in replies if r is not None]
 
