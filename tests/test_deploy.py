@@ -117,6 +117,37 @@ def _site(project: Path, name: str, workdir: Path, fault: str | None = None) -> 
     )
 
 
+def _job_done(server: subprocess.Popen, sites: list[subprocess.Popen]) -> str:
+    """The server's output once it ended the job (exit 0) and every site said it is done."""
+    out = _finish(server)
+    assert server.returncode == 0, out[-3000:]
+    for site in sites:
+        assert "the job is done" in _finish(site, 60)
+    return out
+
+
+def _lying_server(
+    tmp: Path, fault: str, retries: int, round_timeout: float = 30.0
+) -> tuple[str, Path, list[str]]:
+    """One round of a 3-site job against a server patched with ``fault`` (``tests/patched.py``),
+    which must fail: its output, the project, the sites' logs."""
+    project, port = _project(tmp, 3)
+    job, _ = _job(tmp, rounds=1, round_retries=retries, round_timeout=round_timeout)
+    work = tmp / "work"
+    server = _server(project, job, work / "server", port, fault=fault)
+    sites = [_site(project, f"site-{i}", work) for i in (1, 2, 3)]
+    try:
+        out = _finish(server, 240)
+        assert server.returncode != 0, out[-3000:]
+    finally:
+        _kill_all(server)
+        for site in sites:
+            if site.poll() is None:
+                site.kill()
+        logs = [site.communicate()[0] for site in sites]
+    return out, project, logs
+
+
 def _finish(proc: subprocess.Popen, timeout: float = 240) -> str:
     try:
         out, _ = proc.communicate(timeout=timeout)
@@ -807,17 +838,9 @@ def test_a_server_that_lies_about_a_dropout_unmasks_nothing(tmp_path: Path) -> N
     on. The round cannot complete, and the job fails rather than decrypt anything."""
     from scipy import stats
 
-    project, port = _project(tmp_path, 3)
-    job, _ = _job(tmp_path, rounds=1, round_retries=0, round_timeout=30.0)
-    work, dump = tmp_path / "work", tmp_path / "dump"
-    server = _server(project, job, work / "server", port, fault=f"lie-dropout:{dump}")
-    sites = [_site(project, f"site-{i}", work) for i in (1, 2, 3)]
-    try:
-        out = _finish(server, 240)
-        assert server.returncode != 0, out[-3000:]
-        assert "sent no mask reveal" in out or "could not be added" in out, out[-3000:]
-    finally:
-        _kill_all(server, *sites)
+    dump = tmp_path / "dump"
+    out, project, _ = _lying_server(tmp_path, f"lie-dropout:{dump}", retries=0)
+    assert "sent no mask reveal" in out or "could not be added" in out, out[-3000:]
     corrections = [(dump / f"correction-{p}.bin").read_bytes() for p in (1, 2)]
     assert all(corrections), "the honest sites sent corrections for the 'dropped' site"
     seen = _low_bits_of_view(project / "site-3", (dump / "victim.bin").read_bytes(), corrections)
@@ -834,10 +857,7 @@ def test_a_curious_server_reads_no_sites_count_or_metrics(tmp_path: Path) -> Non
     server = _server(project, job, work / "server", port, fault=f"record:{dump}")
     sites = [_site(project, f"site-{i}", work) for i in (1, 2, 3)]
     try:
-        out = _finish(server)
-        assert server.returncode == 0, out[-3000:]
-        for site in sites:
-            assert "the job is done" in _finish(site, 60)
+        _job_done(server, sites)
     finally:
         _kill_all(server, *sites)
     seen = [json.loads(line) for line in (dump / "seen.jsonl").read_text().splitlines()]
@@ -878,21 +898,9 @@ def test_a_ciphertext_replayed_from_an_earlier_attempt_unmasks_nothing(tmp_path:
 
     from secagg.crypto import envelope
 
-    project, port = _project(tmp_path, 3)
-    job, _ = _job(tmp_path, rounds=1, round_retries=1, round_timeout=30.0)
-    work, dump = tmp_path / "work", tmp_path / "dump"
-    server = _server(project, job, work / "server", port, fault=f"replay-attempt:{dump}")
-    sites = [_site(project, f"site-{i}", work) for i in (1, 2, 3)]
-    try:
-        out = _finish(server, 240)
-        assert server.returncode != 0, out[-3000:]
-        assert "trying round 1 again" in out, out[-3000:]
-    finally:
-        _kill_all(server)
-        for site in sites:
-            if site.poll() is None:
-                site.kill()
-        logs = [site.communicate()[0] for site in sites]
+    dump = tmp_path / "dump"
+    out, project, logs = _lying_server(tmp_path, f"replay-attempt:{dump}", retries=1)
+    assert "trying round 1 again" in out, out[-3000:]
     seen = _low_bits_of_view(
         project / "site-3", (dump / "scales.bin").read_bytes(), [], envelope.AGGREGATE
     )
@@ -955,23 +963,10 @@ def test_a_round_retried_after_its_update_was_unmasked_gets_no_update_twice(
     again: a colluding site could difference the two sums (over S, then S minus a victim) if
     a site sent its update twice. Every site that revealed its key sits the retry out, sends
     its update once, and the retry ends for lack of sites."""
-    project, port = _project(tmp_path, 3)
-    job, _ = _job(tmp_path, rounds=1, round_retries=1, round_timeout=10.0)
-    work = tmp_path / "work"
-    server = _server(project, job, work / "server", port, fault="lie-retry")
-    sites = [_site(project, f"site-{i}", work) for i in (1, 2, 3)]
-    try:
-        out = _finish(server, 240)
-        assert server.returncode != 0, out[-3000:]
-        assert "trying round 1 again" in out and "only 0 site(s) trained" in out, out[-3000:]
-        # Each says so at once: the server does not wait out the phase for them.
-        assert out.count("sits round 1 out: it sent its update in an earlier attempt") == 3
-    finally:
-        _kill_all(server)
-        for site in sites:
-            if site.poll() is None:
-                site.kill()
-        logs = [site.communicate()[0] for site in sites]
+    out, _, logs = _lying_server(tmp_path, "lie-retry", retries=1, round_timeout=10.0)
+    assert "trying round 1 again" in out and "only 0 site(s) trained" in out, out[-3000:]
+    # Each says so at once: the server does not wait out the phase for them.
+    assert out.count("sits round 1 out: it sent its update in an earlier attempt") == 3
     for log in logs:
         assert log.count("round 1: sending") == 1, log[-3000:]
         assert "already revealed its masks for round 1" in log and "sits the round out" in log

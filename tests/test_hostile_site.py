@@ -18,8 +18,8 @@ import torch
 from test_deploy import (
     ENV,
     SECAGG,
-    _finish,
     _job,
+    _job_done,
     _kill_all,
     _project,
     _reachable,
@@ -215,10 +215,7 @@ def _run(
                 attacker.play(server.pid, project / "admin", log, peak)
             finally:
                 attacker.stop.set()
-        out = _finish(server)
-        assert server.returncode == 0, out[-3000:]
-        for site in sites:
-            assert "the job is done" in _finish(site, 60)
+        out = _job_done(server, sites)
     finally:
         _kill_all(server, *sites)
     return out, log, peak[0]
