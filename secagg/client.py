@@ -216,15 +216,19 @@ class Client:
         """The round's sample total from its encrypted scales, refused when more than its
         sites could have trained on (each at most the job's ``max_client_samples``): the
         bound a server that cannot read the counts no longer checks per site."""
-        sites = len(agreement.contributors)
-        if agreement.samples > sites * self.config.max_client_samples:
-            raise PayloadError(
-                f"the round's {sites} site(s) claim {agreement.samples} training samples in "
-                f"all, over {sites} x the job's max_client_samples "
-                f"({self.config.max_client_samples}): a site misreported its count",
-                "bad-scales",
-            )
+        self._bounded(agreement.samples, len(agreement.contributors), "training", "bad-scales")
         return agreement.samples
+
+    def _bounded(self, claimed: int, sites: int, what: str, reason: str) -> None:
+        """Refuse a sum of ``sites`` sites' counts over ``sites x max_client_samples``."""
+        bound = self.config.max_client_samples
+        if claimed > sites * bound:
+            raise PayloadError(
+                f"the round's {sites} site(s) claim {claimed} {what} examples in all, over "
+                f"{sites} x the job's max_client_samples ({bound}): a site misreported its "
+                "count (each honest site's task is held to the bound at its own site)",
+                reason,
+            )
 
     def confirm(self, stamp: Stamp, survivors: tuple[int, ...]) -> bytes:
         """This client's signature of the survivor set the server says ``stamp``'s phase
@@ -302,13 +306,7 @@ class Client:
         if self._evaluated is None:
             return None
         reading = self.cipher.averages(payload, stamp, self._evaluated)
-        if reading.count > reading.sites * self.config.max_client_samples:
-            raise PayloadError(
-                f"the round's {reading.sites} evaluating site(s) claim {reading.count} test "
-                f"examples in all, over {reading.sites} x the job's max_client_samples "
-                f"({self.config.max_client_samples}): a site misreported its count",
-                "bad-samples",
-            )
+        self._bounded(reading.count, reading.sites, "test", "bad-samples")
         return reading.averages
 
     def _evaluation(self, result: object) -> EvalReply:

@@ -412,20 +412,25 @@ class RoundRecord:
 
 
 def _agreed(reports: list[dict[str, float]]) -> dict[str, float]:
-    """The training metrics that most clients decrypted from the round's summed scales (an
-    integer codec: every client reads the same sum; a client that says otherwise is outvoted
-    and logged). Empty when none came."""
+    """The averages that most clients decrypted from a summed report (an integer codec:
+    every client reads the same sum; a client that says otherwise is outvoted and logged).
+    Votes compare each value's ``repr``, so NaNs (an undefined metric), which are never equal
+    to each other, still agree. Empty when none came."""
     if not reports:
         return {}
-    votes = Counter(tuple(sorted(r.items(), key=lambda item: item[0])) for r in reports)
-    agreed, count = votes.most_common(1)[0]
+    votes = Counter(_ballot(r) for r in reports)
+    winner, count = votes.most_common(1)[0]
     if count < len(reports):
         warnings.warn(
-            f"{len(reports) - count} of {len(reports)} clients decrypted other training "
-            "metrics than the rest; the majority's are kept",
+            f"{len(reports) - count} of {len(reports)} clients decrypted other metrics than "
+            "the rest; the majority's are kept",
             stacklevel=2,
         )
-    return dict(agreed)
+    return next(r for r in reports if _ballot(r) == winner)
+
+
+def _ballot(report: dict[str, float]) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted((name, repr(value)) for name, value in report.items()))
 
 
 def _averaged(reports: list[tuple[int, dict[str, float]]]) -> dict[str, float]:

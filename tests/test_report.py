@@ -164,3 +164,15 @@ def test_a_site_never_sends_its_evaluation_unmasked(session_keys) -> None:
     ):
         with pytest.raises(PayloadError, match="sends none unmasked"):
             site.evaluate(stamp.for_sender(0))
+
+
+def test_sites_that_read_an_undefined_metric_agree_on_it() -> None:
+    """Averages reported back over the network are fresh floats: two NaNs (an undefined
+    metric) are still one answer, with no warning."""
+    import warnings
+
+    views = [{"auc": float("nan"), "acc": 0.5} for _ in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        agreed = rounds._agreed(views)
+    assert math.isnan(agreed["auc"]) and agreed["acc"] == 0.5

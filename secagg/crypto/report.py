@@ -1,4 +1,5 @@
-"""A site's training metrics, summed inside the encryption: the server never reads them.
+"""A site's training metrics and its evaluation, summed inside the encryption: the server
+never reads one site's.
 
 With an integer codec a site's sample count travels in its scale payload's ledger (the FedAvg
 total every client reads from the summed scales), and its task's training metrics travel in the
@@ -15,11 +16,17 @@ so each travels as non-negative 4-bit **limbs**, least significant first, one pe
 sum of up to 1,024 sites' limbs (``15 x 1,024 = 15,360``) stays inside every packing's summed
 digit, and the limb sums recombine into the exact total in Python integers.
 
-Names never travel: every site encodes its own metrics in its own name order, and adds the
-32-bit fingerprint of its sorted names (as limbs). When the summed fingerprint is not the
-sites' count times a site's own, the sites reported different metrics, and the round's training
-metrics are unknown (``read`` returns None): the names must agree, as every site of a job runs
-the same task.
+Names never travel: every site encodes its own metrics in its own name order, with a 1 saying
+it reported and the 32-bit fingerprint of its sorted names (as limbs). When the summed
+fingerprint is not the reporting sites' count times a reader's own, the sites reported other
+metrics, and the averages are unknown (``Reading.averages`` is None): the names must agree, as
+every site of a job runs the same task. A site with nothing to report (no test data) sends
+zeros, so that a sum of evaluations still counts every site of the round (the round policy's
+threshold holds) while only the evaluating sites weigh in.
+
+The same report is a payload of its own in a round's evaluation phase (``EVALUATION``): every
+site that sent the round's update encrypts one after applying the round's aggregate, the server
+adds them, and the sites decrypt the sum and report the averages back (``rounds``).
 """
 
 from __future__ import annotations

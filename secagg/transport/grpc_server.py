@@ -456,7 +456,8 @@ class GrpcTransport:
         uploads one, zeros when it has no test data)."""
         if not self.c.cipher.quantizes:
             return self._evals
-        task = self.c.post("evaluate", stamp.round_num, self._applied, attempt=stamp.attempt.hex())
+        # No attempt in the task: each site evaluates under the attempt it trained in.
+        task = self.c.post("evaluate", stamp.round_num, self._applied)
         self._phases[stamp.phase] = task
         uploads = list(self.c.collect(task, self.timeout))
         if len(uploads) < self.min_clients:
