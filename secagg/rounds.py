@@ -8,7 +8,6 @@ the transport.
 from __future__ import annotations
 
 import itertools
-import os
 import time
 import warnings
 from collections import Counter
@@ -294,7 +293,7 @@ def run(
             if server.masking:
                 # Each try of a masked round has a nonce of its own, which the clients bind
                 # into their masks, shares, confirmations and every contribution's tags.
-                stamp = replace(stamp, attempt=os.urandom(16))
+                stamp = replace(stamp, attempt=transport.attempt(round_num, attempt))
             try:
                 metrics, _ = run_round(server, transport, stamp, on_aggregate, on_progress)
                 break

@@ -67,6 +67,48 @@ def attempt_of(workdir: Path, round_num: int) -> bytes:
     return path.read_bytes() if path.exists() else b""
 
 
+#: file suffix of the attempt a network server is running (its nonce and keyed sites), so that
+#: a server restarted mid-round resumes it: sites that sent their update under it never send
+#: it under another attempt (``crypto.masking``), so only the same attempt can finish the round
+RUNNING_SUFFIX = ".running"
+
+
+@dataclass(frozen=True)
+class RunningAttempt:
+    """The try of a masked round a network server handed its sites: its nonce, and the sites
+    it handed mask keys."""
+
+    nonce: bytes
+    sites: frozenset[int]
+
+
+def save_running(workdir: Path, job: bytes, round_num: int, attempt: RunningAttempt) -> None:
+    """Record the attempt before any site hears of it (the aggregates folder, 0600)."""
+    record = {"job": job.hex(), "nonce": attempt.nonce.hex(), "sites": sorted(attempt.sites)}
+    path = _paths(workdir, round_num, RUNNING_SUFFIX)[0]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, record, mode=0o600)
+
+
+def running_attempt(workdir: Path, job: bytes, round_num: int) -> RunningAttempt | None:
+    """The attempt of ``round_num`` a server of ``job`` was running when it stopped (None: none
+    recorded, another job's, or a damaged record, which only costs a fresh attempt)."""
+    path = _paths(workdir, round_num, RUNNING_SUFFIX)[0]
+    try:
+        record = json.loads(path.read_text())
+        if record["job"] != job.hex():
+            return None
+        sites = frozenset(int(site) for site in record["sites"])
+        return RunningAttempt(bytes.fromhex(record["nonce"]), sites)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def finish_running(workdir: Path, round_num: int) -> None:
+    """The round's aggregate is checkpointed: no attempt of it is running any more."""
+    _paths(workdir, round_num, RUNNING_SUFFIX)[0].unlink(missing_ok=True)
+
+
 #: file suffix of an aggregate, by whether it is encrypted
 ENCRYPTED_SUFFIX, PLAIN_SUFFIX = ".enc", ".bin"
 #: file suffix of a masked round's attempt nonce, which its aggregates are checked under

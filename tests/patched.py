@@ -16,6 +16,8 @@ python tests/patched.py retry-split server job.toml ...     # round 1 by site-1 
 python tests/patched.py lie-retry server job.toml ...       # fails round 1 once its update was
                                                             # unmasked, and tries it again
 python tests/patched.py lie-split server job.toml ...       # shows site-1 another survivor set
+python tests/patched.py crash-unmasked:2 server job.toml  # dies once round 2's update was
+                                                            # unmasked, before its checkpoint
 python tests/patched.py record:DIR server job.toml ...      # writes every upload header and
                                                             # report it receives into DIR
 python tests/patched.py replay-attempt:DIR server job.toml  # retries round 1 with site-1's scales
@@ -126,6 +128,23 @@ def _lie_dropout(folder: str) -> None:
 
     GrpcTransport.seal = keeping  # type: ignore[method-assign]
     GrpcTransport.unmask = lying  # type: ignore[method-assign]
+
+
+def _crash_unmasked(round_num: int) -> None:
+    """The server process dies once round ``round_num``'s update phase is unmasked: every
+    site sent, confirmed and revealed for the attempt, and the round is not checkpointed."""
+    from secagg.crypto import envelope
+    from secagg.transport.grpc_server import GrpcTransport
+
+    unmask = GrpcTransport.unmask
+
+    def dying(self: GrpcTransport, stamp: Any, survivors: tuple[int, ...]) -> Any:
+        reveals = unmask(self, stamp, survivors)
+        if stamp.round_num == round_num and stamp.phase == envelope.UPDATE_PHASE:
+            os._exit(9)
+        return reveals
+
+    GrpcTransport.unmask = dying  # type: ignore[method-assign]
 
 
 def _lie_retry(_: str) -> None:
@@ -291,6 +310,7 @@ FAULTS = {
     "lie-dropout": _lie_dropout,
     "lie-small": _lie_small,
     "lie-retry": _lie_retry,
+    "crash-unmasked": _crash_unmasked,
     "bad-key": _bad_key,
     "retry-split": _retry_split,
     "lie-split": _lie_split,

@@ -50,6 +50,12 @@ class Transport(Protocol):
         a round (never the first payload that arrives)."""
         ...
 
+    def attempt(self, round_num: int, tries: int) -> bytes:
+        """The nonce of a masked round's try ``tries`` (0: the first in this process): fresh,
+        except that a network server resumes the try it was running when it stopped (its
+        sites send again, byte for byte, what they sent for it)."""
+        ...
+
     def train(self, round_stamp: Stamp) -> list[TrainReply]:
         """Have every client of the round train; return what each reported (its sample count
         and, for an integer codec, its encrypted part of the scale exchange)."""

@@ -158,29 +158,46 @@ class Coordinator:
             return [s.index for s in self.sites if self._alive(s) and s.applied == round_num - 1]
 
     def wait_for_sites(
-        self, round_num: int, minimum: int, grace: float, timeout: float
+        self,
+        round_num: int,
+        minimum: int,
+        grace: float,
+        timeout: float,
+        exactly: frozenset[int] | None = None,
     ) -> frozenset[int]:
         """Block until every site is ready, or ``minimum`` are and ``grace`` seconds passed;
-        fewer than ``minimum`` after ``timeout`` seconds fail the round."""
+        fewer than ``minimum`` after ``timeout`` seconds fail the round. ``exactly``: wait for
+        those sites, all of them, and return them (a resumed attempt's)."""
         enough_since: float | None = None
         deadline = time.monotonic() + timeout
         while True:
             self._check_abort()
             ready = self.ready_sites(round_num)
-            if len(ready) == len(self.sites):
+            if exactly is not None:
+                if exactly <= set(ready):
+                    return exactly
+                self._check_failed(round_num, ready, minimum)
+                if time.monotonic() > deadline:
+                    missing = ", ".join(self.sites[i].name for i in sorted(exactly - set(ready)))
+                    raise RoundFailed(
+                        f"round {round_num}: {missing} did not come back within {timeout:.0f} s "
+                        "to finish the attempt the server was running when it stopped"
+                    )
+            elif len(ready) == len(self.sites):
                 return frozenset(ready)
-            self._check_failed(round_num, ready, minimum)
-            if len(ready) < minimum and time.monotonic() > deadline:
-                raise RoundFailed(
-                    f"round {round_num}: only {len(ready)} site(s) ready within {timeout:.0f} "
-                    f"s, at least {minimum} are needed"
-                )
-            if len(ready) >= minimum:
-                enough_since = enough_since or time.monotonic()
-                if time.monotonic() - enough_since >= grace:
-                    return frozenset(ready)
             else:
-                enough_since = None
+                self._check_failed(round_num, ready, minimum)
+                if len(ready) < minimum and time.monotonic() > deadline:
+                    raise RoundFailed(
+                        f"round {round_num}: only {len(ready)} site(s) ready within "
+                        f"{timeout:.0f} s, at least {minimum} are needed"
+                    )
+                if len(ready) >= minimum:
+                    enough_since = enough_since or time.monotonic()
+                    if time.monotonic() - enough_since >= grace:
+                        return frozenset(ready)
+                else:
+                    enough_since = None
             with self.lock:
                 self.phase = (
                     f"round {round_num}: waiting for sites ({len(ready)} ready, "

@@ -28,7 +28,7 @@ import hashlib
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +177,10 @@ class Site:
         self._attempts: dict[int, bytes] = {}
         #: whether rounds have a scale exchange (HE: the packed codec)
         self.scaled = client.config.he
+        #: what this site uploaded in its current attempt, by what each task asked: a server
+        #: restarted mid-round resumes the attempt and asks again, and gets the same bytes
+        #: (never a second masked payload, ``crypto.masking``)
+        self._sent: dict[tuple[object, ...], tuple[wire.UploadHeader, bytes]] = {}
 
     def mask_key(self) -> wire.MaskKey | None:
         """This site's signed mask key for the job, with its certificate (None: no masks)."""
@@ -252,6 +256,25 @@ class Site:
             self.log(f"catching up: applying round {round_num} of {completed}")
             self._apply(round_num, task_id=None)
 
+    def _send(self, asked: tuple[object, ...], header: wire.UploadHeader, payload: bytes) -> None:
+        """Upload an answer to a task of this site's current attempt, kept (before it leaves:
+        a server that stops mid-upload asks again) for a resumed attempt's same question."""
+        attempt = asked[1:3]  # (round, nonce)
+        self._sent = {k: v for k, v in self._sent.items() if k[1:3] == attempt}
+        self._sent[asked] = (header, payload)
+        self.connection.upload(header.to_wire(), payload)
+
+    def _resend(self, asked: tuple[object, ...], task: dict[str, Any]) -> bool:
+        """Answer a task this site already answered in the same attempt (a restarted server
+        resuming it) with the same bytes; False when it did not."""
+        sent = self._sent.get(asked)
+        if sent is None:
+            return False
+        header, payload = sent
+        self.log(f"round {task['round']}: sending the {task['kind']} answer it sent before")
+        self.connection.upload(replace(header, task=int(task["id"])).to_wire(), payload)
+        return True
+
     def do_train(self, task: dict[str, Any]) -> None:
         round_num = int(task["round"])
         nonce = _nonce(task.get("nonce", ""))
@@ -259,9 +282,20 @@ class Site:
         peers = self._peers(task)
         if peers is None:
             return
-        self.log(f"round {round_num}: training")
         self._attempts = {round_num: nonce}
+        # The keys themselves (their signatures are drawn afresh each time a site joins).
+        keys = tuple(None if peer is None else (peer.site, peer.public) for peer in peers)
+        asked = ("train", round_num, nonce, keys)
+        if nonce and self._resend(asked, task):
+            return
         try:
+            if nonce and any(k[1:3] == (round_num, nonce) for k in self._sent):
+                raise PayloadError(
+                    f"the server resumed round {round_num}'s attempt with other mask keys; this "
+                    "site masks nothing twice under one attempt, and sits it out",
+                    "sit-out",
+                )
+            self.log(f"round {round_num}: training")
             reply = self.client.train(stamp, peers, nonce)
         except PayloadError as err:
             if err.reason != "sit-out":
@@ -278,7 +312,7 @@ class Site:
             sealed=reply.sealed,
             commitment=reply.commitment,
         )
-        self.connection.upload(header.to_wire(), reply.scales or b"")
+        self._send(asked, header, reply.scales or b"")
 
     def _peers(self, task: dict[str, Any]) -> list[SignedKey | None] | None:
         """The round's relayed mask keys, each peer's certificate checked against the CA
@@ -321,12 +355,15 @@ class Site:
             except ValueError as err:
                 raise PayloadError("a relayed confirmation is not hex", "bad-plan") from err
         sealed = wire.by_position(task.get("shares"), "shares", 1, 512)
+        asked = ("correct", stamp.round_num, stamp.attempt, stamp.phase, survivors)
+        if self._resend(asked, task):
+            return
         reveal = self.client.reveal(stamp, survivors, confirmations, sealed)
         if reveal.correction:
             lost = len(task.get("dropped") or ())
             self.log(f"round {stamp.round_num}: correcting the masks of {lost} lost site(s)")
         header = wire.UploadHeader(int(task["id"]), revealed=reveal.key, held=reveal.shares)
-        self.connection.upload(header.to_wire(), reveal.correction)
+        self._send(asked, header, reveal.correction)
 
     def _unmasking(self, task: dict[str, Any]) -> tuple[Stamp, tuple[int, ...]]:
         """The phase's stamp (this site's position) and the survivor set a confirm or correct
@@ -349,15 +386,20 @@ class Site:
         round_num = int(task["round"])
         scales = self._fetch_scales(round_num, task.get("scales"))
         stamp = self.round_stamp(round_num).for_sender(self.joined.index)
+        total = int(task["total_samples"])
+        held = None if scales is None else _digest(scales)
+        asked = ("seal", round_num, stamp.attempt, total, held)
+        if self._resend(asked, task):
+            return
         try:
-            reply = self.client.seal(stamp, int(task["total_samples"]), scales)
+            reply = self.client.seal(stamp, total, scales)
         except PayloadError as err:
             if err.reason == "bad-plan":
                 raise
             raise _AggregateRefused(str(err), err.reason) from err  # the scales failed a check
         header = wire.UploadHeader(int(task["id"]), metrics=reply.metrics, seconds=reply.seconds)
         self.log(f"round {round_num}: sending {reply.size / 1e6:.1f} MB")
-        self.connection.upload(header.to_wire(), reply.payload)
+        self._send(asked, header, reply.payload)
 
     def do_apply(self, task: dict[str, Any]) -> None:
         attempt = _nonce(task.get("attempt", ""))

@@ -32,6 +32,7 @@ from secagg.errors import PayloadError, SecAggError
 from secagg.messages import ApplyReply, EvalReply, FitReply, TrainReply
 from secagg.provision import Kit
 from secagg.rounds import RoundFailed
+from secagg.server import RunningAttempt, finish_running, running_attempt, save_running
 from secagg.transport import grpc_wire as wire
 from secagg.transport import sealed_to
 from secagg.transport.coordinator import POLL_SECONDS, Coordinator, Site, Task, Upload
@@ -318,19 +319,39 @@ class GrpcTransport:
         self._phases: dict[int, Task] = {}
         #: the round's sealed self-mask key shares: sender -> recipient -> bytes
         self._sealed: dict[int, dict[int, bytes]] = {}
+        #: the attempt a stopped server was running, which this round's first try resumes
+        self._resumed: RunningAttempt | None = None
 
     def tensor_sizes(self) -> list[int]:
         return self.c.tensor_sizes()
 
+    def attempt(self, round_num: int, tries: int) -> bytes:
+        """A fresh nonce, except for the first try of a round this server was running when it
+        stopped: that attempt resumes, with the same sites (``train``)."""
+        self._resumed = None
+        if tries == 0:
+            self._resumed = running_attempt(self.c.workdir, self.c.job, round_num)
+        return os.urandom(16) if self._resumed is None else self._resumed.nonce
+
     def train(self, round_stamp: Stamp) -> list[TrainReply]:
-        sites = self.c.wait_for_sites(
-            round_stamp.round_num, self.min_clients, self.grace, self.timeout
-        )
+        round_num = round_stamp.round_num
+        resumed = self._resumed if self.c.masking else None
+        if resumed is not None and resumed.nonce == round_stamp.attempt:
+            # Its sites may have sent their update under it, and send it under no other: only
+            # the same sites and keys can finish the round.
+            names = ", ".join(self.c.sites[i].name for i in sorted(resumed.sites))
+            self.c.log(f"round {round_num}: resuming the attempt it was running ({names})")
+            sites = self.c.wait_for_sites(
+                round_num, self.min_clients, self.grace, self.timeout, exactly=resumed.sites
+            )
+        else:
+            sites = self.c.wait_for_sites(round_num, self.min_clients, self.grace, self.timeout)
         masks: dict[str, Any] = {}
         if self.c.masking:
-            # Every site's signed key, relayed by position, and a fresh attempt nonce: a round
-            # tried again masks afresh.
+            # Every site's signed key, relayed by position, and the attempt's nonce (a round
+            # tried again masks afresh), recorded before any site hears of it.
             nonce = round_stamp.attempt or os.urandom(16)
+            save_running(self.c.workdir, self.c.job, round_num, RunningAttempt(nonce, sites))
             masks = {"keys": self.c.mask_keys(sites), "nonce": nonce.hex()}
         self._keyed = sites if self.c.masking else frozenset()
         task = self.c.post(
@@ -436,6 +457,7 @@ class GrpcTransport:
             self.c.completed = round_num
         sites = frozenset(self.c.ready_sites(round_num))
         self.c.publish(round_num, "attempt", round_stamp.attempt)
+        finish_running(self.c.workdir, round_num)  # checkpointed: the attempt is over
         task = self.c.post(
             "apply", round_num, sites, scales=_digest(scales), attempt=round_stamp.attempt.hex()
         )

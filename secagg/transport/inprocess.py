@@ -68,6 +68,9 @@ class InProcessTransport:
             yield position, client
             self.on_progress(phase, position + 1, len(clients))
 
+    def attempt(self, round_num: int, tries: int) -> bytes:
+        return os.urandom(16)  # its clients live in this process: no attempt outlives it
+
     def train(self, round_stamp: Stamp) -> list[TrainReply]:
         chosen = self.sample(round_stamp.round_num)
         for slot, index in zip(self.slots, chosen, strict=True):
