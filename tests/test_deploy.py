@@ -798,6 +798,55 @@ def test_a_retried_round_never_decodes_on_an_earlier_attempts_scales() -> None:
         site._fetch_scales(3, first)
 
 
+class _Training:
+    """A site's client that counts its training runs; each masked payload is fresh bytes."""
+
+    def __init__(self) -> None:
+        self.config = RunConfig(he=True)
+        self.trained = 0
+
+    def train(self, stamp, peers, nonce):  # type: ignore[no-untyped-def]
+        from secagg.messages import TrainReply
+
+        self.trained += 1
+        return TrainReply(stamp.sender, 0, os.urandom(32), sealed={1: os.urandom(8)})
+
+
+class _Uploads:
+    def __init__(self) -> None:
+        self.uploads: list[tuple[dict, bytes]] = []
+
+    def upload(self, header: dict, payload: bytes) -> None:
+        self.uploads.append((header, payload))
+
+
+def test_a_resumed_attempt_gets_the_same_bytes_and_never_a_second_masked_payload() -> None:
+    """A restarted server resumes the attempt it was running: asked the same again, a site
+    sends what it sent, byte for byte (no new training, no new masks); asked under the same
+    attempt with other mask keys, it sits out rather than mask a second payload."""
+    from secagg.crypto.masking import SignedKey
+    from secagg.transport.grpc_client import Joined, Site
+
+    server, client = _Uploads(), _Training()
+    joined = Joined(bytes(16), 0, 2, {}, 0, "")
+    site = Site(server, client, joined, Path("."), lambda line: None)  # type: ignore[arg-type]
+    keys = [SignedKey(0, b"a" * 32, b""), SignedKey(1, b"b" * 32, b"")]
+    site._peers = lambda task: keys  # type: ignore[method-assign]
+    task = {"kind": "train", "id": 4, "round": 2, "nonce": "ab" * 16}
+    site.do_train(task)
+    site.do_train({**task, "id": 9})  # the restarted server asks again
+    assert client.trained == 1
+    (first, sent), (again, resent) = server.uploads
+    assert resent == sent and {**again, "task": 4} == first and again["task"] == 9
+    keys[1] = SignedKey(1, b"c" * 32, b"")  # the same attempt, another peer key
+    site.do_train({**task, "id": 12})
+    assert client.trained == 1
+    header, payload = server.uploads[-1]
+    assert header["task"] == 12 and header.get("sitting_out") and payload == b""
+    site.do_train({**task, "id": 13, "nonce": "cd" * 16})  # a new attempt trains anew
+    assert client.trained == 2
+
+
 # --- a lying server --------------------------------------------------------------------------
 
 
