@@ -61,6 +61,7 @@ from secagg.config import (  # noqa: E402
     load_job,
 )
 from secagg.crypto.seal_format import wire_nbytes  # noqa: E402
+from secagg.files import finite  # noqa: E402
 
 if TYPE_CHECKING:
     from secagg.records import RunResult
@@ -104,7 +105,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--he-precision", choices=HE_PRECISIONS, help="the HE run's packing (default: auto)"
     )
-    parser.add_argument("--keys", type=Path, default=REPO / "keys", help="HE keys (default keys/)")
+    parser.add_argument(
+        "--keys",
+        type=Path,
+        default=Path("keys"),
+        help="HE keys, as secagg keygen made them (default: keys/ in the working directory; "
+        "throwaway keys when there are none there, said on the console)",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--tracking-uri")
     parser.add_argument("--no-tracking", action="store_true")
@@ -147,15 +154,21 @@ def job_config(args: argparse.Namespace) -> RunConfig:
 
 
 def ensure_keys(keys_dir: Path) -> Path:
-    """Use the user's keys, or throwaway ones made for this benchmark when there are none."""
+    """Use the user's keys, or throwaway ones made for this benchmark when there are none;
+    say which."""
     if (keys_dir / "manifest.json").exists():
+        print(f"keys: {keys_dir.resolve()}/", file=sys.stderr)
         return keys_dir
     from secagg import keys
     from secagg.config import CkksParams
 
     temp = Path(tempfile.mkdtemp(prefix="secagg-bench-keys-"))
     keys.generate(temp, CkksParams())
-    print(f"no keys in {keys_dir}/: using throwaway keys in {temp}/", file=sys.stderr)
+    print(
+        f"keys: none in {keys_dir.resolve()}/ (pass --keys, or run secagg keygen there); "
+        f"using throwaway keys made for this benchmark in {temp}/",
+        file=sys.stderr,
+    )
     return temp
 
 
@@ -203,7 +216,7 @@ def run_all(config: RunConfig, out: Path, stamp: str, repeats: int = 1, floor: b
             )
             result = run_job(
                 run_config,
-                on_round=_progress(label, config.rounds, bar.line),
+                on_round=_progress(label, config.rounds, bar.line, config.headline),
                 on_progress=bar.phase,
                 tags=tags,
             )
@@ -215,7 +228,7 @@ def run_all(config: RunConfig, out: Path, stamp: str, repeats: int = 1, floor: b
         )
         runs.float64 = run_job(
             run_config,
-            on_round=_progress("float64", config.rounds, bar.line),
+            on_round=_progress("float64", config.rounds, bar.line, config.headline),
             on_progress=bar.phase,
             tags=tags,
         )
@@ -289,9 +302,12 @@ def _parent_run(config: RunConfig, stamp: str) -> str | None:
     return tracker.start(params, tags, name)
 
 
-def _progress(label: str, total: int, echo):  # type: ignore[no-untyped-def]
+def _progress(label: str, total: int, echo, metric: str):  # type: ignore[no-untyped-def]
+    from secagg.records import headline
+
     def show(m) -> None:  # type: ignore[no-untyped-def]
-        echo(f"  {label:9} round {m.round:>2}/{total} acc {m.accuracy:.4f} {m.round_seconds:6.2f}s")
+        value = headline(metric, m.value(metric))
+        echo(f"  {label:9} round {m.round:>2}/{total} {value} {m.round_seconds:6.2f}s")
 
     return show
 
@@ -405,14 +421,17 @@ def summarize(runs: Runs, memory: dict[str, Any], keys_dir: Path | None = None) 
     plain, he, float64_run = runs.plain[0], runs.he[0], runs.float64
     params = plain.num_parameters or 0
     floor = float64_run.rounds if float64_run is not None else [None] * len(plain.rounds)
+    name = plain.config.headline
     rounds = [
         {
             "round": p.round,
-            "plain_accuracy": p.accuracy,
-            "he_accuracy": h.accuracy,
-            "difference_points": 100 * (h.accuracy - p.accuracy),
-            "float64_accuracy": f.accuracy if f is not None else None,
-            "floor_points": 100 * (f.accuracy - p.accuracy) if f is not None else None,
+            # the job's headline metric (``metric``): its value, and HE − plaintext in
+            # hundredths of it ("points")
+            "plain_metric": p.value(name),
+            "he_metric": h.value(name),
+            "difference_points": 100 * (h.value(name) - p.value(name)),
+            "float64_metric": f.value(name) if f is not None else None,
+            "floor_points": 100 * (f.value(name) - p.value(name)) if f is not None else None,
             # the task's own evaluation metrics (accuracy, auc, dice...), both runs
             "plain_metrics": _evaluated(p.metrics),
             "he_metrics": _evaluated(h.metrics),
@@ -439,10 +458,10 @@ def summarize(runs: Runs, memory: dict[str, Any], keys_dir: Path | None = None) 
         up = sum(m.bytes_up_per_client for m in first.rounds) / n
         down = sum(m.bytes_down_per_client for m in first.rounds) / n
         return {
-            "final_accuracy": first.final_accuracy,
-            # the same seed gives the same accuracy in every repeat; this says whether it did
-            "accuracy_same_in_every_repeat": all(
-                [m.accuracy for m in r.rounds] == [m.accuracy for m in first.rounds]
+            "final_metric": first.final,
+            # the same seed gives the same metrics in every repeat; this says whether it did
+            "metric_same_in_every_repeat": all(
+                [m.value(name) for m in r.rounds] == [m.value(name) for m in first.rounds]
                 for r in results
             ),
             **{key: statistics.median(values) for key, values in samples.items()},
@@ -468,6 +487,7 @@ def summarize(runs: Runs, memory: dict[str, Any], keys_dir: Path | None = None) 
     return {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "job": plain.config.to_dict(),
+        "metric": {"name": name, "higher_is_better": plain.config.headline_higher},
         "num_parameters": params,
         "repeats": len(runs.plain),
         "first_in_each_repeat": runs.order,
@@ -502,10 +522,33 @@ def _evaluated(metrics: dict[str, float]) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if not k.startswith("train_")}
 
 
+def _what(job: dict[str, Any]) -> str:
+    """What the job trains: the built-in task's model and dataset, or the user's task."""
+    if job.get("task"):
+        return f"task `{job['task']}`"
+    return f"{job['model']} on {job['dataset']}"
+
+
+def _value(value: float | None, spec: str = ".4f") -> str:
+    """A metric in a table: ``-`` where no site reported it."""
+    return "-" if value is None or value != value else format(value, spec)
+
+
+def _points(plain: float | None, he: float | None) -> str:
+    if plain is None or he is None or plain != plain or he != he:
+        return "-"
+    return f"{100 * (he - plain):+.2f} points"
+
+
+def _series(report: dict[str, Any], key: str) -> list[float]:
+    """A headline column per round for a plot (NaN where not reported: a gap)."""
+    return [math.nan if r[key] is None else r[key] for r in report["rounds"]]
+
+
 def _task_metrics(report: dict[str, Any]) -> list[str]:
-    """The task's evaluation metrics other than accuracy, which has its own column."""
+    """The task's evaluation metrics other than the headline one, which has its own column."""
     names = report["rounds"][0]["plain_metrics"] if report["rounds"] else {}
-    return [name for name in names if name != "accuracy"]
+    return [name for name in names if name != report["metric"]["name"]]
 
 
 def _ratio(plain: list[float], he: list[float]) -> dict[str, Any]:
@@ -581,11 +624,12 @@ def _machine() -> dict[str, Any]:
 
 def to_markdown(report: dict[str, Any]) -> str:
     p, h, r = report["plain"], report["he"], report["ratios"]
-    job = report["job"]
+    job, metric = report["job"], report["metric"]["name"]
+    better = "higher" if report["metric"]["higher_is_better"] else "lower"
     lines = [
         f"# HE vs plaintext FedAvg — {report['date']}",
         "",
-        f"Job `{job['job_name']}`: {job['dataset']} / {job['model']} "
+        f"Job `{job['job_name']}`: {_what(job)} "
         f"({report['num_parameters']:,} parameters), {job['clients']} clients, {job['rounds']} "
         f"rounds, alpha {job['alpha']}, seed {job['seed']}, server optimizer "
         f"{_optimizer_text(job)}. Machine: "
@@ -595,8 +639,8 @@ def to_markdown(report: dict[str, Any]) -> str:
         "",
         "| figure | plaintext | HE | HE / plaintext |",
         "| --- | ---: | ---: | ---: |",
-        f"| final accuracy | {p['final_accuracy']:.4f} | {h['final_accuracy']:.4f} | "
-        f"{100 * (h['final_accuracy'] - p['final_accuracy']):+.2f} points |",
+        f"| final {metric} | {_value(p['final_metric'])} | {_value(h['final_metric'])} | "
+        f"{_points(p['final_metric'], h['final_metric'])} |",
     ]
     repeats = report["repeats"]
     for key, name in TIMES.items():
@@ -635,9 +679,9 @@ def to_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {label} | {cells} |")
     lines += [
         "",
-        "Accuracy per round. The last column is the floor: plaintext FedAvg against itself,"
-        " with its updates sent as float64 instead of float32, a change at the level of"
-        " float32 rounding.",
+        f"{metric} per round ({better} is better; a point is a hundredth of it). The last"
+        " column is the floor: plaintext FedAvg against itself, with its updates sent as"
+        " float64 instead of float32, a change at the level of float32 rounding.",
         "",
         "| round | plaintext | HE | HE − plaintext (points) | float64 − float32 plaintext |",
         "| ---: | ---: | ---: | ---: | ---: |",
@@ -645,8 +689,8 @@ def to_markdown(report: dict[str, Any]) -> str:
     for row in report["rounds"]:
         floor = row["floor_points"]
         lines.append(
-            f"| {row['round']} | {row['plain_accuracy']:.4f} | {row['he_accuracy']:.4f} | "
-            f"{row['difference_points']:+.2f} | "
+            f"| {row['round']} | {_value(row['plain_metric'])} | {_value(row['he_metric'])} | "
+            f"{_value(row['difference_points'], '+.2f')} | "
             f"{'-' if floor is None else f'{floor:+.2f}'} |"
         )
     names = _task_metrics(report)
@@ -721,17 +765,18 @@ def _timing_method(report: dict[str, Any]) -> str:
             "medians, with the range across repeats in brackets, and ratios are of the medians"
         )
     same = (
-        report["plain"]["accuracy_same_in_every_repeat"]
-        and report["he"]["accuracy_same_in_every_repeat"]
+        report["plain"]["metric_same_in_every_repeat"]
+        and report["he"]["metric_same_in_every_repeat"]
     )
-    accuracy = (
-        "Accuracy was the same in every repeat (same seed)."
+    metric = report["metric"]["name"]
+    repeated = (
+        f"The {metric} was the same in every repeat (same seed)."
         if same
-        else "Accuracy differed between repeats; the first repeat's is shown."
+        else f"The {metric} differed between repeats; the first repeat's is shown."
     )
     return (
         f"Timing: an untimed warm-up round per mode, then {how}. A ratio below 1.0 is within "
-        f"noise: HE only adds work to a round. {accuracy}"
+        f"noise: HE only adds work to a round. {repeated}"
     )
 
 
@@ -760,7 +805,8 @@ def _bytes_text(report: dict[str, Any]) -> str:
 
 
 def plot(report: dict[str, Any], path: Path) -> Path:
-    """Accuracy per round, stacked time per round, and bytes per client, side by side."""
+    """The job's metrics per round, stacked time per round, and bytes per client, side by
+    side."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -768,11 +814,12 @@ def plot(report: dict[str, Any], path: Path) -> Path:
 
     fig, (acc, times, sizes) = plt.subplots(1, 3, figsize=(15, 4.2))
     rounds = [r["round"] for r in report["rounds"]]
-    acc.plot(rounds, [r["plain_accuracy"] for r in report["rounds"]], "o-", label="plaintext")
-    acc.plot(rounds, [r["he_accuracy"] for r in report["rounds"]], "s--", label="HE")
-    if report["rounds"][0]["float64_accuracy"] is not None:
-        float64_run = [r["float64_accuracy"] for r in report["rounds"]]
-        acc.plot(rounds, float64_run, "^:", label="plaintext, float64 updates")
+    metric = report["metric"]["name"]
+    acc.plot(rounds, _series(report, "plain_metric"), "o-", label=f"{metric}, plaintext")
+    acc.plot(rounds, _series(report, "he_metric"), "s--", label=f"{metric}, HE")
+    if report["rounds"][0]["float64_metric"] is not None:
+        float64_run = _series(report, "float64_metric")
+        acc.plot(rounds, float64_run, "^:", label=f"{metric}, plaintext, float64 updates")
     for name in _task_metrics(report):
         for key, style, label in (
             ("plain_metrics", "o-", "plaintext"),
@@ -780,7 +827,7 @@ def plot(report: dict[str, Any], path: Path) -> Path:
         ):
             values = [r[key].get(name, float("nan")) for r in report["rounds"]]
             acc.plot(rounds, values, style, label=f"{name}, {label}")
-    acc.set(title="global test metrics", xlabel="round", ylabel="accuracy and task metrics")
+    acc.set(title="global test metrics", xlabel="round", ylabel=f"{metric} and task metrics")
     acc.legend()
     labels = ["plaintext", "HE"]
     bottom = [0.0, 0.0]
@@ -803,8 +850,8 @@ def plot(report: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def plot_accuracy(report: dict[str, Any], path: Path) -> Path:
-    """Global test accuracy per round of the plaintext and HE runs (the MLflow parent's figure)."""
+def plot_metric(report: dict[str, Any], path: Path) -> Path:
+    """The job's metric per round of the plaintext and HE runs (the MLflow parent's figure)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -812,13 +859,14 @@ def plot_accuracy(report: dict[str, Any], path: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     rounds = [r["round"] for r in report["rounds"]]
-    ax.plot(rounds, [r["plain_accuracy"] for r in report["rounds"]], "o-", label="plaintext")
-    ax.plot(rounds, [r["he_accuracy"] for r in report["rounds"]], "s--", label="HE")
-    job = report["job"]
+    ax.plot(rounds, _series(report, "plain_metric"), "o-", label="plaintext")
+    ax.plot(rounds, _series(report, "he_metric"), "s--", label="HE")
+    job, metric = report["job"], report["metric"]
+    better = "higher" if metric["higher_is_better"] else "lower"
     ax.set(
-        title=f"{job['job_name']}: {job['model']} on {job['dataset']}, {job['clients']} clients",
+        title=f"{job['job_name']}: {_what(job)}, {job['clients']} clients",
         xlabel="round",
-        ylabel="global test accuracy",
+        ylabel=f"global test {metric['name']} ({better} is better)",
     )
     ax.set_xticks(rounds)
     ax.legend()
@@ -849,13 +897,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "md": out / f"{stamp}.md",
         "json": out / f"{stamp}.json",
         "png": plot(report, out / f"{stamp}.png"),
-        "accuracy_png": plot_accuracy(report, out / f"{stamp}-accuracy.png"),
+        "metric_png": plot_metric(report, out / f"{stamp}-{config.headline}.png"),
     }
     paths["md"].write_text(markdown + f"\n![HE vs plaintext]({stamp}.png)\n")
     report["files"] = {k: str(v) for k, v in paths.items()}
     if runs.parent:
         report["mlflow"] = _links(config, runs)
-    paths["json"].write_text(json.dumps(report, indent=2))
+    paths["json"].write_text(json.dumps(finite(report), indent=2, allow_nan=False))
     if runs.parent:
         _finish_parent(config, runs.parent, report, paths)
     print(markdown)
@@ -891,10 +939,14 @@ def _finish_parent(config: RunConfig, parent: str, report: dict[str, Any], paths
     from secagg.tracking import DESCRIPTION_TAG, MlflowTracker
 
     tracker = MlflowTracker(config.tracking_uri, config.experiment, run_id=parent)
+    name = report["metric"]["name"]
     for row in report["rounds"]:
         tracker.log_round(
             row["round"],
-            {"plain_accuracy": row["plain_accuracy"], "he_accuracy": row["he_accuracy"]},
+            {
+                f"plain_{name}": row["plain_metric"],
+                f"he_{name}": row["he_metric"],
+            },
         )
     tracker.log_round(
         0,
@@ -904,7 +956,7 @@ def _finish_parent(config: RunConfig, parent: str, report: dict[str, Any], paths
             "ratio_run_time": report["ratios"]["run_time"],
             "ratio_upload_bytes": report["ratios"]["upload_bytes"],
             "he_upload_bytes_per_parameter": report["he"]["upload_bytes_per_parameter"],
-            "max_abs_accuracy_difference_points": report["max_abs_difference_points"],
+            f"max_abs_{name}_difference_points": report["max_abs_difference_points"],
             **(
                 {"max_abs_floor_points": report["max_abs_floor_points"]}
                 if report["max_abs_floor_points"] is not None
@@ -923,11 +975,12 @@ def _parent_description(report: dict[str, Any]) -> str:
     times = report["time_ratios"]
     return "\n".join(
         [
-            f"**HE vs plaintext FedAvg**, job `{job['job_name']}`: {job['model']} on "
-            f"{job['dataset']} ({report['num_parameters']:,} parameters), {job['clients']} "
+            f"**HE vs plaintext FedAvg**, job `{job['job_name']}`: {_what(job)} "
+            f"({report['num_parameters']:,} parameters), {job['clients']} "
             f"clients, {job['rounds']} rounds; {report['repeats']} timed repeat(s).",
             "",
-            f"- final accuracy: plaintext {p['final_accuracy']:.4f}, HE {h['final_accuracy']:.4f}",
+            f"- final {report['metric']['name']}: plaintext {_value(p['final_metric'])}, "
+            f"HE {_value(h['final_metric'])}",
             f"- simulated wall time, HE / plaintext: "
             f"{_ratio_text(times['simulated_wall_seconds'], report['repeats'])}",
             f"- deployment round latency, HE / plaintext: "

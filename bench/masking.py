@@ -169,7 +169,9 @@ def main() -> None:
         crypto, extra, unmask, removal = crypto_seconds(out / "keys", config, max(args.repeats, 5))
     masked, plain = results[True], results[False]
     for m, u in zip(masked, plain, strict=True):
-        assert (m.accuracy, m.loss) == (u.accuracy, u.loss), "masks changed the model"
+        assert (m.value("accuracy"), m.loss) == (u.value("accuracy"), u.loss), (
+            "masks changed the model"
+        )
 
     def median(rows: list[RoundMetrics], name: str) -> float:
         return statistics.median(float(getattr(r, name)) for r in rows)

@@ -80,7 +80,7 @@ def run_grid(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
                 ).validate()
                 start = time.perf_counter()
                 try:
-                    accuracy = [r.accuracy for r in run_job(config).rounds]
+                    accuracy = [r.value("accuracy") for r in run_job(config).rounds]
                     failed = None
                 except TaskError as err:  # a run that diverged is a result, not a crash
                     accuracy, failed = [math.nan] * config.rounds, str(err)

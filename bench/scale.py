@@ -166,7 +166,7 @@ def run_case(case: dict[str, Any], keys_dir: Path, work: Path) -> dict[str, Any]
                 "seconds": m.round_seconds,
                 "bytes_up": m.bytes_up,
                 "bytes_down": m.bytes_down,
-                "accuracy": m.accuracy,
+                "accuracy": m.value("accuracy"),
                 "client_seconds": m.train_seconds
                 + m.flatten_seconds
                 + m.scales_seconds

@@ -113,9 +113,9 @@ def summarize(reports: dict[int, dict[str, Any]]) -> dict[str, Any]:
     for seed, report in reports.items():
         last = report["rounds"][-1]
         finals[seed] = {
-            "plain": last["plain_accuracy"],
-            "he": last["he_accuracy"],
-            "float64": last["float64_accuracy"],
+            "plain": last["plain_metric"],
+            "he": last["he_metric"],
+            "float64": last["float64_metric"],
             "difference_points": last["difference_points"],
             "floor_points": last["floor_points"],
             "within_floor": abs(last["difference_points"]) <= abs(last["floor_points"]),
@@ -123,7 +123,7 @@ def summarize(reports: dict[int, dict[str, Any]]) -> dict[str, Any]:
     rounds = []
     for index in range(min(len(r["rounds"]) for r in reports.values())):
         rows = [r["rounds"][index] for r in reports.values()]
-        plain = [100 * row["plain_accuracy"] for row in rows]
+        plain = [100 * row["plain_metric"] for row in rows]
         mean = statistics.fmean(row["difference_points"] for row in rows)
         spread = statistics.stdev(plain) if len(plain) > 1 else 0.0
         rounds.append(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import shlex
 import sys
 import time
@@ -47,10 +48,10 @@ Examples:
   secagg run --resume --output runs/<run> --rounds 20 go on with an interrupted run
 
 With --he, at most {HE_LIMIT.max_clients} clients take part in a round (the CKKS noise budget).
-Each round prints its accuracy and loss, seconds, MB sent up and down (HE: the seconds
-spent encrypting, adding and decrypting); on a terminal a progress bar shows the phase
-and the run's ETA; --quiet leaves only the summary. Errors are one line, exit 1 (2 for a
-bad flag)."""
+Each round prints the task's metrics (the job's --metric first), loss, seconds, MB sent up
+and down (HE: the seconds spent encrypting, adding and decrypting); on a terminal a progress
+bar shows the phase and the run's ETA; --quiet leaves only the summary. Errors are one line,
+exit 1 (2 for a bad flag)."""
 
 
 def _epilog(*examples: str) -> str:
@@ -240,6 +241,11 @@ def keygen(out_dir: str, force: bool, poly_degree: str, coeff_bits: str) -> None
     "--lr", type=click.FloatRange(min=0, min_open=True), help=f"Learning rate.{_default('lr')}"
 )
 @click.option(
+    "--metric",
+    help="The metric to lead with: one the task's evaluate reports, or loss [default: "
+    "accuracy for the built-in task, loss for your own].",
+)
+@click.option(
     "--alpha",
     type=click.FloatRange(min=0, min_open=True),
     help=f"Dirichlet label skew; large values approach IID.{_default('alpha')}",
@@ -365,7 +371,7 @@ def run(job: str | None, resume: bool, no_tracking: bool, quiet: bool, **flags: 
             with _Bar(config.rounds, 0, quiet) as bar:
                 from secagg.job import run_job  # imports torch: seconds, under the bar
 
-                on_round = _progress(config.rounds, config.he, bar.round_line)
+                on_round = _progress(config.rounds, config.he, bar.round_line, config.headline, bar)
                 result = run_job(config, on_round=on_round, on_progress=bar)
     _summary(result, model=True)
 
@@ -376,7 +382,7 @@ def _resume(
     """``secagg run --resume``: continue a run with the settings it started with, changed only
     where a change keeps it the same job (``--rounds``, where data lives); say what changed."""
     from secagg.job import run_job
-    from secagg.records import latest_run_dir, plan_resume
+    from secagg.records import headline, latest_run_dir, plan_resume
 
     if config.transport == "grpc":
         raise click.UsageError("--resume is for in-process runs; a restarted server resumes")
@@ -393,9 +399,10 @@ def _resume(
     plan = plan_resume(run_dir, changes)
     if plan.finished:
         click.echo(
-            f"{run_dir} is finished: all {plan.config.rounds} rounds ran (final accuracy "
-            f"{plan.final_accuracy:.4f}); results in {run_dir / 'results.json'}. To train "
-            f"on, resume with --rounds above {plan.config.rounds}."
+            f"{run_dir} is finished: all {plan.config.rounds} rounds ran (final "
+            f"{headline(plan.config.headline, plan.final)}); results in "
+            f"{run_dir / 'results.json'}. To train on, resume with --rounds above "
+            f"{plan.config.rounds}."
         )
         return
     applied = "".join(f"; {k} {old} -> {new}" for k, (old, new) in plan.changed.items())
@@ -408,7 +415,9 @@ def _resume(
             plan.config,
             resume_dir=run_dir,
             resume_changes=changes,
-            on_round=_progress(plan.config.rounds, plan.config.he, bar.round_line),
+            on_round=_progress(
+                plan.config.rounds, plan.config.he, bar.round_line, plan.config.headline, bar
+            ),
             on_progress=bar,
         )
     _summary(result, model=True)
@@ -438,16 +447,28 @@ def _interrupted(run_dir: Path, resumable: bool) -> Iterator[None]:
 
 
 def _progress(
-    total: int, he: bool, echo: Callable[[str], None] = click.echo
+    total: int,
+    he: bool,
+    echo: Callable[[str], None] = click.echo,
+    lead: str = "accuracy",
+    bar: _Bar | None = None,
 ) -> Callable[[Any], None]:
-    """One line per round: the task's evaluation metrics, time, bytes, and for HE the time
-    spent encrypting, adding and decrypting."""
+    """One line per round: the task's evaluation metrics (``lead``, the job's headline metric,
+    first), time, bytes, and for HE the time spent encrypting, adding and decrypting; the
+    ``bar`` shows the headline metric from then on."""
 
     def show(m: Any) -> None:
+        if bar is not None:
+            from secagg.records import headline
+
+            bar.latest = headline(lead, m.value(lead))
         evaluated = {k: v for k, v in m.metrics.items() if not k.startswith("train_")}
-        shown = "".join(f"  {_SHORT.get(k, k)} {v:.4f}" for k, v in evaluated.items())
+        # The job's headline metric first, then the task's others, then the loss.
+        names = sorted(evaluated, key=lambda name: name != lead)
+        shown = "".join(f"  {_SHORT.get(k, k)} {evaluated[k]:.4f}" for k in names)
+        loss = f"  loss {m.loss:.4f}" if m.loss == m.loss else "  (not evaluated)"
         line = (
-            f"round {m.round:>3}/{total}{shown}  loss {m.loss:.4f}  {m.round_seconds:6.2f}s  "
+            f"round {m.round:>3}/{total}{shown}{loss}  {m.round_seconds:6.2f}s  "
             f"up {_mb(m.bytes_up)} down {_mb(m.bytes_down)}"
         )
         if he:
@@ -478,6 +499,8 @@ class _Bar:
 
     def __init__(self, rounds: int, done: int, quiet: bool) -> None:
         self.rounds, self.done, self.quiet = rounds, done, quiet
+        #: the last round's headline metric, shown beside the phase
+        self.latest = ""
         self.drawn = not quiet and sys.stdout.isatty()
         self._setup: Any = None
         self._rounds: Any = None
@@ -516,8 +539,11 @@ class _Bar:
                 "[{elapsed}, ETA {remaining}]",
             )
         self._rounds.set_description_str(
-            f"round {self.done + 1}/{self.rounds}: {phase} {done}/{total}"
+            f"round {self.done + 1}/{self.rounds}: {phase} {done}/{total}{self._latest()}"
         )
+
+    def _latest(self) -> str:
+        return f" (last round: {self.latest})" if self.latest else ""
 
     def round_line(self, line: str) -> None:
         """A round is over: print its line (above the bar) and move the bar on."""
@@ -529,16 +555,20 @@ class _Bar:
             return
         self._rounds.write(line, file=sys.stdout)
         if self.done < self.rounds:
-            self._rounds.set_description_str(f"round {self.done + 1}/{self.rounds}", refresh=False)
+            self._rounds.set_description_str(
+                f"round {self.done + 1}/{self.rounds}{self._latest()}", refresh=False
+            )
         self._rounds.update(1)
 
 
 def _summary(result: Any, model: bool) -> None:
-    """The closing lines of a run: final accuracy, where the results went, MLflow."""
+    """The closing lines of a run: its headline metric, where the results went, MLflow."""
+    from secagg.records import headline
+
     parameters = f" ({result.num_parameters:,} parameters)" if result.num_parameters else ""
     click.echo(
-        f"done: final accuracy {result.final_accuracy:.4f} after {len(result.rounds)} rounds "
-        f"in {result.seconds:.1f}s{parameters}"
+        f"done: final {headline(result.config.headline, result.final)} after "
+        f"{len(result.rounds)} rounds in {result.seconds:.1f}s{parameters}"
     )
     click.echo(f"  results: {result.output_dir / 'results.json'}")
     if model:
@@ -725,7 +755,7 @@ def server(
         workdir,
         bind,
         liveness,
-        on_round=_progress(config.rounds, bool(config.he)),
+        on_round=_progress(config.rounds, bool(config.he), lead=config.headline),
         log=click.echo,
     )
     _summary(result, model=False)  # the server cannot decrypt: it holds no model
@@ -823,9 +853,13 @@ def status(kit_dir: str, as_json: bool) -> None:
         if site.get("error"):
             line += f"  failed: {site['error']}"
         click.echo(line)
+    from secagg.records import headline
+
     for row in info["history"]:
+        value = row.get("value")
         click.echo(
-            f"  round {row['round']:>3}: accuracy {row['accuracy']:.4f}, loss {row['loss']:.4f}, "
+            f"  round {row['round']:>3}: "
+            f"{headline(row.get('metric', 'metric'), math.nan if value is None else value)}, "
             f"{row['clients']} sites"
         )
     for line in info.get("refusals", []):

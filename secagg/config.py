@@ -30,6 +30,8 @@ PRECISIONS = ("float32", "float64")
 HE_PRECISIONS = ("auto", "standard", "fine")
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
 LR_SCHEDULES = ("constant", "step", "cosine")
+#: words in a metric's name that make a smaller value the better one (``headline_higher``)
+_LOWER_IS_BETTER = ("loss", "error", "mse", "mae", "perplexity")
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,13 @@ class RunConfig:
     #: a state dict (``torch.save(model.state_dict(), path)``) every party starts from, instead
     #: of the task's seeded initial weights
     initial_model: str | None = None
+    #: the metric the console, results, MLflow and compare_he lead with: one the task's
+    #: evaluate reports, or ``loss`` (the evaluation loss). Empty: ``accuracy`` for the
+    #: built-in task, ``loss`` for a task of your own (which names its metrics itself)
+    metric: str = ""
+    #: whether a larger ``metric`` is better; None: no for a name holding loss, error, mse,
+    #: mae or perplexity, yes for any other
+    higher_is_better: bool | None = None
     dataset: str = "digits"
     data_dir: str = "data"
     download: bool = False
@@ -199,6 +208,10 @@ class RunConfig:
         ]
         checks += [
             (
+                self.metric == "" or (self.metric.isprintable() and len(self.metric) <= 100),
+                "metric must be the name of a metric the task reports (or loss)",
+            ),
+            (
                 self.task is None or (isinstance(self.task, str) and ":" in self.task),
                 "task must be an import path like 'package.module:TaskClass'",
             ),
@@ -231,6 +244,21 @@ class RunConfig:
         from secagg.crypto.policy import RoundPolicy
 
         return RoundPolicy.for_round_size(self.per_round, self.threshold)
+
+    @property
+    def headline(self) -> str:
+        """The job's headline metric (``metric`` with its default resolved)."""
+        if self.metric:
+            return self.metric
+        return "accuracy" if self.task is None else "loss"
+
+    @property
+    def headline_higher(self) -> bool:
+        """Whether a larger headline metric is better (``higher_is_better`` resolved)."""
+        if self.higher_is_better is not None:
+            return self.higher_is_better
+        name = self.headline.lower()
+        return not any(word in name for word in _LOWER_IS_BETTER)
 
     @property
     def per_round(self) -> int:

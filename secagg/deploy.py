@@ -18,6 +18,7 @@ example in ``--data-dir`` (a real site with its own data).
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -119,8 +120,14 @@ def serve(
     transport = GrpcTransport(coordinator, minimum, config.round_timeout)
 
     def after_round(metrics: RoundMetrics) -> None:
+        value = metrics.value(config.headline)
         coordinator.history.append(
-            {key: getattr(metrics, key) for key in ("round", "clients", "accuracy", "loss")}
+            {
+                "round": metrics.round,
+                "clients": metrics.clients,
+                "metric": config.headline,
+                "value": value if math.isfinite(value) else None,
+            }
         )
         if on_round is not None:
             on_round(metrics)

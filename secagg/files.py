@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
 import tempfile
 from pathlib import Path
@@ -32,6 +34,19 @@ def atomic_write(path: str | Path, data: bytes, mode: int = 0o644) -> Path:
 
 
 def atomic_write_json(path: str | Path, value: Any, mode: int = 0o644) -> Path:
-    """``atomic_write`` of pretty-printed JSON."""
-    text = json.dumps(value, indent=2, sort_keys=True, default=str) + "\n"
-    return atomic_write(path, text.encode(), mode)
+    """``atomic_write`` of pretty-printed JSON; a number that is not finite (a metric no site
+    reported) is written ``null``, so every file is valid JSON for any reader."""
+    text = json.dumps(finite(value), indent=2, sort_keys=True, default=str, allow_nan=False)
+    return atomic_write(path, (text + "\n").encode(), mode)
+
+
+def finite(value: Any) -> Any:
+    """``value`` with every float that is NaN or infinite replaced by None, at any depth."""
+    if isinstance(value, numbers.Real) and not isinstance(value, int):  # numpy's floats too
+        number = float(value)
+        return number if math.isfinite(number) else None
+    if isinstance(value, dict):
+        return {key: finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(item) for item in value]
+    return value

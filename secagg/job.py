@@ -94,6 +94,10 @@ def run_job(
     (``records.plan_resume`` says which may: ``{"rounds": 12}`` extends it). ``on_progress``
     hears every long step, before and in each round (``secagg.transport.Progress``).
     """
+    if task is not None and config.task is None and resume_dir is None:
+        # Named by its class, so the run is labelled as this task (never the built-in one's
+        # dataset and model) and a resume imports it rather than running another task.
+        config = replace(config, task=f"{type(task).__module__}:{type(task).__qualname__}")
     records = RunRecords.open(config, resume_dir, tags or {}, changes=resume_changes or {})
     config = records.config.validate()
     transport = _transport(config, task, on_progress)

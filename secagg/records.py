@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -55,16 +57,24 @@ class RunResult:
     mlflow_experiment_id: str | None = None
     #: the MLflow run's name: mode, job and clients first (``he-digits-8c-...``)
     run_name: str | None = None
+    #: why the run failed (None: it did not)
+    failure: str | None = None
 
     @property
-    def final_accuracy(self) -> float:
-        return self.rounds[-1].accuracy if self.rounds else float("nan")
+    def final(self) -> float:
+        """The job's headline metric after its last round (NaN when no site reported it)."""
+        return self.rounds[-1].value(self.config.headline) if self.rounds else float("nan")
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "config": self.config.to_dict(),
             "num_parameters": self.num_parameters,
-            "final_accuracy": self.final_accuracy,
+            # the headline metric, by name: null when no site reported it
+            "metric": {
+                "name": self.config.headline,
+                "higher_is_better": self.config.headline_higher,
+                "final": self.final,
+            },
             "seconds": self.seconds,
             "mlflow": {
                 "tracking_uri": self.tracking_uri,
@@ -100,6 +110,12 @@ class RunResult:
         up = sum(m.bytes_up_per_client for m in self.rounds) / n
         down = sum(m.bytes_down_per_client for m in self.rounds) / n
         return up / params, down / params
+
+
+def headline(name: str, value: float) -> str:
+    """A headline metric as the console shows it: ``macro_f1 0.7100``, or that no site
+    reported it."""
+    return f"{name} {value:.4f}" if math.isfinite(value) else f"{name} not reported"
 
 
 def new_output_dir(config: RunConfig) -> Path:
@@ -159,8 +175,8 @@ class ResumePlan:
     completed: int
     #: each setting changed on resuming: (the run's value, the new one)
     changed: dict[str, tuple[Any, Any]]
-    #: the last completed round's accuracy (NaN when not known)
-    final_accuracy: float
+    #: the last completed round's headline metric (NaN when not known)
+    final: float
 
     @property
     def finished(self) -> bool:
@@ -199,8 +215,8 @@ def plan_resume(resume_dir: str | Path, changes: Mapping[str, Any] = {}) -> Resu
         )
     config = replace(saved, **{name: new for name, (_, new) in changed.items()}).validate()
     history = checkpoint.state.get("history", [])
-    accuracy = float(history[-1].get("accuracy", "nan")) if history else float("nan")
-    return ResumePlan(config, completed, changed, accuracy)
+    last = RoundMetrics.from_dict(history[-1]).value(config.headline) if history else math.nan
+    return ResumePlan(config, completed, changed, last)
 
 
 _FLAGS = {"keys_dir": "--keys", "output_dir": "--output"}
@@ -242,6 +258,7 @@ class RunRecords:
         self.result.run_name = state.get("run_name")
         self.tracker: Tracker | None = None
         self._description = ""
+        self._warned = False
 
     def elapsed(self) -> float:
         """The run's duration so far (see the module docstring)."""
@@ -327,18 +344,32 @@ class RunRecords:
                 on_retry,
                 on_progress,
             )
-        except BaseException:
-            self.fail()
+        except BaseException as err:
+            self.fail(err)
             raise
 
     def after_round(self, server: Server, metrics: RoundMetrics) -> None:
         """Record a finished round's metrics everywhere."""
+        self._check_headline(metrics)
         self.result.rounds.append(metrics)
         server.save_state({**self._state(), "round": metrics.round})
         self._tracker().log_round(metrics.round, _tracked(metrics))
         self._describe()
         self.result.seconds = self.elapsed()
         atomic_write_json(self.output / RESULTS_FILE, self.result.to_dict())
+
+    def _check_headline(self, metrics: RoundMetrics) -> None:
+        """Warn once when the sites evaluated but none reported the job's headline metric."""
+        name = self.config.headline
+        reported = sorted(k for k in metrics.metrics if not k.startswith("train_"))
+        if name == "loss" or not reported or name in reported or self._warned:
+            return
+        self._warned = True
+        warnings.warn(
+            f"the job's metric '{name}' is not one its task reports ({', '.join(reported)}): "
+            f'set metric = "{reported[0]}" in the job file (or --metric)',
+            stacklevel=2,
+        )
 
     def _describe(self) -> None:
         """Rewrite the MLflow description when it says more (bytes per parameter once known)."""
@@ -371,9 +402,19 @@ class RunRecords:
         tracker.finish("FINISHED", end_time=self.started_at + session)
         return self.result
 
-    def fail(self, status: str = "KILLED") -> None:
-        if self.tracker is not None:
-            self.tracker.finish(status)
+    def fail(self, err: BaseException | str) -> None:
+        """Close the MLflow run as FAILED with the reason in its description and a
+        ``failure`` tag (KILLED when the user interrupted it)."""
+        if self.tracker is None:
+            return
+        interrupted = isinstance(err, KeyboardInterrupt)
+        reason = "interrupted by the user" if interrupted else str(err) or type(err).__name__
+        self.result.failure = reason.splitlines()[0][:500]
+        try:
+            self.tracker.set_tags({"failure": self.result.failure})
+            self._describe()
+        finally:
+            self.tracker.finish("KILLED" if interrupted else "FAILED")
 
     def _tracker(self) -> Tracker:
         if self.tracker is None:
@@ -409,14 +450,16 @@ def run_name(config: RunConfig, started_at: float) -> str:
 
 def tags_for(config: RunConfig) -> dict[str, str]:
     """Tags to filter and group runs by in MLflow's runs table."""
-    return {
+    tags = {
         "he": str(config.he).lower(),
         "mode": mode(config),
         "job": config.job_name,
-        "dataset": config.dataset,
-        "model": config.model,
         "clients": str(config.clients),
+        "metric": config.headline,
     }
+    if config.task is None:  # the built-in task's dataset and model; a user's task names itself
+        return {**tags, "dataset": config.dataset, "model": config.model}
+    return {**tags, "task": config.task}
 
 
 def description(result: RunResult) -> str:
@@ -431,17 +474,36 @@ def description(result: RunResult) -> str:
         )
     else:
         codec = f"plaintext {config.plain_precision}"
-    parameters = f"{result.num_parameters:,}" if result.num_parameters else "not known yet"
+    parameters = (
+        f"{result.num_parameters:,} parameters"
+        if result.num_parameters
+        else "parameters: not known until a site joins"
+    )
+    better = "higher" if config.headline_higher else "lower"
     lines = [
         f"**{'HE secure aggregation' if config.he else 'Plaintext FedAvg'}**, "
         f"job `{config.job_name}`",
         "",
-        f"- model: {config.model} ({parameters} parameters)",
-        f"- dataset: {config.dataset}, Dirichlet alpha {config.alpha}, seed {config.seed}",
+    ]
+    if config.task is None:
+        lines += [
+            f"- model: {config.model} ({parameters})",
+            f"- dataset: {config.dataset}, Dirichlet alpha {config.alpha}, seed {config.seed}",
+        ]
+    else:
+        settings = ", ".join(f"{k}={v!r}" for k, v in config.task_settings.items()) or "none"
+        lines += [
+            f"- task: `{config.task}` ({parameters}), seed {config.seed}",
+            f"- task settings: {settings}",
+        ]
+    lines += [
         f"- clients: {config.clients}, rounds: {config.rounds}, "
         f"local epochs: {config.local_epochs}",
+        f"- metric: {config.headline} ({better} is better)",
         f"- codec: {codec}",
     ]
+    if result.failure:
+        lines.append(f"- **failed**: {result.failure}")
     per_parameter = result.bytes_per_parameter
     if per_parameter is not None:
         up, down = per_parameter
@@ -451,7 +513,8 @@ def description(result: RunResult) -> str:
 
 def _tracked(metrics: RoundMetrics) -> dict[str, float]:
     """A round's metrics as MLflow series: every number, and each of the task's own metrics
-    under its name (``task_<name>`` where that name is one of secagg's and means another thing)."""
+    under its name (``task_<name>`` where that name is one of secagg's and means another
+    thing); a value no site reported (NaN) is left out, never logged as nan."""
     values = dataclasses.asdict(metrics)
     values.pop("round")
     own: dict[str, float] = values.pop("metrics")
@@ -460,4 +523,4 @@ def _tracked(metrics: RoundMetrics) -> dict[str, float]:
             values[name] = value
         elif values[name] != value:
             values[f"task_{name}"] = value
-    return values
+    return {name: value for name, value in values.items() if math.isfinite(value)}

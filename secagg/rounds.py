@@ -33,13 +33,12 @@ class RoundMetrics:
 
     ``metrics`` holds the task's own numbers, each averaged over clients weighted by their
     sample counts: its evaluation metrics by name (``accuracy`` for the built-in tasks, ``auc``,
-    ``dice``...) and its training metrics as ``train_<name>``. ``accuracy`` and ``loss`` are the
-    evaluation's (NaN when the task reports no accuracy, or no client evaluated).
+    ``dice``...) and its training metrics as ``train_<name>``. ``loss`` is the evaluation's
+    (NaN when no client evaluated); ``value`` reads any of them by name.
     """
 
     round: int
     clients: int
-    accuracy: float
     loss: float
     train_loss: float
     round_seconds: float
@@ -63,14 +62,29 @@ class RoundMetrics:
     clipped: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
 
+    def value(self, name: str) -> float:
+        """The evaluation's ``loss`` or the task metric ``name`` (NaN when not reported)."""
+        return self.loss if name == "loss" else self.metrics.get(name, nan)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RoundMetrics:
-        """Inverse of ``to_dict``; fields this release does not know are left out."""
-        known = {f.name for f in fields(cls)}
-        return cls(**{key: value for key, value in data.items() if key in known})
+        """Inverse of ``to_dict`` (JSON's null is NaN again); fields this release does not
+        know are left out, and an older release's ``accuracy`` joins ``metrics``."""
+        known = {f.name: f.type for f in fields(cls)}
+        values: dict[str, Any] = {
+            key: nan if value is None and known[key] == "float" else value
+            for key, value in data.items()
+            if key in known
+        }
+        own: dict[str, Any] = values.get("metrics") or {}
+        metrics = {k: nan if v is None else v for k, v in own.items()}
+        legacy = data.get("accuracy")
+        if isinstance(legacy, float) and legacy == legacy:  # NaN: never reported
+            metrics.setdefault("accuracy", legacy)
+        return cls(**{**values, "metrics": metrics})
 
 
 @dataclass(frozen=True)
@@ -373,8 +387,6 @@ class RoundRecord:
         return RoundMetrics(
             round=round_num,
             clients=len(fits),
-            # No evaluation can come back when every site dropped out after sending its update.
-            accuracy=task_metrics.get("accuracy", nan),
             loss=self.evaluated.loss,
             train_loss=train_metrics.get("loss", nan),
             round_seconds=0.0,

@@ -47,7 +47,7 @@ def test_compare_he_reports_both_runs_side_by_side(
         assert len(report["he"]["samples"][key]) == 2
         ratio = report["time_ratios"][key]
         assert ratio["low"] <= ratio["high"]
-    assert report["plain"]["accuracy_same_in_every_repeat"]
+    assert report["plain"]["metric_same_in_every_repeat"]
     markdown = Path(report["files"]["md"]).read_text()
     assert "alternating which went first (plaintext, HE)" in markdown
     assert "a payload is whole ciphertexts" in markdown
@@ -60,7 +60,7 @@ def test_compare_he_reports_both_runs_side_by_side(
     assert report["bytes_per_parameter"]["values_per_ciphertext"] == 8192 * 3  # N coefficients
     for side in ("plain", "he"):
         figures = report[side]
-        assert 0 <= figures["final_accuracy"] <= 1
+        assert 0 <= figures["final_metric"] <= 1
         assert figures["simulated_wall_seconds"] > 0
         assert figures["deployment_latency_seconds"] > 0
         assert set(figures["seconds_per_round"]) == set(compare_he.STEPS)
@@ -69,9 +69,9 @@ def test_compare_he_reports_both_runs_side_by_side(
     assert report["he"]["seconds_per_round"]["encrypt"] > 0
     assert [r["round"] for r in report["rounds"]] == [1, 2]
     for row in report["rounds"]:  # the floor: plaintext against itself, float64 updates
-        assert 0 <= row["float64_accuracy"] <= 1
+        assert 0 <= row["float64_metric"] <= 1
         assert row["floor_points"] == pytest.approx(
-            100 * (row["float64_accuracy"] - row["plain_accuracy"])
+            100 * (row["float64_metric"] - row["plain_metric"])
         )
     assert report["ratios"]["upload_bytes"] > 1
     for process in ("plain_client", "plain_server", "he_client", "he_server"):
@@ -167,9 +167,9 @@ def test_the_seed_summary_sets_each_seed_and_their_mean_against_the_floor() -> N
 
     def report(difference: float, floor: float, plain: float) -> dict[str, object]:
         last = {
-            "plain_accuracy": plain,
-            "he_accuracy": plain + difference / 100,
-            "float64_accuracy": plain + floor / 100,
+            "plain_metric": plain,
+            "he_metric": plain + difference / 100,
+            "float64_metric": plain + floor / 100,
             "difference_points": difference,
             "floor_points": floor,
         }
@@ -204,9 +204,9 @@ def test_the_seed_summary_sets_each_seed_and_their_mean_against_the_floor() -> N
 
 def _seed_report(seed: int, difference: float, floor: float | None) -> dict[str, object]:
     last = {
-        "plain_accuracy": 0.9,
-        "he_accuracy": 0.9 + difference / 100,
-        "float64_accuracy": None if floor is None else 0.9 + floor / 100,
+        "plain_metric": 0.9,
+        "he_metric": 0.9 + difference / 100,
+        "float64_metric": None if floor is None else 0.9 + floor / 100,
         "difference_points": difference,
         "floor_points": floor,
     }

@@ -52,7 +52,7 @@ def test_keygen_then_he_run_logs_results_and_mlflow(tmp_path: Path) -> None:
     assert results["config"]["he"] is True
     assert [r["round"] for r in results["rounds"]] == [1, 2]
     for r in results["rounds"]:
-        assert 0.0 <= r["accuracy"] <= 1.0
+        assert 0.0 <= r["metrics"]["accuracy"] <= 1.0
         assert r["bytes_up"] > 0 and r["bytes_down"] > 0 and r["encrypt_seconds"] > 0
 
     from mlflow.tracking import MlflowClient
@@ -232,6 +232,23 @@ def test_job_file_float_settings_accept_integers(tmp_path: Path) -> None:
     job.write_text("lr = 1\nalpha = 2\n")
     config = load_job(job).validate()
     assert config.lr == 1.0 and isinstance(config.lr, float) and config.alpha == 2.0
+
+
+def test_the_job_names_its_headline_metric_and_which_way_is_better(tmp_path: Path) -> None:
+    from secagg.config import RunConfig, load_job
+
+    assert (RunConfig().headline, RunConfig().headline_higher) == ("accuracy", True)
+    task = RunConfig(task="pkg.mod:Task")  # a task of your own names its metrics itself
+    assert (task.headline, task.headline_higher) == ("loss", False)
+    for name, higher in (("macro_f1", True), ("val_mse", False), ("word_error_rate", False)):
+        assert RunConfig(metric=name).headline_higher is higher, name
+    job = tmp_path / "job.toml"
+    job.write_text('metric = "perplexity_gap"\nhigher_is_better = true\n')
+    config = load_job(job).validate()
+    assert (config.headline, config.headline_higher) == ("perplexity_gap", True)
+    job.write_text('higher_is_better = "yes"\n')
+    with pytest.raises(Exception, match="higher_is_better must be true or false"):
+        load_job(job)
 
 
 def test_keygen_refuses_existing_keys_before_saying_it_generates(

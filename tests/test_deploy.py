@@ -247,8 +247,8 @@ def test_grpc_run_matches_the_in_process_run(tmp_path: Path, session_keys: Path)
     for key, value in local_model.items():
         assert torch.equal(grpc_model[key], value), key
     local_results = json.loads((local / "results.json").read_text())
-    assert [r["accuracy"] for r in results["rounds"]] == [
-        r["accuracy"] for r in local_results["rounds"]
+    assert [r["metrics"] for r in results["rounds"]] == [
+        r["metrics"] for r in local_results["rounds"]
     ]
 
 
@@ -371,8 +371,8 @@ def test_a_restarted_server_resumes_and_ends_where_an_uninterrupted_run_does(
         timeout=600,
     )
     assert straight.returncode == 0, straight.stderr[-3000:]
-    expected = json.loads((tmp_path / "s" / "results.json").read_text())["final_accuracy"]
-    assert json.loads((work / "server" / "results.json").read_text())["final_accuracy"] == expected
+    expected = json.loads((tmp_path / "s" / "results.json").read_text())["metric"]
+    assert json.loads((work / "server" / "results.json").read_text())["metric"] == expected
     resumed = torch.load(work / "site-2" / "model.pt")
     for key, value in torch.load(tmp_path / "s" / "model.pt").items():
         assert torch.equal(resumed[key], value), key
@@ -930,7 +930,7 @@ def test_a_curious_server_reads_no_sites_count_or_metrics(tmp_path: Path) -> Non
             if e["kind"] == "average" and e["message"]["metrics"] and _round_of(e, seen) == number
         ]
         assert views and all(v == views[0] for v in views), views
-        assert views[0]["accuracy"] == logged["accuracy"] > 0.5
+        assert views[0]["accuracy"] == logged["metrics"]["accuracy"] > 0.5
         assert logged["metrics"]["train_loss"] > 0  # the averages of the sites' seal uploads
 
 

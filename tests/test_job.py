@@ -23,11 +23,11 @@ def test_default_digits_job_reaches_090_and_he_matches_plaintext(tmp_path, sessi
     """The default job (8 clients, 10 rounds) with the same seed, with and without HE."""
     plain = run_job(_config(tmp_path / "p", session_keys, he=False))
     he = run_job(_config(tmp_path / "h", session_keys, he=True))
-    assert plain.final_accuracy >= 0.90
-    assert he.final_accuracy >= 0.90
+    assert plain.final >= 0.90
+    assert he.final >= 0.90
     # The issue's bar: within 0.3 points every round (one test digit of 360 is 0.28 points).
     for p, h in zip(plain.rounds, he.rounds, strict=True):
-        assert abs(p.accuracy - h.accuracy) <= 0.003, f"round {p.round}"
+        assert abs(p.value("accuracy") - h.value("accuracy")) <= 0.003, f"round {p.round}"
     # HE ciphertexts are bigger than float32, and the server's sum took measurable time.
     assert he.rounds[0].bytes_up_per_client > plain.rounds[0].bytes_up_per_client
     assert all(r.encrypt_seconds > 0 and r.aggregate_seconds > 0 for r in he.rounds)
@@ -76,7 +76,9 @@ def test_resume_continues_from_the_last_round(tmp_path, session_keys, he: bool) 
         # Bit-identical, HE too: the packed codec's aggregates decrypt to exact integers, so
         # replaying the chain rebuilds exactly the model every client held.
         assert torch.equal(resumed_model[key], value), key
-    assert [m.accuracy for m in resumed.rounds] == [m.accuracy for m in straight.rounds]
+    assert [m.value("accuracy") for m in resumed.rounds] == [
+        m.value("accuracy") for m in straight.rounds
+    ]
 
 
 def test_run_refuses_to_overwrite_an_existing_run(tmp_path, session_keys) -> None:
@@ -103,7 +105,9 @@ def test_plaintext_run_named_enc_by_an_older_version_resumes(tmp_path, session_k
     (chain / "round-0001.bin").rename(chain / "round-0001.enc")
     resumed = run_job(config, resume_dir=run_dir)
     straight = run_job(replace(config, output_dir=str(tmp_path / "straight")))
-    assert [m.accuracy for m in resumed.rounds] == [m.accuracy for m in straight.rounds]
+    assert [m.value("accuracy") for m in resumed.rounds] == [
+        m.value("accuracy") for m in straight.rounds
+    ]
     assert sorted(p.name for p in chain.iterdir()) == [
         "round-0001.enc",
         "round-0002.bin",
@@ -151,7 +155,9 @@ def test_sampled_rounds_cost_only_their_clients_and_resume_draws_the_same(
     with pytest.raises(_Interrupt):
         run_job(config, on_round=stop_after_one)
     resumed = run_job(config, resume_dir=config.output_dir)
-    assert [m.accuracy for m in resumed.rounds] == [m.accuracy for m in straight.rounds]
+    assert [m.value("accuracy") for m in resumed.rounds] == [
+        m.value("accuracy") for m in straight.rounds
+    ]
     for key, value in torch.load(tmp_path / "straight" / "model.pt").items():
         assert torch.equal(torch.load(Path(config.output_dir) / "model.pt")[key], value), key
 
@@ -180,7 +186,7 @@ def test_rounds_above_128_clients_use_the_wide_packing_and_match_plaintext(
     he = run_job(replace(config, he=True, output_dir=str(tmp_path / "he")))
     for p, h in zip(plain.rounds, he.rounds, strict=True):
         assert h.clients == 140
-        assert abs(p.accuracy - h.accuracy) <= 0.003, f"round {p.round}"
+        assert abs(p.value("accuracy") - h.value("accuracy")) <= 0.003, f"round {p.round}"
     # Two values per slot instead of three: half as many again bytes per value.
     ratio = he.rounds[0].bytes_up_per_client / plain.rounds[0].bytes_up_per_client
     assert ratio > 2

@@ -286,8 +286,8 @@ def test_the_digits_job_is_unchanged_by_masks(tmp_path, session_keys) -> None:
 
     masked, he, plain = job("m", he=True, masking=True), job("h", he=True, masking=False), job("p")
     for m, h, p in zip(masked.rounds, he.rounds, plain.rounds, strict=True):
-        assert (m.accuracy, m.loss) == (h.accuracy, h.loss), f"round {m.round}"
-        assert abs(m.accuracy - p.accuracy) <= 0.003, f"round {m.round}"
+        assert (m.value("accuracy"), m.loss) == (h.value("accuracy"), h.loss), f"round {m.round}"
+        assert abs(m.value("accuracy") - p.value("accuracy")) <= 0.003, f"round {m.round}"
         # Confirmations, self-mask keys and relayed signatures: well under 2% of the bytes.
         assert 0 < m.bytes_up - h.bytes_up <= 0.02 * h.bytes_up
         assert 0 < m.bytes_down - h.bytes_down <= 0.02 * h.bytes_down
@@ -326,7 +326,7 @@ def test_ray_clients_mask_and_reach_the_unmasked_model(tmp_path, session_keys) -
         for m in (True, False)
     ]
     for m, u in zip(runs[0].rounds, runs[1].rounds, strict=True):
-        assert (m.accuracy, m.loss) == (u.accuracy, u.loss)
+        assert (m.value("accuracy"), m.loss) == (u.value("accuracy"), u.loss)
         assert u.bytes_up < m.bytes_up <= 1.02 * u.bytes_up  # confirmations and keys only
 
 
@@ -350,7 +350,7 @@ def test_sampled_rounds_mask_with_each_rounds_clients(tmp_path, session_keys) ->
         for m in (True, False)
     ]
     for m, u in zip(runs[0].rounds, runs[1].rounds, strict=True):
-        assert (m.accuracy, m.loss) == (u.accuracy, u.loss)
+        assert (m.value("accuracy"), m.loss) == (u.value("accuracy"), u.loss)
         assert u.bytes_up < m.bytes_up <= 1.02 * u.bytes_up  # confirmations and keys only
 
 
@@ -365,9 +365,9 @@ def test_the_default_digits_job_with_masks_matches_plaintext_every_round(
     base = RunConfig(keys_dir=str(session_keys), tracking=False, device="cpu")
     masked = run_job(replace(base, he=True, masking=True, output_dir=str(tmp_path / "m")))
     plain = run_job(replace(base, output_dir=str(tmp_path / "p")))
-    assert masked.final_accuracy >= 0.90
+    assert masked.final >= 0.90
     for m, p in zip(masked.rounds, plain.rounds, strict=True):
-        assert abs(m.accuracy - p.accuracy) <= 0.003, f"round {m.round}"
+        assert abs(m.value("accuracy") - p.value("accuracy")) <= 0.003, f"round {m.round}"
 
 
 @pytest.mark.slow
@@ -405,7 +405,7 @@ def test_a_ray_worker_killed_after_key_agreement_is_corrected_for(
     sys.modules.pop("dying", None)
     assert [m.clients for m in masked.rounds] == [3, 2, 3]
     for m, u in zip(masked.rounds, plain.rounds, strict=True):
-        assert (m.accuracy, m.loss) == (u.accuracy, u.loss), f"round {m.round}"
+        assert (m.value("accuracy"), m.loss) == (u.value("accuracy"), u.loss), f"round {m.round}"
     # Round 2's corrections: one per survivor and phase, c0 words only.
     assert masked.rounds[1].bytes_up > plain.rounds[1].bytes_up
 

@@ -249,10 +249,12 @@ def test_server_optimizers_with_he_match_plaintext_every_round_on_the_digits_job
     plain = run_job(replace(base, he=False, output_dir=str(tmp_path / "p")))
     he = run_job(replace(base, he=True, output_dir=str(tmp_path / "h")))
     assert he.config.precision == "fine"
-    assert [r.accuracy for r in he.rounds] == [r.accuracy for r in plain.rounds]
+    assert [r.value("accuracy") for r in he.rounds] == [r.value("accuracy") for r in plain.rounds]
     # And the optimizer did something: its model is not FedAvg's.
     fedavg = run_job(replace(base, server_optimizer="fedavg", output_dir=str(tmp_path / "a")))
-    assert [r.accuracy for r in fedavg.rounds] != [r.accuracy for r in plain.rounds]
+    assert [r.value("accuracy") for r in fedavg.rounds] != [
+        r.value("accuracy") for r in plain.rounds
+    ]
 
 
 def test_he_precision_auto_follows_the_server_optimizer() -> None:
@@ -291,7 +293,9 @@ def test_resume_with_fedadam_ends_bit_identical_to_an_uninterrupted_run(
     # The replayed chain rebuilt the optimizer's moments too: otherwise round 3's step, and
     # every model after it, would differ.
     assert flatten(resumed_model)[0].tobytes() == flatten(straight_model)[0].tobytes()
-    assert [m.accuracy for m in resumed.rounds] == [m.accuracy for m in straight.rounds]
+    assert [m.value("accuracy") for m in resumed.rounds] == [
+        m.value("accuracy") for m in straight.rounds
+    ]
 
 
 @pytest.mark.slow

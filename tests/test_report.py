@@ -102,7 +102,9 @@ def test_the_server_reads_no_sites_count_or_metrics_under_he(session_keys) -> No
     assert all(math.isnan(e.loss) for e in secret.evals)
     assert seen.evals and all(not e.payload and e.num_samples > 0 for e in seen.evals)
     assert math.isclose(he.train_loss, plain.train_loss, rel_tol=1e-9)
-    assert he.accuracy == plain.accuracy  # one test set, at site 0: the same digits right
+    assert he.value("accuracy") == plain.value(
+        "accuracy"
+    )  # one test set, at site 0: the same digits right
     assert math.isclose(he.loss, plain.loss, rel_tol=1e-4)  # the models differ by rounding
 
 
@@ -119,7 +121,7 @@ def test_a_test_count_lied_inside_the_encryption_leaves_the_metrics_unknown(
     which no site can trust, is reported as unknown, with a warning naming why."""
     with pytest.warns(UserWarning, match="a site misreported its count"):
         metrics, _ = _round(session_keys, he=True, lie_eval=10**9)
-    assert math.isnan(metrics.accuracy) and math.isnan(metrics.loss)
+    assert math.isnan(metrics.value("accuracy")) and math.isnan(metrics.loss)
 
 
 @pytest.mark.parametrize("masking", [True, False])
@@ -139,7 +141,7 @@ def test_one_sites_evaluation_is_masked_from_a_colluding_key_holder(
     from secagg.crypto.seal_format import from_wire
 
     metrics, transport = _round(session_keys, he=True, masking=masking)
-    assert metrics.accuracy > 0.1  # the masked sum was unmasked and read
+    assert metrics.value("accuracy") > 0.1  # the masked sum was unmasked and read
     colluder = transport.slots[1].cipher.inner
     stamp = rounds.round_stamp(bytes(16), 1, 3).evaluation(3).for_sender(0)
     opened = colluder._format.open(transport.evals[0].payload, stamp, UPDATE)

@@ -167,7 +167,7 @@ def test_a_task_from_another_package_runs_with_he_and_matches_plaintext(
     assert [m.metrics["rounds_seen"] for m in he.rounds] == [1.0, 2.0]
     assert he.rounds[-1].metrics["score"] > 0.7
     assert "train_loss" in he.rounds[0].metrics
-    assert he.rounds[0].accuracy != he.rounds[0].accuracy  # no "accuracy" reported: NaN
+    assert "accuracy" not in he.rounds[0].metrics  # none reported, none made up
     # HE's final model equals plaintext FedAvg's within the codec's stated precision: each
     # summed value is off by at most c/2 steps, about 1e-3 of a block's largest change here.
     he_model, plain_model = _model(Path(he.output_dir)), _model(Path(plain.output_dir))
@@ -201,6 +201,8 @@ def test_python_api_runs_a_task_object(tmp_path: Path, session_keys: Path, user_
     result = secagg.run(mytasks.Tabular(hidden=8), config)
     assert result.rounds[0].metrics["rounds_seen"] == 1.0
     assert (Path(result.output_dir) / "model.pt").exists()
+    # Labelled as itself: its class, and its own metrics (no built-in accuracy)
+    assert result.config.task == "mytasks:Tabular" and result.config.headline == "loss"
     with pytest.raises(ConfigError, match="import path"):
         secagg.run(mytasks.Tabular(), replace(config, transport="grpc"))
 
@@ -267,6 +269,43 @@ def test_the_cli_prints_one_line_and_the_traceback_with_debug(
     ]
     debug = subprocess.run([*base, "--debug", *args], cwd=tmp_path, capture_output=True, text=True)
     assert "Traceback" in debug.stderr and 'raise ValueError("boom' in debug.stderr
+
+
+def test_a_failed_run_is_failed_in_mlflow_with_its_reason_and_the_tasks_labels(
+    tmp_path: Path, session_keys: Path, user_package: Path
+) -> None:
+    """A user's task is labelled as itself (no built-in dataset or model), and a run that
+    fails is FAILED with the reason, in its tags and its description."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    settings = {"fail": "train", "hidden": 8}
+    config = _config(tmp_path, session_keys, tracking=True, tracking_uri=uri)
+    with pytest.raises(TaskError):
+        run_job(replace(config, task_settings=settings, metric="score"))
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("secagg").experiment_id])
+    assert run.info.status == "FAILED"
+    tags = run.data.tags
+    assert tags["failure"] == "site-2: the task's train raised ValueError: boom in the user's loop"
+    assert tags["task"] == "mytasks:Tabular" and tags["metric"] == "score"
+    assert "dataset" not in tags and "model" not in tags
+    text = tags["mlflow.note.content"]
+    assert "task: `mytasks:Tabular`" in text and "task settings: fail='train', hidden=8" in text
+    assert "metric: score (higher is better)" in text and "**failed**: site-2:" in text
+    assert "mlp" not in text and "digits" not in text
+
+
+def test_a_jobs_metric_the_task_never_reports_is_named_in_a_warning(
+    tmp_path: Path, session_keys: Path, user_package: Path
+) -> None:
+    config = _config(tmp_path, session_keys, rounds=1, metric="macro_f1")
+    with pytest.warns(UserWarning, match="'macro_f1' is not one its task reports .*rounds_seen"):
+        result = run_job(config)
+    text = (tmp_path / "run" / "results.json").read_text()
+    results = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
+    assert results["metric"] == {"name": "macro_f1", "higher_is_better": True, "final": None}
+    assert result.final != result.final  # NaN in Python, null on disk
 
 
 def test_a_train_reporting_no_samples_is_refused(
@@ -367,6 +406,7 @@ def test_a_task_by_import_path_runs_over_grpc_like_in_process(
             clients = 2
             rounds = 2
             he = true
+            metric = "score"
 
             [task_settings]
             hidden = 8
@@ -387,6 +427,14 @@ def test_a_task_by_import_path_runs_over_grpc_like_in_process(
     )
     assert local.returncode == 0, local.stderr
     assert "score" in local.stdout  # the task's metric on the console line
+    for run in (grpc, local):  # the job's metric leads; nothing is called accuracy, or nan
+        assert "done: final score 0." in run.stdout, run.stdout
+        assert "accuracy" not in run.stdout + run.stderr and "nan" not in run.stdout.lower()
+    for folder in ("g", "l"):  # strict JSON: a metric no site reported would be null
+        text = (tmp_path / folder / "results.json").read_text()
+        results = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
+        assert results["metric"]["name"] == "score" and results["metric"]["higher_is_better"]
+        assert results["metric"]["final"] == results["rounds"][-1]["metrics"]["score"]
     # The same rounds and sums; each site process trains with its own torch thread count, so
     # the float reductions of training may differ in their last bits.
     for name, value in _model(tmp_path / "l").items():
