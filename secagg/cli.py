@@ -821,7 +821,7 @@ def client(
 
     outcome = participate(kit_dir, data_dir, download, device, workdir, shard, wait, log)
     if outcome != "done":
-        raise SecAggError(f"the job was aborted: {outcome}")
+        raise SecAggError(f"the job ended unfinished: {outcome}")
     log("the job is done")
 
 

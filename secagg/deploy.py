@@ -144,6 +144,13 @@ def serve(
     except Aborted:
         coordinator.wait_told(timeout=min(liveness, 10.0))
         raise
+    except Exception as err:
+        # The job failed here: every connected site hears why and ends, rather than
+        # reconnecting to a server that is gone.
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        coordinator.abort(f"the job failed: {reason}")
+        coordinator.wait_told(timeout=min(liveness, 10.0))
+        raise
     finally:
         grpc_server.stop(grace=2)
 
@@ -184,11 +191,15 @@ def participate(
         log(f"joined job '{config.job_name}' as {kit.name} (task {type(client.task).__name__})")
         parameters = sum(p.numel() for p in client.model.parameters())
         delay = 1.0
+        #: since when no call reached the server (None: the last one did); ``wait`` bounds it
+        lost_since: float | None = None
         while True:
             applied = site.applied
             try:
                 hello = Hello(site.applied, parameters, client.signature, site.mask_key())
-                again = join(connection, hello, wait, log)
+                left = wait if lost_since is None else wait - (time.monotonic() - lost_since)
+                again = join(connection, hello, max(left, 1.0), log)
+                lost_since = None
                 if again.job != joined.job:
                     raise CheckpointError(
                         "the server now runs another job; start this client again to join it"
@@ -198,6 +209,12 @@ def participate(
             except ServerGone as err:
                 # Any transient status (a call cut, the server restarting or busy): join again,
                 # backing off while no round gets applied in between.
+                lost_since = lost_since if lost_since is not None else time.monotonic()
+                if time.monotonic() - lost_since >= wait:
+                    raise ServerGone(
+                        f"lost the server for {wait:.0f} s ({err}); this site stops (start it "
+                        "again, or raise --wait, to rejoin a server that comes back later)"
+                    ) from err
                 delay = 1.0 if site.applied > applied else min(delay * 2, 30.0)
                 log(f"lost the server ({err}); reconnecting in {delay:.0f} s")
                 time.sleep(delay)

@@ -98,7 +98,9 @@ def _server(
     )
 
 
-def _site(project: Path, name: str, workdir: Path, fault: str | None = None) -> subprocess.Popen:
+def _site(
+    project: Path, name: str, workdir: Path, fault: str | None = None, wait: float = 120
+) -> subprocess.Popen:
     return subprocess.Popen(
         [
             *_secagg(fault),
@@ -108,7 +110,7 @@ def _site(project: Path, name: str, workdir: Path, fault: str | None = None) -> 
             "--workdir",
             str(workdir / name),
             "--wait",
-            "120",
+            str(wait),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -313,6 +315,19 @@ def test_a_round_below_min_clients_fails_with_a_reason_and_keeps_the_checkpoint(
         _wait_for(lambda: _applied(work, "site-3") >= 1, what="round 1 on site-3")
         sites["site-3"].send_signal(signal.SIGKILL)
         out = _finish(server)
+        failed = time.monotonic()
+        # The job failed: the healthy sites hear why and end, within seconds, exit 1.
+        for name in ("site-1", "site-2"):
+            told = _finish(sites[name], 30)
+            assert sites[name].returncode == 1, told[-2000:]
+            assert (
+                told.strip()
+                .splitlines()[-1]
+                .startswith(
+                    "Error: the job ended unfinished: the job failed: round 2: only 2 site(s)"
+                )
+            ), told[-2000:]
+        assert time.monotonic() - failed < 10
     finally:
         _kill_all(server, *sites.values())
     assert server.returncode == 1
@@ -818,6 +833,40 @@ class _Uploads:
 
     def upload(self, header: dict, payload: bytes) -> None:
         self.uploads.append((header, payload))
+
+
+@pytest.mark.slow
+def test_a_site_whose_server_is_gone_for_its_wait_stops_with_the_reason(tmp_path: Path) -> None:
+    """The server dies and does not come back: each site reconnects for ``--wait`` seconds in
+    all, not forever, then stops, exit 1, saying so."""
+    project, port = _project(tmp_path, 2)
+    job, _ = _job(tmp_path, rounds=3)
+    work = tmp_path / "work"
+    server = _server(project, job, work / "server", port, fault="crash-unmasked:1")
+    sites = [_site(project, name, work, wait=6) for name in ("site-1", "site-2")]
+    try:
+        _finish(server)
+        gone = time.monotonic()
+        for site in sites:
+            out = _finish(site, 60)
+            assert site.returncode == 1, out[-2000:]
+            assert "Error: lost the server for 6 s" in out.strip().splitlines()[-1], out[-2000:]
+        assert time.monotonic() - gone < 30
+    finally:
+        _kill_all(server, *sites)
+
+
+def test_a_site_the_server_does_not_know_joins_again() -> None:
+    """A restarted server hands a site it has not seen join no task but ``rejoin``; the site
+    joins again (its uploads to the old server were refused as stale, never a stall)."""
+    from secagg.transport.grpc_client import Joined, ServerGone, Site
+
+    server = _ScriptedServer(rounds=0)
+    server.tasks = [{"kind": "rejoin", "id": 0}]
+    joined = Joined(bytes(16), 0, 2, {}, 0, "")
+    site = Site(server, _Sealing(None), joined, Path("."), lambda line: None)  # type: ignore[arg-type]
+    with pytest.raises(ServerGone, match="join again"):
+        site.run()
 
 
 def test_a_resumed_attempt_gets_the_same_bytes_and_never_a_second_masked_payload() -> None:

@@ -385,6 +385,10 @@ class Coordinator:
                     self.told.add(site.index)
                     self.lock.notify_all()
                     return {"kind": "abort", "reason": self.aborted}
+                if not site.joined:
+                    # It joined another server process (this one restarted): it must join
+                    # this one, with its model and mask key, before it is given any task.
+                    return {"kind": "rejoin", "id": after}
                 if site.applied < self.completed and not _applies_next(task, site):
                     # Behind (a late or rejoining site): fetch the missing rounds first.
                     return {"kind": "catchup", "completed": self.completed, "id": after}

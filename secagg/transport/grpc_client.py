@@ -215,6 +215,8 @@ class Site:
                     continue
                 if kind == "wait":
                     continue
+                if kind == "rejoin":  # the server restarted, and knows this site no more
+                    raise ServerGone("the server restarted and asks this site to join again")
                 if kind not in _KINDS:
                     raise SecAggError(
                         f"the server asked for '{kind}', which this secagg does not know; run "
