@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from secagg.config import RunConfig
-from secagg.data import Dataset, Split, dirichlet_partition, load_dataset
+from secagg.data import SHAPES, Dataset, Split, dirichlet_partition, load_dataset
 from secagg.models import build_model
 from secagg.task import EvalResult, RoundContext, Site, Task, TrainResult, load_task
 
@@ -74,8 +74,8 @@ class Classification(Task):
     def build_model(self) -> nn.Module:
         # Seeded by the caller: build_model's own seeding repeats it, so the weights are the
         # job's whichever seeds first.
-        data = self._data()
-        return build_model(self.model, data.in_shape, data.classes, torch.initial_seed())
+        in_shape, classes = SHAPES[self.dataset]  # no data needed to build it
+        return build_model(self.model, in_shape, classes, torch.initial_seed())
 
     def load_data(self, site: Site) -> Shard:
         data = self._data(site.data_dir, site.download or self.download)

@@ -872,9 +872,9 @@ def status(kit_dir: str, as_json: bool) -> None:
 )
 @click.option(
     "--reason",
-    default="aborted by the administrator",
+    default="no reason given",
     show_default=True,
-    help="What the server tells every site.",
+    help="What the server tells every site (after 'aborted by the administrator: ').",
 )
 @_friendly
 def abort(kit_dir: str, reason: str) -> None:

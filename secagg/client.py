@@ -68,6 +68,13 @@ class _Trained:
     num_samples: int
 
 
+def signature_of(vector: np.ndarray, layout: Layout) -> ModelSignature:
+    """What every party's initial model must share: its layout, and a digest of its flat
+    weights (``flatten``)."""
+    digest = hashlib.sha256(vector.tobytes()).hexdigest()[:32]
+    return ModelSignature(describe(layout), digest)
+
+
 class Client:
     """One party: its task and data, its copy of the global model, its client-side cipher."""
 
@@ -86,8 +93,7 @@ class Client:
         self.model = self._call("build_model", lambda: build_model(task, config)).to(device)
         #: the global model as a flat vector, identical on every client
         self.global_vector, self.layout = flatten(self.model.state_dict())
-        digest = hashlib.sha256(self.global_vector.tobytes()).hexdigest()[:32]
-        self.signature = ModelSignature(describe(self.layout), digest)
+        self.signature = signature_of(self.global_vector, self.layout)
         self.data = self._call("load_data", lambda: task.load_data(site))
         self.cipher = make_cipher(self.layout)
         #: the server optimizer's step and state (``secagg.optimizers``), on the parameters

@@ -26,6 +26,17 @@ _NORMALIZE = {
 }
 
 
+#: each dataset's input shape and class count, as ``load_dataset`` gives them: what a model is
+#: built for, without the data (a server checks the job's model where no data is)
+SHAPES: dict[str, tuple[tuple[int, ...], int]] = {
+    "digits": ((1, 8, 8), 10),
+    "digits32": ((3, 32, 32), 10),
+    "mnist": ((1, 28, 28), 10),
+    "fashion-mnist": ((1, 28, 28), 10),
+    "cifar10": ((3, 32, 32), 10),
+}
+
+
 @dataclass(frozen=True)
 class Split:
     """Images as float32 (N, C, H, W) and labels as int64 (N,)."""

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from secagg import crypto
 from secagg.config import RunConfig, dump_job
 from secagg.errors import CheckpointError, ConfigError, SecAggError
+from secagg.messages import ModelSignature
 from secagg.provision import Kit, load_kit, provision
 from secagg.records import (
     RESULTS_FILE,
@@ -103,13 +104,24 @@ def serve(
         config.max_client_samples,
         log,
     )
+    # The job's model, built from the job in a child process (this one loads no torch and
+    # runs no task code) while the service starts: every site is checked against it.
+    building = _build_model(config)
     service = Service(coordinator, MAX_PAYLOAD, stall=liveness, deadline=config.round_timeout)
     grpc_server, port = start(service, kit, bind or f"[::]:{kit.port}")
+    try:
+        model = _built_model(building)
+    except ConfigError:
+        grpc_server.stop(grace=0)
+        raise
+    coordinator.expect(ModelSignature.from_wire(model["model"]), int(model["parameters"]))
+    records.result.model_class = str(model["class"])
     log(
         f"serving job '{config.job_name}' to {len(kit.roster)} sites on port {port} "
-        f"({_privacy(config)}, rounds {records.first_round}-{config.rounds})"
+        f"({_privacy(config)}, rounds {records.first_round}-{config.rounds}; model "
+        f"{model['class']}, {model['parameters']:,} parameters)"
     )
-    records.start(None)
+    records.start(int(model["parameters"]))
     minimum = config.min_clients or len(kit.roster)
     if config.he and config.masking:
         # The sites refuse any sum below the kits' threshold: waiting for fewer is pointless.
@@ -153,6 +165,33 @@ def serve(
         raise
     finally:
         grpc_server.stop(grace=2)
+
+
+def _build_model(config: RunConfig) -> subprocess.Popen[str]:
+    """Start ``secagg.fingerprint`` on the job (see ``_built_model``)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "secagg.fingerprint", json.dumps(config.to_dict())],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _built_model(process: subprocess.Popen[str]) -> dict[str, Any]:
+    """The job's model as ``secagg.fingerprint`` built it, or ConfigError saying why not."""
+    try:
+        out, err = process.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, err = process.communicate()
+    if process.returncode != 0:
+        why = (err.strip().splitlines() or ["it stopped without saying why"])[-1]
+        raise ConfigError(
+            f"the server could not build the job's model to check sites against: {why} "
+            "(the task's package and torch must be importable where the server runs)"
+        )
+    return dict(json.loads(out))
 
 
 def participate(

@@ -59,6 +59,8 @@ class RunResult:
     run_name: str | None = None
     #: why the run failed (None: it did not)
     failure: str | None = None
+    #: the class of the task's model, when known
+    model_class: str | None = None
 
     @property
     def final(self) -> float:
@@ -479,6 +481,8 @@ def description(result: RunResult) -> str:
         if result.num_parameters
         else "parameters: not known until a site joins"
     )
+    if result.model_class:
+        parameters = f"{result.model_class}, {parameters}"
     better = "higher" if config.headline_higher else "lower"
     lines = [
         f"**{'HE secure aggregation' if config.he else 'Plaintext FedAvg'}**, "

@@ -30,8 +30,11 @@ encrypts, and after the round decrypts and loads the new global model.
 
 from __future__ import annotations
 
+import collections.abc
 import importlib
 import inspect
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,6 +226,7 @@ def make_task(target: Any, settings: Mapping[str, Any], name: str) -> Task:
         ) from err
     except ValueError:
         pass  # no signature to check (a builtin): let the call say
+    _check_types(target, settings, name)
     try:
         task = target(**settings)
     except Exception as err:
@@ -232,6 +236,58 @@ def make_task(target: Any, settings: Mapping[str, Any], name: str) -> Task:
             f"task {name!r} gave a {type(task).__name__}, not a secagg.Task; subclass secagg.Task"
         )
     return task
+
+
+def _check_types(target: Any, settings: Mapping[str, Any], name: str) -> None:
+    """Refuse a setting whose value does not fit the constructor's annotation for it (the
+    types a job file can hold: numbers, strings, booleans, lists, tables, their unions and
+    literals), in one line, before any of the task's code runs; unannotated parameters and
+    other types are left to the task."""
+    try:
+        function = target.__init__ if inspect.isclass(target) else target
+        hints = typing.get_type_hints(function)
+    except Exception:  # annotations that do not resolve here: the task checks its own
+        return
+    for key, value in settings.items():
+        hint = hints.get(key)
+        if hint is not None and _fits(hint, value) is False:
+            plain = not typing.get_args(hint) and hasattr(hint, "__name__")
+            shown = hint.__name__ if plain else str(hint).replace("typing.", "")
+            raise ConfigError(
+                f"task {name!r}: task_settings.{key} must be {shown}, not {value!r} "
+                f"({type(value).__name__}), as the task's constructor declares"
+            )
+
+
+def _fits(hint: Any, value: Any) -> bool | None:
+    """Whether ``value`` fits ``hint``; None when the hint is not one a job file can hold
+    (the task's own business)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        verdicts = [_fits(arg, value) for arg in args]
+        return True if any(verdicts) else (None if None in verdicts else False)
+    if origin is typing.Literal:
+        return value in args
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is str or hint is Path:
+        return isinstance(value, str)
+    if origin in (list, tuple, collections.abc.Sequence) or hint in (list, tuple):
+        if not isinstance(value, list | tuple):
+            return False
+        inner = args[0] if origin is not tuple and args else None
+        return all(_fits(inner, item) is not False for item in value) if inner else True
+    if origin in (dict, collections.abc.Mapping) or hint is dict:
+        return isinstance(value, dict)
+    return None
 
 
 def simulated_site(config: RunConfig, index: int) -> Site:

@@ -99,7 +99,12 @@ def _server(
 
 
 def _site(
-    project: Path, name: str, workdir: Path, fault: str | None = None, wait: float = 120
+    project: Path,
+    name: str,
+    workdir: Path,
+    fault: str | None = None,
+    wait: float = 120,
+    env: dict[str, str] | None = None,
 ) -> subprocess.Popen:
     return subprocess.Popen(
         [
@@ -115,7 +120,7 @@ def _site(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=ENV,
+        env=env or ENV,
     )
 
 
@@ -563,7 +568,10 @@ def test_status_shows_the_job_and_abort_stops_it(tmp_path: Path) -> None:
         assert server.returncode == 1 and "maintenance" in out
         for site in sites:
             text = _finish(site, 60)
-            assert site.returncode == 1 and "aborted: maintenance" in text
+            assert site.returncode == 1, text[-2000:]
+            assert text.strip().splitlines()[-1] == (
+                "Error: the job ended unfinished: aborted by the administrator: maintenance"
+            )
     finally:
         _kill_all(server, *sites)
     # A site's kit is not an admin kit.
@@ -833,6 +841,70 @@ class _Uploads:
 
     def upload(self, header: dict, payload: bytes) -> None:
         self.uploads.append((header, payload))
+
+
+WIDE_TASK = """
+import os
+
+from torch import nn
+
+from secagg.builtin import Classification
+
+
+class Digits(Classification):
+    def build_model(self) -> nn.Module:
+        model = super().build_model()
+        if os.environ.get("WIDE_MODEL"):  # a site whose copy of the task was changed
+            model.add_module("extra", nn.Linear(4, 4))
+        return model
+"""
+
+
+@pytest.mark.slow
+def test_the_job_not_the_first_site_fixes_the_model(tmp_path: Path) -> None:
+    """A site with another model joins first: it is refused by name, and the sites with the
+    job's model run the job (the server built the model from the job, in a child process)."""
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "widetask.py").write_text(WIDE_TASK)
+    env = {**ENV, "PYTHONPATH": f"{tmp_path / 'tasks'}{os.pathsep}{ROOT}"}
+    project, port = _project(tmp_path, 3)
+    job, _ = _job(tmp_path, task="widetask:Digits", he=False, min_clients=2, round_timeout=30.0)
+    work = tmp_path / "work"
+    server = subprocess.Popen(
+        [*SECAGG, "server", str(job), "--kit", str(project / "server"), "--workdir",
+         str(work / "server"), "--bind", f"127.0.0.1:{port}"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )  # fmt: skip
+    wrong = _site(project, "site-1", work, env={**env, "WIDE_MODEL": "1"})
+    sites = []
+    try:
+        refused = _finish(wrong, 120)
+        assert wrong.returncode == 1
+        assert refused.strip().splitlines()[-1] == (
+            "Error: the server refused this site: site-1's model is not the job's: it has "
+            "'extra.weight' (2 entries differ)"
+        ), refused[-2000:]
+        sites = [_site(project, name, work, env=env) for name in ("site-2", "site-3")]
+        out = _job_done(server, sites)
+    finally:
+        _kill_all(server, wrong, *sites)
+    assert "(plaintext, rounds 1-2; model MLP, 9,610 parameters)" in out, out[:2000]
+    rounds = json.loads((work / "server" / "results.json").read_text())["rounds"]
+    assert [r["clients"] for r in rounds] == [2, 2]
+
+
+def test_a_server_that_cannot_build_the_jobs_model_says_why_in_one_line(tmp_path: Path) -> None:
+    project, port = _project(tmp_path, 2)
+    job, _ = _job(tmp_path, task="nosuchpackage.tasks:Thing")
+    server = _server(project, job, tmp_path / "work", port)
+    out = _finish(server, 120)
+    assert server.returncode == 1
+    assert out.strip().splitlines()[-1] == (
+        "Error: the server could not build the job's model to check sites against: task "
+        "'nosuchpackage.tasks:Thing': no module named 'nosuchpackage'; install its package or "
+        "add its folder to PYTHONPATH (the task's package and torch must be importable where "
+        "the server runs)"
+    ), out[-2000:]
 
 
 @pytest.mark.slow

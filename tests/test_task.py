@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import typing
 from dataclasses import replace
 from pathlib import Path
 
@@ -239,6 +240,41 @@ def test_unknown_task_settings_are_refused_with_the_signature(
 ) -> None:
     with pytest.raises(ConfigError, match=r"does not take these task_settings.*hiddn"):
         run_job(_config(tmp_path, session_keys, task_settings={"hiddn": 3}))
+
+
+def test_task_settings_are_checked_against_the_constructors_annotations(
+    tmp_path: Path, session_keys: Path, user_package: Path
+) -> None:
+    """A setting of the wrong type is one line naming it, before any of the task's code (a
+    string where an int belongs used to reach torch)."""
+    for settings, expected in (
+        ({"hidden": "8"}, "task_settings.hidden must be int, not '8' (str)"),
+        ({"hidden": 8.5}, "task_settings.hidden must be int, not 8.5 (float)"),
+        ({"fail": 3}, "task_settings.fail must be str, not 3 (int)"),
+        ({"epochs": True}, "task_settings.epochs must be int, not True (bool)"),
+    ):
+        with pytest.raises(ConfigError) as raised:
+            run_job(_config(tmp_path, session_keys, task_settings=settings))
+        assert str(raised.value) == (
+            f"task 'mytasks:Tabular': {expected}, as the task's constructor declares"
+        )
+    assert not (tmp_path / "run").exists()
+
+    from secagg.task import make_task
+
+    def factory(
+        sizes: list[int], name: str | None = None, mode: typing.Literal["a", "b"] = "a", free=None
+    ) -> secagg.Task:
+        return secagg.Task()
+
+    make_task(factory, {"sizes": [1, 2], "name": None, "mode": "b", "free": {"x": 1}}, "f")
+    for bad, shown in (
+        ({"sizes": [1, "2"]}, "sizes must be list[int]"),
+        ({"sizes": [1], "name": 3}, "name must be str | None"),
+        ({"sizes": [1], "mode": "c"}, "mode must be Literal['a', 'b']"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(shown)):
+            make_task(factory, bad, "f")
 
 
 def test_a_train_that_raises_names_the_site_and_keeps_the_checkpoint(

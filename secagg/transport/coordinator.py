@@ -129,8 +129,10 @@ class Coordinator:
         self.told: set[int] = set()
         #: the model's parameter count, as the sites report it
         self.parameters: int | None = None
-        #: the job's model (names, shapes, dtypes, initial weights), as the first site reported
+        #: the job's model (names, shapes, dtypes, initial weights), as the job's owner built
+        #: it (``secagg.fingerprint``); every site's must equal it (``expect``)
         self.model: ModelSignature | None = None
+        self._expected = threading.Event()
         #: the sites mask pairwise (``masking``): each must publish a signed mask key
         self.masking = bool(config.get("he") and config.get("masking"))
         #: tasks whose phase was corrected for dropouts, and for which sites: a late upload
@@ -296,20 +298,30 @@ class Coordinator:
             site.last_seen = time.monotonic()
         return site
 
+    def expect(self, model: ModelSignature, parameters: int) -> None:
+        """The job's model, built from the job (never a site's word): sites are checked
+        against it from now on."""
+        with self.lock:
+            self.model, self.parameters = model, parameters
+        self._expected.set()
+
     def join(self, site: Site, hello: Hello) -> dict[str, Any]:
         """A site asks for the job, or (``hello.model`` given) says it is ready to take part;
-        a model that is not the first site's is refused (PayloadError ``model-mismatch``)."""
+        a model that is not the job's is refused (PayloadError ``model-mismatch``)."""
+        if hello.model is not None and not self._expected.wait(timeout=10.0):
+            raise PayloadError(
+                "the server is still building the job's model to check sites against; join again",
+                "busy",
+            )
         with self.lock:
             if hello.model is not None:
-                if self.model is None:
-                    self.model = hello.model
+                assert self.model is not None
                 difference = self.model.mismatch(hello.model)
                 if difference is not None:
                     site.error = f"its model is not the job's: {difference}"
                     raise PayloadError(
                         f"{site.name}'s model is not the job's: {difference}", "model-mismatch"
                     )
-                self.parameters = hello.parameters or self.parameters
                 mask = self._mask_key(site, hello)
                 task = self.task
                 if site.mask != mask and task is not None and site.index in task.sites:
@@ -407,8 +419,8 @@ class Coordinator:
                 self.lock.wait(remaining)
 
     def tensor_sizes(self) -> list[int]:
-        """The sizes of the job's model's tensors (the first ready site's signature, which
-        every other site's must equal)."""
+        """The sizes of the job's model's tensors (its signature, which every site's must
+        equal)."""
         with self.lock:
             if self.model is None:
                 raise RoundFailed("no site has said what the job's model is yet")

@@ -224,10 +224,10 @@ class Service:
     def abort(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         self.c.identify(context, admin=True)
         try:
-            reason = str(_message(request).get("reason") or "aborted by the administrator")
+            reason = str(_message(request).get("reason") or "no reason given")
         except PayloadError as err:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{err.reason}: {err}")
-        self.c.abort(reason[:2000])
+        self.c.abort(f"aborted by the administrator: {reason[:2000]}")
         return wire.encode({"ok": True})
 
 
@@ -260,6 +260,8 @@ def _code(err: PayloadError) -> grpc.StatusCode:
         return grpc.StatusCode.FAILED_PRECONDITION
     if err.reason == "duplicate":
         return grpc.StatusCode.ALREADY_EXISTS
+    if err.reason == "busy":  # the site tries again, as when the server is not up yet
+        return grpc.StatusCode.UNAVAILABLE
     if err.reason == "not-found":
         return grpc.StatusCode.NOT_FOUND
     return grpc.StatusCode.INVALID_ARGUMENT
