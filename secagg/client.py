@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -432,6 +433,14 @@ def build_model(task: Task, config: RunConfig) -> nn.Module:
                 "torch.save(model.state_dict(), path) from the same model"
             ) from err
     return model
+
+
+def use_threads(config: RunConfig) -> int:
+    """Set this process's torch threads for the job's clients (``RunConfig.torch_threads``);
+    return how many."""
+    threads = config.torch_threads or max(1, (os.cpu_count() or 1) // config.per_round)
+    torch.set_num_threads(threads)
+    return threads
 
 
 def resolve_device(name: str) -> torch.device:

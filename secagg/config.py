@@ -94,6 +94,11 @@ class RunConfig:
     max_client_samples: int = 10_000_000
     seed: int = 0
     device: str = "auto"
+    #: the torch threads each client computes with, set alike by every transport, so one job
+    #: gives one model in-process, on Ray and over gRPC, bit for bit (a float sum's order
+    #: depends on how many threads split it). 0: the machine's cores divided by the clients
+    #: per round, at least 1, as the machine each client runs on counts them
+    torch_threads: int = 0
     he: bool = False
     #: with ``he``: pairwise masks inside the ciphertexts (``secagg.crypto.masking``), so that
     #: no single party, nor the server with fewer than all other clients, reads one update
@@ -198,6 +203,7 @@ class RunConfig:
                 "threshold must be between 0 (the default) and the clients per round",
             ),
             (self.client_cpus > 0, "client_cpus must be positive"),
+            (self.torch_threads >= 0, "torch_threads must be 0 (one per core per client) or more"),
             (self.client_gpus >= 0, "client_gpus must be 0 or more"),
             (self.round_timeout > 0, "round_timeout must be positive (seconds)"),
             (self.round_retries >= 0, "round_retries must be 0 or more"),

@@ -268,7 +268,7 @@ def _prepare(
     when the job masks, the site identities that sign and check the mask keys."""
     from secagg import keys
     from secagg.builtin import task_for
-    from secagg.client import Client, resolve_device
+    from secagg.client import Client, resolve_device, use_threads
     from secagg.crypto.certified import CertifiedIdentities
     from secagg.task import Site as SiteInfo
     from secagg.transport.grpc_client import check_keys
@@ -276,6 +276,7 @@ def _prepare(
     local = {"data_dir": data_dir, "download": download, "device": device}
     config = RunConfig(**{**joined.config, **local, "keys_dir": str(kit.folder)})
     config = replace(config, tracking=False).validate()
+    use_threads(config)
     if config.he:
         check_keys(joined, keys.load_for_client(kit.folder).fingerprint)
     info = SiteInfo(

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from secagg import crypto, rounds
 from secagg.builtin import task_for
-from secagg.client import Client, resolve_device
+from secagg.client import Client, resolve_device, use_threads
 from secagg.config import RunConfig
 from secagg.crypto.masking import SimulatedIdentities
 from secagg.files import atomic_write
@@ -45,6 +45,7 @@ def build_clients(
         config.he, config.keys_dir, config.precision, identities, config.policy()
     )
     device = resolve_device(config.device)
+    use_threads(config)
     clients: list[Client] = []
     chosen = list(indexes) or list(range(config.clients))
     on_progress("clients", 0, len(chosen))

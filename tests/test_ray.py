@@ -51,12 +51,11 @@ def _config(tmp_path: Path, keys: Path, **changes) -> RunConfig:  # type: ignore
 
 @pytest.mark.slow
 def test_ray_equals_in_process_bit_for_bit_with_he(tmp_path: Path, session_keys: Path) -> None:
-    """Each actor trains with ceil(client_cpus) torch threads: one here, as the in-process
-    run is pinned to (float sums in training depend on the thread count, nothing else)."""
+    """Every transport sets the job's ``torch_threads`` (float sums in training depend on the
+    thread count, nothing else): two here, against a driver process left at one."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     try:
-        local = run_job(_config(tmp_path / "local", session_keys))
+        local = run_job(_config(tmp_path / "local", session_keys, torch_threads=2))
     finally:
         torch.set_num_threads(threads)
     # The driver sums with the public context; only the actors read the secret key.
@@ -67,7 +66,9 @@ def test_ray_equals_in_process_bit_for_bit_with_he(tmp_path: Path, session_keys:
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(keys, "load_for_client", refuse)
-        on_ray = run_job(_config(tmp_path / "ray", session_keys, transport="ray"))
+        on_ray = run_job(
+            _config(tmp_path / "ray", session_keys, transport="ray", torch_threads=2)
+        )
     assert [m.value("accuracy") for m in on_ray.rounds] == [
         m.value("accuracy") for m in local.rounds
     ]

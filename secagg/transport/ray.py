@@ -60,14 +60,13 @@ class ClientActor:
     def __init__(
         self, config: RunConfig, task: Task | None, index: int, identities: Any = None
     ) -> None:
-        import torch
 
         from secagg import crypto
         from secagg.builtin import task_for
-        from secagg.client import Client, resolve_device
+        from secagg.client import Client, resolve_device, use_threads
         from secagg.task import simulated_site
 
-        torch.set_num_threads(max(1, math.ceil(config.client_cpus)))
+        use_threads(config)  # as in-process and over gRPC: the same job, the same model
         self.config = config
         self.site_for = simulated_site
         # The client context is read here, in the actor, from the job's key folder (on every
