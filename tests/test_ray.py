@@ -66,9 +66,7 @@ def test_ray_equals_in_process_bit_for_bit_with_he(tmp_path: Path, session_keys:
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(keys, "load_for_client", refuse)
-        on_ray = run_job(
-            _config(tmp_path / "ray", session_keys, transport="ray", torch_threads=2)
-        )
+        on_ray = run_job(_config(tmp_path / "ray", session_keys, transport="ray", torch_threads=2))
     assert [m.value("accuracy") for m in on_ray.rounds] == [
         m.value("accuracy") for m in local.rounds
     ]
