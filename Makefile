@@ -6,13 +6,13 @@ STAMP  := $(VENV)/.installed
 KEYS   ?= keys
 ARGS   ?=
 
-.PHONY: run test lint format bench keys clean
+.PHONY: run test lint format bench keys docs clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "Installing secagg and its dependencies into $(VENV) (first time: a few minutes)..."
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,bench,ray]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,bench,ray,docs]"
 	@touch $(STAMP)
 
 $(KEYS)/manifest.json: | $(STAMP)
@@ -34,8 +34,12 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
 
+## docs: the docs site, built strictly (a broken link fails it) into site/
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict
+
 bench: $(STAMP)
 	$(BIN)/python bench/compare_he.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) runs mlruns mlflow.db bench/results
+	rm -rf $(VENV) runs mlruns mlflow.db bench/results site

@@ -102,11 +102,14 @@ def test_a_site_signs_for_itself_only_and_needs_a_relayed_certificate(
 
 def _coordinator(kits: dict[str, Path], tmp_path: Path):  # type: ignore[no-untyped-def]
     from secagg.crypto.plain import PlainCipher
+    from secagg.messages import ModelSignature
     from secagg.transport.coordinator import Coordinator
 
     kit = load_kit(kits["server"], "server")
     config = {"he": True, "masking": True}
-    return Coordinator(kit, PlainCipher(), config, bytes(16), tmp_path, 0, 60.0, 1000)
+    coordinator = Coordinator(kit, PlainCipher(), config, bytes(16), tmp_path, 0, 60.0, 1000)
+    coordinator.expect(ModelSignature([("w", (4,), "float32")], "d"), 4)  # the job's model
+    return coordinator
 
 
 def test_the_server_takes_only_each_sites_own_mask_key(kits: dict[str, Path], tmp_path) -> None:  # type: ignore[no-untyped-def]
