@@ -107,6 +107,7 @@ def serve(
     # The job's model, built from the job in a child process (this one loads no torch and
     # runs no task code) while the service starts: every site is checked against it.
     building = _build_model(config)
+    records.claim(server)  # before any site learns the job's id
     service = Service(coordinator, MAX_PAYLOAD, stall=liveness, deadline=config.round_timeout)
     grpc_server, port = start(service, kit, bind or f"[::]:{kit.port}")
     try:
@@ -122,6 +123,7 @@ def serve(
         f"{model['class']}, {model['parameters']:,} parameters)"
     )
     records.start(int(model["parameters"]))
+    records.claim(server)  # and its MLflow run
     minimum = config.min_clients or len(kit.roster)
     if config.he and config.masking:
         # The sites refuse any sum below the kits' threshold: waiting for fewer is pointless.
@@ -235,14 +237,16 @@ def participate(
         while True:
             applied = site.applied
             try:
-                hello = Hello(site.applied, parameters, client.signature, site.mask_key())
                 left = wait if lost_since is None else wait - (time.monotonic() - lost_since)
-                again = join(connection, hello, max(left, 1.0), log)
-                lost_since = None
+                # Which job first: this site's mask key is signed for its own job only.
+                again = join(connection, Hello(), max(left, 1.0), log)
                 if again.job != joined.job:
                     raise CheckpointError(
                         "the server now runs another job; start this client again to join it"
                     )
+                hello = Hello(site.applied, parameters, client.signature, site.mask_key())
+                again = join(connection, hello, max(left, 1.0), log)
+                lost_since = None
                 site.joined = again
                 return site.run()
             except ServerGone as err:

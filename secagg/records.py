@@ -360,6 +360,14 @@ class RunRecords:
         self.result.seconds = self.elapsed()
         atomic_write_json(self.output / RESULTS_FILE, self.result.to_dict())
 
+    def claim(self, server: Server) -> None:
+        """Record the run as it stands, before any site hears of it: a server restarted
+        before its first round was checkpointed resumes this job (its id, and once started
+        its MLflow run), not a new one that its sites, whose mask keys are signed for this
+        job, would not recognize."""
+        self.output.mkdir(parents=True, exist_ok=True)
+        server.save_state({**self._state(), "round": self.first_round - 1})
+
     def _check_headline(self, metrics: RoundMetrics) -> None:
         """Warn once when the sites evaluated but none reported the job's headline metric."""
         name = self.config.headline

@@ -347,28 +347,30 @@ def test_a_round_below_min_clients_fails_with_a_reason_and_keeps_the_checkpoint(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("crash", [1, 2])
 def test_a_restarted_server_resumes_and_ends_where_an_uninterrupted_run_does(
-    tmp_path: Path,
+    tmp_path: Path, crash: int
 ) -> None:
-    """The server dies in round 2 after every site sent, confirmed and revealed its update
-    (the worst moment: a site never sends its update under another attempt). Restarted, it
-    resumes that attempt, the sites send the same bytes again, and the job ends as it would
-    have."""
+    """The server dies in round ``crash`` after every site sent, confirmed and revealed its
+    update (the worst moment: a site never sends its update under another attempt; in round
+    1, before any checkpoint: the job must still be the same job). Restarted, it resumes that
+    attempt, the sites send the same bytes again, and the job ends as it would have.
+    ``bench/restarts.py`` kills it at random moments."""
     project, port = _project(tmp_path, 3)
-    job, _ = _job(tmp_path, rounds=5, local_epochs=5)
+    job, _ = _job(tmp_path, rounds=4 if crash == 1 else 5, local_epochs=5)
     work = tmp_path / "work"
-    server = _server(project, job, work / "server", port, fault="crash-unmasked:2")
+    server = _server(project, job, work / "server", port, fault=f"crash-unmasked:{crash}")
     sites = [_site(project, name, work) for name in ("site-1", "site-2", "site-3")]
     try:
         _finish(server)
         assert server.returncode == 9
         state = json.loads((work / "server" / "state.json").read_text())
-        assert state["round"] == 1  # round 2 was never checkpointed
+        assert state["round"] == crash - 1  # the round was never checkpointed
         server = _server(project, job, work / "server", port)
         out = _finish(server)
         assert server.returncode == 0, out[-3000:]
         assert "resuming from" in out
-        assert "round 2: resuming the attempt it was running" in out
+        assert f"round {crash}: resuming the attempt it was running" in out
         for site in sites:
             assert "the job is done" in _finish(site, 60)
     finally:

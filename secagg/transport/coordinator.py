@@ -329,6 +329,17 @@ class Coordinator:
                     # are not its own any more; the task goes on without it.
                     task.dropped.add(site.index)
                 site.mask = mask
+            info = {
+                "job": self.job.hex(),
+                "index": site.index,
+                "roster": list(self.kit.roster),
+                "config": self.config,
+                "completed": self.completed,
+                "fingerprint": self.cipher.codec.fingerprint.hex(),
+            }
+            site.last_seen = time.monotonic()
+            if hello.model is None and site.joined:
+                return info  # a joined site asking which job runs (after a lost call)
             was = site.joined
             site.joined = hello.model is not None
             site.error = None if site.joined else site.error
@@ -340,14 +351,7 @@ class Coordinator:
                 self.log(f"{site.name} ready ({ready}/{len(self.sites)})")
             elif not site.joined and not was:
                 self.log(f"{site.name} connected")
-            return {
-                "job": self.job.hex(),
-                "index": site.index,
-                "roster": list(self.kit.roster),
-                "config": self.config,
-                "completed": self.completed,
-                "fingerprint": self.cipher.codec.fingerprint.hex(),
-            }
+            return info
 
     def _mask_key(self, site: Site, hello: Hello) -> MaskKey | None:
         """The mask key a ready site sent: required when the job masks, and its own."""
