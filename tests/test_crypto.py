@@ -345,9 +345,14 @@ def test_a_dropped_contribution_is_detected(cipher_pair) -> None:
 
 
 def test_a_duplicated_contribution_is_detected(cipher_pair) -> None:
+    """Updates of weight 1/4 each, so that four of them (one twice) stay inside the codec's
+    range whatever the encryption noise: the ledger, not an overflow, must catch it."""
     client, server = cipher_pair
     stamp = round_of(2, roster=3)
-    payloads = _three(client, stamp)
+    rng = np.random.default_rng(5)
+    limit = 1.0 if client.sum_limit is None else client.sum_limit
+    updates = [update_for(client, rng.uniform(-limit / 4, limit / 4, 2000), 0.25) for _ in "abc"]
+    payloads = encrypt_all(client, updates, stamp)
     forged = forge_aggregate(server, [*payloads[:2], payloads[1]], stamp, (0, 1))
     with pytest.raises(PayloadError, match="more than once") as caught:
         client.decrypt(forged, stamp)
