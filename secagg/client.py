@@ -220,10 +220,12 @@ class Client:
         return FitReply(stamp.sender, payload, seconds, len(payload), metrics)
 
     def _total(self, agreement: Agreement) -> int:
-        """The round's sample total from its encrypted scales, refused when more than its
-        sites could have trained on (each at most the job's ``max_client_samples``): the
-        bound a server that cannot read the counts no longer checks per site."""
-        self._bounded(agreement.samples, len(agreement.contributors), "training", "bad-scales")
+        """The round's sample total from its encrypted scales, refused (``bad-total``) when
+        more than its sites could have trained on (each at most the job's
+        ``max_client_samples``): the bound a server that cannot read the counts no longer
+        checks per site. The sum passed its integrity tag, so a site lied, not the server:
+        a network site declines the round rather than stopping."""
+        self._bounded(agreement.samples, len(agreement.contributors), "training", "bad-total")
         return agreement.samples
 
     def _bounded(self, claimed: int, sites: int, what: str, reason: str) -> None:

@@ -98,8 +98,8 @@ def steps(summed: np.ndarray, clients: int, limit: int, total: float = 1.0) -> n
     counts = summed.reshape(-1, BINS)
     if counts.size and (counts.min() < 0 or np.any(counts.sum(axis=1) != clients)):
         raise PayloadError(
-            f"the summed scale histograms are not {clients} non-negative counts per block: "
-            "the scale aggregate was tampered with",
+            f"the summed scale histograms are not {clients} non-negative counts per block: a "
+            "site sent a histogram no honest site sends (the sum passed its integrity tag)",
             "bad-scales",
         )
     # Exact products summed in numpy's fixed pairwise order (not BLAS, whose order varies by

@@ -18,6 +18,8 @@ python tests/patched.py lie-retry server job.toml ...       # fails round 1 once
 python tests/patched.py lie-split server job.toml ...       # shows site-1 another survivor set
 python tests/patched.py crash-unmasked:2 server job.toml  # dies once round 2's update was
                                                             # unmasked, before its checkpoint
+python tests/patched.py lie-count client --kit ...          # encrypts its sample count times
+                                                            # 10^9 inside its scale payload
 python tests/patched.py record:DIR server job.toml ...      # writes every upload header and
                                                             # report it receives into DIR
 python tests/patched.py replay-attempt:DIR server job.toml  # retries round 1 with site-1's scales
@@ -145,6 +147,19 @@ def _crash_unmasked(round_num: int) -> None:
         return reveals
 
     GrpcTransport.unmask = dying  # type: ignore[method-assign]
+
+
+def _lie_count(_: str) -> None:
+    """This site inflates its sample count inside the encryption (its task reports an honest
+    one, so its own check passes): only the summed total can show it."""
+    from secagg.crypto.quantized import QuantizedCipher
+
+    prepare = QuantizedCipher.prepare
+
+    def lying(self: QuantizedCipher, change: Any, stamp: Any, samples: int = 1, *rest: Any) -> Any:
+        return prepare(self, change, stamp, samples * 10**9, *rest)
+
+    QuantizedCipher.prepare = lying  # type: ignore[method-assign]
 
 
 def _lie_retry(_: str) -> None:
@@ -311,6 +326,7 @@ FAULTS = {
     "lie-small": _lie_small,
     "lie-retry": _lie_retry,
     "crash-unmasked": _crash_unmasked,
+    "lie-count": _lie_count,
     "bad-key": _bad_key,
     "retry-split": _retry_split,
     "lie-split": _lie_split,

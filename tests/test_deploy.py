@@ -895,6 +895,35 @@ def test_the_job_not_the_first_site_fixes_the_model(tmp_path: Path) -> None:
     assert [r["clients"] for r in rounds] == [2, 2]
 
 
+@pytest.mark.slow
+def test_a_site_that_inflates_its_count_fails_the_round_not_the_sites(tmp_path: Path) -> None:
+    """A site encrypts a count far over max_client_samples: the honest sites read the total
+    (after its integrity tag: the server could not have made it) and decline the round, which
+    is tried again, then fails with the reason; no site stops at the lie itself."""
+    project, port = _project(tmp_path, 3)
+    job, _ = _job(tmp_path, rounds=2, round_retries=1, round_timeout=30.0)
+    work = tmp_path / "work"
+    server = _server(project, job, work / "server", port)
+    sites = [_site(project, "site-1", work, fault="lie-count")]
+    sites += [_site(project, name, work) for name in ("site-2", "site-3")]
+    try:
+        out = _finish(server)
+        logs = [_finish(site, 60) for site in sites]
+    finally:
+        _kill_all(server, *sites)
+    assert server.returncode == 1, out[-3000:]
+    assert "site-2 declines round 1: the sites' summed scales break the bounds" in out
+    assert "trying round 1 again" in out
+    for log in logs[1:]:
+        assert "round 1: declining the round: the round's 3 site(s) claim" in log, log[-2000:]
+        assert (
+            log.strip()
+            .splitlines()[-1]
+            .startswith("Error: the job ended unfinished: the job failed: round 1:")
+        ), log[-2000:]
+        assert "refused round" not in log  # not stopped as at a forged aggregate
+
+
 def test_a_server_that_cannot_build_the_jobs_model_says_why_in_one_line(tmp_path: Path) -> None:
     project, port = _project(tmp_path, 2)
     job, _ = _job(tmp_path, task="nosuchpackage.tasks:Thing")

@@ -111,7 +111,7 @@ def test_the_server_reads_no_sites_count_or_metrics_under_he(session_keys) -> No
 def test_a_count_lied_inside_the_encryption_is_refused_by_the_clients(session_keys) -> None:
     with pytest.raises(PayloadError, match="a site misreported its count") as caught:
         _round(session_keys, he=True, lie=10**9)
-    assert caught.value.reason == "bad-scales"
+    assert caught.value.reason == "bad-total"
 
 
 def test_a_test_count_lied_inside_the_encryption_leaves_the_metrics_unknown(

@@ -183,7 +183,8 @@ class QuantizedCipher:
         clients, total = len(summed.contributors), summed.clipped
         if total < clients:
             raise PayloadError(
-                f"the scale aggregate counts {total} samples for {clients} clients",
+                f"the scale aggregate counts {total} samples for {clients} clients: a site "
+                "misreported its count",
                 "bad-scales",
             )
         limit = self.inner.sum_limit_for(stamp)

@@ -499,13 +499,20 @@ class Coordinator:
 
     def sit_out(self, site: Site, task_id: int) -> None:
         """``site`` sits out the current train task (it sent its update in an earlier attempt
-        of the round): the task stops waiting for it."""
+        of the round), or declines its seal task (the round's summed scales break a bound:
+        a site misreported its count or histogram): the task stops waiting for it."""
         with self.lock:
             task = self.task
-            if task is None or task.id != task_id or task.kind != "train":
-                raise PayloadError("sitting out answers no current train task", "stale")
+            if task is None or task.id != task_id or task.kind not in ("train", "seal"):
+                raise PayloadError("sitting out answers no current train or seal task", "stale")
             task.dropped.add(site.index)
             self.lock.notify_all()
+        if task.kind == "seal":
+            self.log(
+                f"{site.name} declines round {task.round}: the sites' summed scales break the "
+                "bounds honest sites keep (a site misreported its count or its histogram)"
+            )
+            return
         self.log(
             f"{site.name} sits round {task.round} out: it sent its update in an earlier "
             "attempt, and never sends it twice"

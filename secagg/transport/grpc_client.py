@@ -396,6 +396,14 @@ class Site:
         try:
             reply = self.client.seal(stamp, total, scales)
         except PayloadError as err:
+            if err.reason in ("bad-total", "bad-scales"):
+                # A sum that passed its integrity tag, so a site's doing (a count it inflated,
+                # a histogram no honest site sends): no oracle for a server, which cannot make
+                # such a sum; decline the round, which is tried again, and stay.
+                self.log(f"round {round_num}: declining the round: {err}")
+                header = wire.UploadHeader(int(task["id"]), sitting_out=True)
+                self.connection.upload(header.to_wire(), b"")
+                return
             if err.reason == "bad-plan":
                 raise
             raise _AggregateRefused(str(err), err.reason) from err  # the scales failed a check
