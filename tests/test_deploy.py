@@ -165,6 +165,14 @@ def _finish(proc: subprocess.Popen, timeout: float = 240) -> str:
     return out
 
 
+def _stopped_with(proc: subprocess.Popen, first: str, timeout: float = 120) -> str:
+    """The output of a process that stopped with exit 1, its last line starting ``first``."""
+    out = _finish(proc, timeout)
+    assert proc.returncode == 1, out[-3000:]
+    assert out.strip().splitlines()[-1].startswith(first), out[-3000:]
+    return out
+
+
 def _wait_for(condition: Callable[[], bool], timeout: float = 180, what: str = "") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -323,15 +331,11 @@ def test_a_round_below_min_clients_fails_with_a_reason_and_keeps_the_checkpoint(
         failed = time.monotonic()
         # The job failed: the healthy sites hear why and end, within seconds, exit 1.
         for name in ("site-1", "site-2"):
-            told = _finish(sites[name], 30)
-            assert sites[name].returncode == 1, told[-2000:]
-            assert (
-                told.strip()
-                .splitlines()[-1]
-                .startswith(
-                    "Error: the job ended unfinished: the job failed: round 2: only 2 site(s)"
-                )
-            ), told[-2000:]
+            _stopped_with(
+                sites[name],
+                "Error: the job ended unfinished: the job failed: round 2: only 2 site(s)",
+                30,
+            )
         assert time.monotonic() - failed < 10
     finally:
         _kill_all(server, *sites.values())
@@ -1127,16 +1131,11 @@ def test_sites_refuse_a_round_smaller_than_the_kits_threshold(tmp_path: Path) ->
     sites = {name: _site(project, name, work) for name in ("site-1", "site-2", "site-3")}
     try:
         for name in ("site-1", "site-2"):
-            out = _finish(sites[name], 120)
-            assert sites[name].returncode == 1, out[-3000:]
-            assert (
-                out.strip()
-                .splitlines()[-1]
-                .startswith(
-                    "Error: the server's round hands keys to 2 site(s), fewer than the round "
-                    "policy's threshold of 3"
-                )
-            ), out[-3000:]
+            out = _stopped_with(
+                sites[name],
+                "Error: the server's round hands keys to 2 site(s), fewer than the round "
+                "policy's threshold of 3",
+            )
             assert "sending" not in out  # refused before anything left the site
     finally:
         _kill_all(server, *sites.values())
