@@ -183,7 +183,8 @@ class Coordinator:
                     missing = ", ".join(self.sites[i].name for i in sorted(exactly - set(ready)))
                     raise RoundFailed(
                         f"round {round_num}: {missing} did not come back within {timeout:.0f} s "
-                        "to finish the attempt the server was running when it stopped"
+                        "to finish the attempt the server was running when it stopped; start "
+                        "them again (the round is tried afresh without them)"
                     )
             elif len(ready) == len(self.sites):
                 return frozenset(ready)
