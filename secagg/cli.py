@@ -628,6 +628,14 @@ def _mb(n: float) -> str:
     help="The fewest contributors any sum a site unmasks or decrypts may have, signed into "
     "every kit [default: max(3, 2n/3 + 1) of the n sites, at most n].",
 )
+@click.option(
+    "--graph-above",
+    type=click.IntRange(min=4),
+    default=200,
+    show_default=True,
+    help="Rounds of more sites than this mask over a neighbour graph (each site with about "
+    "2 x 80 others, not all), signed into every kit.",
+)
 @click.option("--force", is_flag=True, help="Replace existing kits.")
 @_friendly
 def provision(
@@ -637,10 +645,12 @@ def provision(
     project_name: str,
     out_dir: str,
     threshold: int,
+    graph_above: int,
     force: bool,
 ) -> None:
     """Make a CA, certificates, CKKS keys and one startup kit per party."""
     from secagg import provision as kits
+    from secagg.crypto.neighbours import exposure
 
     if project_file:
         import tomllib
@@ -650,6 +660,7 @@ def provision(
         names = list(spec.get("clients", []))
         project_name = spec.get("name", project_name)
         threshold = int(spec.get("threshold", threshold))
+        graph_above = int(spec.get("graph_above", graph_above))
     else:
         names = [name.strip() for name in (sites or "").split(",") if name.strip()]
     if not server_address or not names:
@@ -660,7 +671,13 @@ def provision(
         f"provisioning project '{project_name}': server {server_address}, {len(names)} sites"
     )
     folders = kits.provision(
-        out_dir, server_address, names, project_name, force=force, threshold=threshold
+        out_dir,
+        server_address,
+        names,
+        project_name,
+        force=force,
+        threshold=threshold,
+        graph_above=graph_above,
     )
     policy = kits.load_kit(folders["server"], "server").policy()
     click.echo(
@@ -668,6 +685,12 @@ def provision(
         f"{policy.max_round} sites (signed by the CA into every kit); a lying server with up "
         f"to {policy.tolerated()} colluding site(s) reads no single update"
     )
+    if policy.graph(len(names)):
+        click.echo(
+            f"  neighbour graph: each site masks with its {policy.picks} picks and those that "
+            f"picked it; a lying server with a third of the sites colluding reads a given "
+            f"site's update with chance {exposure(policy.picks, policy.pick_threshold, 1 / 3):.1e}"
+        )
     if policy.threshold < 3:
         click.echo(
             f"  warning: with a threshold of {policy.threshold}, a sum of two is decrypted, and "

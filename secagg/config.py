@@ -108,6 +108,10 @@ class RunConfig:
     #: default, max(3, 2m/3 + 1) of the m clients per round, at most m). A deployment takes
     #: it from the kits, where ``secagg provision --threshold`` signed it
     threshold: int = 0
+    #: with ``masking`` in a simulation: rounds of more clients than this mask over a
+    #: neighbour graph, each client with about 2 x 80 others (``secagg.crypto.neighbours``;
+    #: 0: the default, 200). A deployment takes it from the kits (``secagg provision``)
+    graph_above: int = 0
     #: what plaintext FedAvg sends: float32 (as usual) or float64
     plain_precision: str = "float32"
     #: with ``he``: how finely updates are quantized. ``standard``: 15-bit steps, 2.6 bytes per
@@ -202,6 +206,10 @@ class RunConfig:
                 0 <= self.threshold <= self.per_round,
                 "threshold must be between 0 (the default) and the clients per round",
             ),
+            (
+                self.graph_above == 0 or self.graph_above >= 4,
+                "graph_above must be 0 (the default, 200) or at least 4",
+            ),
             (self.client_cpus > 0, "client_cpus must be positive"),
             (self.torch_threads >= 0, "torch_threads must be 0 (one per core per client) or more"),
             (self.client_gpus >= 0, "client_gpus must be 0 or more"),
@@ -246,10 +254,11 @@ class RunConfig:
         return "standard" if self.server_optimizer == "fedavg" else "fine"
 
     def policy(self) -> RoundPolicy:
-        """A simulation's round policy: rounds of ``per_round`` clients, ``threshold``."""
+        """A simulation's round policy: rounds of ``per_round`` clients, ``threshold``,
+        ``graph_above``."""
         from secagg.crypto.policy import RoundPolicy
 
-        return RoundPolicy.for_round_size(self.per_round, self.threshold)
+        return RoundPolicy.for_round_size(self.per_round, self.threshold, self.graph_above)
 
     @property
     def headline(self) -> str:

@@ -102,17 +102,19 @@ def provision(
     params: CkksParams | None = None,
     force: bool = False,
     threshold: int = 0,
+    graph_above: int = 0,
 ) -> dict[str, Path]:
     """Make the CA, certificates, CKKS keys and every party's kit under ``out``; return the
     kit folders by party name (``server``, each site, ``admin``) plus ``ca``.
 
     Every kit also holds the round policy (``crypto.policy``), signed with the CA's key:
     ``threshold`` is the fewest contributors any sum a site unmasks or decrypts may have
-    (0: the default for rounds of all the sites)."""
+    (0: the default for rounds of all the sites); rounds of more than ``graph_above`` sites
+    mask over a neighbour graph (0: the default, 200)."""
     out = Path(out)
     address = _address(server)
     _check_names(clients)
-    policy = RoundPolicy.for_round_size(len(clients), threshold)
+    policy = RoundPolicy.for_round_size(len(clients), threshold, graph_above)
     parties = [SERVER, *clients, ADMIN]
     existing = [name for name in ["ca", *parties] if (out / name).exists()]
     if existing and not force:

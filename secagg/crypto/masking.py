@@ -49,7 +49,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from secagg.crypto import seal_format, seeded, shares
+from secagg.crypto import neighbours, seal_format, seeded, shares
 from secagg.crypto.envelope import EVALUATION, SCALES, UPDATE_PHASE, Stamp
 from secagg.crypto.policy import RoundPolicy
 from secagg.errors import PayloadError
@@ -189,6 +189,9 @@ class Masker:
         self._sites: dict[int, int] = {}
         #: the agreed round's roster (an evaluation by more sites than it keyed is unmasked)
         self._roster = 0
+        #: in a neighbour-graph round, this client's own picks among the keyed positions (None:
+        #: the full graph, where every keyed position holds a share and confirms for it)
+        self._picks: frozenset[int] | None = None
         self._masked: set[tuple[bytes, int, bytes, int]] = set()
         #: (job, own public key, a checked peer key) -> the pair's secret
         self._secrets: dict[tuple[bytes, bytes, SignedKey], bytes] = {}
@@ -233,9 +236,10 @@ class Masker:
                 "position): it was substituted on the way",
                 "bad-key",
             )
+        chosen, around = self._neighbours(stamp, peers)
         secrets: dict[int, bytes] = {}
         for position, peer in enumerate(peers):
-            if position == stamp.sender or peer is None:
+            if position == stamp.sender or peer is None or position not in around:
                 continue
             # Keys are per job: a peer met in an earlier round was checked then.
             known = (stamp.job, own.public, peer)
@@ -246,6 +250,7 @@ class Masker:
                 self._secrets[known] = shared + low + high
             secrets[position] = self._secrets[known]
         self._round = ((stamp.job, stamp.round_num), stamp.sender, secrets)
+        self._picks = chosen
         self._sites = {p: peer.site for p, peer in enumerate(peers) if peer is not None}
         self._roster = stamp.roster
         self._nonce = nonce
@@ -254,6 +259,26 @@ class Masker:
         for table in (self._held, self._bundles):
             for old in [k for k in table if k[:2] != (stamp.job, stamp.round_num)]:
                 del table[old]
+
+    def _neighbours(
+        self, stamp: Stamp, peers: Sequence[SignedKey | None]
+    ) -> tuple[frozenset[int] | None, frozenset[int]]:
+        """This client's picks (None in a full-graph round) and every position it masks
+        with; a graph round in which fewer than ``pick_threshold`` of its picks were keyed is
+        sat out (its shares could not rebuild its keys, and it would reveal nothing)."""
+        everyone = frozenset(p for p, peer in enumerate(peers) if peer is not None)
+        if self.policy is None or not self.policy.graph(stamp.roster):
+            return None, everyone - {stamp.sender}
+        keys = [None if peer is None else (peer.site, peer.public) for peer in peers]
+        chosen, around = neighbours.graph(stamp.job, keys, stamp.sender, self.policy.picks)
+        if len(chosen) < self.policy.pick_threshold:
+            raise PayloadError(
+                f"only {len(chosen)} of the {self.policy.picks} sites this site masks with in "
+                f"round {stamp.round_num} were handed keys, fewer than the round policy's "
+                f"{self.policy.pick_threshold}: it sits the round out",
+                "sit-out",
+            )
+        return chosen, around
 
     def keyed(self) -> set[int]:
         """The positions of the agreed round that were handed keys."""
@@ -312,9 +337,7 @@ class Masker:
             return made
         _, own, secrets = self._round
         keys = [self._self_key(stamp.at(phase)) for phase in (SCALES, UPDATE_PHASE)]
-        positions = sorted(self._sites)
-        threshold = self.policy.threshold if self.policy is not None else len(positions)
-        threshold = min(threshold, len(positions))
+        positions, threshold = self._holders()
         scales, update = (shares.split(key, positions, threshold) for key in keys)
         context = self._share_context(stamp)
         sealed = {
@@ -322,10 +345,22 @@ class Masker:
             for p in positions
             if p != own
         }
-        self._held.setdefault(context_key(stamp, self._nonce), {})[own] = (scales[own], update[own])
+        if own in positions:
+            held = self._held.setdefault(context_key(stamp, self._nonce), {})
+            held[own] = (scales[own], update[own])
         commitment = b"".join(hashlib.sha256(key).digest() for key in keys)
         bundle = self._bundles[context_key(stamp, self._nonce)] = ShareBundle(sealed, commitment)
         return bundle
+
+    def _holders(self) -> tuple[list[int], int]:
+        """The positions this client's key shares go to, and how many rebuild a key: every
+        keyed position, ``threshold`` of them; in a graph round its picks,
+        ``pick_threshold`` of them."""
+        if self._picks is not None and self.policy is not None:
+            return sorted(self._picks), self.policy.pick_threshold
+        positions = sorted(self._sites)
+        threshold = self.policy.threshold if self.policy is not None else len(positions)
+        return positions, min(threshold, len(positions))
 
     def take(self, stamp: Stamp, sealed: dict[int, bytes]) -> None:
         """Open the shares the round's other clients sealed to this one (``sealed``: sender
@@ -403,8 +438,11 @@ class Masker:
         if stamp.phase == SCALES:
             self._check_scales_retry(stamp, survivors)
         self._corrected[key] = survivors
-        dropped = tuple(sorted(set(self._sites) - set(survivors)))
-        words = self._pairs(stamp, dropped, count, n, modulus, negate=True) if dropped else None
+        # A correction names every keyed position that sent nothing (what the server checks)
+        # and removes this client's pairs with those among its neighbours.
+        dropped = set(self._sites) - set(survivors)
+        lost = tuple(sorted(dropped & set(self._round[2]))) if self._round is not None else ()
+        words = self._pairs(stamp, lost, count, n, modulus, negate=True) if dropped else None
         return self._self_key(stamp), words, self._shares_of(stamp, survivors)
 
     def _check_scales_retry(self, stamp: Stamp, survivors: tuple[int, ...]) -> None:
@@ -501,9 +539,10 @@ class Masker:
         survivor set by distinct survivors, or PayloadError naming the sites whose
         confirmation did not verify."""
         message = self._confirmation(stamp, survivors)
+        checked, needed = self._confirmers(stamp, survivors)
         valid, bad = 0, []
         for position, signature in sorted(confirmations.items()):
-            if position not in survivors:
+            if position not in checked:
                 continue
             try:
                 if len(signature) != SIGNATURE_BYTES:
@@ -517,7 +556,6 @@ class Masker:
                 valid += 1
             except (InvalidSignature, ValueError, TypeError):
                 bad.append(position)
-        needed = self.policy.threshold if self.policy is not None else len(survivors)
         if valid < needed:
             why = (
                 f"; {_names(tuple(bad), self._site_name)} signed another set (the server showed "
@@ -531,6 +569,25 @@ class Masker:
                 f"{_phase(stamp)} verify{why}: this site reveals nothing",
                 "inconsistent",
             )
+
+    def _confirmers(self, stamp: Stamp, survivors: tuple[int, ...]) -> tuple[set[int], int]:
+        """Whose confirmations of ``survivors`` this client checks, and how many must verify:
+        any survivor's, ``threshold`` of them; in a graph round its picks', and
+        ``pick_threshold`` of them, all of whom must be survivors (its update is safe while
+        one honest pick's pair mask stays on it)."""
+        if self._picks is None or self.policy is None:
+            needed = self.policy.threshold if self.policy is not None else len(survivors)
+            return set(survivors), needed
+        present = self._picks & set(survivors)
+        needed = self.policy.pick_threshold
+        if len(present) < needed:
+            raise PayloadError(
+                f"only {len(present)} of the sites this site masks with in round "
+                f"{stamp.round_num} are in the survivor set of its {_phase(stamp)}, fewer than "
+                f"the round policy's {needed}: this site reveals nothing for it",
+                "neighbours",
+            )
+        return set(present), needed
 
     def _confirmation(self, stamp: Stamp, survivors: tuple[int, ...]) -> bytes:
         return (

@@ -10,6 +10,9 @@ by name, any step that breaks it:
   A client refuses to agree a round's keys with fewer than ``t`` keyed sites, to confirm or
   unmask a survivor set of fewer than ``t``, and to decrypt an aggregate of fewer than ``t``.
 - ``max_round``: the most sites a round may hand keys to.
+- ``graph_above``, ``picks``, ``pick_threshold``: rounds of more than ``graph_above`` positions
+  mask over a neighbour graph (``crypto.neighbours``), where a site reveals nothing unless
+  ``pick_threshold`` of its ``picks`` are in the survivor set and signed it.
 
 Why the default ``t = max(min(n, 3), floor(2n/3) + 1)`` for rounds of up to ``n`` (Bonawitz et
 al., CCS 2017, active model): a server with ``c`` colluding sites learns only sums of at least
@@ -33,6 +36,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from secagg.errors import ConfigError, PayloadError
 
+#: Rounds of more positions than this mask over a neighbour graph (``crypto.neighbours``):
+#: at 200 a client of the full graph masks with 199 others, about what a graph client does
+#: (its 80 picks, and about as many that picked it).
+GRAPH_ABOVE = 200
+#: Each site's picks in a graph round, and how many of them must survive and sign: a server
+#: with a third of the sites colluding reads a given site's update with chance 2^-44.9 (a
+#: fifth: 2^-84), and one site's round fails when 10% of sites drop out with chance 3e-5.
+PICKS = 80
+PICK_THRESHOLD = 60
 #: The file a provisioned kit holds the policy in, and its CA signature beside it.
 POLICY_FILE = "policy.json"
 SIGNATURE_FILE = "policy.sig"
@@ -52,6 +64,13 @@ class RoundPolicy:
     threshold: int
     #: the most sites a round may hand keys to
     max_round: int
+    #: rounds of more positions than this mask over a neighbour graph (``crypto.neighbours``)
+    graph_above: int = GRAPH_ABOVE
+    #: with the graph: how many positions each site picks to mask with
+    picks: int = PICKS
+    #: with the graph: how many of a site's picks must be in a survivor set and sign it before
+    #: the site reveals anything for it; also how many of its shares rebuild its keys
+    pick_threshold: int = PICK_THRESHOLD
 
     def __post_init__(self) -> None:
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, int):
@@ -63,11 +82,29 @@ class RoundPolicy:
                 f"the round policy's threshold ({self.threshold}) must be between 1 and its "
                 f"max_round ({self.max_round})"
             )
+        for name in ("graph_above", "picks", "pick_threshold"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"the round policy's {name} must be a whole number above 0")
+        if not 2 <= self.pick_threshold <= self.picks < self.graph_above:
+            raise ConfigError(
+                f"the round policy's pick_threshold ({self.pick_threshold}) must be between 2 "
+                f"and its picks ({self.picks}), and picks below graph_above ({self.graph_above})"
+            )
+
+    def graph(self, roster: int) -> bool:
+        """Whether a round of ``roster`` positions masks over a neighbour graph."""
+        return roster > self.graph_above
 
     @classmethod
-    def for_round_size(cls, sites: int, threshold: int = 0) -> RoundPolicy:
-        """The policy of rounds of up to ``sites`` sites; ``threshold`` 0: the default."""
-        return cls(threshold or default_threshold(sites), sites)
+    def for_round_size(cls, sites: int, threshold: int = 0, graph_above: int = 0) -> RoundPolicy:
+        """The policy of rounds of up to ``sites`` sites; ``threshold`` and ``graph_above`` 0:
+        the defaults. A smaller ``graph_above`` than the default scales the picks with it
+        (half of it, at most ``PICKS``), three quarters of which must survive."""
+        graph_above = graph_above or GRAPH_ABOVE
+        picks = min(PICKS, graph_above // 2)
+        pick_threshold = PICK_THRESHOLD if picks == PICKS else -(-3 * picks // 4)
+        return cls(threshold or default_threshold(sites), sites, graph_above, picks, pick_threshold)
 
     def tolerated(self) -> int:
         """How many colluding sites a lying server may have while no single honest update of a
@@ -97,7 +134,14 @@ class RoundPolicy:
 
     def to_bytes(self) -> bytes:
         """The canonical bytes the CA signs."""
-        body = {"policy": _LABEL, "threshold": self.threshold, "max_round": self.max_round}
+        body = {
+            "policy": _LABEL,
+            "threshold": self.threshold,
+            "max_round": self.max_round,
+            "graph_above": self.graph_above,
+            "picks": self.picks,
+            "pick_threshold": self.pick_threshold,
+        }
         return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
     @classmethod
@@ -109,7 +153,14 @@ class RoundPolicy:
             raise ConfigError(f"the round policy is not valid JSON: {err}") from err
         if not isinstance(body, dict) or body.get("policy") != _LABEL:
             raise ConfigError("the round policy file is not a secagg round policy")
-        return cls(body.get("threshold"), body.get("max_round"))  # type: ignore[arg-type]
+        # A kit made before the neighbour graph signed no graph settings: the defaults.
+        return cls(
+            body.get("threshold"),  # type: ignore[arg-type]
+            body.get("max_round"),  # type: ignore[arg-type]
+            body.get("graph_above", GRAPH_ABOVE),
+            body.get("picks", PICKS),
+            body.get("pick_threshold", PICK_THRESHOLD),
+        )
 
     def save(self, folder: Path, ca_key: ec.EllipticCurvePrivateKey) -> None:
         """Write the policy and the CA's signature of it into a kit ``folder``."""
