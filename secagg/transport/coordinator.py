@@ -454,7 +454,12 @@ class Coordinator:
                 )
             model = self.model
         if task.kind == "train":
-            self._check_count(header)
+            try:
+                self._check_count(header)
+            except PayloadError:
+                # Counted like any refused upload: a site that keeps at it is not waited for.
+                self.drop(site, task)
+                raise
         if model is None:
             raise PayloadError("no site has said what the job's model is yet", "not-in-round")
         roster = len(self.sites)
