@@ -128,6 +128,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="skip the third run (plaintext with float64 updates) that measures how much "
         "per-round accuracy moves under a rounding-level change alone",
     )
+    parser.add_argument(
+        "--dp-epsilons",
+        help="a differential-privacy axis: run HE again with DP calibrated to each of these "
+        "epsilons (comma-separated, e.g. 1,3,8), and report the metric against epsilon",
+    )
+    parser.add_argument(
+        "--dp-clip", type=float, default=1.0, help="the DP axis's clipping bound (default 1.0)"
+    )
     parser.add_argument("--probe", choices=("client", "server"), help=argparse.SUPPRESS)
     parser.add_argument("--probe-config", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--probe-payload", type=Path, help=argparse.SUPPRESS)
@@ -899,6 +907,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "png": plot(report, out / f"{stamp}.png"),
         "metric_png": plot_metric(report, out / f"{stamp}-{config.headline}.png"),
     }
+    if args.dp_epsilons:
+        from bench import dp_axis
+
+        epsilons = [float(e) for e in args.dp_epsilons.split(",")]
+        dp_runs = dp_axis.run(config, epsilons, args.dp_clip, out / "runs", stamp, print)
+        report["dp"] = dp_axis.summarize(dp_runs, runs.he[0])
+        markdown += "\n\n" + dp_axis.to_markdown(report["dp"], config.headline)
+        paths["dp_png"] = dp_axis.plot(
+            report["dp"], config.headline, runs.plain[0].final, out / f"{stamp}-dp.png"
+        )
+        markdown += f"\n\n![metric against epsilon]({stamp}-dp.png)"
     paths["md"].write_text(markdown + f"\n![HE vs plaintext]({stamp}.png)\n")
     report["files"] = {k: str(v) for k, v in paths.items()}
     if runs.parent:

@@ -322,6 +322,29 @@ def keygen(out_dir: str, force: bool, poly_degree: str, coeff_bits: str) -> None
     "(the round policy) [default: max(min(m, 3), 2m/3 + 1) of the m clients per round].",
 )
 @click.option(
+    "--dp-epsilon",
+    type=click.FloatRange(min=0),
+    help="with --he: differential privacy inside the encrypted sum, within this epsilon over "
+    "the job's rounds (the noise is calibrated to it, and the run stops before exceeding "
+    "it).",
+)
+@click.option(
+    "--dp-noise",
+    type=click.FloatRange(min=0),
+    help="with --he: differential privacy with this noise multiplier instead (with "
+    "--dp-epsilon too: the run stops before exceeding that budget).",
+)
+@click.option(
+    "--dp-clip",
+    type=click.FloatRange(min=0, min_open=True),
+    help=f"with DP: the L2 bound each client clips its update to.{_default('dp_clip')}",
+)
+@click.option(
+    "--dp-delta",
+    type=click.FloatRange(min=0, max=1, min_open=True, max_open=True),
+    help=f"with DP: the delta epsilon is stated at.{_default('dp_delta')}",
+)
+@click.option(
     "--round-timeout",
     type=click.FloatRange(min=0, min_open=True),
     help=f"grpc: seconds each phase of a round waits for the sites.{_default('round_timeout')}",
@@ -467,6 +490,8 @@ def _progress(
         names = sorted(evaluated, key=lambda name: name != lead)
         shown = "".join(f"  {_SHORT.get(k, k)} {evaluated[k]:.4f}" for k in names)
         loss = f"  loss {m.loss:.4f}" if m.loss == m.loss else "  (not evaluated)"
+        if m.epsilon == m.epsilon:  # with differential privacy: the job's epsilon so far
+            loss += f"  eps {m.epsilon:.2f}"
         line = (
             f"round {m.round:>3}/{total}{shown}{loss}  {m.round_seconds:6.2f}s  "
             f"up {_mb(m.bytes_up)} down {_mb(m.bytes_down)}"

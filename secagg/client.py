@@ -167,6 +167,12 @@ class Client:
         _sync(self.device)
         trained = time.perf_counter()
         change = self._change()
+        privacy = self.cipher.privacy
+        if privacy is not None:
+            # DP: the change clipped to the job's L2 bound, weighed like every other site's
+            # (a sample count has no bound, so no sensitivity).
+            privacy.clip_change(change)
+            samples = 1
         flattened = time.perf_counter()
         metrics = self._metrics(result.metrics, "train")
         scales = self.cipher.prepare(change, stamp, samples, metrics)

@@ -18,6 +18,7 @@ from secagg.errors import ConfigError
 
 if TYPE_CHECKING:
     from secagg.crypto.policy import RoundPolicy
+    from secagg.privacy import Privacy
 
 __all__ = ["CkksParams", "RunConfig", "dump_job", "load_job", "type_error", "with_overrides"]
 
@@ -112,6 +113,17 @@ class RunConfig:
     #: neighbour graph, each client with about 2 x 80 others (``secagg.crypto.neighbours``;
     #: 0: the default, 200). A deployment takes it from the kits (``secagg provision``)
     graph_above: int = 0
+    #: with ``he``: distributed differential privacy (``secagg.privacy``), on when either of
+    #: the next two is set. ``dp_noise``: the noise multiplier (the summed noise of the
+    #: round policy's threshold of clients, over one client's L2 sensitivity); 0 with
+    #: ``dp_epsilon``: the smallest that keeps the job's rounds within it
+    dp_noise: float = 0.0
+    #: the job's privacy budget at ``dp_delta`` (0: none). The run stops before a round that
+    #: would take it over
+    dp_epsilon: float = 0.0
+    dp_delta: float = 1e-5
+    #: the L2 bound each client clips its change to the global model to
+    dp_clip: float = 1.0
     #: what plaintext FedAvg sends: float32 (as usual) or float64
     plain_precision: str = "float32"
     #: with ``he``: how finely updates are quantized. ``standard``: 15-bit steps, 2.6 bytes per
@@ -210,6 +222,15 @@ class RunConfig:
                 self.graph_above == 0 or self.graph_above >= 4,
                 "graph_above must be 0 (the default, 200) or at least 4",
             ),
+            (self.dp_noise >= 0, "dp_noise must be 0 (off, or set by dp_epsilon) or more"),
+            (self.dp_epsilon >= 0, "dp_epsilon must be 0 (no budget) or more"),
+            (0 < self.dp_delta < 1, "dp_delta must be in (0, 1), well below 1 / clients"),
+            (self.dp_clip > 0, "dp_clip must be positive (an L2 norm)"),
+            (
+                self.he or not self.dp,
+                "differential privacy needs --he: each client's noise goes inside the "
+                "encrypted sum (plaintext central DP is not built)",
+            ),
             (self.client_cpus > 0, "client_cpus must be positive"),
             (self.torch_threads >= 0, "torch_threads must be 0 (one per core per client) or more"),
             (self.client_gpus >= 0, "client_gpus must be 0 or more"),
@@ -252,6 +273,35 @@ class RunConfig:
         if self.he_precision != "auto":
             return self.he_precision
         return "standard" if self.server_optimizer == "fedavg" else "fine"
+
+    @property
+    def dp(self) -> bool:
+        """Whether the job adds differential privacy's noise."""
+        return self.dp_noise > 0 or self.dp_epsilon > 0
+
+    @property
+    def sampling(self) -> float:
+        """The fraction of clients each round asks."""
+        return self.per_round / self.clients
+
+    def noise_multiplier(self) -> float:
+        """``dp_noise``, or the smallest that keeps the job's rounds within ``dp_epsilon``
+        (0: no DP)."""
+        if self.dp_noise > 0 or not self.dp:
+            return self.dp_noise
+        from secagg import privacy
+
+        return privacy.noise_for(self.dp_epsilon, self.rounds, self.sampling, self.dp_delta)
+
+    def privacy(self, threshold: int | None = None) -> Privacy | None:
+        """The job's DP as clients apply it (None: off); ``threshold``: the round policy's
+        (a deployment's kits'), else the simulation's."""
+        if not self.dp:
+            return None
+        from secagg.privacy import Privacy
+
+        t = threshold if threshold is not None else self.policy().threshold
+        return Privacy(self.noise_multiplier(), self.dp_clip, t)
 
     def policy(self) -> RoundPolicy:
         """A simulation's round policy: rounds of ``per_round`` clients, ``threshold``,

@@ -297,7 +297,12 @@ def _prepare(
     if config.he and config.masking:
         identities = CertifiedIdentities(kit.roster, joined.index, kit.private_key, kit.ca)
     make_cipher = crypto.for_client(
-        config.he, kit.folder, config.precision, identities, kit.policy()
+        config.he,
+        kit.folder,
+        config.precision,
+        identities,
+        kit.policy(),
+        config.privacy(kit.policy().threshold),
     )
     client = Client(task_for(config), info, config, make_cipher, resolve_device(device))
     return config, client, identities

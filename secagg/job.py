@@ -42,7 +42,12 @@ def build_clients(
     first one's). ``on_progress`` hears each one ready (phase ``clients``)."""
     identities = SimulatedIdentities() if config.he and config.masking else None
     make_cipher = crypto.for_client(
-        config.he, config.keys_dir, config.precision, identities, config.policy()
+        config.he,
+        config.keys_dir,
+        config.precision,
+        identities,
+        config.policy(),
+        config.privacy(),
     )
     device = resolve_device(config.device)
     use_threads(config)

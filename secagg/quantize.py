@@ -66,12 +66,18 @@ def histogram_values(tensor_sizes: Iterable[int]) -> int:
     return int(blocks_of(tensor_sizes).size) * BINS + report.VALUES
 
 
-def histogram(values: np.ndarray, sizes: np.ndarray, factor: float = 1.0) -> np.ndarray:
+def histogram(
+    values: np.ndarray, sizes: np.ndarray, factor: float = 1.0, peak: float | None = None
+) -> np.ndarray:
     """One-hot (blocks x BINS, flattened) of each block's magnitude exponent ``ceil(log2 max)``
     of ``factor x values`` (``factor > 0``), with no scaled or absolute copy of ``values``:
-    rounding is monotonic, so the largest scaled magnitude is the largest magnitude scaled."""
+    rounding is monotonic, so the largest scaled magnitude is the largest magnitude scaled.
+    ``peak``: every block's largest magnitude instead (a bound that says nothing of the data,
+    as differential privacy's clipping bound)."""
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    if values.size:
+    if peak is not None:
+        peaks = np.full(sizes.size, peak * factor)
+    elif values.size:
         highest = np.maximum.reduceat(values, starts)
         peaks = np.maximum(highest, -np.minimum.reduceat(values, starts)) * factor
     else:

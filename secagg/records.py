@@ -329,10 +329,12 @@ class RunRecords:
             )
 
         def after_round(metrics: RoundMetrics) -> None:
+            if self.config.dp:
+                metrics = replace(metrics, epsilon=self.spent(metrics.round))
             self.after_round(server, metrics)
             on_round(metrics)
 
-        span = range(self.first_round, self.config.rounds + 1)
+        span = range(self.first_round, self.rounds_within_budget() + 1)
         retries = self.config.round_retries
         try:
             return rounds.run(
@@ -349,6 +351,32 @@ class RunRecords:
         except BaseException as err:
             self.fail(err)
             raise
+
+    def spent(self, rounds: int) -> float:
+        """The job's epsilon after ``rounds`` rounds, at its ``dp_delta``."""
+        from secagg import privacy
+
+        config = self.config
+        noise = config.noise_multiplier()
+        return privacy.epsilon(noise, rounds, config.sampling, config.dp_delta)
+
+    def rounds_within_budget(self) -> int:
+        """The last round the job's privacy budget allows (its ``rounds`` without one); a
+        warning says so when that is fewer."""
+        config = self.config
+        if not config.dp or not config.dp_epsilon:
+            return config.rounds
+        last = config.rounds
+        while last > 0 and self.spent(last) > config.dp_epsilon * (1 + 1e-9):
+            last -= 1
+        if last < config.rounds:
+            warnings.warn(
+                f"the privacy budget (epsilon {config.dp_epsilon} at delta {config.dp_delta}) "
+                f"allows {last} of the job's {config.rounds} rounds at noise multiplier "
+                f"{config.noise_multiplier():.3f}: the run stops after round {last}",
+                stacklevel=2,
+            )
+        return last
 
     def after_round(self, server: Server, metrics: RoundMetrics) -> None:
         """Record a finished round's metrics everywhere."""

@@ -61,6 +61,9 @@ class RoundMetrics:
     #: values the clients' quantization clipped, summed (only a diverged training clips)
     clipped: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    #: with differential privacy: the job's epsilon so far, at its ``dp_delta``, this round
+    #: included (NaN without DP)
+    epsilon: float = nan
 
     def value(self, name: str) -> float:
         """The evaluation's ``loss`` or the task metric ``name`` (NaN when not reported)."""

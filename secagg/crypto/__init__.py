@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # the server imports this package: no torch here
     from secagg.crypto.quantized import Agreement
     from secagg.crypto.report import Reading
     from secagg.flatten import Layout
+    from secagg.privacy import Privacy
 
 
 class Identities(Protocol):
@@ -56,6 +57,8 @@ class ClientCipher(Protocol):
     """What a client does with its secret (or, for plaintext, with nothing)."""
 
     name: str
+    #: differential privacy's clipping and noise (``secagg.privacy``; None: off)
+    privacy: Privacy | None
 
     def prepare(
         self,
@@ -201,12 +204,14 @@ def for_client(
     precision: str | None = None,
     identities: Identities | None = None,
     policy: RoundPolicy | None = None,
+    privacy: Privacy | None = None,
 ) -> Callable[[Layout], ClientCipher]:
     """A factory of client-side ciphers for a job: each client gets its own, for its model's
     layout. Keys are read once, here. ``precision``: ``float32``/``float64`` for plaintext,
     ``standard``/``fine`` for HE (``RunConfig.precision``). With ``identities`` (HE only)
     every cipher masks its payloads pairwise, signing its key-agreement keys with those site
-    keys, and enforces ``policy`` on every round (``crypto.policy``)."""
+    keys, and enforces ``policy`` on every round (``crypto.policy``). ``privacy`` (HE only):
+    differential privacy's noise inside the encrypted sum (``secagg.privacy``)."""
     if not he:
         from secagg.crypto.plain import PlainCipher
 
@@ -221,7 +226,8 @@ def for_client(
         masker = None
         if identities is not None:
             masker = Masker(identities.signer, identities.verifier, identities.name, policy)
-        return QuantizedCipher(CkksClient(loaded, masker, precision or "standard"), layout)
+        inner = CkksClient(loaded, masker, precision or "standard")
+        return QuantizedCipher(inner, layout, privacy)
 
     return make
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -22,6 +23,9 @@ from secagg.crypto.ledger import Aggregate, Update
 from secagg.crypto.masking import Reveal, ShareBundle, SignedKey
 from secagg.crypto.report import Reading
 from secagg.errors import ConfigError, PayloadError
+
+if TYPE_CHECKING:
+    from secagg.privacy import Privacy
 
 # No keys in a plaintext run; a fixed fingerprint still stops HE payloads being read as plain.
 FINGERPRINT = hashlib.sha256(b"secagg-plaintext").digest()[:16]
@@ -36,6 +40,8 @@ class PlainCipher:
     quantizes = False
     #: floats: no integer limit (an integer cipher's largest summed magnitude)
     sum_limit: int | None = None
+    #: no differential privacy: it needs an integer cipher (``secagg.privacy``)
+    privacy: Privacy | None = None
 
     def __init__(self, precision: str = "float32") -> None:
         if precision not in DTYPES:

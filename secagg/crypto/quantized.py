@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from secagg import quantize
+from secagg import noise, quantize
 from secagg.crypto import report
 from secagg.crypto.ckks import CkksClient
 from secagg.crypto.envelope import EVALUATION, SCALES, Stamp
@@ -25,13 +25,16 @@ from secagg.crypto.ledger import Aggregate, Update
 from secagg.crypto.masking import Reveal, ShareBundle, SignedKey
 from secagg.errors import PayloadError
 from secagg.flatten import Layout
+from secagg.privacy import Privacy
 
 
 class QuantizedCipher:
     """Quantizes on steps agreed each round, then encrypts with an integer cipher."""
 
-    def __init__(self, inner: CkksClient, layout: Layout) -> None:
+    def __init__(self, inner: CkksClient, layout: Layout, privacy: Privacy | None = None) -> None:
         self.inner = inner
+        #: differential privacy's clipping bound and noise (``secagg.privacy``; None: off)
+        self.privacy = privacy
         self.name = inner.name
         self.blocks = quantize.block_sizes(layout)
         self.size = layout.size
@@ -56,7 +59,9 @@ class QuantizedCipher:
         its training ``metrics`` (``report``): neither its count nor its metrics travel in
         plain."""
         metrics = dict(metrics or {})
-        histogram = quantize.histogram(values, self.blocks, samples)
+        # With DP every client reports the clipping bound, never its own magnitudes.
+        bound = self.privacy.clip if self.privacy is not None else None
+        histogram = quantize.histogram(values, self.blocks, samples, peak=bound)
         self._samples, self._metrics = samples, metrics
         # The ledger's count slot carries the sample count, so every client reads the round's
         # total from the summed scales, exactly; each weighs 1/roster, so the sum stays <= 1.
@@ -140,6 +145,8 @@ class QuantizedCipher:
             weight = self._samples / total
         limit = 2.0**quantize.E_MAX / total
         values, clipped = quantize.quantize(values, steps, self.blocks, limit)
+        if agreement.variance:
+            values += noise.discrete_gaussian(agreement.variance, values.size)
         return self.inner.encrypt(Update(values, weight, clipped), stamp)
 
     def decrypt(self, payload: bytes, stamp: Stamp, agreed: bytes | None) -> Aggregate:
@@ -189,13 +196,38 @@ class QuantizedCipher:
             )
         limit = self.inner.sum_limit_for(stamp)
         histograms = summed.values[: self._histogram_values]
+        variance = 0
+        if self.privacy is not None:
+            limit, variance = self._noise_room(histograms, clients, total, limit)
         steps = quantize.steps(histograms, clients, limit, total)
         reported = summed.values[self._histogram_values :]
         try:
             metrics = report.read(reported, self._metrics, clients).averages
         except PayloadError:  # a site's report out of range: the metrics are unknown
             metrics = None
-        return Agreement(steps, summed.contributors, total, metrics)
+        return Agreement(steps, summed.contributors, total, metrics, variance)
+
+    def _noise_room(
+        self, histograms: np.ndarray, clients: int, total: int, limit: int
+    ) -> tuple[int, int]:
+        """With DP: the part of the codec's range ``limit`` the data may fill (the rest holds
+        the summed noise), and each client's noise variance there. Every client weighs 1, so
+        the total is the number of clients; another total is a site's lie (``bad-total``)."""
+        assert self.privacy is not None
+        if total != clients:
+            raise PayloadError(
+                f"with differential privacy every site weighs 1, but the round's {clients} "
+                f"site(s) claim {total}: a site misreported its count",
+                "bad-total",
+            )
+        privacy = self.privacy
+
+        def variance_at(level: int) -> int:
+            step = float(quantize.steps(histograms, clients, level, total).min())
+            return privacy.calibrate(1.0 / total, step, self.size, clients)
+
+        level = privacy.level(limit, clients, variance_at)
+        return level, variance_at(level)
 
 
 @dataclass(frozen=True)
@@ -210,3 +242,5 @@ class Agreement:
     #: their training metrics, each averaged weighted by sample count (None: the sites
     #: reported different metric names)
     metrics: dict[str, float] | None
+    #: with DP: the discrete Gaussian variance each client adds to its integers (0: none)
+    variance: int = 0

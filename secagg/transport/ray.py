@@ -72,7 +72,12 @@ class ClientActor:
         # The client context is read here, in the actor, from the job's key folder (on every
         # node, at the same path): the driver, which sums, never holds the secret key.
         make_cipher = crypto.for_client(
-            config.he, config.keys_dir, config.precision, identities, config.policy()
+            config.he,
+            config.keys_dir,
+            config.precision,
+            identities,
+            config.policy(),
+            config.privacy(),
         )
 
         site = simulated_site(config, index)

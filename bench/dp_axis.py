@@ -1,0 +1,115 @@
+"""compare_he's differential-privacy axis: the job's metric against epsilon.
+
+    python bench/compare_he.py --quick --dp-epsilons 1,3,8 --no-floor --no-memory
+
+For each epsilon the HE job runs again with distributed DP calibrated to it over the job's
+rounds (``secagg.privacy``: the smallest noise multiplier whose rounds stay within it, at the
+job's ``dp_delta``), each site clipping its change to ``--dp-clip``; the comparison's own HE
+run (no DP) is the last row. The report gains a table (epsilon, noise multiplier, the final
+metric, round time, latency and bytes, each against HE without DP) and a plot of the metric
+against epsilon.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from secagg.config import RunConfig
+    from secagg.records import RunResult
+
+
+def run(
+    config: RunConfig, epsilons: list[float], clip: float, out: Path, stamp: str, step: Any
+) -> list[RunResult]:
+    """The HE job once per epsilon, with DP calibrated to it (``step`` names each run)."""
+    from secagg.job import run_job
+
+    results = []
+    for epsilon in epsilons:
+        step(f"differential privacy: HE with epsilon {epsilon}")
+        dp = replace(
+            config,
+            he=True,
+            dp_epsilon=epsilon,
+            dp_noise=0.0,
+            dp_clip=clip,
+            output_dir=str(out / f"{stamp}-dp-eps{epsilon:g}"),
+        )
+        results.append(run_job(dp))
+    return results
+
+
+def summarize(results: list[RunResult], he: RunResult) -> list[dict[str, Any]]:
+    """One row per run, the HE run without DP last."""
+    rows = []
+    for result in [*results, he]:
+        config = result.config
+        rounds = result.rounds
+        rows.append(
+            {
+                "epsilon_target": config.dp_epsilon if config.dp else None,
+                "epsilon": rounds[-1].epsilon if config.dp else None,
+                "delta": config.dp_delta if config.dp else None,
+                "noise_multiplier": config.noise_multiplier() if config.dp else None,
+                "clip": config.dp_clip if config.dp else None,
+                "final_metric": result.final,
+                "metric_per_round": [r.value(config.headline) for r in rounds],
+                "round_seconds": statistics.median(r.round_seconds for r in rounds),
+                "latency_seconds": statistics.median(r.latency_seconds for r in rounds),
+                "bytes_up_per_round": statistics.median(r.bytes_up for r in rounds),
+                "bytes_down_per_round": statistics.median(r.bytes_down for r in rounds),
+            }
+        )
+    return rows
+
+
+def to_markdown(rows: list[dict[str, Any]], metric: str) -> str:
+    """The accuracy/epsilon table, each cost against HE without DP."""
+    base = rows[-1]
+    lines = [
+        "## Differential privacy: the metric against epsilon",
+        "",
+        f"HE with distributed DP calibrated to each epsilon (delta {rows[0]['delta']}, clip "
+        f"{rows[0]['clip']}), and HE without DP; medians over rounds.",
+        "",
+        f"| epsilon | noise multiplier | final {metric} | round s (vs no DP) | latency s (vs no "
+        "DP) | bytes up per round (vs no DP) |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in rows:
+        eps = "no DP" if row["epsilon"] is None else f"{row['epsilon']:.2f}"
+        noise = "-" if row["noise_multiplier"] is None else f"{row['noise_multiplier']:.3f}"
+        lines.append(
+            f"| {eps} | {noise} | {row['final_metric']:.4f} | "
+            f"{row['round_seconds']:.3f} ({row['round_seconds'] / base['round_seconds']:.3f}x) | "
+            f"{row['latency_seconds']:.3f} "
+            f"({row['latency_seconds'] / base['latency_seconds']:.3f}x) | "
+            f"{row['bytes_up_per_round']:,.0f} "
+            f"({row['bytes_up_per_round'] / base['bytes_up_per_round']:.4f}x) |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], metric: str, plain: float, path: Path) -> Path:
+    """The final metric against epsilon (log scale), with HE and plaintext without DP."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    points = [(r["epsilon"], r["final_metric"]) for r in rows if r["epsilon"] is not None]
+    ax.plot([e for e, _ in points], [m for _, m in points], "o-", label="HE + distributed DP")
+    ax.axhline(rows[-1]["final_metric"], linestyle="--", color="gray", label="HE, no DP")
+    ax.axhline(plain, linestyle=":", color="black", label="plaintext, no DP")
+    ax.set_xscale("log")
+    ax.set(xlabel=f"epsilon (delta {rows[0]['delta']})", ylabel=f"final {metric}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

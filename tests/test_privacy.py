@@ -1,0 +1,187 @@
+"""Distributed differential privacy (``secagg.privacy``, ``secagg.noise``).
+
+The sampler must draw the discrete Gaussian (a goodness-of-fit test at ALPHA), the decrypted
+sum must carry the calibrated noise and nothing else, a change above the clipping bound must be
+clipped, epsilon must be the accountant's, and a budget must stop the run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from conftest import round_of
+from scipy import stats
+
+from secagg import keys, noise, privacy
+from secagg.builtin import task_for
+from secagg.config import RunConfig
+from secagg.crypto import Update
+from secagg.crypto.ckks import CkksClient
+from secagg.crypto.ckks_server import CkksServer
+from secagg.crypto.quantized import QuantizedCipher
+from secagg.errors import ConfigError, PayloadError
+from secagg.flatten import flatten
+from secagg.job import run_job
+
+#: Significance of the statistical tests: an honest sampler fails one once in 1,000 runs.
+ALPHA = 1e-3
+
+
+@pytest.mark.parametrize("variance", [1, 50])
+def test_the_sampler_draws_the_discrete_gaussian(variance: int) -> None:
+    draws = noise.discrete_gaussian(variance, 200_000)
+    edge = int(6 * math.sqrt(variance))
+    support = np.arange(-edge, edge + 1)
+    weights = np.exp(-(support.astype(float) ** 2) / (2 * variance))
+    # The exact pmf, normalized over the integers (the tails beyond 40 sigma are nothing).
+    wide = np.arange(-40 * edge, 40 * edge + 1).astype(float)
+    pmf = weights / np.exp(-(wide**2) / (2 * variance)).sum()
+    inside = np.clip(draws, -edge - 1, edge + 1)
+    counts = np.array([(inside == x).sum() for x in support])
+    tails = len(draws) - counts.sum()
+    observed = np.append(counts, tails)
+    expected = np.append(pmf, max(0.0, 1 - pmf.sum())) * len(draws)
+    expected[-1] = max(expected[-1], 1e-9)
+    keep = expected > 5  # chi-square needs expected counts of 5 or more
+    merged = np.append(observed[keep], observed[~keep].sum())
+    wanted = np.append(expected[keep], expected[~keep].sum())
+    wanted *= merged.sum() / wanted.sum()
+    assert stats.chisquare(merged, wanted).pvalue > ALPHA
+    # Two calls draw afresh from the operating system's CSPRNG: never the same words.
+    assert not np.array_equal(noise.discrete_gaussian(variance, 64), draws[:64])
+
+
+def test_the_sampler_refuses_a_variance_it_cannot_draw_exactly() -> None:
+    with pytest.raises(TypeError):
+        noise.discrete_gaussian(2.5, 10)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="variance"):
+        noise.discrete_gaussian(privacy.MAX_SIGMA**2 + 1, 10)
+
+
+def test_a_change_above_the_bound_is_clipped_and_one_below_is_not() -> None:
+    rule = privacy.Privacy(noise=1.0, clip=2.0, threshold=3)
+    big, small = np.full(100, 1.0), np.full(100, 0.1)
+    assert rule.clip_change(big) == pytest.approx(10.0)
+    assert np.linalg.norm(big) == pytest.approx(2.0)
+    assert rule.clip_change(small) == pytest.approx(1.0)
+    assert np.array_equal(small, np.full(100, 0.1))
+
+
+def _dp_round(session_keys, rule, stamp, changes):  # type: ignore[no-untyped-def]
+    """One codec round of ``len(changes)`` clients with DP: (decrypted sum, agreement)."""
+    _, layout = flatten(task_for(RunConfig()).build_model().state_dict())
+    loaded = keys.load_for_client(session_keys)
+    clients = [QuantizedCipher(CkksClient(loaded), layout, rule) for _ in changes]
+    server = CkksServer(keys.load_for_server(session_keys))
+    pairs = list(enumerate(zip(clients, changes, strict=True)))
+    scales = server.sum(
+        [c.prepare(x, stamp.for_sender(i), 1) for i, (c, x) in pairs], stamp.scales()
+    )
+    weight = 1 / len(changes)
+    payloads = [
+        c.encrypt(Update(x * weight, weight), stamp.for_sender(i), scales) for i, (c, x) in pairs
+    ]
+    summed = clients[0].decrypt(server.sum(payloads, stamp), stamp, scales)
+    return summed, clients[0].agreement(stamp, scales)
+
+
+def test_the_decrypted_sum_carries_the_calibrated_noise(session_keys) -> None:
+    """Three clients, three rounds: the sum minus the clients' quantized updates is integer
+    noise of mean 0 and variance 3 x the calibrated per-client variance (within five
+    standard errors), and the data never reaches the range kept for it."""
+    rule = privacy.Privacy(noise=1.0, clip=1.0, threshold=3)
+    rng = np.random.default_rng(5)
+    found = []
+    for round_num in (1, 2, 3):
+        changes = [rng.normal(size=9610) for _ in range(3)]
+        for change in changes:
+            rule.clip_change(change)
+        summed, agreed = _dp_round(session_keys, rule, round_of(round_num, roster=3), changes)
+        step = float(agreed.steps[0])
+        assert np.all(agreed.steps == step) and agreed.variance >= privacy.MIN_VARIANCE
+        exact = sum(np.rint(x * (1 / 3) / step) for x in changes)  # as the clients round
+        found.append(np.rint(summed.values / step) - exact)
+    drawn = np.concatenate(found)
+    expected = 3 * agreed.variance
+    error = expected * math.sqrt(2 / drawn.size)
+    assert abs(drawn.var() - expected) < 5 * error, (drawn.var(), expected)
+    assert abs(drawn.mean()) < 5 * math.sqrt(expected / drawn.size)
+
+
+def test_a_count_other_than_one_is_refused_under_dp(session_keys) -> None:
+    """With DP every site weighs 1: a count claimed inside the encryption is a lie."""
+    rule = privacy.Privacy(noise=1.0, clip=1.0, threshold=2)
+    _, layout = flatten(task_for(RunConfig()).build_model().state_dict())
+    loaded = keys.load_for_client(session_keys)
+    clients = [QuantizedCipher(CkksClient(loaded), layout, rule) for _ in range(2)]
+    server = CkksServer(keys.load_for_server(session_keys))
+    stamp = round_of(9, roster=2)
+    change = np.zeros(layout.size)
+    scales = server.sum(
+        [
+            clients[0].prepare(change, stamp.for_sender(0), 1),
+            clients[1].prepare(change, stamp.for_sender(1), 500),  # a count, under DP
+        ],
+        stamp.scales(),
+    )
+    with pytest.raises(PayloadError, match="every site weighs 1") as caught:
+        clients[0].agreement(stamp, scales)
+    assert caught.value.reason == "bad-total"
+
+
+def _accountant_epsilon(noise_multiplier, rounds, sampling, delta):  # type: ignore[no-untyped-def]
+    import dp_accounting
+    from dp_accounting import rdp
+
+    accountant = rdp.RdpAccountant()
+    event = dp_accounting.PoissonSampledDpEvent(
+        sampling, dp_accounting.GaussianDpEvent(noise_multiplier)
+    )
+    accountant.compose(dp_accounting.SelfComposedDpEvent(event, rounds))
+    return accountant.get_epsilon(delta)
+
+
+def test_a_dp_job_reports_the_accountants_epsilon_and_stops_at_its_budget(
+    tmp_path, session_keys
+) -> None:
+    """The digits job with DP, 6 clients of 12 a round: each round's epsilon in
+    results.json is the accountant's for the same mechanism; a budget two rounds allow
+    ends the run after round 2 of 3, with a warning that says so."""
+    config = RunConfig(
+        clients=12,
+        clients_per_round=6,
+        rounds=3,
+        he=True,
+        dp_noise=1.0,
+        dp_clip=0.5,
+        keys_dir=str(session_keys),
+        tracking=False,
+        device="cpu",
+    )
+    budget = (_accountant_epsilon(1.0, 2, 0.5, 1e-5) + _accountant_epsilon(1.0, 3, 0.5, 1e-5)) / 2
+    with pytest.warns(UserWarning, match="allows 2 of the job's 3 rounds"):
+        result = run_job(replace(config, dp_epsilon=budget, output_dir=str(tmp_path / "r")))
+    saved = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert [r["round"] for r in saved["rounds"]] == [1, 2]
+    for row in saved["rounds"]:
+        wanted = _accountant_epsilon(1.0, row["round"], 0.5, 1e-5)
+        assert row["epsilon"] == pytest.approx(wanted, rel=1e-9)
+    assert result.rounds[-1].epsilon <= budget
+    # A budget alone calibrates the noise to it for the job's rounds.
+    calibrated = replace(config, dp_noise=0.0, dp_epsilon=4.0)
+    z = calibrated.noise_multiplier()
+    assert _accountant_epsilon(z, 3, 0.5, 1e-5) <= 4.0 < _accountant_epsilon(z * 0.99, 3, 0.5, 1e-5)
+
+
+def test_dp_needs_he_and_sane_settings() -> None:
+    with pytest.raises(ConfigError, match="needs --he"):
+        RunConfig(dp_epsilon=3.0).validate()
+    with pytest.raises(ConfigError, match="dp_clip"):
+        RunConfig(he=True, dp_noise=1.0, dp_clip=0.0).validate()
+    with pytest.raises(ConfigError, match="dp_delta"):
+        RunConfig(he=True, dp_noise=1.0, dp_delta=1.0).validate()
+    assert not RunConfig(he=True).dp  # off unless asked for
