@@ -911,7 +911,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from bench import dp_axis
 
         epsilons = [float(e) for e in args.dp_epsilons.split(",")]
-        dp_runs = dp_axis.run(config, epsilons, args.dp_clip, out / "runs", stamp, print)
+        parent = {"mlflow.parentRunId": runs.parent} if runs.parent else None
+        dp_runs = dp_axis.run(config, epsilons, args.dp_clip, out / "runs", stamp, print, parent)
         report["dp"] = dp_axis.summarize(dp_runs, runs.he[0])
         markdown += "\n\n" + dp_axis.to_markdown(report["dp"], config.headline)
         paths["dp_png"] = dp_axis.plot(

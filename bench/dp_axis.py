@@ -23,9 +23,16 @@ if TYPE_CHECKING:
 
 
 def run(
-    config: RunConfig, epsilons: list[float], clip: float, out: Path, stamp: str, step: Any
+    config: RunConfig,
+    epsilons: list[float],
+    clip: float,
+    out: Path,
+    stamp: str,
+    step: Any,
+    tags: dict[str, str] | None = None,
 ) -> list[RunResult]:
-    """The HE job once per epsilon, with DP calibrated to it (``step`` names each run)."""
+    """The HE job once per epsilon, with DP calibrated to it (``step`` names each run;
+    ``tags``: each MLflow run's, as the comparison's parent)."""
     from secagg.job import run_job
 
     results = []
@@ -39,7 +46,7 @@ def run(
             dp_clip=clip,
             output_dir=str(out / f"{stamp}-dp-eps{epsilon:g}"),
         )
-        results.append(run_job(dp))
+        results.append(run_job(dp, tags=tags or {}))
     return results
 
 

@@ -36,7 +36,7 @@ from torch import nn
 
 from secagg import messages
 from secagg.config import RunConfig
-from secagg.crypto import ClientCipher, Stamp, Update
+from secagg.crypto import ClientCipher, Identities, Stamp, Update
 from secagg.crypto.masking import Reveal, SignedKey
 from secagg.errors import ConfigError, PayloadError, SecAggError, TaskError
 from secagg.files import atomic_write
@@ -441,6 +441,23 @@ def build_model(task: Task, config: RunConfig) -> nn.Module:
                 "torch.save(model.state_dict(), path) from the same model"
             ) from err
     return model
+
+
+def simulated_ciphers(
+    config: RunConfig, identities: Identities | None
+) -> Callable[[Layout], ClientCipher]:
+    """A simulation's cipher factory (in-process or a Ray actor): the job's keys, round policy
+    and differential privacy, masks signed with ``identities`` (None: no masks)."""
+    from secagg import crypto
+
+    return crypto.for_client(
+        config.he,
+        config.keys_dir,
+        config.precision,
+        identities,
+        config.policy(),
+        config.privacy(),
+    )
 
 
 def use_threads(config: RunConfig) -> int:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from secagg import crypto, rounds
 from secagg.builtin import task_for
-from secagg.client import Client, resolve_device, use_threads
+from secagg.client import Client, resolve_device, simulated_ciphers, use_threads
 from secagg.config import RunConfig
 from secagg.crypto.masking import SimulatedIdentities
 from secagg.files import atomic_write
@@ -41,14 +41,7 @@ def build_clients(
     from the job's model (checked: same names, shapes, dtypes and initial weights as the
     first one's). ``on_progress`` hears each one ready (phase ``clients``)."""
     identities = SimulatedIdentities() if config.he and config.masking else None
-    make_cipher = crypto.for_client(
-        config.he,
-        config.keys_dir,
-        config.precision,
-        identities,
-        config.policy(),
-        config.privacy(),
-    )
+    make_cipher = simulated_ciphers(config, identities)
     device = resolve_device(config.device)
     use_threads(config)
     clients: list[Client] = []

@@ -495,6 +495,8 @@ def tags_for(config: RunConfig) -> dict[str, str]:
         "clients": str(config.clients),
         "metric": config.headline,
     }
+    if config.dp:  # the budget (or the noise) the run was made with, to group runs by
+        tags["dp_epsilon"] = f"{config.dp_epsilon:g}" if config.dp_epsilon else "none"
     if config.task is None:  # the built-in task's dataset and model; a user's task names itself
         return {**tags, "dataset": config.dataset, "model": config.model}
     return {**tags, "task": config.task}
@@ -542,6 +544,13 @@ def description(result: RunResult) -> str:
         f"- metric: {config.headline} ({better} is better)",
         f"- codec: {codec}",
     ]
+    if config.dp:
+        spent = result.rounds[-1].epsilon if result.rounds else 0.0
+        budget = f", budget {config.dp_epsilon:g}" if config.dp_epsilon else ""
+        lines.append(
+            f"- differential privacy: epsilon {spent:.2f} so far at delta {config.dp_delta:g}"
+            f"{budget}; noise multiplier {config.noise_multiplier():.3f}, clip {config.dp_clip:g}"
+        )
     if result.failure:
         lines.append(f"- **failed**: {result.failure}")
     per_parameter = result.bytes_per_parameter

@@ -114,6 +114,28 @@ def test_compare_he_reports_both_runs_side_by_side(
     assert out[-1] == f"start the UI first: mlflow ui --backend-store-uri {uri}"
 
 
+def test_compare_he_reports_the_metric_against_epsilon(tmp_path: Path, session_keys: Path) -> None:
+    """The DP axis: HE again per epsilon, each within its epsilon, less noise for a larger
+    one, no byte more than HE without DP, a table and a plot."""
+    report = compare_he.main(
+        [
+            *("--quick", "--rounds", "1", "--clients", "3", "--repeats", "1", "--no-floor"),
+            *("--no-memory", "--no-tracking", "--keys", str(session_keys), "--out", str(tmp_path)),
+            *("--dp-epsilons", "2,20", "--dp-clip", "0.5"),
+        ]
+    )
+    rows = report["dp"]
+    assert [r["epsilon_target"] for r in rows] == [2.0, 20.0, None]
+    assert all(r["epsilon"] <= r["epsilon_target"] * (1 + 1e-9) for r in rows[:2])
+    assert rows[0]["noise_multiplier"] > rows[1]["noise_multiplier"] > 0
+    assert all(r["bytes_up_per_round"] == rows[-1]["bytes_up_per_round"] for r in rows)
+    assert Path(report["files"]["dp_png"]).stat().st_size > 10_000
+    assert (
+        "## Differential privacy: the metric against epsilon"
+        in Path(report["files"]["md"]).read_text()
+    )
+
+
 def test_a_ratio_below_one_is_reported_as_noise() -> None:
     faster = compare_he._ratio([10.0, 10.4], [9.8, 10.5])
     assert faster["median"] < 1.0 and faster["within_noise"]

@@ -159,7 +159,7 @@ def test_a_dp_job_reports_the_accountants_epsilon_and_stops_at_its_budget(
         dp_noise=1.0,
         dp_clip=0.5,
         keys_dir=str(session_keys),
-        tracking=False,
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
         device="cpu",
     )
     budget = (_accountant_epsilon(1.0, 2, 0.5, 1e-5) + _accountant_epsilon(1.0, 3, 0.5, 1e-5)) / 2
@@ -171,6 +171,16 @@ def test_a_dp_job_reports_the_accountants_epsilon_and_stops_at_its_budget(
         wanted = _accountant_epsilon(1.0, row["round"], 0.5, 1e-5)
         assert row["epsilon"] == pytest.approx(wanted, rel=1e-9)
     assert result.rounds[-1].epsilon <= budget
+    # MLflow holds the same series, and the run says what DP it ran with.
+    from mlflow.tracking import MlflowClient
+
+    store = MlflowClient(str(result.tracking_uri))
+    history = store.get_metric_history(str(result.mlflow_run_id), "epsilon")
+    assert [(m.step, m.value) for m in history] == [
+        (r["round"], pytest.approx(r["epsilon"])) for r in saved["rounds"]
+    ]
+    run = store.get_run(str(result.mlflow_run_id))
+    assert "differential privacy: epsilon" in run.data.tags["mlflow.note.content"]
     # A budget alone calibrates the noise to it for the job's rounds.
     calibrated = replace(config, dp_noise=0.0, dp_epsilon=4.0)
     z = calibrated.noise_multiplier()

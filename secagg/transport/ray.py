@@ -61,9 +61,8 @@ class ClientActor:
         self, config: RunConfig, task: Task | None, index: int, identities: Any = None
     ) -> None:
 
-        from secagg import crypto
         from secagg.builtin import task_for
-        from secagg.client import Client, resolve_device, use_threads
+        from secagg.client import Client, resolve_device, simulated_ciphers, use_threads
         from secagg.task import simulated_site
 
         use_threads(config)  # as in-process and over gRPC: the same job, the same model
@@ -71,14 +70,7 @@ class ClientActor:
         self.site_for = simulated_site
         # The client context is read here, in the actor, from the job's key folder (on every
         # node, at the same path): the driver, which sums, never holds the secret key.
-        make_cipher = crypto.for_client(
-            config.he,
-            config.keys_dir,
-            config.precision,
-            identities,
-            config.policy(),
-            config.privacy(),
-        )
+        make_cipher = simulated_ciphers(config, identities)
 
         site = simulated_site(config, index)
         device = resolve_device(config.device)
