@@ -4,10 +4,11 @@
 
 For each epsilon the HE job runs again with distributed DP calibrated to it over the job's
 rounds (``secagg.privacy``: the smallest noise multiplier whose rounds stay within it, at the
-job's ``dp_delta``), each site clipping its change to ``--dp-clip``; the comparison's own HE
-run (no DP) is the last row. The report gains a table (epsilon, noise multiplier, the final
-metric, round time, latency and bytes, each against HE without DP) and a plot of the metric
-against epsilon.
+job's ``dp_delta``), each site clipping its change to ``--dp-clip``, and the plaintext job with
+central DP at the same noise multiplier (the server adds the noise; the same epsilon); the
+comparison's own HE run (no DP) is the last row. The report gains a table (epsilon, noise
+multiplier, the final metric of both, round time, latency and bytes against HE without DP)
+and a plot of the metric against epsilon.
 """
 
 from __future__ import annotations
@@ -37,27 +38,32 @@ def run(
 
     results = []
     for epsilon in epsilons:
-        step(f"differential privacy: HE with epsilon {epsilon}")
-        dp = replace(
-            config,
-            he=True,
-            dp_epsilon=epsilon,
-            dp_noise=0.0,
-            dp_clip=clip,
-            output_dir=str(out / f"{stamp}-dp-eps{epsilon:g}"),
-        )
-        results.append(run_job(dp, tags=tags or {}))
+        for he in (True, False):
+            kind = "HE, distributed" if he else "plaintext, central"
+            step(f"differential privacy ({kind}): epsilon {epsilon}")
+            dp = replace(
+                config,
+                he=he,
+                dp_epsilon=epsilon,
+                dp_noise=0.0,
+                dp_clip=clip,
+                output_dir=str(out / f"{stamp}-dp-{'he' if he else 'plain'}-eps{epsilon:g}"),
+            )
+            results.append(run_job(dp, tags=tags or {}))
     return results
 
 
 def summarize(results: list[RunResult], he: RunResult) -> list[dict[str, Any]]:
-    """One row per run, the HE run without DP last."""
+    """One row per HE run (distributed DP), the HE run without DP last; each DP row holds
+    the plaintext run with central DP at the same noise multiplier (``central_metric``)."""
     rows = []
-    for result in [*results, he]:
+    central = {r.config.dp_epsilon: r.final for r in results if not r.config.he}
+    for result in [r for r in results if r.config.he] + [he]:
         config = result.config
         rounds = result.rounds
         rows.append(
             {
+                "central_metric": central.get(config.dp_epsilon) if config.dp else None,
                 "epsilon_target": config.dp_epsilon if config.dp else None,
                 "epsilon": rounds[-1].epsilon if config.dp else None,
                 "delta": config.dp_delta if config.dp else None,
@@ -83,15 +89,17 @@ def to_markdown(rows: list[dict[str, Any]], metric: str) -> str:
         f"HE with distributed DP calibrated to each epsilon (delta {rows[0]['delta']}, clip "
         f"{rows[0]['clip']}), and HE without DP; medians over rounds.",
         "",
-        f"| epsilon | noise multiplier | final {metric} | round s (vs no DP) | latency s (vs no "
-        "DP) | bytes up per round (vs no DP) |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| epsilon | noise multiplier | final {metric}, HE + distributed DP | plaintext + "
+        "central DP, same noise | round s (vs no DP) | latency s (vs no DP) | bytes up per "
+        "round (vs no DP) |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in rows:
         eps = "no DP" if row["epsilon"] is None else f"{row['epsilon']:.2f}"
         noise = "-" if row["noise_multiplier"] is None else f"{row['noise_multiplier']:.3f}"
+        central = "-" if row["central_metric"] is None else f"{row['central_metric']:.4f}"
         lines.append(
-            f"| {eps} | {noise} | {row['final_metric']:.4f} | "
+            f"| {eps} | {noise} | {row['final_metric']:.4f} | {central} | "
             f"{row['round_seconds']:.3f} ({row['round_seconds'] / base['round_seconds']:.3f}x) | "
             f"{row['latency_seconds']:.3f} "
             f"({row['latency_seconds'] / base['latency_seconds']:.3f}x) | "
@@ -109,11 +117,15 @@ def plot(rows: list[dict[str, Any]], metric: str, plain: float, path: Path) -> P
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    points = [(r["epsilon"], r["final_metric"]) for r in rows if r["epsilon"] is not None]
-    ax.plot([e for e, _ in points], [m for _, m in points], "o-", label="HE + distributed DP")
+    dp = [r for r in rows if r["epsilon"] is not None]
+    epsilons = [r["epsilon_target"] for r in dp]
+    ax.plot(epsilons, [r["final_metric"] for r in dp], "o-", label="HE + distributed DP")
+    ax.plot(epsilons, [r["central_metric"] for r in dp], "s--", label="plaintext + central DP")
     ax.axhline(rows[-1]["final_metric"], linestyle="--", color="gray", label="HE, no DP")
     ax.axhline(plain, linestyle=":", color="black", label="plaintext, no DP")
     ax.set_xscale("log")
+    ax.set_xticks(epsilons, [f"{e:g}" for e in epsilons])
+    ax.minorticks_off()
     ax.set(xlabel=f"epsilon (delta {rows[0]['delta']})", ylabel=f"final {metric}")
     ax.legend()
     fig.tight_layout()

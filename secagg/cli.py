@@ -324,15 +324,15 @@ def keygen(out_dir: str, force: bool, poly_degree: str, coeff_bits: str) -> None
 @click.option(
     "--dp-epsilon",
     type=click.FloatRange(min=0),
-    help="with --he: differential privacy inside the encrypted sum, within this epsilon over "
-    "the job's rounds (the noise is calibrated to it, and the run stops before exceeding "
-    "it).",
+    help="Differential privacy within this epsilon over the job's rounds (the noise is "
+    "calibrated to it, and the run stops before exceeding it); with --he inside the "
+    "encrypted sum, without it central (the server adds the noise).",
 )
 @click.option(
     "--dp-noise",
     type=click.FloatRange(min=0),
-    help="with --he: differential privacy with this noise multiplier instead (with "
-    "--dp-epsilon too: the run stops before exceeding that budget).",
+    help="Differential privacy with this noise multiplier instead (with --dp-epsilon too: "
+    "the run stops before exceeding that budget).",
 )
 @click.option(
     "--dp-clip",

@@ -113,10 +113,12 @@ class RunConfig:
     #: neighbour graph, each client with about 2 x 80 others (``secagg.crypto.neighbours``;
     #: 0: the default, 200). A deployment takes it from the kits (``secagg provision``)
     graph_above: int = 0
-    #: with ``he``: distributed differential privacy (``secagg.privacy``), on when either of
-    #: the next two is set. ``dp_noise``: the noise multiplier (the summed noise of the
-    #: round policy's threshold of clients, over one client's L2 sensitivity); 0 with
-    #: ``dp_epsilon``: the smallest that keeps the job's rounds within it
+    #: differential privacy (``secagg.privacy``), on when either of the next two is set: with
+    #: ``he`` distributed (each site's share of the noise inside the encrypted sum), without
+    #: it central (the server adds the noise to the sum it reads, and must be trusted).
+    #: ``dp_noise``: the noise multiplier (the summed noise of the round policy's threshold
+    #: of clients, over one client's L2 sensitivity); 0 with ``dp_epsilon``: the smallest
+    #: that keeps the job's rounds within it
     dp_noise: float = 0.0
     #: the job's privacy budget at ``dp_delta`` (0: none). The run stops before a round that
     #: would take it over
@@ -226,11 +228,6 @@ class RunConfig:
             (self.dp_epsilon >= 0, "dp_epsilon must be 0 (no budget) or more"),
             (0 < self.dp_delta < 1, "dp_delta must be in (0, 1), well below 1 / clients"),
             (self.dp_clip > 0, "dp_clip must be positive (an L2 norm)"),
-            (
-                self.he or not self.dp,
-                "differential privacy needs --he: each client's noise goes inside the "
-                "encrypted sum (plaintext central DP is not built)",
-            ),
             (self.client_cpus > 0, "client_cpus must be positive"),
             (self.torch_threads >= 0, "torch_threads must be 0 (one per core per client) or more"),
             (self.client_gpus >= 0, "client_gpus must be 0 or more"),

@@ -90,7 +90,7 @@ def serve(
         log(f"resuming from {workdir}/")
     records = RunRecords.open(config, workdir if resume else None)
     config = records.config
-    cipher = crypto.for_server(config.he, config.keys_dir, config.precision)
+    cipher = crypto.for_server(config.he, config.keys_dir, config.precision, config.privacy())
     server = Server(cipher, workdir, masking=config.he and config.masking)
     shared = {k: v for k, v in config.to_dict().items() if k not in SITE_LOCAL}
     coordinator = Coordinator(

@@ -101,7 +101,7 @@ def run_job(
     config = records.config.validate()
     transport = _transport(config, task, on_progress)
     try:
-        cipher = crypto.for_server(config.he, config.keys_dir, config.precision)
+        cipher = crypto.for_server(config.he, config.keys_dir, config.precision, config.privacy())
         server = Server(cipher, records.output, masking=config.he and config.masking)
         on_progress("tracking", 0, 1)  # opening an MLflow store can take seconds
         records.start(transport.parameters)

@@ -106,6 +106,18 @@ class Privacy:
         return low
 
 
+def central_noise(privacy: Privacy, clients: int, count: int) -> np.ndarray:
+    """Central DP's noise for a plaintext sum of ``clients`` updates each weighed
+    ``1 / clients``: standard deviation ``noise x clip / clients`` per value, the same noise
+    multiplier as the distributed mechanism's. Drawn exactly as the sites' noise is (a
+    discrete Gaussian of standard deviation ``MAX_SIGMA``, scaled: a grid 4,096 times finer
+    than the deviation, from the OS's CSPRNG)."""
+    from secagg.noise import discrete_gaussian
+
+    deviation = privacy.noise * privacy.clip / clients
+    return discrete_gaussian(MAX_SIGMA**2, count) * (deviation / MAX_SIGMA)
+
+
 @lru_cache(maxsize=4096)
 def epsilon(noise: float, rounds: int, sampling: float, delta: float) -> float:
     """The ``(epsilon, delta)`` guarantee of ``rounds`` rounds of the Gaussian mechanism with

@@ -128,6 +128,9 @@ def test_compare_he_reports_the_metric_against_epsilon(tmp_path: Path, session_k
     assert [r["epsilon_target"] for r in rows] == [2.0, 20.0, None]
     assert all(r["epsilon"] <= r["epsilon_target"] * (1 + 1e-9) for r in rows[:2])
     assert rows[0]["noise_multiplier"] > rows[1]["noise_multiplier"] > 0
+    assert (
+        all(0 <= r["central_metric"] <= 1 for r in rows[:2]) and rows[2]["central_metric"] is None
+    )
     assert all(r["bytes_up_per_round"] == rows[-1]["bytes_up_per_round"] for r in rows)
     assert Path(report["files"]["dp_png"]).stat().st_size > 10_000
     assert (

@@ -210,12 +210,12 @@ def for_client(
     layout. Keys are read once, here. ``precision``: ``float32``/``float64`` for plaintext,
     ``standard``/``fine`` for HE (``RunConfig.precision``). With ``identities`` (HE only)
     every cipher masks its payloads pairwise, signing its key-agreement keys with those site
-    keys, and enforces ``policy`` on every round (``crypto.policy``). ``privacy`` (HE only):
-    differential privacy's noise inside the encrypted sum (``secagg.privacy``)."""
+    keys, and enforces ``policy`` on every round (``crypto.policy``). ``privacy``: differential
+    privacy (``secagg.privacy``): clipping, and with HE the noise inside the encrypted sum."""
     if not he:
         from secagg.crypto.plain import PlainCipher
 
-        return lambda layout: PlainCipher(precision or "float32")
+        return lambda layout: PlainCipher(precision or "float32", privacy)
     from secagg import keys
     from secagg.crypto.ckks import CkksClient
     from secagg.crypto.quantized import QuantizedCipher
@@ -232,13 +232,17 @@ def for_client(
     return make
 
 
-def for_server(he: bool, keys_dir: str | Path, precision: str | None = None) -> ServerCipher:
+def for_server(
+    he: bool, keys_dir: str | Path, precision: str | None = None, privacy: Privacy | None = None
+) -> ServerCipher:
     """The server-side cipher for a job; for HE it is built from the public context only.
-    ``precision`` as in ``for_client``; the clients' and the server's must match."""
+    ``precision`` as in ``for_client``; the clients' and the server's must match.
+    ``privacy`` (plaintext only: with HE the sites add the noise): central differential
+    privacy, the server noising each update sum it makes."""
     if not he:
         from secagg.crypto.plain import PlainCipher
 
-        return PlainCipher(precision or "float32")
+        return PlainCipher(precision or "float32", privacy)
     from secagg import keys
     from secagg.crypto.ckks_server import CkksServer
 

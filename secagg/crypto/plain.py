@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from secagg.crypto import envelope, ledger
-from secagg.crypto.envelope import AGGREGATE, UPDATE, Stamp
+from secagg.crypto.envelope import AGGREGATE, UPDATE, UPDATE_PHASE, Stamp
 from secagg.crypto.ledger import Aggregate, Update
 from secagg.crypto.masking import Reveal, ShareBundle, SignedKey
 from secagg.crypto.report import Reading
@@ -40,10 +40,11 @@ class PlainCipher:
     quantizes = False
     #: floats: no integer limit (an integer cipher's largest summed magnitude)
     sum_limit: int | None = None
-    #: no differential privacy: it needs an integer cipher (``secagg.privacy``)
-    privacy: Privacy | None = None
 
-    def __init__(self, precision: str = "float32") -> None:
+    def __init__(self, precision: str = "float32", privacy: Privacy | None = None) -> None:
+        #: central differential privacy (``secagg.privacy``): clients clip and weigh alike,
+        #: and the server noises each update sum it makes (it reads them: it is trusted)
+        self.privacy = privacy
         if precision not in DTYPES:
             raise ConfigError(f"plaintext precision must be one of {', '.join(DTYPES)}")
         self.dtype = np.dtype(DTYPES[precision])
@@ -162,6 +163,12 @@ class PlainCipher:
             return self._checked.take(payload, stamp, values) or self._check(payload, stamp, values)
 
         total, count, senders = ledger.accumulate(payloads, open_update, add, allowed)
+        if self.privacy is not None and stamp.phase == UPDATE_PHASE:
+            from secagg import privacy
+
+            # Every client weighs 1/N (N: the round's clients), so one client's sensitivity
+            # is clip / N; the ledger's slots after the values stay exact.
+            total[:count] += privacy.central_noise(self.privacy, len(senders), count)
         return self._payload(AGGREGATE, stamp, count, total, senders)
 
     def corrected(
