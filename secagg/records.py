@@ -366,9 +366,12 @@ class RunRecords:
         config = self.config
         if not config.dp or not config.dp_epsilon:
             return config.rounds
-        last = config.rounds
-        while last > 0 and self.spent(last) > config.dp_epsilon * (1 + 1e-9):
-            last -= 1
+        within = config.dp_epsilon * (1 + 1e-9)
+        low, high = 0, config.rounds  # epsilon grows with the rounds: the last within it
+        while low < high:
+            middle = (low + high + 1) // 2
+            low, high = (middle, high) if self.spent(middle) <= within else (low, middle - 1)
+        last = low
         if last < config.rounds:
             warnings.warn(
                 f"the privacy budget (epsilon {config.dp_epsilon} at delta {config.dp_delta}) "
