@@ -37,7 +37,7 @@ def run(
     from secagg.job import run_job
 
     results = []
-    for epsilon in epsilons:
+    for index, epsilon in enumerate(epsilons, 1):
         for he in (True, False):
             kind = "HE, distributed" if he else "plaintext, central"
             step(f"differential privacy ({kind}): epsilon {epsilon}")
@@ -47,7 +47,7 @@ def run(
                 dp_epsilon=epsilon,
                 dp_noise=0.0,
                 dp_clip=clip,
-                output_dir=str(out / f"{stamp}-dp-{'he' if he else 'plain'}-eps{epsilon:g}"),
+                output_dir=str(out / f"{stamp}-dp{index}-{'he' if he else 'plain'}-eps{epsilon:g}"),
             )
             results.append(run_job(dp, tags=tags or {}))
     return results
@@ -57,13 +57,14 @@ def summarize(results: list[RunResult], he: RunResult) -> list[dict[str, Any]]:
     """One row per HE run (distributed DP), the HE run without DP last; each DP row holds
     the plaintext run with central DP at the same noise multiplier (``central_metric``)."""
     rows = []
-    central = {r.config.dp_epsilon: r.final for r in results if not r.config.he}
-    for result in [r for r in results if r.config.he] + [he]:
+    # ``results`` alternate: HE with distributed DP, then plaintext with central DP.
+    pairs = [(results[i], results[i + 1].final) for i in range(0, len(results), 2)]
+    for result, central in [*pairs, (he, None)]:
         config = result.config
         rounds = result.rounds
         rows.append(
             {
-                "central_metric": central.get(config.dp_epsilon) if config.dp else None,
+                "central_metric": central,
                 "epsilon_target": config.dp_epsilon if config.dp else None,
                 "epsilon": rounds[-1].epsilon if config.dp else None,
                 "delta": config.dp_delta if config.dp else None,

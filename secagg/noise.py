@@ -133,7 +133,7 @@ def _laplace(words: np.ndarray, pos: np.ndarray, t: np.int64) -> tuple[np.int64,
         return (x if sign == 0 else -x), True
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _fill(out: np.ndarray, filled: int, words: np.ndarray, variance: np.int64) -> tuple[int, int]:
     """Write discrete Gaussian draws (the paper's Algorithm 3) into ``out`` from ``filled``
     on, until it is full or ``words`` run out; return how many are filled and where the

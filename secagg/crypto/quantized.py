@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +27,9 @@ from secagg.crypto.masking import Reveal, ShareBundle, SignedKey
 from secagg.errors import PayloadError
 from secagg.flatten import Layout
 from secagg.privacy import Privacy
+
+#: Draws differential privacy's noise ahead, while the task trains (one thread per process).
+_BACKGROUND = ThreadPoolExecutor(1, thread_name_prefix="secagg-noise")
 
 
 class QuantizedCipher:
@@ -43,6 +47,8 @@ class QuantizedCipher:
         self._scale_values = self._histogram_values + report.VALUES
         #: the last agreement decrypted, by its digest
         self._agreed: tuple[bytes, Agreement] | None = None
+        #: DP noise drawn ahead for a round: (job, round, variance, the draw)
+        self._noise: tuple[bytes, int, int, Future[np.ndarray]] | None = None
         #: this client's sample count and training metrics, as its last ``prepare`` had them
         self._samples = 0
         self._metrics: Mapping[str, float] = {}
@@ -70,9 +76,33 @@ class QuantizedCipher:
         return self.inner.encrypt(update, stamp.scales())
 
     def precompute(self, stamp: Stamp) -> None:
-        """Prepare both phases' encryptions: the scale exchange's, then the update's."""
+        """Prepare both phases' encryptions: the scale exchange's, then the update's; with
+        DP, draw the update's noise too (``_noise_ahead``)."""
         self.inner.precompute(stamp.scales(), self._scale_values)
         self.inner.precompute(stamp, self.size)
+        if self.privacy is not None:
+            self._noise_ahead(stamp)
+
+    def _noise_ahead(self, stamp: Stamp) -> None:
+        """Start drawing, in the background while the task trains, the noise this client
+        adds if every keyed client of the round takes part: with DP the scale exchange's sum
+        is known in advance (every client reports the clipping bound), so its variance is
+        too. ``encrypt`` uses the draw only if the round's agreement has that variance, and
+        only once; otherwise it draws afresh."""
+        masker = self.inner.masker
+        clients = len(masker.keyed()) if masker is not None and masker.active(stamp) else 0
+        clients = clients or stamp.roster
+        assert self.privacy is not None
+        one = quantize.histogram(np.empty(0), self.blocks, 1, peak=self.privacy.clip)
+        try:
+            _, variance = self._noise_room(one * clients, clients, clients, self._limit(stamp))
+        except PayloadError:
+            return  # no room: encrypt says why
+        draw = _BACKGROUND.submit(noise.discrete_gaussian, variance, self.size)
+        self._noise = (stamp.job, stamp.round_num, variance, draw)
+
+    def _limit(self, stamp: Stamp) -> int:
+        return self.inner.sum_limit_for(stamp)
 
     def publish(self, job: bytes, site: int) -> SignedKey | None:
         masker = self.inner.masker
@@ -146,8 +176,16 @@ class QuantizedCipher:
         limit = 2.0**quantize.E_MAX / total
         values, clipped = quantize.quantize(values, steps, self.blocks, limit)
         if agreement.variance:
-            values += noise.discrete_gaussian(agreement.variance, values.size)
+            values += self._noise_for(stamp, agreement.variance)
         return self.inner.encrypt(Update(values, weight, clipped), stamp)
+
+    def _noise_for(self, stamp: Stamp, variance: int) -> np.ndarray:
+        """This round's noise: the one drawn ahead when its variance is the agreed one (used
+        once), else a fresh draw."""
+        ahead, self._noise = self._noise, None
+        if ahead is not None and ahead[:3] == (stamp.job, stamp.round_num, variance):
+            return ahead[3].result()
+        return noise.discrete_gaussian(variance, self.size)
 
     def decrypt(self, payload: bytes, stamp: Stamp, agreed: bytes | None) -> Aggregate:
         summed = self.inner.decrypt(payload, stamp)
@@ -194,7 +232,7 @@ class QuantizedCipher:
                 "misreported its count",
                 "bad-scales",
             )
-        limit = self.inner.sum_limit_for(stamp)
+        limit = self._limit(stamp)
         histograms = summed.values[: self._histogram_values]
         variance = 0
         if self.privacy is not None:
