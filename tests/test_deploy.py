@@ -319,7 +319,7 @@ def test_a_round_below_min_clients_fails_with_a_reason_and_keeps_the_checkpoint(
 ) -> None:
     project, port = _project(tmp_path, 3)
     job, _ = _job(
-        tmp_path, rounds=3, min_clients=3, round_retries=1, local_epochs=30, round_timeout=20.0
+        tmp_path, rounds=3, min_clients=3, round_retries=1, local_epochs=30, round_timeout=12.0
     )
     work = tmp_path / "work"
     server = _server(project, job, work / "server", port)
