@@ -661,6 +661,22 @@ def _mb(n: float) -> str:
     help="Rounds of more sites than this mask over a neighbour graph (each site with about "
     "2 x 80 others, not all), signed into every kit.",
 )
+@click.option(
+    "--protection",
+    type=click.Choice(["masked", "he", "plain"]),
+    default="masked",
+    show_default=True,
+    help="The least protection every site requires of a job the server sends, signed into "
+    "every kit: masked (HE with pairwise masks), he (HE), plain (any).",
+)
+@click.option(
+    "--require-dp",
+    nargs=2,
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="NOISE CLIP",
+    help="Every site requires distributed DP of at least this noise multiplier and at most "
+    "this clipping bound, signed into every kit.",
+)
 @click.option("--force", is_flag=True, help="Replace existing kits.")
 @_friendly
 def provision(
@@ -671,6 +687,8 @@ def provision(
     out_dir: str,
     threshold: int,
     graph_above: int,
+    protection: str,
+    require_dp: tuple[float, float] | None,
     force: bool,
 ) -> None:
     """Make a CA, certificates, CKKS keys and one startup kit per party."""
@@ -686,6 +704,7 @@ def provision(
         project_name = spec.get("name", project_name)
         threshold = int(spec.get("threshold", threshold))
         graph_above = int(spec.get("graph_above", graph_above))
+        protection = str(spec.get("protection", protection))
     else:
         names = [name.strip() for name in (sites or "").split(",") if name.strip()]
     if not server_address or not names:
@@ -703,6 +722,9 @@ def provision(
         force=force,
         threshold=threshold,
         graph_above=graph_above,
+        protection=protection,
+        dp_noise=require_dp[0] if require_dp else 0.0,
+        dp_clip=require_dp[1] if require_dp else 0.0,
     )
     policy = kits.load_kit(folders["server"], "server").policy()
     click.echo(
@@ -710,6 +732,13 @@ def provision(
         f"{policy.max_round} sites (signed by the CA into every kit); a lying server with up "
         f"to {policy.tolerated()} colluding site(s) reads no single update"
     )
+    required = {"masked": "HE with pairwise masks", "he": "HE", "plain": "nothing"}
+    dp = (
+        f", distributed DP (noise multiplier >= {policy.dp_noise:g}, clip <= {policy.dp_clip:g})"
+        if policy.dp_noise
+        else ""
+    )
+    click.echo(f"  every site requires of a job: {required[policy.protection]}{dp}")
     if policy.graph(len(names)):
         click.echo(
             f"  neighbour graph: each site masks with its {policy.picks} picks and those that "

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from secagg import crypto
 from secagg.config import RunConfig, dump_job
-from secagg.errors import CheckpointError, ConfigError, SecAggError
+from secagg.errors import CheckpointError, ConfigError, PayloadError, SecAggError
 from secagg.messages import ModelSignature
 from secagg.provision import Kit, load_kit, provision
 from secagg.records import (
@@ -79,6 +79,10 @@ def serve(
         output_dir=str(workdir),
         transport="grpc",
     ).validate()
+    try:  # the sites would refuse it: say so before serving
+        kit.policy().check_job(config, "every site would refuse it, so the server does not start")
+    except PayloadError as err:
+        raise ConfigError(str(err)) from err
     resume = (workdir / STATE_FILE).exists()
     if resume:
         saved = load_checkpoint(workdir).state["config"]
@@ -280,6 +284,8 @@ def _prepare(
     local = {"data_dir": data_dir, "download": download, "device": device}
     config = RunConfig(**{**joined.config, **local, "keys_dir": str(kit.folder)})
     config = replace(config, tracking=False).validate()
+    # The job comes from the server: it must protect this site's update as the kits require.
+    kit.policy().check_job(config)
     use_threads(config)
     if config.he:
         check_keys(joined, keys.load_for_client(kit.folder).fingerprint)
@@ -331,7 +337,16 @@ def run_local(config: RunConfig, log: Callable[[str], None] = lambda line: None)
     secagg = [sys.executable, "-m", "secagg.cli"]
     with tempfile.TemporaryDirectory(prefix="secagg-project-") as project:
         port = _free_port()
-        provision(project, f"localhost:{port}", sites, project="secagg-local")
+        dp = config.he and config.dp  # what the kits require: what this job gives
+        provision(
+            project,
+            f"localhost:{port}",
+            sites,
+            project="secagg-local",
+            protection="masked" if config.he and config.masking else "he" if config.he else "plain",
+            dp_noise=config.noise_multiplier() if dp else 0.0,
+            dp_clip=config.dp_clip if dp else 0.0,
+        )
         # Beside the kits, not in the output: the server opens that folder as a new run.
         job_file = Path(project) / "job.toml"
         job_file.write_text(dump_job(replace(config, output_dir=None, transport="grpc")))

@@ -26,7 +26,7 @@ import re
 import shutil
 import stat
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -103,6 +103,9 @@ def provision(
     force: bool = False,
     threshold: int = 0,
     graph_above: int = 0,
+    protection: str = "masked",
+    dp_noise: float = 0.0,
+    dp_clip: float = 0.0,
 ) -> dict[str, Path]:
     """Make the CA, certificates, CKKS keys and every party's kit under ``out``; return the
     kit folders by party name (``server``, each site, ``admin``) plus ``ca``.
@@ -110,11 +113,19 @@ def provision(
     Every kit also holds the round policy (``crypto.policy``), signed with the CA's key:
     ``threshold`` is the fewest contributors any sum a site unmasks or decrypts may have
     (0: the default for rounds of all the sites); rounds of more than ``graph_above`` sites
-    mask over a neighbour graph (0: the default, 200)."""
+    mask over a neighbour graph (0: the default, 200). ``protection`` (``masked``, ``he`` or
+    ``plain``) and ``dp_noise``/``dp_clip`` (DP's least noise multiplier and largest clip; 0:
+    DP not required) are the least a job may protect a site's update with: every site
+    refuses a job the server sends that protects it less."""
     out = Path(out)
     address = _address(server)
     _check_names(clients)
-    policy = RoundPolicy.for_round_size(len(clients), threshold, graph_above)
+    policy = replace(
+        RoundPolicy.for_round_size(len(clients), threshold, graph_above),
+        protection=protection,
+        dp_noise=dp_noise,
+        dp_clip=dp_clip,
+    )
     parties = [SERVER, *clients, ADMIN]
     existing = [name for name in ["ca", *parties] if (out / name).exists()]
     if existing and not force:

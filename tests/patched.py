@@ -20,6 +20,8 @@ python tests/patched.py crash-unmasked:2 server job.toml  # dies once round 2's 
                                                             # unmasked, before its checkpoint
 python tests/patched.py lie-count client --kit ...          # encrypts its sample count times
                                                             # 10^9 inside its scale payload
+python tests/patched.py skip-policy server job.toml ...   # serves a job weaker than its
+                                                            # kits' policy (plaintext, say)
 python tests/patched.py record:DIR server job.toml ...      # writes every upload header and
                                                             # report it receives into DIR
 python tests/patched.py replay-attempt:DIR server job.toml  # retries round 1 with site-1's scales
@@ -317,7 +319,15 @@ def _record(folder: str) -> None:
     Coordinator.report = reporting  # type: ignore[method-assign]
 
 
+def _skip_policy(_: str) -> None:
+    """The server serves a job weaker than its kits' policy requires (it does not check)."""
+    from secagg.crypto.policy import RoundPolicy
+
+    RoundPolicy.check_job = lambda self, job, then="": None  # type: ignore[method-assign]
+
+
 FAULTS = {
+    "skip-policy": _skip_policy,
     "die-after-keys": _die_after_keys,
     "die-at-seal": _die_at_seal,
     "die-at-reveal": _die_at_reveal,

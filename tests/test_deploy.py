@@ -49,12 +49,17 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def _project(tmp: Path, sites: int, threshold: int = 2) -> tuple[Path, int]:
+def _project(
+    tmp: Path, sites: int, threshold: int = 2, protection: str = "masked"
+) -> tuple[Path, int]:
     """A project of ``sites`` sites whose round policy lets a sum of ``threshold`` be
-    decrypted (2: these tests drop sites out of small rounds; the default is larger)."""
+    decrypted (2: these tests drop sites out of small rounds; the default is larger) and
+    requires ``protection`` of every job."""
     port = _free_port()
     names = [f"site-{i + 1}" for i in range(sites)]
-    provision(tmp / "project", f"localhost:{port}", names, threshold=threshold)
+    provision(
+        tmp / "project", f"localhost:{port}", names, threshold=threshold, protection=protection
+    )
     return tmp / "project", port
 
 
@@ -873,7 +878,7 @@ def test_the_job_not_the_first_site_fixes_the_model(tmp_path: Path) -> None:
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "widetask.py").write_text(WIDE_TASK)
     env = {**ENV, "PYTHONPATH": f"{tmp_path / 'tasks'}{os.pathsep}{ROOT}"}
-    project, port = _project(tmp_path, 3)
+    project, port = _project(tmp_path, 3, protection="plain")
     job, _ = _job(tmp_path, task="widetask:Digits", he=False, min_clients=2, round_timeout=30.0)
     work = tmp_path / "work"
     server = subprocess.Popen(
@@ -1224,3 +1229,36 @@ def test_a_round_retried_with_other_members_leaves_every_site_the_same_model(
     models = [torch.load(work / f"site-{i}" / "model.pt") for i in (1, 2, 3, 4)]
     for key, value in models[0].items():
         assert all(torch.equal(m[key], value) for m in models[1:]), key
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"he": False}, "the server's job is plaintext FedAvg, but this project's kits require HE"),
+        ({"masking": False}, "the server's job is HE without pairwise masks, but"),
+    ],
+)
+def test_a_server_that_turns_protection_off_gets_no_update(
+    tmp_path: Path, change: dict[str, object], named: str
+) -> None:
+    """The kits require masked HE (the default, signed by the CA). An honest server refuses
+    to serve a weaker job; a patched one that serves it anyway gets no site's update: every
+    site stops, naming the downgrade, and the server ends the job with their reason."""
+    project, port = _project(tmp_path, 2)
+    job, _ = _job(tmp_path, clients=2, min_clients=2, round_timeout=30.0, **change)
+    honest = subprocess.run(
+        [*SECAGG, "server", str(job), "--kit", str(project / "server"), "--workdir",
+         str(tmp_path / "honest"), "--bind", f"127.0.0.1:{port}", "--no-tracking"],
+        capture_output=True, text=True, env=ENV, timeout=120,
+    )  # fmt: skip
+    assert honest.returncode != 0 and "every site would refuse it" in honest.stderr
+    server = _server(project, job, tmp_path / "server", port, fault="skip-policy")
+    sites = [_site(project, name, tmp_path, wait=30) for name in ("site-1", "site-2")]
+    try:
+        outs = [site.communicate(timeout=120)[0] for site in sites]
+        out = server.communicate(timeout=120)[0]
+    finally:
+        _kill_all(server, *sites)
+    for site, text in zip(sites, outs, strict=True):
+        assert site.returncode != 0 and named in text, text[-2000:]
+    assert named in out and "round   1" not in out, out[-2000:]

@@ -210,3 +210,26 @@ def test_dp_needs_sane_settings() -> None:
     with pytest.raises(ConfigError, match="dp_delta"):
         RunConfig(he=True, dp_noise=1.0, dp_delta=1.0).validate()
     assert not RunConfig(he=True).dp  # off unless asked for
+
+
+def test_kits_that_require_dp_refuse_a_job_with_less() -> None:
+    """A project can sign a DP floor into its kits: a job the server sends with less noise,
+    a larger clip, no DP or no HE is refused by every site, by name."""
+    from secagg.crypto.policy import RoundPolicy
+
+    policy = replace(RoundPolicy.for_round_size(4), dp_noise=1.0, dp_clip=0.5)
+    assert RoundPolicy.from_bytes(policy.to_bytes()) == policy  # what the CA signs
+    base = RunConfig(he=True, clients=4, dp_noise=1.0, dp_clip=0.5)
+    policy.check_job(base)
+    policy.check_job(replace(base, dp_noise=2.0, dp_clip=0.1))  # more noise, tighter clip
+    for weaker, said in (
+        (replace(base, dp_noise=0.5), "noise multiplier 0.500"),
+        (replace(base, dp_clip=1.0), "with clip 1"),
+        (replace(base, dp_noise=0.0), "adds no DP"),
+        (replace(base, he=False), "plaintext FedAvg"),
+    ):
+        with pytest.raises(PayloadError, match=said) as caught:
+            policy.check_job(weaker)
+        assert caught.value.reason == "policy"
+    with pytest.raises(ConfigError, match="both positive"):
+        replace(policy, dp_clip=0.0)

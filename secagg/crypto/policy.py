@@ -10,6 +10,8 @@ by name, any step that breaks it:
   A client refuses to agree a round's keys with fewer than ``t`` keyed sites, to confirm or
   unmask a survivor set of fewer than ``t``, and to decrypt an aggregate of fewer than ``t``.
 - ``max_round``: the most sites a round may hand keys to.
+- ``protection``, ``dp_noise``, ``dp_clip``: the least a job the server sends may protect a
+  site's update with (``check_job``): a lying server cannot turn HE, masks or DP off.
 - ``graph_above``, ``picks``, ``pick_threshold``: rounds of more than ``graph_above`` positions
   mask over a neighbour graph (``crypto.neighbours``), where a site reveals nothing unless
   ``pick_threshold`` of its ``picks`` are in the survivor set and signed it.
@@ -28,6 +30,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -35,6 +38,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from secagg.errors import ConfigError, PayloadError
+
+if TYPE_CHECKING:
+    from secagg.config import RunConfig
 
 #: Rounds of more positions than this mask over a neighbour graph (``crypto.neighbours``):
 #: at 200 a client of the full graph masks with 199 others, about what a graph client does
@@ -45,6 +51,13 @@ GRAPH_ABOVE = 200
 #: fifth: 2^-84), and one site's round fails when 10% of sites drop out with chance 3e-5.
 PICKS = 80
 PICK_THRESHOLD = 60
+#: What a kit may require of a job, from the least protection to the most.
+PROTECTIONS = ("plain", "he", "masked")
+_PROTECTION_WORDS = {
+    "plain": "plaintext FedAvg",
+    "he": "HE without pairwise masks",
+    "masked": "HE with pairwise masks",
+}
 #: The file a provisioned kit holds the policy in, and its CA signature beside it.
 POLICY_FILE = "policy.json"
 SIGNATURE_FILE = "policy.sig"
@@ -71,6 +84,13 @@ class RoundPolicy:
     #: with the graph: how many of a site's picks must be in a survivor set and sign it before
     #: the site reveals anything for it; also how many of its shares rebuild its keys
     pick_threshold: int = PICK_THRESHOLD
+    #: the least protection a site's update gets, whatever job the server sends: ``masked``
+    #: (HE with pairwise masks), ``he`` (HE, masks optional) or ``plain`` (anything)
+    protection: str = "masked"
+    #: with differential privacy required: the least noise multiplier a job may add, and the
+    #: largest clipping bound it may use (0: DP not required)
+    dp_noise: float = 0.0
+    dp_clip: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, int):
@@ -82,6 +102,14 @@ class RoundPolicy:
                 f"the round policy's threshold ({self.threshold}) must be between 1 and its "
                 f"max_round ({self.max_round})"
             )
+        if self.protection not in PROTECTIONS:
+            raise ConfigError(
+                f"the round policy's protection must be one of {', '.join(PROTECTIONS)}"
+            )
+        if self.dp_noise < 0 or self.dp_clip < 0 or bool(self.dp_noise) != bool(self.dp_clip):
+            raise ConfigError(
+                "the round policy's dp_noise and dp_clip are both positive (DP required) or both 0"
+            )
         for name in ("graph_above", "picks", "pick_threshold"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -90,6 +118,32 @@ class RoundPolicy:
             raise ConfigError(
                 f"the round policy's pick_threshold ({self.pick_threshold}) must be between 2 "
                 f"and its picks ({self.picks}), and picks below graph_above ({self.graph_above})"
+            )
+
+    def check_job(self, job: RunConfig, then: str = "this site sends nothing under it") -> None:
+        """Refuse (PayloadError ``policy``) a job the server sent that protects this site's
+        update less than the kits require: plaintext or unmasked where they require masked HE,
+        less DP noise or a larger clip than they set. ``then``: what follows, in the error."""
+        given = "masked" if job.he and job.masking else "he" if job.he else "plain"
+        if PROTECTIONS.index(given) < PROTECTIONS.index(self.protection):
+            raise PayloadError(
+                f"the server's job is {_PROTECTION_WORDS[given]}, but this project's kits "
+                f"require {_PROTECTION_WORDS[self.protection]} (the round policy its CA "
+                f"signed): {then} (new kits from 'secagg provision --protection' change what "
+                "the project requires)",
+                "policy",
+            )
+        if not self.dp_noise:
+            return
+        noise = job.noise_multiplier() if job.dp else 0.0
+        given_dp = f"noise multiplier {noise:.3f} with clip {job.dp_clip:g}" if job.dp else "no DP"
+        if not job.he or noise < self.dp_noise * (1 - 1e-9) or job.dp_clip > self.dp_clip:
+            raise PayloadError(
+                f"the server's job adds {given_dp}{'' if job.he else ' (and no HE)'}, but this "
+                "project's kits require distributed "
+                f"DP of noise multiplier at least {self.dp_noise:g} and clip at most "
+                f"{self.dp_clip:g}: {then}",
+                "policy",
             )
 
     def graph(self, roster: int) -> bool:
@@ -141,6 +195,9 @@ class RoundPolicy:
             "graph_above": self.graph_above,
             "picks": self.picks,
             "pick_threshold": self.pick_threshold,
+            "protection": self.protection,
+            "dp_noise": self.dp_noise,
+            "dp_clip": self.dp_clip,
         }
         return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
@@ -160,6 +217,9 @@ class RoundPolicy:
             body.get("graph_above", GRAPH_ABOVE),
             body.get("picks", PICKS),
             body.get("pick_threshold", PICK_THRESHOLD),
+            body.get("protection", "masked"),
+            body.get("dp_noise", 0.0),
+            body.get("dp_clip", 0.0),
         )
 
     def save(self, folder: Path, ca_key: ec.EllipticCurvePrivateKey) -> None:
