@@ -162,3 +162,25 @@ def _fill(out: np.ndarray, filled: int, words: np.ndarray, variance: np.int64) -
             out[filled] = y
             filled += 1
     return filled, pos[0]
+
+
+def round_within(scaled: np.ndarray, bound: float, tries: int = 1000) -> np.ndarray:
+    """``scaled`` rounded at random to a neighbouring integer, up with probability its
+    fractional part (unbiased), drawn again until the result's L2 norm is at most ``bound``
+    (conditional randomized rounding); the uniforms are AES-CTR words keyed from the OS's
+    CSPRNG, 53 bits each."""
+    floor = np.floor(scaled)
+    fraction = scaled - floor
+    key = os.urandom(seeded.SEED_BYTES)
+    for attempt in range(tries):
+        counter = (attempt << 64).to_bytes(16, "big")  # streams that never overlap
+        # Each chunk is a view of one reused buffer: copied before the next is drawn.
+        stream = seeded.key_stream(key, counter, max(scaled.size, 1))
+        words = np.concatenate([chunk.copy() for chunk in stream])[: scaled.size]
+        uniforms = (words >> np.uint64(11)).astype(np.float64) * 2.0**-53
+        rounded = floor + (uniforms < fraction)
+        if float(np.dot(rounded, rounded)) <= bound * bound:
+            return rounded
+    raise ValueError(
+        f"no rounding within the norm {bound} in {tries} draws: is the change clipped?"
+    )

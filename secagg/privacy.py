@@ -9,12 +9,15 @@ it carries every client's noise: no party, the server or a key holder, sees a le
 
 **How much noise.** With noise multiplier ``z``, the sum of any ``threshold`` (``t``, the round
 policy's) clients' noise has standard deviation ``z`` times the L2 sensitivity of one client's
-integers, ``a C + sqrt(d) / 2`` (``a``: its weight over the step; the second term bounds the
-rounding of ``d`` values). Each client draws variance ``ceil(sigma_t^2 / t)``, so that a sum
-of ``t`` or more has at least the target, however many dropped out: the round policy refuses
-smaller sums. Colluding clients that know their own noise take it away, leaving the honest
-clients' share: with ``c`` colluders among ``n`` contributors, a ``(n - c) / t`` fraction of the
-target variance (``t - 1`` colluders of a sum of ``t`` leave a ``1 / t`` fraction).
+integers: each rounds its scaled change ``x`` (``||x|| <= a C``, ``a`` its weight over the
+step) up or down at random, unbiased, and draws again until the norm is at most ``sqrt((aC)^2 +
+d/4 + aC + sqrt(d)/2)`` for ``d`` values (conditional randomized rounding, as in the DDG paper:
+the rounding adds to the norm in quadrature, not ``sqrt(d)/2`` outright). Each client draws
+variance ``ceil(sigma_t^2 / t)``, so that a sum of ``t`` or more has at least the target,
+however many dropped out: the round policy refuses smaller sums. Colluding clients that know
+their own noise take it away, leaving the honest clients' share: with ``c`` colluders among
+``n`` contributors, a ``(n - c) / t`` fraction of the target variance (``t - 1`` colluders of a
+sum of ``t`` leave a ``1 / t`` fraction).
 
 **The integers have room for it.** The steps are set from ``C``, never from the data (each
 client reports ``C`` as its largest change in every block of the scale exchange, so the
@@ -73,11 +76,22 @@ class Privacy:
             change *= self.clip / norm
         return norm
 
+    def rounded_norm(self, weight: float, step: float, values: int) -> float:
+        """The L2 norm no client's rounded integers exceed (its sensitivity) when it weighs
+        its change ``weight`` and rounds ``values`` of them on ``step``: with ``A = weight x
+        clip / step`` the largest norm before rounding, ``sqrt(A^2 + d/4 + A + sqrt(d)/2)``.
+        Randomized rounding adds ``d/4`` in expectation, in quadrature, where rounding to the
+        nearest could add ``sqrt(d)/2`` to the norm; a client draws its rounding again until
+        it is within the bound (``noise.round_within``, the DDG paper's conditional rounding),
+        so the bound holds always."""
+        scaled = weight / step * self.clip
+        d = float(values)
+        return math.sqrt(scaled**2 + d / 4 + scaled + math.sqrt(d) / 2)
+
     def calibrate(self, weight: float, step: float, values: int, clients: int) -> int:
         """Each client's discrete Gaussian variance (integer units) for a round whose clients
         weigh their change ``weight`` and quantize it on ``step``: at least ``MIN_VARIANCE``."""
-        sensitivity = weight / step * self.clip + math.sqrt(values) / 2
-        target = (self.noise * sensitivity) ** 2
+        target = (self.noise * self.rounded_norm(weight, step, values)) ** 2
         return max(MIN_VARIANCE, math.ceil(target / self.threshold))
 
     def level(self, limit: int, clients: int, variance_at: Callable[[int], int]) -> int:

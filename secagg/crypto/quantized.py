@@ -174,9 +174,12 @@ class QuantizedCipher:
             values *= (self._samples / total) / weight
             weight = self._samples / total
         limit = 2.0**quantize.E_MAX / total
-        values, clipped = quantize.quantize(values, steps, self.blocks, limit)
-        if agreement.variance:
+        if agreement.variance:  # DP: rounded at random within the norm the noise covers
+            scaled = values / np.repeat(steps, self.blocks)
+            values = noise.round_within(scaled, agreement.rounded_norm)
             values += self._noise_for(stamp, agreement.variance)
+            return self.inner.encrypt(Update(values, weight, 0), stamp)
+        values, clipped = quantize.quantize(values, steps, self.blocks, limit)
         return self.inner.encrypt(Update(values, weight, clipped), stamp)
 
     def _noise_for(self, stamp: Stamp, variance: int) -> np.ndarray:
@@ -234,16 +237,19 @@ class QuantizedCipher:
             )
         limit = self._limit(stamp)
         histograms = summed.values[: self._histogram_values]
-        variance = 0
+        variance, rounded_norm = 0, 0.0
         if self.privacy is not None:
-            limit, variance = self._noise_room(histograms, clients, total, limit)
-        steps = quantize.steps(histograms, clients, limit, total)
+            level, variance = self._noise_room(histograms, clients, total, limit)
+            steps = _dp_steps(histograms, clients, level, total)
+            rounded_norm = self.privacy.rounded_norm(1 / total, float(steps.min()), self.size)
+        else:
+            steps = quantize.steps(histograms, clients, limit, total)
         reported = summed.values[self._histogram_values :]
         try:
             metrics = report.read(reported, self._metrics, clients).averages
         except PayloadError:  # a site's report out of range: the metrics are unknown
             metrics = None
-        return Agreement(steps, summed.contributors, total, metrics, variance)
+        return Agreement(steps, summed.contributors, total, metrics, variance, rounded_norm)
 
     def _noise_room(
         self, histograms: np.ndarray, clients: int, total: int, limit: int
@@ -261,7 +267,7 @@ class QuantizedCipher:
         privacy = self.privacy
 
         def variance_at(level: int) -> int:
-            step = float(quantize.steps(histograms, clients, level, total).min())
+            step = float(_dp_steps(histograms, clients, level, total).min())
             return privacy.calibrate(1.0 / total, step, self.size, clients)
 
         level = privacy.level(limit, clients, variance_at)
@@ -282,3 +288,11 @@ class Agreement:
     metrics: dict[str, float] | None
     #: with DP: the discrete Gaussian variance each client adds to its integers (0: none)
     variance: int = 0
+    #: with DP: the L2 norm each client's rounded integers stay within (its sensitivity)
+    rounded_norm: float = 0.0
+
+
+def _dp_steps(histograms: np.ndarray, clients: int, level: int, total: int) -> np.ndarray:
+    """The steps that keep a DP round's summed data within ``level``: rounding at random moves
+    each client's integer by up to 1, not 1/2 (``quantize.steps`` leaves half a step each)."""
+    return quantize.steps(histograms, clients, level - clients + (clients + 1) // 2, total)
