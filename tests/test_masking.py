@@ -303,33 +303,6 @@ def test_masking_is_on_by_default_everywhere_and_ignored_without_he() -> None:
     RunConfig(he=False, masking=True, transport="grpc").validate()
 
 
-@pytest.mark.slow
-def test_ray_clients_mask_and_reach_the_unmasked_model(tmp_path, session_keys) -> None:
-    """Ray actors: keys made per actor, signed with simulated site keys derived in each
-    process, relayed with the train task; masked and unmasked runs give the same rounds."""
-    pytest.importorskip("ray")
-    from secagg.config import RunConfig
-    from secagg.job import run_job
-
-    config = RunConfig(
-        he=True,
-        clients=3,
-        rounds=2,
-        transport="ray",
-        client_cpus=0.5,
-        keys_dir=str(session_keys),
-        tracking=False,
-        device="cpu",
-    )
-    runs = [
-        run_job(replace(config, masking=m, output_dir=str(tmp_path / str(m))))
-        for m in (True, False)
-    ]
-    for m, u in zip(runs[0].rounds, runs[1].rounds, strict=True):
-        assert (m.value("accuracy"), m.loss) == (u.value("accuracy"), u.loss)
-        assert u.bytes_up < m.bytes_up <= 1.02 * u.bytes_up  # confirmations and keys only
-
-
 def test_sampled_rounds_mask_with_each_rounds_clients(tmp_path, session_keys) -> None:
     """Clients per round drawn from a larger population: reusable clients take on each round's
     identities (and their per-job keys); masked and unmasked runs give the same rounds."""
@@ -368,46 +341,6 @@ def test_the_default_digits_job_with_masks_matches_plaintext_every_round(
     assert masked.final >= 0.90
     for m, p in zip(masked.rounds, plain.rounds, strict=True):
         assert abs(m.value("accuracy") - p.value("accuracy")) <= 0.003, f"round {m.round}"
-
-
-@pytest.mark.slow
-def test_a_ray_worker_killed_after_key_agreement_is_corrected_for(
-    tmp_path, session_keys, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A masked Ray run where site 1's worker dies while training round 2 (it got the round's
-    keys, sent nothing): the two survivors correct both phases, and the round ends as the
-    unmasked run's does."""
-    pytest.importorskip("ray")
-    import os
-    import sys
-
-    from test_ray import DYING_TASK, _config
-
-    from secagg.job import run_job
-
-    package = tmp_path / "pkg"
-    package.mkdir()
-    (package / "dying.py").write_text(DYING_TASK)
-    monkeypatch.syspath_prepend(str(package))
-    path = os.pathsep.join(p for p in (str(package), os.environ.get("PYTHONPATH", "")) if p)
-    monkeypatch.setenv("PYTHONPATH", path)
-    config = _config(
-        tmp_path,
-        session_keys,
-        task="dying:DiesOnce",
-        transport="ray",
-        rounds=3,
-        min_clients=2,
-        threshold=2,
-    )
-    masked = run_job(replace(config, masking=True, output_dir=str(tmp_path / "m")))
-    plain = run_job(replace(config, masking=False, output_dir=str(tmp_path / "u")))
-    sys.modules.pop("dying", None)
-    assert [m.clients for m in masked.rounds] == [3, 2, 3]
-    for m, u in zip(masked.rounds, plain.rounds, strict=True):
-        assert (m.value("accuracy"), m.loss) == (u.value("accuracy"), u.loss), f"round {m.round}"
-    # Round 2's corrections: one per survivor and phase, c0 words only.
-    assert masked.rounds[1].bytes_up > plain.rounds[1].bytes_up
 
 
 def test_a_phase_is_masked_once(session_keys, identities) -> None:
