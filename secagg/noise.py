@@ -57,6 +57,11 @@ def discrete_gaussian(variance: int, count: int) -> np.ndarray:
 @numba.njit(cache=True)
 def _uniform(words: np.ndarray, pos: np.ndarray, n: np.uint64) -> np.int64:
     """A uniform integer in ``[0, n)`` by rejection from 64-bit words (-1: out of words)."""
+    if (n & (n - np.uint64(1))) == np.uint64(0):  # a power of two: low bits, no rejection
+        if pos[0] >= words.size:
+            return _EMPTY
+        pos[0] += 1
+        return np.int64(words[pos[0] - 1] & (n - np.uint64(1)))
     top = np.uint64(0xFFFFFFFFFFFFFFFF)
     cut = top - (top % n)  # accept words below a multiple of n: no modulo bias
     while pos[0] < words.size:
@@ -70,6 +75,10 @@ def _uniform(words: np.ndarray, pos: np.ndarray, n: np.uint64) -> np.int64:
 @numba.njit(cache=True)
 def _bernoulli(words: np.ndarray, pos: np.ndarray, num: np.int64, den: np.int64) -> np.int64:
     """1 with probability ``num / den`` (0 <= num <= den), 0 otherwise, -1: out of words."""
+    if num >= den:  # certain: no word spent
+        return np.int64(1)
+    if num <= 0:
+        return np.int64(0)
     u = _uniform(words, pos, np.uint64(den))
     if u < 0:
         return _EMPTY
