@@ -15,6 +15,7 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -264,14 +265,7 @@ class QuantizedCipher:
                 f"site(s) claim {total}: a site misreported its count",
                 "bad-total",
             )
-        privacy = self.privacy
-
-        def variance_at(level: int) -> int:
-            step = float(_dp_steps(histograms, clients, level, total).min())
-            return privacy.calibrate(1.0 / total, step, self.size, clients)
-
-        level = privacy.level(limit, clients, variance_at)
-        return level, variance_at(level)
+        return _room(histograms.tobytes(), clients, limit, self.privacy, self.size)
 
 
 @dataclass(frozen=True)
@@ -290,6 +284,22 @@ class Agreement:
     variance: int = 0
     #: with DP: the L2 norm each client's rounded integers stay within (its sensitivity)
     rounded_norm: float = 0.0
+
+
+@lru_cache(maxsize=64)
+def _room(
+    histograms: bytes, clients: int, limit: int, privacy: Privacy, values: int
+) -> tuple[int, int]:
+    """``_noise_room``'s search, once per process for the same round: every client of a
+    simulation derives the same from the same (public) sums."""
+    summed = np.frombuffer(histograms, dtype=np.float64)
+
+    def variance_at(level: int) -> int:
+        step = float(_dp_steps(summed, clients, level, clients).min())
+        return privacy.calibrate(1.0 / clients, step, values, clients)
+
+    level = privacy.level(limit, clients, variance_at)
+    return level, variance_at(level)
 
 
 def _dp_steps(histograms: np.ndarray, clients: int, level: int, total: int) -> np.ndarray:
