@@ -122,6 +122,41 @@ def _optimization(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
+#: ``secagg run``'s differential-privacy flags (``secagg.privacy``): name, type, help
+_PRIVACY = (
+    (
+        "--dp-epsilon",
+        click.FloatRange(min=0),
+        "Differential privacy within this epsilon over the job's rounds (the noise is "
+        "calibrated to it, and the run stops before exceeding it); with --he inside the "
+        "encrypted sum, without it central (the server adds the noise).",
+    ),
+    (
+        "--dp-noise",
+        click.FloatRange(min=0),
+        "Differential privacy with this noise multiplier instead (with --dp-epsilon too: "
+        "the run stops before exceeding that budget).",
+    ),
+    (
+        "--dp-clip",
+        click.FloatRange(min=0, min_open=True),
+        f"with DP: the L2 bound each client clips its update to.{_default('dp_clip')}",
+    ),
+    (
+        "--dp-delta",
+        click.FloatRange(min=0, max=1, min_open=True, max_open=True),
+        f"with DP: the delta epsilon is stated at.{_default('dp_delta')}",
+    ),
+)
+
+
+def _privacy(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The differential-privacy flags of ``run``."""
+    for name, kind, text in reversed(_PRIVACY):
+        command = click.option(name, type=kind, help=text)(command)
+    return command
+
+
 @click.group(
     epilog=_epilog(
         "secagg keygen && secagg run --he     HE secure aggregation on the digits job",
@@ -322,29 +357,6 @@ def keygen(out_dir: str, force: bool, poly_degree: str, coeff_bits: str) -> None
     "(the round policy) [default: max(min(m, 3), 2m/3 + 1) of the m clients per round].",
 )
 @click.option(
-    "--dp-epsilon",
-    type=click.FloatRange(min=0),
-    help="Differential privacy within this epsilon over the job's rounds (the noise is "
-    "calibrated to it, and the run stops before exceeding it); with --he inside the "
-    "encrypted sum, without it central (the server adds the noise).",
-)
-@click.option(
-    "--dp-noise",
-    type=click.FloatRange(min=0),
-    help="Differential privacy with this noise multiplier instead (with --dp-epsilon too: "
-    "the run stops before exceeding that budget).",
-)
-@click.option(
-    "--dp-clip",
-    type=click.FloatRange(min=0, min_open=True),
-    help=f"with DP: the L2 bound each client clips its update to.{_default('dp_clip')}",
-)
-@click.option(
-    "--dp-delta",
-    type=click.FloatRange(min=0, max=1, min_open=True, max_open=True),
-    help=f"with DP: the delta epsilon is stated at.{_default('dp_delta')}",
-)
-@click.option(
     "--round-timeout",
     type=click.FloatRange(min=0, min_open=True),
     help=f"grpc: seconds each phase of a round waits for the sites.{_default('round_timeout')}",
@@ -358,6 +370,7 @@ def keygen(out_dir: str, force: bool, poly_degree: str, coeff_bits: str) -> None
 @click.option(
     "--quiet", "-q", is_flag=True, help="No progress bar, no per-round lines: only the summary."
 )
+@_privacy
 @_optimization
 @_friendly
 def run(job: str | None, resume: bool, no_tracking: bool, quiet: bool, **flags: Any) -> None:
