@@ -272,6 +272,12 @@ class RunConfig:
         return "standard" if self.server_optimizer == "fedavg" else "fine"
 
     @property
+    def protection(self) -> str:
+        """How a site's update travels: ``masked`` (HE with pairwise masks), ``he`` or
+        ``plain`` (what a kit's round policy requires at least, ``crypto.policy``)."""
+        return "masked" if self.he and self.masking else "he" if self.he else "plain"
+
+    @property
     def dp(self) -> bool:
         """Whether the job adds differential privacy's noise."""
         return self.dp_noise > 0 or self.dp_epsilon > 0

@@ -285,7 +285,8 @@ def _prepare(
     config = RunConfig(**{**joined.config, **local, "keys_dir": str(kit.folder)})
     config = replace(config, tracking=False).validate()
     # The job comes from the server: it must protect this site's update as the kits require.
-    kit.policy().check_job(config)
+    policy = kit.policy()
+    policy.check_job(config)
     use_threads(config)
     if config.he:
         check_keys(joined, keys.load_for_client(kit.folder).fingerprint)
@@ -307,8 +308,8 @@ def _prepare(
         kit.folder,
         config.precision,
         identities,
-        kit.policy(),
-        config.privacy(kit.policy().threshold),
+        policy,
+        config.privacy(policy.threshold),
     )
     client = Client(task_for(config), info, config, make_cipher, resolve_device(device))
     return config, client, identities
@@ -316,9 +317,8 @@ def _prepare(
 
 def _privacy(config: RunConfig) -> str:
     """How the job protects updates, in words."""
-    if not config.he:
-        return "plaintext"
-    return "HE, pairwise masks" if config.masking else "HE, no masks"
+    words = {"masked": "HE, pairwise masks", "he": "HE, no masks", "plain": "plaintext"}
+    return words[config.protection]
 
 
 def _plain(name: str) -> str:
@@ -343,7 +343,7 @@ def run_local(config: RunConfig, log: Callable[[str], None] = lambda line: None)
             f"localhost:{port}",
             sites,
             project="secagg-local",
-            protection="masked" if config.he and config.masking else "he" if config.he else "plain",
+            protection=config.protection,
             dp_noise=config.noise_multiplier() if dp else 0.0,
             dp_clip=config.dp_clip if dp else 0.0,
         )

@@ -95,8 +95,8 @@ class Privacy:
         return max(MIN_VARIANCE, math.ceil(target / self.threshold))
 
     def level(self, limit: int, clients: int, variance_at: Callable[[int], int]) -> int:
-        """The largest summed integer the data may reach (what ``quantize.steps`` divides by)
-        that leaves ``HEADROOM_SIGMAS`` of the ``clients``' summed noise within ``limit``;
+        """The largest summed integer the data may reach (the steps are set for it) that
+        leaves ``HEADROOM_SIGMAS`` of the ``clients``' summed noise within ``limit``;
         ``variance_at(level)`` is the variance each client draws at that level."""
 
         def fits(level: int) -> bool:
@@ -156,7 +156,10 @@ def noise_for(target: float, rounds: int, sampling: float, delta: float) -> floa
     while epsilon(high, rounds, sampling, delta) > target:
         high *= 2
         if high > 1e6:
-            raise ConfigError(f"no noise multiplier reaches epsilon {target} at delta {delta}")
+            raise ConfigError(
+                f"no noise multiplier keeps {rounds} rounds within epsilon {target} at delta "
+                f"{delta}: raise dp_epsilon or dp_delta, or run fewer rounds"
+            )
     while high - low > 1e-3 * high:
         middle = (low + high) / 2
         if epsilon(middle, rounds, sampling, delta) > target:

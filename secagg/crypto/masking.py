@@ -441,7 +441,8 @@ class Masker:
         # A correction names every keyed position that sent nothing (what the server checks)
         # and removes this client's pairs with those among its neighbours.
         dropped = set(self._sites) - set(survivors)
-        lost = tuple(sorted(dropped & set(self._round[2]))) if self._round is not None else ()
+        assert self._round is not None  # the phase is active (``_check_survivors``)
+        lost = tuple(sorted(dropped & set(self._round[2])))
         words = self._pairs(stamp, lost, count, n, modulus, negate=True) if dropped else None
         return self._self_key(stamp), words, self._shares_of(stamp, survivors)
 

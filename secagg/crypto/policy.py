@@ -108,7 +108,8 @@ class RoundPolicy:
             )
         if self.dp_noise < 0 or self.dp_clip < 0 or bool(self.dp_noise) != bool(self.dp_clip):
             raise ConfigError(
-                "the round policy's dp_noise and dp_clip are both positive (DP required) or both 0"
+                "the round policy's dp_noise and dp_clip must be both positive (DP required) "
+                "or both 0; give both to 'secagg provision --require-dp NOISE CLIP'"
             )
         for name in ("graph_above", "picks", "pick_threshold"):
             value = getattr(self, name)
@@ -124,7 +125,7 @@ class RoundPolicy:
         """Refuse (PayloadError ``policy``) a job the server sent that protects this site's
         update less than the kits require: plaintext or unmasked where they require masked HE,
         less DP noise or a larger clip than they set. ``then``: what follows, in the error."""
-        given = "masked" if job.he and job.masking else "he" if job.he else "plain"
+        given = job.protection
         if PROTECTIONS.index(given) < PROTECTIONS.index(self.protection):
             raise PayloadError(
                 f"the server's job is {_PROTECTION_WORDS[given]}, but this project's kits "
@@ -210,7 +211,7 @@ class RoundPolicy:
             raise ConfigError(f"the round policy is not valid JSON: {err}") from err
         if not isinstance(body, dict) or body.get("policy") != _LABEL:
             raise ConfigError("the round policy file is not a secagg round policy")
-        # A kit made before the neighbour graph signed no graph settings: the defaults.
+        # A kit made before these settings existed signed none of them: the defaults.
         return cls(
             body.get("threshold"),  # type: ignore[arg-type]
             body.get("max_round"),  # type: ignore[arg-type]
