@@ -51,6 +51,7 @@ from secagg.messages import (
     TrainReply,
     first_difference,
 )
+from secagg.models import seed_torch
 from secagg.optimizers import Hyper, ServerOptimizer, positions_of
 from secagg.task import EvalResult, RoundContext, Site, Task, TrainResult
 
@@ -160,7 +161,7 @@ class Client:
         # The cipher prepares this round's encryptions in the background while the task trains.
         self.cipher.precompute(stamp)
         ctx = self.context(stamp.round_num, anchor=True)
-        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=_seeded(ctx.seed))))
+        seed_torch(int(torch.randint(0, 2**31 - 1, (1,), generator=_seeded(ctx.seed))))
         self.model.train()
         result = self._call("train", lambda: self.task.train(self.model, self.data, ctx))
         samples = self._samples(result)
@@ -422,7 +423,7 @@ class Client:
 def build_model(task: Task, config: RunConfig) -> nn.Module:
     """The job's initial model: the task's, built with torch seeded by the job's seed, with the
     job's ``initial_model`` weights loaded over it when it names one."""
-    torch.manual_seed(config.seed)
+    seed_torch(config.seed)
     model = task.build_model()
     if not isinstance(model, nn.Module):
         raise TaskError(f"the task's build_model returned a {type(model).__name__}, not a module")
