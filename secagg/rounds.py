@@ -426,25 +426,29 @@ class RoundRecord:
 
 
 def _agreed(reports: list[dict[str, float]]) -> dict[str, float]:
-    """The averages that most clients decrypted from a summed report (an integer codec:
-    every client reads the same sum; a client that says otherwise is outvoted and logged).
-    Votes compare each value's ``repr``, so NaNs (an undefined metric), which are never equal
-    to each other, still agree. Empty when none came."""
-    if not reports:
-        return {}
-    votes = Counter(_ballot(r) for r in reports)
-    winner, count = votes.most_common(1)[0]
-    if count < len(reports):
+    """The averages most clients decrypted from a summed report, name by name (an integer
+    codec: every client reads the same sum, each the metrics it reported itself; a client
+    that says otherwise is outvoted and logged). Votes compare each value's ``repr``, so NaNs
+    (an undefined metric), which are never equal to each other, still agree. Empty when none
+    came."""
+    votes: dict[str, Counter[str]] = {}
+    values: dict[tuple[str, str], float] = {}
+    for report_ in reports:
+        for name, value in report_.items():
+            votes.setdefault(name, Counter())[repr(value)] += 1
+            values[name, repr(value)] = value
+    agreed, outvoted = {}, 0
+    for name, counted in sorted(votes.items()):
+        (winner, count), total = counted.most_common(1)[0], sum(counted.values())
+        agreed[name] = values[name, winner]
+        outvoted = max(outvoted, total - count)
+    if outvoted:
         warnings.warn(
-            f"{len(reports) - count} of {len(reports)} clients decrypted other metrics than "
-            "the rest; the majority's are kept",
+            f"{outvoted} of {len(reports)} clients decrypted other metrics than the rest; "
+            "the majority's are kept",
             stacklevel=2,
         )
-    return next(r for r in reports if _ballot(r) == winner)
-
-
-def _ballot(report: dict[str, float]) -> tuple[tuple[str, str], ...]:
-    return tuple(sorted((name, repr(value)) for name, value in report.items()))
+    return agreed
 
 
 def _averaged(reports: list[tuple[int, dict[str, float]]]) -> dict[str, float]:

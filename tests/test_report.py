@@ -40,10 +40,37 @@ def test_a_site_with_a_non_finite_value_makes_that_metric_nan_only() -> None:
     assert math.isclose(averages["acc"], (0.5 * 10 + 0.7 * 30) / 40, rel_tol=1e-12)
 
 
-def test_sites_that_report_other_metric_names_give_no_averages() -> None:
-    sites = [({"loss": 1.0}, 10), ({"loss": 1.0, "acc": 0.5}, 10)]
-    assert report.read(_summed(sites), {"loss": 0}, 2).averages is None
-    assert report.read(_summed(sites), {"loss": 0, "acc": 0}, 2).averages is None
+def test_sites_that_report_other_metrics_are_averaged_as_plaintext_averages_them() -> None:
+    """A site whose test set has one class reports no AUC: each metric is averaged over the
+    sites that reported it, exactly as plaintext FedAvg averages it in the open, and every
+    site reads the metrics it reported itself (the round keeps each name's majority)."""
+    sites = [
+        ({"loss": 0.5, "auc": 0.9, "acc": 0.8}, 10),
+        ({"loss": 0.7, "acc": 0.6}, 30),
+        ({"loss": 0.2, "auc": 0.7, "acc": 0.9, "f1": 0.4}, 20),
+    ]
+    summed = _summed(sites)
+    views = [report.read(summed, metrics, len(sites)).averages for metrics, _ in sites]
+    assert all(view is not None for view in views)
+    assert set(views[1] or {}) == {"loss", "acc"}  # a site reads only the names it knows
+    expected = rounds._averaged([(count, metrics) for metrics, count in sites])
+    agreed = rounds._agreed([view for view in views if view is not None])
+    assert agreed.keys() == expected.keys() == {"loss", "auc", "acc", "f1"}
+    for name, value in expected.items():
+        assert math.isclose(agreed[name], value, rel_tol=1e-9, abs_tol=1e-9), name
+
+
+def test_names_that_meet_in_one_entry_read_nan_never_a_mix() -> None:
+    """Two sites whose names land in the same entry (a collision another site resolved
+    differently): the entry's fingerprint sum shows the mix, and it reads NaN."""
+    names = [f"m{i}" for i in range(2000)]
+    first = names[0]
+    other = next(
+        n for n in names[1:] if report.fingerprint(n) % 65 == report.fingerprint(first) % 65
+    )
+    summed = _summed([({first: 1.0}, 5), ({other: 3.0}, 5)])
+    assert math.isnan((report.read(summed, {first: 0}, 2).averages or {})[first])
+    assert report.read(_summed([({first: 1.0}, 5)]), {first: 0}, 1).averages == {first: 1.0}
 
 
 def test_the_largest_sum_a_round_may_add_fits_every_packing() -> None:

@@ -16,13 +16,16 @@ so each travels as non-negative 4-bit **limbs**, least significant first, one pe
 sum of up to 1,024 sites' limbs (``15 x 1,024 = 15,360``) stays inside every packing's summed
 digit, and the limb sums recombine into the exact total in Python integers.
 
-Names never travel: every site encodes its own metrics in its own name order, with a 1 saying
-it reported and the 32-bit fingerprint of its sorted names (as limbs). When the summed
-fingerprint is not the reporting sites' count times a reader's own, the sites reported other
-metrics, and the averages are unknown (``Reading.averages`` is None): the names must agree, as
-every site of a job runs the same task. A site with nothing to report (no test data) sends
-zeros, so that a sum of evaluations still counts every site of the round (the round policy's
-threshold holds) while only the evaluating sites weigh in.
+Names never travel: each metric sits in the entry its name hashes to (the next free one when
+two of a site's names hash alike, in name order), with a 1 saying a site reported it and the
+32-bit fingerprint of its name (as limbs). A reader finds each of its own names where it would
+have put it, and reads it only when the summed fingerprint is the entry's reporters times its
+own: so sites may report different metrics (a site whose test set has one class reports no
+AUC), and each metric is averaged over the sites that reported it, as a plaintext average is;
+an entry where two names met (sites whose names collided differently) reads NaN. A site with
+nothing to report (no test data) sends zeros, so that a sum of evaluations still counts every
+site of the round (the round policy's threshold holds) while only the evaluating sites weigh
+in.
 
 The same report is a payload of its own in a round's evaluation phase (``EVALUATION``): every
 site that sent the round's update encrypts one after applying the round's aggregate, the server
@@ -60,10 +63,16 @@ def _limbs(bits: int) -> int:
 
 
 _VALUE_LIMBS, _COUNT_LIMBS, _PRINT_LIMBS = _limbs(VALUE_BITS), _limbs(COUNT_BITS), 8
-#: Limbs per entry: the weighted value, the count, the flag.
-_ENTRY = _VALUE_LIMBS + _COUNT_LIMBS + 1
-#: Where the entries start: after the reporting flag and the names' fingerprint.
-_HEAD = 1 + _PRINT_LIMBS
+#: Limbs per entry: the weighted value, the count, the not-finite flag, the reported flag and
+#: the name's fingerprint.
+_ENTRY = _VALUE_LIMBS + _COUNT_LIMBS + 2 + _PRINT_LIMBS
+_FLAG, _REPORTED, _PRINT = (
+    _VALUE_LIMBS + _COUNT_LIMBS,
+    _VALUE_LIMBS + _COUNT_LIMBS + 1,
+    _ENTRY - _PRINT_LIMBS,
+)
+#: Where the entries start: after the flag saying the site reported.
+_HEAD = 1
 #: Values of a report (what it adds to a scale payload; an evaluation payload's size).
 VALUES = _HEAD + ENTRIES * _ENTRY
 _OFFSET = 1 << (VALUE_BITS - 1)
@@ -80,15 +89,17 @@ def encode(metrics: Mapping[str, float] | None, count: int = 0) -> np.ndarray:
     if not 0 < count < 1 << COUNT_BITS:
         raise PayloadError(f"a report's count must be in [1, 2**{COUNT_BITS}), not {count}")
     out[0] = 1
-    out[1:_HEAD] = _split(fingerprint(metrics), _PRINT_LIMBS)
-    for index, name in enumerate(sorted(metrics)):
-        value, start = metrics[name], _HEAD + index * _ENTRY
+    for name, slot in _entries(metrics).items():
+        value, start = metrics[name], _HEAD + slot * _ENTRY
+        entry = out[start : start + _ENTRY]
+        entry[_REPORTED] = 1
+        entry[_PRINT:] = _split(fingerprint(name), _PRINT_LIMBS)
         if math.isfinite(value) and abs(value) < 1 << VALUE_LIMIT_BITS:
             weighted = round(value * count * (1 << FRACTION_BITS)) + _OFFSET
-            out[start : start + _VALUE_LIMBS] = _split(weighted, _VALUE_LIMBS)
-            out[start + _VALUE_LIMBS : start + _ENTRY - 1] = _split(count, _COUNT_LIMBS)
+            entry[:_VALUE_LIMBS] = _split(weighted, _VALUE_LIMBS)
+            entry[_VALUE_LIMBS:_FLAG] = _split(count, _COUNT_LIMBS)
         else:
-            out[start + _ENTRY - 1] = 1
+            entry[_FLAG] = 1
     return out
 
 
@@ -96,7 +107,7 @@ def encode(metrics: Mapping[str, float] | None, count: int = 0) -> np.ndarray:
 class Reading:
     """A summed report, read: how many sites reported, the largest summed count of an entry
     (how many examples they claim to have measured over), and the averages by name (None
-    when the sites reported other metric names than the reader's)."""
+    when no site reported)."""
 
     sites: int
     count: int
@@ -104,9 +115,10 @@ class Reading:
 
 
 def read(summed: np.ndarray, names: Mapping[str, object], sites: int) -> Reading:
-    """The count-weighted average of each metric over the sites that reported, of the
-    ``sites`` whose reports were summed into ``summed``, named as this site's own ``names``.
-    Refuses (PayloadError) a sum no honest sites make."""
+    """The count-weighted average of each metric over the sites that reported it, of the
+    ``sites`` whose reports were summed into ``summed``, for this site's own ``names`` (NaN
+    where a site's value was not finite, or where sites' names met in one entry). Refuses
+    (PayloadError) a sum no honest sites make."""
     summed = np.asarray(summed, dtype=np.float64)
     if summed.shape != (VALUES,) or np.any(summed < 0) or np.any(summed > 15 * sites):
         raise PayloadError(
@@ -114,28 +126,44 @@ def read(summed: np.ndarray, names: Mapping[str, object], sites: int) -> Reading
             "bad-report",
         )
     reporting = int(summed[0])
-    own = _split(fingerprint(names), _PRINT_LIMBS)
-    if not reporting or not np.array_equal(summed[1:_HEAD], own * reporting):
-        return Reading(reporting, 0, None)
+    if not reporting:
+        return Reading(0, 0, None)
     averages: dict[str, float] = {}
     most = 0
-    for index, name in enumerate(sorted(names)):
-        start = _HEAD + index * _ENTRY
-        flagged = int(summed[start + _ENTRY - 1])
-        count = _join(summed[start + _VALUE_LIMBS : start + _ENTRY - 1])
+    for name, slot in _entries(names).items():
+        entry = summed[_HEAD + slot * _ENTRY : _HEAD + (slot + 1) * _ENTRY]
+        reporters = int(entry[_REPORTED])
+        if not reporters:
+            continue
+        count = _join(entry[_VALUE_LIMBS:_FLAG])
         most = max(most, count)
-        if flagged or count == 0:
+        mixed = _join(entry[_PRINT:]) != reporters * fingerprint(name)
+        if mixed or entry[_FLAG] or count == 0:
             averages[name] = math.nan
             continue
-        weighted = _join(summed[start : start + _VALUE_LIMBS]) - _OFFSET * reporting
+        weighted = _join(entry[:_VALUE_LIMBS]) - _OFFSET * reporters
         averages[name] = weighted / count / (1 << FRACTION_BITS)
     return Reading(reporting, most, averages)
 
 
-def fingerprint(names: Mapping[str, object]) -> int:
-    """32 bits of SHA-256 over the sorted names."""
-    digest = hashlib.sha256("\0".join(sorted(names)).encode()).digest()
+def fingerprint(name: str) -> int:
+    """32 bits of SHA-256 over a metric's name."""
+    digest = hashlib.sha256(name.encode()).digest()
     return int.from_bytes(digest[: _FINGERPRINT_BITS // 8], "big")
+
+
+def _entries(names: Mapping[str, object]) -> dict[str, int]:
+    """Each name's entry: the one its fingerprint names, or the next free one (in name
+    order), so that sites with the same names place them alike, and others mostly do."""
+    taken: dict[str, int] = {}
+    used: set[int] = set()
+    for name in sorted(names):
+        slot = fingerprint(name) % ENTRIES
+        while slot in used:
+            slot = (slot + 1) % ENTRIES
+        taken[name] = slot
+        used.add(slot)
+    return taken
 
 
 def _split(number: int, limbs: int) -> np.ndarray:
