@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "Installing secagg and its dependencies into $(VENV) (first time: a few minutes)..."
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,bench,ray,docs,dp]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,bench,ray,docs,dp,flower]"
 	@touch $(STAMP)
 
 $(KEYS)/manifest.json: | $(STAMP)

@@ -30,6 +30,7 @@ from secagg.crypto.policy import RoundPolicy
 if TYPE_CHECKING:  # the server imports this package: no torch here
     from cryptography.hazmat.primitives.asymmetric import ec
 
+    from secagg.crypto.params import Keys
     from secagg.crypto.quantized import Agreement
     from secagg.crypto.report import Reading
     from secagg.flatten import Layout
@@ -205,22 +206,24 @@ def for_client(
     identities: Identities | None = None,
     policy: RoundPolicy | None = None,
     privacy: Privacy | None = None,
+    keys: Keys | None = None,
 ) -> Callable[[Layout], ClientCipher]:
     """A factory of client-side ciphers for a job: each client gets its own, for its model's
     layout. Keys are read once, here. ``precision``: ``float32``/``float64`` for plaintext,
     ``standard``/``fine`` for HE (``RunConfig.precision``). With ``identities`` (HE only)
     every cipher masks its payloads pairwise, signing its key-agreement keys with those site
     keys, and enforces ``policy`` on every round (``crypto.policy``). ``privacy``: differential
-    privacy (``secagg.privacy``): clipping, and with HE the noise inside the encrypted sum."""
+    privacy (``secagg.privacy``): clipping, and with HE the noise inside the encrypted sum.
+    ``keys``: the client keys already loaded (then ``keys_dir`` is not read)."""
     if not he:
         from secagg.crypto.plain import PlainCipher
 
         return lambda layout: PlainCipher(precision or "float32", privacy)
-    from secagg import keys
+    from secagg import keys as key_files
     from secagg.crypto.ckks import CkksClient
     from secagg.crypto.quantized import QuantizedCipher
 
-    loaded = keys.load_for_client(keys_dir)
+    loaded = keys if keys is not None else key_files.load_for_client(keys_dir)
 
     def make(layout: Layout) -> ClientCipher:
         masker = None

@@ -115,20 +115,39 @@ class CkksClient:
                 "a client needs the secret context (keys/client.ctx), "
                 "but was given a public one (server.ctx)"
             )
-        # precision: ``standard`` or ``fine`` (``packing``); the server's must be the same
-        self._format = RoundFormat(keys, precision)
-        self.codec, self._shape = self._format.codec, self._format.shape
-        self._secret = rlwe.SecretKey(keys.context, self._shape)
-        self._mac = integrity.MacKey(keys.context)
-        self._zeros = _Zeros(self._secret)
+        self._keys, self._precision = keys, precision
+        self._derive()
         #: the update's ciphertext count of the round last prepared: (job, round) -> count
         self._update_blobs: dict[tuple[bytes, int], int] = {}
-        #: masks expanded ahead of time, by (job, round, phase): their plan and the words
-        self._masks: dict[tuple[bytes, int, int], tuple[MaskPlan, Future[np.ndarray]]] = {}
         #: the largest magnitude a summed integer may reach in a round of up to 128 clients
         #: (``sum_limit_for`` says it for any round)
         self.sum_limit: int = packing_for(1, precision).sum_limit
         self.last_seconds: dict[str, float] = {}
+
+    def _derive(self) -> None:
+        """What the keys give (the format, the secret key's arrays, the tag's key) and what
+        lives in this process only (encryptions and masks made ahead of time)."""
+        # precision: ``standard`` or ``fine`` (``packing``); the server's must be the same
+        self._format = RoundFormat(self._keys, self._precision)
+        self.codec, self._shape = self._format.codec, self._format.shape
+        self._secret = rlwe.SecretKey(self._keys.context, self._shape)
+        self._mac = integrity.MacKey(self._keys.context)
+        self._zeros = _Zeros(self._secret)
+        #: masks expanded ahead of time, by (job, round, phase): their plan and the words
+        self._masks: dict[tuple[bytes, int, int], tuple[MaskPlan, Future[np.ndarray]]] = {}
+
+    _DERIVED = ("_format", "codec", "_shape", "_secret", "_mac", "_zeros", "_masks")
+
+    def __getstate__(self) -> dict[str, object]:
+        """The client's round state (its masks' keys and what it agreed, its ledger of
+        rounds), without what it derives from the keys or made ahead of time in this
+        process. The keys themselves are pickled as they are unless the pickler stands them
+        in for a reference (``secagg.flower`` does: a node's state never holds its key)."""
+        return {k: v for k, v in self.__dict__.items() if k not in self._DERIVED}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self._derive()
 
     def sum_limit_for(self, stamp: Stamp) -> int:
         """The largest magnitude a summed integer of ``stamp``'s round may reach."""

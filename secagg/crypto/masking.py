@@ -196,6 +196,17 @@ class Masker:
         #: (job, own public key, a checked peer key) -> the pair's secret
         self._secrets: dict[tuple[bytes, bytes, SignedKey], bytes] = {}
 
+    def __getstate__(self) -> dict[str, object]:
+        """Its state, the X25519 keys as their raw bytes (what ``secagg.flower`` keeps on a
+        node between messages)."""
+        private = {key: value.private_bytes_raw() for key, value in self._private.items()}
+        return {**self.__dict__, "_private": private}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        raw: dict[tuple[bytes, int], bytes] = state["_private"]  # type: ignore[assignment]
+        self._private = {k: X25519PrivateKey.from_private_bytes(v) for k, v in raw.items()}
+
     def publish(self, job: bytes, site: int) -> SignedKey:
         """This client's signed X25519 public key for ``job`` as ``site`` (made on first use)."""
         public = _raw(self._private.setdefault((job, site), X25519PrivateKey.generate()))

@@ -54,6 +54,10 @@ class QuantizedCipher:
         self._samples = 0
         self._metrics: Mapping[str, float] = {}
 
+    def __getstate__(self) -> dict[str, object]:
+        """Its round state, without the noise drawn ahead in this process (drawn again)."""
+        return {**self.__dict__, "_noise": None}
+
     def prepare(
         self,
         values: np.ndarray,

@@ -1,0 +1,77 @@
+"""Runs examples/flower in Flower's simulation engine (Ray), for tests/test_flower.py.
+
+    python tests/flower_sim.py MODE OUT ROUNDS [FAIL_ROUND]
+
+MODE ``he``: the ServerApp runs secagg's HEFedAvg; ``plain``: Flower's FedAvg, the ClientApp
+keeping secagg's mod (which passes Flower's own messages through). Four nodes; with FAIL_ROUND
+the node of partition 3 fails its training in that round. Each node (``he``) or the server
+(``plain``) writes the global model to OUT; the last line printed is a JSON report of what the
+ServerApp's process loaded."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "examples" / "flower")]
+
+from flower_digits import client_app, server_app  # noqa: E402
+from flwr.app import Context, Message  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+from flwr.serverapp import Grid, ServerApp  # noqa: E402
+from flwr.simulation import run_simulation  # noqa: E402
+
+from secagg import keys  # noqa: E402
+from secagg.flower import he_mod  # noqa: E402
+
+
+def main() -> None:
+    mode, out, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    fail_round = int(sys.argv[4]) if len(sys.argv) > 4 else 0
+    secret_reads: list[str] = []
+    load = keys.load_for_client
+
+    def watched(folder):  # type: ignore[no-untyped-def]
+        secret_reads.append(str(folder))  # the ServerApp's process: must never happen
+        return load(folder)
+
+    keys.load_for_client = watched  # type: ignore[assignment]
+    clients = ClientApp(mods=[he_mod()])
+
+    @clients.train()
+    def train(msg: Message, context: Context) -> Message:
+        round_num = int(msg.content["config"].get("server-round", 0))
+        if round_num == fail_round and int(context.node_config["partition-id"]) == 3:
+            raise RuntimeError("this node fails its training (the test's fault)")
+        return client_app.train_fn(msg, context)
+
+    clients.evaluate()(client_app.evaluate_fn)
+    server = ServerApp()
+
+    @server.main()
+    def run(grid: Grid, context: Context) -> None:
+        settings = {"secagg-he": mode == "he", "num-server-rounds": rounds, "secagg-keys": "keys"}
+        server_app.run(grid, {**settings, "save-model": f"{out}/{mode}-{{node}}.npz"})
+
+    run_simulation(
+        server,
+        clients,
+        num_supernodes=4,
+        backend_config={
+            "client_resources": {"num_cpus": 1},
+            "init_args": {"num_cpus": 2, "include_dashboard": False},
+        },
+    )
+    maps = Path("/proc/self/maps").read_text()
+    report = {
+        "tenseal_imported": "tenseal" in sys.modules,
+        "tenseal_mapped": "tenseal" in maps.lower(),
+        "secret_reads": secret_reads,
+    }
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

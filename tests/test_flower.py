@@ -1,0 +1,107 @@
+"""secagg's HE for Flower apps (``secagg.flower``), run in Flower's own simulation engine (Ray):
+the example app with HEFedAvg against the same app with Flower's FedAvg, one node failing its
+training, four nodes, real ClientApp processes (Ray actors)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("flwr")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _simulate(mode: str, work: Path, session_keys: Path) -> tuple[str, dict[str, object]]:
+    """Run tests/flower_sim.py (one round, the node of partition 3 failing its training);
+    return its output and its report of the ServerApp's process."""
+    keys = work / "keys"
+    if not keys.exists():
+        shutil.copytree(session_keys, keys)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_DEDUP_LOGS": "0"}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "flower_sim.py"), mode, str(work), "1", "1"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-4000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    return out, report
+
+
+def _model(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as arrays:
+        return {name: arrays[name] for name in arrays.files}
+
+
+def test_a_flower_app_gets_he_with_one_line_each_side_and_the_same_model(
+    tmp_path: Path, session_keys: Path
+) -> None:
+    """The example app with secagg's mod and HEFedAvg ends where Flower's FedAvg ends (the same
+    nodes, one of which fails its training: the round goes on over the three others), within
+    the codec's precision, every node with the same model; the ServerApp's process never
+    imports or maps TenSEAL and never reads a secret key; the mod passes Flower's own
+    messages through (the FedAvg run keeps it)."""
+    he_out, he_report = _simulate("he", tmp_path, session_keys)
+    plain_out, _ = _simulate("plain", tmp_path, session_keys)
+    assert he_report == {"tenseal_imported": False, "tenseal_mapped": False, "secret_reads": []}
+    # The failure is a dropout, named, and the round adds the three others.
+    assert re.search(
+        r"secagg train: node \d+: secagg train \(error\): .*fails its training", he_out
+    )
+    assert re.search(r"\[ROUND 1/1\] 3 nodes", he_out), he_out[-3000:]
+    plain = _model(tmp_path / "plain-server.npz")
+    nodes = sorted(tmp_path.glob("he-*.npz"))
+    assert len(nodes) == 4  # the failed node applied the round too
+    first = _model(nodes[0])
+    for path in nodes[1:]:
+        assert all(np.array_equal(first[k], v) for k, v in _model(path).items()), path
+    assert first.keys() == plain.keys()
+    gap = max(float(np.abs(first[k] - plain[k]).max()) for k in plain)
+    assert 0 < gap < 1e-4, gap  # quantized on secagg's steps: close, not bit for bit
+    moved = max(float(np.abs(plain[k]).max()) for k in plain)
+    assert moved > 0.05  # a model that trained, not an all-zero one
+    assert "Aggregated MetricRecord" in plain_out
+
+
+def test_a_nodes_kept_state_holds_no_key_and_resumes_the_round(session_keys: Path) -> None:
+    """What a node keeps in Flower's context between messages: its secagg client pickled
+    without the key file (read again from the key folder), which goes on where it stopped:
+    restored after training, it confirms the round's survivors with the keys it agreed."""
+    import io
+
+    from secagg import keys
+    from secagg.builtin import task_for
+    from secagg.config import RunConfig
+    from secagg.crypto.envelope import Stamp
+    from secagg.flower import node
+    from secagg.job import build_clients
+
+    config = RunConfig(he=True, clients=3, keys_dir=str(session_keys), tracking=False)
+    clients = build_clients(config, task_for(config))
+    stamp = Stamp(bytes(16), 1, 0, 3)
+    peers = [c.mask_key(stamp.job) for c in clients]
+    replies = [c.train(stamp.for_sender(p), peers, b"n" * 16) for p, c in enumerate(clients)]
+    loaded = keys.load_for_client(session_keys)
+    buffer = io.BytesIO()
+    node._Pickler(buffer).dump(clients[0])
+    blob = buffer.getvalue()
+    assert loaded.context[1000:1064] not in blob  # no slice of the secret context
+    restored = node._Unpickler(blob, loaded).load()
+    assert restored.cipher.inner._keys is loaded
+    assert replies[0].scales and replies[0].sealed  # it trained, masked and shared
+    # The restored client signs the scale exchange's survivors from its own kept state.
+    signature = restored.confirm(stamp.scales().for_sender(0), (0, 1, 2))
+    assert len(signature) == 64
