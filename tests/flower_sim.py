@@ -53,7 +53,8 @@ def main() -> None:
     @server.main()
     def run(grid: Grid, context: Context) -> None:
         settings = {"secagg-he": mode == "he", "num-server-rounds": rounds, "secagg-keys": "keys"}
-        server_app.run(grid, {**settings, "save-model": f"{out}/{mode}-{{node}}.npz"})
+        saved = {"save-model": f"{out}/{mode}-{{node}}.npz", "checkpoint": f"{out}/checkpoint"}
+        server_app.run(grid, {**settings, **saved})
 
     run_simulation(
         server,

@@ -91,6 +91,10 @@ def test_a_flower_app_gets_he_with_one_line_each_side_and_the_same_model(
     assert first.keys() == expected.keys()
     gap = max(float(np.abs(first[k] - expected[k]).max()) for k in expected)
     assert gap < 1e-4, gap  # quantized on secagg's steps: close, not bit for bit
+    # The server checkpointed the round's sum as it holds it: ciphertexts, no model.
+    update = (tmp_path / "checkpoint" / "round-1.update").read_bytes()
+    assert len(update) > 10_000 and (tmp_path / "checkpoint" / "round-1.scales").exists()
+    assert update.startswith(b"SAGG")  # secagg's aggregate envelope (envelope.MAGIC)
 
 
 def test_the_mod_passes_flowers_own_messages_through() -> None:

@@ -36,6 +36,7 @@ from secagg.config import RunConfig
 from secagg.crypto import Reveal, Stamp, for_server
 from secagg.crypto.masking import SignedKey
 from secagg.errors import PayloadError
+from secagg.files import atomic_write
 from secagg.flower import wire
 from secagg.flower.arrays import tensor_sizes
 from secagg.messages import ApplyReply, EvalReply, FitReply, TrainReply
@@ -53,7 +54,9 @@ class HEFedAvg(Strategy):
     ``min_train_nodes``: the fewest nodes a round may add (each node also refuses sums of
     fewer than its own threshold: ``he_mod(threshold=...)``). ``save_model``: a path
     pattern each node writes the global model to after each round (``{node}`` is its node
-    id), as numpy arrays (``.npz``).
+    id), as numpy arrays (``.npz``). ``checkpoint``: a folder the server writes each round's
+    encrypted aggregate to (``round-N.update``, and ``round-N.scales``, the summed scale
+    exchange that decodes it), before any node applies it: ciphertexts only.
     """
 
     def __init__(
@@ -67,6 +70,7 @@ class HEFedAvg(Strategy):
         round_retries: int = 2,
         max_node_samples: int = 10**9,
         save_model: str = "",
+        checkpoint: str | Path = "",
         seed: int = 0,
     ) -> None:
         if not 0 < fraction_train <= 1:
@@ -80,6 +84,7 @@ class HEFedAvg(Strategy):
         self.round_retries = round_retries
         self.max_node_samples = max_node_samples
         self.save_model = save_model
+        self.checkpoint = Path(checkpoint) if checkpoint else None
         self.seed = seed
 
     def summary(self) -> None:
@@ -166,10 +171,20 @@ class HEFedAvg(Strategy):
             job.job_id_bytes,
             range(1, num_rounds + 1),
             on_round,
+            on_aggregate=self._keep,
             retries=self.round_retries,
             on_retry=on_retry,
         )
         return result
+
+    def _keep(self, round_num: int, aggregates: rounds.RoundAggregates) -> None:
+        """Write the round's encrypted aggregate to ``checkpoint`` (each file whole)."""
+        if self.checkpoint is None:
+            return
+        self.checkpoint.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.checkpoint / f"round-{round_num}.update", aggregates.update)
+        if aggregates.scales is not None:
+            atomic_write(self.checkpoint / f"round-{round_num}.scales", aggregates.scales)
 
     def _job(self, nodes: int, per_round: int, num_rounds: int) -> _Job:
         config = RunConfig(

@@ -27,14 +27,17 @@ def run(grid: Grid, config: dict) -> None:  # type: ignore[type-arg]
     torch.manual_seed(int(config.get("seed", 0)))  # the same initial model in every run
     arrays = ArrayRecord(Net().state_dict())
     train_config = ConfigRecord({"lr": float(config.get("lr", 0.1)), "local-epochs": 1})
+    nodes = int(config.get("min-nodes", 2))  # start once this many nodes are connected
     if config.get("secagg-he", True):
         # secagg: the one line (the nodes write the model: the server never holds it)
         strategy = HEFedAvg(
+            min_available_nodes=nodes,
             keys=str(config.get("secagg-keys", "keys")),
             save_model=str(config.get("save-model", "")),
+            checkpoint=str(config.get("checkpoint", "")),
         )
     else:
-        strategy = FedAvg()
+        strategy = FedAvg(min_available_nodes=nodes)
     result = strategy.start(
         grid=grid, initial_arrays=arrays, train_config=train_config, num_rounds=rounds
     )
