@@ -1,12 +1,14 @@
 """Runs examples/flower in Flower's simulation engine (Ray), for tests/test_flower.py.
 
-    python tests/flower_sim.py MODE OUT ROUNDS [FAIL_ROUND]
+    python tests/flower_sim.py MODE OUT ROUNDS [FAIL_ROUND [KITS]]
 
 MODE ``he``: the ServerApp runs secagg's HEFedAvg; ``plain``: Flower's FedAvg, the ClientApp
 keeping secagg's mod (which passes Flower's own messages through). Four nodes; with FAIL_ROUND
-the node of partition 3 fails its training in that round. Each node (``he``) or the server
-(``plain``) writes the global model to OUT; the last line printed is a JSON report of what the
-ServerApp's process loaded."""
+the node of partition 3 fails its training in that round. With KITS (``secagg provision``'s
+folder: a kit per site ``site-<partition>`` and the server's), each node takes its keys,
+identity and round policy from its kit, and the ServerApp its public key from the server's.
+Each node (``he``) or the server (``plain``) writes the global model to OUT; the last line
+printed is a JSON report of what the ServerApp's process loaded."""
 
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from secagg.flower import he_mod  # noqa: E402
 def main() -> None:
     mode, out, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
     fail_round = int(sys.argv[4]) if len(sys.argv) > 4 else 0
+    kits = sys.argv[5] if len(sys.argv) > 5 else ""
     secret_reads: list[str] = []
     load = keys.load_for_client
 
@@ -38,7 +41,7 @@ def main() -> None:
         return load(folder)
 
     keys.load_for_client = watched  # type: ignore[assignment]
-    clients = ClientApp(mods=[he_mod()])
+    clients = ClientApp(mods=[he_mod(kit=f"{kits}/site-{{partition-id}}" if kits else None)])
 
     @clients.train()
     def train(msg: Message, context: Context) -> Message:
@@ -52,7 +55,12 @@ def main() -> None:
 
     @server.main()
     def run(grid: Grid, context: Context) -> None:
-        settings = {"secagg-he": mode == "he", "num-server-rounds": rounds, "secagg-keys": "keys"}
+        keys_folder = f"{kits}/server" if kits else "keys"
+        settings = {
+            "secagg-he": mode == "he",
+            "num-server-rounds": rounds,
+            "secagg-keys": keys_folder,
+        }
         saved = {"save-model": f"{out}/{mode}-{{node}}.npz", "checkpoint": f"{out}/checkpoint"}
         server_app.run(grid, {**settings, **saved})
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,15 +19,13 @@ pytest.importorskip("flwr")
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _simulate(mode: str, work: Path, session_keys: Path) -> tuple[str, dict[str, object]]:
-    """Run tests/flower_sim.py (one round, the node of partition 3 failing its training);
-    return its output and its report of the ServerApp's process."""
-    keys = work / "keys"
-    if not keys.exists():
-        shutil.copytree(session_keys, keys)
+def _simulate(mode: str, work: Path, kits: Path) -> tuple[str, dict[str, object]]:
+    """Run tests/flower_sim.py (one round, the node of partition 3 failing its training, each
+    node with its kit); return its output and its report of the ServerApp's process."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_DEDUP_LOGS": "0"}
+    script = str(ROOT / "tests" / "flower_sim.py")
     done = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "flower_sim.py"), mode, str(work), "1", "1"],
+        [sys.executable, script, mode, str(work), "1", "1", str(kits)],
         cwd=work,
         env=env,
         capture_output=True,
@@ -70,14 +67,18 @@ def _fedavg_without_node_3() -> dict[str, np.ndarray]:
     return {name: value / rows for name, value in total.items()}
 
 
-def test_a_flower_app_gets_he_with_one_line_each_side_and_the_same_model(
-    tmp_path: Path, session_keys: Path
-) -> None:
-    """The example app with secagg's mod and HEFedAvg, four nodes of which one fails its
-    training: the round goes on over the three others, and every node ends with FedAvg's
-    model of them (within the codec's precision), the same on every node; the ServerApp's
-    process never imports or maps TenSEAL and never reads a secret key."""
-    out, report = _simulate("he", tmp_path, session_keys)
+def test_a_flower_app_gets_he_with_one_line_each_side_and_the_same_model(tmp_path: Path) -> None:
+    """The example app with secagg's mod and HEFedAvg, four nodes each with its site kit
+    (``secagg provision``: a CA-signed identity signs its mask keys, the project's round
+    policy), one of which fails its training: the round goes on over the three others, and
+    every node ends with FedAvg's model of them (within the codec's precision), the same on
+    every node; the ServerApp's process never imports or maps TenSEAL and never reads a
+    secret key."""
+    from secagg.provision import provision
+
+    kits = tmp_path / "kits"
+    provision(kits, "127.0.0.1:9", [f"site-{i}" for i in range(4)])
+    out, report = _simulate("he", tmp_path, kits)
     assert report == {"tenseal_imported": False, "tenseal_mapped": False, "secret_reads": []}
     # The failure is a dropout, named, and the round adds the three others.
     assert re.search(r"secagg train: node \d+: secagg train \(error\): .*fails its training", out)
@@ -138,12 +139,38 @@ def test_a_nodes_kept_state_holds_no_key_and_resumes_the_round(session_keys: Pat
     replies = [c.train(stamp.for_sender(p), peers, b"n" * 16) for p, c in enumerate(clients)]
     loaded = keys.load_for_client(session_keys)
     buffer = io.BytesIO()
-    node._Pickler(buffer).dump(clients[0])
+    local = node._Local(loaded, clients[0].cipher.inner.masker._signer.__self__)
+    node._Pickler(buffer, local).dump(clients[0])
     blob = buffer.getvalue()
     assert loaded.context[1000:1064] not in blob  # no slice of the secret context
-    restored = node._Unpickler(blob, loaded).load()
+    restored = node._Unpickler(blob, local).load()
     assert restored.cipher.inner._keys is loaded
     assert replies[0].scales and replies[0].sealed  # it trained, masked and shared
     # The restored client signs the scale exchange's survivors from its own kept state.
     signature = restored.confirm(stamp.scales().for_sender(0), (0, 1, 2))
     assert len(signature) == 64
+
+
+def test_a_node_with_a_kit_refuses_a_certificate_the_server_swapped(tmp_path: Path) -> None:
+    """With kits, each node signs its mask key with its CA-signed site key and checks every
+    peer's certificate against the project's CA before using its key: a server that relays
+    another project's certificate (one it made) in a node's place is refused, by name."""
+    from flwr.app import ConfigRecord, Context, RecordDict
+
+    from secagg.crypto.masking import SignedKey
+    from secagg.errors import PayloadError
+    from secagg.flower import node, wire
+    from secagg.provision import provision
+
+    ours = provision(tmp_path / "ours", "127.0.0.1:9", ["site-0", "site-1", "site-2"])
+    theirs = provision(tmp_path / "theirs", "127.0.0.1:9", ["site-0", "site-1", "site-2"])
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    local = node._local(context, None, ours["site-0"])
+    keys = [SignedKey(i, bytes(32), bytes(64)) for i in range(3)]
+    honest = [(ours[f"site-{i}"] / "client.pem").read_bytes() for i in range(3)]
+    record = ConfigRecord({**wire.keys_fields(keys), "key_certificates": honest})
+    node._learn(local.identities, local, record)  # the project's own: taken
+    swapped = [*honest[:2], (theirs["site-2"] / "client.pem").read_bytes()]
+    record = ConfigRecord({**wire.keys_fields(keys), "key_certificates": swapped})
+    with pytest.raises(PayloadError, match="site-2's relayed certificate is not signed by this"):
+        node._learn(local.identities, local, record)

@@ -38,9 +38,32 @@ class CertifiedIdentities:
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             raise PayloadError("this site's certificate key is not an ECDSA key", "bad-key")
         self._key = key
+        self._ca_pem = ca_certificate
         self._ca = x509.load_pem_x509_certificate(ca_certificate)
         #: checked peer keys by position, with the certificate they came from
         self._peers: dict[int, tuple[bytes, ec.EllipticCurvePublicKey]] = {}
+
+    def __getstate__(self) -> dict[str, object]:
+        """The roster, the CA and the peers' certificates it took; its signing key as the
+        object itself, which pickles only where the pickler stands it in for a reference
+        (``secagg.flower``: a node's state never holds its key)."""
+        peers = {site: certificate for site, (certificate, _) in self._peers.items()}
+        return {
+            "roster": self.roster,
+            "own": self.own,
+            "ca": self._ca_pem,
+            "peers": peers,
+            "key": self._key,
+        }
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.roster, self.own = state["roster"], state["own"]  # type: ignore[assignment]
+        self._key = state["key"]  # type: ignore[assignment]
+        self._ca_pem = state["ca"]  # type: ignore[assignment]
+        self._ca = x509.load_pem_x509_certificate(self._ca_pem)
+        self._peers = {}
+        for site, certificate in state["peers"].items():  # type: ignore[attr-defined]
+            self.learn(site, certificate)
 
     def name(self, site: int) -> str:
         """The site's name in the roster."""

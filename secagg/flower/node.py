@@ -27,19 +27,21 @@ import json
 import math
 import pickle
 from collections.abc import Callable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from torch import nn
 
 from secagg import keys as key_files
 from secagg.client import Client
 from secagg.config import RunConfig
-from secagg.crypto import for_client
+from secagg.crypto import Identities, RoundPolicy, for_client
+from secagg.crypto.certified import CertifiedIdentities
 from secagg.crypto.envelope import Stamp
 from secagg.crypto.masking import SimulatedIdentities
 from secagg.crypto.params import Keys
@@ -47,6 +49,7 @@ from secagg.crypto.policy import default_threshold
 from secagg.errors import PayloadError, SecAggError, TaskError
 from secagg.flower import wire
 from secagg.flower.arrays import ArraysModel, as_numpy
+from secagg.provision import load_kit
 from secagg.task import EvalResult, RoundContext, Site, Task, TrainResult
 
 Mod = Callable[[Message, Context, Callable[[Message, Context], Message]], Message]
@@ -58,9 +61,16 @@ WEIGHT_KEY = "num-examples"
 _LIVE: dict[tuple[int, int], tuple[bytes, Client]] = {}
 
 
-def he_mod(keys: str | Path | None = None, threshold: int = 0) -> Mod:
-    """A Flower client mod that takes part in secagg's HE secure aggregation. ``keys``: the
-    node's key folder (``secagg keygen``), else as the module says. ``threshold``: the fewest
+def he_mod(
+    keys: str | Path | None = None, threshold: int = 0, kit: str | Path | None = None
+) -> Mod:
+    """A Flower client mod that takes part in secagg's HE secure aggregation.
+
+    ``kit``: the node's site kit from ``secagg provision`` (else the node config's
+    ``secagg-kit``), which gives it its keys, a CA-signed identity that signs its mask keys
+    (and checks every peer's) and the round policy the project signed; ``{partition-id}`` and
+    other node config names in it are filled in. Without a kit: ``keys``, the node's key
+    folder (``secagg keygen``), else as the module says, and ``threshold``, the fewest
     contributors a sum this node unmasks or decrypts may have (else the node config's
     ``secagg-threshold``, else at least ``MIN_THRESHOLD``): the node's, not the server's."""
 
@@ -72,7 +82,8 @@ def he_mod(keys: str | Path | None = None, threshold: int = 0) -> Mod:
             return call_next(message, context)
         name = str(step.get("step"))
         try:
-            answer = _answer(name, step, message, context, call_next, keys, threshold)
+            local = _local(context, keys, kit)
+            answer = _answer(name, step, message, context, call_next, local, threshold)
         except (SecAggError, ValueError) as err:
             # Named, on one line: the server logs it and counts the node out of the step.
             reason = getattr(err, "reason", "error")
@@ -88,22 +99,22 @@ def _answer(
     message: Message,
     context: Context,
     call_next: Callable[[Message, Context], Message],
-    keys: str | Path | None,
+    local: _Local,
     threshold: int,
 ) -> dict[str, Any]:
-    folder = _key_folder(keys, context)
-    loaded = key_files.load_for_client(folder)
     if step == "join":
         floor = threshold or int(context.node_config.get("secagg-threshold", 0))
-        client = _join(record, message, loaded, context, floor)
+        client = _join(record, message, local, context, floor)
     else:
-        client = _restore(context, loaded)
+        client = _restore(context, local)
     task = client.task
     if not isinstance(task, FlowerTask) or (step != "join" and step not in _STEPS):
         raise PayloadError(f"secagg has no step {step!r}", "malformed")
     task.bind(message, context, call_next)
     try:
-        answer = _STEPS[step](client, record) if step != "join" else _joined(client, record)
+        if step == "train":
+            _learn(task.identities, local, record)
+        answer = _STEPS[step](client, record) if step != "join" else _joined(client, record, local)
     except BaseException:
         # A step that failed half way leaves the object changed and the stored state as it
         # was: the node's next message starts from the stored state.
@@ -111,7 +122,7 @@ def _answer(
         raise
     finally:
         task.unbind()
-    _keep(context, client, loaded)
+    _keep(context, client, local)
     return answer
 
 
@@ -126,15 +137,60 @@ def _key_folder(keys: str | Path | None, context: Context) -> Path:
     return Path("keys")
 
 
-def _identities(loaded: Keys) -> SimulatedIdentities:
-    """The nodes' signing keys, derived from the key folder they share: they sign each mask
-    key, so a server that swaps one is caught (it holds no secret key). Every node can derive
-    every node's key: they do not tell one node from another."""
+@dataclass(frozen=True)
+class _Local:
+    """What a node holds of its own, read afresh for every message: its keys, the identity
+    that signs its mask keys, and, with a kit, the project's round policy and its site."""
+
+    keys: Keys
+    identities: Identities
+    policy: RoundPolicy | None = None
+    index: int | None = None
+    certificate: bytes = b""
+    signing_key: object = None
+
+
+def _local(context: Context, keys: str | Path | None, kit: str | Path | None) -> _Local:
+    """The node's kit when it names one (``he_mod(kit=...)`` or its node config's
+    ``secagg-kit``), else its key folder with identities derived from it."""
+    named = kit or context.node_config.get("secagg-kit")
+    if named:
+        values = {k: v for k, v in context.node_config.items()}
+        folder = Path(str(named).format_map(values))
+        site = load_kit(folder, "client")
+        identities = CertifiedIdentities(site.roster, site.index, site.private_key, site.ca)
+        loaded = key_files.load_for_client(site.folder)
+        return _Local(
+            loaded, identities, site.policy(), site.index, site.certificate, identities._key
+        )
+    loaded = key_files.load_for_client(_key_folder(keys, context))
+    return _Local(loaded, _shared_identities(loaded))
+
+
+def _shared_identities(loaded: Keys) -> SimulatedIdentities:
+    """Without a kit, the nodes' signing keys derive from the key folder they share: they
+    sign each mask key, so a server that swaps one is caught (it holds no secret key), but
+    every node can derive every node's key: they do not tell one node from another."""
     return SimulatedIdentities(hashlib.sha256(b"secagg flower sites\0" + loaded.context).digest())
 
 
+def _learn(identities: Identities | None, local: _Local, record: ConfigRecord) -> None:
+    """With a kit: the client's identities take each relayed peer certificate, checked
+    against the project's CA, before any mask key is used (a server that swaps one is
+    named)."""
+    if not isinstance(identities, CertifiedIdentities):
+        return
+    keys = wire.keys_from(record)
+    certificates = wire.field(record, "key_certificates", list)
+    if len(certificates) != len(keys) or not all(isinstance(c, bytes) for c in certificates):
+        raise PayloadError("secagg's relayed certificates are malformed", "malformed")
+    for key, certificate in zip(keys, certificates, strict=True):
+        if key is not None and key.site != local.index:
+            identities.learn(key.site, certificate)
+
+
 def _join(
-    record: ConfigRecord, message: Message, loaded: Keys, context: Context, threshold: int
+    record: ConfigRecord, message: Message, local: _Local, context: Context, threshold: int
 ) -> Client:
     """This node's secagg client for the run: the job's shape from the server (its rounds,
     nodes, seed, precision, the bound on a node's count), its model the server's initial
@@ -154,12 +210,14 @@ def _join(
     arrays = message.content.get("arrays")
     if not isinstance(arrays, ArrayRecord):
         raise PayloadError("secagg's join step carries no initial arrays", "malformed")
-    index = wire.field(record, "site", int)
+    index = local.index if local.index is not None else wire.field(record, "site", int)
     site = Site(index, f"node-{context.node_id}", config.clients, Path("."))
+    policy = local.policy or config.policy()
     make_cipher = for_client(
-        True, "", config.precision, _identities(loaded), config.policy(), None, keys=loaded
+        True, "", config.precision, local.identities, policy, None, keys=local.keys
     )
     task = FlowerTask(as_numpy(arrays), wire.field(record, "weigh_by", str))
+    task.identities = local.identities  # the masks' own: they learn the peers' certificates
     return Client(task, site, config, make_cipher, torch.device("cpu"))
 
 
@@ -167,41 +225,57 @@ def _join(
 MIN_THRESHOLD = 3
 
 
-def _joined(client: Client, record: ConfigRecord) -> dict[str, Any]:
+def _joined(client: Client, record: ConfigRecord, local: _Local) -> dict[str, Any]:
     key = client.mask_key(bytes(wire.field(record, "job_id", bytes)))
     if key is None:
         raise PayloadError("this node's cipher does not mask", "policy")
-    return wire.key_fields(key)
+    return {**wire.key_fields(key), "certificate": local.certificate}
 
 
 class _Pickler(pickle.Pickler):
-    """Leaves the key file out of a node's state: it is read again from the key folder."""
+    """Leaves the node's key file and signing key out of its state: they are read again from
+    its key folder or kit for every message."""
+
+    def __init__(self, file: io.BytesIO, local: _Local) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self._local = local
 
     def persistent_id(self, obj: object) -> str | None:
-        return "keys" if isinstance(obj, Keys) else None
+        if isinstance(obj, Keys):
+            return "keys"
+        own = self._local.signing_key
+        # The kit's key, loaded afresh for each message: the same key, not the same object.
+        same = (
+            isinstance(obj, ec.EllipticCurvePrivateKey)
+            and isinstance(own, ec.EllipticCurvePrivateKey)
+            and obj.private_numbers() == own.private_numbers()
+        )
+        return "site-key" if same else None
 
 
 class _Unpickler(pickle.Unpickler):
-    def __init__(self, data: bytes, loaded: Keys) -> None:
+    def __init__(self, data: bytes, local: _Local) -> None:
         super().__init__(io.BytesIO(data))
-        self._loaded = loaded
+        self._local = local
 
     def persistent_load(self, pid: object) -> object:
-        if pid != "keys":
-            raise pickle.UnpicklingError(f"unknown reference {pid!r} in a node's state")
-        return self._loaded
+        if pid == "keys":
+            return self._local.keys
+        if pid == "site-key" and self._local.signing_key is not None:
+            return self._local.signing_key
+        raise pickle.UnpicklingError(f"unknown reference {pid!r} in a node's state")
 
 
-def _keep(context: Context, client: Client, loaded: Keys) -> None:
+def _keep(context: Context, client: Client, local: _Local) -> None:
     buffer = io.BytesIO()
-    _Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(client)
+    _Pickler(buffer, local).dump(client)
     data = buffer.getvalue()
     digest = hashlib.sha256(data).digest()
     context.state[STATE] = ConfigRecord({"client": data, "digest": digest})
     _LIVE[(context.run_id, context.node_id)] = (digest, client)
 
 
-def _restore(context: Context, loaded: Keys) -> Client:
+def _restore(context: Context, local: _Local) -> Client:
     record = context.state.get(STATE)
     data = record.get("client") if isinstance(record, ConfigRecord) else None
     if not isinstance(record, ConfigRecord) or not isinstance(data, bytes):
@@ -212,7 +286,7 @@ def _restore(context: Context, loaded: Keys) -> Client:
     live = _LIVE.get((context.run_id, context.node_id))
     if live is not None and live[0] == record.get("digest"):
         return live[1]
-    client = _Unpickler(data, loaded).load()
+    client = _Unpickler(data, local).load()
     if not isinstance(client, Client):
         raise PayloadError("this node's secagg state is not a client's", "malformed")
     return client
@@ -304,9 +378,11 @@ class FlowerTask(Task):
         self._arrays = dict(arrays)
         self.weigh_by = weigh_by
         self._bound: tuple[Message, Context, Callable[[Message, Context], Message]] | None = None
+        #: the identities that sign and check this node's mask keys (set when it joins)
+        self.identities: Identities | None = None
 
     def __getstate__(self) -> dict[str, object]:
-        return {"_arrays": {}, "weigh_by": self.weigh_by, "_bound": None}
+        return {**self.__dict__, "_arrays": {}, "_bound": None}
 
     def bind(
         self, message: Message, context: Context, call_next: Callable[[Message, Context], Message]

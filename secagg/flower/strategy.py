@@ -252,8 +252,12 @@ class GridTransport:
         strategy: HEFedAvg,
     ) -> None:
         self.grid = grid
-        #: every node of the run by site index (its masks are signed as that site)
-        self.sites = list(nodes)
+        #: the run's nodes, in the order they are asked to join
+        self.nodes = list(nodes)
+        #: site index -> node id: the site each node signs its mask keys as (a kit's index
+        #: in the project's roster, else the order it was asked in)
+        self._node_of: dict[int, int] = {}
+        #: site index -> its certificate (empty without kits), relayed with its key
         self.arrays = arrays
         self.job = job
         self.train_config = train_config
@@ -262,6 +266,7 @@ class GridTransport:
         self.strategy = strategy
         self.roster = job.config.per_round
         self._sizes = tensor_sizes(arrays)
+        self._certificates: dict[int, bytes] = {}
         self._keys: dict[int, SignedKey] = {}  # site index -> its signed mask key
         #: sites that missed an aggregate: out of the run (their model would differ)
         self._behind: set[int] = set()
@@ -279,14 +284,25 @@ class GridTransport:
             "weigh_by": self.strategy.weighted_by_key,
         }
         asked = {
-            site: wire.request("join", {**fields, "site": site}, arrays=self.arrays)
-            for site in range(len(self.sites))
+            order: wire.request("join", {**fields, "site": order}, arrays=self.arrays)
+            for order in range(len(self.nodes))
         }
-        for site, record in self._ask(asked, "train", "join").items():
-            self._keys[site] = wire.key_from(record)
+        for order, record in self._ask(asked, "train", "join").items():
+            key = wire.key_from(record)
+            if key.site in self._keys or key.site < 0:
+                log(
+                    WARNING,
+                    "secagg join: node %s claims site %s, taken",
+                    self.nodes[order],
+                    key.site,
+                )
+                continue
+            self._keys[key.site] = key
+            self._node_of[key.site] = self.nodes[order]
+            self._certificates[key.site] = wire.field(record, "certificate", bytes)
         if len(self._keys) < self.job.config.per_round:
             raise rounds.RoundFailed(
-                f"only {len(self._keys)} of {len(self.sites)} nodes joined secagg's job; "
+                f"only {len(self._keys)} of {len(self.nodes)} nodes joined secagg's job; "
                 f"{self.job.config.per_round} take part in each round"
             )
 
@@ -308,10 +324,14 @@ class GridTransport:
     def train(self, round_stamp: Stamp) -> list[TrainReply]:
         self._round = self._choose(round_stamp.round_num)
         keys = [self._keys[site] for site in self._round]
+        relayed = {
+            **wire.keys_fields(keys),
+            "key_certificates": [self._certificates[site] for site in self._round],
+        }
         asked = {
             p: wire.request(
                 "train",
-                {**_stamp_fields(round_stamp.for_sender(p)), **wire.keys_fields(keys)},
+                {**_stamp_fields(round_stamp.for_sender(p)), **relayed},
                 config=_with_round(self.train_config, round_stamp.round_num),
             )
             for p in range(self.roster)
@@ -377,7 +397,7 @@ class GridTransport:
                     **_stamp_fields(round_stamp),
                     "payload": payload,
                     "scales": scales or b"",
-                    "save": save.format(node=self.sites[site]) if save else "",
+                    "save": save.format(node=self._node_of[site]) if save else "",
                 },
             )
             for site in self._keys
@@ -456,8 +476,11 @@ class GridTransport:
         return answered
 
     def _node(self, key: int, step: str) -> int:
-        site = key if step in ("join", "apply") else self._round[key]
-        return self.sites[site]
+        """The node a step's message goes to: ``key`` is the order it was asked to join in
+        (``join``), a site (``apply``), else a position in the round."""
+        if step == "join":
+            return self.nodes[key]
+        return self._node_of[key if step == "apply" else self._round[key]]
 
     def _require(self, count: int, round_num: int, what: str) -> None:
         least = max(self.strategy.min_train_nodes, 1)
