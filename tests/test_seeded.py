@@ -99,6 +99,40 @@ def test_seal_decrypts_a_payload_read_off_the_wire(sealed, ckks_pair) -> None:
     assert np.any(digits)  # the update's packed digits, not an encryption of zero
 
 
+def test_tenseal_decrypts_a_real_aggregate_with_client_ctx_alone(session_keys, ckks_pair) -> None:
+    """A round's aggregate as the server sends it (three clients' updates, summed by the
+    server, which holds no secret key), opened with TenSEAL's own API and nothing of secagg's
+    key handling: the context read from ``client.ctx`` with ``ts.context_from``, SEAL's
+    Decryptor (``tenseal.sealapi``) on ``(NTT(sum of c0), sum of the seeds' c1)``. SEAL's
+    plaintext is the one secagg decrypts, word for word, and it decodes to the packed digits
+    whose unpacking is the exact sum of the updates. A user can check secagg's sums with the
+    library the project names."""
+    client, server = ckks_pair
+    raw = (session_keys / "client.ctx").read_bytes()
+    context = ts.context_from(raw)
+    shape = shape_of_context(raw)
+    n, q = shape.poly_modulus_degree, shape.modulus
+    stamp = round_of(5, roster=3)
+    rng = np.random.default_rng(4)
+    updates = [Update(rng.integers(-500, 500, 2 * n).astype(np.float64), 1 / 3) for _ in range(3)]
+    aggregate = server.sum(encrypt_all(client, updates, stamp), stamp)
+    _, _, count, _, body = body_of(aggregate)
+    c0 = from_wire(body, q).reshape(count, n)
+    seeds = seeds_of(aggregate)
+    assert len(seeds) == 3  # one per contributor: c1 is the sum of their expansions
+    secret = rlwe.SecretKey(raw, shape)  # secagg's own reading of the same key, to compare
+    for i in range(count):
+        c1 = seeded.expand(seeds[0], i, n, q)
+        for seed in seeds[1:]:
+            add_mod(c1, seeded.expand(seed, i, n, q), q)
+        in_ntt = transform(n, q).forward(c0[i : i + 1].copy())[0]
+        theirs = _seal_plaintext(context, np.stack([in_ntt, c1]), shape)
+        ours = secret.decrypt(c0[i : i + 1], seeds, start=i)
+        assert np.array_equal(theirs, transform(n, q).forward((ours % q).astype(np.uint64))[0])
+    total = client.decrypt(aggregate, stamp)
+    assert np.array_equal(total.values, sum(u.values for u in updates))
+
+
 def test_the_transform_is_seals_and_multiplies_polynomials(sealed) -> None:
     """SEAL's secret key (in NTT form) transforms back to ternary coefficients; the transform
     inverts; and in NTT form a coefficient-wise product is the negacyclic product mod q."""
