@@ -1,6 +1,7 @@
 """The Flower example's cost with secagg's HE, with Flower's own SecAgg+, and with neither.
 
-    python bench/flower.py --nodes 8 --rounds 3
+    python bench/flower.py --nodes 8 --rounds 3                  # the example's 2,410 parameters
+    python bench/flower.py --nodes 8 --rounds 3 --hidden 4096    # 307,210 parameters
 
 Each variant is the same app (examples/flower: the digits MLP, each node's share of the rows)
 in Flower's simulation engine (Ray), in a process of its own, training only (no evaluation
@@ -83,7 +84,7 @@ def _record_bytes(record: Any) -> int:
     return total
 
 
-def run_variant(variant: str, nodes: int, rounds: int) -> dict[str, float]:
+def run_variant(variant: str, nodes: int, rounds: int, hidden: int) -> dict[str, float]:
     """One variant in this process: Flower's simulation engine, the ServerApp's counts."""
     sys.path[:0] = [str(ROOT), str(ROOT / "examples" / "flower")]
     import torch
@@ -104,10 +105,10 @@ def run_variant(variant: str, nodes: int, rounds: int) -> dict[str, float]:
     def main(grid: Grid, context: Context) -> None:
         counting = counted.setdefault("grid", CountingGrid(grid))
         torch.manual_seed(0)
-        arrays = ArrayRecord(Net().state_dict())
-        config = ConfigRecord({"lr": 0.1, "local-epochs": 1})
+        arrays = ArrayRecord(Net(hidden).state_dict())
+        config = ConfigRecord({"lr": 0.1, "local-epochs": 1, "hidden": hidden})
         if variant == "secaggplus":
-            _secaggplus(counting, context, rounds, nodes, default_threshold(nodes))
+            _secaggplus(counting, context, rounds, nodes, default_threshold(nodes), hidden)
             return
         strategy: Any = (
             HEFedAvg(fraction_evaluate=0.0, min_available_nodes=nodes)
@@ -135,7 +136,9 @@ def run_variant(variant: str, nodes: int, rounds: int) -> dict[str, float]:
     }
 
 
-def _secaggplus(grid: Any, context: Any, rounds: int, nodes: int, threshold: int) -> None:
+def _secaggplus(
+    grid: Any, context: Any, rounds: int, nodes: int, threshold: int, hidden: int
+) -> None:
     """Flower's SecAgg+ (its legacy workflow), every node sharing with every other."""
     import torch
     from flower_digits.task import Net
@@ -145,13 +148,13 @@ def _secaggplus(grid: Any, context: Any, rounds: int, nodes: int, threshold: int
     from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
     torch.manual_seed(0)
-    initial = [v.numpy() for v in Net().state_dict().values()]
+    initial = [v.numpy() for v in Net(hidden).state_dict().values()]
     strategy = LegacyFedAvg(
         fraction_fit=1.0,
         fraction_evaluate=0.0,
         min_available_clients=nodes,
         initial_parameters=ndarrays_to_parameters(initial),
-        on_fit_config_fn=lambda r: {"server-round": r, "lr": 0.1},
+        on_fit_config_fn=lambda r: {"server-round": r, "lr": 0.1, "hidden": hidden},
     )
     legacy = LegacyContext(
         context=context, config=ServerConfig(num_rounds=rounds), strategy=strategy
@@ -174,7 +177,7 @@ def _secaggplus_client() -> Any:
             self.partition, self.partitions = partition, partitions
 
         def fit(self, parameters: Any, config: Any) -> Any:
-            net = Net()
+            net = Net(int(config.get("hidden", 32)))
             keys = list(net.state_dict())
             net.load_state_dict({k: torch.tensor(v) for k, v in zip(keys, parameters, strict=True)})
             trainset, _ = load_data(self.partition, self.partitions)
@@ -194,23 +197,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--nodes", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--hidden", type=int, default=32, help="the MLP's hidden units")
     parser.add_argument("--variant", choices=VARIANTS, help="run one, in this process")
     args = parser.parse_args()
     if args.variant:
-        print("RESULT " + json.dumps(run_variant(args.variant, args.nodes, args.rounds)))
+        result = run_variant(args.variant, args.nodes, args.rounds, args.hidden)
+        print("RESULT " + json.dumps(result))
         return
     rows = {}
     for variant in VARIANTS:
         command = [sys.executable, __file__, "--variant", variant]
         command += ["--nodes", str(args.nodes), "--rounds", str(args.rounds)]
+        command += ["--hidden", str(args.hidden)]
         done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
         line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
         if done.returncode or not line:
             print(f"{variant} failed:\n{(done.stdout + done.stderr)[-3000:]}")
             continue
         rows[variant] = json.loads(line[-1].removeprefix("RESULT "))
+    size = 64 * args.hidden + args.hidden + args.hidden * 10 + 10
     print(
-        f"\nFlower example (digits MLP), {args.nodes} nodes, {args.rounds} rounds, training only\n"
+        f"\nFlower example (digits MLP, {size:,} parameters), {args.nodes} nodes, "
+        f"{args.rounds} rounds, training only\n"
     )
     print("| variant | bytes up per node and round | bytes down per node and round | s per round |")
     print("| --- | ---: | ---: | ---: |")

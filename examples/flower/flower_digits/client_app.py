@@ -14,11 +14,11 @@ app = ClientApp(mods=[he_mod()])  # secagg: the one line (keys: the run config's
 
 @app.train()
 def train_fn(msg: Message, context: Context) -> Message:
-    net = Net()
+    config = msg.content["config"]
+    net = Net(int(config.get("hidden", 32)))
     net.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     partition = int(context.node_config["partition-id"])
     trainset, _ = load_data(partition, int(context.node_config["num-partitions"]))
-    config = msg.content["config"]
     seed = seed_of(partition, int(config.get("server-round", 0)))
     loss = train(
         net, trainset, int(config.get("local-epochs", 1)), float(config.get("lr", 0.1)), seed
@@ -30,7 +30,7 @@ def train_fn(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate_fn(msg: Message, context: Context) -> Message:
-    net = Net()
+    net = Net(int(msg.content["config"].get("hidden", 32)))
     net.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     partition = int(context.node_config["partition-id"])
     _, testset = load_data(partition, int(context.node_config["num-partitions"]))
