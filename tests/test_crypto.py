@@ -504,3 +504,33 @@ def test_a_coefficient_not_below_q_on_the_wire_is_refused(ckks_pair, forged: str
     with pytest.raises(PayloadError) as caught:
         client.decrypt(with_word(aggregate), stamp)
     assert caught.value.reason == "bad-ciphertext"
+
+
+def test_a_keys_caches_are_shared_by_its_holders_and_end_with_it(tmp_path) -> None:
+    """The values a key derives and keeps (``c1 s`` products, the tag's vectors) belong to the
+    loaded key: the clients built from it share them, and they are gone once nothing holds
+    the key, never kept for the life of the process. (A key of its own: no other test holds
+    it.)"""
+    import gc
+    import weakref
+
+    from secagg.crypto import caches
+    from secagg.crypto.params import CkksParams
+
+    keys.generate(tmp_path, CkksParams())
+    session_keys = tmp_path
+    loaded = keys.load_for_client(session_keys)
+    first, second = CkksClient(loaded), CkksClient(loaded)
+    shared = first._secret.caches
+    assert shared is second._secret.caches is first._mac.caches is caches.of(loaded)
+    stamp = round_of(9, roster=2)
+    values = np.arange(100, dtype=np.float64)
+    payloads = [first.encrypt(Update(values, 0.5), stamp.for_sender(p)) for p in (0, 1)]
+    server = CkksServer(keys.load_for_server(session_keys))
+    summed = server.sum(payloads, stamp)
+    assert np.array_equal(second.decrypt(summed, stamp).values, 2 * values)
+    assert shared.vectors  # the round's tag vector, kept for the key's other holders
+    owned = weakref.ref(shared)
+    del first, second, shared, loaded
+    gc.collect()
+    assert owned() is None

@@ -32,7 +32,7 @@ from typing import NoReturn
 import numpy as np
 import tenseal as ts
 
-from secagg.crypto import compiled, envelope, integrity, ledger, rlwe, seal_format, seeded
+from secagg.crypto import caches, compiled, envelope, integrity, ledger, rlwe, seal_format, seeded
 from secagg.crypto.ckks_server import TAIL, RoundFormat
 from secagg.crypto.envelope import (
     AGGREGATE,
@@ -130,8 +130,10 @@ class CkksClient:
         # precision: ``standard`` or ``fine`` (``packing``); the server's must be the same
         self._format = RoundFormat(self._keys, self._precision)
         self.codec, self._shape = self._format.codec, self._format.shape
-        self._secret = rlwe.SecretKey(self._keys.context, self._shape)
-        self._mac = integrity.MacKey(self._keys.context)
+        # What the key's holders in this process share, owned by the loaded key (``caches``).
+        shared = caches.of(self._keys)
+        self._secret = rlwe.SecretKey(self._keys.context, self._shape, shared)
+        self._mac = integrity.MacKey(self._keys.context, shared)
         self._zeros = _Zeros(self._secret)
         #: masks expanded ahead of time, by (job, round, phase): their plan and the words
         self._masks: dict[tuple[bytes, int, int], tuple[MaskPlan, Future[np.ndarray]]] = {}

@@ -38,12 +38,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import threading
-from collections import OrderedDict
 
 import numpy as np
 
 from secagg.crypto import seeded
+from secagg.crypto.caches import KeyCaches
 from secagg.crypto.envelope import Stamp
 from secagg.errors import PayloadError
 
@@ -60,20 +59,18 @@ _SALT = b"secagg aggregate integrity v1"
 #: (digits are 15 bits in the standard packing, 23 in the fine one, 21 in the wide one).
 _BLOCK = 1 << 8
 _DIGIT_BOUND = 1 << 23
-#: Vectors kept in a process: both phases of this round and the next round's, prepared early.
-_KEPT = 4
-#: (key, label) -> r as its 31-bit halves (int32 each: the memory of the 64-bit words).
-_VECTORS: OrderedDict[tuple[bytes, bytes], tuple[np.ndarray, np.ndarray]] = OrderedDict()
-_VECTORS_LOCK = threading.Lock()
 
 
 class MacKey:
     """The clients' shared integrity key, derived from the secret context they all hold."""
 
-    def __init__(self, secret_context: bytes) -> None:
+    def __init__(self, secret_context: bytes, caches: KeyCaches | None = None) -> None:
         # HKDF-extract (RFC 5869): a uniform 32-byte key, independent of the key fingerprint
         # (a hash under another label) that the server is told.
         self._key = hmac.new(_SALT, secret_context, hashlib.sha256).digest()
+        #: where the vectors ``r`` are kept for the key's other holders (``caches``: owned
+        #: by the loaded key; a private one by default)
+        self.caches = caches if caches is not None else KeyCaches()
 
     def seal(self, stamp: Stamp, digits: np.ndarray, whole: np.ndarray) -> np.ndarray:
         """The tag of one client's entries, as the three 21-bit limbs (float64) it sends."""
@@ -129,8 +126,8 @@ class MacKey:
         Kept for the last few labels (a longer one serves shorter requests): the background
         thread that prepares a round's encryptions computes it early (``ckks``)."""
         label = b"r\0" + stamp.label()
-        with _VECTORS_LOCK:
-            kept = _VECTORS.get((self._key, label))
+        with self.caches.lock:
+            kept = self.caches.vectors.get(label)
         if kept is not None and kept[0].size >= size:
             return kept[0][:size], kept[1][:size]
         from secagg.crypto.compiled import split_halves  # numba: clients only
@@ -145,9 +142,6 @@ class MacKey:
             split_halves(words, P.bit_length(), _HALF, low[at:end], high[at:end])
             at = end
         low.flags.writeable = high.flags.writeable = False
-        with _VECTORS_LOCK:
-            _VECTORS[(self._key, label)] = (low, high)
-            _VECTORS.move_to_end((self._key, label))
-            while len(_VECTORS) > _KEPT:
-                _VECTORS.popitem(last=False)
+        with self.caches.lock:
+            self.caches.keep_vector(label, (low, high))
         return low, high

@@ -32,17 +32,14 @@ read one.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import threading
-import weakref
-from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
 
 import numpy as np
 
 from secagg.crypto import seal_format, seeded
+from secagg.crypto.caches import KeyCaches
 from secagg.crypto.ntt import shoup, transform
 from secagg.crypto.packing import NOISE_BOUND
 from secagg.crypto.seal_format import CiphertextShape
@@ -50,27 +47,21 @@ from secagg.errors import KeyFileError, PayloadError
 
 #: The low ``NOISE_BOUND`` bits of a word: one side of the centered binomial draw.
 _NOISE_MASK = np.uint64((1 << NOISE_BOUND) - 1)
-#: ``c1 s`` products (coefficients) by key, seeds and ciphertext range, as futures: a client
-#: starts one in the background as soon as it knows the seeds of a sum it will decrypt
-#: (``prefetch``), and clients of one key in one process (a simulation) decrypt each sum
-#: alike, so they share them. Expanding every contributor's seed and multiplying by ``s`` is
-#: most of decrypting. Only the last ``_PRODUCTS_KEPT`` are kept; a product that no other
-#: holder of its key can use is handed over (not copied) to the one that uses it.
-_PRODUCTS: OrderedDict[tuple[bytes, tuple[bytes, ...], int, int], Future[np.ndarray]] = (
-    OrderedDict()
-)
-_PRODUCTS_LOCK = threading.Lock()
-#: The live ``SecretKey`` objects of each key, by the key's id.
-_HOLDERS: dict[bytes, weakref.WeakSet[SecretKey]] = {}
-_PRODUCTS_KEPT = 2
 #: A product computed at decryption is kept for the key's other holders only up to this size.
 _SHARED_BYTES = 64 << 20
 
 
 class SecretKey:
-    """The clients' secret key: encrypts zeros and decrypts sums, in coefficients."""
+    """The clients' secret key: encrypts zeros and decrypts sums, in coefficients.
 
-    def __init__(self, secret_context: bytes, shape: CiphertextShape) -> None:
+    ``c1 s`` products are computed in the background as soon as a sum's seeds are known
+    (``prefetch``) and shared with the key's other holders in the process through ``caches``
+    (``secagg.crypto.caches``: owned by the loaded key; a private one by default). A product
+    that no other holder can use is handed over, not copied."""
+
+    def __init__(
+        self, secret_context: bytes, shape: CiphertextShape, caches: KeyCaches | None = None
+    ) -> None:
         words = seal_format.secret_key_words(secret_context, shape)
         if words.shape != (shape.poly_modulus_degree,) or int(words.max()) >= shape.modulus:
             raise KeyFileError("the secret key does not match the context's parameters")
@@ -83,9 +74,9 @@ class SecretKey:
                 f"these CKKS parameters cannot be used ({err}); run 'secagg keygen'"
             ) from err
         self._s, self._s_shoup = words, shoup(words, shape.modulus)
-        self._id = hashlib.sha256(words.tobytes()).digest()
-        with _PRODUCTS_LOCK:
-            _HOLDERS.setdefault(self._id, weakref.WeakSet()).add(self)
+        self.caches = caches if caches is not None else KeyCaches()
+        with self.caches.lock:
+            self.caches.holders.add(self)
 
     def encrypt_zero(self, seed: bytes, count: int, start: int = 0) -> np.ndarray:
         """``c0`` (count, N) of ``count`` encryptions of zero in coefficients, ciphertext ``i``
@@ -125,30 +116,29 @@ class SecretKey:
         decrypting a sum of ``seeds``' ciphertexts ``start .. start + count - 1`` takes, so
         ``decrypt`` finds it ready. A sum with other seeds (a client dropped) just does not
         find it."""
-        key = (self._id, seeds, start, count)
-        with _PRODUCTS_LOCK:
-            if key not in _PRODUCTS:
-                _PRODUCTS[key] = submit(self._product, seeds, start, count)
-                _trim()
+        key = (seeds, start, count)
+        with self.caches.lock:
+            if key not in self.caches.products:
+                self.caches.keep_product(key, submit(self._product, seeds, start, count))
 
     def c1_s(self, seeds: tuple[bytes, ...], start: int, count: int) -> np.ndarray:
         """``c1 s`` in coefficients, (count, N), for ``seeds``' ciphertexts ``start .. start +
         count - 1``. It may be shared with the key's other holders: never change it."""
-        key = (self._id, seeds, start, count)
-        with _PRODUCTS_LOCK:
-            kept = _PRODUCTS.get(key)
-            sole = len(_HOLDERS[self._id]) == 1
+        key = (seeds, start, count)
+        caches = self.caches
+        with caches.lock:
+            kept = caches.products.get(key)
+            sole = len(caches.holders) == 1
             if kept is not None and sole:
-                del _PRODUCTS[key]  # no one else can use it: hand it over
+                del caches.products[key]  # no one else can use it: hand it over
         if kept is not None:
             return kept.result()
         c1 = self._product(seeds, start, count)
         if not sole and c1.nbytes <= _SHARED_BYTES:
             done: Future[np.ndarray] = Future()
             done.set_result(c1)
-            with _PRODUCTS_LOCK:
-                _PRODUCTS[key] = done
-                _trim()
+            with caches.lock:
+                caches.keep_product(key, done)
         return c1
 
     def _product(self, seeds: tuple[bytes, ...], start: int, count: int) -> np.ndarray:
@@ -156,12 +146,6 @@ class SecretKey:
         self._ntt.multiply(c1, self._s, self._s_shoup)
         self._ntt.inverse(c1)
         return c1
-
-
-def _trim() -> None:
-    """Forget the oldest products beyond ``_PRODUCTS_KEPT`` (the caller holds the lock)."""
-    while len(_PRODUCTS) > _PRODUCTS_KEPT:
-        _PRODUCTS.popitem(last=False)
 
 
 def noise(shape: tuple[int, ...]) -> np.ndarray:
