@@ -26,6 +26,7 @@ import io
 import json
 import math
 import pickle
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -58,7 +59,11 @@ Mod = Callable[[Message, Context, Callable[[Message, Context], Message]], Messag
 STATE = "secagg.node"
 #: The metric a node's train and evaluate replies weigh by (Flower's FedAvg default).
 WEIGHT_KEY = "num-examples"
-_LIVE: dict[tuple[int, int], tuple[bytes, Client]] = {}
+#: The last few nodes' clients this process served, by (run, node), with the digest of the
+#: state they were kept as: a process that gets a node's next message skips unpickling it.
+#: Only a few: a simulation's actor serves many nodes in turn, and each client holds a model.
+_LIVE: OrderedDict[tuple[int, int], tuple[bytes, Client]] = OrderedDict()
+_LIVE_KEPT = 4
 
 
 def he_mod(
@@ -273,6 +278,9 @@ def _keep(context: Context, client: Client, local: _Local) -> None:
     digest = hashlib.sha256(data).digest()
     context.state[STATE] = ConfigRecord({"client": data, "digest": digest})
     _LIVE[(context.run_id, context.node_id)] = (digest, client)
+    _LIVE.move_to_end((context.run_id, context.node_id))
+    while len(_LIVE) > _LIVE_KEPT:
+        _LIVE.popitem(last=False)
 
 
 def _restore(context: Context, local: _Local) -> Client:
