@@ -1,0 +1,5 @@
+"""``python -m secagg.cli``: the ``secagg`` command."""
+
+from secagg.cli import main
+
+main()
