@@ -292,7 +292,7 @@ class _Bar:
 def _parent_run(config: RunConfig, stamp: str) -> str | None:
     if not config.tracking:
         return None
-    from secagg.records import tags_for
+    from secagg.labels import tags_for
     from secagg.tracking import DESCRIPTION_TAG, MlflowTracker
 
     tracker = MlflowTracker(config.tracking_uri, config.experiment)
@@ -311,7 +311,7 @@ def _parent_run(config: RunConfig, stamp: str) -> str | None:
 
 
 def _progress(label: str, total: int, echo, metric: str):  # type: ignore[no-untyped-def]
-    from secagg.records import headline
+    from secagg.labels import headline
 
     def show(m) -> None:  # type: ignore[no-untyped-def]
         value = headline(metric, m.value(metric))

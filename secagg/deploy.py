@@ -34,15 +34,9 @@ from secagg import crypto
 from secagg.config import RunConfig, dump_job
 from secagg.errors import CheckpointError, ConfigError, PayloadError, SecAggError
 from secagg.messages import ModelSignature
+from secagg.outputs import RESULTS_FILE, SITES_DIR, check_new_output, new_output_dir
 from secagg.provision import Kit, load_kit, provision
-from secagg.records import (
-    RESULTS_FILE,
-    SITES_DIR,
-    RunRecords,
-    RunResult,
-    check_new_output,
-    new_output_dir,
-)
+from secagg.records import RunRecords, RunResult
 from secagg.rounds import RoundFailed, RoundMetrics
 from secagg.server import STATE_FILE, Server, load_checkpoint
 

@@ -90,7 +90,7 @@ def run_job(
     ``task`` overrides the one the config names. ``tags`` are added to the MLflow run
     (``mlflow.parentRunId`` nests it under another run). A resumed run continues with the
     config it was started with; ``resume_changes`` are settings to change on the way
-    (``records.plan_resume`` says which may: ``{"rounds": 12}`` extends it). ``on_progress``
+    (``resume.plan_resume`` says which may: ``{"rounds": 12}`` extends it). ``on_progress``
     hears every long step, before and in each round (``secagg.transport.Progress``).
     """
     if task is not None and config.task is None and resume_dir is None:

@@ -15,9 +15,6 @@ agrees too (the run is created and closed with those times).
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
 import os
 import time
 import warnings
@@ -26,20 +23,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from secagg import keys as keyfiles
 from secagg import rounds
 from secagg.config import RunConfig
-from secagg.crypto.packing import packing_for
-from secagg.errors import CheckpointError, ConfigError
 from secagg.files import atomic_write_json
+from secagg.labels import description, mlflow_params, run_name, tags_for, tracked
+from secagg.outputs import RESULTS_FILE, check_new_output, new_output_dir
+from secagg.resume import plan_resume
 from secagg.rounds import RoundAggregates, RoundFailed, RoundMetrics
-from secagg.server import AGGREGATES_DIR, STATE_FILE, Checkpoint, Server, load_checkpoint
+from secagg.server import Checkpoint, Server, load_checkpoint
 from secagg.tracking import DESCRIPTION_TAG, Tracker, make_tracker
 from secagg.transport import Progress, Transport, no_progress
-
-RESULTS_FILE = "results.json"
-#: where ``secagg run --transport grpc`` keeps each site's folder and log in its run folder
-SITES_DIR = "sites"
 
 
 @dataclass
@@ -114,124 +107,6 @@ class RunResult:
         return up / params, down / params
 
 
-def headline(name: str, value: float) -> str:
-    """A headline metric as the console shows it: ``macro_f1 0.7100``, or that no site
-    reported it."""
-    return f"{name} {value:.4f}" if math.isfinite(value) else f"{name} not reported"
-
-
-def new_output_dir(config: RunConfig) -> Path:
-    """``runs/<time>-<job>-<he|plain>`` unless the config names one."""
-    if config.output_dir:
-        return Path(config.output_dir)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{stamp}-{config.job_name}-{'he' if config.he else 'plain'}"
-
-
-def check_new_output(output: Path) -> None:
-    """Refuse ``output`` as a new run's folder unless it is new or empty. A run writes
-    ``results.json``, ``model.pt`` and more there, so any other folder (the user's own
-    ``results.json`` and ``model.pt``, say) would be overwritten silently. Exceptions: a
-    folder holding only ``aggregates/`` (what a server stopped before its first round left)
-    and ``sites/`` (the site folders of ``secagg run --transport grpc``)."""
-    if not output.exists():
-        return
-    if not output.is_dir():
-        raise CheckpointError(f"{output} is a file, not a folder; choose another output folder")
-    if (output / STATE_FILE).exists():
-        raise CheckpointError(
-            f"{output}/ already holds a run; pass --resume to continue it "
-            "or choose another --output"
-        )
-    held = sorted(entry.name for entry in output.iterdir())
-    if not set(held) <= {AGGREGATES_DIR, SITES_DIR}:
-        shown = ", ".join(held[:5]) + (", ..." if len(held) > 5 else "")
-        raise CheckpointError(
-            f"{output}/ exists and is not a run folder (it holds {shown}); a run writes "
-            "results.json and model.pt there and would overwrite them: choose a new or empty "
-            "folder"
-        )
-
-
-def latest_run_dir(root: str | Path = "runs") -> Path:
-    """The most recently modified run directory under ``root`` (for --resume without --output)."""
-    candidates = sorted(Path(root).glob(f"*/{STATE_FILE}"), key=lambda p: p.stat().st_mtime)
-    if not candidates:
-        raise CheckpointError(f"no run to resume under {root}/; pass --output DIR of the run")
-    return candidates[-1].parent
-
-
-#: settings a resumed run may change: what the rounds so far computed stays valid under them
-#: (how many rounds the run has, and where and on what it trains); any other change would
-#: make the rest of the run a different job
-RESUMABLE = ("rounds", "device", "data_dir", "download")
-
-
-@dataclass(frozen=True)
-class ResumePlan:
-    """How an interrupted run goes on: its saved config with the changes it may take."""
-
-    #: the config the run continues with
-    config: RunConfig
-    #: rounds the run completed before
-    completed: int
-    #: each setting changed on resuming: (the run's value, the new one)
-    changed: dict[str, tuple[Any, Any]]
-    #: the last completed round's headline metric (NaN when not known)
-    final: float
-
-    @property
-    def finished(self) -> bool:
-        """True when the run has no round left to run."""
-        return self.completed >= self.config.rounds
-
-
-def plan_resume(resume_dir: str | Path, changes: Mapping[str, Any] = {}) -> ResumePlan:
-    """The plan for resuming the run in ``resume_dir`` with ``changes`` (settings a user gave).
-
-    Changes to the settings in ``RESUMABLE`` are applied (``rounds`` no lower than the rounds
-    already completed); a change to any other setting is refused with a ConfigError naming it,
-    since the rest of the run would not continue what the first rounds did.
-    """
-    checkpoint = load_checkpoint(resume_dir)
-    saved = RunConfig(**{**checkpoint.state["config"], "output_dir": str(resume_dir)}).validate()
-    completed = checkpoint.round_num
-    changed = {
-        name: (getattr(saved, name), value)
-        for name, value in changes.items()
-        if getattr(saved, name) != value
-    }
-    refused = [name for name in changed if name not in RESUMABLE]
-    if refused:
-        what = ", ".join(
-            f"{_flag(name, changed[name][1])} (the run has {changed[name][0]})" for name in refused
-        )
-        raise ConfigError(
-            f"--resume continues {resume_dir} as it started; {what} would make it another "
-            "job: drop that, or start a new run"
-        )
-    if "rounds" in changed and changed["rounds"][1] < completed:
-        raise ConfigError(
-            f"{resume_dir} has already completed {completed} rounds; "
-            f"--rounds must be at least {completed}"
-        )
-    config = replace(saved, **{name: new for name, (_, new) in changed.items()}).validate()
-    history = checkpoint.state.get("history", [])
-    last = RoundMetrics.from_dict(history[-1]).value(config.headline) if history else math.nan
-    return ResumePlan(config, completed, changed, last)
-
-
-_FLAGS = {"keys_dir": "--keys", "output_dir": "--output"}
-
-
-def _flag(name: str, value: Any) -> str:
-    """A setting as the flag that sets it: ``--lr 0.1``, ``--he``, ``--no-tracking``."""
-    flag = _FLAGS.get(name, "--" + name.replace("_", "-"))
-    if isinstance(value, bool):
-        return flag if value else flag.replace("--", "--no-", 1)
-    return f"{flag} {value}"
-
-
 class RunRecords:
     """The run folder, checkpoint chain and MLflow run of one job, kept in step."""
 
@@ -276,7 +151,7 @@ class RunRecords:
         result.num_parameters = num_parameters
         self._description = description(result)
         run_tags = {**tags_for(config), **self.tags, DESCRIPTION_TAG: self._description}
-        params = _params(config, num_parameters)
+        params = mlflow_params(config, num_parameters)
         # a resumed run keeps the name MLflow knows it by
         result.run_name = result.run_name or run_name(config, self.started_at)
         result.mlflow_run_id = self.tracker.start(
@@ -386,7 +261,7 @@ class RunRecords:
         self._check_headline(metrics)
         self.result.rounds.append(metrics)
         server.save_state({**self._state(), "round": metrics.round})
-        self._tracker().log_round(metrics.round, _tracked(metrics))
+        self._tracker().log_round(metrics.round, tracked(metrics))
         self._describe()
         self.result.seconds = self.elapsed()
         atomic_write_json(self.output / RESULTS_FILE, self.result.to_dict())
@@ -461,118 +336,3 @@ class RunRecords:
         if self.tracker is None:
             raise RuntimeError("RunRecords.start() was not called")
         return self.tracker
-
-
-def _params(config: RunConfig, num_parameters: int | None) -> dict[str, Any]:
-    params = config.to_dict()
-    if num_parameters is not None:
-        params["num_parameters"] = num_parameters
-    if config.he:
-        manifest = keyfiles.read_manifest(config.keys_dir)
-        params["key_fingerprint"] = manifest["fingerprint"]
-        params["ckks"] = json.dumps(manifest["params"])
-        params["he_packing"] = config.precision  # he_precision with auto resolved
-    return params
-
-
-def mode(config: RunConfig) -> str:
-    """What the run is, in one word: ``he``, ``plain`` or (float64 updates) ``plain64``."""
-    if config.he:
-        return "he"
-    return "plain" if config.plain_precision == "float32" else "plain64"
-
-
-def run_name(config: RunConfig, started_at: float) -> str:
-    """``he-digits-8c-1122-153012``: what differs between runs first, as MLflow's runs table
-    cuts names at about 25 characters; then the start time (month, day, time)."""
-    stamp = time.strftime("%m%d-%H%M%S", time.localtime(started_at))
-    return f"{mode(config)}-{config.job_name}-{config.clients}c-{stamp}"
-
-
-def tags_for(config: RunConfig) -> dict[str, str]:
-    """Tags to filter and group runs by in MLflow's runs table."""
-    tags = {
-        "he": str(config.he).lower(),
-        "mode": mode(config),
-        "job": config.job_name,
-        "clients": str(config.clients),
-        "metric": config.headline,
-    }
-    if config.dp:  # the budget (or the noise) the run was made with, to group runs by
-        tags["dp_epsilon"] = f"{config.dp_epsilon:g}" if config.dp_epsilon else "none"
-    if config.task is None:  # the built-in task's dataset and model; a user's task names itself
-        return {**tags, "dataset": config.dataset, "model": config.model}
-    return {**tags, "task": config.task}
-
-
-def description(result: RunResult) -> str:
-    """The MLflow run's description (markdown): what ran, and its bytes per parameter once a
-    round has measured them."""
-    config = result.config
-    if config.he:
-        packing = packing_for(config.per_round, config.precision)
-        codec = (
-            f"CKKS, packed ({config.precision}): {packing.values_per_slot} x "
-            f"{packing.digit_bits}-bit values per slot"
-        )
-    else:
-        codec = f"plaintext {config.plain_precision}"
-    parameters = (
-        f"{result.num_parameters:,} parameters"
-        if result.num_parameters
-        else "parameters: not known until a site joins"
-    )
-    if result.model_class:
-        parameters = f"{result.model_class}, {parameters}"
-    better = "higher" if config.headline_higher else "lower"
-    lines = [
-        f"**{'HE secure aggregation' if config.he else 'Plaintext FedAvg'}**, "
-        f"job `{config.job_name}`",
-        "",
-    ]
-    if config.task is None:
-        lines += [
-            f"- model: {config.model} ({parameters})",
-            f"- dataset: {config.dataset}, Dirichlet alpha {config.alpha}, seed {config.seed}",
-        ]
-    else:
-        settings = ", ".join(f"{k}={v!r}" for k, v in config.task_settings.items()) or "none"
-        lines += [
-            f"- task: `{config.task}` ({parameters}), seed {config.seed}",
-            f"- task settings: {settings}",
-        ]
-    lines += [
-        f"- clients: {config.clients}, rounds: {config.rounds}, "
-        f"local epochs: {config.local_epochs}",
-        f"- metric: {config.headline} ({better} is better)",
-        f"- codec: {codec}",
-    ]
-    if config.dp:
-        spent = result.rounds[-1].epsilon if result.rounds else 0.0
-        budget = f", budget {config.dp_epsilon:g}" if config.dp_epsilon else ""
-        lines.append(
-            f"- differential privacy: epsilon {spent:.2f} so far at delta {config.dp_delta:g}"
-            f"{budget}; noise multiplier {config.noise_multiplier():.3f}, clip {config.dp_clip:g}"
-        )
-    if result.failure:
-        lines.append(f"- **failed**: {result.failure}")
-    per_parameter = result.bytes_per_parameter
-    if per_parameter is not None:
-        up, down = per_parameter
-        lines.append(f"- bytes per parameter, per client and round: {up:.2f} up, {down:.2f} down")
-    return "\n".join(lines)
-
-
-def _tracked(metrics: RoundMetrics) -> dict[str, float]:
-    """A round's metrics as MLflow series: every number, and each of the task's own metrics
-    under its name (``task_<name>`` where that name is one of secagg's and means another
-    thing); a value no site reported (NaN) is left out, never logged as nan."""
-    values = dataclasses.asdict(metrics)
-    values.pop("round")
-    own: dict[str, float] = values.pop("metrics")
-    for name, value in own.items():
-        if name not in values:
-            values[name] = value
-        elif values[name] != value:
-            values[f"task_{name}"] = value
-    return {name: value for name, value in values.items() if math.isfinite(value)}

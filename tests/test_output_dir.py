@@ -9,7 +9,8 @@ import pytest
 
 from secagg.config import RunConfig
 from secagg.errors import CheckpointError
-from secagg.records import RunRecords, check_new_output
+from secagg.outputs import check_new_output
+from secagg.records import RunRecords
 from secagg.transport.grpc_client import ServerGone, _guard
 
 

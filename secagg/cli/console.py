@@ -22,7 +22,7 @@ def _progress(
 
     def show(m: Any) -> None:
         if bar is not None:
-            from secagg.records import headline
+            from secagg.labels import headline
 
             bar.latest = headline(lead, m.value(lead))
         evaluated = {k: v for k, v in m.metrics.items() if not k.startswith("train_")}
@@ -128,7 +128,7 @@ class _Bar:
 
 def _summary(result: Any, model: bool) -> None:
     """The closing lines of a run: its headline metric, where the results went, MLflow."""
-    from secagg.records import headline
+    from secagg.labels import headline
 
     parameters = f" ({result.num_parameters:,} parameters)" if result.num_parameters else ""
     click.echo(

@@ -197,7 +197,7 @@ def status(kit_dir: str, as_json: bool) -> None:
         if site.get("error"):
             line += f"  failed: {site['error']}"
         click.echo(line)
-    from secagg.records import headline
+    from secagg.labels import headline
 
     for row in info["history"]:
         value = row.get("value")

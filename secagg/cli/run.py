@@ -203,7 +203,7 @@ def run(job: str | None, resume: bool, no_tracking: bool, quiet: bool, **flags: 
     """Run a federated job: JOB is an optional TOML job file; flags override it."""
     from dataclasses import replace
 
-    from secagg.records import new_output_dir
+    from secagg.outputs import new_output_dir
 
     config = load_job(job) if job else RunConfig()
     config = with_overrides(config, **flags, tracking=False if no_tracking else None).validate()
@@ -244,7 +244,9 @@ def _resume(
     """``secagg run --resume``: continue a run with the settings it started with, changed only
     where a change keeps it the same job (``--rounds``, where data lives); say what changed."""
     from secagg.job import run_job
-    from secagg.records import headline, latest_run_dir, plan_resume
+    from secagg.labels import headline
+    from secagg.outputs import latest_run_dir
+    from secagg.resume import plan_resume
 
     if config.transport == "grpc":
         raise click.UsageError("--resume is for in-process runs; a restarted server resumes")
