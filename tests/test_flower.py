@@ -169,8 +169,36 @@ def test_a_node_with_a_kit_refuses_a_certificate_the_server_swapped(tmp_path: Pa
     keys = [SignedKey(i, bytes(32), bytes(64)) for i in range(3)]
     honest = [(ours[f"site-{i}"] / "client.pem").read_bytes() for i in range(3)]
     record = ConfigRecord({**wire.keys_fields(keys), "key_certificates": honest})
-    node._learn(local.identities, local, record)  # the project's own: taken
+    node._learn(local.identities, record)  # the project's own: taken
     swapped = [*honest[:2], (theirs["site-2"] / "client.pem").read_bytes()]
     record = ConfigRecord({**wire.keys_fields(keys), "key_certificates": swapped})
     with pytest.raises(PayloadError, match="site-2's relayed certificate is not signed by this"):
-        node._learn(local.identities, local, record)
+        node._learn(local.identities, record)
+
+
+def test_a_node_that_answers_malformed_is_a_dropout_not_a_dead_server(monkeypatch) -> None:
+    """One node's answer with a mistyped field (a hostile or broken node) is logged and left
+    out of the step, like a node that did not answer; the ServerApp goes on with the others."""
+    from flwr.app import ConfigRecord, Message, Metadata, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from secagg.flower import wire
+    from secagg.flower.strategy import GridTransport
+
+    for name in ("_run_id", "_node_id", "_task_id"):  # as inside a run: messages name them
+        monkeypatch.setattr(TaskIdentity, name, 1, raising=False)
+
+    def reply(node: int, samples: object) -> Message:
+        metadata = Metadata(1, f"m{node}", node, 0, "", "", 0.0, 60.0, "train")
+        fields = {"samples": samples, "scales": b"", "commitment": b""}
+        return Message(metadata=metadata, content=RecordDict({"secagg": ConfigRecord(fields)}))
+
+    class Grid:
+        def send_and_receive(self, messages, timeout=None):  # type: ignore[no-untyped-def]
+            return [reply(11, 5), reply(12, "five")]  # node 12's count is not a number
+
+    transport = GridTransport.__new__(GridTransport)
+    transport.grid, transport.timeout, transport._round = Grid(), 1.0, [0, 1]
+    transport._node_of = {0: 11, 1: 12}
+    answered = transport._ask({0: RecordDict(), 1: RecordDict()}, "train", "train", wire.train_from)
+    assert list(answered) == [0] and answered[0].num_samples == 5

@@ -118,7 +118,7 @@ def _answer(
     task.bind(message, context, call_next)
     try:
         if step == "train":
-            _learn(task.identities, local, record)
+            _learn(task.identities, record)
         answer = _STEPS[step](client, record) if step != "join" else _joined(client, record, local)
     except BaseException:
         # A step that failed half way leaves the object changed and the stored state as it
@@ -145,14 +145,27 @@ def _key_folder(keys: str | Path | None, context: Context) -> Path:
 @dataclass(frozen=True)
 class _Local:
     """What a node holds of its own, read afresh for every message: its keys, the identity
-    that signs its mask keys, and, with a kit, the project's round policy and its site."""
+    that signs its mask keys, and, with a kit, the project's round policy and its
+    certificate."""
 
     keys: Keys
     identities: Identities
     policy: RoundPolicy | None = None
-    index: int | None = None
     certificate: bytes = b""
-    signing_key: object = None
+
+    @property
+    def index(self) -> int | None:
+        """The kit's site index in the project's roster (None without a kit)."""
+        certified = self.identities
+        return certified.own if isinstance(certified, CertifiedIdentities) else None
+
+    @property
+    def signing_key(self) -> object:
+        """The kit's site key (None without a kit)."""
+        certified = self.identities
+        if not isinstance(certified, CertifiedIdentities):
+            return None
+        return certified.signer(certified.own)
 
 
 def _local(context: Context, keys: str | Path | None, kit: str | Path | None) -> _Local:
@@ -160,14 +173,11 @@ def _local(context: Context, keys: str | Path | None, kit: str | Path | None) ->
     ``secagg-kit``), else its key folder with identities derived from it."""
     named = kit or context.node_config.get("secagg-kit")
     if named:
-        values = {k: v for k, v in context.node_config.items()}
-        folder = Path(str(named).format_map(values))
+        folder = Path(str(named).format_map(dict(context.node_config)))
         site = load_kit(folder, "client")
         identities = CertifiedIdentities(site.roster, site.index, site.private_key, site.ca)
         loaded = key_files.load_for_client(site.folder)
-        return _Local(
-            loaded, identities, site.policy(), site.index, site.certificate, identities._key
-        )
+        return _Local(loaded, identities, site.policy(), site.certificate)
     loaded = key_files.load_for_client(_key_folder(keys, context))
     return _Local(loaded, _shared_identities(loaded))
 
@@ -179,7 +189,7 @@ def _shared_identities(loaded: Keys) -> SimulatedIdentities:
     return SimulatedIdentities(hashlib.sha256(b"secagg flower sites\0" + loaded.context).digest())
 
 
-def _learn(identities: Identities | None, local: _Local, record: ConfigRecord) -> None:
+def _learn(identities: Identities | None, record: ConfigRecord) -> None:
     """With a kit: the client's identities take each relayed peer certificate, checked
     against the project's CA, before any mask key is used (a server that swaps one is
     named)."""
@@ -190,7 +200,7 @@ def _learn(identities: Identities | None, local: _Local, record: ConfigRecord) -
     if len(certificates) != len(keys) or not all(isinstance(c, bytes) for c in certificates):
         raise PayloadError("secagg's relayed certificates are malformed", "malformed")
     for key, certificate in zip(keys, certificates, strict=True):
-        if key is not None and key.site != local.index:
+        if key is not None and key.site != identities.own:
             identities.learn(key.site, certificate)
 
 
@@ -243,12 +253,12 @@ class _Pickler(pickle.Pickler):
 
     def __init__(self, file: io.BytesIO, local: _Local) -> None:
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
-        self._local = local
+        self._own = local.signing_key
 
     def persistent_id(self, obj: object) -> str | None:
         if isinstance(obj, Keys):
             return "keys"
-        own = self._local.signing_key
+        own = self._own
         # The kit's key, loaded afresh for each message: the same key, not the same object.
         same = (
             isinstance(obj, ec.EllipticCurvePrivateKey)
@@ -288,7 +298,8 @@ def _restore(context: Context, local: _Local) -> Client:
     data = record.get("client") if isinstance(record, ConfigRecord) else None
     if not isinstance(record, ConfigRecord) or not isinstance(data, bytes):
         raise PayloadError(
-            "this node holds no secagg state for the run: it did not join it (restarted?)",
+            "this node holds no secagg state for the run: it did not join it (its state was "
+            "lost, or it connected after the run began); start a new run to take part",
             "bad-plan",
         )
     live = _LIVE.get((context.run_id, context.node_id))
@@ -410,7 +421,11 @@ class FlowerTask(Task):
         reply = self._call(model)
         returned = reply.content.get("arrays")
         if not isinstance(returned, ArrayRecord):
-            raise TaskError("the ClientApp's train reply holds no 'arrays' record")
+            raise TaskError(
+                "the ClientApp's train reply holds no 'arrays' record: return "
+                "Message(RecordDict({'arrays': ArrayRecord(model.state_dict()), ...}), "
+                "reply_to=msg)"
+            )
         trained = as_numpy(returned)
         state = model.state_dict()
         if list(trained) != list(state):
@@ -457,7 +472,8 @@ class FlowerTask(Task):
         if samples is None or samples != int(samples) or samples < 1:
             raise TaskError(
                 f"the ClientApp's {what} reply has no positive whole {self.weigh_by!r} metric "
-                "(what FedAvg weighs each node by)"
+                "(what FedAvg weighs each node by): put the node's example count in its "
+                f"MetricRecord under {self.weigh_by!r}"
             )
         return int(samples), {k: float(v) for k, v in values.items()}
 

@@ -21,10 +21,11 @@ import math
 import os
 import random
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from logging import INFO, WARNING
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
@@ -42,6 +43,8 @@ from secagg.flower.arrays import tensor_sizes
 from secagg.messages import ApplyReply, EvalReply, FitReply, TrainReply
 from secagg.server import Server
 from secagg.transport import sealed_to
+
+T = TypeVar("T")
 
 _WHOLE_ROUNDS = "HEFedAvg runs whole secagg rounds in start(); it has no per-phase hooks"
 
@@ -123,7 +126,7 @@ class HEFedAvg(Strategy):
         nodes = _wait_for_nodes(grid, self.min_available_nodes, timeout)
         per_round = max(self.min_train_nodes, math.ceil(self.fraction_train * len(nodes)))
         job = self._job(len(nodes), min(per_round, len(nodes)), num_rounds)
-        server = Server(for_server(True, self.keys, job.precision), masking=job.masking)
+        server = Server(for_server(True, self.keys, job.config.precision), masking=True)
         transport = GridTransport(
             grid,
             nodes,
@@ -148,8 +151,9 @@ class HEFedAvg(Strategy):
             evaluated = {k: v for k, v in metrics.metrics.items() if not k.startswith("train_")}
             if not math.isnan(metrics.loss):
                 evaluated.setdefault("loss", metrics.loss)
-            result.train_metrics_clientapp[metrics.round] = MetricRecord(_finite(train))
-            result.evaluate_metrics_clientapp[metrics.round] = MetricRecord(_finite(evaluated))
+            trained, averaged = _finite(train), _finite(evaluated)
+            result.train_metrics_clientapp[metrics.round] = MetricRecord(trained)
+            result.evaluate_metrics_clientapp[metrics.round] = MetricRecord(averaged)
             log(
                 INFO,
                 "[ROUND %s/%s] %s nodes, %.2f s, %.2f MB up; train %s; evaluate %s",
@@ -158,8 +162,8 @@ class HEFedAvg(Strategy):
                 metrics.clients,
                 metrics.round_seconds,
                 metrics.bytes_up / 1e6,
-                _finite(train),
-                _finite(evaluated),
+                trained,
+                averaged,
             )
 
         def on_retry(round_num: int, err: rounds.RoundFailed) -> None:
@@ -168,7 +172,7 @@ class HEFedAvg(Strategy):
         rounds.run(
             server,
             transport,
-            job.job_id_bytes,
+            job.job_id,
             range(1, num_rounds + 1),
             on_round,
             on_aggregate=self._keep,
@@ -221,16 +225,15 @@ class HEFedAvg(Strategy):
         raise NotImplementedError(_WHOLE_ROUNDS)
 
 
+@dataclass(frozen=True)
 class _Job:
     """The secagg job a strategy runs: its settings and its id."""
 
-    def __init__(self, config: RunConfig, job_id: bytes) -> None:
-        self.config = config
-        self.job_id_bytes = job_id
-        self.precision = config.precision
-        self.masking = config.masking
+    config: RunConfig
+    job_id: bytes
 
     def fields(self) -> str:
+        """The settings a joining node takes from the server (``wire.JOB_FIELDS``), as JSON."""
         values = self.config.to_dict()
         return json.dumps({k: values[k] for k in wire.JOB_FIELDS if values.get(k) is not None})
 
@@ -257,7 +260,6 @@ class GridTransport:
         #: site index -> node id: the site each node signs its mask keys as (a kit's index
         #: in the project's roster, else the order it was asked in)
         self._node_of: dict[int, int] = {}
-        #: site index -> its certificate (empty without kits), relayed with its key
         self.arrays = arrays
         self.job = job
         self.train_config = train_config
@@ -266,6 +268,7 @@ class GridTransport:
         self.strategy = strategy
         self.roster = job.config.per_round
         self._sizes = tensor_sizes(arrays)
+        #: site index -> its certificate (empty without kits), relayed with its key
         self._certificates: dict[int, bytes] = {}
         self._keys: dict[int, SignedKey] = {}  # site index -> its signed mask key
         #: sites that missed an aggregate: out of the run (their model would differ)
@@ -280,15 +283,15 @@ class GridTransport:
         back its signed mask key."""
         fields = {
             "job": self.job.fields(),
-            "job_id": self.job.job_id_bytes,
+            "job_id": self.job.job_id,
             "weigh_by": self.strategy.weighted_by_key,
         }
         asked = {
             order: wire.request("join", {**fields, "site": order}, arrays=self.arrays)
             for order in range(len(self.nodes))
         }
-        for order, record in self._ask(asked, "train", "join").items():
-            key = wire.key_from(record)
+        joined = self._ask(asked, "train", "join", _joined)
+        for order, (key, certificate) in joined.items():
             if key.site in self._keys or key.site < 0:
                 log(
                     WARNING,
@@ -299,7 +302,7 @@ class GridTransport:
                 continue
             self._keys[key.site] = key
             self._node_of[key.site] = self.nodes[order]
-            self._certificates[key.site] = wire.field(record, "certificate", bytes)
+            self._certificates[key.site] = certificate
         if len(self._keys) < self.job.config.per_round:
             raise rounds.RoundFailed(
                 f"only {len(self._keys)} of {len(self.nodes)} nodes joined secagg's job; "
@@ -336,7 +339,7 @@ class GridTransport:
             )
             for p in range(self.roster)
         }
-        replies = [wire.train_from(p, r) for p, r in self._ask(asked, "train", "train").items()]
+        replies = list(self._ask(asked, "train", "train", wire.train_from).values())
         self._trained = [r.client_id for r in replies]
         self._sealed = {r.client_id: r.sealed for r in replies}
         self._require(len(replies), round_stamp.round_num, "trained")
@@ -356,10 +359,9 @@ class GridTransport:
             )
             for p in self._trained
         }
-        answered = self._ask(asked, "train", "seal")
+        answered = self._ask(asked, "train", "seal", wire.fit_from)
         self._require(len(answered), round_stamp.round_num, "sent their update")
-        for p, record in answered.items():
-            yield wire.fit_from(p, record)
+        yield from answered.values()
 
     def keyed(self, round_num: int) -> frozenset[int]:
         return frozenset(range(self.roster))
@@ -370,10 +372,7 @@ class GridTransport:
             p: wire.request("confirm", {**_stamp_fields(stamp.for_sender(p)), **base})
             for p in survivors
         }
-        signed = {
-            p: wire.field(r, "confirmation", bytes)
-            for p, r in self._ask(asked, "train", "confirm").items()
-        }
+        signed = self._ask(asked, "train", "confirm", _confirmation)
         asked = {
             p: wire.request(
                 "reveal",
@@ -386,7 +385,7 @@ class GridTransport:
             )
             for p in survivors
         }
-        return [wire.reveal_from(p, r) for p, r in self._ask(asked, "train", "reveal").items()]
+        return list(self._ask(asked, "train", "reveal", wire.reveal_from).values())
 
     def apply(self, round_stamp: Stamp, payload: bytes, scales: bytes | None) -> list[ApplyReply]:
         save = self.strategy.save_model
@@ -403,14 +402,12 @@ class GridTransport:
             for site in self._keys
             if site not in self._behind
         }
-        answered = self._ask(asked, "train", "apply")
-        self._behind |= set(asked) - set(answered)
         position = {site: p for p, site in enumerate(self._round)}
-        return [
-            wire.apply_from(position.get(site, 0), r)
-            for site, r in answered.items()
-            if site in position
-        ]
+        answered = self._ask(
+            asked, "train", "apply", lambda site, r: wire.apply_from(position.get(site, 0), r)
+        )
+        self._behind |= set(asked) - set(answered)
+        return [reply for site, reply in answered.items() if site in position]
 
     def evaluators(self, round_num: int) -> int:
         return self.roster
@@ -426,9 +423,7 @@ class GridTransport:
             p: wire.request("evaluate", _stamp_fields(stamp.for_sender(p)), config=config)
             for p in self._trained
         }
-        replies = (
-            wire.eval_from(p, r) for p, r in self._ask(asked, "evaluate", "evaluate").items()
-        )
+        replies = self._ask(asked, "evaluate", "evaluate", wire.eval_from).values()
         return [reply for reply in replies if reply is not None]
 
     def averages(self, stamp: Stamp, payload: bytes) -> list[dict[str, float]]:
@@ -436,21 +431,27 @@ class GridTransport:
             p: wire.request("averages", {**_stamp_fields(stamp.for_sender(p)), "payload": payload})
             for p in range(self.roster)
         }
-        answered = self._ask(asked, "train", "averages")
-        return [wire.metrics_from(r) for r in answered.values() if r.get("known") is True]
+        answered = self._ask(asked, "train", "averages", _averages).values()
+        return [view for view in answered if view is not None]
 
     def _ask(
-        self, asked: Mapping[int, Any], message_type: str, step: str
-    ) -> dict[int, ConfigRecord]:
+        self,
+        asked: Mapping[int, Any],
+        message_type: str,
+        step: str,
+        read: Callable[[int, ConfigRecord], T],
+    ) -> dict[int, T]:
         """Send each position (or, for ``join`` and ``apply``, each site) its step; return the
-        answers that came, by the same key. Errors and silence are logged, not raised."""
+        answers that came, each ``read`` (``wire``), by the same key. Errors, silence and
+        malformed answers are logged and left out (the node is a dropout), never raised: one
+        misbehaving node does not stop the server."""
         node_of = {key: self._node(key, step) for key in asked}
         messages = [
             Message(content=content, dst_node_id=node_of[key], message_type=message_type)
             for key, content in asked.items()
         ]
         back = {node: key for key, node in node_of.items()}
-        answered: dict[int, ConfigRecord] = {}
+        answered: dict[int, T] = {}
         failed: set[int] = set()
         for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
             key = back.get(reply.metadata.src_node_id)
@@ -470,7 +471,12 @@ class GridTransport:
                     reply.metadata.src_node_id,
                 )
                 continue
-            answered[key] = record
+            try:
+                answered[key] = read(key, record)
+            except PayloadError as err:
+                failed.add(key)
+                node = reply.metadata.src_node_id
+                log(WARNING, "secagg %s: node %s sent a malformed answer: %s", step, node, err)
         for key in set(asked) - set(answered) - failed:
             log(WARNING, "secagg %s: node %s sent nothing in time", step, node_of[key])
         return answered
@@ -488,6 +494,20 @@ class GridTransport:
             raise rounds.RoundFailed(
                 f"round {round_num}: only {count} node(s) {what}, {least} needed"
             )
+
+
+def _joined(order: int, record: ConfigRecord) -> tuple[SignedKey, bytes]:
+    """A node's join answer: its signed mask key and its certificate (empty without a kit)."""
+    return wire.key_from(record), wire.field(record, "certificate", bytes)
+
+
+def _confirmation(position: int, record: ConfigRecord) -> bytes:
+    return bytes(wire.field(record, "confirmation", bytes))
+
+
+def _averages(position: int, record: ConfigRecord) -> dict[str, float] | None:
+    """The averages a node decrypted (None: it evaluated nothing, so it cannot name them)."""
+    return wire.metrics_from(record) if record.get("known") is True else None
 
 
 def _stamp_fields(stamp: Stamp) -> dict[str, Any]:
