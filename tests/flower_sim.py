@@ -7,8 +7,8 @@ keeping secagg's mod (which passes Flower's own messages through). Four nodes; w
 the node of partition 3 fails its training in that round. With KITS (``secagg provision``'s
 folder: a kit per site ``site-<partition>`` and the server's), each node takes its keys,
 identity and round policy from its kit, and the ServerApp its public key from the server's.
-Each node (``he``) or the server (``plain``) writes the global model to OUT; the last line
-printed is a JSON report of what the ServerApp's process loaded."""
+Each node (``he``, where its mod says) or the server (``plain``) writes the global model to
+OUT; the last line printed is a JSON report of what the ServerApp's process loaded."""
 
 from __future__ import annotations
 
@@ -41,7 +41,8 @@ def main() -> None:
         return load(folder)
 
     keys.load_for_client = watched  # type: ignore[assignment]
-    clients = ClientApp(mods=[he_mod(kit=f"{kits}/site-{{partition-id}}" if kits else None)])
+    kit = f"{kits}/site-{{partition-id}}" if kits else None
+    clients = ClientApp(mods=[he_mod(kit=kit, save_model=f"{out}/{mode}-{{node}}.npz")])
 
     @clients.train()
     def train(msg: Message, context: Context) -> Message:

@@ -176,13 +176,14 @@ def test_a_flower_app_runs_with_he_in_flowers_deployment_engine(
                 "--superlink", LINK,
                 "--auth-supernode-private-key", str(certs / f"node{i}"),
                 "--auth-supernode-public-key", str(certs / f"node{i}.pub"),
-                "--node-config", f'partition-id={i} num-partitions=3 secagg-keys="{keys}"',
+                "--node-config",
+                f'partition-id={i} num-partitions=3 secagg-keys="{keys}" '
+                f'secagg-save-model="{tmp_path / "models"}/{{node}}.npz"',
                 "--port", str(9094 + i),
             )  # fmt: skip
         settings = (
             f'num-server-rounds=1 min-nodes=3 secagg-keys="{keys}" '
-            f'process-report="{tmp_path / "report.json"}" '
-            f'save-model="{tmp_path / "models"}/{{node}}.npz"'
+            f'process-report="{tmp_path / "report.json"}"'
         )
         done = subprocess.run(
             [str(BIN / "flwr"), "run", ".", "dep", "--stream", "--run-config", settings],

@@ -67,7 +67,10 @@ _LIVE_KEPT = 4
 
 
 def he_mod(
-    keys: str | Path | None = None, threshold: int = 0, kit: str | Path | None = None
+    keys: str | Path | None = None,
+    threshold: int = 0,
+    kit: str | Path | None = None,
+    save_model: str | Path | None = None,
 ) -> Mod:
     """A Flower client mod that takes part in secagg's HE secure aggregation.
 
@@ -77,7 +80,12 @@ def he_mod(
     other node config names in it are filled in. Without a kit: ``keys``, the node's key
     folder (``secagg keygen``), else as the module says, and ``threshold``, the fewest
     contributors a sum this node unmasks or decrypts may have (else the node config's
-    ``secagg-threshold``, else at least ``MIN_THRESHOLD``): the node's, not the server's."""
+    ``secagg-threshold``, else at least ``MIN_THRESHOLD``): the node's, not the server's.
+
+    ``save_model`` (else the node config's ``secagg-save-model``): where the node writes the
+    global model after each round, as numpy arrays (``.npz``); ``{node}`` (its node id) and
+    node config names in it are filled in. The node's choice, never the server's: a server
+    cannot make a node write anywhere."""
 
     def secagg_mod(
         message: Message, context: Context, call_next: Callable[[Message, Context], Message]
@@ -88,7 +96,9 @@ def he_mod(
         name = str(step.get("step"))
         try:
             local = _local(context, keys, kit)
-            answer = _answer(name, step, message, context, call_next, local, threshold)
+            answer = _answer(
+                name, step, message, context, call_next, local, (threshold, save_model)
+            )
         except (SecAggError, ValueError) as err:
             # Named, on one line: the server logs it and counts the node out of the step.
             reason = getattr(err, "reason", "error")
@@ -105,8 +115,12 @@ def _answer(
     context: Context,
     call_next: Callable[[Message, Context], Message],
     local: _Local,
-    threshold: int,
+    settings: tuple[int, str | Path | None],
 ) -> dict[str, Any]:
+    """Do ``step`` with the node's secagg client (made at ``join``, else restored), keep its
+    state, and answer; the node's own ``settings``: its threshold and where it saves the
+    model."""
+    threshold, save_model = settings
     if step == "join":
         floor = threshold or int(context.node_config.get("secagg-threshold", 0))
         client = _join(record, message, local, context, floor)
@@ -128,6 +142,8 @@ def _answer(
     finally:
         task.unbind()
     _keep(context, client, local)
+    if step == "apply":
+        _save_model(context, client, save_model)
     return answer
 
 
@@ -349,11 +365,7 @@ def _reveal(client: Client, record: ConfigRecord) -> dict[str, Any]:
 def _apply(client: Client, record: ConfigRecord) -> dict[str, Any]:
     scales = wire.field(record, "scales", bytes) or None
     payload = wire.field(record, "payload", bytes)
-    reply = client.apply(payload, _stamp(record), scales)
-    path = record.get("save")
-    if isinstance(path, str) and path:
-        _save_model(client, Path(path))
-    return wire.apply_fields(reply)
+    return wire.apply_fields(client.apply(payload, _stamp(record), scales))
 
 
 def _evaluate(client: Client, record: ConfigRecord) -> dict[str, Any]:
@@ -378,10 +390,16 @@ _STEPS: dict[str, Callable[[Client, ConfigRecord], dict[str, Any]]] = {
 }
 
 
-def _save_model(client: Client, path: Path) -> None:
-    """The global model this node holds, as numpy arrays by name (``.npz``), written whole."""
+def _save_model(context: Context, client: Client, save_model: str | Path | None) -> None:
+    """The global model this node holds, as numpy arrays by name (``.npz``), written whole
+    where the node says (``he_mod(save_model=...)`` or its node config's
+    ``secagg-save-model``); nothing when it says nothing."""
     from secagg.files import atomic_write
 
+    pattern = save_model or context.node_config.get("secagg-save-model")
+    if not pattern:
+        return
+    path = Path(str(pattern).format_map({**context.node_config, "node": context.node_id}))
     state = {k: v.detach().cpu().numpy() for k, v in client.model.state_dict().items()}
     buffer = io.BytesIO()
     np.savez(buffer, **state)

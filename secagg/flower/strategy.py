@@ -6,7 +6,7 @@ pairwise masks and their unmasking, the encrypted evaluation) over Flower's ``Gr
 (``GridTransport``), each step a message to the round's nodes, whose ``he_mod`` answers. The
 server adds ciphertexts it cannot read: this process loads the public context only and never
 imports TenSEAL, and it never holds the model. ``Result.arrays`` is therefore empty: the new
-global model lives on the nodes (``save_model`` has each write it).
+global model lives on the nodes (each writes it where it says: ``he_mod(save_model=...)``).
 
 A node that fails or times out in a step is a dropout, as in secagg's own deployments: the
 round goes on over the survivors (their exact average) or fails with a named reason and is
@@ -55,11 +55,10 @@ class HEFedAvg(Strategy):
     ``keys``: the key folder (``secagg keygen``); this process reads its public
     ``server.ctx`` only. ``weighted_by_key``: the reply metric each node weighs by.
     ``min_train_nodes``: the fewest nodes a round may add (each node also refuses sums of
-    fewer than its own threshold: ``he_mod(threshold=...)``). ``save_model``: a path
-    pattern each node writes the global model to after each round (``{node}`` is its node
-    id), as numpy arrays (``.npz``). ``checkpoint``: a folder the server writes each round's
-    encrypted aggregate to (``round-N.update``, and ``round-N.scales``, the summed scale
-    exchange that decodes it), before any node applies it: ciphertexts only.
+    fewer than its own threshold: ``he_mod(threshold=...)``). ``checkpoint``: a folder the
+    server writes each round's encrypted aggregate to (``round-N.update``, and
+    ``round-N.scales``, the summed scale exchange that decodes it), before any node applies
+    it: ciphertexts only.
     """
 
     def __init__(
@@ -72,7 +71,6 @@ class HEFedAvg(Strategy):
         keys: str | Path = "keys",
         round_retries: int = 2,
         max_node_samples: int = 10**9,
-        save_model: str = "",
         checkpoint: str | Path = "",
         seed: int = 0,
     ) -> None:
@@ -86,7 +84,6 @@ class HEFedAvg(Strategy):
         self.keys = Path(keys)
         self.round_retries = round_retries
         self.max_node_samples = max_node_samples
-        self.save_model = save_model
         self.checkpoint = Path(checkpoint) if checkpoint else None
         self.seed = seed
 
@@ -388,19 +385,9 @@ class GridTransport:
         return list(self._ask(asked, "train", "reveal", wire.reveal_from).values())
 
     def apply(self, round_stamp: Stamp, payload: bytes, scales: bytes | None) -> list[ApplyReply]:
-        save = self.strategy.save_model
+        fields = {**_stamp_fields(round_stamp), "payload": payload, "scales": scales or b""}
         asked = {
-            site: wire.request(
-                "apply",
-                {
-                    **_stamp_fields(round_stamp),
-                    "payload": payload,
-                    "scales": scales or b"",
-                    "save": save.format(node=self._node_of[site]) if save else "",
-                },
-            )
-            for site in self._keys
-            if site not in self._behind
+            site: wire.request("apply", fields) for site in self._keys if site not in self._behind
         }
         position = {site: p for p, site in enumerate(self._round)}
         answered = self._ask(

@@ -29,11 +29,11 @@ def run(grid: Grid, config: dict) -> None:  # type: ignore[type-arg]
     train_config = ConfigRecord({"lr": float(config.get("lr", 0.1)), "local-epochs": 1})
     nodes = int(config.get("min-nodes", 2))  # start once this many nodes are connected
     if config.get("secagg-he", True):
-        # secagg: the one line (the nodes write the model: the server never holds it)
+        # secagg: the one line (the server never holds the model: each node saves its own,
+        # where its node config's secagg-save-model says)
         strategy = HEFedAvg(
             min_available_nodes=nodes,
             keys=str(config.get("secagg-keys", "keys")),
-            save_model=str(config.get("save-model", "")),
             checkpoint=str(config.get("checkpoint", "")),
         )
     else:
@@ -41,6 +41,6 @@ def run(grid: Grid, config: dict) -> None:  # type: ignore[type-arg]
     result = strategy.start(
         grid=grid, initial_arrays=arrays, train_config=train_config, num_rounds=rounds
     )
-    if not config.get("secagg-he", True) and config.get("save-model"):
+    if not config.get("secagg-he", True) and config.get("save-model"):  # FedAvg's server holds it
         state = {k: v.numpy() for k, v in result.arrays.to_torch_state_dict().items()}
         np.savez(str(config["save-model"]).format(node="server"), **state)
