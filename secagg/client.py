@@ -25,7 +25,7 @@ import io
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -37,7 +37,7 @@ from torch import nn
 from secagg import messages
 from secagg.config import RunConfig
 from secagg.crypto import ClientCipher, Identities, Stamp, Update
-from secagg.crypto.masking import Reveal, SignedKey
+from secagg.crypto.masking import Advert, Advertised, Reveal, SignedKey
 from secagg.errors import ConfigError, PayloadError, SecAggError, TaskError
 from secagg.files import atomic_write
 from secagg.flatten import Layout, describe, flatten, unflatten
@@ -143,18 +143,32 @@ class Client:
         None when its cipher does not mask."""
         return self.cipher.publish(job, self.site.index)
 
+    def advertise(
+        self, stamp: Stamp, peers: Sequence[SignedKey | None], nonce: bytes
+    ) -> Advertised | None:
+        """Before a masked attempt: this client's signed keys for attempt ``nonce`` of
+        ``stamp``'s round and its shares of them, sealed to the round's positions
+        (``peers``: the round's signed job keys by position, relayed with the task); None
+        when its cipher does not mask."""
+        return self.cipher.advertise(stamp, peers, nonce)
+
     def train(
-        self, stamp: Stamp, peers: Sequence[SignedKey | None] = (), nonce: bytes = b""
+        self,
+        stamp: Stamp,
+        adverts: Sequence[Advert | None] = (),
+        sealed: Mapping[int, bytes] | None = None,
+        nonce: bytes = b"",
     ) -> TrainReply:
         """Step 1 of a round: the task trains from the global model; keep the change, and for
         an integer codec return its encrypted part of the scale exchange. ``stamp`` is the
-        round's, with this client's position in the round as its sender; ``peers`` the
-        round's signed mask keys by position, relayed with the task (none: no masks), and
-        ``nonce`` the round's attempt (a round tried again masks afresh)."""
+        round's, with this client's position in the round as its sender; ``adverts`` the
+        attempt's signed keys by position, relayed with the task (none: no masks), ``sealed``
+        the shares the others sealed to this client, and ``nonce`` the round's attempt (a
+        round tried again masks afresh)."""
         start = time.perf_counter()
-        if peers:
+        if adverts:
             # Checked before any work: a substituted key stops this client here.
-            self.cipher.agree(stamp, peers, nonce)
+            self.cipher.agree(stamp, adverts, sealed or {}, nonce)
         # Always from the global model: a round tried again (the server restarted, or too few
         # sites delivered) must not start from this client's own earlier attempt.
         self.model.load_state_dict(unflatten(self.global_vector, self.layout))
@@ -187,14 +201,7 @@ class Client:
             # An integer codec carries the count and the metrics inside the encrypted scales:
             # the server reads neither (``crypto.report``).
             samples, metrics = 0, {}
-        # Shares of the round's self-mask keys go out with the training upload: before any
-        # masked payload counts, every position holds its share (``crypto.shares``).
-        bundle = self.cipher.share(stamp) if peers else None
-        if bundle is None:
-            return TrainReply(stamp.sender, samples, scales, metrics, seconds)
-        return TrainReply(
-            stamp.sender, samples, scales, metrics, seconds, bundle.sealed, bundle.commitment
-        )
+        return TrainReply(stamp.sender, samples, scales, metrics, seconds)
 
     def seal(self, stamp: Stamp, total_samples: int, scales: bytes | None) -> FitReply:
         """Step 3: weight the change by ``n_i / total_samples``, and encrypt it (an integer
@@ -252,17 +259,12 @@ class Client:
         return self.cipher.confirm(stamp, survivors)
 
     def reveal(
-        self,
-        stamp: Stamp,
-        survivors: tuple[int, ...],
-        confirmations: dict[int, bytes],
-        sealed: dict[int, bytes] | None = None,
+        self, stamp: Stamp, survivors: tuple[int, ...], confirmations: dict[int, bytes]
     ) -> Reveal:
         """What unmasks the phase's sum over ``survivors``, once enough of them confirmed the
-        same set: this client's self-mask key, its shares of the other survivors' keys
-        (``sealed``: what each sealed to it), and its corrections for the keyed clients that
-        sent nothing."""
-        return self.cipher.reveal(stamp, survivors, confirmations, sealed)
+        same set: this client's self-mask key, its shares of the other survivors' self-mask
+        keys, and its shares of the mask keys of the positions that sent nothing."""
+        return self.cipher.reveal(stamp, survivors, confirmations)
 
     def apply(self, payload: bytes, round_stamp: Stamp, scales: bytes | None) -> ApplyReply:
         """Decrypt the summed update, check its ledger, divide by the total weight, take the

@@ -132,10 +132,6 @@ class TrainReply:
     scales: bytes | None
     metrics: dict[str, float] = field(default_factory=dict)
     seconds: Seconds = field(default_factory=Seconds)
-    #: with masks: its shares of its self-mask keys, sealed to each keyed position
-    sealed: dict[int, bytes] = field(default_factory=dict)
-    #: with masks: its commitment to those keys (what a key rebuilt from shares must match)
-    commitment: bytes = b""
 
 
 @dataclass

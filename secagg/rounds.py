@@ -19,8 +19,7 @@ from typing import Any
 import numpy as np
 
 from secagg import quantize
-from secagg.crypto import SERVER, Reveal, Stamp, contributors, report
-from secagg.crypto.envelope import EVALUATION
+from secagg.crypto import SERVER, MaskRoster, Reveal, Stamp, contributors, report
 from secagg.errors import PayloadError, SecAggError
 from secagg.messages import EVAL_LOSS, ApplyReply, FitReply, TrainReply
 from secagg.server import Server, Summed
@@ -135,9 +134,9 @@ def run_round(
         else None
     )
     #: each phase's reveals, with the confirmations relayed to every survivor (``masking``)
-    corrections: list[list[Reveal]] = []
+    unmasking: list[list[Reveal]] = []
     if scales is not None:
-        scales = _unmasked(server, transport, round_stamp.scales(), scales, corrections, trained)
+        scales = _unmasked(server, transport, round_stamp.scales(), scales, unmasking)
     agreed = scales.payload if scales is not None else None
     # 3 on every client: weight the change by n_i / N, quantize it on the agreed steps and
     #   encrypt it; 4 on the server: add the updates as they arrive, only from clients that
@@ -148,7 +147,7 @@ def run_round(
     added = _counted(_payloads(sealed, fits), "aggregate", on_progress, len(takers))
     summed = server.sum(added, round_stamp, sum(sizes), frozenset(takers))
     # 4b masked payloads: the clients that sent remove their masks with any that did not
-    summed = _unmasked(server, transport, round_stamp, summed, corrections, trained)
+    summed = _unmasked(server, transport, round_stamp, summed, unmasking)
     aggregates = RoundAggregates(summed.payload, agreed, round_stamp.attempt)
     on_aggregate(round_stamp.round_num, aggregates)
     # 5 on every client: decrypt, check the ledger, divide by the total weight, add to the
@@ -157,10 +156,16 @@ def run_round(
     # 6 the clients evaluate the global model they now hold (the server cannot); an integer
     #   codec encrypts each evaluation, the server adds them, and the clients decrypt the sum
     eval_start = time.perf_counter()
-    evaluated = _evaluated(server, transport, round_stamp, trained, corrections)
+    evaluated = _evaluated(server, transport, round_stamp, unmasking)
     end = time.perf_counter()
     record = RoundRecord(
-        trained, fits, applied, evaluated, scales, summed, *_unmasking_bytes(corrections, trained)
+        trained,
+        fits,
+        applied,
+        evaluated,
+        scales,
+        summed,
+        *_unmasking_bytes(unmasking, transport.masks(round_stamp.round_num)),
     )
     metrics = replace(
         record.metrics(round_stamp.round_num),
@@ -185,8 +190,7 @@ def _evaluated(
     server: Server,
     transport: Transport,
     round_stamp: Stamp,
-    trained: list[TrainReply],
-    corrections: list[list[Reveal]],
+    unmasking: list[list[Reveal]],
 ) -> Evaluated:
     """The clients' evaluations: averaged here when they came in plain (plaintext FedAvg);
     with an integer codec, added by the server without reading them, then decrypted and
@@ -206,7 +210,7 @@ def _evaluated(
     try:
         summed = server.sum(payloads, stamp, report.VALUES)
         if stamp.roster == round_stamp.roster:
-            summed = _unmasked(server, transport, stamp, summed, corrections, trained)
+            summed = _unmasked(server, transport, stamp, summed, unmasking)
         views = transport.averages(stamp, summed.payload)
     except (PayloadError, RoundFailed) as err:
         warnings.warn(
@@ -219,18 +223,18 @@ def _evaluated(
     return Evaluated(agreed, loss, up, len(summed.payload) * len(payloads))
 
 
-def _unmasking_bytes(phases: list[list[Reveal]], trained: list[TrainReply]) -> tuple[int, int]:
-    """Bytes up (each client's sealed shares and commitment; each survivor's confirmation,
-    key, shares and correction) and down (every survivor gets the phase's confirmations and
-    the shares sealed to it) of a round's masks."""
+def _unmasking_bytes(phases: list[list[Reveal]], masks: MaskRoster | None) -> tuple[int, int]:
+    """Bytes up (each client's advert, commitment and sealed shares; each survivor's
+    confirmation, key and shares) and down (every client gets the attempt's adverts and the
+    shares sealed to it; every survivor the phase's confirmations) of a round's masks."""
     up = sum(len(r) for reveals in phases for r in reveals)
-    up += sum(len(t.commitment) + sum(map(len, t.sealed.values())) for t in trained)
-    down = 0
-    for phase, reveals in enumerate(phases):
-        down += len(reveals) * sum(len(r.confirmation) for r in reveals)
-        if phase == 0:  # the shares are relayed once, with the first phase's unmasking
-            senders = {r.sender for r in reveals}
-            down += sum(len(t.sealed.get(p, b"")) for t in trained for p in senders)
+    down = sum(len(reveals) * sum(len(r.confirmation) for r in reveals) for reveals in phases)
+    if masks is not None:
+        adverts = sum(len(a) for a in masks.adverts if a is not None)
+        up += adverts + sum(len(c) for c in masks.commitments.values())
+        up += sum(len(blob) for sealed in masks.sealed.values() for blob in sealed.values())
+        down += len(masks.keyed) * adverts
+        down += sum(len(blob) for sealed in masks.sealed.values() for blob in sealed.values())
     return up, down
 
 
@@ -240,31 +244,28 @@ def _unmasked(
     stamp: Stamp,
     summed: Summed,
     kept: list[list[Reveal]],
-    trained: list[TrainReply],
 ) -> Summed:
     """A phase's sum with its masks removed: every contributor added a self-mask and its
-    pairs with every keyed position. The contributors confirm the survivor set among
+    pairs with every advertised neighbour. The contributors confirm the survivor set among
     themselves (each signs it and checks the others' signatures: the consistency round), then
-    each reveals its self-mask key and, for the keyed positions that sent nothing, the
-    correction of its pairs with them (kept in ``kept``, for the round's byte count)."""
-    if not server.masking:
+    each reveals its self-mask key and its shares of the keys the server needs (kept in
+    ``kept``, for the round's byte count); the server rebuilds what a lost client did not
+    reveal and removes the pairs of the advertised positions that sent nothing."""
+    masks = transport.masks(stamp.round_num) if server.masking else None
+    if masks is None:
         return summed
     survivors = contributors(summed.payload)
-    dropped = tuple(sorted(transport.keyed(stamp.round_num) - set(survivors)))
+    dropped = sorted(masks.keyed - set(survivors))
     reveals = transport.unmask(stamp, survivors)
     kept.append(reveals)
-    # An evaluation's keys are neither shared nor committed to: a lost survivor loses it.
-    commitments = (
-        {t.client_id: t.commitment for t in trained} if stamp.phase != EVALUATION else None
-    )
     try:
-        return server.correct(summed, reveals, stamp, dropped, commitments)
+        return server.correct(summed, reveals, stamp, masks)
     except PayloadError as err:
-        # A contributor's correction that does not fit leaves the sum masked: the round can
-        # only start again (with fresh masks), never go on.
+        # A key that cannot be had leaves the sum masked: the round can only start again
+        # (with fresh masks), never go on.
         raise RoundFailed(
-            f"round {stamp.round_num}: the contributors' mask reveals (for the dropout of "
-            f"client(s) {list(dropped)}) could not be added: {err}"
+            f"round {stamp.round_num}: the contributors' mask reveals (with client(s) "
+            f"{dropped} lost) could not unmask the sum: {err}"
         ) from err
 
 
@@ -362,11 +363,12 @@ class RoundRecord:
     evaluated: Evaluated
     scales: Summed | None
     summed: Summed
-    #: bytes the clients sent to unmask the sums (``masking``): confirmations, self-mask keys,
-    #: and corrections when a phase lost a client
-    corrections: int = 0
-    #: bytes the clients received to unmask: every survivor's confirmation, relayed to all
-    confirmations: int = 0
+    #: bytes the clients sent for the masks (``masking``): adverts, sealed shares,
+    #: confirmations, self-mask keys and revealed shares
+    masks_up: int = 0
+    #: bytes the clients received for the masks: the adverts and shares relayed to each, and
+    #: every survivor's confirmation, relayed to all
+    masks_down: int = 0
 
     def metrics(self, round_num: int) -> RoundMetrics:
         trained, fits, applied = self.trained, self.fits, self.applied
@@ -374,11 +376,11 @@ class RoundRecord:
         senders = [t for t in trained if t.client_id in sealed] or trained
         scale_sums = [*self.scales.seconds, *self.scales.checks] if self.scales else []
         up = sum(len(t.scales or b"") for t in trained) + sum(f.size for f in fits)
-        up += self.corrections
+        up += self.masks_up
         down = (len(self.summed.payload) + (len(self.scales.payload) if self.scales else 0)) * len(
             applied
         )
-        down += self.confirmations
+        down += self.masks_down
         up += self.evaluated.bytes_up
         down += self.evaluated.bytes_down
         task_metrics = self.evaluated.metrics

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from secagg.crypto import Reveal, ServerCipher, Stamp
+from secagg.crypto import MaskRoster, Reveal, ServerCipher, Stamp, contributors
 from secagg.errors import CheckpointError, PayloadError
 from secagg.files import atomic_write, atomic_write_json
 
@@ -148,8 +148,8 @@ class Server:
     ) -> None:
         self.cipher = cipher
         self.workdir = None if workdir is None else Path(workdir)
-        #: the clients mask pairwise (``crypto.masking``): a phase that lost a client needs
-        #: the contributors' corrections before its sum decrypts
+        #: the clients mask pairwise (``crypto.masking``): every phase's sum is unmasked with
+        #: its contributors' reveals before it decrypts
         self.masking = masking
         #: (job, round, phase) whose sum was corrected, and for which dropped clients
         self._closed: dict[tuple[bytes, int, int], tuple[int, ...]] = {}
@@ -171,10 +171,10 @@ class Server:
         model says how many, never a payload), only ``allowed`` senders' when given."""
         closed = self._closed.get((round_stamp.job, round_stamp.round_num, round_stamp.phase))
         if closed is not None:
-            # Corrections for the dropped clients are known: adding their payloads now would
-            # let their masks be removed.
+            # The dropped clients' pairs were removed: adding their payloads now would leave
+            # only their self-masks on them.
             raise PayloadError(
-                f"round {round_stamp.round_num}'s sum was corrected for the dropout of client(s) "
+                f"round {round_stamp.round_num}'s sum was unmasked without client(s) "
                 f"{list(closed)}; a late update is never added",
                 "late-update",
             )
@@ -188,16 +188,16 @@ class Server:
         summed: Summed,
         reveals: Sequence[Reveal],
         stamp: Stamp,
-        dropped: tuple[int, ...],
-        commitments: dict[int, bytes] | None = None,
+        masks: MaskRoster,
     ) -> Summed:
         """Unmask a phase's sum with its contributors' reveals (their self-mask keys, their
-        shares of the others' keys, and their corrections for ``dropped``), and close the
-        phase: nothing more is added to it. ``commitments``: each contributor's commitment
-        to its keys, which lets a key that was not revealed be rebuilt from shares."""
+        shares of the other survivors' keys and of the lost positions' mask keys), and close
+        the phase: nothing more is added to it. ``masks``: the attempt as its positions
+        advertised it (their keys, commitments, and whom each masks with)."""
         start = time.perf_counter()
+        dropped = tuple(sorted(masks.keyed - set(contributors(summed.payload))))
         self._closed[(stamp.job, stamp.round_num, stamp.phase)] = dropped
-        payload = self.cipher.corrected(summed.payload, reveals, stamp, dropped, commitments)
+        payload = self.cipher.corrected(summed.payload, reveals, stamp, masks)
         return Summed(
             payload,
             [*summed.seconds[:-1], summed.seconds[-1] + time.perf_counter() - start],

@@ -24,7 +24,7 @@ import numpy as np
 from secagg.crypto import envelope
 from secagg.crypto.envelope import SERVER, Stamp, contributors
 from secagg.crypto.ledger import Aggregate, Update
-from secagg.crypto.masking import Masker, Reveal, ShareBundle, SignedKey
+from secagg.crypto.masking import Advert, Advertised, Masker, MaskRoster, Reveal, SignedKey
 from secagg.crypto.policy import RoundPolicy
 
 if TYPE_CHECKING:  # the server imports this package: no torch here
@@ -85,30 +85,35 @@ class ClientCipher(Protocol):
         does not mask (``masking``)."""
         ...
 
-    def agree(self, stamp: Stamp, peers: Sequence[SignedKey | None], nonce: bytes = b"") -> None:
-        """Check the round's relayed keys (``peers[p]`` is position ``p``'s, None for a position
-        without one) and mask every payload of ``stamp``'s round, attempt ``nonce``, with them."""
+    def advertise(
+        self, stamp: Stamp, peers: Sequence[SignedKey | None], nonce: bytes
+    ) -> Advertised | None:
+        """This client's signed keys for attempt ``nonce`` of ``stamp``'s round and its shares
+        of them, sealed to the round's positions (``peers[p]``: position ``p``'s job key, None
+        for a position without one); None when it does not mask (``masking``)."""
+        ...
+
+    def agree(
+        self,
+        stamp: Stamp,
+        adverts: Sequence[Advert | None],
+        sealed: Mapping[int, bytes],
+        nonce: bytes,
+    ) -> None:
+        """Check the attempt's relayed keys (``adverts[p]``: position ``p``'s, None for a
+        position that advertised none), open the shares sealed to this client, and mask every
+        payload of ``stamp``'s round, attempt ``nonce``, with them."""
         ...
 
     def confirm(self, stamp: Stamp, survivors: tuple[int, ...]) -> bytes:
         """This client's signature of the survivor set of ``stamp``'s phase (``masking``)."""
         ...
 
-    def share(self, stamp: Stamp) -> ShareBundle | None:
-        """This client's shares of its self-mask keys for ``stamp``'s round, sealed to each
-        keyed position, and its commitment to the keys (None: it does not mask)."""
-        ...
-
     def reveal(
-        self,
-        stamp: Stamp,
-        survivors: tuple[int, ...],
-        confirmations: dict[int, bytes],
-        sealed: dict[int, bytes] | None = None,
+        self, stamp: Stamp, survivors: tuple[int, ...], confirmations: dict[int, bytes]
     ) -> Reveal:
         """What unmasks the sum of ``stamp``'s phase over ``survivors``, once at least the
-        policy's threshold of them confirmed that set (once per round and phase); ``sealed``:
-        the shares the other survivors sealed to this client, by sender."""
+        policy's threshold of them confirmed that set (once per round and phase)."""
         ...
 
     def agreement(self, stamp: Stamp, agreed: bytes | None) -> Agreement | None:
@@ -186,16 +191,13 @@ class ServerCipher(Protocol):
         ...
 
     def corrected(
-        self,
-        aggregate: bytes,
-        reveals: Sequence[Reveal],
-        stamp: Stamp,
-        dropped: tuple[int, ...],
-        commitments: dict[int, bytes] | None = None,
+        self, aggregate: bytes, reveals: Sequence[Reveal], stamp: Stamp, roster: MaskRoster
     ) -> bytes:
-        """``aggregate`` unmasked: every contributor's self-mask removed with the key it
-        revealed (or, for one that revealed nothing, the key its shares rebuild, checked
-        against its ``commitments``), and its corrections for the ``dropped`` clients added."""
+        """``aggregate`` unmasked (``masking.unmasking``): every contributor's self-mask
+        removed with the key it revealed (or, for one that revealed nothing, the key its
+        shares rebuild, checked against its commitment in ``roster``), and the pairs of every
+        position of ``roster`` that advertised keys and sent nothing, from its mask key
+        rebuilt from the contributors' shares."""
         ...
 
 
@@ -257,6 +259,7 @@ __all__ = [
     "Aggregate",
     "ClientCipher",
     "Identities",
+    "MaskRoster",
     "Reveal",
     "RoundPolicy",
     "ServerCipher",

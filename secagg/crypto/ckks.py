@@ -36,7 +36,6 @@ from secagg.crypto import caches, compiled, envelope, integrity, ledger, rlwe, s
 from secagg.crypto.ckks_server import TAIL, RoundFormat
 from secagg.crypto.envelope import (
     AGGREGATE,
-    CORRECTION,
     EVALUATION,
     SCALES,
     UPDATE,
@@ -224,38 +223,11 @@ class CkksClient:
         return self._masker().confirm(stamp, survivors)
 
     def reveal(
-        self,
-        stamp: Stamp,
-        survivors: tuple[int, ...],
-        confirmations: dict[int, bytes],
-        values: int,
-        sealed: dict[int, bytes] | None = None,
+        self, stamp: Stamp, survivors: tuple[int, ...], confirmations: dict[int, bytes]
     ) -> Reveal:
-        """What unmasks the sum of ``stamp``'s phase (of ``values`` values) over the confirmed
-        ``survivors``: this client's self-mask key, its shares of the other survivors' keys
-        (opened from ``sealed``, sender -> the shares sealed to this client), and a correction
-        payload (``c0`` words removing its pairs with the keyed clients that sent nothing)
-        when there are any."""
-        masker = self._masker()
-        masker.take(stamp, sealed or {})
-        count, size = self._format.blobs(stamp)(values)
-        q, n = self._shape.modulus, self._shape.poly_modulus_degree
-        key, words, held = masker.reveal(stamp, survivors, confirmations, count, n, q)
-        signature = masker.signature(stamp)
-        if words is None:
-            return Reveal(stamp.sender, key, confirmation=signature, shares=held)
-        dropped = tuple(sorted(masker.keyed() - set(survivors)))  # the pairs ``words`` remove
-        correction = envelope.to_bytes(
-            self.codec_for_round(stamp),
-            CORRECTION,
-            stamp,
-            values,
-            count,
-            size,
-            [seal_format.to_wire(words)],
-            dropped,
-        )
-        return Reveal(stamp.sender, key, correction, signature, held)
+        """What unmasks the sum of ``stamp``'s phase over the confirmed ``survivors``
+        (``masking.Masker.reveal``)."""
+        return self._masker().reveal(stamp, survivors, confirmations)
 
     def _masker(self) -> Masker:
         if self.masker is None:

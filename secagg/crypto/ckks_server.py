@@ -19,8 +19,8 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
-from secagg.crypto import envelope, integrity, ledger, masking, seal_format
-from secagg.crypto.envelope import AGGREGATE, CORRECTION, SERVER, UPDATE, Stamp
+from secagg.crypto import envelope, integrity, ledger, masking, seal_format, shares
+from secagg.crypto.envelope import AGGREGATE, SERVER, UPDATE, Stamp
 from secagg.crypto.masking import Reveal
 from secagg.crypto.packing import PACKED, PACKINGS, PackedParams, packing_for
 from secagg.crypto.params import Keys
@@ -136,32 +136,6 @@ class CkksServer:
             payload, stamp, values, lambda: self._check(payload, stamp, values)
         )
 
-    def _correction(
-        self, reveal: Reveal, stamp: Stamp, wanted: tuple[int, ...], values: int
-    ) -> np.ndarray | None:
-        """A reveal's correction words (None when no client dropped), refused unless the
-        reveal is well formed and its correction is its sender's, for exactly ``wanted``."""
-        sender = reveal.sender
-        if len(reveal.key) != SEED_BYTES:
-            raise PayloadError(
-                f"client {sender}'s self-mask key is not {SEED_BYTES} bytes", "malformed"
-            )
-        if bool(wanted) != bool(reveal.correction):
-            what = "lacks its correction" if wanted else "carries a correction nobody asked for"
-            raise PayloadError(f"client {sender}'s reveal {what}", "bad-plan")
-        if not wanted:
-            return None
-        opened = self._format.open(reveal.correction, stamp, CORRECTION)
-        if (
-            opened.stamp.sender != sender
-            or opened.contributors != wanted
-            or opened.values != values
-        ):
-            raise PayloadError(
-                f"client {sender}'s correction is not for clients {list(wanted)}", "bad-plan"
-            )
-        return seal_format.from_wire(opened.body, self._shape.modulus)
-
     def _check(
         self, payload: bytes | memoryview, stamp: Stamp, values: int | None
     ) -> envelope.Envelope:
@@ -218,18 +192,16 @@ class CkksServer:
         aggregate: bytes,
         reveals: Sequence[Reveal],
         stamp: Stamp,
-        dropped: tuple[int, ...],
-        commitments: dict[int, bytes] | None = None,
+        roster: masking.MaskRoster,
     ) -> bytes:
-        """The aggregate unmasked (``masking``): every contributor's self-mask key expanded
-        and subtracted, and, when clients dropped, every contributor's correction (naming
-        exactly ``dropped``) added. A contributor that revealed nothing is recovered from the
-        shares of its key the others revealed (checked against its ``commitments``), when no
-        client dropped; otherwise its pairs would not cancel (``missing-correction``)."""
+        """The aggregate unmasked (``masking.unmasking``): every contributor's self-mask and,
+        for each position of ``roster`` that advertised keys and sent nothing, its pairs with
+        the contributors, taken off. Refused (PayloadError) when a reveal is not a
+        contributor's, is a second one or is malformed, or when a key cannot be had."""
         summed = self._format.open(aggregate, stamp, AGGREGATE)
         q = self._shape.modulus
         total = seal_format.from_wire(summed.body, q)
-        wanted, seen, kept, keys = tuple(sorted(dropped)), set(), set(), []
+        seen: set[int] = set()
         for reveal in reveals:
             if reveal.sender not in summed.contributors or reveal.sender in seen:
                 raise PayloadError(
@@ -237,31 +209,11 @@ class CkksServer:
                     "one already, is refused",
                     "duplicate",
                 )
-            correction = self._correction(reveal, stamp, wanted, summed.values)
-            if correction is not None:
-                seal_format.add_mod(total, correction, q)
+            _check_reveal(reveal)
             seen.add(reveal.sender)
-            if commitments is not None and not masking.committed(
-                reveal.key, commitments.get(reveal.sender, b""), stamp.phase
-            ):
-                continue  # not the key it committed to: rebuilt from the shares below
-            keys.append(reveal.key)
-            kept.add(reveal.sender)
-        missing = sorted(set(summed.contributors) - seen)
-        if missing and (wanted or commitments is None):
-            raise PayloadError(
-                f"client(s) {missing} sent no mask reveal: the sum cannot be unmasked"
-                + (" (its pairs with the dropped clients stay on)" if wanted else ""),
-                "missing-correction",
-            )
-        # Vanished while the round unmasked, or revealed another key than it committed to:
-        # rebuilt from the shares the others revealed.
-        for sender in sorted(set(summed.contributors) - kept):
-            assert commitments is not None
-            commitment = commitments.get(sender, b"")
-            keys.append(masking.rebuild(sender, reveals, commitment, stamp.phase))
+        plan = masking.unmasking(stamp, summed.contributors, reveals, roster)
         n = self._shape.poly_modulus_degree
-        removal = masking.self_masks(keys, summed.blob_count, n, q)
+        removal = plan.words(summed.blob_count, n, q)
         seal_format.add_mod(total, removal.reshape(-1), q)
         count, size = self._format.blobs(stamp)(summed.values)
         return envelope.to_bytes(
@@ -275,3 +227,18 @@ class CkksServer:
             summed.contributors,
             summed.seeds,
         )
+
+
+def _check_reveal(reveal: Reveal) -> None:
+    """Refuse a reveal whose key or shares are not the lengths they must be."""
+    if len(reveal.key) != SEED_BYTES:
+        raise PayloadError(
+            f"client {reveal.sender}'s self-mask key is not {SEED_BYTES} bytes", "malformed"
+        )
+    for held in (reveal.shares, reveal.lost):
+        if any(len(share) != shares.SHARE_BYTES for share in held.values()):
+            raise PayloadError(
+                f"client {reveal.sender}'s reveal holds a share that is not "
+                f"{shares.SHARE_BYTES} bytes",
+                "malformed",
+            )

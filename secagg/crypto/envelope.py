@@ -21,9 +21,7 @@ added). A codec whose ciphertexts carry their random half as a seed (``seed size
 ``secagg.crypto.seeded``) puts the sender's seed in an update, and the seeds of every update
 it added in an aggregate: as many as contributors from an honest server, ascending by
 contributor, though a client reads them as a set (it adds what they expand to) and leaves
-who was summed to the ledger. A *correction* (``CORRECTION``, see ``secagg.crypto.masking``)
-is a client's ``c0`` words alone, no seed, its contributor ids naming the dropped clients it
-removes the masks of. ``phase`` tells a round's scale exchange (``SCALES``, see
+who was summed to the ledger. ``phase`` tells a round's scale exchange (``SCALES``, see
 ``secagg.quantize``) from its model update (``UPDATE_PHASE``). The digest catches corruption
 in transit; it is no signature: who sent a payload is established by the transport (mutual TLS
 in a deployment), and what the aggregate holds is checked by the clients after decrypting
@@ -45,8 +43,6 @@ from secagg.errors import PayloadError
 MAGIC = b"SAGG"
 VERSION = 5
 UPDATE, AGGREGATE = 1, 2
-#: a client's mask corrections for the clients a phase lost (``masking``): ``c0`` words only
-CORRECTION = 3
 UPDATE_PHASE, SCALES = 0, 1
 #: the sites' encrypted evaluations of a round's new global model (``report``)
 EVALUATION = 2
@@ -162,7 +158,7 @@ def to_bytes(
     parts = [(p.data if isinstance(p, np.ndarray) else memoryview(p)).cast("B") for p in body]
     if sum(len(part) for part in parts) != blob_count * blob_size:
         raise ValueError("payload body does not hold blob_count x blob_size bytes")
-    seeded = bool(codec.seed_size) and kind != CORRECTION
+    seeded = bool(codec.seed_size)
     if bool(seeds) != seeded or any(len(seed) != codec.seed_size for seed in seeds):
         raise ValueError("a codec with seeds needs seeds of its size, one without none")
     head = _HEAD.pack(
@@ -258,7 +254,7 @@ def read_header(payload: bytes | memoryview, codec: Codec, expect: Stamp, kind: 
             "wrong-key",
         )
     if got_kind != kind:
-        names = {UPDATE: "a client update", AGGREGATE: "an aggregate", CORRECTION: "a correction"}
+        names = {UPDATE: "a client update", AGGREGATE: "an aggregate"}
         raise PayloadError(
             f"payload is {names.get(got_kind, f'of kind {got_kind}')}, expected {names[kind]}",
             "wrong-kind",
@@ -291,7 +287,7 @@ def read_header(payload: bytes | memoryview, codec: Codec, expect: Stamp, kind: 
         )
     if kind == AGGREGATE and sender != SERVER:
         raise PayloadError("aggregate does not come from the server", "wrong-sender")
-    from_client = kind in (UPDATE, CORRECTION)
+    from_client = kind == UPDATE
     if from_client and not sender < roster:
         raise PayloadError(f"sender {sender} is not in the round's roster", "wrong-sender")
     if from_client and expect.sender != SERVER and sender != expect.sender:
@@ -299,10 +295,10 @@ def read_header(payload: bytes | memoryview, codec: Codec, expect: Stamp, kind: 
             f"payload claims to come from client {sender}, but was sent by client {expect.sender}",
             "wrong-sender",
         )
-    if count > roster or (kind == UPDATE and count) or (kind == CORRECTION and not count):
+    if count > roster or (kind == UPDATE and count):
         raise PayloadError(f"payload lists {count} contributors", "malformed")
-    seeds_ok = {UPDATE: seed_count == 1, CORRECTION: seed_count == 0}
-    if seed_size and not seeds_ok.get(kind, 1 <= seed_count <= roster):
+    seeds_ok = seed_count == 1 if kind == UPDATE else 1 <= seed_count <= roster
+    if seed_size and not seeds_ok:
         raise PayloadError(f"payload carries {seed_count} seeds", "malformed")
     if not seed_size and seed_count:
         raise PayloadError(f"payload carries {seed_count} seeds of no size", "malformed")

@@ -3,31 +3,45 @@
 Every client holds the same CKKS secret key, so without masks a server that hands client A's
 ciphertext to a colluding client B (or B itself, given A's ciphertext) reads A's update. Each
 client ``j`` of a round therefore adds to the ``c0`` words of every ciphertext it sends (scale
-histograms and update alike: the ledger and integrity tag live in the same ciphertexts) the
-mask ``r_j = sum over k != j of +-PRG(s_jk)`` mod q, ``+`` when ``j < k`` (positions in the
-round), ``-`` when ``j > k``. The masks of a whole round cancel mod q, so the server's sum of
-``c0``'s, and what it decrypts to, is bit for bit what it is without masks, and no byte is added
-to the wire. Anyone who decrypts ``c0_j`` alone gets ``Delta m_j + e + r_j``: uniform mod q
-unless they know every pairwise secret of ``j``.
+histograms, update and evaluation alike: the ledger and integrity tag live in the same
+ciphertexts) the mask ``PRG(b_j) + sum over k != j of +-PRG(s_jk)`` mod q, ``+`` when ``j < k``
+(positions in the round), ``-`` when ``j > k``. The pairs of a whole round cancel mod q, so
+the server's sum of ``c0``'s is bit for bit the unmasked sum plus the self-masks, and no byte
+is added to the payloads. Anyone who decrypts ``c0_j`` alone gets ``Delta m_j + e + mask``:
+uniform mod q unless they know ``b_j`` and every pairwise secret of ``j``.
 
-``s_jk`` is an X25519 agreement between ``j``'s and ``k``'s per-job keys (``publish``), each
-signed with its site's ECDSA key and checked before use (``agree``), so a server that swaps a
-key is caught. The PRG is HKDF-SHA256 of ``s_jk`` and the job, round, phase and the round's
-*attempt nonce* (a round tried again masks afresh: two payloads under one mask would give away
-their difference), giving an AES-256 key that ``seeded.expand`` turns into words exactly
-uniform mod q, one polynomial per ciphertext index.
+The protocol is SecAgg's (Bonawitz et al., CCS 2017), in its active model, one attempt of a
+round at a time:
 
-Each client also adds a *self-mask* ``PRG(b_j)`` under a key it draws afresh for each round,
-attempt and phase (double masking, as in SecAgg, Bonawitz et al. 2017). After the server adds a
-phase's payloads, its contributors *unmask* it in two steps: each signs the survivor set the
-server names (``confirm``; one set per phase), then, given at least the round policy's
-threshold of signatures of the same set by distinct survivors (``reveal``), sends its self-mask
-key and, for keyed clients that sent nothing, the *correction* that removes its pairs with
-them. A client the server falsely calls dropped never reveals its self-mask key, so the others'
-corrections do not unmask it; a server that shows different clients different sets gathers too
-few signatures for either. A client refuses to decrypt an aggregate whose contributors are not
-exactly the survivors it confirmed (``check_late``), and once it revealed a key for a round it
-sits out the round's later attempts (its update in two sums would give away their difference).
+1. **Keys for the job** (``publish``): each client's X25519 key for the job, signed with its
+   site's ECDSA key, sent when it joins. Its agreements with the others seal the shares below
+   (the server relays sealed shares it cannot open) and its hash picks a large round's
+   neighbours (``crypto.neighbours``). It is never shared, so no rebuild exposes a round.
+2. **Advertise** (``advertise``): for each attempt, before anything is masked, each client
+   draws fresh X25519 mask keys and self-mask keys ``b`` for each phase (scales, update,
+   evaluation), signs the public halves with the attempt's nonce, and Shamir-shares
+   (``crypto.shares``, t-of-n) its scale and update self-mask keys and all three mask keys
+   among the round's positions, each share sealed to its holder, with a commitment to the
+   ``b``'s.
+3. **Agree** (``agree``, with the train task): each client checks every relayed attempt key's
+   signature, agrees a pair secret per phase with every position that advertised (a position
+   that did not is left out of every mask), and opens the shares sealed to it.
+4. **Unmask** a phase's sum: each contributor signs the survivor set the server names
+   (``confirm``; one set per phase), then, given at least the round policy's threshold of
+   signatures of the same set by distinct survivors (``reveal``), sends its self-mask key, its
+   shares of the other survivors' self-mask keys, and its shares of the phase's mask key of
+   every advertised position that sent nothing. Never both kinds for one position: the server
+   removes a survivor's self-mask (revealed, or rebuilt from shares and checked against its
+   commitment), and rebuilds a dropped position's mask key (checked against its advertised
+   public key) to remove its pairs with the survivors (``unmasking``). A client the server
+   falsely calls dropped keeps its self-mask on; a server that shows different clients
+   different sets gathers too few signatures for either.
+
+So dropouts before upload, after it and during unmasking, up to what the threshold allows,
+all leave an exact sum; a rebuilt mask key unmasks only that position's pairs in that phase of
+that attempt. A client refuses to decrypt an aggregate whose contributors are not exactly the
+survivors it confirmed (``check_late``), and once it sent its update in an attempt it sits out
+the round's later attempts (its update in two sums would give away their difference).
 """
 
 from __future__ import annotations
@@ -35,7 +49,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -56,42 +70,21 @@ from secagg.errors import PayloadError
 
 #: Bytes of an X25519 public key.
 PUBLIC_BYTES = 32
-#: Bytes of a confirmation: an ECDSA P-256 signature as r || s.
+#: Bytes of a signature (an ECDSA P-256 signature as r || s): a confirmation, an advert's.
 SIGNATURE_BYTES = 64
+#: The phases of a round, in the order an attempt's keys are advertised.
+PHASES = (SCALES, UPDATE_PHASE, EVALUATION)
+#: Bytes of an attempt's advertised public keys: one per phase.
+ADVERT_BYTES = PUBLIC_BYTES * len(PHASES)
+#: What a client shares of an attempt, in order: its scale and update self-mask keys, then
+#: its mask key of each phase (an evaluation's self-mask key is not shared: a survivor lost
+#: while the evaluation unmasks leaves the round's metrics unknown, never the round failed).
+_SHARED = (("self", SCALES), ("self", UPDATE_PHASE), *(("mask", phase) for phase in PHASES))
 _SIGNED_LABEL = b"secagg mask key v1\0"
+_ADVERT_LABEL = b"secagg attempt keys v1\0"
 _PRG_LABEL = b"secagg pairwise mask v1\0"
 _CONFIRM_LABEL = b"secagg survivors v1\0"
 _P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
-
-
-@dataclass(frozen=True)
-class Reveal:
-    """What one contributor sends to unmask a phase's sum: its self-mask key for the phase
-    (the server expands and subtracts it) and, when the phase lost clients, the correction
-    (an envelope of ``c0`` words) that removes its pairs with them (empty otherwise)."""
-
-    sender: int
-    key: bytes
-    correction: bytes = b""
-    #: the sender's signature of the survivor set (the consistency round), for byte counts
-    confirmation: bytes = b""
-    #: its shares of the other survivors' self-mask keys for the phase, by survivor: what
-    #: rebuilds the key of a survivor that vanished before revealing it
-    shares: dict[int, bytes] = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        held = sum(len(share) for share in self.shares.values())
-        return len(self.key) + len(self.correction) + len(self.confirmation) + held
-
-
-@dataclass(frozen=True)
-class ShareBundle:
-    """What a client hands out with its training upload: its shares of both phases' self-mask
-    keys, sealed to each keyed position (relayed by the server, which cannot open them), and
-    a commitment to the two keys (SHA-256 of each) that a rebuilt key is checked against."""
-
-    sealed: dict[int, bytes]
-    commitment: bytes
 
 
 @dataclass(frozen=True)
@@ -103,8 +96,132 @@ class SignedKey:
     signature: bytes
 
 
+@dataclass(frozen=True)
+class Advert:
+    """A client's mask keys for one attempt of a round: an X25519 public key per phase
+    (``PHASES``), signed with its site's key over the job, round and attempt nonce."""
+
+    site: int
+    publics: bytes
+    signature: bytes
+
+    def public(self, phase: int) -> bytes:
+        """The public key of ``phase``."""
+        index = PHASES.index(phase)
+        return self.publics[PUBLIC_BYTES * index : PUBLIC_BYTES * (index + 1)]
+
+    def __len__(self) -> int:
+        return len(self.publics) + len(self.signature)
+
+
+@dataclass(frozen=True)
+class Advertised:
+    """What a client sends for an attempt before anything is masked: its signed attempt keys,
+    its shares (``_SHARED``) sealed to each holder position (relayed by the server, which
+    cannot open them), and a commitment to its scale and update self-mask keys (SHA-256 of
+    each) that a rebuilt key is checked against."""
+
+    advert: Advert
+    sealed: dict[int, bytes]
+    commitment: bytes
+
+    def __len__(self) -> int:
+        return len(self.advert) + len(self.commitment) + sum(map(len, self.sealed.values()))
+
+
+@dataclass(frozen=True)
+class Reveal:
+    """What one contributor sends to unmask a phase's sum: its self-mask key for the phase,
+    its shares of the other survivors' self-mask keys (``shares``, by survivor: what rebuilds
+    the key of a survivor that vanished before revealing it), and its shares of the phase's
+    mask key of each advertised position that sent nothing (``lost``, by position: what
+    removes that position's pairs)."""
+
+    sender: int
+    key: bytes
+    #: the sender's signature of the survivor set (the consistency round), for byte counts
+    confirmation: bytes = b""
+    shares: dict[int, bytes] = field(default_factory=dict)
+    lost: dict[int, bytes] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        held = sum(map(len, self.shares.values())) + sum(map(len, self.lost.values()))
+        return len(self.key) + len(self.confirmation) + held
+
+
+@dataclass(frozen=True)
+class MaskRoster:
+    """What unmasking one attempt's phases needs, as the server holds it: each position's
+    advert (None: it advertised nothing, so nobody masks with it), each advertised position's
+    commitment, and whom each position masks with."""
+
+    job: bytes
+    nonce: bytes
+    adverts: tuple[Advert | None, ...]
+    commitments: dict[int, bytes]
+    #: position -> the advertised positions it masks with
+    pairs: dict[int, frozenset[int]]
+    #: sender -> its sealed shares by holder (relayed with the train task; for byte counts)
+    sealed: dict[int, dict[int, bytes]] = field(default_factory=dict)
+
+    @property
+    def keyed(self) -> frozenset[int]:
+        """The positions that advertised keys for the attempt."""
+        return frozenset(p for p, advert in enumerate(self.adverts) if advert is not None)
+
+    def sealed_to(self, recipient: int) -> dict[int, bytes]:
+        """The shares each advertised position sealed to ``recipient``, by sender: relayed
+        with the train task, before anything is masked."""
+        return {
+            sender: sealed[recipient]
+            for sender, sealed in self.sealed.items()
+            if recipient in sealed and sender != recipient
+        }
+
+    @classmethod
+    def of(
+        cls,
+        job: bytes,
+        nonce: bytes,
+        keys: Sequence[SignedKey | None],
+        advertised: Sequence[Advertised | None],
+        policy: RoundPolicy | None,
+    ) -> MaskRoster:
+        """The roster of an attempt whose positions sent ``keys`` (their job keys) and then
+        ``advertised``; ``policy`` says whether the round masks over a neighbour graph."""
+        adverts = tuple(None if a is None else a.advert for a in advertised)
+        keyed = frozenset(p for p, a in enumerate(adverts) if a is not None)
+        listed = [None if k is None else (k.site, k.public) for k in keys]
+        pairs = {}
+        for position in keyed:
+            if policy is None or not policy.graph(len(keys)):
+                around = keyed
+            else:
+                around = neighbours.graph(job, listed, position, policy.picks)[1]
+            pairs[position] = frozenset(around & keyed) - {position}
+        return cls(
+            job,
+            nonce,
+            adverts,
+            {p: a.commitment for p, a in enumerate(advertised) if a is not None},
+            pairs,
+            {p: a.sealed for p, a in enumerate(advertised) if a is not None},
+        )
+
+
 def _signed_bytes(job: bytes, site: int, public: bytes) -> bytes:
     return _SIGNED_LABEL + job + struct.pack(">I", site) + public
+
+
+def _advert_bytes(job: bytes, round_num: int, nonce: bytes, site: int, publics: bytes) -> bytes:
+    return (
+        _ADVERT_LABEL
+        + job
+        + struct.pack(">IB", round_num, len(nonce))
+        + nonce
+        + struct.pack(">I", site)
+        + publics
+    )
 
 
 class SimulatedIdentities:
@@ -143,9 +260,42 @@ class SimulatedIdentities:
         return f"site-{site + 1}"
 
 
+@dataclass
+class _Attempt:
+    """One client's state for one attempt of a round: what it advertised, and once the train
+    task relayed the others' adverts, its pair secrets and the shares it holds."""
+
+    job: bytes
+    round_num: int
+    nonce: bytes
+    own: int
+    roster: int
+    #: the job keys the attempt was advertised against, by position (what a resumed attempt
+    #: must show again)
+    keys: tuple[tuple[int, bytes] | None, ...]
+    #: position -> site, for every position the advertise step listed
+    listed: dict[int, int]
+    #: position -> the secret this client's and its job keys agree (seals the shares)
+    channels: dict[int, bytes]
+    #: in a neighbour-graph round, this client's own picks (None: the full graph)
+    picks: frozenset[int] | None
+    #: every position it may mask with (all listed ones, or its graph neighbours)
+    around: frozenset[int]
+    #: phase -> this client's private X25519 mask key (raw bytes) and self-mask key
+    private: dict[int, bytes]
+    self_keys: dict[int, bytes]
+    advertised: Advertised
+    #: after ``agree``: position -> site of every position that advertised
+    sites: dict[int, int] | None = None
+    #: phase -> position -> the pair's secret
+    pairs: dict[int, dict[int, bytes]] = field(default_factory=dict)
+    #: sender -> its shares (``_SHARED``) for this client, opened
+    held: dict[int, tuple[bytes, ...]] = field(default_factory=dict)
+
+
 class Masker:
-    """One client's pairwise masks: its per-job X25519 keys, the round's agreed secrets, and
-    which (round, phase) it has sent corrections for."""
+    """One client's pairwise masks: its per-job X25519 keys, each attempt's keys, secrets and
+    held shares, and what it confirmed, revealed and sent in each round."""
 
     def __init__(
         self,
@@ -161,11 +311,12 @@ class Masker:
         self.policy = policy
         #: how errors name a site (a deployment's site names, from its kit's roster)
         self._name = name
-        self._private: dict[tuple[bytes, int], X25519PrivateKey] = {}
-        #: (job, round) -> (own position, {peer position: pair secret})
-        self._round: tuple[tuple[bytes, int], int, dict[int, bytes]] | None = None
-        #: the agreed round's attempt nonce (fresh masks for a round tried again)
-        self._nonce = b""
+        #: (job, site) -> this client's X25519 key for the job (raw private bytes)
+        self._private: dict[tuple[bytes, int], bytes] = {}
+        #: (job, round, nonce) -> the attempts of the current round this client advertised
+        self._attempts: dict[tuple[bytes, int, bytes], _Attempt] = {}
+        #: the attempt the last train task agreed (what masks, confirms and reveals use)
+        self._current: _Attempt | None = None
         #: (job, round, nonce, phase) -> the survivor set this client confirmed (signed)
         self._confirmed: dict[tuple[bytes, int, bytes, int], tuple[int, ...]] = {}
         #: (job, round, nonce, phase) -> this client's signature of the set it confirmed
@@ -178,48 +329,26 @@ class Masker:
         #: (job, round) -> the attempt and survivor set this client unmasked the round's scale
         #: exchange for: another attempt's is unmasked only over the same sites
         self._scales_unmasked: dict[tuple[bytes, int], tuple[bytes, tuple[int, ...]]] = {}
-        #: (job, round, nonce, phase) -> this client's fresh self-mask key
-        self._self_keys: dict[tuple[bytes, int, bytes, int], bytes] = {}
-        #: (job, round, nonce) -> the shares this client handed out for that attempt
-        self._bundles: dict[tuple[bytes, int, bytes], ShareBundle] = {}
-        #: (job, round, nonce) -> sender -> its shares of its (scales, update) keys for this
-        #: client, opened
-        self._held: dict[tuple[bytes, int, bytes], dict[int, tuple[bytes, bytes]]] = {}
-        #: the round's positions -> the site at each (whose key signs its confirmations)
-        self._sites: dict[int, int] = {}
-        #: the agreed round's roster (an evaluation by more sites than it keyed is unmasked)
-        self._roster = 0
-        #: in a neighbour-graph round, this client's own picks among the keyed positions (None:
-        #: the full graph, where every keyed position holds a share and confirms for it)
-        self._picks: frozenset[int] | None = None
         self._masked: set[tuple[bytes, int, bytes, int]] = set()
-        #: (job, own public key, a checked peer key) -> the pair's secret
+        #: (job, own public key, a checked peer key) -> the pair's job secret
         self._secrets: dict[tuple[bytes, bytes, SignedKey], bytes] = {}
-
-    def __getstate__(self) -> dict[str, object]:
-        """Its state, the X25519 keys as their raw bytes (what ``secagg.flower`` keeps on a
-        node between messages)."""
-        private = {key: value.private_bytes_raw() for key, value in self._private.items()}
-        return {**self.__dict__, "_private": private}
-
-    def __setstate__(self, state: dict[str, object]) -> None:
-        self.__dict__.update(state)
-        raw: dict[tuple[bytes, int], bytes] = state["_private"]  # type: ignore[assignment]
-        self._private = {k: X25519PrivateKey.from_private_bytes(v) for k, v in raw.items()}
 
     def publish(self, job: bytes, site: int) -> SignedKey:
         """This client's signed X25519 public key for ``job`` as ``site`` (made on first use)."""
-        public = _raw(self._private.setdefault((job, site), X25519PrivateKey.generate()))
+        raw = self._private.setdefault((job, site), _fresh())
+        public = _public(raw)
         signature = self._signer(site).sign(
             _signed_bytes(job, site, public), ec.ECDSA(hashes.SHA256())
         )
         return SignedKey(site, public, signature)
 
-    def agree(self, stamp: Stamp, peers: Sequence[SignedKey | None], nonce: bytes = b"") -> None:
-        """Check every peer's signature and agree a secret with each; ``peers[p]`` is the key
-        of the round's position ``p`` (None: a position that takes no part in the round),
-        ``stamp.sender`` this client's position. ``nonce`` names the round's attempt: every
-        client of an attempt is given the same one, and a new attempt a new one."""
+    def advertise(
+        self, stamp: Stamp, peers: Sequence[SignedKey | None], nonce: bytes
+    ) -> Advertised:
+        """This client's keys for the attempt ``nonce`` of ``stamp``'s round, and its shares of
+        them sealed to the round's positions; ``peers[p]`` is position ``p``'s job key (None:
+        a position that takes no part), ``stamp.sender`` this client's position. Asked again
+        for the same attempt and keys (a restarted server resuming it), it answers the same."""
         if len(peers) != stamp.roster:
             raise PayloadError(
                 f"the round has {stamp.roster} clients but {len(peers)} mask keys were relayed",
@@ -233,54 +362,188 @@ class Masker:
                 "their difference)",
                 "sit-out",
             )
-        keyed = sum(peer is not None for peer in peers)
+        keys = tuple(None if peer is None else (peer.site, peer.public) for peer in peers)
+        earlier = self._attempts.get((stamp.job, stamp.round_num, nonce))
+        if earlier is not None:
+            if earlier.keys != keys or earlier.own != stamp.sender:
+                raise PayloadError(
+                    f"the server resumed round {stamp.round_num}'s attempt with other mask keys; "
+                    "this site masks nothing twice under one attempt, and sits it out",
+                    "sit-out",
+                )
+            return earlier.advertised
+        listed = sum(peer is not None for peer in peers)
         if self.policy is not None:
-            self.policy.check_roster(keyed)
-        elif keyed < 2:
+            self.policy.check_roster(listed)
+        elif listed < 2:
             raise PayloadError("a masked round needs at least two keyed sites", "policy")
         own = peers[stamp.sender]
         private = None if own is None else self._private.get((stamp.job, own.site))
-        if own is None or private is None or _raw(private) != own.public:
+        if own is None or private is None or _public(private) != own.public:
             who = "no key" if own is None else f"{self._name(own.site)}'s key"
             raise PayloadError(
                 f"the mask key relayed for this client is not its own ({who} was relayed at its "
                 "position): it was substituted on the way",
                 "bad-key",
             )
-        chosen, around = self._neighbours(stamp, peers)
-        secrets: dict[int, bytes] = {}
-        for position, peer in enumerate(peers):
-            if position == stamp.sender or peer is None or position not in around:
+        chosen, around = self._neighbours(stamp, keys)
+        channels = {
+            p: self._channel(stamp.job, own, private, peer)
+            for p, peer in enumerate(peers)
+            if peer is not None and p != stamp.sender and p in around
+        }
+        attempt_keys = {phase: _fresh() for phase in PHASES}
+        self_keys = {phase: os.urandom(seeded.SEED_BYTES) for phase in PHASES}
+        publics = b"".join(_public(attempt_keys[phase]) for phase in PHASES)
+        signed = _advert_bytes(stamp.job, stamp.round_num, nonce, own.site, publics)
+        advert = Advert(own.site, publics, _signature(self._signer(own.site), signed))
+        secrets = [
+            self_keys[phase] if kind == "self" else attempt_keys[phase] for kind, phase in _SHARED
+        ]
+        listed_sites = {p: peer.site for p, peer in enumerate(peers) if peer is not None}
+        holders, threshold = self._holders(chosen, sorted(listed_sites))
+        split = [shares.split(secret, holders, threshold) for secret in secrets]
+        context = _share_context(stamp, nonce)
+        sealed = {
+            p: shares.seal(channels[p], context, stamp.sender, p, b"".join(s[p] for s in split))
+            for p in holders
+            if p != stamp.sender
+        }
+        commitment = b"".join(hashlib.sha256(self_keys[p]).digest() for p in (SCALES, UPDATE_PHASE))
+        attempt = _Attempt(
+            stamp.job,
+            stamp.round_num,
+            nonce,
+            stamp.sender,
+            stamp.roster,
+            keys,
+            listed_sites,
+            channels,
+            chosen,
+            around,
+            attempt_keys,
+            self_keys,
+            Advertised(advert, sealed, commitment),
+        )
+        if stamp.sender in holders:
+            attempt.held[stamp.sender] = tuple(s[stamp.sender] for s in split)
+        for old in [k for k in self._attempts if k[:2] != (stamp.job, stamp.round_num)]:
+            del self._attempts[old]
+        self._attempts[(stamp.job, stamp.round_num, nonce)] = attempt
+        return attempt.advertised
+
+    def _channel(self, job: bytes, own: SignedKey, private: bytes, peer: SignedKey) -> bytes:
+        """The secret this client's and ``peer``'s job keys agree, the peer's signature
+        checked (once per job: a peer met in an earlier round was checked then)."""
+        known = (job, own.public, peer)
+        if known not in self._secrets:
+            verify(job, peer, self._verifier(peer.site), self._name(peer.site))
+            self._secrets[known] = _agreed(private, peer.public, own.public, peer.site, self._name)
+        return self._secrets[known]
+
+    def agree(
+        self,
+        stamp: Stamp,
+        adverts: Sequence[Advert | None],
+        sealed: Mapping[int, bytes],
+        nonce: bytes,
+    ) -> None:
+        """Check the attempt keys the train task relayed (``adverts[p]``: position ``p``'s,
+        None for a position that advertised nothing), agree a pair secret per phase with
+        every advertised neighbour, and open the shares sealed to this client (``sealed``:
+        sender -> bytes; one that does not open is left out, the others rebuild without it).
+        Every payload of the attempt is masked with exactly these positions."""
+        attempt = self._attempts.get((stamp.job, stamp.round_num, nonce))
+        if attempt is None or attempt.own != stamp.sender:
+            raise PayloadError(
+                f"the train task of round {stamp.round_num} names an attempt this site "
+                "advertised no keys for",
+                "bad-plan",
+            )
+        if len(adverts) != stamp.roster:
+            raise PayloadError(
+                f"the round has {stamp.roster} clients but {len(adverts)} attempt keys were "
+                "relayed",
+                "bad-plan",
+            )
+        if adverts[stamp.sender] != attempt.advertised.advert:
+            raise PayloadError(
+                "the attempt keys relayed for this client are not its own: they were "
+                "substituted on the way",
+                "bad-key",
+            )
+        sites = {}
+        for position, advert in enumerate(adverts):
+            if advert is None:
                 continue
-            # Keys are per job: a peer met in an earlier round was checked then.
-            known = (stamp.job, own.public, peer)
-            if known not in self._secrets:
-                verify(stamp.job, peer, self._verifier(peer.site), self._name(peer.site))
-                shared = private.exchange(X25519PublicKey.from_public_bytes(peer.public))
-                low, high = sorted((own.public, peer.public))
-                self._secrets[known] = shared + low + high
-            secrets[position] = self._secrets[known]
-        self._round = ((stamp.job, stamp.round_num), stamp.sender, secrets)
-        self._picks = chosen
-        self._sites = {p: peer.site for p, peer in enumerate(peers) if peer is not None}
-        self._roster = stamp.roster
-        self._nonce = nonce
-        for key in [k for k in self._self_keys if k[:2] != (stamp.job, stamp.round_num)]:
-            del self._self_keys[key]
-        for table in (self._held, self._bundles):
-            for old in [k for k in table if k[:2] != (stamp.job, stamp.round_num)]:
-                del table[old]
+            if attempt.listed.get(position) != advert.site:
+                raise PayloadError(
+                    f"the attempt keys relayed at position {position} are "
+                    f"{self._name(advert.site)}'s, which was not listed there when the attempt "
+                    "was advertised",
+                    "bad-key",
+                )
+            sites[position] = advert.site
+        if self.policy is not None:
+            self.policy.check_roster(len(sites))
+            if attempt.picks is not None and len(attempt.picks & set(sites)) < (
+                self.policy.pick_threshold
+            ):
+                raise PayloadError(
+                    f"only {len(attempt.picks & set(sites))} of the sites this site masks with "
+                    f"in round {stamp.round_num} advertised keys, fewer than the round policy's "
+                    f"{self.policy.pick_threshold}: it sits the round out",
+                    "sit-out",
+                )
+        elif len(sites) < 2:
+            raise PayloadError("a masked round needs at least two keyed sites", "policy")
+        pairs: dict[int, dict[int, bytes]] = {phase: {} for phase in PHASES}
+        for position, advert in enumerate(adverts):
+            if advert is None or position == stamp.sender or position not in attempt.around:
+                continue
+            signed = _advert_bytes(stamp.job, stamp.round_num, nonce, advert.site, advert.publics)
+            _check_signature(
+                self._verifier(advert.site),
+                advert.signature,
+                signed,
+                f"{self._name(advert.site)}'s attempt keys",
+            )
+            own_publics = attempt.advertised.advert
+            for phase in PHASES:
+                pairs[phase][position] = _agreed(
+                    attempt.private[phase],
+                    advert.public(phase),
+                    own_publics.public(phase),
+                    advert.site,
+                    self._name,
+                )
+        context = _share_context(stamp, nonce)
+        for sender, blob in sealed.items():
+            if sender not in sites or sender not in attempt.channels or sender in attempt.held:
+                continue
+            try:
+                opened = shares.open_sealed(
+                    attempt.channels[sender], context, sender, stamp.sender, blob
+                )
+            except PayloadError:
+                continue
+            if len(opened) == len(_SHARED) * shares.SHARE_BYTES:
+                size = shares.SHARE_BYTES
+                attempt.held[sender] = tuple(
+                    opened[i * size : (i + 1) * size] for i in range(len(_SHARED))
+                )
+        attempt.sites, attempt.pairs = sites, pairs
+        self._current = attempt
 
     def _neighbours(
-        self, stamp: Stamp, peers: Sequence[SignedKey | None]
+        self, stamp: Stamp, keys: Sequence[tuple[int, bytes] | None]
     ) -> tuple[frozenset[int] | None, frozenset[int]]:
-        """This client's picks (None in a full-graph round) and every position it masks
-        with; a graph round in which fewer than ``pick_threshold`` of its picks were keyed is
+        """This client's picks (None in a full-graph round) and every position it may mask
+        with; a graph round in which fewer than ``pick_threshold`` of its picks were listed is
         sat out (its shares could not rebuild its keys, and it would reveal nothing)."""
-        everyone = frozenset(p for p, peer in enumerate(peers) if peer is not None)
+        everyone = frozenset(p for p, key in enumerate(keys) if key is not None)
         if self.policy is None or not self.policy.graph(stamp.roster):
             return None, everyone - {stamp.sender}
-        keys = [None if peer is None else (peer.site, peer.public) for peer in peers]
         chosen, around = neighbours.graph(stamp.job, keys, stamp.sender, self.policy.picks)
         if len(chosen) < self.policy.pick_threshold:
             raise PayloadError(
@@ -291,21 +554,33 @@ class Masker:
             )
         return chosen, around
 
+    def _holders(self, picks: frozenset[int] | None, listed: list[int]) -> tuple[list[int], int]:
+        """The positions this client's shares go to, and how many rebuild a key: every
+        listed position, ``threshold`` of them; in a graph round its picks,
+        ``pick_threshold`` of them."""
+        if picks is not None and self.policy is not None:
+            return sorted(picks), self.policy.pick_threshold
+        threshold = self.policy.threshold if self.policy is not None else len(listed)
+        return listed, min(threshold, len(listed))
+
     def keyed(self) -> set[int]:
-        """The positions of the agreed round that were handed keys."""
-        return set(self._sites)
+        """The positions of the agreed attempt that advertised keys."""
+        attempt = self._current
+        return set() if attempt is None or attempt.sites is None else set(attempt.sites)
 
     def active(self, stamp: Stamp) -> bool:
         """Whether this client masks ``stamp``'s payload: it agreed masks for the round (an
         evaluation is masked when the round's positions evaluate it; a simulation's extra
         evaluator, which holds no keys of the round, makes it unmasked)."""
-        agreed = self._round is not None and self._round[0] == (stamp.job, stamp.round_num)
-        return agreed and (stamp.phase != EVALUATION or stamp.roster == self._roster)
+        attempt = self._current
+        if attempt is None or (attempt.job, attempt.round_num) != (stamp.job, stamp.round_num):
+            return False
+        return stamp.phase != EVALUATION or stamp.roster == attempt.roster
 
     def plan(self, stamp: Stamp) -> MaskPlan:
         """What this client's mask for ``stamp``'s phase is made of (its PRG keys), so that it
         can be expanded ahead of time (``MaskPlan.words``); it marks nothing as used."""
-        return self._plan(stamp, None, negate=False)
+        return self._plan(stamp)
 
     def mask(
         self,
@@ -327,72 +602,16 @@ class Masker:
                 "phase; masking another under the same masks would reveal their difference",
                 "mask-reused",
             )
-        plan = self._plan(stamp, None, negate=False)
+        plan = self._plan(stamp)
         self._masked.add(key)
         if stamp.phase == UPDATE_PHASE:
             # The update leaves now, under this attempt's masks, and its key may be rebuilt
             # from shares without this client: it is never sent in another attempt of the
             # round (the difference of two sums would give it away).
-            self._released[(stamp.job, stamp.round_num)] = self._nonce
+            self._released[(stamp.job, stamp.round_num)] = key[2]
         if prepared is not None and prepared[0] == plan and prepared[1].shape == (count, n):
             return prepared[1]
         return plan.words(count, n, modulus)
-
-    def share(self, stamp: Stamp) -> ShareBundle:
-        """This client's threshold shares of both phases' self-mask keys of the agreed round,
-        one per keyed position, each sealed to its recipient (``crypto.shares``)."""
-        if self._round is None or not self.active(stamp):
-            raise PayloadError(f"no mask keys were agreed for round {stamp.round_num}", "bad-plan")
-        made = self._bundles.get(context_key(stamp, self._nonce))
-        if made is not None:  # one sealing per attempt and pair: GCM's nonce is fixed
-            return made
-        _, own, secrets = self._round
-        keys = [self._self_key(stamp.at(phase)) for phase in (SCALES, UPDATE_PHASE)]
-        positions, threshold = self._holders()
-        scales, update = (shares.split(key, positions, threshold) for key in keys)
-        context = self._share_context(stamp)
-        sealed = {
-            p: shares.seal(secrets[p], context, own, p, scales[p] + update[p])
-            for p in positions
-            if p != own
-        }
-        if own in positions:
-            held = self._held.setdefault(context_key(stamp, self._nonce), {})
-            held[own] = (scales[own], update[own])
-        commitment = b"".join(hashlib.sha256(key).digest() for key in keys)
-        bundle = self._bundles[context_key(stamp, self._nonce)] = ShareBundle(sealed, commitment)
-        return bundle
-
-    def _holders(self) -> tuple[list[int], int]:
-        """The positions this client's key shares go to, and how many rebuild a key: every
-        keyed position, ``threshold`` of them; in a graph round its picks,
-        ``pick_threshold`` of them."""
-        if self._picks is not None and self.policy is not None:
-            return sorted(self._picks), self.policy.pick_threshold
-        positions = sorted(self._sites)
-        threshold = self.policy.threshold if self.policy is not None else len(positions)
-        return positions, min(threshold, len(positions))
-
-    def take(self, stamp: Stamp, sealed: dict[int, bytes]) -> None:
-        """Open the shares the round's other clients sealed to this one (``sealed``: sender
-        -> bytes); one that does not open is left out (the others rebuild without it)."""
-        if self._round is None or not self.active(stamp):
-            return
-        _, own, secrets = self._round
-        held = self._held.setdefault(context_key(stamp, self._nonce), {})
-        context = self._share_context(stamp)
-        for sender, blob in sealed.items():
-            if sender in held or sender not in secrets:
-                continue
-            try:
-                opened = shares.open_sealed(secrets[sender], context, sender, own, blob)
-            except PayloadError:
-                continue
-            if len(opened) == 2 * shares.SHARE_BYTES:
-                held[sender] = (opened[: shares.SHARE_BYTES], opened[shares.SHARE_BYTES :])
-
-    def _share_context(self, stamp: Stamp) -> bytes:
-        return stamp.job + struct.pack(">I", stamp.round_num) + self._nonce
 
     def confirm(self, stamp: Stamp, survivors: tuple[int, ...]) -> bytes:
         """Sign the survivor set the server says ``stamp``'s phase added (the consistency
@@ -408,29 +627,21 @@ class Masker:
                 "inconsistent",
             )
         self._confirmed[key] = survivors
-        der = self._signer(self._sites[stamp.sender]).sign(
-            self._confirmation(stamp, survivors), ec.ECDSA(hashes.SHA256())
+        signature = _signature(
+            self._signer(self._sites()[stamp.sender]), self._confirmation(stamp, survivors)
         )
-        # r || s, 32 bytes each: a fixed length (DER's varies), so rounds count equal bytes
-        signature = b"".join(n.to_bytes(32, "big") for n in decode_dss_signature(der))
         self._signatures[key] = signature
         return signature
 
     def reveal(
-        self,
-        stamp: Stamp,
-        survivors: tuple[int, ...],
-        confirmations: dict[int, bytes],
-        count: int,
-        n: int,
-        modulus: int,
-    ) -> tuple[bytes, np.ndarray | None, dict[int, bytes]]:
-        """This client's self-mask key for ``stamp``'s phase, the ``(count, n)`` words that
-        remove its pairs with the round's keyed clients outside ``survivors`` (None when
-        there are none), and its shares of the other survivors' keys for the phase. Only for
-        the set this client confirmed, once per phase, and only when at least ``threshold``
-        distinct survivors confirmed the same set: a server that showed sites different sets
-        gets nothing."""
+        self, stamp: Stamp, survivors: tuple[int, ...], confirmations: dict[int, bytes]
+    ) -> Reveal:
+        """What unmasks ``stamp``'s phase over ``survivors``: this client's self-mask key for
+        the phase, its shares of the other survivors' self-mask keys, and its shares of the
+        phase's mask key of every advertised position outside ``survivors``. Only for the set
+        this client confirmed, once per phase, and only when at least ``threshold`` distinct
+        survivors confirmed the same set: a server that showed sites different sets gets
+        nothing."""
         key = self._check_survivors(stamp, survivors)
         if self._confirmed.get(key) != survivors:
             raise PayloadError(
@@ -449,13 +660,26 @@ class Masker:
         if stamp.phase == SCALES:
             self._check_scales_retry(stamp, survivors)
         self._corrected[key] = survivors
-        # A correction names every keyed position that sent nothing (what the server checks)
-        # and removes this client's pairs with those among its neighbours.
-        dropped = set(self._sites) - set(survivors)
-        assert self._round is not None  # the phase is active (``_check_survivors``)
-        lost = tuple(sorted(dropped & set(self._round[2])))
-        words = self._pairs(stamp, lost, count, n, modulus, negate=True) if dropped else None
-        return self._self_key(stamp), words, self._shares_of(stamp, survivors)
+        attempt = self._agreed(stamp)
+        # Never both kinds for one position: self-mask shares of survivors only, mask-key
+        # shares of the positions outside the set only.
+        held = attempt.held
+        survivor_shares = {}
+        if stamp.phase != EVALUATION:
+            slot = _SHARED.index(("self", stamp.phase))
+            survivor_shares = {
+                u: held[u][slot] for u in survivors if u != stamp.sender and u in held
+            }
+        slot = _SHARED.index(("mask", stamp.phase))
+        outside = set(self.keyed()) - set(survivors)
+        lost = {d: held[d][slot] for d in sorted(outside) if d in held}
+        return Reveal(
+            stamp.sender,
+            attempt.self_keys[stamp.phase],
+            self._signatures.get(key, b""),
+            survivor_shares,
+            lost,
+        )
 
     def _check_scales_retry(self, stamp: Stamp, survivors: tuple[int, ...]) -> None:
         """Unmask a round's scale exchange in a later attempt only over the sites it was
@@ -463,8 +687,9 @@ class Masker:
         site would give that site's histogram, count and training metrics away. (Every
         honest survivor refuses, so the others cannot rebuild its key from shares.)"""
         round_key = (stamp.job, stamp.round_num)
+        nonce = self._agreed(stamp).nonce
         earlier = self._scales_unmasked.get(round_key)
-        if earlier is not None and earlier[0] != self._nonce and earlier[1] != survivors:
+        if earlier is not None and earlier[0] != nonce and earlier[1] != survivors:
             raise PayloadError(
                 f"this site unmasked round {stamp.round_num}'s scale exchange over "
                 f"{_names(earlier[1], self._site_name)} in an earlier attempt; it does so again "
@@ -472,19 +697,12 @@ class Masker:
                 "count and metrics away), and sits this attempt out",
                 "sit-out",
             )
-        self._scales_unmasked[round_key] = (self._nonce, survivors)
-
-    def _shares_of(self, stamp: Stamp, survivors: tuple[int, ...]) -> dict[int, bytes]:
-        """This client's shares of the other survivors' self-mask keys for the phase: only of
-        survivors (a client outside the set gets corrections instead, never both)."""
-        if stamp.phase == EVALUATION:  # its keys are not shared: a lost survivor loses it
-            return {}
-        held = self._held.get(context_key(stamp, self._nonce), {})
-        index = _slot(stamp.phase)
-        return {u: held[u][index] for u in survivors if u != stamp.sender and u in held}
+        self._scales_unmasked[round_key] = (nonce, survivors)
 
     def signature(self, stamp: Stamp) -> bytes:
         """This client's confirmation of ``stamp``'s phase (empty if it confirmed none)."""
+        if not self.active(stamp):
+            return b""
         return self._signatures.get(self._phase_key(stamp), b"")
 
     def check_late(self, stamp: Stamp, contributors: tuple[int, ...]) -> None:
@@ -507,7 +725,7 @@ class Masker:
         if survivors is not None and tuple(contributors) != survivors:
             late = sorted(set(contributors) - set(survivors))
             what = (
-                f"adds client(s) {late} after the round corrected for their dropout: "
+                f"adds client(s) {late} after the round was unmasked without them: "
                 if late
                 else "does not add the survivors this site confirmed: "
             )
@@ -516,14 +734,24 @@ class Masker:
                 "late-update",
             )
 
+    def _agreed(self, stamp: Stamp) -> _Attempt:
+        """The agreed attempt of ``stamp``'s round, or PayloadError ``bad-plan``."""
+        attempt = self._current
+        if attempt is None or attempt.sites is None or not self.active(stamp):
+            raise PayloadError(f"no mask keys were agreed for round {stamp.round_num}", "bad-plan")
+        return attempt
+
+    def _sites(self) -> dict[int, int]:
+        attempt = self._current
+        return {} if attempt is None or attempt.sites is None else attempt.sites
+
     def _check_survivors(
         self, stamp: Stamp, survivors: tuple[int, ...]
     ) -> tuple[bytes, int, bytes, int]:
         """Refuse a survivor set that is not a sorted subset of the round's keyed sites with
         this client in it and at least ``threshold`` members; return the phase's key."""
-        if not self.active(stamp):
-            raise PayloadError(f"no mask keys were agreed for round {stamp.round_num}", "bad-plan")
-        if list(survivors) != sorted(set(survivors)) or not set(survivors) <= set(self._sites):
+        self._agreed(stamp)
+        if list(survivors) != sorted(set(survivors)) or not set(survivors) <= self.keyed():
             raise PayloadError(
                 f"the survivor set {list(survivors)} is not a sorted subset of the round's "
                 "keyed sites",
@@ -531,8 +759,8 @@ class Masker:
             )
         if stamp.sender not in survivors:
             raise PayloadError(
-                "no corrections for a client that did not contribute: the survivor set "
-                "leaves this site out",
+                "no reveal for a client that did not contribute: the survivor set leaves this "
+                "site out",
                 "bad-plan",
             )
         if self.policy is not None:
@@ -541,8 +769,8 @@ class Masker:
 
     def _phase_key(self, stamp: Stamp) -> tuple[bytes, int, bytes, int]:
         """``stamp``'s phase of the agreed attempt: what this client's per-phase state is
-        kept by (its masks, self-mask keys, confirmations and reveals)."""
-        return (stamp.job, stamp.round_num, self._nonce, stamp.phase)
+        kept by (its masks, confirmations and reveals)."""
+        return (stamp.job, stamp.round_num, self._agreed(stamp).nonce, stamp.phase)
 
     def _check_confirmations(
         self, stamp: Stamp, survivors: tuple[int, ...], confirmations: dict[int, bytes]
@@ -552,21 +780,14 @@ class Masker:
         confirmation did not verify."""
         message = self._confirmation(stamp, survivors)
         checked, needed = self._confirmers(stamp, survivors)
+        sites = self._sites()
         valid, bad = 0, []
         for position, signature in sorted(confirmations.items()):
             if position not in checked:
                 continue
-            try:
-                if len(signature) != SIGNATURE_BYTES:
-                    raise ValueError("not a P-256 signature")
-                der = encode_dss_signature(
-                    int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
-                )
-                self._verifier(self._sites[position]).verify(
-                    der, message, ec.ECDSA(hashes.SHA256())
-                )
+            if _verifies(self._verifier(sites[position]), signature, message):
                 valid += 1
-            except (InvalidSignature, ValueError, TypeError):
+            else:
                 bad.append(position)
         if valid < needed:
             why = (
@@ -587,10 +808,11 @@ class Masker:
         any survivor's, ``threshold`` of them; in a graph round its picks', and
         ``pick_threshold`` of them, all of whom must be survivors (its update is safe while
         one honest pick's pair mask stays on it)."""
-        if self._picks is None or self.policy is None:
+        picks = self._agreed(stamp).picks
+        if picks is None or self.policy is None:
             needed = self.policy.threshold if self.policy is not None else len(survivors)
             return set(survivors), needed
-        present = self._picks & set(survivors)
+        present = picks & set(survivors)
         needed = self.policy.pick_threshold
         if len(present) < needed:
             raise PayloadError(
@@ -602,50 +824,30 @@ class Masker:
         return set(present), needed
 
     def _confirmation(self, stamp: Stamp, survivors: tuple[int, ...]) -> bytes:
+        nonce = self._agreed(stamp).nonce
         return (
             _CONFIRM_LABEL
             + stamp.job
-            + struct.pack(">IBIB", stamp.round_num, stamp.phase, len(survivors), len(self._nonce))
-            + self._nonce
+            + struct.pack(">IBIB", stamp.round_num, stamp.phase, len(survivors), len(nonce))
+            + nonce
             + struct.pack(f">{len(survivors)}I", *survivors)
         )
 
     def _site_name(self, position: int) -> str:
-        return self._name(self._sites.get(position, position))
+        return self._name(self._sites().get(position, position))
 
-    def _self_key(self, stamp: Stamp) -> bytes:
-        """This client's self-mask key for ``stamp``'s phase of the agreed attempt, fresh."""
-        key = self._phase_key(stamp)
-        return self._self_keys.setdefault(key, os.urandom(seeded.SEED_BYTES))
-
-    def _pairs(
-        self,
-        stamp: Stamp,
-        only: tuple[int, ...] | None,
-        count: int,
-        n: int,
-        modulus: int,
-        *,
-        negate: bool,
-    ) -> np.ndarray:
-        return self._plan(stamp, only, negate=negate).words(count, n, modulus)
-
-    def _plan(self, stamp: Stamp, only: tuple[int, ...] | None, *, negate: bool) -> MaskPlan:
-        if self._round is None or not self.active(stamp):
-            raise PayloadError(f"no mask keys were agreed for round {stamp.round_num}", "bad-plan")
-        _, own, secrets = self._round
-        chosen = sorted(secrets) if only is None else only
-        if any(position not in secrets for position in chosen):
-            raise PayloadError(f"clients {list(chosen)} are not all in the round", "bad-plan")
-        keys = [_prg_key(secrets[position], stamp, self._nonce) for position in chosen]
-        # A pair's words are added by the lower position and subtracted by the higher (and the
-        # other way round in a correction).
-        adds = [(own < position) != negate for position in chosen]
-        plus = tuple(k for k, a in zip(keys, adds, strict=True) if a)
-        minus = tuple(k for k, a in zip(keys, adds, strict=True) if not a)
-        if only is None:  # the mask itself: the pairs and this client's self-mask
-            plus += (self._self_key(stamp),)
-        return MaskPlan(plus, minus)
+    def _plan(self, stamp: Stamp) -> MaskPlan:
+        """The mask of ``stamp``'s phase: the pairs (a pair's words are added by the lower
+        position and subtracted by the higher) and this client's self-mask."""
+        attempt = self._agreed(stamp)
+        pairs = attempt.pairs[stamp.phase]
+        plus = tuple(
+            _prg_key(pairs[p], stamp, attempt.nonce) for p in sorted(pairs) if attempt.own < p
+        )
+        minus = tuple(
+            _prg_key(pairs[p], stamp, attempt.nonce) for p in sorted(pairs) if attempt.own > p
+        )
+        return MaskPlan((*plus, attempt.self_keys[stamp.phase]), minus)
 
 
 @dataclass(frozen=True)
@@ -663,6 +865,66 @@ class MaskPlan:
         np.subtract(np.uint64(modulus), minus, out=minus)  # in (0, q]: adds right mod q
         seal_format.add_mod(out, minus, modulus)
         return out
+
+
+def unmasking(
+    stamp: Stamp, contributors: Sequence[int], reveals: Sequence[Reveal], roster: MaskRoster
+) -> MaskPlan:
+    """What, added to the masked sum of ``stamp``'s phase over ``contributors``, unmasks it:
+    minus every contributor's self-mask (the key it revealed, or one rebuilt from the others'
+    shares and checked against its commitment), and minus every advertised position's pairs
+    with the contributors when it sent nothing (its mask key for the phase rebuilt from the
+    shares the contributors revealed, and checked against its advert). PayloadError
+    ``missing-correction`` naming the position whose key cannot be had."""
+    revealed = {reveal.sender: reveal for reveal in reveals}
+    shared = stamp.phase != EVALUATION
+    plus: list[bytes] = []
+    minus: list[bytes] = []
+    for sender in contributors:
+        reveal = revealed.get(sender)
+        commitment = roster.commitments.get(sender, b"")
+        if reveal is not None and (not shared or committed(reveal.key, commitment, stamp.phase)):
+            minus.append(reveal.key)
+        elif shared:  # vanished while the round unmasked, or revealed another key
+            minus.append(rebuild(sender, reveals, commitment, stamp.phase))
+        else:
+            raise PayloadError(
+                f"client {sender} sent no mask reveal for the evaluation, whose self-mask keys "
+                "are not shared: the sum cannot be unmasked",
+                "missing-correction",
+            )
+    survivors = set(contributors)
+    for lost in sorted(roster.keyed - survivors):
+        advert = roster.adverts[lost]
+        assert advert is not None
+        private = _rebuilt_mask_key(lost, reveals, advert.public(stamp.phase))
+        for peer in sorted(roster.pairs.get(lost, frozenset()) & survivors):
+            other = roster.adverts[peer]
+            assert other is not None
+            secret = _agreed(
+                private, other.public(stamp.phase), advert.public(stamp.phase), other.site
+            )
+            # ``peer`` added the pair's words when it is the lower position: take them off.
+            (minus if peer < lost else plus).append(_prg_key(secret, stamp, roster.nonce))
+    return MaskPlan(tuple(plus), tuple(minus))
+
+
+def _rebuilt_mask_key(lost: int, reveals: Sequence[Reveal], public: bytes) -> bytes:
+    """The mask key of ``lost`` (which sent nothing for the phase) from the shares of it the
+    survivors revealed, checked against the public key it advertised."""
+    held = {r.sender: r.lost[lost] for r in reveals if lost in r.lost}
+    try:
+        key = shares.combine(held, PUBLIC_BYTES)
+    except PayloadError:
+        key = b""
+    if not held or not key or _public(key) != public:
+        raise PayloadError(
+            f"client {lost} sent nothing for the phase, and the {len(held)} share(s) of its "
+            "mask key the survivors revealed do not rebuild the key it advertised: its pairs "
+            "cannot be removed, and the sum cannot be unmasked",
+            "missing-correction",
+        )
+    return key
 
 
 def verify(
@@ -687,15 +949,93 @@ def verify(
         ) from err
 
 
-def context_key(stamp: Stamp, nonce: bytes) -> tuple[bytes, int, bytes]:
-    """A round's attempt: what the shares a client holds belong to."""
-    return (stamp.job, stamp.round_num, nonce)
+def check_advert(
+    job: bytes, round_num: int, nonce: bytes, advert: Advert, public: ec.EllipticCurvePublicKey
+) -> None:
+    """Refuse (``bad-key``) attempt keys not signed by their site for this attempt, or that no
+    agreement can use (a wrong length, a low-order point): what a server checks at the door,
+    so that one site's bad keys leave that site out rather than stop the others."""
+    if len(advert.publics) != ADVERT_BYTES:
+        raise PayloadError(f"its attempt keys are not {ADVERT_BYTES} bytes", "bad-key")
+    signed = _advert_bytes(job, round_num, nonce, advert.site, advert.publics)
+    _check_signature(public, advert.signature, signed, "its attempt keys")
+    probe = _fresh()
+    for phase in PHASES:
+        _agreed(probe, advert.public(phase), _public(probe), advert.site)
+
+
+def _check_signature(
+    public: ec.EllipticCurvePublicKey, signature: bytes, message: bytes, what: str
+) -> None:
+    if not _verifies(public, signature, message):
+        raise PayloadError(
+            f"{what} are not signed by the site's key for this attempt: substituted on the way "
+            "(the server or the network) or signed wrongly; they are not used",
+            "bad-key",
+        )
+
+
+def _verifies(public: ec.EllipticCurvePublicKey, signature: bytes, message: bytes) -> bool:
+    """Whether ``signature`` (r || s) is ``public``'s ECDSA P-256 signature of ``message``."""
+    try:
+        if len(signature) != SIGNATURE_BYTES:
+            raise ValueError("not a P-256 signature")
+        der = encode_dss_signature(
+            int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
+        )
+        public.verify(der, message, ec.ECDSA(hashes.SHA256()))
+    except (InvalidSignature, ValueError, TypeError):
+        return False
+    return True
+
+
+def _signature(signer: ec.EllipticCurvePrivateKey, message: bytes) -> bytes:
+    """``signer``'s signature of ``message`` as r || s, 32 bytes each: a fixed length (DER's
+    varies), so rounds count equal bytes."""
+    der = signer.sign(message, ec.ECDSA(hashes.SHA256()))
+    return b"".join(n.to_bytes(32, "big") for n in decode_dss_signature(der))
+
+
+def _agreed(
+    private: bytes,
+    public: bytes,
+    own_public: bytes,
+    site: int,
+    name: Callable[[int], str] = lambda site: f"site {site}",
+) -> bytes:
+    """The secret of an X25519 pair: the agreement and both public keys (in order)."""
+    try:
+        shared = X25519PrivateKey.from_private_bytes(private).exchange(
+            X25519PublicKey.from_public_bytes(public)
+        )
+    except ValueError as err:  # a wrong length, or a point whose agreement is all zeros
+        raise PayloadError(
+            f"{name(site)}'s mask key is not a usable X25519 key: it is left out", "bad-key"
+        ) from err
+    low, high = sorted((own_public, public))
+    return shared + low + high
+
+
+def _fresh() -> bytes:
+    return X25519PrivateKey.generate().private_bytes_raw()
+
+
+def _public(private: bytes) -> bytes:
+    return (
+        X25519PrivateKey.from_private_bytes(private)
+        .public_key()
+        .public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    )
+
+
+def _share_context(stamp: Stamp, nonce: bytes) -> bytes:
+    return stamp.job + struct.pack(">I", stamp.round_num) + nonce
 
 
 def rebuild(sender: int, reveals: Sequence[Reveal], commitment: bytes, phase: int) -> bytes:
     """The self-mask key of ``sender`` (which revealed nothing) from the shares the other
-    survivors revealed, checked against the commitment it made when it trained (PayloadError
-    ``missing-correction`` naming it when they do not rebuild it)."""
+    survivors revealed, checked against the commitment it made when it advertised
+    (PayloadError ``missing-correction`` naming it when they do not rebuild it)."""
     held = {r.sender: r.shares[sender] for r in reveals if sender in r.shares}
     try:
         key = shares.combine(held, seeded.SEED_BYTES)
@@ -712,17 +1052,9 @@ def rebuild(sender: int, reveals: Sequence[Reveal], commitment: bytes, phase: in
 
 
 def committed(key: bytes, commitment: bytes, phase: int) -> bool:
-    """Whether ``key`` is the one a client committed to for ``phase`` when it trained."""
-    index = _slot(phase)
+    """Whether ``key`` is the one a client committed to for ``phase`` when it advertised."""
+    index = 0 if phase == SCALES else 1
     return hashlib.sha256(key).digest() == commitment[32 * index : 32 * index + 32]
-
-
-def _slot(phase: int) -> int:
-    """Where a phase's key sits in a client's shares and commitment: scales first (the
-    evaluation's key is neither shared nor committed to)."""
-    if phase == EVALUATION:
-        raise PayloadError("an evaluation's self-mask key has no shares", "bad-plan")
-    return 0 if phase == SCALES else 1
 
 
 def self_masks(keys: Sequence[bytes], count: int, n: int, modulus: int) -> np.ndarray:
@@ -736,12 +1068,6 @@ def _phase(stamp: Stamp) -> str:
 
 def _names(positions: tuple[int, ...], name: Callable[[int], str]) -> str:
     return "[" + ", ".join(name(p) for p in positions) + "]"
-
-
-def _raw(private: X25519PrivateKey) -> bytes:
-    return private.public_key().public_bytes(
-        serialization.Encoding.Raw, serialization.PublicFormat.Raw
-    )
 
 
 def _prg_key(secret: bytes, stamp: Stamp, nonce: bytes) -> bytes:

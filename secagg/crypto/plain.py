@@ -20,7 +20,7 @@ import numpy as np
 from secagg.crypto import envelope, ledger
 from secagg.crypto.envelope import AGGREGATE, UPDATE, UPDATE_PHASE, Stamp
 from secagg.crypto.ledger import Aggregate, Update
-from secagg.crypto.masking import Reveal, ShareBundle, SignedKey
+from secagg.crypto.masking import Advert, Advertised, MaskRoster, Reveal, SignedKey
 from secagg.crypto.report import Reading
 from secagg.errors import ConfigError, PayloadError
 
@@ -92,22 +92,26 @@ class PlainCipher:
         """Plaintext FedAvg does not mask: its server reads every update anyway."""
         return None
 
-    def agree(self, stamp: Stamp, peers: Sequence[SignedKey | None], nonce: bytes = b"") -> None:
+    def advertise(
+        self, stamp: Stamp, peers: Sequence[SignedKey | None], nonce: bytes
+    ) -> Advertised | None:
+        """Nothing to advertise: no masks."""
+        return None
+
+    def agree(
+        self,
+        stamp: Stamp,
+        adverts: Sequence[Advert | None],
+        sealed: Mapping[int, bytes],
+        nonce: bytes,
+    ) -> None:
         """Nothing to agree: no masks."""
 
     def confirm(self, stamp: Stamp, survivors: tuple[int, ...]) -> bytes:
         raise PayloadError("plaintext FedAvg does not mask; it has nothing to confirm", "bad-plan")
 
-    def share(self, stamp: Stamp) -> ShareBundle | None:
-        """Plaintext FedAvg has no self-masks to share."""
-        return None
-
     def reveal(
-        self,
-        stamp: Stamp,
-        survivors: tuple[int, ...],
-        confirmations: dict[int, bytes],
-        sealed: dict[int, bytes] | None = None,
+        self, stamp: Stamp, survivors: tuple[int, ...], confirmations: dict[int, bytes]
     ) -> Reveal:
         raise PayloadError("plaintext FedAvg does not mask; it has nothing to unmask", "bad-plan")
 
@@ -176,11 +180,10 @@ class PlainCipher:
         aggregate: bytes,
         reveals: Sequence[Reveal],
         stamp: Stamp,
-        dropped: tuple[int, ...],
-        commitments: dict[int, bytes] | None = None,
+        roster: MaskRoster,
     ) -> bytes:
-        """Plaintext sums carry no masks: there is never a correction to add."""
-        raise PayloadError("plaintext FedAvg does not mask; it takes no corrections", "bad-plan")
+        """Plaintext sums carry no masks: there is nothing to unmask."""
+        raise PayloadError("plaintext FedAvg does not mask; it has nothing to unmask", "bad-plan")
 
     def _payload(
         self,

@@ -22,9 +22,9 @@ import numpy as np
 from secagg import noise, quantize
 from secagg.crypto import report
 from secagg.crypto.ckks import CkksClient
-from secagg.crypto.envelope import EVALUATION, SCALES, Stamp
+from secagg.crypto.envelope import Stamp
 from secagg.crypto.ledger import Aggregate, Update
-from secagg.crypto.masking import Reveal, ShareBundle, SignedKey
+from secagg.crypto.masking import Advert, Advertised, Reveal, SignedKey
 from secagg.errors import PayloadError
 from secagg.flatten import Layout
 from secagg.privacy import Privacy
@@ -113,26 +113,29 @@ class QuantizedCipher:
         masker = self.inner.masker
         return None if masker is None else masker.publish(job, site)
 
-    def agree(self, stamp: Stamp, peers: Sequence[SignedKey | None], nonce: bytes = b"") -> None:
+    def advertise(
+        self, stamp: Stamp, peers: Sequence[SignedKey | None], nonce: bytes
+    ) -> Advertised | None:
+        masker = self.inner.masker
+        return None if masker is None else masker.advertise(stamp, peers, nonce)
+
+    def agree(
+        self,
+        stamp: Stamp,
+        adverts: Sequence[Advert | None],
+        sealed: Mapping[int, bytes],
+        nonce: bytes,
+    ) -> None:
         if self.inner.masker is not None:
-            self.inner.masker.agree(stamp, peers, nonce)
+            self.inner.masker.agree(stamp, adverts, sealed, nonce)
 
     def confirm(self, stamp: Stamp, survivors: tuple[int, ...]) -> bytes:
         return self.inner.confirm(stamp, survivors)
 
     def reveal(
-        self,
-        stamp: Stamp,
-        survivors: tuple[int, ...],
-        confirmations: dict[int, bytes],
-        sealed: dict[int, bytes] | None = None,
+        self, stamp: Stamp, survivors: tuple[int, ...], confirmations: dict[int, bytes]
     ) -> Reveal:
-        values = {SCALES: self._scale_values, EVALUATION: report.VALUES}.get(stamp.phase, self.size)
-        return self.inner.reveal(stamp, survivors, confirmations, values, sealed)
-
-    def share(self, stamp: Stamp) -> ShareBundle | None:
-        masker = self.inner.masker
-        return masker.share(stamp) if masker is not None and masker.active(stamp) else None
+        return self.inner.reveal(stamp, survivors, confirmations)
 
     def evaluation(
         self,

@@ -1,17 +1,16 @@
-"""t-of-n Shamir shares of the clients' self-mask keys, sealed to each recipient.
+"""t-of-n Shamir shares of a client's attempt keys, sealed to each recipient.
 
-A client's self-mask key (``masking``) is normally revealed by the client itself once the
-phase's survivors confirmed their set. So that a survivor that vanishes while the round
-unmasks does not fail the round, each client also splits both phases' keys into shares, one
-per keyed position of the round (``split``), any ``threshold`` of which rebuild the key
-(``combine``), and seals each recipient's shares with AES-256-GCM under a key derived from the
-pair's X25519 secret (``seal``/``open``): the server relays sealed shares it cannot read.
-A survivor reveals its share of another survivor's key only for a survivor set that at least
-``threshold`` sites confirmed, never of a site outside the set (whose pairs it corrects
-instead): so the server never holds both a site's self-mask key and its pairs' corrections.
+So that a client that vanishes mid-round does not fail it (``masking``), each client splits
+its scale and update self-mask keys and its mask key of each phase into shares, one per
+holder position of the round (``split``), any ``threshold`` of which rebuild a key
+(``combine``), and seals each holder's shares with AES-256-GCM under a key derived from the
+pair's job-key agreement (``seal``/``open_sealed``): the server relays sealed shares it cannot
+read. A survivor reveals its share of another survivor's self-mask key, or of a position's
+mask key when that position sent nothing, only for a survivor set that at least
+``threshold`` sites confirmed, and never both for one position.
 
-The field is GF(2^521 - 1) (a Mersenne prime, above any 32-byte key); a share is its
-x-coordinate (the recipient's position + 1) and a 66-byte y.
+The field is GF(p), p = 2^256 + 297 (the least prime above 2^256, so above any 32-byte key);
+a share is its x-coordinate (the holder's position + 1) and a 33-byte y.
 """
 
 from __future__ import annotations
@@ -27,10 +26,10 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from secagg.errors import PayloadError
 
-PRIME = (1 << 521) - 1
+PRIME = (1 << 256) + 297
 #: Bytes of one share's y (a field element).
-SHARE_BYTES = 66
-_LABEL = b"secagg self-mask shares v1\0"
+SHARE_BYTES = 33
+_LABEL = b"secagg attempt key shares v2\0"
 _NONCE = bytes(12)  # each sealing key seals one message
 
 
@@ -40,7 +39,7 @@ def split(secret: bytes, positions: Sequence[int], threshold: int) -> dict[int, 
     if not 1 <= threshold <= len(positions):
         raise ValueError("threshold must be between 1 and the number of shares")
     coefficients = [int.from_bytes(secret, "big")]
-    coefficients += [int.from_bytes(os.urandom(72), "big") % PRIME for _ in range(threshold - 1)]
+    coefficients += [int.from_bytes(os.urandom(48), "big") % PRIME for _ in range(threshold - 1)]
     shares = {}
     for position in positions:
         x, y = position + 1, 0

@@ -10,8 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
-from secagg.crypto import Reveal, Stamp
-from secagg.crypto.envelope import SCALES
+from secagg.crypto import MaskRoster, Reveal, Stamp
 from secagg.messages import ApplyReply, EvalReply, FitReply, TrainReply
 
 #: Hears how a long step goes: ``(phase, done, total)``, e.g. ``("encrypt", 3, 8)`` when the
@@ -23,22 +22,6 @@ Progress = Callable[[str, int, int], None]
 
 def no_progress(phase: str, done: int, total: int) -> None:
     """The default ``Progress``: nobody is listening."""
-
-
-def sealed_to(
-    trained: dict[int, dict[int, bytes]], stamp: Stamp, survivors: tuple[int, ...], recipient: int
-) -> dict[int, bytes]:
-    """The self-mask key shares each survivor sealed to ``recipient`` (sender -> bytes), from
-    what every client handed out with its training upload (``trained``: sender -> its sealed
-    shares by recipient). Relayed once a round, when its scale exchange unmasks (every
-    survivor of the update took part in it, and keeps the shares it opened): none after."""
-    if stamp.phase != SCALES:
-        return {}
-    return {
-        sender: trained[sender][recipient]
-        for sender in survivors
-        if recipient in trained.get(sender, {})
-    }
 
 
 class Transport(Protocol):
@@ -58,7 +41,9 @@ class Transport(Protocol):
 
     def train(self, round_stamp: Stamp) -> list[TrainReply]:
         """Have every client of the round train; return what each reported (its sample count
-        and, for an integer codec, its encrypted part of the scale exchange)."""
+        and, for an integer codec, its encrypted part of the scale exchange). A masked round
+        first has its clients advertise their keys for the attempt (``masking``), then relays
+        every advert, and the shares sealed to each client, with the train task."""
         ...
 
     def seal(
@@ -68,18 +53,19 @@ class Transport(Protocol):
         their encrypted updates as they arrive."""
         ...
 
-    def keyed(self, round_num: int) -> frozenset[int]:
-        """The positions that were handed round ``round_num``'s mask keys (with the train
-        task): each of them that sends nothing for a phase leaves masks that the phase's
-        contributors correct for."""
+    def masks(self, round_num: int) -> MaskRoster | None:
+        """Round ``round_num``'s current attempt as its positions advertised it (before the
+        train task): whose keys were relayed, and whom each masks with; None when the round
+        does not mask. A position that advertised keys and sends nothing for a phase has its
+        pairs removed by the server, from its mask key rebuilt from the contributors' shares."""
         ...
 
     def unmask(self, stamp: Stamp, survivors: tuple[int, ...]) -> list[Reveal]:
         """Unmask ``stamp``'s phase (``masking``): have its contributors ``survivors`` confirm
         that set (each signs it; the signatures are relayed to all of them), then reveal
-        their self-mask keys, their shares of the others' keys (relayed to each, sealed, with
-        the signatures) and their corrections for the keyed positions that sent nothing;
-        return the reveals that came (the server rebuilds a missing key from shares)."""
+        their self-mask keys, their shares of the other survivors' self-mask keys and their
+        shares of the mask keys of the advertised positions that sent nothing; return the
+        reveals that came (the server rebuilds a missing key from shares)."""
         ...
 
     def apply(self, round_stamp: Stamp, payload: bytes, scales: bytes | None) -> list[ApplyReply]:

@@ -15,10 +15,10 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 
 from secagg.client import Client
-from secagg.crypto import Reveal, Stamp
+from secagg.crypto import MaskRoster, Reveal, Stamp
 from secagg.messages import ApplyReply, EvalReply, FitReply, TrainReply
 from secagg.task import Site
-from secagg.transport import Progress, no_progress, sealed_to
+from secagg.transport import Progress, no_progress
 
 
 class InProcessTransport:
@@ -39,8 +39,8 @@ class InProcessTransport:
         self.site_for = site_for
         self.evaluator = evaluator
         self.on_progress = on_progress
-        #: the round's sealed self-mask key shares: sender -> recipient -> bytes
-        self._sealed: dict[int, dict[int, bytes]] = {}
+        #: the current attempt's keys, as its clients advertised them (None: no masks)
+        self._masks: MaskRoster | None = None
 
     @property
     def holder(self) -> Client:
@@ -77,29 +77,36 @@ class InProcessTransport:
             if slot.site.index != index:
                 assert self.site_for is not None, "a sampled round needs site_for"
                 slot.become(self.site_for(index))
-        # Every client's key was published when it joined; the round's are relayed with the
-        # task, by position (none when the clients do not mask).
+        # Every client's job key was published when it joined; the round's are relayed by
+        # position with the advertise step (none when the clients do not mask), and the
+        # attempt's adverts and sealed shares with the train task.
         keys = [slot.mask_key(round_stamp.job) for slot in self.slots]
-        peers = [key for key in keys if key is not None] if None not in keys else []
         nonce = round_stamp.attempt or os.urandom(16)  # a round tried again masks afresh
-        replies = [
-            slot.train(round_stamp.for_sender(position), peers, nonce)
+        self._masks = None
+        if None not in keys:
+            advertised = [
+                slot.advertise(round_stamp.for_sender(position), keys, nonce)
+                for position, slot in enumerate(self.slots)
+            ]
+            policy = self.slots[0].config.policy()
+            self._masks = MaskRoster.of(round_stamp.job, nonce, keys, advertised, policy)
+        masks = self._masks
+        return [
+            slot.train(
+                round_stamp.for_sender(position),
+                () if masks is None else masks.adverts,
+                None if masks is None else masks.sealed_to(position),
+                nonce,
+            )
             for position, slot in self._each("train", self.slots)
         ]
-        self._sealed = {reply.client_id: reply.sealed for reply in replies}
-        return replies
 
-    def keyed(self, round_num: int) -> frozenset[int]:
-        return frozenset(range(self.roster))
+    def masks(self, round_num: int) -> MaskRoster | None:
+        return self._masks
 
     def unmask(self, stamp: Stamp, survivors: tuple[int, ...]) -> list[Reveal]:
         signed = {p: self.slots[p].confirm(stamp.for_sender(p), survivors) for p in survivors}
-        return [
-            self.slots[p].reveal(
-                stamp.for_sender(p), survivors, signed, sealed_to(self._sealed, stamp, survivors, p)
-            )
-            for p in survivors
-        ]
+        return [self.slots[p].reveal(stamp.for_sender(p), survivors, signed) for p in survivors]
 
     def seal(
         self, round_stamp: Stamp, total_samples: int, scales: bytes | None
