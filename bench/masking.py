@@ -10,8 +10,9 @@ simulated round time, the clients' encrypt seconds, the deployment latency estim
 bytes up and down; masked and unmasked rounds must reach the same accuracy (checked). Round
 times are dominated by training, which a shared machine makes noisy, so **the crypto** is timed
 on its own as well: one client's CKKS work in a round (both phases' encryption and decryption,
-the aggregate holding every client's seed), and what masks add to it (checking the round's
-signed keys, the X25519 agreements, the masks of both phases); the minimum of ``--repeats``
+the aggregate holding every client's seed), and what masks add to it (advertising the
+attempt's keys and sealing its shares, checking the others' signed keys and agreeing a secret
+per phase with each, the masks of both phases); the minimum of ``--repeats``
 timings each, so other processes on the machine do not count. The CPU seconds of each whole run
 (this process's, per round, clients built included; the best run of each mode) hold all of its
 CKKS work too: it runs in this process.
@@ -24,7 +25,7 @@ import math
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -68,7 +69,7 @@ def crypto_seconds(
     from secagg.crypto import SERVER, Stamp, Update, masking
     from secagg.crypto.ckks import CkksClient
     from secagg.crypto.ckks_server import CkksServer
-    from secagg.crypto.masking import Masker, SimulatedIdentities
+    from secagg.crypto.masking import Masker, MaskRoster, SimulatedIdentities
     from secagg.flatten import flatten
 
     per_round = config.per_round
@@ -82,8 +83,27 @@ def crypto_seconds(
     peers = [m.publish(stamp.job, site) for site, m in enumerate(maskers)]
     shape = client._shape
     total = unmask = removal = 0.0
-    extra = _best(repeats, lambda: maskers[0].agree(stamp.for_sender(0), peers))
     rounds = iter(range(2, 10_000))
+
+    def attempt(stamped: Stamp) -> float:
+        """Every client advertises and agrees the attempt of ``stamped``'s round; client 0's
+        seconds (the others set the round up)."""
+        spent = 0.0
+        made = []
+        for position, masker in enumerate(maskers):
+            start = time.perf_counter()
+            made.append(masker.advertise(stamped.for_sender(position), peers, b""))
+            spent += time.perf_counter() - start if position == 0 else 0.0
+        roster = MaskRoster.of(stamped.job, b"", peers, made, None)
+        for position, masker in enumerate(maskers):
+            start = time.perf_counter()
+            masker.agree(
+                stamped.for_sender(position), roster.adverts, roster.sealed_to(position), b""
+            )
+            spent += time.perf_counter() - start if position == 0 else 0.0
+        return spent
+
+    extra = min(attempt(replace(stamp, round_num=next(rounds))) for _ in range(repeats))
     for phase, stamped in ((1, stamp.scales()), (0, stamp)):
         update = Update(np.zeros(values[phase]), 1 / per_round)
         payloads = [client.encrypt(update, stamped.for_sender(p)) for p in range(per_round)]
@@ -94,17 +114,16 @@ def crypto_seconds(
             PACKED.slots_for(values[phase] + per_round, TAIL) / (shape.poly_modulus_degree // 2)
         )
 
-        def mask(
-            stamped: Stamp = stamped, count: int = count, rounds: Iterator[int] = rounds
-        ) -> None:
-            # A mask is used once per round and phase: each timing is a new round (its key
-            # agreement is cached per job, and costs microseconds).
+        masks = []
+        for _ in range(repeats):
+            # A mask is used once per round and phase: each timing is a new round's.
             fresh = replace(stamped, round_num=next(rounds), sender=0)
-            maskers[0].agree(fresh, peers)
+            attempt(fresh)
+            start = time.perf_counter()
             maskers[0].mask(fresh, count, shape.poly_modulus_degree, shape.modulus)
-
-        extra += _best(repeats, mask)
-        unmask += _best(repeats, lambda s=stamped, c=count: _unmask(maskers, peers, s, c, shape))
+            masks.append(time.perf_counter() - start)
+        extra += min(masks)
+        unmask += min(_unmask(maskers, stamped, attempt) for _ in range(repeats))
         revealed = [bytes([p]) * 32 for p in range(per_round)]
         removal += _best(
             repeats,
@@ -115,20 +134,20 @@ def crypto_seconds(
     return total, extra, unmask, removal
 
 
-def _unmask(maskers: list, peers: list, stamped: object, count: int, shape: object) -> None:  # type: ignore[type-arg]
+def _unmask(maskers: list, stamped: object, attempt: Callable[[object], float]) -> float:  # type: ignore[type-arg]
     """One round's consistency round and reveal, as client 0 does them (every client signs;
-    client 0 checks every signature and reveals its key): a fresh round each time."""
+    client 0 checks every signature and reveals its key and shares): a fresh round each
+    time; its seconds, the others' signing included."""
     from secagg.crypto import Stamp
 
     assert isinstance(stamped, Stamp)
     fresh = replace(stamped, round_num=next(_UNMASK_ROUNDS), sender=0)
+    attempt(fresh)
+    start = time.perf_counter()
     survivors = tuple(range(len(maskers)))
-    signed = {}
-    for position, masker in enumerate(maskers):
-        masker.agree(fresh.for_sender(position), peers)
-        signed[position] = masker.confirm(fresh.for_sender(position), survivors)
-    n, q = shape.poly_modulus_degree, shape.modulus  # type: ignore[attr-defined]
-    maskers[0].reveal(fresh.for_sender(0), survivors, signed, count, n, q)
+    signed = {p: m.confirm(fresh.for_sender(p), survivors) for p, m in enumerate(maskers)}
+    maskers[0].reveal(fresh.for_sender(0), survivors, signed)
+    return time.perf_counter() - start
 
 
 _UNMASK_ROUNDS = iter(range(20_000, 1_000_000))

@@ -1,6 +1,7 @@
 """``secagg`` with one fault patched in, for tests that need a party to misbehave on cue:
 
-python tests/patched.py die-after-keys:2 client --kit ...   # dies once it agreed round 2's keys
+python tests/patched.py die-after-keys:2 client --kit ...   # dies once it advertised and agreed
+                                                            # round 2's keys
 python tests/patched.py die-at-seal:2 client --kit ...      # dies when asked for round 2's update
 python tests/patched.py die-at-reveal:2 client --kit ...     # dies when asked to unmask round
                                                             # 2's update (after confirming it)
@@ -8,7 +9,8 @@ python tests/patched.py forge-key:KIT server job.toml ...   # relays site 2's ke
                                                             # KIT's certificate (another CA)
 python tests/patched.py lie-dropout:DIR server job.toml ... # claims site-1 dropped out of the
                                                             # update phase though it delivered;
-                                                            # dumps what it gathers into DIR
+                                                            # dumps its update and, rebuilt from
+                                                            # the shares, its pairs into DIR
 python tests/patched.py lie-small:2 server job.toml ...     # keys each round to 2 sites only
 python tests/patched.py bad-key client --kit ...            # joins with a badly signed mask key
 python tests/patched.py retry-split server job.toml ...     # round 1 by site-1 and site-2, then
@@ -42,11 +44,13 @@ def _die_after_keys(round_num: int) -> None:
 
     train = Client.train
 
-    def dying(self: Client, stamp: Any, peers: Any = (), nonce: bytes = b"") -> Any:
+    def dying(
+        self: Client, stamp: Any, adverts: Any = (), sealed: Any = None, nonce: bytes = b""
+    ) -> Any:
         if stamp.round_num == round_num:
-            self.cipher.agree(stamp, peers, nonce)
+            self.cipher.agree(stamp, adverts, sealed or {}, nonce)
             os._exit(3)
-        return train(self, stamp, peers, nonce)
+        return train(self, stamp, adverts, sealed, nonce)
 
     Client.train = dying  # type: ignore[method-assign]
 
@@ -107,9 +111,13 @@ def _forge_key(kit_dir: str) -> None:
 
 def _lie_dropout(folder: str) -> None:
     """The update phase's survivors are told site-1 (position 0) dropped out, though the
-    server holds its update: what a colluding site would then decrypt is dumped into
-    ``folder`` (site-1's update, and every correction the others sent for it)."""
-    from secagg.crypto import envelope
+    server holds its update: they reveal their shares of its mask key, from which the server
+    rebuilds the key and every pair mask on site-1's update. It dumps into ``folder`` the
+    update (``victim.bin``) and the words of those pairs (``pairs.npy``): what a colluding
+    site would decrypt is the update minus them."""
+    import numpy as np
+
+    from secagg.crypto import envelope, masking
     from secagg.transport.grpc_server import GrpcTransport
 
     out = Path(folder)
@@ -126,8 +134,20 @@ def _lie_dropout(folder: str) -> None:
         if stamp.phase != envelope.UPDATE_PHASE or 0 not in survivors:
             return unmask(self, stamp, survivors)
         reveals = unmask(self, stamp, tuple(p for p in survivors if p != 0))
-        for reveal in reveals:
-            (out / f"correction-{reveal.sender}.bin").write_bytes(reveal.correction)
+        roster = self.masks(stamp.round_num)
+        own = roster.adverts[0]
+        key = masking._rebuilt_mask_key(0, reveals, own.public(stamp.phase))
+        halves = []
+        for peer in sorted(roster.pairs[0]):
+            public = roster.adverts[peer].public(stamp.phase)
+            secret = masking._agreed(key, public, own.public(stamp.phase), peer)
+            halves.append(masking._prg_key(secret, stamp, roster.nonce))
+        victim = self.c.cipher.check((out / "victim.bin").read_bytes(), stamp)
+        shape = self.c.cipher._shape
+        words = masking.MaskPlan(tuple(halves), ()).words(
+            victim.blob_count, shape.poly_modulus_degree, shape.modulus
+        )
+        np.save(out / "pairs.npy", words)
         return reveals
 
     GrpcTransport.seal = keeping  # type: ignore[method-assign]

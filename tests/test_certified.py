@@ -36,7 +36,7 @@ def _agree(kits: dict[str, Path], relayed: dict[int, tuple[SignedKey, bytes]]) -
     own = masker.publish(stamp.job, 0)
     for site, (_, certificate) in relayed.items():
         identities.learn(site, certificate)
-    masker.agree(stamp.for_sender(0), [own, relayed[1][0], relayed[2][0]])
+    masker.advertise(stamp.for_sender(0), [own, relayed[1][0], relayed[2][0]], b"")
 
 
 def _genuine(kits: dict[str, Path]) -> dict[int, tuple[SignedKey, bytes]]:
@@ -126,11 +126,11 @@ def test_the_server_takes_only_each_sites_own_mask_key(kits: dict[str, Path], tm
     assert not site.joined
 
 
-def test_a_late_upload_is_refused_once_its_phase_was_corrected(
+def test_a_late_upload_is_refused_once_its_phase_was_unmasked(
     kits: dict[str, Path], tmp_path: Path
 ) -> None:
     """site-3's update arrives after the round closed the update phase for its dropout: refused
-    by round state (``late-update``), while the corrections are taken."""
+    by round state (``late-update``), while the reveals are taken."""
     from secagg.crypto.envelope import UPDATE_PHASE
     from secagg.messages import ModelSignature
     from secagg.transport.grpc_wire import Hello, UploadHeader
@@ -143,7 +143,7 @@ def test_a_late_upload_is_refused_once_its_phase_was_corrected(
     everyone = frozenset({0, 1, 2})
     seal = coordinator.post("seal", 1, everyone, total_samples=30)
     coordinator.close(seal, (2,))
-    correct = coordinator.post("correct", 1, frozenset({0, 1}), phase="update", dropped=[2])
+    correct = coordinator.post("correct", 1, frozenset({0, 1}), phase="update")
     late = coordinator.sites[2]
     with pytest.raises(PayloadError, match="site-3's upload is late") as caught:
         coordinator.check_upload(late, UploadHeader(seal.id))
@@ -152,7 +152,7 @@ def test_a_late_upload_is_refused_once_its_phase_was_corrected(
         coordinator.check_upload(late, UploadHeader(correct.id))
     revealing = UploadHeader(correct.id, revealed=bytes(32))
     task, stamp, values = coordinator.check_upload(coordinator.sites[0], revealing)
-    assert (task, stamp.sender, stamp.phase, values) == (correct, 0, UPDATE_PHASE, 4)
+    assert (task, stamp.sender, stamp.phase, values) == (correct, 0, UPDATE_PHASE, 0)
 
 
 def _signed_key(kits: dict[str, Path], name: str, job: bytes = bytes(16)):  # type: ignore[no-untyped-def]

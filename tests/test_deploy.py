@@ -632,9 +632,9 @@ def _assert_models_as_in_process(
             assert torch.equal(model[key], value), (name, key)
 
 
-class _LosesTwo(InProcessTransport):
+class _LosesOne(InProcessTransport):
     """The in-process reference of the dropouts below: in round 2, position 2 sends nothing
-    and position 3 its scales only."""
+    (the one lost while unmasking sent all it had to)."""
 
     def train(self, round_stamp: Stamp) -> list[TrainReply]:
         replies = super().train(round_stamp)
@@ -642,40 +642,42 @@ class _LosesTwo(InProcessTransport):
 
     def seal(self, round_stamp: Stamp, total: int, scales: bytes | None) -> Iterator[FitReply]:
         for position, slot in enumerate(self.slots):
-            if round_stamp.round_num != 2 or position < 2:
+            if round_stamp.round_num != 2 or position != 2:
                 yield slot.seal(round_stamp.for_sender(position), total, scales)
 
 
 @pytest.mark.slow
-def test_sites_lost_after_key_agreement_and_after_the_scales_are_corrected_for(
+def test_a_site_lost_before_upload_and_one_lost_while_unmasking_in_one_round(
     tmp_path: Path, session_keys: Path
 ) -> None:
-    """Round 2 of a masked job loses site-3 once it has agreed the round's keys (it sends
-    nothing) and site-4 after the scale exchange (it sends its scales, not its update): the
-    survivors correct both phases, and every site ends with the model of an unmasked
-    in-process run that loses the same sites, bit for bit."""
+    """Round 2 of a masked job loses site-3 once it has advertised and agreed the round's
+    keys (it sends nothing), and site-4 after it confirmed the update's survivors, before it
+    reveals: the survivors reveal their shares of site-3's mask keys and of site-4's
+    self-mask key, the server rebuilds both, and every site ends with the model of an
+    unmasked in-process run that loses site-3 alone, bit for bit."""
     project, port = _project(tmp_path, 4)
     job, config = _job(tmp_path, clients=4, rounds=2, min_clients=2, round_timeout=60.0)
     work = tmp_path / "work"
     server = _server(project, job, work / "server", port)
-    faults = [None, None, "die-after-keys:2", "die-at-seal:2"]
+    faults = [None, None, "die-after-keys:2", "die-at-reveal:2"]
     sites = [_site(project, f"site-{i + 1}", work, fault) for i, fault in enumerate(faults)]
     try:
         out = _finish(server)
         assert server.returncode == 0, out[-3000:]
+        assert "site-4 sent no mask reveal in time; their keys for the update are rebuilt" in out
+        assert "the update lost site-3; their mask keys are rebuilt" in out
         logs = [_finish(site, 60) for site in sites[:2]]
     finally:
         _kill_all(server, *sites)
     results = json.loads((work / "server" / "results.json").read_text())
-    assert [r["clients"] for r in results["rounds"]] == [4, 2]
-    for log in logs:  # the scale exchange lost site-3; the update phase site-3 and site-4
-        assert "round 2: correcting the masks of 1 lost site(s)" in log
-        assert "round 2: correcting the masks of 2 lost site(s)" in log
+    assert [r["clients"] for r in results["rounds"]] == [4, 3]
+    for log in logs:
+        assert "round 2: revealing its shares of the mask keys of 1 lost site(s)" in log
     assert json.loads((work / "site-1" / "metrics.json").read_text())["rounds"][-1][
         "contributors"
-    ] == [0, 1]
+    ] == [0, 1, 3]
 
-    _assert_models_as_in_process(work, config, session_keys, _LosesTwo, ("site-1", "site-2"))
+    _assert_models_as_in_process(work, config, session_keys, _LosesOne, ("site-1", "site-2"))
 
 
 @pytest.mark.slow
@@ -833,17 +835,24 @@ def test_a_retried_round_never_decodes_on_an_earlier_attempts_scales() -> None:
 
 
 class _Training:
-    """A site's client that counts its training runs; each masked payload is fresh bytes."""
+    """A site's client that counts its adverts and training runs; each is fresh bytes."""
 
     def __init__(self) -> None:
         self.config = RunConfig(he=True)
-        self.trained = 0
+        self.advertised = self.trained = 0
 
-    def train(self, stamp, peers, nonce):  # type: ignore[no-untyped-def]
+    def advertise(self, stamp, peers, nonce):  # type: ignore[no-untyped-def]
+        from secagg.crypto.masking import Advert, Advertised
+
+        self.advertised += 1
+        advert = Advert(stamp.sender, os.urandom(96), os.urandom(64))
+        return Advertised(advert, {1: os.urandom(8)}, os.urandom(64))
+
+    def train(self, stamp, adverts, sealed, nonce):  # type: ignore[no-untyped-def]
         from secagg.messages import TrainReply
 
         self.trained += 1
-        return TrainReply(stamp.sender, 0, os.urandom(32), sealed={1: os.urandom(8)})
+        return TrainReply(stamp.sender, 0, os.urandom(32))
 
 
 class _Uploads:
@@ -983,8 +992,9 @@ def test_a_site_the_server_does_not_know_joins_again() -> None:
 
 def test_a_resumed_attempt_gets_the_same_bytes_and_never_a_second_masked_payload() -> None:
     """A restarted server resumes the attempt it was running: asked the same again, a site
-    sends what it sent, byte for byte (no new training, no new masks); asked under the same
-    attempt with other mask keys, it sits out rather than mask a second payload."""
+    sends what it sent, byte for byte (no new keys, no new training, no new masks); asked
+    under the same attempt with other mask keys, it sits out rather than mask anything
+    twice."""
     from secagg.crypto.masking import SignedKey
     from secagg.transport.grpc_client import Joined, Site
 
@@ -993,30 +1003,35 @@ def test_a_resumed_attempt_gets_the_same_bytes_and_never_a_second_masked_payload
     site = Site(server, client, joined, Path("."), lambda line: None)  # type: ignore[arg-type]
     keys = [SignedKey(0, b"a" * 32, b""), SignedKey(1, b"b" * 32, b"")]
     site._peers = lambda task: keys  # type: ignore[method-assign]
+    advertise = {"kind": "advertise", "id": 3, "round": 2, "nonce": "ab" * 16}
     task = {"kind": "train", "id": 4, "round": 2, "nonce": "ab" * 16}
-    site.do_train(task)
-    site.do_train({**task, "id": 9})  # the restarted server asks again
-    assert client.trained == 1
-    (first, sent), (again, resent) = server.uploads
+    for asked in (advertise, task):
+        getattr(site, f"do_{asked['kind']}")(asked)
+        getattr(site, f"do_{asked['kind']}")({**asked, "id": asked["id"] + 5})  # asked again
+    assert (client.advertised, client.trained) == (1, 1)
+    (advert, advert_bytes), (advert_again, advert_resent) = server.uploads[:2]
+    assert advert_resent == advert_bytes and {**advert_again, "task": 3} == advert
+    (first, sent), (again, resent) = server.uploads[2:]
     assert resent == sent and {**again, "task": 4} == first and again["task"] == 9
     keys[1] = SignedKey(1, b"c" * 32, b"")  # the same attempt, another peer key
-    site.do_train({**task, "id": 12})
-    assert client.trained == 1
+    site.do_advertise({**advertise, "id": 12})
+    assert client.advertised == 1
     header, payload = server.uploads[-1]
     assert header["task"] == 12 and header.get("sitting_out") and payload == b""
-    site.do_train({**task, "id": 13, "nonce": "cd" * 16})  # a new attempt trains anew
-    assert client.trained == 2
+    site.do_advertise({**advertise, "id": 13, "nonce": "cd" * 16})  # a new attempt: new keys
+    site.do_train({**task, "id": 14, "nonce": "cd" * 16})
+    assert (client.advertised, client.trained) == (2, 2)
 
 
 # --- a lying server --------------------------------------------------------------------------
 
 
 def _low_bits_of_view(
-    kit: Path, victim: bytes, corrections: list[bytes], kind: int | None = None
+    kit: Path, victim: bytes, minus: list[np.ndarray], kind: int | None = None
 ) -> np.ndarray:
     """What a colluding site (its kit's secret key) decrypts from the victim's update (or
-    another payload of ``kind``) once every correction the others sent for it is taken off:
-    each slot's low 8 bits."""
+    another payload of ``kind``) once the words ``minus`` (mask words the server learned)
+    are taken off: each slot's low 8 bits."""
     from secagg import keys
     from secagg.crypto import envelope, rlwe
     from secagg.crypto.ckks import CkksClient
@@ -1034,9 +1049,8 @@ def _low_bits_of_view(
 
     update = opened(victim, envelope.UPDATE if kind is None else kind)
     words = from_wire(update.body, q).copy()
-    for correction in corrections:
-        # A correction cancels the survivor's half of each pair: minus it, the victim's half.
-        words = (words + q - from_wire(opened(correction, envelope.CORRECTION).body, q)) % q
+    for taken in minus:
+        words = (words + q - taken.reshape(-1)) % q
     phase = rlwe.SecretKey(loaded.context, client._shape).decrypt(
         words.reshape(-1, n), update.seeds
     )
@@ -1046,18 +1060,18 @@ def _low_bits_of_view(
 
 def test_a_server_that_lies_about_a_dropout_unmasks_nothing(tmp_path: Path) -> None:
     """A patched server holds site-1's update yet tells site-2 and site-3 that site-1 dropped
-    out: they correct their pairs with it, and the server keeps everything. A colluding site
-    decrypting site-1's update minus every correction gets slots whose low bits are uniform
-    (chi-square): site-1's self-mask, whose key only site-1 holds and never revealed, is still
-    on. The round cannot complete, and the job fails rather than decrypt anything."""
+    out: they reveal their shares of its mask key, from which the server rebuilds every pair
+    mask on site-1's update. A colluding site decrypting site-1's update minus all its pairs
+    gets slots whose low bits are uniform (chi-square): site-1's self-mask, whose key only
+    site-1 holds and no survivor revealed a share of, is still on. The round cannot
+    complete, and the job fails rather than decrypt anything."""
     from scipy import stats
 
     dump = tmp_path / "dump"
     out, project, _ = _lying_server(tmp_path, f"lie-dropout:{dump}", retries=0)
-    assert "sent no mask reveal" in out or "could not be added" in out, out[-3000:]
-    corrections = [(dump / f"correction-{p}.bin").read_bytes() for p in (1, 2)]
-    assert all(corrections), "the honest sites sent corrections for the 'dropped' site"
-    seen = _low_bits_of_view(project / "site-3", (dump / "victim.bin").read_bytes(), corrections)
+    assert "could not unmask the sum" in out, out[-3000:]
+    pairs = np.load(dump / "pairs.npy")  # rebuilt from the honest sites' shares
+    seen = _low_bits_of_view(project / "site-3", (dump / "victim.bin").read_bytes(), [pairs])
     assert stats.chisquare(np.bincount(seen, minlength=256)).pvalue > 1e-3
 
 

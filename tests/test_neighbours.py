@@ -18,7 +18,7 @@ from conftest import round_of, update_for
 from secagg import keys
 from secagg.config import RunConfig
 from secagg.crypto.ckks import CkksClient
-from secagg.crypto.masking import Masker, SimulatedIdentities
+from secagg.crypto.masking import Masker, MaskRoster, SimulatedIdentities
 from secagg.crypto.neighbours import exposure, graph, picks
 from secagg.crypto.policy import RoundPolicy
 from secagg.errors import ConfigError, PayloadError
@@ -38,12 +38,16 @@ def _round(session_keys, stamp):  # type: ignore[no-untyped-def]
         for _ in range(SIZE)
     ]
     peers = [c.masker.publish(stamp.job, 100 + i) for i, c in enumerate(clients)]  # type: ignore[union-attr]
+    advertised = [
+        c.masker.advertise(stamp.for_sender(p), peers, b"")  # type: ignore[union-attr]
+        for p, c in enumerate(clients)
+    ]
+    roster = MaskRoster.of(stamp.job, b"", peers, advertised, POLICY)
     for position, client in enumerate(clients):
-        client.masker.agree(stamp.for_sender(position), peers)  # type: ignore[union-attr]
-    bundles = [c.masker.share(stamp.for_sender(p)) for p, c in enumerate(clients)]  # type: ignore[union-attr]
-    sealed = [{s: b.sealed[p] for s, b in enumerate(bundles) if p in b.sealed} for p in range(SIZE)]
-    commitments = {p: b.commitment for p, b in enumerate(bundles)}
-    return clients, sealed, commitments
+        client.masker.agree(  # type: ignore[union-attr]
+            stamp.for_sender(position), roster.adverts, roster.sealed_to(position), b""
+        )
+    return clients, roster
 
 
 def _encrypt(clients, updates, stamp):  # type: ignore[no-untyped-def]
@@ -53,11 +57,10 @@ def _encrypt(clients, updates, stamp):  # type: ignore[no-untyped-def]
     ]
 
 
-def _reveals(clients, sealed, stamp, survivors, revealing=None):  # type: ignore[no-untyped-def]
+def _reveals(clients, stamp, survivors, revealing=None):  # type: ignore[no-untyped-def]
     signed = {p: clients[p].confirm(stamp.for_sender(p), survivors) for p in survivors}
     return [
-        clients[p].reveal(stamp.for_sender(p), survivors, signed, 3000, sealed[p])
-        for p in (revealing or survivors)
+        clients[p].reveal(stamp.for_sender(p), survivors, signed) for p in (revealing or survivors)
     ]
 
 
@@ -78,9 +81,8 @@ def test_picks_are_the_keys_own_distinct_and_never_the_picker() -> None:
 def test_a_graph_round_sums_exactly_and_recovers_dropouts(session_keys, ckks_pair) -> None:
     _, server = ckks_pair
     stamp = round_of(1, roster=SIZE)
-    clients, sealed, commitments = _round(session_keys, stamp)
-    masker = clients[0].masker
-    assert masker is not None and len(masker._round[2]) < SIZE - 1  # type: ignore[index]
+    clients, roster = _round(session_keys, stamp)
+    assert len(roster.pairs[0]) < SIZE - 1  # not the full graph
     rng = np.random.default_rng(3)
     updates = [update_for(clients[0], rng.integers(-500, 500, 3000), 1 / SIZE) for _ in range(SIZE)]
     payloads = _encrypt(clients, updates, stamp)
@@ -89,17 +91,19 @@ def test_a_graph_round_sums_exactly_and_recovers_dropouts(session_keys, ckks_pai
     everyone = tuple(range(SIZE))
     summed = server.sum(payloads, stamp)
     revealing = [p for p in everyone if p != 5]
-    reveals = _reveals(clients, sealed, stamp, everyone, revealing)
-    total = clients[1].decrypt(server.corrected(summed, reveals, stamp, (), commitments), stamp)
+    reveals = _reveals(clients, stamp, everyone, revealing)
+    total = clients[1].decrypt(server.corrected(summed, reveals, stamp, roster), stamp)
     assert np.array_equal(total.values, sum(u.values for u in updates))
-    # Client 7 dropped before uploading: its neighbours correct their pairs with it.
+    # Client 7 dropped before uploading, and one of its neighbours vanishes before it
+    # reveals: 7's mask key and the neighbour's self-mask key are both rebuilt from shares.
     stamp2 = round_of(2, roster=SIZE)
-    clients, sealed, _ = _round(session_keys, stamp2)
+    clients, roster = _round(session_keys, stamp2)
     payloads = _encrypt(clients, updates, stamp2)
     survivors = tuple(p for p in everyone if p != 7)
+    lost = min(roster.pairs[7])
     summed = server.sum([payloads[p] for p in survivors], stamp2)
-    reveals = _reveals(clients, sealed, stamp2, survivors)
-    total = clients[1].decrypt(server.corrected(summed, reveals, stamp2, (7,)), stamp2)
+    reveals = _reveals(clients, stamp2, survivors, [p for p in survivors if p != lost])
+    total = clients[1].decrypt(server.corrected(summed, reveals, stamp2, roster), stamp2)
     assert total.contributors == survivors
     assert np.array_equal(total.values, sum(updates[p].values for p in survivors))
 
@@ -108,13 +112,13 @@ def test_a_site_whose_picks_are_called_dropped_reveals_nothing(session_keys) -> 
     """A lying server calls two of client 0's four picks dropped (the set still meets the
     round's threshold, 10 of 12): client 0 refuses to reveal anything, by name."""
     stamp = round_of(3, roster=SIZE)
-    clients, sealed, _ = _round(session_keys, stamp)
-    called_dropped = sorted(clients[0].masker._picks)[:2]  # type: ignore[union-attr]
+    clients, _ = _round(session_keys, stamp)
+    called_dropped = sorted(clients[0].masker._current.picks)[:2]  # type: ignore[union-attr]
     survivors = tuple(p for p in range(SIZE) if p not in called_dropped)
     assert len(survivors) >= POLICY.threshold
     signed = {p: clients[p].confirm(stamp.for_sender(p), survivors) for p in survivors}
     with pytest.raises(PayloadError, match=r"only 2 of the sites .* reveals nothing") as caught:
-        clients[0].reveal(stamp.for_sender(0), survivors, signed, 3000, sealed[0])
+        clients[0].reveal(stamp.for_sender(0), survivors, signed)
     assert caught.value.reason == "neighbours"
 
 

@@ -714,7 +714,9 @@ class Masker:
         if self.policy is not None:
             self.policy.check_sum(len(contributors), "the aggregate adds")
         key = (stamp.job, stamp.round_num, stamp.attempt, stamp.phase)
-        survivors = self._corrected.get(key)
+        # The set it revealed for, or else confirmed (a survivor whose reveal came too late
+        # was unmasked with: its key rebuilt from shares, over the set it signed).
+        survivors = self._corrected.get(key, self._confirmed.get(key))
         if survivors is None and key in self._masked:
             raise PayloadError(
                 f"the aggregate of round {stamp.round_num}'s {_phase(stamp)} was unmasked "
@@ -950,15 +952,21 @@ def verify(
 
 
 def check_advert(
-    job: bytes, round_num: int, nonce: bytes, advert: Advert, public: ec.EllipticCurvePublicKey
+    job: bytes,
+    round_num: int,
+    nonce: bytes,
+    advert: Advert,
+    public: ec.EllipticCurvePublicKey | None,
 ) -> None:
-    """Refuse (``bad-key``) attempt keys not signed by their site for this attempt, or that no
-    agreement can use (a wrong length, a low-order point): what a server checks at the door,
-    so that one site's bad keys leave that site out rather than stop the others."""
+    """Refuse (``bad-key``) attempt keys not signed by their site's ``public`` key for this
+    attempt (None: a server that cannot tell, which checks the rest), or that no agreement
+    can use (a wrong length, a low-order point): what a server checks at the door, so that
+    one site's bad keys leave that site out rather than stop the others."""
     if len(advert.publics) != ADVERT_BYTES:
         raise PayloadError(f"its attempt keys are not {ADVERT_BYTES} bytes", "bad-key")
-    signed = _advert_bytes(job, round_num, nonce, advert.site, advert.publics)
-    _check_signature(public, advert.signature, signed, "its attempt keys")
+    if public is not None:
+        signed = _advert_bytes(job, round_num, nonce, advert.site, advert.publics)
+        _check_signature(public, advert.signature, signed, "its attempt keys")
     probe = _fresh()
     for phase in PHASES:
         _agreed(probe, advert.public(phase), _public(probe), advert.site)

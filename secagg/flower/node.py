@@ -131,7 +131,7 @@ def _answer(
         raise PayloadError(f"secagg has no step {step!r}", "malformed")
     task.bind(message, context, call_next)
     try:
-        if step == "train":
+        if step == "advertise":
             _learn(task.identities, record)
         answer = _STEPS[step](client, record) if step != "join" else _joined(client, record, local)
     except BaseException:
@@ -338,10 +338,20 @@ def _stamp(record: ConfigRecord) -> Stamp:
     )
 
 
+def _advertise(client: Client, record: ConfigRecord) -> dict[str, Any]:
+    advertised = client.advertise(
+        _stamp(record), wire.keys_from(record), wire.field(record, "attempt", bytes)
+    )
+    if advertised is None:
+        raise PayloadError("this node's cipher does not mask", "policy")
+    return wire.advertised_fields(advertised)
+
+
 def _train(client: Client, record: ConfigRecord) -> dict[str, Any]:
-    peers = wire.keys_from(record)
-    reply = client.train(_stamp(record), peers, wire.field(record, "attempt", bytes))
-    return wire.train_fields(reply)
+    adverts = wire.adverts_from(record)
+    sealed = wire.positions(record, "sealed")
+    nonce = wire.field(record, "attempt", bytes)
+    return wire.train_fields(client.train(_stamp(record), adverts, sealed, nonce))
 
 
 def _seal(client: Client, record: ConfigRecord) -> dict[str, Any]:
@@ -358,8 +368,7 @@ def _confirm(client: Client, record: ConfigRecord) -> dict[str, Any]:
 def _reveal(client: Client, record: ConfigRecord) -> dict[str, Any]:
     survivors = tuple(wire.field(record, "survivors", list))
     confirmations = wire.positions(record, "confirmations")
-    sealed = wire.positions(record, "sealed")
-    return wire.reveal_fields(client.reveal(_stamp(record), survivors, confirmations, sealed))
+    return wire.reveal_fields(client.reveal(_stamp(record), survivors, confirmations))
 
 
 def _apply(client: Client, record: ConfigRecord) -> dict[str, Any]:
@@ -380,6 +389,7 @@ def _averages(client: Client, record: ConfigRecord) -> dict[str, Any]:
 
 
 _STEPS: dict[str, Callable[[Client, ConfigRecord], dict[str, Any]]] = {
+    "advertise": _advertise,
     "train": _train,
     "seal": _seal,
     "confirm": _confirm,

@@ -27,6 +27,8 @@ from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any, TypeVar
 
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
@@ -34,7 +36,7 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from secagg import rounds
 from secagg.config import RunConfig
-from secagg.crypto import Reveal, Stamp, for_server
+from secagg.crypto import MaskRoster, Reveal, Stamp, for_server, masking
 from secagg.crypto.masking import SignedKey
 from secagg.errors import PayloadError
 from secagg.files import atomic_write
@@ -42,7 +44,6 @@ from secagg.flower import wire
 from secagg.flower.arrays import tensor_sizes
 from secagg.messages import ApplyReply, EvalReply, FitReply, TrainReply
 from secagg.server import Server
-from secagg.transport import sealed_to
 
 T = TypeVar("T")
 
@@ -273,7 +274,8 @@ class GridTransport:
         #: the round's sites by position
         self._round: list[int] = []
         self._trained: list[int] = []
-        self._sealed: dict[int, dict[int, bytes]] = {}
+        #: the current attempt as the round's nodes advertised it
+        self._masks: MaskRoster | None = None
 
     def join(self) -> None:
         """Every node builds its secagg client from the initial arrays and the job, and hands
@@ -323,24 +325,62 @@ class GridTransport:
 
     def train(self, round_stamp: Stamp) -> list[TrainReply]:
         self._round = self._choose(round_stamp.round_num)
+        masks = self._masks = self._advertised(round_stamp)
+        relayed = wire.adverts_fields(masks.adverts)
+        asked = {
+            p: wire.request(
+                "train",
+                {
+                    **_stamp_fields(round_stamp.for_sender(p)),
+                    **relayed,
+                    **wire.by_position(masks.sealed_to(p), "sealed"),
+                },
+                config=_with_round(self.train_config, round_stamp.round_num),
+            )
+            for p in sorted(masks.keyed)
+        }
+        replies = list(self._ask(asked, "train", "train", wire.train_from).values())
+        self._trained = [r.client_id for r in replies]
+        self._require(len(replies), round_stamp.round_num, "trained")
+        return replies
+
+    def _advertised(self, round_stamp: Stamp) -> MaskRoster:
+        """The round's nodes' keys for this attempt, each checked at the door (a node whose
+        keys no agreement can use, or that its certificate did not sign, is left out)."""
         keys = [self._keys[site] for site in self._round]
         relayed = {
             **wire.keys_fields(keys),
             "key_certificates": [self._certificates[site] for site in self._round],
         }
         asked = {
-            p: wire.request(
-                "train",
-                {**_stamp_fields(round_stamp.for_sender(p)), **relayed},
-                config=_with_round(self.train_config, round_stamp.round_num),
-            )
+            p: wire.request("advertise", {**_stamp_fields(round_stamp.for_sender(p)), **relayed})
             for p in range(self.roster)
         }
-        replies = list(self._ask(asked, "train", "train", wire.train_from).values())
-        self._trained = [r.client_id for r in replies]
-        self._sealed = {r.client_id: r.sealed for r in replies}
-        self._require(len(replies), round_stamp.round_num, "trained")
-        return replies
+        advertised = self._ask(asked, "train", "advertise", wire.advertised_from)
+        for position, made in list(advertised.items()):
+            site = self._round[position]
+            try:
+                if made.advert.site != site:
+                    raise PayloadError(f"it names site {made.advert.site}", "bad-key")
+                masking.check_advert(
+                    round_stamp.job,
+                    round_stamp.round_num,
+                    round_stamp.attempt,
+                    made.advert,
+                    _certified_key(self._certificates[site]),
+                )
+            except PayloadError as err:
+                node = self._node_of[site]
+                log(WARNING, "secagg advertise: node %s is left out of the round: %s", node, err)
+                del advertised[position]
+        self._require(len(advertised), round_stamp.round_num, "advertised their keys")
+        return MaskRoster.of(
+            round_stamp.job,
+            round_stamp.attempt,
+            keys,
+            [advertised.get(p) for p in range(self.roster)],
+            self.job.config.policy(),
+        )
 
     def seal(
         self, round_stamp: Stamp, total_samples: int, scales: bytes | None
@@ -360,8 +400,8 @@ class GridTransport:
         self._require(len(answered), round_stamp.round_num, "sent their update")
         yield from answered.values()
 
-    def keyed(self, round_num: int) -> frozenset[int]:
-        return frozenset(range(self.roster))
+    def masks(self, round_num: int) -> MaskRoster | None:
+        return self._masks
 
     def unmask(self, stamp: Stamp, survivors: tuple[int, ...]) -> list[Reveal]:
         base = {"survivors": list(survivors)}
@@ -377,7 +417,6 @@ class GridTransport:
                     **_stamp_fields(stamp.for_sender(p)),
                     **base,
                     **wire.by_position(signed, "confirmations"),
-                    **wire.by_position(sealed_to(self._sealed, stamp, survivors, p), "sealed"),
                 },
             )
             for p in survivors
@@ -486,6 +525,21 @@ class GridTransport:
 def _joined(order: int, record: ConfigRecord) -> tuple[SignedKey, bytes]:
     """A node's join answer: its signed mask key and its certificate (empty without a kit)."""
     return wire.key_from(record), wire.field(record, "certificate", bytes)
+
+
+def _certified_key(certificate: bytes) -> ec.EllipticCurvePublicKey | None:
+    """The signing key a node's certificate holds (None without kits). The nodes check the
+    certificate against the project's CA; the server, which holds no CA, reads the key only
+    to leave out a node whose attempt keys it did not sign."""
+    if not certificate:
+        return None
+    try:
+        public = x509.load_pem_x509_certificate(certificate).public_key()
+    except ValueError as err:
+        raise PayloadError("its certificate is not a certificate", "bad-key") from err
+    if not isinstance(public, ec.EllipticCurvePublicKey):
+        raise PayloadError("its certificate holds no ECDSA key", "bad-key")
+    return public
 
 
 def _confirmation(position: int, record: ConfigRecord) -> bytes:

@@ -15,7 +15,7 @@ from typing import Any
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from secagg.crypto import Reveal
-from secagg.crypto.masking import SignedKey
+from secagg.crypto.masking import Advert, Advertised, SignedKey
 from secagg.errors import PayloadError
 from secagg.messages import ApplyReply, EvalReply, FitReply, Seconds, TrainReply
 
@@ -130,26 +130,64 @@ def metrics_fields(metrics: Mapping[str, float], name: str = "metrics") -> dict[
     return {f"{name}_names": list(metrics), f"{name}_values": [float(v) for v in metrics.values()]}
 
 
+def advertised_fields(advertised: Advertised) -> dict[str, Any]:
+    return {
+        "site": advertised.advert.site,
+        "publics": advertised.advert.publics,
+        "signature": advertised.advert.signature,
+        "commitment": advertised.commitment,
+        **by_position(advertised.sealed, "sealed"),
+    }
+
+
+def advertised_from(position: int, record: Mapping[str, Any]) -> Advertised:
+    advert = Advert(
+        field(record, "site", int),
+        field(record, "publics", bytes),
+        field(record, "signature", bytes),
+    )
+    return Advertised(advert, positions(record, "sealed"), field(record, "commitment", bytes))
+
+
+def adverts_fields(adverts: Sequence[Advert | None]) -> dict[str, list[Any]]:
+    """An attempt's keys by position (site -1: a position that advertised none)."""
+    return {
+        "advert_sites": [-1 if a is None else a.site for a in adverts],
+        "advert_publics": [b"" if a is None else a.publics for a in adverts],
+        "advert_signatures": [b"" if a is None else a.signature for a in adverts],
+    }
+
+
+def adverts_from(record: Mapping[str, Any]) -> list[Advert | None]:
+    sites, publics = record.get("advert_sites", []), record.get("advert_publics", [])
+    signatures = record.get("advert_signatures", [])
+    if not (
+        isinstance(sites, list)
+        and isinstance(publics, list)
+        and isinstance(signatures, list)
+        and len(sites) == len(publics) == len(signatures)
+        and all(isinstance(s, int) and not isinstance(s, bool) for s in sites)
+        and all(isinstance(b, bytes) for b in publics + signatures)
+    ):
+        raise PayloadError("secagg's relayed attempt keys are malformed", "malformed")
+    return [
+        None if site < 0 else Advert(site, public, signature)
+        for site, public, signature in zip(sites, publics, signatures, strict=True)
+    ]
+
+
 def train_fields(reply: TrainReply) -> dict[str, Any]:
     return {
         "samples": reply.num_samples,
         "scales": reply.scales or b"",
-        "commitment": reply.commitment,
         **metrics_fields(reply.metrics),
-        **by_position(reply.sealed, "sealed"),
     }
 
 
 def train_from(position: int, record: Mapping[str, Any]) -> TrainReply:
     scales = field(record, "scales", bytes)
     return TrainReply(
-        position,
-        field(record, "samples", int),
-        scales or None,
-        metrics_from(record),
-        Seconds(),
-        positions(record, "sealed"),
-        field(record, "commitment", bytes),
+        position, field(record, "samples", int), scales or None, metrics_from(record), Seconds()
     )
 
 
@@ -165,9 +203,9 @@ def fit_from(position: int, record: Mapping[str, Any]) -> FitReply:
 def reveal_fields(reveal: Reveal) -> dict[str, Any]:
     return {
         "key": reveal.key,
-        "correction": reveal.correction,
         "confirmation": reveal.confirmation,
         **by_position(reveal.shares, "shares"),
+        **by_position(reveal.lost, "lost"),
     }
 
 
@@ -175,9 +213,9 @@ def reveal_from(position: int, record: Mapping[str, Any]) -> Reveal:
     return Reveal(
         position,
         field(record, "key", bytes),
-        field(record, "correction", bytes),
         field(record, "confirmation", bytes),
         positions(record, "shares"),
+        positions(record, "lost"),
     )
 
 

@@ -21,10 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from secagg import quantize
 from secagg.crypto import ServerCipher, Stamp, report
-from secagg.crypto.certified import check_joining_key
+from secagg.crypto.certified import certificate_key, check_joining_key
 from secagg.errors import PayloadError, SecAggError
 from secagg.messages import ModelSignature
 from secagg.provision import ADMIN, Kit
@@ -36,7 +38,7 @@ INBOX = 2
 UPLOADS = 2
 #: The tasks a site answers with an upload: its scales, its update, its signature of the
 #: survivor set, its mask reveal (self-mask key, and corrections when the phase lost sites).
-UPLOADS_FOR = ("train", "seal", "confirm", "correct", "evaluate", "average")
+UPLOADS_FOR = ("advertise", "train", "seal", "confirm", "correct", "evaluate", "average")
 #: Refused uploads after which a task stops waiting for a site (an honest site that replays
 #: by mistake still gets its own upload in).
 STRIKES = 2
@@ -381,6 +383,16 @@ class Coordinator:
             ) from err
         return hello.mask
 
+    def site_key(self, index: int) -> ec.EllipticCurvePublicKey:
+        """The signing key of site ``index``'s certificate (the one its mask key came with)."""
+        with self.lock:
+            site = self.sites[index]
+            mask = site.mask
+        if mask is None:
+            raise PayloadError(f"{site.name} sent no mask key", "no-mask-key")
+        ca = x509.load_pem_x509_certificate(self.kit.ca)
+        return certificate_key(ca, site.name, mask.certificate, whose="")
+
     def mask_keys(self, sites: frozenset[int]) -> list[dict[str, Any] | None]:
         """The signed mask keys of ``sites``, by position (None elsewhere), for a train task."""
         with self.lock:
@@ -464,22 +476,20 @@ class Coordinator:
             raise PayloadError("no site has said what the job's model is yet", "not-in-round")
         roster = len(self.sites)
         stamp = Stamp(self.job, task.round, site.index, roster)
-        unmasking = task.kind in ("confirm", "correct")
-        phase = task.body.get("phase", "update") if unmasking else task.kind
+        if task.kind == "advertise" and not header.advert:
+            raise PayloadError(
+                "an advertise upload must carry the site's attempt keys", "malformed"
+            )
         if task.kind == "confirm" and not header.confirmation:
             raise PayloadError("a confirm upload must carry the site's signature", "malformed")
         if task.kind == "correct" and not header.revealed:
             raise PayloadError("a correct upload must carry the site's self-mask key", "malformed")
-        if task.kind in ("evaluate", "average"):
-            # An encrypted evaluation; the averages a site read from their sum, in its header
-            return task, stamp.evaluation(roster), report.VALUES if task.kind == "evaluate" else 0
-        if phase == "evaluation":  # a confirm or correct task of the evaluation phase
-            header_only = task.kind == "confirm" or not task.body.get("dropped")
-            return task, stamp.evaluation(roster), 0 if header_only else report.VALUES
-        if task.kind == "confirm" or (task.kind == "correct" and not task.body.get("dropped")):
-            # Nothing but the header: a signature, or a key when no site dropped.
-            return task, stamp if phase != "scales" else stamp.scales(), 0
-        if phase in ("seal", "update"):
+        if task.kind in ("advertise", "confirm", "correct", "average"):
+            # Nothing but the header: attempt keys, a signature, a reveal, or averages.
+            return task, stamp, 0
+        if task.kind == "evaluate":
+            return task, stamp.evaluation(roster), report.VALUES
+        if task.kind == "seal":
             return task, stamp, sum(model.sizes())
         values = quantize.histogram_values(model.sizes()) if self.cipher.quantizes else 0
         return task, stamp.scales(), values

@@ -37,7 +37,7 @@ import grpc
 from secagg.client import Client
 from secagg.crypto import SERVER, Stamp
 from secagg.crypto.certified import CertifiedIdentities
-from secagg.crypto.masking import SignedKey
+from secagg.crypto.masking import Advert, SignedKey
 from secagg.errors import ConfigError, PayloadError, SecAggError, TaskError
 from secagg.files import atomic_write_json
 from secagg.messages import EVAL_LOSS
@@ -277,43 +277,80 @@ class Site:
         self.connection.upload(replace(header, task=int(task["id"])).to_wire(), payload)
         return True
 
-    def do_train(self, task: dict[str, Any]) -> None:
+    def do_advertise(self, task: dict[str, Any]) -> None:
+        """An attempt starts: send this site's signed keys for it and its shares of them,
+        sealed to the round's positions (the same bytes again if a restarted server asks
+        again)."""
         round_num = int(task["round"])
         nonce = _nonce(task.get("nonce", ""))
         stamp = self.round_stamp(round_num, nonce).for_sender(self.joined.index)
         peers = self._peers(task)
-        if peers is None:
+        if not peers:
             return
         self._attempts = {round_num: nonce}
         # The keys themselves (their signatures are drawn afresh each time a site joins).
         keys = tuple(None if peer is None else (peer.site, peer.public) for peer in peers)
-        asked = ("train", round_num, nonce, keys)
-        if nonce and self._resend(asked, task):
+        asked = ("advertise", round_num, nonce, keys)
+        if self._resend(asked, task):
             return
         try:
-            if nonce and any(k[1:3] == (round_num, nonce) for k in self._sent):
-                raise PayloadError(
-                    f"the server resumed round {round_num}'s attempt with other mask keys; this "
-                    "site masks nothing twice under one attempt, and sits it out",
-                    "sit-out",
-                )
-            self.log(f"round {round_num}: training")
-            reply = self.client.train(stamp, peers, nonce)
+            self._once("advertise", round_num, nonce)
+            advertised = self.client.advertise(stamp, peers, nonce)
         except PayloadError as err:
             if err.reason != "sit-out":
                 raise
-            self.log(f"round {round_num}: {err}")
-            header = wire.UploadHeader(int(task["id"]), sitting_out=True)
-            self.connection.upload(header.to_wire(), b"")  # so the server need not wait
+            self._sit_out(task, err)
             return
+        assert advertised is not None  # a site that masks advertises
+        advert = advertised.advert
         header = wire.UploadHeader(
             int(task["id"]),
-            reply.num_samples,
-            reply.metrics,
-            reply.seconds,
-            sealed=reply.sealed,
-            commitment=reply.commitment,
+            sealed=advertised.sealed,
+            commitment=advertised.commitment,
+            advert=advert.publics + advert.signature,
         )
+        self._send(asked, header, b"")
+
+    def _once(self, kind: str, round_num: int, nonce: bytes) -> None:
+        """Refuse (``sit-out``) a second, different ``kind`` task of one attempt: a resumed
+        attempt asked with other keys gets nothing new, never a second set of masks."""
+        if nonce and any(k[0] == kind and k[1:3] == (round_num, nonce) for k in self._sent):
+            raise PayloadError(
+                f"the server resumed round {round_num}'s attempt with other mask keys; this "
+                "site masks nothing twice under one attempt, and sits it out",
+                "sit-out",
+            )
+
+    def _sit_out(self, task: dict[str, Any], err: PayloadError) -> None:
+        """Tell the server at once that this site sits the attempt out (so it need not wait)."""
+        self.log(f"round {task['round']}: {err}")
+        header = wire.UploadHeader(int(task["id"]), sitting_out=True)
+        self.connection.upload(header.to_wire(), b"")
+
+    def do_train(self, task: dict[str, Any]) -> None:
+        round_num = int(task["round"])
+        nonce = _nonce(task.get("nonce", ""))
+        stamp = self.round_stamp(round_num, nonce).for_sender(self.joined.index)
+        adverts: list[Advert | None] = []
+        sealed: dict[int, bytes] = {}
+        if self.identities is not None:
+            adverts = wire.relayed_adverts(task.get("adverts"), self.joined.roster)
+            sealed = wire.by_position(task.get("shares"), "shares", 1, 512)
+        self._attempts = {round_num: nonce}
+        relayed = tuple(None if a is None else (a.site, a.publics) for a in adverts)
+        asked = ("train", round_num, nonce, relayed)
+        if nonce and self._resend(asked, task):
+            return
+        try:
+            self._once("train", round_num, nonce)
+            self.log(f"round {round_num}: training")
+            reply = self.client.train(stamp, adverts, sealed, nonce)
+        except PayloadError as err:
+            if err.reason != "sit-out":
+                raise
+            self._sit_out(task, err)
+            return
+        header = wire.UploadHeader(int(task["id"]), reply.num_samples, reply.metrics, reply.seconds)
         self._send(asked, header, reply.scales or b"")
 
     def _peers(self, task: dict[str, Any]) -> list[SignedKey | None] | None:
@@ -356,16 +393,19 @@ class Site:
                 confirmations[int(position)] = bytes.fromhex(str(signature))
             except ValueError as err:
                 raise PayloadError("a relayed confirmation is not hex", "bad-plan") from err
-        sealed = wire.by_position(task.get("shares"), "shares", 1, 512)
         asked = ("correct", stamp.round_num, stamp.attempt, stamp.phase, survivors)
         if self._resend(asked, task):
             return
-        reveal = self.client.reveal(stamp, survivors, confirmations, sealed)
-        if reveal.correction:
-            lost = len(task.get("dropped") or ())
-            self.log(f"round {stamp.round_num}: correcting the masks of {lost} lost site(s)")
-        header = wire.UploadHeader(int(task["id"]), revealed=reveal.key, held=reveal.shares)
-        self._send(asked, header, reveal.correction)
+        reveal = self.client.reveal(stamp, survivors, confirmations)
+        if reveal.lost:
+            self.log(
+                f"round {stamp.round_num}: revealing its shares of the mask keys of "
+                f"{len(reveal.lost)} lost site(s)"
+            )
+        header = wire.UploadHeader(
+            int(task["id"]), revealed=reveal.key, held=reveal.shares, lost=reveal.lost
+        )
+        self._send(asked, header, b"")
 
     def _unmasking(self, task: dict[str, Any]) -> tuple[Stamp, tuple[int, ...]]:
         """The phase's stamp (this site's position) and the survivor set a confirm or correct
@@ -541,7 +581,7 @@ class Site:
 
 
 #: The tasks a site does (``do_<kind>``).
-_KINDS = ("train", "seal", "confirm", "correct", "apply", "evaluate", "average")
+_KINDS = ("advertise", "train", "seal", "confirm", "correct", "apply", "evaluate", "average")
 
 
 def _shown(averages: dict[str, float]) -> dict[str, float]:

@@ -27,14 +27,13 @@ from typing import Any
 
 import grpc
 
-from secagg.crypto import Reveal, Stamp, contributors, envelope, ledger
+from secagg.crypto import MaskRoster, Reveal, Stamp, contributors, envelope, ledger, masking
 from secagg.errors import PayloadError, SecAggError
 from secagg.messages import ApplyReply, EvalReply, FitReply, TrainReply
 from secagg.provision import Kit
 from secagg.rounds import RoundFailed
 from secagg.server import RunningAttempt, finish_running, running_attempt, save_running
 from secagg.transport import grpc_wire as wire
-from secagg.transport import sealed_to
 from secagg.transport.coordinator import POLL_SECONDS, Coordinator, Site, Task, Upload
 from secagg.transport.limits import Busy, SiteLimits, Watchdog, pool_size
 
@@ -124,7 +123,6 @@ class Service:
                     finally:
                         self.c.uploads.release()
                 if values and kind == envelope.UPDATE:
-                    # A correction is checked whole when the round adds it (``corrected``).
                     self.c.cipher.check(payload, stamp, values)
                 self.c.deliver(task, Upload(task.id, site.index, payload, header))
             except grpc.RpcError as err:
@@ -143,15 +141,9 @@ class Service:
         raise AssertionError("unreachable: the door aborts")  # pragma: no cover
 
     def _size(self, task: Task, stamp: Stamp, values: int) -> int:
-        """The exact byte length of the upload ``task`` asks for: an update's, or a mask
-        correction's (no seed; the dropped sites it names instead)."""
-        if not values:
-            return 0
-        size = self.c.cipher.size(values, stamp)
-        if task.kind != "correct":
-            return size
-        seed = self.c.cipher.codec_for_round(stamp).seed_size
-        return size - seed + 4 * len(task.body["dropped"])
+        """The exact byte length of the upload ``task`` asks for: an update's (0: a header
+        alone)."""
+        return self.c.cipher.size(values, stamp) if values else 0
 
     def _receive(
         self,
@@ -239,13 +231,16 @@ _PHASES = {
 }
 
 #: What an upload for each kind of task carries.
+#: A header alone: an advert, a signature, a reveal or the averages a site read; no payload.
+_HEADER = 0
 _KINDS = {
+    "advertise": _HEADER,
     "train": envelope.UPDATE,
     "seal": envelope.UPDATE,
-    "confirm": envelope.CORRECTION,  # a header alone (the signature); no payload
-    "correct": envelope.CORRECTION,
+    "confirm": _HEADER,
+    "correct": _HEADER,
     "evaluate": envelope.UPDATE,
-    "average": envelope.CORRECTION,  # a header alone (the averages a site read)
+    "average": _HEADER,
 }
 
 
@@ -316,11 +311,10 @@ class GrpcTransport:
         self._applied: frozenset[int] = frozenset()
         #: the round's sites that sent their update: the ones that evaluate its model (HE)
         self._contributed: frozenset[int] = frozenset()
-        #: the round's sites handed mask keys, and its tasks by phase (``correct`` closes them)
-        self._keyed: frozenset[int] = frozenset()
+        #: the current attempt as its sites advertised it (None: no masks), and the round's
+        #: tasks by phase (``correct`` closes them)
+        self._masks: MaskRoster | None = None
         self._phases: dict[int, Task] = {}
-        #: the round's sealed self-mask key shares: sender -> recipient -> bytes
-        self._sealed: dict[int, dict[int, bytes]] = {}
         #: the attempt a stopped server was running, which this round's first try resumes
         self._resumed: RunningAttempt | None = None
 
@@ -349,13 +343,26 @@ class GrpcTransport:
         else:
             sites = self.c.wait_for_sites(round_num, self.min_clients, self.grace, self.timeout)
         masks: dict[str, Any] = {}
+        self._masks = None
         if self.c.masking:
-            # Every site's signed key, relayed by position, and the attempt's nonce (a round
-            # tried again masks afresh), recorded before any site hears of it.
+            # The attempt's nonce (a round tried again masks afresh), recorded before any site
+            # hears of it; every site's signed job key, relayed by position with the advertise
+            # task; then every advert, and each site's sealed shares, with the train task.
             nonce = round_stamp.attempt or os.urandom(16)
             save_running(self.c.workdir, self.c.job, round_num, RunningAttempt(nonce, sites))
-            masks = {"keys": self.c.mask_keys(sites), "nonce": nonce.hex()}
-        self._keyed = sites if self.c.masking else frozenset()
+            self._masks = self._advertised(round_stamp, sites, nonce)
+            sites = self._masks.keyed
+            masks = {
+                "adverts": [
+                    None if a is None else wire.advert_to_wire(a) for a in self._masks.adverts
+                ],
+                "nonce": nonce.hex(),
+                # Each site is handed only the shares sealed to it (``Coordinator.next_task``).
+                "shares": {
+                    str(p): {str(s): blob.hex() for s, blob in self._masks.sealed_to(p).items()}
+                    for p in sites
+                },
+            }
         task = self.c.post(
             "train", round_stamp.round_num, sites, job=round_stamp.job.hex(), **masks
         )
@@ -370,14 +377,52 @@ class GrpcTransport:
                     upload.payload or None,
                     dict(header.metrics),
                     header.seconds,
-                    dict(header.sealed),
-                    header.commitment,
                 )
             )
         self._require({r.client_id for r in replies}, round_stamp.round_num, "trained")
         self._trained = frozenset(r.client_id for r in replies)
-        self._sealed = {r.client_id: r.sealed for r in replies}
         return replies
+
+    def _advertised(self, round_stamp: Stamp, sites: frozenset[int], nonce: bytes) -> MaskRoster:
+        """The attempt's keys, as ``sites`` advertise them; a site whose keys do not verify
+        against its certificate is left out of the round by name (relayed, they would stop
+        every honest site), and so is one that sends none in time."""
+        round_num = round_stamp.round_num
+        keys = self.c.mask_keys(sites)
+        task = self.c.post(
+            "advertise",
+            round_num,
+            sites,
+            job=round_stamp.job.hex(),
+            keys=keys,
+            nonce=nonce.hex(),
+        )
+        advertised: dict[int, masking.Advertised] = {}
+        for upload in self.c.collect(task, self.timeout):
+            header, site = upload.meta, self.c.sites[upload.index]
+            try:
+                advert = wire.advert_from(header.advert, upload.index)
+                masking.check_advert(
+                    round_stamp.job, round_num, nonce, advert, self.c.site_key(upload.index)
+                )
+            except PayloadError as err:
+                self.c.log(
+                    f"round {round_num}: {site.name}'s attempt keys are refused, and the site "
+                    f"is left out of the round: {err}"
+                )
+                continue
+            advertised[upload.index] = masking.Advertised(
+                advert, dict(header.sealed), header.commitment
+            )
+        self._require(set(advertised), round_num, "advertised their keys")
+        signed = [None if key is None else wire.MaskKey.from_wire(key).signed() for key in keys]
+        return MaskRoster.of(
+            round_stamp.job,
+            nonce,
+            signed,
+            [advertised.get(p) for p in range(self.roster)],
+            self.c.kit.policy(),
+        )
 
     def seal(
         self, round_stamp: Stamp, total_samples: int, scales: bytes | None
@@ -402,14 +447,16 @@ class GrpcTransport:
         self._require(sealed, round_stamp.round_num, "sent their update")
         self._contributed = frozenset(sealed)
 
-    def keyed(self, round_num: int) -> frozenset[int]:
-        return self._keyed
+    def masks(self, round_num: int) -> MaskRoster | None:
+        return self._masks
 
     def unmask(self, stamp: Stamp, survivors: tuple[int, ...]) -> list[Reveal]:
-        """Close the phase to the keyed sites that sent nothing (a late upload of theirs is
-        refused from here on); ask ``survivors`` to confirm the set (``confirm``), relay their
-        signatures with a ``correct`` task, and return their reveals; every one must come."""
-        dropped = tuple(sorted(self._keyed - set(survivors)))
+        """Close the phase to the advertised sites that sent nothing (a late upload of theirs
+        is refused from here on); ask ``survivors`` to confirm the set (``confirm``), relay
+        their signatures with a ``correct`` task, and return the reveals that came in time
+        (a lost survivor's key is rebuilt from the others' shares)."""
+        keyed = self._masks.keyed if self._masks is not None else frozenset()
+        dropped = tuple(sorted(keyed - set(survivors)))
         self.c.close(self._phases[stamp.phase], dropped)
         phase = _PHASES[stamp.phase]
         sites = frozenset(survivors)
@@ -423,34 +470,31 @@ class GrpcTransport:
             sites,
             phase=phase,
             survivors=list(survivors),
-            dropped=list(dropped),
             confirmations={str(p): s.hex() for p, s in signed.items()},
-            # Each site is handed only the shares sealed to it (``Coordinator.next_task``).
-            shares={str(p): self._sealed_hex(stamp, survivors, p) for p in survivors},
         )
         reveals = {
             u.index: Reveal(
-                u.index, u.meta.revealed, u.payload, signed.get(u.index, b""), dict(u.meta.held)
+                u.index,
+                u.meta.revealed,
+                signed.get(u.index, b""),
+                dict(u.meta.held),
+                dict(u.meta.lost),
             )
             for u in self.c.collect(task, self.timeout)
         }
         missing = [self.c.sites[p].name for p in survivors if p not in reveals]
-        if missing and dropped:
-            raise RoundFailed(
-                f"round {stamp.round_num}: {', '.join(missing)} sent no mask reveal in time "
-                f"for the {phase}, and the phase lost {len(dropped)} site(s) whose pairs only "
-                "they can correct; the round starts again"
-            )
         if missing:
             self.c.log(
                 f"round {stamp.round_num}: {', '.join(missing)} sent no mask reveal in time; "
                 f"their keys for the {phase} are rebuilt from the others' shares"
             )
+        if dropped:
+            names = ", ".join(self.c.sites[p].name for p in dropped)
+            self.c.log(
+                f"round {stamp.round_num}: the {phase} lost {names}; their mask keys are "
+                "rebuilt from the survivors' shares"
+            )
         return [reveals[p] for p in survivors if p in reveals]
-
-    def _sealed_hex(self, stamp: Stamp, survivors: tuple[int, ...], p: int) -> dict[str, str]:
-        sealed = sealed_to(self._sealed, stamp, survivors, p)
-        return {str(sender): blob.hex() for sender, blob in sealed.items()}
 
     def apply(self, round_stamp: Stamp, payload: bytes, scales: bytes | None) -> list[ApplyReply]:
         round_num = round_stamp.round_num

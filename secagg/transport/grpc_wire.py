@@ -28,7 +28,14 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from secagg.crypto.masking import PUBLIC_BYTES, SignedKey
+from secagg.crypto.masking import (
+    ADVERT_BYTES,
+    PUBLIC_BYTES,
+    SIGNATURE_BYTES,
+    Advert,
+    SignedKey,
+)
+from secagg.crypto.shares import SHARE_BYTES
 from secagg.errors import PayloadError
 from secagg.messages import EvalReply, ModelSignature, Seconds, metrics
 
@@ -116,6 +123,45 @@ class MaskKey:
         )
 
 
+def advert_to_wire(advert: Advert) -> dict[str, Any]:
+    """How a train task relays one position's attempt keys."""
+    return {
+        "site": advert.site,
+        "publics": advert.publics.hex(),
+        "signature": advert.signature.hex(),
+    }
+
+
+def advert_from(data: bytes, site: int) -> Advert:
+    """A site's attempt keys as its advertise upload carries them (public keys, signature)."""
+    if len(data) != ADVERT_BYTES + SIGNATURE_BYTES:
+        raise PayloadError(
+            f"attempt keys must be {ADVERT_BYTES + SIGNATURE_BYTES} bytes", "malformed"
+        )
+    return Advert(site, data[:ADVERT_BYTES], data[ADVERT_BYTES:])
+
+
+def relayed_adverts(value: object, roster: int) -> list[Advert | None]:
+    """A train task's attempt keys, one per position of the round (None: none there)."""
+    if not isinstance(value, list) or len(value) != roster:
+        raise PayloadError(f"a masked round relays {roster} attempt keys, by position", "bad-plan")
+    adverts: list[Advert | None] = []
+    for entry in value:
+        if entry is None:
+            adverts.append(None)
+            continue
+        if not isinstance(entry, Mapping):
+            raise PayloadError("relayed attempt keys must be a mapping", "bad-plan")
+        adverts.append(
+            Advert(
+                whole(entry, "site"),
+                _hex(entry, "publics", ADVERT_BYTES, ADVERT_BYTES),
+                _hex(entry, "signature", SIGNATURE_BYTES, SIGNATURE_BYTES),
+            )
+        )
+    return adverts
+
+
 def relayed_keys(value: object, roster: int) -> list[MaskKey | None]:
     """A train task's mask keys, one per position of the round (None: no key there)."""
     if not isinstance(value, list) or len(value) != roster:
@@ -161,18 +207,20 @@ class UploadHeader:
     seconds: Seconds = field(default_factory=Seconds)
     #: a ``confirm`` upload: the site's signature of the survivor set it was shown
     confirmation: bytes = b""
-    #: a ``correct`` upload: the site's self-mask key for the phase (its correction, when
-    #: the phase lost sites, is the payload)
+    #: a ``correct`` upload: the site's self-mask key for the phase
     revealed: bytes = b""
-    #: a ``correct`` upload: its shares of the other survivors' keys, by survivor
+    #: a ``correct`` upload: its shares of the other survivors' self-mask keys, by survivor
     held: Mapping[int, bytes] = field(default_factory=dict)
-    #: a ``train`` upload (masks): its self-mask key shares sealed to each position, and its
-    #: commitment to the keys
+    #: an ``advertise`` upload: the site's attempt keys and their signature, its shares
+    #: sealed to each position, and its commitment to its self-mask keys
     sealed: Mapping[int, bytes] = field(default_factory=dict)
     commitment: bytes = b""
     #: a ``train`` upload without a payload: the site sits this attempt of the round out
     #: (it sent its update in an earlier one), so the server need not wait for it
     sitting_out: bool = False
+    advert: bytes = b""
+    #: a ``correct`` upload: its shares of the mask keys of the positions that sent nothing
+    lost: Mapping[int, bytes] = field(default_factory=dict)
 
     def to_wire(self) -> dict[str, Any]:
         message: dict[str, Any] = {
@@ -185,7 +233,9 @@ class UploadHeader:
             message["confirmation"] = self.confirmation.hex()
         if self.revealed:
             message["revealed"] = self.revealed.hex()
-        for name in ("held", "sealed"):
+        if self.advert:
+            message["advert"] = self.advert.hex()
+        for name in ("held", "sealed", "lost"):
             values = getattr(self, name)
             if values:
                 message[name] = {str(p): blob.hex() for p, blob in values.items()}
@@ -204,10 +254,12 @@ class UploadHeader:
             Seconds.from_wire(message.get("seconds")),
             _hex(message, "confirmation", 1, 256) if "confirmation" in message else b"",
             _hex(message, "revealed", 32, 32) if "revealed" in message else b"",
-            by_position(message.get("held"), "held", 66, 66),
+            by_position(message.get("held"), "held", SHARE_BYTES, SHARE_BYTES),
             by_position(message.get("sealed"), "sealed", 1, 512),
             _hex(message, "commitment", 64, 64) if "commitment" in message else b"",
             message.get("sitting_out") is True,
+            _advert(message),
+            by_position(message.get("lost"), "lost", SHARE_BYTES, SHARE_BYTES),
         )
 
 
@@ -298,6 +350,13 @@ class DownloadRequest:
                 "malformed",
             )
         return cls(whole(message, "round"), str(what))
+
+
+def _advert(message: Mapping[str, Any]) -> bytes:
+    if "advert" not in message:
+        return b""
+    size = ADVERT_BYTES + SIGNATURE_BYTES
+    return _hex(message, "advert", size, size)
 
 
 def by_position(value: object, key: str, least: int, most: int) -> dict[int, bytes]:

@@ -36,12 +36,11 @@ from typing import Any
 
 from secagg.config import RunConfig
 from secagg.crypto import Stamp
-from secagg.crypto.masking import Reveal, SignedKey
+from secagg.crypto.masking import Advert, Advertised, MaskRoster, Reveal, SignedKey
 from secagg.errors import ConfigError, SecAggError
 from secagg.messages import ApplyReply, EvalReply, FitReply, ModelSignature, TrainReply
 from secagg.rounds import RoundFailed, sample_clients
 from secagg.task import Task
-from secagg.transport import sealed_to
 
 
 def _ray() -> Any:
@@ -90,8 +89,19 @@ class ClientActor:
     def mask_key(self, job: bytes) -> SignedKey | None:
         return self.client.mask_key(job)
 
-    def train(self, stamp: Stamp, peers: list[SignedKey], nonce: bytes) -> TrainReply:
-        return self.client.train(stamp, peers, nonce)
+    def advertise(
+        self, stamp: Stamp, peers: list[SignedKey | None], nonce: bytes
+    ) -> Advertised | None:
+        return self.client.advertise(stamp, peers, nonce)
+
+    def train(
+        self,
+        stamp: Stamp,
+        adverts: tuple[Advert | None, ...],
+        sealed: dict[int, bytes] | None,
+        nonce: bytes,
+    ) -> TrainReply:
+        return self.client.train(stamp, adverts, sealed, nonce)
 
     def confirm(self, stamp: Stamp, survivors: tuple[int, ...]) -> bytes:
         return self.client.confirm(stamp, survivors)
@@ -101,9 +111,8 @@ class ClientActor:
         stamp: Stamp,
         survivors: tuple[int, ...],
         confirmations: dict[int, bytes],
-        sealed: dict[int, bytes],
     ) -> Reveal:
-        return self.client.reveal(stamp, survivors, confirmations, sealed)
+        return self.client.reveal(stamp, survivors, confirmations)
 
     def seal(self, stamp: Stamp, total: int, scales: bytes | None) -> FitReply:
         return self.client.seal(stamp, total, scales)
@@ -221,7 +230,8 @@ class RayTransport:
         self._sizes: list[int] = self._get(self.slots[0].tensor_sizes.remote())
         self._round: list[tuple[int, Any]] = []
         #: the round's sealed self-mask key shares: sender -> recipient -> bytes
-        self._sealed: dict[int, dict[int, bytes]] = {}
+        #: the current attempt's keys, as its clients advertised them (None: no masks)
+        self._masks: MaskRoster | None = None
         #: the clients of the population this round's slots stand for
         self._chosen: list[int] = first
 
@@ -269,14 +279,27 @@ class RayTransport:
         self._get(
             [slot.become.remote(index) for slot, index in zip(self.slots, chosen, strict=True)]
         )
-        # Each client's signed mask key (made when it first joins the job), relayed to all
-        # with the train task; none when the clients do not mask.
+        # Each client's signed job key (made when it first joins the job), relayed to all
+        # with the advertise step, then every advert and each one's sealed shares with the
+        # train task; none when the clients do not mask.
         keys = self._get([slot.mask_key.remote(round_stamp.job) for slot in self.slots])
-        peers = self.ray.put([] if None in keys else keys)
         nonce = round_stamp.attempt or os.urandom(16)  # a round tried again masks afresh
+        self._masks = None if None in keys else self._advertised(round_stamp, keys, nonce)
+        masks = self._masks
+        adverts = self.ray.put(() if masks is None else masks.adverts)
         calls = [
-            (position, slot, slot.train.remote(round_stamp.for_sender(position), peers, nonce))
+            (
+                position,
+                slot,
+                slot.train.remote(
+                    round_stamp.for_sender(position),
+                    adverts,
+                    None if masks is None else masks.sealed_to(position),
+                    nonce,
+                ),
+            )
             for position, slot in enumerate(self.slots)
+            if masks is None or masks.adverts[position] is not None
         ]
         replies, alive = [], []
         for position, slot, ref in calls:
@@ -286,11 +309,23 @@ class RayTransport:
                 alive.append((position, slot))
         self._require(len(replies), round_stamp.round_num, "trained")
         self._round = alive
-        self._sealed = {reply.client_id: reply.sealed for reply in replies}
         return replies
 
-    def keyed(self, round_num: int) -> frozenset[int]:
-        return frozenset(range(self.roster))
+    def _advertised(
+        self, round_stamp: Stamp, keys: list[SignedKey | None], nonce: bytes
+    ) -> MaskRoster:
+        """Every client's keys for the attempt; an actor that died leaves its position out."""
+        shared = self.ray.put(keys)
+        refs = [
+            slot.advertise.remote(round_stamp.for_sender(position), shared, nonce)
+            for position, slot in enumerate(self.slots)
+        ]
+        advertised = [self._survive(ref) for ref in refs]
+        policy = self.config.policy()
+        return MaskRoster.of(round_stamp.job, nonce, keys, advertised, policy)
+
+    def masks(self, round_num: int) -> MaskRoster | None:
+        return self._masks
 
     def seal(
         self, round_stamp: Stamp, total_samples: int, scales: bytes | None
@@ -315,10 +350,7 @@ class RayTransport:
         signed = {p: s for p, s in ((p, self._survive(r)) for p, r in refs.items()) if s}
         shared = self.ray.put(signed)
         reveals = [
-            self.slots[p].reveal.remote(
-                stamp.for_sender(p), survivors, shared, sealed_to(self._sealed, stamp, survivors, p)
-            )
-            for p in survivors
+            self.slots[p].reveal.remote(stamp.for_sender(p), survivors, shared) for p in survivors
         ]
         # An actor that died now leaves its reveal out: the server names it.
         return [r for r in (self._survive(ref) for ref in reveals) if r is not None]
