@@ -13,6 +13,7 @@ python tests/patched.py lie-dropout:DIR server job.toml ... # claims site-1 drop
                                                             # the shares, its pairs into DIR
 python tests/patched.py lie-small:2 server job.toml ...     # keys each round to 2 sites only
 python tests/patched.py bad-key client --kit ...            # joins with a badly signed mask key
+python tests/patched.py bad-advert client --kit ...         # advertises badly signed attempt keys
 python tests/patched.py retry-split server job.toml ...     # round 1 by site-1 and site-2, then
                                                             # (failed) by site-3 and site-4
 python tests/patched.py lie-retry server job.toml ...       # fails round 1 once its update was
@@ -253,6 +254,21 @@ def _bad_key(_: str) -> None:
     Site.mask_key = bad  # type: ignore[method-assign]
 
 
+def _bad_advert(_: str) -> None:
+    """This site signs its attempt keys wrongly (a buggy or hostile site)."""
+    from dataclasses import replace
+
+    from secagg.crypto.masking import Masker
+
+    advertise = Masker.advertise
+
+    def bad(self: Masker, *args: Any) -> Any:
+        made = advertise(self, *args)
+        return replace(made, advert=replace(made.advert, signature=bytes(64)))
+
+    Masker.advertise = bad  # type: ignore[method-assign]
+
+
 def _retry_split(_: str) -> None:
     """Round 1's first attempt is keyed to site-1 and site-2 only; once they sealed (and so
     fetched its scales), the round 'fails' and is tried again with site-3 and site-4 (the first
@@ -358,6 +374,7 @@ FAULTS = {
     "crash-unmasked": _crash_unmasked,
     "lie-count": _lie_count,
     "bad-key": _bad_key,
+    "bad-advert": _bad_advert,
     "retry-split": _retry_split,
     "lie-split": _lie_split,
     "replay-attempt": _replay_attempt,

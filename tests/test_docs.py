@@ -60,3 +60,22 @@ def test_a_runnable_block_runs_as_written(where: str, block: str, tmp_path: Path
         timeout=600,
     )
     assert ran.returncode == 0, f"{where}:\n{block}\n{ran.stdout[-2000:]}{ran.stderr[-2000:]}"
+
+
+def test_every_test_the_threat_model_names_exists() -> None:
+    """Each row of the threat model names the tests that would fail were it false: every one
+    of them must be a test of the suite (``file.py::test_name``, or a bare ``test_name`` of
+    the file named before it in the cell)."""
+    text = (ROOT / "docs" / "threat-model.md").read_text()
+    defined: dict[str, set[str]] = {}
+    for path in (ROOT / "tests").glob("test_*.py"):
+        defined[path.name] = set(re.findall(r"^def (test_\w+)", path.read_text(), re.M))
+    missing = []
+    for row in (line for line in text.splitlines() if line.startswith("| ")):
+        cell = row.rstrip(" |").rsplit("|", 1)[-1]
+        current = None
+        for file, name in re.findall(r"`(?:(test_\w+\.py)(?:::)?)?(test_\w+)?`", cell):
+            current = file or current
+            if name and (current is None or name not in defined.get(current, set())):
+                missing.append(f"{current}::{name}")
+    assert not missing, missing

@@ -129,6 +129,7 @@ def test_a_nodes_kept_state_holds_no_key_and_resumes_the_round(session_keys: Pat
     from secagg.builtin import task_for
     from secagg.config import RunConfig
     from secagg.crypto.envelope import Stamp
+    from secagg.crypto.masking import MaskRoster
     from secagg.flower import node
     from secagg.job import build_clients
 
@@ -136,7 +137,13 @@ def test_a_nodes_kept_state_holds_no_key_and_resumes_the_round(session_keys: Pat
     clients = build_clients(config, task_for(config))
     stamp = Stamp(bytes(16), 1, 0, 3)
     peers = [c.mask_key(stamp.job) for c in clients]
-    replies = [c.train(stamp.for_sender(p), peers, b"n" * 16) for p, c in enumerate(clients)]
+    nonce = b"n" * 16
+    made = [c.advertise(stamp.for_sender(p), peers, nonce) for p, c in enumerate(clients)]
+    roster = MaskRoster.of(stamp.job, nonce, peers, made, config.policy())
+    replies = [
+        c.train(stamp.for_sender(p), roster.adverts, roster.sealed_to(p), nonce)
+        for p, c in enumerate(clients)
+    ]
     loaded = keys.load_for_client(session_keys)
     buffer = io.BytesIO()
     local = node._Local(loaded, clients[0].cipher.inner.masker._signer.__self__)
@@ -145,7 +152,7 @@ def test_a_nodes_kept_state_holds_no_key_and_resumes_the_round(session_keys: Pat
     assert loaded.context[1000:1064] not in blob  # no slice of the secret context
     restored = node._Unpickler(blob, local).load()
     assert restored.cipher.inner._keys is loaded
-    assert replies[0].scales and replies[0].sealed  # it trained, masked and shared
+    assert replies[0].scales and made[0] is not None and made[0].sealed  # shared and trained
     # The restored client signs the scale exchange's survivors from its own kept state.
     signature = restored.confirm(stamp.scales().for_sender(0), (0, 1, 2))
     assert len(signature) == 64

@@ -172,6 +172,9 @@ class Attacker:
             if kind == "apply":  # reports, so the phase need not wait for it
                 self.claim(task["id"], round_num)
                 continue
+            if kind == "advertise":  # honest keys, so that it is asked to train
+                self.site.do_advertise(task)
+                continue
             if kind != "train":
                 continue
             header = UploadHeader(task["id"]).to_wire()  # HE: the count travels encrypted

@@ -604,3 +604,25 @@ def test_a_phase_unmasked_without_a_site_that_masked_it_is_refused(
         clients[0].masker.check_late(scales, (0, 1, 2))  # type: ignore[union-attr]
     assert caught.value.reason == "late-update"
     clients[1].masker.check_late(scales, (0, 1, 2))  # type: ignore[union-attr]  # sent none
+
+
+def test_the_server_checks_attempt_keys_at_the_door(session_keys, identities) -> None:
+    """What a server checks before relaying a site's attempt keys: signed by that site's key
+    for this attempt, and points an agreement can use (a low-order point would make every
+    pair secret with it known); a site that fails is left out, not relayed."""
+    stamp = round_of(12, roster=CLIENTS)
+    clients = _clients(session_keys, identities)
+    peers = [c.masker.publish(stamp.job, 80 + i) for i, c in enumerate(clients)]  # type: ignore[union-attr]
+    advert = clients[0].masker.advertise(stamp.for_sender(0), peers, b"n").advert  # type: ignore[union-attr]
+    own = identities.verifier(80)
+    masking.check_advert(stamp.job, 12, b"n", advert, own)
+    for bad, public in (
+        (advert, identities.verifier(81)),  # another site's key
+        (replace(advert, signature=bytes(64)), own),
+        (advert, own),  # checked under another attempt
+        (replace(advert, publics=bytes(96)), None),  # the identity point
+    ):
+        nonce = b"other" if bad is advert and public is own else b"n"
+        with pytest.raises(PayloadError) as caught:
+            masking.check_advert(stamp.job, 12, nonce, bad, public)
+        assert caught.value.reason == "bad-key"

@@ -24,7 +24,7 @@ import numpy as np
 from secagg.crypto import envelope
 from secagg.crypto.envelope import SERVER, Stamp, contributors
 from secagg.crypto.ledger import Aggregate, Update
-from secagg.crypto.masking import Advert, Advertised, Masker, MaskRoster, Reveal, SignedKey
+from secagg.crypto.masking import Advertised, Masker, MaskRoster, Relayed, Reveal, Sealed, SignedKey
 from secagg.crypto.policy import RoundPolicy
 
 if TYPE_CHECKING:  # the server imports this package: no torch here
@@ -93,13 +93,7 @@ class ClientCipher(Protocol):
         for a position without one); None when it does not mask (``masking``)."""
         ...
 
-    def agree(
-        self,
-        stamp: Stamp,
-        adverts: Sequence[Advert | None],
-        sealed: Mapping[int, bytes],
-        nonce: bytes,
-    ) -> None:
+    def agree(self, stamp: Stamp, adverts: Relayed, sealed: Sealed, nonce: bytes) -> None:
         """Check the attempt's relayed keys (``adverts[p]``: position ``p``'s, None for a
         position that advertised none), open the shares sealed to this client, and mask every
         payload of ``stamp``'s round, attempt ``nonce``, with them."""

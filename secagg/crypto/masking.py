@@ -114,6 +114,12 @@ class Advert:
         return len(self.publics) + len(self.signature)
 
 
+#: What a train task relays: each position's attempt keys (None: it advertised none).
+Relayed = Sequence[Advert | None]
+#: The shares sealed to one client, by sender.
+Sealed = Mapping[int, bytes]
+
+
 @dataclass(frozen=True)
 class Advertised:
     """What a client sends for an attempt before anything is masked: its signed attempt keys,
@@ -441,13 +447,7 @@ class Masker:
             self._secrets[known] = _agreed(private, peer.public, own.public, peer.site, self._name)
         return self._secrets[known]
 
-    def agree(
-        self,
-        stamp: Stamp,
-        adverts: Sequence[Advert | None],
-        sealed: Mapping[int, bytes],
-        nonce: bytes,
-    ) -> None:
+    def agree(self, stamp: Stamp, adverts: Relayed, sealed: Sealed, nonce: bytes) -> None:
         """Check the attempt keys the train task relayed (``adverts[p]``: position ``p``'s,
         None for a position that advertised nothing), agree a pair secret per phase with
         every advertised neighbour, and open the shares sealed to this client (``sealed``:

@@ -20,7 +20,7 @@ import numpy as np
 from secagg.crypto import envelope, ledger
 from secagg.crypto.envelope import AGGREGATE, UPDATE, UPDATE_PHASE, Stamp
 from secagg.crypto.ledger import Aggregate, Update
-from secagg.crypto.masking import Advert, Advertised, MaskRoster, Reveal, SignedKey
+from secagg.crypto.masking import Advertised, MaskRoster, Relayed, Reveal, Sealed, SignedKey
 from secagg.crypto.report import Reading
 from secagg.errors import ConfigError, PayloadError
 
@@ -98,13 +98,7 @@ class PlainCipher:
         """Nothing to advertise: no masks."""
         return None
 
-    def agree(
-        self,
-        stamp: Stamp,
-        adverts: Sequence[Advert | None],
-        sealed: Mapping[int, bytes],
-        nonce: bytes,
-    ) -> None:
+    def agree(self, stamp: Stamp, adverts: Relayed, sealed: Sealed, nonce: bytes) -> None:
         """Nothing to agree: no masks."""
 
     def confirm(self, stamp: Stamp, survivors: tuple[int, ...]) -> bytes:

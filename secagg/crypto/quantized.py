@@ -24,7 +24,7 @@ from secagg.crypto import report
 from secagg.crypto.ckks import CkksClient
 from secagg.crypto.envelope import Stamp
 from secagg.crypto.ledger import Aggregate, Update
-from secagg.crypto.masking import Advert, Advertised, Reveal, SignedKey
+from secagg.crypto.masking import Advertised, Relayed, Reveal, Sealed, SignedKey
 from secagg.errors import PayloadError
 from secagg.flatten import Layout
 from secagg.privacy import Privacy
@@ -119,13 +119,7 @@ class QuantizedCipher:
         masker = self.inner.masker
         return None if masker is None else masker.advertise(stamp, peers, nonce)
 
-    def agree(
-        self,
-        stamp: Stamp,
-        adverts: Sequence[Advert | None],
-        sealed: Mapping[int, bytes],
-        nonce: bytes,
-    ) -> None:
+    def agree(self, stamp: Stamp, adverts: Relayed, sealed: Sealed, nonce: bytes) -> None:
         if self.inner.masker is not None:
             self.inner.masker.agree(stamp, adverts, sealed, nonce)
 

@@ -75,17 +75,31 @@ def positions(record: Mapping[str, Any], name: str) -> dict[int, bytes]:
 
 
 def keys_fields(keys: Sequence[SignedKey | None]) -> dict[str, list[Any]]:
-    """The round's signed mask keys by position (site -1: a position with none)."""
-    return {
-        "key_sites": [-1 if k is None else k.site for k in keys],
-        "key_publics": [b"" if k is None else k.public for k in keys],
-        "key_signatures": [b"" if k is None else k.signature for k in keys],
-    }
+    """The round's signed job keys by position (site -1: a position with none)."""
+    return _signed_fields(
+        "key", [None if k is None else (k.site, k.public, k.signature) for k in keys]
+    )
 
 
 def keys_from(record: Mapping[str, Any]) -> list[SignedKey | None]:
-    sites, publics = record.get("key_sites", []), record.get("key_publics", [])
-    signatures = record.get("key_signatures", [])
+    return [None if e is None else SignedKey(*e) for e in _signed_from(record, "key")]
+
+
+def _signed_fields(
+    prefix: str, entries: Sequence[tuple[int, bytes, bytes] | None]
+) -> dict[str, list[Any]]:
+    """Signed keys by position, as three lists (site -1: a position with none)."""
+    return {
+        f"{prefix}_sites": [-1 if e is None else e[0] for e in entries],
+        f"{prefix}_publics": [b"" if e is None else e[1] for e in entries],
+        f"{prefix}_signatures": [b"" if e is None else e[2] for e in entries],
+    }
+
+
+def _signed_from(record: Mapping[str, Any], prefix: str) -> list[tuple[int, bytes, bytes] | None]:
+    """Inverse of ``_signed_fields``, or a named refusal."""
+    sites, publics = record.get(f"{prefix}_sites", []), record.get(f"{prefix}_publics", [])
+    signatures = record.get(f"{prefix}_signatures", [])
     if not (
         isinstance(sites, list)
         and isinstance(publics, list)
@@ -94,9 +108,9 @@ def keys_from(record: Mapping[str, Any]) -> list[SignedKey | None]:
         and all(isinstance(s, int) and not isinstance(s, bool) for s in sites)
         and all(isinstance(b, bytes) for b in publics + signatures)
     ):
-        raise PayloadError("secagg's relayed mask keys are malformed", "malformed")
+        raise PayloadError(f"secagg's relayed {prefix}s are malformed", "malformed")
     return [
-        None if site < 0 else SignedKey(site, public, signature)
+        None if site < 0 else (site, public, signature)
         for site, public, signature in zip(sites, publics, signatures, strict=True)
     ]
 
@@ -151,29 +165,12 @@ def advertised_from(position: int, record: Mapping[str, Any]) -> Advertised:
 
 def adverts_fields(adverts: Sequence[Advert | None]) -> dict[str, list[Any]]:
     """An attempt's keys by position (site -1: a position that advertised none)."""
-    return {
-        "advert_sites": [-1 if a is None else a.site for a in adverts],
-        "advert_publics": [b"" if a is None else a.publics for a in adverts],
-        "advert_signatures": [b"" if a is None else a.signature for a in adverts],
-    }
+    entries = [None if a is None else (a.site, a.publics, a.signature) for a in adverts]
+    return _signed_fields("advert", entries)
 
 
 def adverts_from(record: Mapping[str, Any]) -> list[Advert | None]:
-    sites, publics = record.get("advert_sites", []), record.get("advert_publics", [])
-    signatures = record.get("advert_signatures", [])
-    if not (
-        isinstance(sites, list)
-        and isinstance(publics, list)
-        and isinstance(signatures, list)
-        and len(sites) == len(publics) == len(signatures)
-        and all(isinstance(s, int) and not isinstance(s, bool) for s in sites)
-        and all(isinstance(b, bytes) for b in publics + signatures)
-    ):
-        raise PayloadError("secagg's relayed attempt keys are malformed", "malformed")
-    return [
-        None if site < 0 else Advert(site, public, signature)
-        for site, public, signature in zip(sites, publics, signatures, strict=True)
-    ]
+    return [None if e is None else Advert(*e) for e in _signed_from(record, "advert")]
 
 
 def train_fields(reply: TrainReply) -> dict[str, Any]:

@@ -514,13 +514,17 @@ class Coordinator:
             )
 
     def sit_out(self, site: Site, task_id: int) -> None:
-        """``site`` sits out the current train task (it sent its update in an earlier attempt
-        of the round), or declines its seal task (the round's summed scales break a bound:
-        a site misreported its count or histogram): the task stops waiting for it."""
+        """``site`` sits out the current advertise or train task (it sent its update in an
+        earlier attempt of the round), or declines its seal task (the round's summed scales
+        break a bound: a site misreported its count or histogram): the task stops waiting
+        for it."""
         with self.lock:
             task = self.task
-            if task is None or task.id != task_id or task.kind not in ("train", "seal"):
-                raise PayloadError("sitting out answers no current train or seal task", "stale")
+            kinds = ("advertise", "train", "seal")
+            if task is None or task.id != task_id or task.kind not in kinds:
+                raise PayloadError(
+                    "sitting out answers no current advertise, train or seal task", "stale"
+                )
             task.dropped.add(site.index)
             self.lock.notify_all()
         if task.kind == "seal":
