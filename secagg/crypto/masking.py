@@ -498,6 +498,7 @@ class Masker:
         elif len(sites) < 2:
             raise PayloadError("a masked round needs at least two keyed sites", "policy")
         pairs: dict[int, dict[int, bytes]] = {phase: {} for phase in PHASES}
+        own = {p: X25519PrivateKey.from_private_bytes(attempt.private[p]) for p in PHASES}
         for position, advert in enumerate(adverts):
             if advert is None or position == stamp.sender or position not in attempt.around:
                 continue
@@ -511,7 +512,7 @@ class Masker:
             own_publics = attempt.advertised.advert
             for phase in PHASES:
                 pairs[phase][position] = _agreed(
-                    attempt.private[phase],
+                    own[phase],
                     advert.public(phase),
                     own_publics.public(phase),
                     advert.site,
@@ -899,7 +900,9 @@ def unmasking(
     for lost in sorted(roster.keyed - survivors):
         advert = roster.adverts[lost]
         assert advert is not None
-        private = _rebuilt_mask_key(lost, reveals, advert.public(stamp.phase))
+        private = X25519PrivateKey.from_private_bytes(
+            _rebuilt_mask_key(lost, reveals, advert.public(stamp.phase))
+        )
         for peer in sorted(roster.pairs.get(lost, frozenset()) & survivors):
             other = roster.adverts[peer]
             assert other is not None
@@ -1005,17 +1008,17 @@ def _signature(signer: ec.EllipticCurvePrivateKey, message: bytes) -> bytes:
 
 
 def _agreed(
-    private: bytes,
+    private: bytes | X25519PrivateKey,
     public: bytes,
     own_public: bytes,
     site: int,
     name: Callable[[int], str] = lambda site: f"site {site}",
 ) -> bytes:
     """The secret of an X25519 pair: the agreement and both public keys (in order)."""
+    if isinstance(private, bytes):
+        private = X25519PrivateKey.from_private_bytes(private)
     try:
-        shared = X25519PrivateKey.from_private_bytes(private).exchange(
-            X25519PublicKey.from_public_bytes(public)
-        )
+        shared = private.exchange(X25519PublicKey.from_public_bytes(public))
     except ValueError as err:  # a wrong length, or a point whose agreement is all zeros
         raise PayloadError(
             f"{name(site)}'s mask key is not a usable X25519 key: it is left out", "bad-key"
