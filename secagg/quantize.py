@@ -123,7 +123,7 @@ def quantize(
 
     In numpy: clip to ``[-limit, limit]``, divide by ``np.repeat(block_steps, sizes)``,
     ``np.rint``; done in one compiled pass, bit for bit the same (a test checks)."""
-    from secagg.crypto.compiled import quantize_blocks  # numba: clients only
+    from secagg.crypto.codec import quantize_blocks  # numba: clients only
 
     return values, quantize_blocks(values, block_steps, sizes, limit)
 
@@ -131,7 +131,7 @@ def quantize(
 def dequantize(values: np.ndarray, block_steps: np.ndarray, sizes: np.ndarray) -> np.ndarray:
     """Summed integers back to values: the inverse scaling of ``quantize``, in place (as
     ``values *= np.repeat(block_steps, sizes)``, in one compiled pass)."""
-    from secagg.crypto.compiled import scale_blocks  # numba: clients only
+    from secagg.crypto.codec import scale_blocks  # numba: clients only
 
     scale_blocks(values, block_steps, sizes)
     return values

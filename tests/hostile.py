@@ -11,8 +11,9 @@ import hashlib
 import struct
 
 import numpy as np
+import oracles
 
-from secagg.crypto import SERVER, Stamp, envelope, rlwe
+from secagg.crypto import SERVER, Stamp, envelope
 from secagg.crypto.ckks_server import CkksServer
 from secagg.crypto.packing import PACKED
 from secagg.crypto.plain import PlainCipher
@@ -116,7 +117,7 @@ def trivial_ciphertext(shape: CiphertextShape, slots: np.ndarray) -> np.ndarray:
     under *any* key. Anyone can make one from the public parameters alone (N, q and the
     codec's scale, which the envelope names)."""
     n, q = shape.poly_modulus_degree, shape.modulus
-    words = rlwe.encode(np.rint(slots).astype(np.int64), 1, n, PACKED.scale_bits, q)[0]
+    words = oracles.encode(np.rint(slots).astype(np.int64), 1, n, PACKED.scale_bits, q)[0]
     return np.stack([words, np.zeros_like(words)])
 
 

@@ -13,12 +13,13 @@ import random
 import struct
 
 import numpy as np
+import oracles
 import pytest
 from conftest import JOB, encrypt_all, round_of, update_for
 from hostile import add_trivial, forge_aggregate, restamp_job, trivial_ciphertext, with_digest
 
 from secagg import quantize
-from secagg.crypto import Stamp, Update, envelope, integrity, ledger, rlwe, seeded
+from secagg.crypto import Stamp, Update, envelope, integrity, ledger, seeded
 from secagg.crypto.ckks import first_index
 from secagg.crypto.ckks_server import TAIL
 from secagg.crypto.envelope import AGGREGATE, SCALES, SERVER
@@ -57,8 +58,8 @@ def _decrypt_unchecked(client, aggregate: bytes, stamp: Stamp):  # type: ignore[
     c0 = from_wire(opened.body, client._shape.modulus).reshape(opened.blob_count, -1)
     n = opened.values + stamp.roster
     phase = client._secret.decrypt(c0, opened.seeds, first_index(stamp))
-    slots = rlwe.decode(phase, PACKED.scale_bits, stamp.roster, PACKED.slots_for(n, TAIL))
-    return PACKED.unpack(slots.astype(np.float64), n, TAIL)
+    slots = oracles.decode(phase, PACKED.scale_bits, stamp.roster, PACKED.slots_for(n, TAIL))
+    return oracles.unpack(PACKED, slots.astype(np.float64), n, TAIL)
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +159,7 @@ def test_an_aggregate_made_up_with_an_intact_ledger_is_refused(ckks_pair, honest
     entries = [ledger.entries(u, stamp.for_sender(i)) for i, u in enumerate(updates)]
     tally = np.sum([e[0] for e in entries], axis=0)
     tail = np.sum([e[1] for e in entries], axis=0)
-    made_up = PACKED.pack(np.concatenate([np.zeros(SIZE), tally]), np.append(tail, [0, 0]))
+    made_up = oracles.pack(PACKED, np.concatenate([np.zeros(SIZE), tally]), np.append(tail, [0, 0]))
     honest_sum = forge_aggregate(server, payloads, stamp, (0, 1, 2))
     wiped = _replace_with_trivial(server, honest_sum, made_up)
     with pytest.raises(PayloadError) as caught:
@@ -311,7 +312,7 @@ def _honest_round(rng: random.Random, nrng: np.random.Generator):  # type: ignor
         update.clipped = rng.randint(0, 3)
         tally, tail = ledger.entries(update, stamp.for_sender(sender))
         digits = np.concatenate([update.values, tally])
-        slots = packing.pack(digits, np.concatenate([tail, np.zeros(integrity.SLOTS)]))
+        slots = oracles.pack(packing, digits, np.concatenate([tail, np.zeros(integrity.SLOTS)]))
         slots[-integrity.SLOTS :] = MAC.seal(stamp, digits, tail)
         total += slots.astype(np.int64)
         exact += update.values
@@ -323,7 +324,7 @@ def test_a_thousand_honest_rounds_pass_the_exact_check() -> None:
     rng, nrng = random.Random(11), np.random.default_rng(11)
     for _ in range(1000):
         packing, stamp, values, senders, slots, exact = _honest_round(rng, nrng)
-        digits, tail = packing.unpack(slots, values + stamp.roster, TAIL)
+        digits, tail = oracles.unpack(packing, slots, values + stamp.roster, TAIL)
         total = ledger.settle(digits[:values], digits[values:], tail, stamp, senders, mac=MAC)
         assert np.array_equal(total.values, exact)
 
@@ -340,12 +341,12 @@ def test_any_change_to_an_honest_sum_fails_the_check() -> None:
         step = rng.choice([1, -1, 2**b, -(2 ** (2 * b))]) * (integrity.P if trial % 3 == 0 else 1)
         changed[slot] += step
         with pytest.raises(PayloadError) as caught:
-            digits, tail = packing.unpack(changed, values + stamp.roster, TAIL)
+            digits, tail = oracles.unpack(packing, changed, values + stamp.roster, TAIL)
             ledger.settle(digits[:values], digits[values:], tail, stamp, senders, mac=MAC)
         assert caught.value.reason not in {"", "invalid"}
     # The same honest entries, checked as another job's, round's or phase's: other r.
     packing, stamp, values, senders, slots, _ = _honest_round(rng, nrng)
-    digits, tail = packing.unpack(slots, values + stamp.roster, TAIL)
+    digits, tail = oracles.unpack(packing, slots, values + stamp.roster, TAIL)
     for other in (
         Stamp(OTHER_JOB, stamp.round_num, SERVER, stamp.roster, stamp.phase),
         Stamp(stamp.job, stamp.round_num ^ 1, SERVER, stamp.roster, stamp.phase),
@@ -414,12 +415,12 @@ def test_the_integrity_key_comes_from_the_secret_context(session_keys) -> None:
 def test_r_is_the_key_stream_mod_p_in_exact_halves() -> None:
     """r's words, reduced mod P = 2**61 - 1 and split in 31-bit halves in one compiled pass,
     are Python's ``word % P``, at the reduction's edges too."""
-    from secagg.crypto import compiled
+    from secagg.crypto import ring
 
     words = np.random.default_rng(3).integers(0, 2**64 - 1, 20_000, np.uint64, endpoint=True)
     words[:5] = [2**64 - 1, integrity.P, integrity.P - 1, 2 * integrity.P, 2 * integrity.P + 1]
     low, high = np.empty(words.size, np.int32), np.empty(words.size, np.int32)
-    compiled.split_halves(words, 61, 31, low, high)
+    ring.split_halves(words, 61, 31, low, high)
     assert low.dtype == high.dtype == np.int32
     assert [int(lo) + (int(hi) << 31) for lo, hi in zip(low, high, strict=True)] == [
         int(w) % integrity.P for w in words

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import oracles
 import pytest
 import tenseal as ts
 import tenseal.sealapi as sealapi
@@ -60,10 +61,10 @@ def test_seal_decrypts_what_the_clients_build(sealed) -> None:
     values = np.random.default_rng(1).integers(-(2**40), 2**40, n)
     seed = seeded.fresh_seed()
     c0 = secret.encrypt_zero(seed, 6)
-    message = rlwe.encode(values, 1, n, PACKED.scale_bits, q)
+    message = oracles.encode(values, 1, n, PACKED.scale_bits, q)
     add_mod(c0[5], message[0], q)
     phase = secret.decrypt(c0[5:], (seed,), start=5)
-    assert np.array_equal(rlwe.decode(phase, PACKED.scale_bits, 1, n), values)
+    assert np.array_equal(oracles.decode(phase, PACKED.scale_bits, 1, n), values)
     a = seeded.expand(seed, 5, n, q)
     in_ntt = transform(n, q).forward(c0[5:].copy())[0]
     ours = transform(n, q).forward((phase % q).astype(np.uint64))[0]
@@ -95,7 +96,7 @@ def test_seal_decrypts_a_payload_read_off_the_wire(sealed, ckks_pair) -> None:
         ours = transform(n, q).forward((mine % q).astype(np.uint64))[0]
         assert np.array_equal(_seal_plaintext(context, np.stack([in_ntt, a]), shape), ours)
     first = secret.decrypt(c0[:1], (seed,), start=0)
-    digits = rlwe.decode(first, PACKED.scale_bits, 1, n)
+    digits = oracles.decode(first, PACKED.scale_bits, 1, n)
     assert np.any(digits)  # the update's packed digits, not an encryption of zero
 
 

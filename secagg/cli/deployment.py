@@ -10,8 +10,8 @@ from typing import Any
 
 import click
 
-from secagg.cli import main
 from secagg.cli.console import _progress, _summary
+from secagg.cli.group import main
 from secagg.cli.options import (
     _HE_PRECISION,
     _MASKING_HELP,

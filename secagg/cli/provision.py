@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from secagg.cli import main
+from secagg.cli.group import main
 from secagg.cli.options import (
     _epilog,
     _friendly,

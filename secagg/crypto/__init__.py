@@ -11,6 +11,13 @@ carries a ledger (``ledger``) the clients check after decrypting.
 ``plain`` is the reference implementation and the test oracle; ``ckks`` (client side) is the
 only module that imports TenSEAL, ``quantized`` puts the scale exchange around it, and
 ``ckks_server`` adds ciphertexts without TenSEAL.
+
+The package is in layers, each module importing only from its layer or below (checked by
+``tests/test_layers.py``): ring arithmetic (``ring``, ``ntt``, ``seeded``); the RLWE scheme
+and SEAL's format (``seal_format``, ``params``, ``caches``, ``rlwe``); the codec (``packing``,
+``codec``); the protocol (``envelope``, ``integrity``, ``ledger``, ``report``, ``shares``,
+``neighbours``, ``policy``, ``masking``, ``certified``); and the ciphers (this package,
+``plain``, ``ckks``, ``ckks_server``, ``quantized``).
 """
 
 from __future__ import annotations

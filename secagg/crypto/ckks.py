@@ -27,12 +27,11 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import NoReturn
 
 import numpy as np
 import tenseal as ts
 
-from secagg.crypto import caches, compiled, envelope, integrity, ledger, rlwe, seal_format, seeded
+from secagg.crypto import caches, codec, envelope, integrity, ledger, rlwe, seal_format, seeded
 from secagg.crypto.ckks_server import TAIL, RoundFormat
 from secagg.crypto.envelope import (
     AGGREGATE,
@@ -186,24 +185,22 @@ class CkksClient:
         q, n = self._shape.modulus, self._shape.poly_modulus_degree
         seed, c0 = self._zeros.take(stamp, count)
         words = c0.reshape(-1)
-        # Packed, scaled and added to the encryption of zero in one pass (``packing.pack``
-        # and ``rlwe.encode`` say the same in numpy), which refuses what the packing cannot
+        # Packed, scaled and added to the encryption of zero in one pass (``codec``), which
+        # refuses what the packing cannot
         # carry before the tag reads any of it; the tag's slots come last.
         whole = np.concatenate([tail, np.zeros(integrity.SLOTS)])
-        if compiled.pack_add(words, digits, whole, packing, q) != compiled.OK:
-            packing.pack(digits, whole)  # raises, naming what it cannot carry
-            raise PayloadError("the update cannot be packed", "malformed")  # pragma: no cover
+        codec.pack_add(words, digits, whole, packing, q)
         tag_slots = packing.slots_for(digits.size, whole.size) - integrity.SLOTS
         tag = self._mac.seal(stamp, digits, tail)
-        compiled.pack_add(words[tag_slots:], np.empty(0), tag, packing, q)
+        codec.pack_add(words[tag_slots:], np.empty(0), tag, packing, q)
         if self.masker is not None and self.masker.active(stamp):
             ahead = self._masks.pop((stamp.job, stamp.round_num, stamp.phase), None)
             prepared = None if ahead is None else (ahead[0], ahead[1].result())
             seal_format.add_mod(c0, self.masker.mask(stamp, count, n, q, prepared), q)
         encrypted = time.perf_counter()
-        codec = self.codec_for_round(stamp)
+        envelope_codec = self.codec_for_round(stamp)
         payload = envelope.to_bytes(
-            codec,
+            envelope_codec,
             UPDATE,
             stamp,
             update.values.size,
@@ -243,15 +240,19 @@ class CkksClient:
         )
         n, roster = opened.values, stamp.roster
         packing = self._format.packing(stamp)
-        # Decrypted, scaled down and unpacked in one pass; what it refuses, the numpy
-        # reference names (``_refuse``).
+        # Decrypted, scaled down and unpacked in one pass (``codec``).
         product = self._secret.c1_s(opened.seeds, first_index(stamp), len(c0))
         q, senders = self._shape.modulus, len(opened.contributors)
-        verdict, digits, tail = compiled.open_sum(
-            c0, product, q, senders, packing, n + roster, TAIL
-        )
-        if verdict != compiled.OK:
-            self._refuse(c0, opened, stamp)
+        try:
+            digits, tail = codec.open_sum(c0, product, q, senders, packing, n + roster, TAIL)
+        except PayloadError as err:
+            if err.reason == "out-of-range":
+                # A duplicated update overflows digits too: let the tally name it if it can.
+                loose, _ = codec.open_sum(
+                    c0, product, q, senders, packing, n + roster, TAIL, check_range=False
+                )
+                ledger.check_tally(loose[n:], stamp, opened.contributors)
+            raise
         update_blobs = self._update_blobs.get((stamp.job, stamp.round_num))
         if stamp.phase == SCALES and update_blobs:
             # The update's sum will list the same seeds, unless a client drops out between the
@@ -259,28 +260,6 @@ class CkksClient:
             self._secret.prefetch(opened.seeds, 0, update_blobs, _BACKGROUND.submit)
         return ledger.settle(
             digits[:n], digits[n:], tail, stamp, opened.contributors, mac=self._mac
-        )
-
-    def _refuse(self, c0: np.ndarray, opened: envelope.Envelope, stamp: Stamp) -> NoReturn:
-        """Raise the PayloadError that names why a sum does not decrypt and unpack, by the
-        numpy reference (``rlwe``, ``packing``), which the compiled pass follows."""
-        n, roster = opened.values, stamp.roster
-        packing = self._format.packing(stamp)
-        phase = self._secret.decrypt(c0, opened.seeds, first_index(stamp))
-        integers = rlwe.decode(
-            phase, packing.scale_bits, len(opened.contributors), packing.slots_for(n + roster, TAIL)
-        )
-        slots = integers.astype(np.float64)
-        try:
-            packing.unpack(slots, n + roster, TAIL)
-        except PayloadError as err:
-            if err.reason == "out-of-range":
-                # A duplicated update overflows digits too: let the tally name it if it can.
-                loose, _ = packing.unpack(slots, n + roster, TAIL, check_range=False)
-                ledger.check_tally(loose[n:], stamp, opened.contributors)
-            raise
-        raise PayloadError(  # pragma: no cover - the reference refuses what the pass refuses
-            "aggregate does not decrypt to integers", "not-integer"
         )
 
 

@@ -99,7 +99,7 @@ class MacKey:
 
     def _tag(self, stamp: Stamp, digits: np.ndarray, whole: np.ndarray) -> int:
         """``<r, digits ++ whole> mod P`` in exact integer arithmetic."""
-        from secagg.crypto.compiled import dot_halves  # numba: clients only
+        from secagg.crypto.ring import dot_halves  # numba: clients only
 
         small = np.ascontiguousarray(digits, dtype=np.float64)
         big = [int(v) for v in np.asarray(whole, dtype=np.float64)]
@@ -130,7 +130,7 @@ class MacKey:
             kept = self.caches.vectors.get(label)
         if kept is not None and kept[0].size >= size:
             return kept[0][:size], kept[1][:size]
-        from secagg.crypto.compiled import split_halves  # numba: clients only
+        from secagg.crypto.ring import split_halves  # numba: clients only
 
         # The AES-256-CTR key stream under HMAC(key, label), as 64-bit words mod P (2**64 mod P
         # is 8, so the bias is below 2**-60), split as it is drawn.

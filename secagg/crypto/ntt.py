@@ -20,7 +20,7 @@ from functools import cache
 import numba
 import numpy as np
 
-from secagg.crypto.compiled import kernel
+from secagg.crypto.ring import kernel
 
 #: q below 2**60: the lazy butterflies hold values up to 4q in 64 bits, and seed expansion sums
 #: 16 polynomials before one reduction (``seeded.LAZY_TERMS``). SEAL's primes have 60 bits at

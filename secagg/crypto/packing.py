@@ -26,7 +26,8 @@ Every party derives a round's packing from the job's precision and the round's s
 (``packing_for``); the packing is part of the envelope's codec settings, so a client and a
 server that disagree refuse each other's payloads by name.
 
-This module is pure numpy; ``rlwe`` does the encryption.
+This module holds the packing's parameters, which the server reads too; ``codec`` packs and
+unpacks (clients only), and ``rlwe`` encrypts.
 """
 
 from __future__ import annotations
@@ -34,14 +35,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
-
-from secagg.errors import ConfigError, PayloadError
-
-#: The largest encryption noise of one client's coefficient: SEAL's centered binomial
-#: distribution is a difference of two 21-bit popcounts (``rlwe.noise``). A sum of ``c``
-#: ciphertexts is off by at most ``21 c``, with certainty (not with high probability).
-NOISE_BOUND = 21
+from secagg.crypto.seal_format import NOISE_BOUND
+from secagg.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -100,101 +95,6 @@ class PackedParams:
 
     def slots_for(self, values: int, tail: int) -> int:
         return math.ceil(values / self.values_per_slot) + tail
-
-    def pack(self, values: np.ndarray, tail: np.ndarray) -> np.ndarray:
-        """Integer values (and whole-slot tail integers) to float64 slot values, exactly.
-
-        Slot values stay below 2**46, so float64 arithmetic on them is exact integer arithmetic.
-        """
-        k = self.values_per_slot
-        values = _integers(np.asarray(values, dtype=np.float64), "value")
-        if values.size and np.abs(values).max() >= self.digit_limit:
-            raise PayloadError(
-                f"quantized value {np.abs(values).max():.0f} is outside the packable range "
-                f"of +-{self.digit_limit - 1}"
-            )
-        tail = _integers(np.asarray(tail, dtype=np.float64), "tail value")
-        if tail.size and np.abs(tail).max() >= self.tail_limit:
-            raise PayloadError(f"tail value {np.abs(tail).max():.0f} is too large to pack")
-        body = math.ceil(values.size / k)
-        out = np.empty(body + tail.size)
-        flat = np.zeros(body * k)
-        flat[: values.size] = values
-        digits = flat.reshape(body, k)
-        np.copyto(out[:body], digits[:, k - 1])
-        for j in range(k - 2, -1, -1):
-            out[:body] *= 2.0**self.digit_bits
-            out[:body] += digits[:, j]
-        out[body:] = tail
-        return out
-
-    def unpack(
-        self,
-        slots: np.ndarray,
-        values: int,
-        tail: int,
-        *,
-        check_range: bool = True,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Decrypted slot integers (float64) back to the summed integers (values, tail).
-
-        Refuses a slot that is not an integer or beyond any sum's magnitude (``not-integer``):
-        that is what a wrong key, a corrupted or forged ciphertext or an overflowing sum
-        decrypts to. Refuses a slot whose digits leave the summed range
-        ``[-digit_limit, digit_limit)`` or whose padding is not zero: no honest sum makes one,
-        and each slot then decodes to one set of digits (so the integrity tag sees every entry
-        as it was summed).
-        ``check_range=False`` decodes such a slot anyway, only to diagnose it.
-        """
-        slots = np.asarray(slots, dtype=np.float64)
-        if slots.shape != (self.slots_for(values, tail),):
-            raise PayloadError(
-                f"aggregate has {slots.size} slots, expected {self.slots_for(values, tail)}",
-                "malformed",
-            )
-        rounded = np.rint(slots)
-        if slots.size and (
-            not np.array_equal(rounded, slots) or np.abs(rounded).max() >= 2 * self.tail_limit
-        ):
-            raise PayloadError(
-                "aggregate does not decrypt to integers (noise or overflow); it was made with "
-                "other keys, corrupted or forged, or summed more clients than the codec allows",
-                "not-integer",
-            )
-        body = rounded[: rounded.size - tail]
-        k, base = self.values_per_slot, 2.0**self.digit_bits
-        digits = np.empty((body.size, k))
-        rest = body
-        for j in range(k - 1):
-            # Balanced digit: rest - base * round(rest / base), exact in float64.
-            upper = np.rint(rest / base)
-            np.subtract(rest, upper * base, out=digits[:, j])
-            rest = upper
-        digits[:, k - 1] = rest
-        flat = digits.reshape(-1)
-        limit = self.digit_limit
-        # The lower digits are within [-limit, limit] by construction; +limit (a tie rounded
-        # to even) and a top digit beyond the range are what only an overflowing or forged sum
-        # decodes to.
-        if (
-            check_range
-            and flat.size
-            and not (flat.max() < limit and flat.min() >= -limit and not np.any(flat[values:]))
-        ):
-            raise PayloadError(
-                "aggregate holds a packed digit outside the summed range, or non-zero padding: "
-                "it overflowed or was forged",
-                "out-of-range",
-            )
-        return flat[:values], rounded[rounded.size - tail :]
-
-
-def _integers(values: np.ndarray, what: str) -> np.ndarray:
-    if values.size and not np.isfinite(values).all():
-        raise PayloadError(f"{what} is NaN or infinite")
-    if values.size and not np.array_equal(np.rint(values), values):
-        raise PayloadError(f"{what}s must be integers for the packed codec (quantize first)")
-    return values
 
 
 #: Rounds of up to 128 clients, ``standard`` precision: three 15-bit digits per slot at scale

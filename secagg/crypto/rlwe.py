@@ -36,17 +36,16 @@ import os
 from collections.abc import Callable
 from concurrent.futures import Future
 
+import numba
 import numpy as np
 
 from secagg.crypto import seal_format, seeded
 from secagg.crypto.caches import KeyCaches
 from secagg.crypto.ntt import shoup, transform
-from secagg.crypto.packing import NOISE_BOUND
-from secagg.crypto.seal_format import CiphertextShape
-from secagg.errors import KeyFileError, PayloadError
+from secagg.crypto.ring import kernel
+from secagg.crypto.seal_format import NOISE_BOUND, CiphertextShape
+from secagg.errors import KeyFileError
 
-#: The low ``NOISE_BOUND`` bits of a word: one side of the centered binomial draw.
-_NOISE_MASK = np.uint64((1 << NOISE_BOUND) - 1)
 #: A product computed at decryption is kept for the key's other holders only up to this size.
 _SHARED_BYTES = 64 << 20
 
@@ -86,9 +85,7 @@ class SecretKey:
         seeded.expand_rows(product, seed, start, q)
         self._ntt.multiply(product, self._s, self._s_shoup)
         self._ntt.inverse(product)
-        # -a s + e mod q in one pass over a fresh key stream (``noise`` says the same in numpy)
-        from secagg.crypto.compiled import zero_from  # numba: clients only
-
+        # -a s + e mod q in one pass over a fresh key stream
         flat, at = product.reshape(-1), 0
         for words in seeded.key_stream(os.urandom(32), bytes(16), flat.size):
             zero_from(flat[at : at + words.size], words, NOISE_BOUND, q)
@@ -148,55 +145,35 @@ class SecretKey:
         return c1
 
 
-def noise(shape: tuple[int, ...]) -> np.ndarray:
-    """SEAL's centered binomial noise (int64): per coefficient, the popcount of 21 fair bits
-    minus that of 21 others, from one 64-bit word of a freshly keyed AES-256-CTR stream."""
-    out = np.empty(int(np.prod(shape)), dtype=np.int64)
-    at = 0
-    for words in seeded.key_stream(os.urandom(32), bytes(16), out.size):
-        out[at : at + words.size] = noise_of(words)
-        at += words.size
-    return out.reshape(shape)
+# --- the noise, drawn and added in one pass ---
 
 
-def noise_of(words: np.ndarray) -> np.ndarray:
-    """The noise (int64) that key-stream ``words`` draw, one value per word: the popcount of its
-    low ``NOISE_BOUND`` bits minus that of the next ``NOISE_BOUND``."""
-    plus = np.bitwise_count(words & _NOISE_MASK)
-    minus = np.bitwise_count((words >> np.uint64(NOISE_BOUND)) & _NOISE_MASK)
-    return np.subtract(plus, minus, dtype=np.int64)
+@numba.njit(inline="always")
+def _popcount(x):  # pragma: no cover - compiled (LLVM emits the CPU's popcount for this idiom)
+    x = x - ((x >> np.uint64(1)) & np.uint64(0x5555555555555555))
+    x = (x & np.uint64(0x3333333333333333)) + ((x >> np.uint64(2)) & np.uint64(0x3333333333333333))
+    x = (x + (x >> np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
+    return np.int64((x * np.uint64(0x0101010101010101)) >> np.uint64(56))
 
 
-def encode(values: np.ndarray, count: int, n: int, scale_bits: int, modulus: int) -> np.ndarray:
-    """Integers (int64, |v| * 2**scale_bits < q/2) to ``Delta m`` words mod q, (count, N),
-    zero-padded."""
-    words = np.zeros(count * n, dtype=np.int64)
-    words[: values.size] = values
-    words <<= scale_bits
-    # A negative word read unsigned is 2**64 - |w|; adding q wraps it to q - |w|, below it,
-    # while a non-negative word is the smaller one unchanged.
-    unsigned = words.view(np.uint64)
-    np.minimum(unsigned, unsigned + np.uint64(modulus), out=unsigned)
-    return unsigned.reshape(count, n)
+@kernel
+def _zero_from(product, words, bound, modulus):  # pragma: no cover - compiled
+    mask = (np.uint64(1) << np.uint64(bound)) - np.uint64(1)
+    q = np.int64(modulus)
+    for i in range(product.size):
+        word = words[i]
+        noise = _popcount(word & mask) - _popcount((word >> np.uint64(bound)) & mask)
+        value = q - np.int64(product[i]) + noise  # in [1 - bound, q + bound]
+        if value >= q:
+            value -= q
+        elif value < 0:
+            value += q
+        product[i] = np.uint64(value)
 
 
-def decode(phase: np.ndarray, scale_bits: int, contributors: int, values: int) -> np.ndarray:
-    """The summed integers (int64) of ``values`` coefficients from a decryption ``phase``
-    (``SecretKey.decrypt``) of a sum of ``contributors`` ciphertexts.
-
-    Refuses (PayloadError ``not-integer``) a coefficient further from a multiple of ``Delta``
-    than the summed noise can be, or padding that is not zero: what another key, a damaged
-    or forged ciphertext or an overflowing sum decrypts to."""
-    flat = phase.reshape(-1)
-    half = np.int64(1 << (scale_bits - 1))
-    integers = (flat + half) >> np.int64(scale_bits)
-    residual = flat - (integers << np.int64(scale_bits))
-    bound = NOISE_BOUND * max(contributors, 1)
-    if flat.size and (np.abs(residual).max() > bound or np.any(integers[values:])):
-        raise PayloadError(
-            "aggregate does not decrypt to integers (noise or overflow); it was made with "
-            "other keys, corrupted or forged, left masked (a contribution masked for another "
-            "attempt of the round, replayed), or summed more clients than the codec allows",
-            "not-integer",
-        )
-    return integers[:values]
+def zero_from(product: np.ndarray, words: np.ndarray, bound: int, modulus: int) -> None:
+    """``product = -product + e mod q`` in place, one pass: ``product`` holds ``a s`` (uint64
+    words below q), ``e`` the centered binomial noise the key-stream ``words`` draw, one per
+    coefficient: the popcount of a word's low ``bound`` bits minus that of the next
+    ``bound``."""
+    _zero_from(product, words, np.int64(bound), np.int64(modulus))

@@ -39,6 +39,10 @@ import numpy as np
 from secagg.errors import KeyFileError, PayloadError
 
 SEAL_MAGIC = 0xA15E
+#: The largest encryption noise of one coefficient of one ciphertext: SEAL's centered binomial
+#: distribution is a difference of two 21-bit popcounts (``rlwe``). A sum of ``c`` ciphertexts
+#: is off by at most ``21 c``, with certainty (not with high probability).
+NOISE_BOUND = 21
 _HEADER = struct.Struct("<HBBBBHQ")
 _CT_META = struct.Struct("<32sBQQQdQ")
 _COMPRESSION_NONE, _COMPRESSION_ZSTD = 0, 2

@@ -22,7 +22,7 @@ key stream), read as little-endian 64-bit words, each masked to ``q``'s bit leng
 when below ``q`` (rejection sampling: exactly uniform mod q; for a 60-bit NTT prime one word in
 about 2**40 is drawn again). Many ciphertexts' streams are drawn in one AES call, over their
 counter blocks written out (what CTR mode encrypts), which gives the same words. numpy,
-``cryptography`` and one compiled rejection pass (``compiled``, imported only when a client
+``cryptography`` and one compiled rejection pass (``ring``, imported only when a client
 expands): no TenSEAL, and the server, which only carries seeds, loads no numba.
 """
 
@@ -92,7 +92,7 @@ def expand_sum(
 ) -> np.ndarray:
     """``(count, n)``: for each ciphertext ``start .. start+count-1``, the sum mod q of every
     seed's polynomial: the ``c1`` of a sum of seeded ciphertexts."""
-    from secagg.crypto.compiled import reduce_lazy  # numba: clients only
+    from secagg.crypto.ring import reduce_lazy  # numba: clients only
 
     out = np.zeros((count, n), dtype="<u8")
     # Words are below q < 2**60: up to 15 of them add without wrapping 64 bits.
@@ -114,7 +114,7 @@ def _expand_rows(
     stream per row at a fraction of the calls; the counter blocks are written once for all the
     seeds. A row that rejection left short (for a 60-bit NTT prime, one word in about 2**40 is
     rejected) continues its own CTR stream (``_expand_into``)."""
-    from secagg.crypto.compiled import take_rows  # numba: clients only
+    from secagg.crypto.ring import take_rows  # numba: clients only
 
     if any(len(seed) != SEED_BYTES for seed in seeds):
         raise ValueError(f"a seed is {SEED_BYTES} bytes")
@@ -159,7 +159,7 @@ def _expand_into(
     ``index || block`` on (``have`` words already filled from the blocks before it): words
     masked to q's bit length and kept below q, ``n + _SPARE`` drawn first and (rarely) what
     rejection left plus ``_SPARE`` again."""
-    from secagg.crypto.compiled import take_below  # numba: clients only
+    from secagg.crypto.ring import take_below  # numba: clients only
 
     n, bits = row.size, modulus.bit_length()
     counter = struct.pack(">QQ", index, block)
