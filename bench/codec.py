@@ -59,20 +59,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import ctypes.util
 import dataclasses
-import datetime as dt
 import functools
 import gc
 import json
 import os
-import platform
 import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -81,14 +76,18 @@ from typing import Any, Protocol
 import numpy as np
 import tenseal as ts
 
-from secagg import keys as secagg_keys
-from secagg import quantize
-from secagg.config import CkksParams
-from secagg.crypto import SERVER, ClientCipher, ServerCipher, Stamp, Update, envelope
-from secagg.crypto.ckks import CkksClient
-from secagg.crypto.ckks_server import CkksServer
-from secagg.crypto.packing import PACKED
-from secagg.crypto.plain import PlainCipher
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run as a script: the bench package beside secagg
+
+from bench.harness import PeakRss, Stopwatch, machine, rusage_kib, table, write_report  # noqa: E402
+from secagg import keys as secagg_keys  # noqa: E402
+from secagg import quantize  # noqa: E402
+from secagg.config import CkksParams  # noqa: E402
+from secagg.crypto import SERVER, ClientCipher, ServerCipher, Stamp, Update, envelope  # noqa: E402
+from secagg.crypto.ckks import CkksClient  # noqa: E402
+from secagg.crypto.ckks_server import CkksServer  # noqa: E402
+from secagg.crypto.packing import PACKED  # noqa: E402
+from secagg.crypto.plain import PlainCipher  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 MODEL_SIZE = "cnn"  # --sizes token for the ModerateCNN parameter count
@@ -391,24 +390,6 @@ def size_label(n: int, model_n: int | None) -> str:
 # Measuring
 
 
-class Stopwatch:
-    """Wall and CPU seconds of a ``with`` block; CPU counts every thread of this process."""
-
-    def __enter__(self) -> Stopwatch:
-        self._wall = time.perf_counter()
-        self._cpu = cpu_seconds()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.wall = time.perf_counter() - self._wall
-        self.cpu = cpu_seconds() - self._cpu
-
-
-def cpu_seconds() -> float:
-    """CPU time of this process, all threads (the CKKS work runs in this process)."""
-    return time.process_time()
-
-
 def payload_size(payload: Payload) -> int:
     if isinstance(payload, bytes | bytearray):
         return len(payload)
@@ -468,84 +449,6 @@ def measure(codec: Codec, vectors: Sequence[np.ndarray], weights: Sequence[float
         / (enc_wall + sum_watch.wall + dec_watch.wall),
         "max_abs_error": float(np.abs(result - expected).max()),
     }
-
-
-class PeakRss:
-    """Peak resident memory of a ``with`` block, in bytes above the RSS on entry.
-
-    On Linux the kernel's high-water mark (VmHWM) is reset through /proc/self/clear_refs, so the
-    peak is exact; where that is refused, a thread samples VmRSS every millisecond; elsewhere
-    ``resource.getrusage`` gives the process's lifetime peak, which cannot be reset.
-    """
-
-    def __enter__(self) -> PeakRss:
-        gc.collect()
-        _trim_heap()  # hand freed heap back, or reusing it would hide growth from RSS
-        self.method = "sampled VmRSS"
-        self.baseline = _proc_status_kib("VmRSS")
-        if self.baseline is None:
-            self.method = "getrusage ru_maxrss (lifetime peak, not reset)"
-            self.baseline = _rusage_kib()
-        elif _reset_hwm():
-            self.method = "VmHWM (reset via /proc/self/clear_refs)"
-        self._samples: list[int] = [self.baseline]
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        if self.method == "sampled VmRSS":
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.001):
-            value = _proc_status_kib("VmRSS")
-            if value is not None:
-                self._samples.append(value)
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        if self.method.startswith("VmHWM"):
-            peak = _proc_status_kib("VmHWM") or self.baseline
-        elif self.method.startswith("getrusage"):
-            peak = _rusage_kib()
-        else:
-            peak = max(self._samples)
-        self.peak_bytes = max(peak - self.baseline, 0) * 1024
-
-
-def _proc_status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _trim_heap() -> None:
-    """glibc ``malloc_trim(0)``: return free heap pages to the OS (a no-op elsewhere)."""
-    with contextlib.suppress(OSError, AttributeError, TypeError):
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _rusage_kib() -> int:
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak // 1024 if sys.platform == "darwin" else peak  # macOS reports bytes
 
 
 def random_vectors(n: int, clients: int, seed: int) -> list[np.ndarray]:
@@ -758,29 +661,6 @@ def speedups(rows: Sequence[dict]) -> list[dict]:
     return out
 
 
-def machine_info(peer_threads: int | None) -> dict:
-    cpu_model = platform.processor()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    return {
-        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": affinity,
-        "cpu_model": cpu_model,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "tenseal": ts.__version__,
-        "numpy": np.__version__,
-        "peer_tenseal_threads": peer_threads or os.cpu_count(),
-        # getrusage's peak is reset along with VmHWM, so this covers the throughput part
-        "process_peak_rss_bytes": _rusage_kib() * 1024,
-    }
-
-
 # ---------------------------------------------------------------------------------------------
 # Report
 
@@ -790,12 +670,6 @@ def _rate(value: float) -> str:
         if value >= unit:
             return f"{value / unit:.2f} {suffix}"
     return f"{value:.0f}"
-
-
-def _table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return lines
 
 
 def render_markdown(results: dict) -> str:
@@ -817,7 +691,7 @@ def render_markdown(results: dict) -> str:
         "## Throughput (parameters per second, wall clock)",
         "",
     ]
-    lines += _table(
+    lines += table(
         ["size", "config", "encrypt", "sum", "decrypt", "B/param up", "B/param sum", "max err"],
         (
             (
@@ -845,7 +719,7 @@ def render_markdown(results: dict) -> str:
             "c1 sent as N words, as envelope version 3 did, 'now' sends c0 and a 32-byte seed.",
             "",
         ]
-        lines += _table(
+        lines += table(
             [
                 "model",
                 "he_precision",
@@ -882,7 +756,7 @@ def render_markdown(results: dict) -> str:
         config: max(r["cpu_per_wall"] for r in results["throughput"] if r["config"] == config)
         for config in configs
     }
-    lines += _table(
+    lines += table(
         ["config", "TenSEAL n_threads", "max CPU/wall", *sizes],
         (
             [config, threads[config], f"{parallel[config]:.2f}"]
@@ -900,7 +774,7 @@ def render_markdown(results: dict) -> str:
         "## secagg codecs vs peer-baseline (x times faster / smaller; >1 favours secagg)",
         "",
     ]
-    lines += _table(
+    lines += table(
         ["size", "config", "encrypt", "sum", "decrypt", "enc+dec CPU", "bytes"],
         (
             (
@@ -929,7 +803,7 @@ def render_markdown(results: dict) -> str:
             "Control column: the same sum given a list of every payload at once.",
             "",
         ]
-        lines += _table(
+        lines += table(
             ["clients", "sum s", "per client", "peak RSS MiB, streamed", "control: list, MiB"],
             (
                 (
@@ -966,18 +840,6 @@ def render_markdown(results: dict) -> str:
             f"{memory['growth_in_payloads']:.2f} payloads above idle**.",
         ]
     return "\n".join(lines) + "\n"
-
-
-def write_outputs(results: dict, out_dir: Path) -> tuple[Path, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    md_path = out_dir / f"codec-{stamp}.md"
-    json_path = out_dir / f"codec-{stamp}.json"
-    md_path.write_text(results["markdown"])
-    json_path.write_text(
-        json.dumps({k: v for k, v in results.items() if k != "markdown"}, indent=2)
-    )
-    return md_path, json_path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1099,7 +961,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
             )
             print(f"  {server_memory['growth_in_payloads']:.2f} payloads above idle", flush=True)
     results: dict[str, Any] = {
-        "machine": machine_info(peer_threads),
+        "machine": machine(
+            tenseal=ts.__version__,
+            peer_tenseal_threads=peer_threads or os.cpu_count(),
+            # getrusage's peak is reset along with VmHWM, so this covers the throughput part
+            process_peak_rss_bytes=rusage_kib() * 1024,
+        ),
         "settings": {
             "quick": args.quick,
             "sizes": sizes,
@@ -1129,7 +996,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     }
     results["elapsed_s"] = time.perf_counter() - started
     results["markdown"] = render_markdown(results)
-    md_path, json_path = write_outputs(results, args.out)
+    saved = {k: v for k, v in results.items() if k != "markdown"}
+    md_path, json_path = write_report(saved, results["markdown"], args.out, "codec")
     results["files"] = {"markdown": str(md_path), "json": str(json_path)}
     print()
     print(results["markdown"])

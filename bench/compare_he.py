@@ -42,7 +42,6 @@ import math
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -53,6 +52,7 @@ sys.path.insert(0, str(REPO))
 
 from typing import TYPE_CHECKING  # noqa: E402
 
+from bench.harness import keys_for, machine, peak_mb, rss_mb  # noqa: E402
 from secagg.config import (  # noqa: E402
     HE_PRECISIONS,
     LR_SCHEDULES,
@@ -159,25 +159,6 @@ def job_config(args: argparse.Namespace) -> RunConfig:
     }
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
     return replace(config, tracking=not args.no_tracking, experiment="secagg-bench").validate()
-
-
-def ensure_keys(keys_dir: Path) -> Path:
-    """Use the user's keys, or throwaway ones made for this benchmark when there are none;
-    say which."""
-    if (keys_dir / "manifest.json").exists():
-        print(f"keys: {keys_dir.resolve()}/", file=sys.stderr)
-        return keys_dir
-    from secagg import keys
-    from secagg.config import CkksParams
-
-    temp = Path(tempfile.mkdtemp(prefix="secagg-bench-keys-"))
-    keys.generate(temp, CkksParams())
-    print(
-        f"keys: none in {keys_dir.resolve()}/ (pass --keys, or run secagg keygen there); "
-        f"using throwaway keys made for this benchmark in {temp}/",
-        file=sys.stderr,
-    )
-    return temp
 
 
 class Runs:
@@ -369,7 +350,7 @@ def probe(role: str, config_file: Path, payload_file: Path) -> dict[str, float]:
         make_cipher = crypto.for_client(config.he, config.keys_dir, config.precision)
         site = simulated_site(config, 0)
         client = Client(task_for(config), site, config, make_cipher, resolve_device(config.device))
-        idle = _rss_mb()
+        idle = rss_mb()
         server_cipher = crypto.for_server(config.he, config.keys_dir, config.precision)
         trained = client.train(stamp.for_sender(0))
         # The client's own payloads, summed alone, stand in for the round's aggregates.
@@ -378,7 +359,7 @@ def probe(role: str, config_file: Path, payload_file: Path) -> dict[str, float]:
             scales = server_cipher.sum([trained.scales], stamp.scales())
         payload = client.seal(stamp.for_sender(0), trained.num_samples, scales).payload
         client.apply(server_cipher.sum([payload], stamp), stamp, scales)
-        peak = _peak_mb()
+        peak = peak_mb()
         # The server probe gets one payload per roster member (after the peak was read).
         # Ciphertexts look random whatever they hold, so zeros cost what an update does.
         zeros = Update(np.zeros(client.layout.size), 1.0 / config.clients)
@@ -388,32 +369,17 @@ def probe(role: str, config_file: Path, payload_file: Path) -> dict[str, float]:
     else:
         # The server process never imports torch or TenSEAL, nor loads the secret key.
         server_cipher = crypto.for_server(config.he, config.keys_dir, config.precision)
-        idle = _rss_mb()
+        idle = rss_mb()
         files = [payload_file.with_name(f"{payload_file.name}.{i}") for i in range(config.clients)]
         size = files[0].stat().st_size
         # Payloads arrive one at a time, as over the network; the sum holds one at a time.
         server_cipher.sum((path.read_bytes() for path in files), stamp)
-        peak = _peak_mb()
+        peak = peak_mb()
     result = {"idle_mb": idle, "peak_mb": peak, "growth_mb": peak - idle}
     if role == "server":
         result["payload_mb"] = size / 1e6
         result["growth_in_payloads"] = (peak - idle) / (size / 1e6)
     return result
-
-
-def _rss_mb() -> float:
-    return _status_field("VmRSS")
-
-
-def _peak_mb() -> float:
-    return _status_field("VmHWM")
-
-
-def _status_field(name: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(name + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 #: the time figures repeated runs give a median and a range for, and their report names
@@ -521,7 +487,7 @@ def summarize(runs: Runs, memory: dict[str, Any], keys_dir: Path | None = None) 
         "latency_round_ratios": round_ratios,
         "bytes_per_parameter": _bytes_explained(params, h, keys_dir, he.config),
         "memory_mb": memory,
-        "machine": _machine(),
+        "machine": machine(),
     }
 
 
@@ -615,21 +581,6 @@ def _bytes_explained(
     }
 
 
-def _machine() -> dict[str, Any]:
-    import os
-    import platform
-
-    import torch
-
-    device = "cuda: " + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    return {
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "device": device,
-        "torch": torch.__version__,
-    }
-
-
 def to_markdown(report: dict[str, Any]) -> str:
     p, h, r = report["plain"], report["he"], report["ratios"]
     job, metric = report["job"], report["metric"]["name"]
@@ -641,7 +592,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"({report['num_parameters']:,} parameters), {job['clients']} clients, {job['rounds']} "
         f"rounds, alpha {job['alpha']}, seed {job['seed']}, server optimizer "
         f"{_optimizer_text(job)}. Machine: "
-        f"{report['machine']['cpus']} CPUs, {report['machine']['device']}.",
+        f"{report['machine']['cpu_count']} CPUs, {report['machine'].get('device', 'cpu')}.",
         "",
         _timing_method(report),
         "",
@@ -891,7 +842,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result = probe(args.probe, args.probe_config, args.probe_payload)
         print(json.dumps(result))
         return result
-    args.keys = ensure_keys(args.keys)
+    args.keys = keys_for(args.keys)
     config = job_config(args)
     repeats = args.repeats or (3 if args.quick else 1)
     stamp = time.strftime("%Y%m%d-%H%M%S")

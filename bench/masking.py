@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -31,12 +32,16 @@ from pathlib import Path
 
 import numpy as np
 
-from secagg import keys
-from secagg.config import CkksParams, RunConfig, load_job
-from secagg.crypto.ckks_server import TAIL
-from secagg.crypto.packing import PACKED
-from secagg.job import run_job
-from secagg.rounds import RoundMetrics
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run as a script: the bench package beside secagg
+
+from bench.harness import best  # noqa: E402
+from secagg import keys  # noqa: E402
+from secagg.config import CkksParams, RunConfig, load_job  # noqa: E402
+from secagg.crypto.ckks_server import TAIL  # noqa: E402
+from secagg.crypto.packing import PACKED  # noqa: E402
+from secagg.job import run_job  # noqa: E402
+from secagg.rounds import RoundMetrics  # noqa: E402
 
 
 def _run(config: RunConfig, masking: bool, out: Path, cpu: list[float]) -> list[RoundMetrics]:
@@ -46,15 +51,6 @@ def _run(config: RunConfig, masking: bool, out: Path, cpu: list[float]) -> list[
     rounds = run_job(replace(config, masking=masking, output_dir=str(folder))).rounds
     cpu.append((time.process_time() - start) / len(rounds))
     return rounds
-
-
-def _best(repeats: int, step: Callable[[], object]) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def crypto_seconds(
@@ -108,8 +104,8 @@ def crypto_seconds(
         update = Update(np.zeros(values[phase]), 1 / per_round)
         payloads = [client.encrypt(update, stamped.for_sender(p)) for p in range(per_round)]
         aggregate = server.sum(payloads, stamped)
-        total += _best(repeats, lambda s=stamped, u=update: client.encrypt(u, s.for_sender(0)))
-        total += _best(repeats, lambda s=stamped, a=aggregate: client.decrypt(a, s))
+        total += best(repeats, lambda s=stamped, u=update: client.encrypt(u, s.for_sender(0)))
+        total += best(repeats, lambda s=stamped, a=aggregate: client.decrypt(a, s))
         count = math.ceil(
             PACKED.slots_for(values[phase] + per_round, TAIL) / (shape.poly_modulus_degree // 2)
         )
@@ -125,7 +121,7 @@ def crypto_seconds(
         extra += min(masks)
         unmask += min(_unmask(maskers, stamped, attempt) for _ in range(repeats))
         revealed = [bytes([p]) * 32 for p in range(per_round)]
-        removal += _best(
+        removal += best(
             repeats,
             lambda c=count, k=revealed: masking.self_masks(
                 k, c, shape.poly_modulus_degree, shape.modulus

@@ -49,6 +49,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.harness import describe, keys_for, machine  # noqa: E402
+
 SYNTHETIC = "bench.synthetic_task:SyntheticDigits"
 DIGITS_TRAIN = 1437
 #: private memory of one Ray client actor on CPU, measured (torch, TenSEAL, the task)
@@ -529,30 +531,20 @@ def to_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _machine() -> str:
-    import platform
-
-    cpus = os.cpu_count()
-    mem = _status_meminfo("MemTotal") / 1024
-    return f"{cpus} CPUs, {mem:.0f} GiB, Python {platform.python_version()}"
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.case:
         result = run_case(json.loads(args.case), args.keys, args.out.parent)
         args.out.write_text(json.dumps(result))
         return result
-    from bench.compare_he import ensure_keys
-
-    keys_dir = ensure_keys(args.keys)
+    keys_dir = keys_for(args.keys)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     started = time.perf_counter()
     cases = run_all(args, keys_dir)
     report = {
         "stamp": stamp,
         "command": "python bench/scale.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": _machine(),
+        "machine": describe(machine()),
         "rounds": args.rounds,
         "cases": cases,
         "flatness": flatness(cases),
