@@ -201,7 +201,7 @@ def _start_ray(config: Any, result: dict[str, Any]) -> Any:
     actors = config.per_round + (1 if config.per_round < config.clients else 0)
     t = time.perf_counter()
     ray.init(
-        num_cpus=_local_cpus(config, actors),
+        num_cpus=_local_cpus(config.transport_settings, actors),
         include_dashboard=False,
         logging_level=logging.WARNING,
         log_to_driver=False,

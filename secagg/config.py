@@ -36,8 +36,43 @@ _LOWER_IS_BETTER = ("loss", "error", "mse", "mae", "perplexity")
 
 
 @dataclass(frozen=True)
+class TrackingSettings:
+    """Where a run's records go (``RunConfig.tracking_settings``): its folder and MLflow."""
+
+    #: log to MLflow at all
+    enabled: bool
+    #: the MLflow store (None: MLflow's default, ``sqlite:///mlflow.db`` here)
+    uri: str | None
+    experiment: str
+    #: the run's folder (None: ``runs/<time>-<job>-<he|plain>``)
+    output_dir: str | None
+    job_name: str
+    #: ``he`` or ``plain``: what a new run's folder is named after
+    mode: str
+
+
+@dataclass(frozen=True)
+class TransportSettings:
+    """How the round reaches the clients (``RunConfig.transport_settings``), and how long it
+    waits for them."""
+
+    kind: str
+    ray_address: str | None
+    client_cpus: float
+    client_gpus: float
+    #: the fewest clients a round goes on with (0: every client of the round)
+    min_clients: int
+    round_timeout: float
+    round_retries: int
+
+
+@dataclass(frozen=True)
 class RunConfig:
-    """Everything one federated job needs. Defaults give the main digits job."""
+    """Everything one federated job needs. Defaults give the main digits job.
+
+    The job file's format is this flat set of fields; the parts that read only a few of them
+    receive typed sections instead (``tracking_settings``, ``transport_settings``), so what
+    each reads is in its signature."""
 
     #: the user's task by import path (``package.module:Class``); None runs the built-in
     #: classification task of ``dataset`` and ``model``
@@ -332,6 +367,32 @@ class RunConfig:
     def per_round(self) -> int:
         """How many clients take part in each round."""
         return self.clients_per_round or self.clients
+
+    @property
+    def tracking_settings(self) -> TrackingSettings:
+        """What the run's records read: its folder and the MLflow store."""
+        mode = "he" if self.he else "plain"
+        return TrackingSettings(
+            self.tracking,
+            self.tracking_uri,
+            self.experiment,
+            self.output_dir,
+            self.job_name,
+            mode,
+        )
+
+    @property
+    def transport_settings(self) -> TransportSettings:
+        """What reaching the clients reads: the transport, Ray's resources, the waits."""
+        return TransportSettings(
+            self.transport,
+            self.ray_address,
+            self.client_cpus,
+            self.client_gpus,
+            self.min_clients,
+            self.round_timeout,
+            self.round_retries,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values for results.json and MLflow parameters."""

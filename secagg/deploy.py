@@ -324,7 +324,7 @@ def _plain(name: str) -> str:
 def run_local(config: RunConfig, log: Callable[[str], None] = lambda line: None) -> RunResult:
     """``secagg run --transport grpc``: provision a throwaway project on localhost, start a
     server process and one client process per site, and return the server's result."""
-    output = new_output_dir(config)
+    output = new_output_dir(config.tracking_settings)
     check_new_output(output)
     output.mkdir(parents=True, exist_ok=True)
     sites = [f"site-{i + 1}" for i in range(config.clients)]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from secagg.config import RunConfig
+from secagg.config import TrackingSettings
 from secagg.errors import CheckpointError
 from secagg.server import AGGREGATES_DIR, STATE_FILE
 
@@ -15,12 +15,12 @@ RESULTS_FILE = "results.json"
 SITES_DIR = "sites"
 
 
-def new_output_dir(config: RunConfig) -> Path:
-    """``runs/<time>-<job>-<he|plain>`` unless the config names one."""
-    if config.output_dir:
-        return Path(config.output_dir)
+def new_output_dir(settings: TrackingSettings) -> Path:
+    """``runs/<time>-<job>-<he|plain>`` unless the settings name one."""
+    if settings.output_dir:
+        return Path(settings.output_dir)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{stamp}-{config.job_name}-{'he' if config.he else 'plain'}"
+    return Path("runs") / f"{stamp}-{settings.job_name}-{settings.mode}"
 
 
 def check_new_output(output: Path) -> None:

@@ -145,9 +145,7 @@ class RunRecords:
         """Create the run folder and start (or, resuming, reopen) the MLflow run."""
         config, result = self.config, self.result
         self.output.mkdir(parents=True, exist_ok=True)
-        self.tracker = make_tracker(
-            config.tracking, config.tracking_uri, config.experiment, result.mlflow_run_id
-        )
+        self.tracker = make_tracker(config.tracking_settings, result.mlflow_run_id)
         result.num_parameters = num_parameters
         self._description = description(result)
         run_tags = {**tags_for(config), **self.tags, DESCRIPTION_TAG: self._description}
@@ -172,7 +170,7 @@ class RunRecords:
         """A new run's records, or those of the interrupted run in ``resume_dir`` (with the
         ``changes`` that ``plan_resume`` allows)."""
         if resume_dir is None:
-            output = new_output_dir(config)
+            output = new_output_dir(config.tracking_settings)
             check_new_output(output)
             return cls(config, output, None, tags)
         plan = plan_resume(resume_dir, changes)
@@ -210,7 +208,7 @@ class RunRecords:
             on_round(metrics)
 
         span = range(self.first_round, self.rounds_within_budget() + 1)
-        retries = self.config.round_retries
+        retries = self.config.transport_settings.round_retries
         try:
             return rounds.run(
                 server,

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote
 
+from secagg.config import TrackingSettings
 from secagg.errors import ConfigError
 
 #: the tag MLflow's UI shows as a run's description (markdown)
@@ -159,13 +160,11 @@ def default_tracking_uri() -> str:
     return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
-def make_tracker(
-    enabled: bool, tracking_uri: str | None, experiment: str, run_id: str | None = None
-) -> Tracker:
-    """The tracker a run asked for."""
-    if not enabled:
+def make_tracker(settings: TrackingSettings, run_id: str | None = None) -> Tracker:
+    """The tracker a run asked for (``run_id``: the MLflow run a resumed run reopens)."""
+    if not settings.enabled:
         return NullTracker()
-    return MlflowTracker(tracking_uri, experiment, run_id)
+    return MlflowTracker(settings.uri, settings.experiment, run_id)
 
 
 def ui_base(tracking_uri: str) -> str:

@@ -223,7 +223,7 @@ def run(job: str | None, resume: bool, no_tracking: bool, quiet: bool, **flags: 
     if not quiet:
         click.echo(f"secagg run: {what}, {who}, {config.rounds} rounds, {mode}, {where}")
     # Named now, so that an interrupted run can say where it is.
-    config = replace(config, output_dir=str(new_output_dir(config)))
+    config = replace(config, output_dir=str(new_output_dir(config.tracking_settings)))
     with _interrupted(Path(config.output_dir or ""), config.transport == "inprocess"):
         if config.transport == "grpc":
             from secagg.deploy import run_local

@@ -34,7 +34,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from secagg.config import RunConfig
+from secagg.config import RunConfig, TransportSettings
 from secagg.crypto import Stamp
 from secagg.crypto.masking import Advert, Advertised, MaskRoster, Reveal, SignedKey
 from secagg.errors import ConfigError, SecAggError
@@ -139,15 +139,15 @@ class ClientActor:
         return sum(p.numel() for p in self.client.model.parameters())
 
 
-def _local_cpus(config: RunConfig, actors: int) -> int:
-    return max(os.cpu_count() or 1, math.ceil(actors * config.client_cpus))
+def _local_cpus(settings: TransportSettings, actors: int) -> int:
+    return max(os.cpu_count() or 1, math.ceil(actors * settings.client_cpus))
 
 
-def _check_room(ray: Any, config: RunConfig, actors: int) -> None:
+def _check_room(ray: Any, settings: TransportSettings, actors: int) -> None:
     """Refuse a cluster that cannot hold every client of a round at once (they would wait
     for each other forever)."""
     have = ray.cluster_resources()
-    needs = {"CPU": actors * config.client_cpus, "GPU": actors * config.client_gpus}
+    needs = {"CPU": actors * settings.client_cpus, "GPU": actors * settings.client_gpus}
     for name, need in needs.items():
         if need > have.get(name, 0.0) + 1e-9:
             flag = "--client-cpus" if name == "CPU" else "--client-gpus"
@@ -161,20 +161,20 @@ def _check_room(ray: Any, config: RunConfig, actors: int) -> None:
 LOCAL_STARTS = 4
 
 
-def _start(ray: Any, config: RunConfig, actors: int) -> None:
+def _start(ray: Any, settings: TransportSettings, actors: int) -> None:
     """Start (or join) Ray. A local Ray's raylet must register within Ray's fixed 30 s; on a
     loaded machine it sometimes does not, so a local start is tried again (with a warning)
     before it fails the run. Joining a cluster is tried once: its errors are the user's to see.
     """
-    if config.ray_address:
-        ray.init(address=config.ray_address, include_dashboard=False, logging_level="WARNING")
+    if settings.ray_address:
+        ray.init(address=settings.ray_address, include_dashboard=False, logging_level="WARNING")
         return
     # A local Ray gets room for every actor: its CPUs are a scheduling budget, and clients
     # that wait for a CPU take turns rather than deadlock the round.
     for attempt in range(1, LOCAL_STARTS + 1):
         try:
             ray.init(
-                num_cpus=_local_cpus(config, actors),
+                num_cpus=_local_cpus(settings, actors),
                 include_dashboard=False,
                 logging_level="WARNING",
             )
@@ -206,8 +206,8 @@ class RayTransport:
         actors = self.roster + (1 if self.sampled else 0)
         self.started = not ray.is_initialized()
         if self.started:
-            _start(ray, config, actors)
-        _check_room(ray, config, actors)
+            _start(ray, config.transport_settings, actors)
+        _check_room(ray, config.transport_settings, actors)
         # Actors on this machine find the keys where the driver was started.
         self.config = replace(config, keys_dir=str(Path(config.keys_dir).resolve()))
         self.task = task
