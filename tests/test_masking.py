@@ -326,11 +326,13 @@ def test_a_dropout_leaves_the_same_model_as_without_masks(session_keys, when: st
     """Client 1 drops after advertising its keys, after the scale exchange, after its upload,
     or while the round unmasks (it confirmed but never revealed its key), or reveals a key it
     did not commit to; or it drops before upload and client 2 vanishes while the round
-    unmasks: keys rebuilt from the others' shares make the masked round's model bit for bit
-    the unmasked round's over the same survivors."""
+    unmasks: keys rebuilt from the others' shares make the masked round's model (bit for
+    bit) and metrics the unmasked round's over the same survivors."""
     masked, model = _one_round(session_keys, True, when)
     unmasked, reference = _one_round(session_keys, False, when)
     assert model.tobytes() == reference.tobytes()
+    # The evaluation is unmasked the same way (its keys are shared too): the same metrics.
+    assert masked.metrics and (masked.metrics, masked.loss) == (unmasked.metrics, unmasked.loss)
     expected = {"keys": 4, "update": 4, "combined": 3}.get(when, 5)
     assert masked.clients == unmasked.clients == expected
     # Adverts, shares, confirmations and keys are a few hundred bytes a client and phase,

@@ -20,9 +20,8 @@ round at a time:
 2. **Advertise** (``advertise``): for each attempt, before anything is masked, each client
    draws fresh X25519 mask keys and self-mask keys ``b`` for each phase (scales, update,
    evaluation), signs the public halves with the attempt's nonce, and Shamir-shares
-   (``crypto.shares``, t-of-n) its scale and update self-mask keys and all three mask keys
-   among the round's positions, each share sealed to its holder, with a commitment to the
-   ``b``'s.
+   (``crypto.shares``, t-of-n) its three self-mask keys and its three mask keys among the
+   round's positions, each share sealed to its holder, with a commitment to the ``b``'s.
 3. **Agree** (``agree``, with the train task): each client checks every relayed attempt key's
    signature, agrees a pair secret per phase with every position that advertised (a position
    that did not is left out of every mask), and opens the shares sealed to it.
@@ -76,10 +75,9 @@ SIGNATURE_BYTES = 64
 PHASES = (SCALES, UPDATE_PHASE, EVALUATION)
 #: Bytes of an attempt's advertised public keys: one per phase.
 ADVERT_BYTES = PUBLIC_BYTES * len(PHASES)
-#: What a client shares of an attempt, in order: its scale and update self-mask keys, then
-#: its mask key of each phase (an evaluation's self-mask key is not shared: a survivor lost
-#: while the evaluation unmasks leaves the round's metrics unknown, never the round failed).
-_SHARED = (("self", SCALES), ("self", UPDATE_PHASE), *(("mask", phase) for phase in PHASES))
+#: What a client shares of an attempt, in order: its self-mask key of each phase, then its
+#: mask key of each phase.
+_SHARED = (*(("self", phase) for phase in PHASES), *(("mask", phase) for phase in PHASES))
 _SIGNED_LABEL = b"secagg mask key v1\0"
 _ADVERT_LABEL = b"secagg attempt keys v1\0"
 _PRG_LABEL = b"secagg pairwise mask v1\0"
@@ -124,8 +122,8 @@ Sealed = Mapping[int, bytes]
 class Advertised:
     """What a client sends for an attempt before anything is masked: its signed attempt keys,
     its shares (``_SHARED``) sealed to each holder position (relayed by the server, which
-    cannot open them), and a commitment to its scale and update self-mask keys (SHA-256 of
-    each) that a rebuilt key is checked against."""
+    cannot open them), and a commitment to its self-mask keys (SHA-256 of each, by phase)
+    that a rebuilt key is checked against."""
 
     advert: Advert
     sealed: dict[int, bytes]
@@ -415,7 +413,7 @@ class Masker:
             for p in holders
             if p != stamp.sender
         }
-        commitment = b"".join(hashlib.sha256(self_keys[p]).digest() for p in (SCALES, UPDATE_PHASE))
+        commitment = b"".join(hashlib.sha256(self_keys[p]).digest() for p in PHASES)
         attempt = _Attempt(
             stamp.job,
             stamp.round_num,
@@ -665,12 +663,8 @@ class Masker:
         # Never both kinds for one position: self-mask shares of survivors only, mask-key
         # shares of the positions outside the set only.
         held = attempt.held
-        survivor_shares = {}
-        if stamp.phase != EVALUATION:
-            slot = _SHARED.index(("self", stamp.phase))
-            survivor_shares = {
-                u: held[u][slot] for u in survivors if u != stamp.sender and u in held
-            }
+        slot = _SHARED.index(("self", stamp.phase))
+        survivor_shares = {u: held[u][slot] for u in survivors if u != stamp.sender and u in held}
         slot = _SHARED.index(("mask", stamp.phase))
         outside = set(self.keyed()) - set(survivors)
         lost = {d: held[d][slot] for d in sorted(outside) if d in held}
@@ -880,22 +874,15 @@ def unmasking(
     shares the contributors revealed, and checked against its advert). PayloadError
     ``missing-correction`` naming the position whose key cannot be had."""
     revealed = {reveal.sender: reveal for reveal in reveals}
-    shared = stamp.phase != EVALUATION
     plus: list[bytes] = []
     minus: list[bytes] = []
     for sender in contributors:
         reveal = revealed.get(sender)
         commitment = roster.commitments.get(sender, b"")
-        if reveal is not None and (not shared or committed(reveal.key, commitment, stamp.phase)):
+        if reveal is not None and committed(reveal.key, commitment, stamp.phase):
             minus.append(reveal.key)
-        elif shared:  # vanished while the round unmasked, or revealed another key
+        else:  # vanished while the round unmasked, or revealed another key
             minus.append(rebuild(sender, reveals, commitment, stamp.phase))
-        else:
-            raise PayloadError(
-                f"client {sender} sent no mask reveal for the evaluation, whose self-mask keys "
-                "are not shared: the sum cannot be unmasked",
-                "missing-correction",
-            )
     survivors = set(contributors)
     for lost in sorted(roster.keyed - survivors):
         advert = roster.adverts[lost]
@@ -1064,7 +1051,7 @@ def rebuild(sender: int, reveals: Sequence[Reveal], commitment: bytes, phase: in
 
 def committed(key: bytes, commitment: bytes, phase: int) -> bool:
     """Whether ``key`` is the one a client committed to for ``phase`` when it advertised."""
-    index = 0 if phase == SCALES else 1
+    index = PHASES.index(phase)
     return hashlib.sha256(key).digest() == commitment[32 * index : 32 * index + 32]
 
 

@@ -256,7 +256,7 @@ class UploadHeader:
             _hex(message, "revealed", 32, 32) if "revealed" in message else b"",
             by_position(message.get("held"), "held", SHARE_BYTES, SHARE_BYTES),
             by_position(message.get("sealed"), "sealed", 1, 512),
-            _hex(message, "commitment", 64, 64) if "commitment" in message else b"",
+            _hex(message, "commitment", 96, 96) if "commitment" in message else b"",
             message.get("sitting_out") is True,
             _advert(message),
             by_position(message.get("lost"), "lost", SHARE_BYTES, SHARE_BYTES),
