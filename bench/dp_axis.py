@@ -8,19 +8,29 @@ job's ``dp_delta``), each site clipping its change to ``--dp-clip``, and the pla
 central DP at the same noise multiplier (the server adds the noise; the same epsilon); the
 comparison's own HE run (no DP) is the last row. The report gains a table (epsilon, noise
 multiplier, the final metric of both, round time, latency and bytes against HE without DP)
-and a plot of the metric against epsilon.
+and a plot of the metric against epsilon. An epsilon the job cannot reach (its noise leaves
+the codec no room for the round's updates) is a row that says why, and the axis goes on.
 """
 
 from __future__ import annotations
 
 import statistics
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from secagg.config import RunConfig
     from secagg.records import RunResult
+
+
+@dataclass(frozen=True)
+class Refused:
+    """An epsilon whose run the job refused (``reason``: the one-line error), in place of
+    its results."""
+
+    epsilon: float
+    reason: str
 
 
 def run(
@@ -31,12 +41,14 @@ def run(
     stamp: str,
     step: Any,
     tags: dict[str, str] | None = None,
-) -> list[RunResult]:
-    """The HE job once per epsilon, with DP calibrated to it (``step`` names each run;
-    ``tags``: each MLflow run's, as the comparison's parent)."""
+) -> list[RunResult | Refused]:
+    """The HE job once per epsilon, with DP calibrated to it, then the plaintext job with
+    central DP (``step`` names each run; ``tags``: each MLflow run's, as the comparison's
+    parent); an epsilon the job refuses gives two ``Refused`` in their place."""
+    from secagg.errors import SecAggError
     from secagg.job import run_job
 
-    results = []
+    results: list[RunResult | Refused] = []
     for index, epsilon in enumerate(epsilons, 1):
         for he in (True, False):
             kind = "HE, distributed" if he else "plaintext, central"
@@ -49,17 +61,31 @@ def run(
                 dp_clip=clip,
                 output_dir=str(out / f"{stamp}-dp{index}-{'he' if he else 'plain'}-eps{epsilon:g}"),
             )
-            results.append(run_job(dp, tags=tags or {}))
+            try:
+                results.append(run_job(dp, tags=tags or {}))
+            except SecAggError as err:
+                step(f"  refused: {err}")
+                results += [Refused(epsilon, str(err))] * (2 if he else 1)
+                break
     return results
 
 
-def summarize(results: list[RunResult], he: RunResult) -> list[dict[str, Any]]:
+def summarize(results: list[RunResult | Refused], he: RunResult) -> list[dict[str, Any]]:
     """One row per HE run (distributed DP), the HE run without DP last; each DP row holds
-    the plaintext run with central DP at the same noise multiplier (``central_metric``)."""
-    rows = []
+    the plaintext run with central DP at the same noise multiplier (``central_metric``); a
+    refused epsilon's row holds why (``refused``)."""
+    rows: list[dict[str, Any]] = []
     # ``results`` alternate: HE with distributed DP, then plaintext with central DP.
-    pairs = [(results[i], results[i + 1].final) for i in range(0, len(results), 2)]
+    pairs: list[tuple[RunResult | Refused, float | None]] = []
+    for i in range(0, len(results), 2):
+        central = results[i + 1]
+        pairs.append((results[i], None if isinstance(central, Refused) else central.final))
     for result, central in [*pairs, (he, None)]:
+        if isinstance(result, Refused):
+            rows.append(
+                {"epsilon_target": result.epsilon, "epsilon": None, "refused": result.reason}
+            )
+            continue
         config = result.config
         rounds = result.rounds
         rows.append(
@@ -84,11 +110,12 @@ def summarize(results: list[RunResult], he: RunResult) -> list[dict[str, Any]]:
 def to_markdown(rows: list[dict[str, Any]], metric: str) -> str:
     """The accuracy/epsilon table, each cost against HE without DP."""
     base = rows[-1]
+    first = next((row for row in rows if "refused" not in row), base)
     lines = [
         "## Differential privacy: the metric against epsilon",
         "",
-        f"HE with distributed DP calibrated to each epsilon (delta {rows[0]['delta']}, clip "
-        f"{rows[0]['clip']}), and HE without DP; medians over rounds.",
+        f"HE with distributed DP calibrated to each epsilon (delta {first['delta']}, clip "
+        f"{first['clip']}), and HE without DP; medians over rounds.",
         "",
         f"| epsilon | noise multiplier | final {metric}, HE + distributed DP | plaintext + "
         "central DP, same noise | round s (vs no DP) | latency s (vs no DP) | bytes up per "
@@ -96,6 +123,9 @@ def to_markdown(rows: list[dict[str, Any]], metric: str) -> str:
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in rows:
+        if "refused" in row:
+            lines.append(f"| {row['epsilon_target']:g} | refused: {row['refused']} | | | | | |")
+            continue
         eps = "no DP" if row["epsilon"] is None else f"{row['epsilon']:.2f}"
         noise = "-" if row["noise_multiplier"] is None else f"{row['noise_multiplier']:.3f}"
         central = "-" if row["central_metric"] is None else f"{row['central_metric']:.4f}"
@@ -118,7 +148,7 @@ def plot(rows: list[dict[str, Any]], metric: str, plain: float, path: Path) -> P
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    dp = [r for r in rows if r["epsilon"] is not None]
+    dp = [r for r in rows if r["epsilon"] is not None and "refused" not in r]
     epsilons = [r["epsilon_target"] for r in dp]
     ax.plot(epsilons, [r["final_metric"] for r in dp], "o-", label="HE + distributed DP")
     ax.plot(epsilons, [r["central_metric"] for r in dp], "s--", label="plaintext + central DP")
@@ -127,7 +157,8 @@ def plot(rows: list[dict[str, Any]], metric: str, plain: float, path: Path) -> P
     ax.set_xscale("log")
     ax.set_xticks(epsilons, [f"{e:g}" for e in epsilons])
     ax.minorticks_off()
-    ax.set(xlabel=f"epsilon (delta {rows[0]['delta']})", ylabel=f"final {metric}")
+    delta = dp[0]["delta"] if dp else None
+    ax.set(xlabel=f"epsilon (delta {delta})", ylabel=f"final {metric}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -286,3 +286,29 @@ def test_the_seed_summary_reads_reports_of_one_job_only(tmp_path: Path) -> None:
     for path, reason in bad:
         with pytest.raises(SystemExit, match=re.escape(reason)):
             seeds.load_reports([a, path])
+
+
+def test_an_epsilon_the_job_cannot_reach_is_a_row_that_says_why(
+    tmp_path: Path, session_keys: Path
+) -> None:
+    """compare_he's DP axis: an epsilon whose noise leaves the codec no room for the round's
+    updates is refused by the job with one line, which the axis reports in its row, and the
+    axis goes on with the next epsilon."""
+    from dataclasses import replace
+
+    from bench import dp_axis
+    from secagg.config import RunConfig
+    from secagg.job import run_job
+
+    config = RunConfig(
+        he=True, clients=3, rounds=1, tracking=False, device="cpu", keys_dir=str(session_keys)
+    )
+    he = run_job(replace(config, output_dir=str(tmp_path / "he")))
+    results = dp_axis.run(config, [0.01, 8.0], 0.5, tmp_path, "t", lambda line: None)
+    assert isinstance(results[0], dp_axis.Refused) and isinstance(results[1], dp_axis.Refused)
+    assert "leaves the codec no room" in results[0].reason
+    assert len(results) == 4  # epsilon 8: HE with distributed DP, plaintext with central DP
+    rows = dp_axis.summarize(results, he)
+    assert rows[0]["refused"] == results[0].reason and rows[1]["final_metric"] > 0
+    table = dp_axis.to_markdown(rows, "accuracy")
+    assert "| 0.01 | refused: a noise multiplier" in table
