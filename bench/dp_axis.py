@@ -110,12 +110,13 @@ def summarize(results: list[RunResult | Refused], he: RunResult) -> list[dict[st
 def to_markdown(rows: list[dict[str, Any]], metric: str) -> str:
     """The accuracy/epsilon table, each cost against HE without DP."""
     base = rows[-1]
-    first = next((row for row in rows if "refused" not in row), base)
+    ran = [row for row in rows[:-1] if "refused" not in row]
+    settings = f" (delta {ran[0]['delta']}, clip {ran[0]['clip']})" if ran else ""
     lines = [
         "## Differential privacy: the metric against epsilon",
         "",
-        f"HE with distributed DP calibrated to each epsilon (delta {first['delta']}, clip "
-        f"{first['clip']}), and HE without DP; medians over rounds.",
+        f"HE with distributed DP calibrated to each epsilon{settings}, and HE without DP; "
+        "medians over rounds.",
         "",
         f"| epsilon | noise multiplier | final {metric}, HE + distributed DP | plaintext + "
         "central DP, same noise | round s (vs no DP) | latency s (vs no DP) | bytes up per "
