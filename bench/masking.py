@@ -123,8 +123,8 @@ def crypto_seconds(
         revealed = [bytes([p]) * 32 for p in range(per_round)]
         removal += best(
             repeats,
-            lambda c=count, k=revealed: masking.self_masks(
-                k, c, shape.poly_modulus_degree, shape.modulus
+            lambda c=count, k=revealed: masking.MaskPlan((), tuple(k)).words(
+                c, shape.poly_modulus_degree, shape.modulus
             ),
         )
     return total, extra, unmask, removal

@@ -139,7 +139,7 @@ def _lie_dropout(folder: str) -> None:
         own = roster.adverts[0]
         key = masking._rebuilt_mask_key(0, reveals, own.public(stamp.phase))
         halves = []
-        for peer in sorted(roster.pairs[0]):
+        for peer in sorted(roster.pairs_of(0)):
             public = roster.adverts[peer].public(stamp.phase)
             secret = masking._agreed(key, public, own.public(stamp.phase), peer)
             halves.append(masking._prg_key(secret, stamp, roster.nonce))

@@ -157,16 +157,28 @@ class Reveal:
 class MaskRoster:
     """What unmasking one attempt's phases needs, as the server holds it: each position's
     advert (None: it advertised nothing, so nobody masks with it), each advertised position's
-    commitment, and whom each position masks with."""
+    commitment, and what says whom each position masks with (``pairs_of``)."""
 
     job: bytes
     nonce: bytes
     adverts: tuple[Advert | None, ...]
     commitments: dict[int, bytes]
-    #: position -> the advertised positions it masks with
-    pairs: dict[int, frozenset[int]]
+    #: each position's job key as (site, public key), None where none was relayed: what a
+    #: neighbour graph is drawn from
+    listed: tuple[tuple[int, bytes] | None, ...]
+    #: the neighbour graph's picks per site (None: the full graph)
+    picks: int | None
     #: sender -> its sealed shares by holder (relayed with the train task; for byte counts)
     sealed: dict[int, dict[int, bytes]] = field(default_factory=dict)
+
+    def pairs_of(self, position: int) -> frozenset[int]:
+        """The advertised positions ``position`` masks with: every other one, or in a graph
+        round its neighbours among them (the server asks only for the positions it lost)."""
+        keyed = self.keyed
+        if self.picks is None:
+            return keyed - {position}
+        around = neighbours.graph(self.job, self.listed, position, self.picks)[1]
+        return frozenset(around & keyed) - {position}
 
     @property
     def keyed(self) -> frozenset[int]:
@@ -193,22 +205,14 @@ class MaskRoster:
     ) -> MaskRoster:
         """The roster of an attempt whose positions sent ``keys`` (their job keys) and then
         ``advertised``; ``policy`` says whether the round masks over a neighbour graph."""
-        adverts = tuple(None if a is None else a.advert for a in advertised)
-        keyed = frozenset(p for p, a in enumerate(adverts) if a is not None)
-        listed = [None if k is None else (k.site, k.public) for k in keys]
-        pairs = {}
-        for position in keyed:
-            if policy is None or not policy.graph(len(keys)):
-                around = keyed
-            else:
-                around = neighbours.graph(job, listed, position, policy.picks)[1]
-            pairs[position] = frozenset(around & keyed) - {position}
+        graph = policy is not None and policy.graph(len(keys))
         return cls(
             job,
             nonce,
-            adverts,
+            tuple(None if a is None else a.advert for a in advertised),
             {p: a.commitment for p, a in enumerate(advertised) if a is not None},
-            pairs,
+            tuple(None if k is None else (k.site, k.public) for k in keys),
+            policy.picks if graph and policy is not None else None,
             {p: a.sealed for p, a in enumerate(advertised) if a is not None},
         )
 
@@ -277,8 +281,6 @@ class _Attempt:
     #: the job keys the attempt was advertised against, by position (what a resumed attempt
     #: must show again)
     keys: tuple[tuple[int, bytes] | None, ...]
-    #: position -> site, for every position the advertise step listed
-    listed: dict[int, int]
     #: position -> the secret this client's and its job keys agree (seals the shares)
     channels: dict[int, bytes]
     #: in a neighbour-graph round, this client's own picks (None: the full graph)
@@ -295,6 +297,11 @@ class _Attempt:
     pairs: dict[int, dict[int, bytes]] = field(default_factory=dict)
     #: sender -> its shares (``_SHARED``) for this client, opened
     held: dict[int, tuple[bytes, ...]] = field(default_factory=dict)
+
+    @property
+    def listed(self) -> dict[int, int]:
+        """Position -> site, for every position the advertise step listed."""
+        return {p: key[0] for p, key in enumerate(self.keys) if key is not None}
 
 
 class Masker:
@@ -404,8 +411,9 @@ class Masker:
         secrets = [
             self_keys[phase] if kind == "self" else attempt_keys[phase] for kind, phase in _SHARED
         ]
-        listed_sites = {p: peer.site for p, peer in enumerate(peers) if peer is not None}
-        holders, threshold = self._holders(chosen, sorted(listed_sites))
+        holders, threshold = self._holders(
+            chosen, [p for p, peer in enumerate(peers) if peer is not None]
+        )
         split = [shares.split(secret, holders, threshold) for secret in secrets]
         context = _share_context(stamp, nonce)
         sealed = {
@@ -421,7 +429,6 @@ class Masker:
             stamp.sender,
             stamp.roster,
             keys,
-            listed_sites,
             channels,
             chosen,
             around,
@@ -666,7 +673,7 @@ class Masker:
         slot = _SHARED.index(("self", stamp.phase))
         survivor_shares = {u: held[u][slot] for u in survivors if u != stamp.sender and u in held}
         slot = _SHARED.index(("mask", stamp.phase))
-        outside = set(self.keyed()) - set(survivors)
+        outside = self.keyed() - set(survivors)
         lost = {d: held[d][slot] for d in sorted(outside) if d in held}
         return Reveal(
             stamp.sender,
@@ -693,12 +700,6 @@ class Masker:
                 "sit-out",
             )
         self._scales_unmasked[round_key] = (nonce, survivors)
-
-    def signature(self, stamp: Stamp) -> bytes:
-        """This client's confirmation of ``stamp``'s phase (empty if it confirmed none)."""
-        if not self.active(stamp):
-            return b""
-        return self._signatures.get(self._phase_key(stamp), b"")
 
     def check_late(self, stamp: Stamp, contributors: tuple[int, ...]) -> None:
         """Refuse an aggregate of fewer contributors than the policy allows; and, for a phase
@@ -890,7 +891,7 @@ def unmasking(
         private = X25519PrivateKey.from_private_bytes(
             _rebuilt_mask_key(lost, reveals, advert.public(stamp.phase))
         )
-        for peer in sorted(roster.pairs.get(lost, frozenset()) & survivors):
+        for peer in sorted(roster.pairs_of(lost) & survivors):
             other = roster.adverts[peer]
             assert other is not None
             secret = _agreed(
@@ -905,11 +906,8 @@ def _rebuilt_mask_key(lost: int, reveals: Sequence[Reveal], public: bytes) -> by
     """The mask key of ``lost`` (which sent nothing for the phase) from the shares of it the
     survivors revealed, checked against the public key it advertised."""
     held = {r.sender: r.lost[lost] for r in reveals if lost in r.lost}
-    try:
-        key = shares.combine(held, PUBLIC_BYTES)
-    except PayloadError:
-        key = b""
-    if not held or not key or _public(key) != public:
+    key = _combined(held, PUBLIC_BYTES)
+    if not key or _public(key) != public:
         raise PayloadError(
             f"client {lost} sent nothing for the phase, and the {len(held)} share(s) of its "
             "mask key the survivors revealed do not rebuild the key it advertised: its pairs "
@@ -1035,11 +1033,8 @@ def rebuild(sender: int, reveals: Sequence[Reveal], commitment: bytes, phase: in
     survivors revealed, checked against the commitment it made when it advertised
     (PayloadError ``missing-correction`` naming it when they do not rebuild it)."""
     held = {r.sender: r.shares[sender] for r in reveals if sender in r.shares}
-    try:
-        key = shares.combine(held, seeded.SEED_BYTES)
-    except PayloadError:
-        key = b""
-    if not held or not committed(key, commitment, phase):
+    key = _combined(held, seeded.SEED_BYTES)
+    if not key or not committed(key, commitment, phase):
         raise PayloadError(
             f"client {sender} sent no mask reveal (or not the key it committed to), and the "
             f"{len(held)} share(s) of its key the others revealed do not rebuild it: the sum "
@@ -1049,15 +1044,21 @@ def rebuild(sender: int, reveals: Sequence[Reveal], commitment: bytes, phase: in
     return key
 
 
+def _combined(held: Mapping[int, bytes], size: int) -> bytes:
+    """The ``size``-byte secret the ``held`` shares rebuild (empty when there are none, or
+    they rebuild no secret of that size): what the caller checks against a commitment."""
+    if not held:
+        return b""
+    try:
+        return shares.combine(held, size)
+    except PayloadError:
+        return b""
+
+
 def committed(key: bytes, commitment: bytes, phase: int) -> bool:
     """Whether ``key`` is the one a client committed to for ``phase`` when it advertised."""
     index = PHASES.index(phase)
     return hashlib.sha256(key).digest() == commitment[32 * index : 32 * index + 32]
-
-
-def self_masks(keys: Sequence[bytes], count: int, n: int, modulus: int) -> np.ndarray:
-    """``(count, n)`` words that remove the revealed self-masks ``keys`` from a sum."""
-    return MaskPlan((), tuple(keys)).words(count, n, modulus)
 
 
 def _phase(stamp: Stamp) -> str:

@@ -104,6 +104,9 @@ class Coordinator:
         log: Callable[[str], None] = lambda line: None,
     ) -> None:
         self.kit = kit
+        #: (site, certificate) -> the key it holds, checked against the CA once (it signs the
+        #: site's attempt keys every round)
+        self._site_keys: dict[tuple[int, bytes], ec.EllipticCurvePublicKey] = {}
         self.cipher = cipher
         self.config = config
         self.job = job
@@ -390,8 +393,11 @@ class Coordinator:
             mask = site.mask
         if mask is None:
             raise PayloadError(f"{site.name} sent no mask key", "no-mask-key")
-        ca = x509.load_pem_x509_certificate(self.kit.ca)
-        return certificate_key(ca, site.name, mask.certificate, whose="")
+        known = (index, mask.certificate)
+        if known not in self._site_keys:
+            ca = x509.load_pem_x509_certificate(self.kit.ca)
+            self._site_keys[known] = certificate_key(ca, site.name, mask.certificate, whose="")
+        return self._site_keys[known]
 
     def mask_keys(self, sites: frozenset[int]) -> list[dict[str, Any] | None]:
         """The signed mask keys of ``sites``, by position (None elsewhere), for a train task."""
