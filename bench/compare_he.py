@@ -700,7 +700,8 @@ def _optimizer_text(job: dict[str, Any]) -> str:
 
 
 def _mb(n: float) -> str:
-    return f"{n / 1e6:.2f} MB"
+    """Bytes in MB, or in kB below 0.1 MB (a small model's plaintext update is a few kB)."""
+    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
 def _seconds(samples: list[float]) -> str:
