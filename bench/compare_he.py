@@ -136,6 +136,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--dp-clip", type=float, default=1.0, help="the DP axis's clipping bound (default 1.0)"
     )
+    parser.add_argument(
+        "--dp-clip-quantile",
+        type=float,
+        default=0.0,
+        help="the DP axis with adaptive clipping: --dp-clip is the first round's bound, then it "
+        "follows this quantile of the update norms (e.g. 0.5; default 0: fixed)",
+    )
     parser.add_argument("--probe", choices=("client", "server"), help=argparse.SUPPRESS)
     parser.add_argument("--probe-config", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--probe-payload", type=Path, help=argparse.SUPPRESS)
@@ -864,7 +871,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         epsilons = [float(e) for e in args.dp_epsilons.split(",")]
         parent = {"mlflow.parentRunId": runs.parent} if runs.parent else None
-        dp_runs = dp_axis.run(config, epsilons, args.dp_clip, out / "runs", stamp, print, parent)
+        adaptive = replace(config, dp_clip_quantile=args.dp_clip_quantile)
+        dp_runs = dp_axis.run(adaptive, epsilons, args.dp_clip, out / "runs", stamp, print, parent)
         report["dp"] = dp_axis.summarize(dp_runs, runs.he[0])
         markdown += "\n\n" + dp_axis.to_markdown(report["dp"], config.headline)
         paths["dp_png"] = dp_axis.plot(

@@ -96,6 +96,8 @@ def summarize(results: list[RunResult | Refused], he: RunResult) -> list[dict[st
                 "delta": config.dp_delta if config.dp else None,
                 "noise_multiplier": config.noise_multiplier() if config.dp else None,
                 "clip": config.dp_clip if config.dp else None,
+                # adaptive clipping: the clip the last round used
+                "last_clip": rounds[-1].metrics.get("train_dp_clip") if rounds else None,
                 "final_metric": result.final,
                 "metric_per_round": [r.value(config.headline) for r in rounds],
                 "round_seconds": statistics.median(r.round_seconds for r in rounds),
@@ -129,6 +131,8 @@ def to_markdown(rows: list[dict[str, Any]], metric: str) -> str:
             continue
         eps = "no DP" if row["epsilon"] is None else f"{row['epsilon']:.2f}"
         noise = "-" if row["noise_multiplier"] is None else f"{row['noise_multiplier']:.3f}"
+        if row.get("last_clip") is not None:  # adaptive clipping: where the clip ended
+            noise += f" (last clip {row['last_clip']:.3g})"
         central = "-" if row["central_metric"] is None else f"{row['central_metric']:.4f}"
         lines.append(
             f"| {eps} | {noise} | {row['final_metric']:.4f} | {central} | "

@@ -40,7 +40,7 @@ from secagg.crypto import ClientCipher, Identities, Stamp, Update
 from secagg.crypto.masking import Advert, Advertised, Reveal, SignedKey
 from secagg.errors import ConfigError, PayloadError, SecAggError, TaskError
 from secagg.files import atomic_write
-from secagg.flatten import Layout, describe, flatten, unflatten
+from secagg.flatten import Layout, describe, extended, flatten, unflatten
 from secagg.messages import (
     EVAL_LOSS,
     ApplyReply,
@@ -53,6 +53,7 @@ from secagg.messages import (
 )
 from secagg.models import seed_torch
 from secagg.optimizers import Hyper, ServerOptimizer, positions_of
+from secagg.privacy import SIGNAL, signal_sizes
 from secagg.task import EvalResult, RoundContext, Site, Task, TrainResult
 
 if TYPE_CHECKING:
@@ -97,7 +98,12 @@ class Client:
         self.global_vector, self.layout = flatten(self.model.state_dict())
         self.signature = signature_of(self.global_vector, self.layout)
         self.data = self._call("load_data", lambda: task.load_data(site))
-        self.cipher = make_cipher(self.layout)
+        #: what an update carries: the model, and adaptive clipping's signal (``privacy``)
+        self.payload_layout = extended(self.layout, SIGNAL, signal_sizes(config))
+        self.cipher = make_cipher(self.payload_layout)
+        #: differential privacy as this round applies it: its clip moves with adaptive
+        #: clipping, the same on every client (it follows the aggregates)
+        self.privacy = self.cipher.privacy
         #: the server optimizer's step and state (``secagg.optimizers``), on the parameters
         parameters = {name for name, _ in self.model.named_parameters(remove_duplicate=False)}
         self.server_optimizer = ServerOptimizer(
@@ -173,6 +179,7 @@ class Client:
         # sites delivered) must not start from this client's own earlier attempt.
         self.model.load_state_dict(unflatten(self.global_vector, self.layout))
         # The cipher prepares this round's encryptions in the background while the task trains.
+        self.cipher.privacy = self.privacy
         self.cipher.precompute(stamp)
         ctx = self.context(stamp.round_num, anchor=True)
         seed_torch(int(torch.randint(0, 2**31 - 1, (1,), generator=_seeded(ctx.seed))))
@@ -182,14 +189,19 @@ class Client:
         _sync(self.device)
         trained = time.perf_counter()
         change = self._change()
-        privacy = self.cipher.privacy
+        privacy = self.privacy
         if privacy is not None:
             # DP: the change clipped to the job's L2 bound, weighed like every other site's
             # (a sample count has no bound, so no sensitivity).
-            privacy.clip_change(change)
+            norm = privacy.clip_change(change)
             samples = 1
+            if privacy.adaptive:
+                change = privacy.signalled(change, norm)
         flattened = time.perf_counter()
         metrics = self._metrics(result.metrics, "train")
+        if privacy is not None and privacy.adaptive:
+            # The clip every client used this round (the same on all: train_dp_clip).
+            metrics["dp_clip"] = privacy.clip
         scales = self.cipher.prepare(change, stamp, samples, metrics)
         self._trained = _Trained(stamp, change, samples)
         seconds = Seconds(
@@ -281,14 +293,19 @@ class Client:
                 "out-of-order",
             )
         aggregate = self.cipher.decrypt(payload, round_stamp, scales)
-        if aggregate.values.shape != (self.layout.size,):
+        if aggregate.values.shape != (self.payload_layout.size,):
             raise PayloadError(
                 f"global update has {aggregate.values.size} values, this client's model has "
-                f"{self.layout.size}; are all parties running the same job?",
+                f"{self.payload_layout.size}; are all parties running the same job?",
                 "wrong-length",
             )
         # float64, the same bits on every client: the packed codec decrypts exact integers.
-        update = optimizer.update(aggregate.values / aggregate.weight)
+        average = aggregate.values / aggregate.weight
+        if self.privacy is not None and self.privacy.adaptive:
+            # The next round's clip, from the noised count every client reads alike.
+            average, signal = average[: self.layout.size], float(average[-1])
+            self.privacy = self.privacy.after(self.privacy.below(signal))
+        update = optimizer.update(average)
         decrypted = time.perf_counter()
         self.model.load_state_dict(unflatten(self.global_vector + update, self.layout))
         self.global_vector = flatten(self.model.state_dict())[0]

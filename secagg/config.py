@@ -159,8 +159,15 @@ class RunConfig:
     #: would take it over
     dp_epsilon: float = 0.0
     dp_delta: float = 1e-5
-    #: the L2 bound each client clips its change to the global model to
+    #: the L2 bound each client clips its change to the global model to (with
+    #: ``dp_clip_quantile``: the first round's)
     dp_clip: float = 1.0
+    #: adaptive clipping (``secagg.privacy``, Andrew et al. 2021): the quantile of the
+    #: clients' update norms the clip follows from round to round, e.g. 0.5 (0: ``dp_clip``
+    #: stays fixed)
+    dp_clip_quantile: float = 0.0
+    #: adaptive clipping: the learning rate of the clip's geometric step
+    dp_clip_rate: float = 0.2
     #: what plaintext FedAvg sends: float32 (as usual) or float64
     plain_precision: str = "float32"
     #: with ``he``: how finely updates are quantized. ``standard``: 15-bit steps, 2.6 bytes per
@@ -263,6 +270,12 @@ class RunConfig:
             (self.dp_epsilon >= 0, "dp_epsilon must be 0 (no budget) or more"),
             (0 < self.dp_delta < 1, "dp_delta must be in (0, 1), well below 1 / clients"),
             (self.dp_clip > 0, "dp_clip must be positive (an L2 norm)"),
+            (
+                0 <= self.dp_clip_quantile < 1,
+                "dp_clip_quantile must be in [0, 1): 0 for a fixed clip, e.g. 0.5 to follow "
+                "the median update norm",
+            ),
+            (0 < self.dp_clip_rate <= 10, "dp_clip_rate must be in (0, 10], e.g. 0.2"),
             (self.client_cpus > 0, "client_cpus must be positive"),
             (self.torch_threads >= 0, "torch_threads must be 0 (one per core per client) or more"),
             (self.client_gpus >= 0, "client_gpus must be 0 or more"),
@@ -339,7 +352,14 @@ class RunConfig:
         from secagg.privacy import Privacy
 
         t = threshold if threshold is not None else self.policy().threshold
-        return Privacy(self.noise_multiplier(), self.dp_clip, t)
+        return Privacy(
+            self.noise_multiplier(),
+            self.dp_clip,
+            t,
+            self.dp_clip_quantile,
+            self.dp_clip_rate,
+            self.per_round,
+        )
 
     def policy(self) -> RoundPolicy:
         """A simulation's round policy: rounds of ``per_round`` clients, ``threshold``,

@@ -38,6 +38,16 @@ class Layout:
         return sum(entry.size for entry in self.entries)
 
 
+def extended(layout: Layout, name: str, sizes: list[int]) -> Layout:
+    """``layout`` with float64 vectors of ``sizes`` values after it (named ``name``): what a
+    payload carries beyond the model (adaptive clipping's signal, ``secagg.privacy``)."""
+    entries, offset = list(layout.entries), layout.size
+    for size in sizes:
+        entries.append(Entry(name, (size,), torch.float64, offset, size))
+        offset += size
+    return Layout(tuple(entries))
+
+
 def layout_of(state: Mapping[str, torch.Tensor]) -> Layout:
     """The layout of a state dict, without copying any data."""
     entries, offset = [], 0

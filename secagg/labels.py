@@ -111,9 +111,12 @@ def description(result: RunResult) -> str:
     if config.dp:
         spent = result.rounds[-1].epsilon if result.rounds else 0.0
         budget = f", budget {config.dp_epsilon:g}" if config.dp_epsilon else ""
+        clip = f"clip {config.dp_clip:g}"
+        if config.dp_clip_quantile:
+            clip += f" at first, adapted towards the {config.dp_clip_quantile:g} quantile"
         lines.append(
             f"- differential privacy: epsilon {spent:.2f} so far at delta {config.dp_delta:g}"
-            f"{budget}; noise multiplier {config.noise_multiplier():.3f}, clip {config.dp_clip:g}"
+            f"{budget}; noise multiplier {config.noise_multiplier():.3f}, {clip}"
         )
     if result.failure:
         lines.append(f"- **failed**: {result.failure}")

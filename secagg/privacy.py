@@ -26,6 +26,20 @@ the codec's range: a sum wraps with chance below ``10^-32`` per value. The per-c
 deviation stays at most ``MAX_SIGMA`` by coarser steps, which only moves the rounding
 further below the noise.
 
+**Adaptive clipping** (``quantile`` above 0: Andrew, Thakkar, McMahan and Ramaswamy,
+NeurIPS 2021). ``C`` follows a quantile of the update norms instead of staying where the job
+set it: each client appends one value to its clipped change, ``+bC`` when its norm was at most
+``C`` and ``-bC`` when it was clipped, and the value is summed, noised and decrypted with the
+update. Every client reads the noised fraction ``f`` of clients under ``C`` from the same sum
+and takes the same geometric step, ``C <- C exp(-rate (f - quantile))``; so does a client that
+rejoins, replaying the aggregates. The value rides inside the update, so the mechanism is one
+Gaussian mechanism on the vector ``(clipped change, +-bC)`` of L2 norm at most ``C sqrt(1 +
+b^2)``, noised ``z`` times that: the accountant's ``epsilon`` is unchanged (Andrew et al.'s
+separate count noise and adjusted multiplier amount to the same thing, done exactly). ``b`` is
+chosen so that the count's noise has standard deviation ``m / 20`` for ``m`` clients a round,
+Andrew et al.'s choice, unless that would cost the update more than ``MAX_SIGNAL_COST`` more
+noise; then the count is noisier (few clients a round, large ``z``: the clip then wanders).
+
 **Accounting** (``epsilon``): Google's ``dp-accounting`` (RDP), the Gaussian mechanism with
 noise multiplier ``z`` per round, Poisson-subsampled at ``clients_per_round / clients`` (an
 approximation of secagg's fixed-size sampling, as in DP-FedAvg; exact with every client in
@@ -39,13 +53,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from secagg.errors import ConfigError, PayloadError
+
+if TYPE_CHECKING:
+    from secagg.config import RunConfig
 
 #: The largest standard deviation of one client's noise (``secagg.noise`` keeps its exact
 #: arithmetic within 64 bits up to it).
@@ -56,6 +73,18 @@ HEADROOM_SIGMAS = 12
 #: The least variance a client draws (the sum of discrete Gaussians is then a Gaussian to
 #: within ``10^-60``; see the module docstring).
 MIN_VARIANCE = 16
+#: Adaptive clipping: the most its signal may add to a client's sensitivity (10 %).
+MAX_SIGNAL_COST = 1.10
+
+
+#: The name of the one value adaptive clipping appends to every update, as a tensor of one.
+SIGNAL = "secagg.dp_clip_signal"
+
+
+def signal_sizes(config: RunConfig) -> list[int]:
+    """The tensor sizes adaptive clipping appends to the job's model in every update: one
+    value (``[]`` with a fixed clip, or without DP). Every party sizes payloads with it."""
+    return [1] if config.dp and config.dp_clip_quantile > 0 else []
 
 
 @dataclass(frozen=True)
@@ -68,6 +97,35 @@ class Privacy:
     clip: float
     #: the fewest contributors any sum has (the round policy's)
     threshold: int
+    #: adaptive clipping: the quantile of the update norms ``clip`` follows (0: fixed)
+    quantile: float = 0.0
+    #: adaptive clipping: the geometric step's learning rate
+    rate: float = 0.2
+    #: adaptive clipping: the clients a round asks (how noisy their count may be)
+    per_round: int = 1
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether ``clip`` follows a quantile of the update norms (an extra value a client)."""
+        return self.quantile > 0
+
+    @property
+    def signal(self) -> float:
+        """Adaptive clipping: the appended value's magnitude over ``clip`` (``b``; 0 when
+        fixed), so that the count's noise is ``per_round / 20`` where that costs at most
+        ``MAX_SIGNAL_COST`` (``sqrt(1 + b^2)``) more noise on the update."""
+        if not self.adaptive:
+            return 0.0
+        most = math.sqrt(MAX_SIGNAL_COST**2 - 1)
+        # the count's noise, z sqrt(1 + b^2) / (2b), at per_round / 20
+        room = (self.per_round / 10) ** 2 - self.noise**2
+        return most if room <= 0 else min(most, self.noise / math.sqrt(room))
+
+    @property
+    def sensitivity(self) -> float:
+        """The L2 norm of what a client adds, in the model's units: its clipped change, and
+        with adaptive clipping its signal."""
+        return self.clip * math.sqrt(1 + self.signal**2)
 
     def clip_change(self, change: np.ndarray) -> float:
         """Scale ``change`` in place to an L2 norm of at most ``clip``; return its norm before."""
@@ -76,15 +134,31 @@ class Privacy:
             change *= self.clip / norm
         return norm
 
+    def signalled(self, change: np.ndarray, norm: float) -> np.ndarray:
+        """Adaptive clipping: ``change`` (clipped) with the signal appended, ``+bC`` when
+        ``norm`` (before clipping) was within the clip and ``-bC`` when it was not."""
+        mark = self.signal * self.clip * (1.0 if norm <= self.clip else -1.0)
+        return np.append(change, mark)
+
+    def below(self, mean_signal: float) -> float:
+        """The fraction of a round's clients whose change was within the clip, read from the
+        average of their signals (noised: clamped to ``[0, 1]``)."""
+        return min(1.0, max(0.0, (mean_signal / (self.signal * self.clip) + 1) / 2))
+
+    def after(self, below: float) -> Privacy:
+        """The next round's DP: the clip stepped towards ``quantile`` (Andrew et al.'s
+        geometric update) given the fraction ``below`` of clients that were within it."""
+        return replace(self, clip=self.clip * math.exp(-self.rate * (below - self.quantile)))
+
     def rounded_norm(self, weight: float, step: float, values: int) -> float:
         """The L2 norm no client's rounded integers exceed (its sensitivity) when it weighs
         its change ``weight`` and rounds ``values`` of them on ``step``: with ``A = weight x
-        clip / step`` the largest norm before rounding, ``sqrt(A^2 + d/4 + A + sqrt(d)/2)``.
+        sensitivity / step`` the largest norm before rounding, ``sqrt(A^2 + d/4 + A + sqrt(d)/2)``.
         Randomized rounding adds ``d/4`` in expectation, in quadrature, where rounding to the
         nearest could add ``sqrt(d)/2`` to the norm; a client draws its rounding again until
         it is within the bound (``noise.round_within``, the DDG paper's conditional rounding),
         so the bound holds always."""
-        scaled = weight / step * self.clip
+        scaled = weight / step * self.sensitivity
         d = float(values)
         return math.sqrt(scaled**2 + d / 4 + scaled + math.sqrt(d) / 2)
 
@@ -120,15 +194,20 @@ class Privacy:
         return low
 
 
-def central_noise(privacy: Privacy, clients: int, count: int) -> np.ndarray:
+def central_noise(privacy: Privacy, clients: int, count: int, signal: float = 0.0) -> np.ndarray:
     """Central DP's noise for a plaintext sum of ``clients`` updates each weighed
-    ``1 / clients``: standard deviation ``noise x clip / clients`` per value, the same noise
-    multiplier as the distributed mechanism's. Drawn exactly as the sites' noise is (a
-    discrete Gaussian of standard deviation ``MAX_SIGMA``, scaled: a grid 4,096 times finer
-    than the deviation, from the OS's CSPRNG)."""
+    ``1 / clients``: standard deviation ``noise x sensitivity / clients`` per value, the same
+    noise multiplier as the distributed mechanism's. With adaptive clipping the clip moves, and
+    ``signal`` (the largest magnitude of the updates' last value, ``b C / clients``) gives the
+    round's: the server, trusted with the updates under central DP, reads it off them. Drawn
+    exactly as the sites' noise is (a discrete Gaussian of standard deviation ``MAX_SIGMA``,
+    scaled: a grid 4,096 times finer than the deviation, from the OS's CSPRNG)."""
     from secagg.noise import discrete_gaussian
 
-    deviation = privacy.noise * privacy.clip / clients
+    if privacy.adaptive:
+        deviation = privacy.noise * signal * math.sqrt(1 + privacy.signal**-2)
+    else:
+        deviation = privacy.noise * privacy.sensitivity / clients
     return discrete_gaussian(MAX_SIGMA**2, count) * (deviation / MAX_SIGMA)
 
 

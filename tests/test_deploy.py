@@ -273,6 +273,35 @@ def test_grpc_run_matches_the_in_process_run(tmp_path: Path, session_keys: Path)
 
 
 @pytest.mark.slow
+def test_adaptive_clipping_over_grpc_moves_the_clip_alike_on_every_site(tmp_path: Path) -> None:
+    """Distributed DP with adaptive clipping between real processes: every update carries
+    the clip signal (the server sizes payloads for it without reading it), and the sites
+    step the clip alike from the noised count (its average over the sites is one value)."""
+    out = tmp_path / "grpc"
+    done = subprocess.run(
+        [
+            *SECAGG,
+            "run",
+            *("--he", "--clients", "3", "--rounds", "2", "--local-epochs", "1"),
+            *("--dp-noise", "0.05", "--dp-clip", "5", "--dp-clip-quantile", "0.5"),
+            *("--transport", "grpc", "--no-tracking", "--output", str(out)),
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    clips = [
+        r["metrics"]["train_dp_clip"]
+        for r in json.loads((out / "results.json").read_text())["rounds"]
+    ]
+    assert clips[0] == pytest.approx(5.0, rel=1e-6)
+    # every site was under a clip of 5 (the count's noise, 3/20 of a site, lowers it at most)
+    assert np.exp(-0.1) * (1 - 1e-6) <= clips[1] / clips[0] <= np.exp(-0.04)
+
+
+@pytest.mark.slow
 def test_server_holds_no_secret_and_loads_no_crypto_library(tmp_path: Path) -> None:
     project, port = _project(tmp_path, 2)
     job, _ = _job(tmp_path, clients=2, rounds=2)

@@ -24,7 +24,7 @@ from secagg.crypto.ckks import CkksClient
 from secagg.crypto.ckks_server import CkksServer
 from secagg.crypto.quantized import QuantizedCipher
 from secagg.errors import ConfigError, PayloadError
-from secagg.flatten import flatten
+from secagg.flatten import extended, flatten
 from secagg.job import run_job
 
 #: Significance of the statistical tests: an honest sampler fails one once in 1,000 runs.
@@ -71,9 +71,11 @@ def test_a_change_above_the_bound_is_clipped_and_one_below_is_not() -> None:
     assert np.array_equal(small, np.full(100, 0.1))
 
 
-def _dp_round(session_keys, rule, stamp, changes):  # type: ignore[no-untyped-def]
-    """One codec round of ``len(changes)`` clients with DP: (decrypted sum, agreement)."""
+def _dp_round(session_keys, rule, stamp, changes, extra=()):  # type: ignore[no-untyped-def]
+    """One codec round of ``len(changes)`` clients with DP: (decrypted sum, agreement);
+    ``extra``: tensor sizes each update carries beyond the digits model."""
     _, layout = flatten(task_for(RunConfig()).build_model().state_dict())
+    layout = extended(layout, privacy.SIGNAL, list(extra))
     loaded = keys.load_for_client(session_keys)
     clients = [QuantizedCipher(CkksClient(loaded), layout, rule) for _ in changes]
     server = CkksServer(keys.load_for_server(session_keys))
@@ -112,6 +114,73 @@ def test_the_decrypted_sum_carries_the_calibrated_noise(session_keys) -> None:
     error = expected * math.sqrt(2 / drawn.size)
     assert abs(drawn.var() - expected) < 5 * error, (drawn.var(), expected)
     assert abs(drawn.mean()) < 5 * math.sqrt(expected / drawn.size)
+
+
+def test_adaptive_clipping_counts_the_sites_under_the_clip_inside_the_noised_sum(
+    session_keys,
+) -> None:
+    """Adaptive clipping (Andrew et al. 2021): each site appends +-bC, so the decrypted,
+    noised sum tells every site the fraction under the clip (9 of 12 here) and nothing
+    about which; the count's noise is m/20 sites, and the update pays for the signal in its
+    sensitivity (so the accountant's epsilon holds for both)."""
+    rule = privacy.Privacy(noise=0.1, clip=1.0, threshold=12, quantile=0.5, per_round=12)
+    counted = rule.noise * math.sqrt(1 + rule.signal**2) / (2 * rule.signal)
+    assert counted == pytest.approx(12 / 20)
+    assert rule.sensitivity == pytest.approx(math.sqrt(1 + rule.signal**2))
+    rng = np.random.default_rng(11)
+    norms = [0.5] * 9 + [3.0] * 3
+    changes = []
+    for norm in norms:
+        change = rng.normal(size=9610)
+        change *= norm / np.linalg.norm(change)
+        before = rule.clip_change(change)
+        changes.append(rule.signalled(change, before))
+    summed, _ = _dp_round(session_keys, rule, round_of(2, roster=12), changes, extra=[1])
+    assert summed.values.size == 9611
+    below = rule.below(summed.values[-1] / summed.weight)
+    assert abs(below - 0.75) < 5 * 0.05, below  # five standard deviations of m/20 of 12
+    # The clip steps towards the quantile: down when more than it are under, up when fewer.
+    assert rule.after(below).clip == pytest.approx(math.exp(-0.2 * (below - 0.5)))
+    assert rule.after(0.0).clip > 1.0 > rule.after(1.0).clip
+    assert rule.below(-1e9) == 0.0 and rule.below(1e9) == 1.0
+
+
+def test_the_clip_signal_never_costs_the_update_over_ten_percent_more_noise() -> None:
+    """Few sites a round (or much noise): the count gets noisier instead."""
+    few = privacy.Privacy(noise=2.0, clip=0.5, threshold=6, quantile=0.5, per_round=8)
+    assert few.sensitivity == pytest.approx(0.5 * privacy.MAX_SIGNAL_COST)
+    many = replace(few, per_round=100)
+    assert many.sensitivity < 0.5 * 1.03  # 2 % more noise buys a count within 100/20
+    assert privacy.Privacy(noise=2.0, clip=0.5, threshold=6).sensitivity == 0.5  # fixed
+
+
+@pytest.mark.parametrize("he", [True, False])
+def test_the_clip_follows_its_quantile_from_round_to_round(tmp_path, session_keys, he) -> None:
+    """The digits job with a clip far above every update: each round every site is under
+    it, so the clip shrinks by about exp(-rate x (1 - 0.5)), the same on every site (HE:
+    distributed noise; plaintext: the server's central noise); epsilon is the
+    accountant's for the noise multiplier alone."""
+    config = RunConfig(
+        clients=10,
+        rounds=3,
+        he=he,
+        dp_noise=0.05,
+        dp_clip=5.0,
+        dp_clip_quantile=0.5,
+        keys_dir=str(session_keys),
+        tracking=False,
+        device="cpu",
+        output_dir=str(tmp_path / "run"),
+    )
+    result = run_job(config)
+    clips = [r.metrics["train_dp_clip"] for r in result.rounds]
+    assert clips[0] == pytest.approx(5.0, rel=1e-6)
+    for before, after in zip(clips, clips[1:], strict=False):
+        # under the clip: 1 (the count's noise, m/20 = 0.5 of 10 sites, only lowers it)
+        assert math.exp(-0.1) * (1 - 1e-6) <= after / before <= math.exp(-0.04)
+    for row in result.rounds:
+        wanted = _accountant_epsilon(0.05, row.round, 1.0, 1e-5)
+        assert row.epsilon == pytest.approx(wanted, rel=1e-9)
 
 
 def test_plaintext_dp_is_central_noise_of_the_same_multiplier() -> None:

@@ -113,7 +113,14 @@ _PRIVACY = (
     (
         "--dp-clip",
         click.FloatRange(min=0, min_open=True),
-        f"with DP: the L2 bound each client clips its update to.{_default('dp_clip')}",
+        f"with DP: the L2 bound each client clips its update to (with --dp-clip-quantile: "
+        f"the first round's).{_default('dp_clip')}",
+    ),
+    (
+        "--dp-clip-quantile",
+        click.FloatRange(min=0, max=1, max_open=True),
+        "with DP: adapt the clip each round towards this quantile of the clients' update "
+        "norms, e.g. 0.5 (privately, inside the noised sum; 0: a fixed clip).",
     ),
     (
         "--dp-delta",

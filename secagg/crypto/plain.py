@@ -150,8 +150,13 @@ class PlainCipher:
         allowed: frozenset[int] | None = None,
         values: int | None = None,
     ) -> bytes:
+        signal = 0.0  # adaptive clipping: the largest |last value| of an update (its bC/N)
+
         def add(total: np.ndarray | None, opened: envelope.Envelope) -> np.ndarray:
+            nonlocal signal
             vector = np.frombuffer(opened.body, dtype=self.dtype)
+            if opened.values:
+                signal = max(signal, abs(float(vector[opened.values - 1])))
             if total is None:
                 return vector.astype(np.float64)
             total += vector
@@ -166,7 +171,7 @@ class PlainCipher:
 
             # Every client weighs 1/N (N: the round's clients), so one client's sensitivity
             # is clip / N; the ledger's slots after the values stay exact.
-            total[:count] += privacy.central_noise(self.privacy, len(senders), count)
+            total[:count] += privacy.central_noise(self.privacy, len(senders), count, signal)
         return self._payload(AGGREGATE, stamp, count, total, senders)
 
     def corrected(

@@ -102,8 +102,11 @@ class Coordinator:
         liveness: float,
         max_samples: int,
         log: Callable[[str], None] = lambda line: None,
+        signal: tuple[int, ...] = (),
     ) -> None:
         self.kit = kit
+        #: what every update carries beyond the job's model (``privacy.signal_sizes``)
+        self.signal = list(signal)
         #: (site, certificate) -> the key it holds, checked against the CA once (it signs the
         #: site's attempt keys every round)
         self._site_keys: dict[tuple[int, bytes], ec.EllipticCurvePublicKey] = {}
@@ -447,7 +450,7 @@ class Coordinator:
         with self.lock:
             if self.model is None:
                 raise RoundFailed("no site has said what the job's model is yet")
-            return self.model.sizes()
+            return self.model.sizes() + self.signal
 
     def check_upload(self, site: Site, header: UploadHeader) -> tuple[Task, Stamp, int]:
         """The task an upload answers, the stamp its payload must carry and how many values
@@ -490,14 +493,15 @@ class Coordinator:
             raise PayloadError("a confirm upload must carry the site's signature", "malformed")
         if task.kind == "correct" and not header.revealed:
             raise PayloadError("a correct upload must carry the site's self-mask key", "malformed")
+        sizes = model.sizes() + self.signal
         if task.kind in ("advertise", "confirm", "correct", "average"):
             # Nothing but the header: attempt keys, a signature, a reveal, or averages.
             return task, stamp, 0
         if task.kind == "evaluate":
             return task, stamp.evaluation(roster), report.VALUES
         if task.kind == "seal":
-            return task, stamp, sum(model.sizes())
-        values = quantize.histogram_values(model.sizes()) if self.cipher.quantizes else 0
+            return task, stamp, sum(sizes)
+        values = quantize.histogram_values(sizes) if self.cipher.quantizes else 0
         return task, stamp.scales(), values
 
     def _check_count(self, header: UploadHeader) -> None:

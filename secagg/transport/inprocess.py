@@ -59,7 +59,7 @@ class InProcessTransport:
         pass
 
     def tensor_sizes(self) -> list[int]:
-        return [entry.size for entry in self.holder.layout.entries]
+        return [entry.size for entry in self.holder.payload_layout.entries]
 
     def _each(self, phase: str, clients: Sequence[Client]) -> Iterator[tuple[int, Client]]:
         """The clients in turn, with their position in the round; after each one's step, say

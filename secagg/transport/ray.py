@@ -130,7 +130,7 @@ class ClientActor:
         return self.client.site.index
 
     def tensor_sizes(self) -> list[int]:
-        return [entry.size for entry in self.client.layout.entries]
+        return [entry.size for entry in self.client.payload_layout.entries]
 
     def model_bytes(self) -> bytes:
         return self.client.model_bytes()
