@@ -7,6 +7,7 @@ clipped, epsilon must be the accountant's, and a budget must stop the run.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import replace
@@ -175,7 +176,7 @@ def test_the_clip_follows_its_quantile_from_round_to_round(tmp_path, session_key
     result = run_job(config)
     clips = [r.metrics["train_dp_clip"] for r in result.rounds]
     assert clips[0] == pytest.approx(5.0, rel=1e-6)
-    for before, after in zip(clips, clips[1:], strict=False):
+    for before, after in itertools.pairwise(clips):
         # under the clip: 1 (the count's noise, m/20 = 0.5 of 10 sites, only lowers it)
         assert math.exp(-0.1) * (1 - 1e-6) <= after / before <= math.exp(-0.04)
     for row in result.rounds:
