@@ -71,8 +71,10 @@ class RunConfig:
     """Everything one federated job needs. Defaults give the main digits job.
 
     The job file's format is this flat set of fields; the parts that read only a few of them
-    receive typed sections instead (``tracking_settings``, ``transport_settings``), so what
-    each reads is in its signature."""
+    receive typed sections instead (``tracking_settings``, ``transport_settings``,
+    ``optimizers.Hyper``, ``privacy()``, ``policy()``; the cipher factories take those and the
+    keys and precision), so what each reads is in its signature. The client and the task see
+    all of it: a task may read any setting (``RoundContext.config``)."""
 
     #: the user's task by import path (``package.module:Class``); None runs the built-in
     #: classification task of ``dataset`` and ``model``
