@@ -96,6 +96,7 @@ def summarize(results: list[RunResult | Refused], he: RunResult) -> list[dict[st
                 "delta": config.dp_delta if config.dp else None,
                 "noise_multiplier": config.noise_multiplier() if config.dp else None,
                 "clip": config.dp_clip if config.dp else None,
+                "quantile": config.dp_clip_quantile if config.dp else None,
                 # adaptive clipping: the clip the last round used
                 "last_clip": rounds[-1].metrics.get("train_dp_clip") if rounds else None,
                 "final_metric": result.final,
@@ -113,7 +114,12 @@ def to_markdown(rows: list[dict[str, Any]], metric: str) -> str:
     """The accuracy/epsilon table, each cost against HE without DP."""
     base = rows[-1]
     ran = [row for row in rows[:-1] if "refused" not in row]
-    settings = f" (delta {ran[0]['delta']}, clip {ran[0]['clip']})" if ran else ""
+    settings = ""
+    if ran:
+        clip = f"clip {ran[0]['clip']}"
+        if ran[0].get("quantile"):
+            clip += f" at first, adapted towards the {ran[0]['quantile']:g} quantile of the norms"
+        settings = f" (delta {ran[0]['delta']}, {clip})"
     lines = [
         "## Differential privacy: the metric against epsilon",
         "",

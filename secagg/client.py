@@ -53,7 +53,7 @@ from secagg.messages import (
 )
 from secagg.models import seed_torch
 from secagg.optimizers import Hyper, ServerOptimizer, positions_of
-from secagg.privacy import SIGNAL, signal_sizes
+from secagg.privacy import EXTRA, extra_sizes
 from secagg.task import EvalResult, RoundContext, Site, Task, TrainResult
 
 if TYPE_CHECKING:
@@ -98,8 +98,9 @@ class Client:
         self.global_vector, self.layout = flatten(self.model.state_dict())
         self.signature = signature_of(self.global_vector, self.layout)
         self.data = self._call("load_data", lambda: task.load_data(site))
-        #: what an update carries: the model, and adaptive clipping's signal (``privacy``)
-        self.payload_layout = extended(self.layout, SIGNAL, signal_sizes(config))
+        #: what an update carries: the model, and with DP adaptive clipping's signal and the
+        #: rotation's padding (``privacy.extra_sizes``)
+        self.payload_layout = extended(self.layout, EXTRA, extra_sizes(self.layout.size, config))
         self.cipher = make_cipher(self.payload_layout)
         #: differential privacy as this round applies it: its clip moves with adaptive
         #: clipping, the same on every client (it follows the aggregates)
@@ -195,8 +196,7 @@ class Client:
             # (a sample count has no bound, so no sensitivity).
             norm = privacy.clip_change(change)
             samples = 1
-            if privacy.adaptive:
-                change = privacy.signalled(change, norm)
+            change = privacy.extended(change, norm, self.payload_layout.size)
         flattened = time.perf_counter()
         metrics = self._metrics(result.metrics, "train")
         if privacy is not None and privacy.adaptive:
@@ -301,11 +301,11 @@ class Client:
             )
         # float64, the same bits on every client: the packed codec decrypts exact integers.
         average = aggregate.values / aggregate.weight
+        model, extra = average[: self.layout.size], average[self.layout.size :]
         if self.privacy is not None and self.privacy.adaptive:
             # The next round's clip, from the noised count every client reads alike.
-            average, signal = average[: self.layout.size], float(average[-1])
-            self.privacy = self.privacy.after(self.privacy.below(signal))
-        update = optimizer.update(average)
+            self.privacy = self.privacy.after(self.privacy.below(float(extra[0])))
+        update = optimizer.update(model)
         decrypted = time.perf_counter()
         self.model.load_state_dict(unflatten(self.global_vector + update, self.layout))
         self.global_vector = flatten(self.model.state_dict())[0]

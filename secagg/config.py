@@ -278,6 +278,11 @@ class RunConfig:
                 "the median update norm",
             ),
             (0 < self.dp_clip_rate <= 10, "dp_clip_rate must be in (0, 10], e.g. 0.2"),
+            (
+                not self.dp_clip_quantile or self.dp,
+                "dp_clip_quantile adapts differential privacy's clip: set dp_epsilon or "
+                "dp_noise too (or leave it out)",
+            ),
             (self.client_cpus > 0, "client_cpus must be positive"),
             (self.torch_threads >= 0, "torch_threads must be 0 (one per core per client) or more"),
             (self.client_gpus >= 0, "client_gpus must be 0 or more"),

@@ -35,7 +35,7 @@ from secagg.config import RunConfig, dump_job
 from secagg.errors import CheckpointError, ConfigError, PayloadError, SecAggError
 from secagg.messages import ModelSignature
 from secagg.outputs import RESULTS_FILE, SITES_DIR, check_new_output, new_output_dir
-from secagg.privacy import signal_sizes
+from secagg.privacy import extra_sizes
 from secagg.provision import Kit, load_kit, provision
 from secagg.records import RunRecords, RunResult
 from secagg.rounds import RoundFailed, RoundMetrics
@@ -102,7 +102,7 @@ def serve(
         liveness,
         config.max_client_samples,
         log,
-        tuple(signal_sizes(config)),
+        lambda values: extra_sizes(values, config),
     )
     # The job's model, built from the job in a child process (this one loads no torch and
     # runs no task code) while the service starts: every site is checked against it.

@@ -150,7 +150,9 @@ class PlainCipher:
         allowed: frozenset[int] | None = None,
         values: int | None = None,
     ) -> bytes:
-        signal = 0.0  # adaptive clipping: the largest |last value| of an update (its bC/N)
+        # Adaptive clipping: the largest |last value| of an update, its signal (bC/N; without
+        # HE the signal is the one value after the model's: ``privacy.extra_sizes``).
+        signal = 0.0
 
         def add(total: np.ndarray | None, opened: envelope.Envelope) -> np.ndarray:
             nonlocal signal

@@ -25,9 +25,9 @@ from secagg.crypto.ckks import CkksClient
 from secagg.crypto.envelope import Stamp
 from secagg.crypto.ledger import Aggregate, Update
 from secagg.crypto.masking import Advertised, Relayed, Reveal, Sealed, SignedKey
-from secagg.errors import PayloadError
+from secagg.errors import ConfigError, PayloadError
 from secagg.flatten import Layout
-from secagg.privacy import Privacy
+from secagg.privacy import ROTATION, Privacy, rotate, rotation_signs, unrotate
 
 #: Draws differential privacy's noise ahead, while the task trains (one thread per process).
 _BACKGROUND = ThreadPoolExecutor(1, thread_name_prefix="secagg-noise")
@@ -43,11 +43,18 @@ class QuantizedCipher:
         self.name = inner.name
         self.blocks = quantize.block_sizes(layout)
         self.size = layout.size
+        if privacy is not None and self.size % ROTATION:
+            raise ConfigError(
+                f"a DP update with HE is a whole number of {ROTATION}-value rotation chunks; "
+                f"this layout has {self.size} values (extend it by privacy.extra_sizes)"
+            )
         #: values of a scale exchange payload: one histogram per block, then the report
         self._histogram_values = self.blocks.size * quantize.BINS
         self._scale_values = self._histogram_values + report.VALUES
         #: the last agreement decrypted, by its digest
         self._agreed: tuple[bytes, Agreement] | None = None
+        #: DP: the last round's rotation signs, by the round's label
+        self._rotation: tuple[bytes, np.ndarray] | None = None
         #: DP noise drawn ahead for a round: (job, round, variance, the draw)
         self._noise: tuple[bytes, int, int, Future[np.ndarray]] | None = None
         #: this client's sample count and training metrics, as its last ``prepare`` had them
@@ -70,8 +77,9 @@ class QuantizedCipher:
         its training ``metrics`` (``report``): neither its count nor its metrics travel in
         plain."""
         metrics = dict(metrics or {})
-        # With DP every client reports the clipping bound, never its own magnitudes.
-        bound = self.privacy.clip if self.privacy is not None else None
+        # With DP every client reports the bound of its rotated values, never its own
+        # magnitudes.
+        bound = self.privacy.rotated_peak() if self.privacy is not None else None
         histogram = quantize.histogram(values, self.blocks, samples, peak=bound)
         self._samples, self._metrics = samples, metrics
         # The ledger's count slot carries the sample count, so every client reads the round's
@@ -98,7 +106,7 @@ class QuantizedCipher:
         clients = len(masker.keyed()) if masker is not None and masker.active(stamp) else 0
         clients = clients or stamp.roster
         assert self.privacy is not None
-        one = quantize.histogram(np.empty(0), self.blocks, 1, peak=self.privacy.clip)
+        one = quantize.histogram(np.empty(0), self.blocks, 1, peak=self.privacy.rotated_peak())
         try:
             _, variance = self._noise_room(one * clients, clients, clients, self._limit(stamp))
         except PayloadError:
@@ -176,11 +184,17 @@ class QuantizedCipher:
             values *= (self._samples / total) / weight
             weight = self._samples / total
         limit = 2.0**quantize.E_MAX / total
-        if agreement.variance:  # DP: rounded at random within the norm the noise covers
+        if agreement.variance:  # DP: rotated, then rounded at random within the norm the
+            # noise covers; a rotated value over the steps' bound (chance 1e-9) is clipped.
+            assert self.privacy is not None
+            values = rotate(values, self._signs(stamp))
+            bound = self.privacy.rotated_peak() * weight
+            clipped = int(np.count_nonzero(np.abs(values) > bound))
+            np.clip(values, -bound, bound, out=values)
             scaled = values / np.repeat(steps, self.blocks)
             values = noise.round_within(scaled, agreement.rounded_norm)
             values += self._noise_for(stamp, agreement.variance)
-            return self.inner.encrypt(Update(values, weight, 0), stamp)
+            return self.inner.encrypt(Update(values, weight, clipped), stamp)
         values, clipped = quantize.quantize(values, steps, self.blocks, limit)
         return self.inner.encrypt(Update(values, weight, clipped), stamp)
 
@@ -210,7 +224,16 @@ class QuantizedCipher:
                 "not-in-round",
             )
         values = quantize.dequantize(summed.values, steps, self.blocks)
+        if self.privacy is not None:
+            values = unrotate(values, self._signs(stamp))
         return Aggregate(values, summed.weight, summed.clipped, summed.contributors)
+
+    def _signs(self, stamp: Stamp) -> np.ndarray:
+        """The round's rotation signs (DP), the same on every client of every attempt."""
+        label = stamp.job + stamp.round_num.to_bytes(8, "big")
+        if self._rotation is None or self._rotation[0] != label:
+            self._rotation = (label, rotation_signs(label, self.size))
+        return self._rotation[1]
 
     def agreement(self, stamp: Stamp, agreed: bytes | None) -> Agreement:
         """What the round's summed scales say: the quantization steps, who took part, their

@@ -43,7 +43,7 @@ from secagg.files import atomic_write
 from secagg.flower import wire
 from secagg.flower.arrays import tensor_sizes
 from secagg.messages import ApplyReply, EvalReply, FitReply, TrainReply
-from secagg.privacy import signal_sizes
+from secagg.privacy import extra_sizes
 from secagg.server import Server
 
 T = TypeVar("T")
@@ -266,7 +266,8 @@ class GridTransport:
         self.timeout = timeout
         self.strategy = strategy
         self.roster = job.config.per_round
-        self._sizes = tensor_sizes(arrays) + signal_sizes(job.config)
+        self._sizes = tensor_sizes(arrays)
+        self._sizes += extra_sizes(sum(self._sizes), job.config)
         #: site index -> its certificate (empty without kits), relayed with its key
         self._certificates: dict[int, bytes] = {}
         self._keys: dict[int, SignedKey] = {}  # site index -> its signed mask key

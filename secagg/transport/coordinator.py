@@ -102,11 +102,12 @@ class Coordinator:
         liveness: float,
         max_samples: int,
         log: Callable[[str], None] = lambda line: None,
-        signal: tuple[int, ...] = (),
+        extra: Callable[[int], list[int]] = lambda values: [],
     ) -> None:
         self.kit = kit
-        #: what every update carries beyond the job's model (``privacy.signal_sizes``)
-        self.signal = list(signal)
+        #: what every update carries beyond the job's model of so many values
+        #: (``privacy.extra_sizes``)
+        self.extra = extra
         #: (site, certificate) -> the key it holds, checked against the CA once (it signs the
         #: site's attempt keys every round)
         self._site_keys: dict[tuple[int, bytes], ec.EllipticCurvePublicKey] = {}
@@ -450,7 +451,12 @@ class Coordinator:
         with self.lock:
             if self.model is None:
                 raise RoundFailed("no site has said what the job's model is yet")
-            return self.model.sizes() + self.signal
+            return self._payload_sizes(self.model)
+
+    def _payload_sizes(self, model: ModelSignature) -> list[int]:
+        """The tensor sizes a round's updates carry: the job's model's, then its extras."""
+        sizes = model.sizes()
+        return sizes + self.extra(sum(sizes))
 
     def check_upload(self, site: Site, header: UploadHeader) -> tuple[Task, Stamp, int]:
         """The task an upload answers, the stamp its payload must carry and how many values
@@ -493,7 +499,7 @@ class Coordinator:
             raise PayloadError("a confirm upload must carry the site's signature", "malformed")
         if task.kind == "correct" and not header.revealed:
             raise PayloadError("a correct upload must carry the site's self-mask key", "malformed")
-        sizes = model.sizes() + self.signal
+        sizes = self._payload_sizes(model)
         if task.kind in ("advertise", "confirm", "correct", "average"):
             # Nothing but the header: attempt keys, a signature, a reveal, or averages.
             return task, stamp, 0
