@@ -59,7 +59,6 @@ out.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -222,44 +221,6 @@ class Privacy:
             else:
                 high = middle - 1
         return low
-
-
-def rotation_signs(label: bytes, size: int) -> np.ndarray:
-    """The round's random signs (``+-1.0``, ``size`` of them) from its public ``label``: the
-    same on every client, independent of any update."""
-    digest = hashlib.shake_256(b"secagg dp rotation\0" + label).digest((size + 7) // 8)
-    bits = np.unpackbits(np.frombuffer(digest, dtype=np.uint8))[:size]
-    return 1.0 - 2.0 * bits
-
-
-def rotate(values: np.ndarray, signs: np.ndarray) -> np.ndarray:
-    """The randomized Hadamard rotation of ``values`` (a whole number of ``ROTATION``
-    chunks): each chunk's signs flipped by ``signs``, then its normalized Walsh-Hadamard
-    transform. Orthogonal: norms are kept, and a chunk's norm is spread evenly over its
-    values (the DDG paper's flattening), so the codec's steps can be set from a bound far
-    below the clip."""
-    return _hadamard(values * signs)
-
-
-def unrotate(values: np.ndarray, signs: np.ndarray) -> np.ndarray:
-    """``rotate``'s inverse (the normalized transform is its own)."""
-    return _hadamard(values) * signs
-
-
-def _hadamard(values: np.ndarray) -> np.ndarray:
-    """The normalized Walsh-Hadamard transform of each ``ROTATION`` chunk of ``values``."""
-    if values.size % ROTATION:
-        raise ValueError(
-            f"a rotated update must be a whole number of {ROTATION}-value chunks, not "
-            f"{values.size} values (size it with privacy.extra_sizes)"
-        )
-    chunks, width = values.size // ROTATION, 1
-    out = values.reshape(chunks, 1, ROTATION)
-    while width < ROTATION:
-        pairs = out.reshape(chunks, -1, 2, width)
-        out = np.stack([pairs[:, :, 0] + pairs[:, :, 1], pairs[:, :, 0] - pairs[:, :, 1]], 2)
-        width *= 2
-    return out.reshape(values.size) / math.sqrt(ROTATION)
 
 
 def central_noise(privacy: Privacy, clients: int, count: int, signal: float = 0.0) -> np.ndarray:

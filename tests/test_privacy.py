@@ -17,7 +17,7 @@ import pytest
 from conftest import round_of
 from scipy import stats
 
-from secagg import keys, noise, privacy
+from secagg import keys, noise, privacy, rotation
 from secagg.builtin import task_for
 from secagg.config import RunConfig
 from secagg.crypto import Update
@@ -182,15 +182,15 @@ def test_the_rotation_keeps_the_summed_noise_near_central_dps(session_keys) -> N
 def test_the_rotation_is_orthogonal_and_its_own_inverse() -> None:
     rng = np.random.default_rng(3)
     values = rng.normal(size=3 * privacy.ROTATION)
-    signs = privacy.rotation_signs(b"round", values.size)
-    turned = privacy.rotate(values, signs)
+    signs = rotation.rotation_signs(b"round", values.size)
+    turned = rotation.rotate(values, signs)
     assert np.linalg.norm(turned) == pytest.approx(np.linalg.norm(values))
-    assert np.allclose(privacy.unrotate(turned, signs), values, atol=1e-12)
+    assert np.allclose(rotation.unrotate(turned, signs), values, atol=1e-12)
     spike = np.zeros(privacy.ROTATION)
     spike[7] = 1.0  # one large value is spread evenly
-    assert np.allclose(np.abs(privacy.rotate(spike, signs[: spike.size])), 1 / 32)
+    assert np.allclose(np.abs(rotation.rotate(spike, signs[: spike.size])), 1 / 32)
     with pytest.raises(ValueError, match="whole number of 1024-value chunks"):
-        privacy.rotate(np.ones(1000), np.ones(1000))
+        rotation.rotate(np.ones(1000), np.ones(1000))
 
 
 def test_the_clip_signal_never_costs_the_update_over_ten_percent_more_noise() -> None:

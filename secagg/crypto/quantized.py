@@ -27,7 +27,8 @@ from secagg.crypto.ledger import Aggregate, Update
 from secagg.crypto.masking import Advertised, Relayed, Reveal, Sealed, SignedKey
 from secagg.errors import ConfigError, PayloadError
 from secagg.flatten import Layout
-from secagg.privacy import ROTATION, Privacy, rotate, rotation_signs, unrotate
+from secagg.privacy import ROTATION, Privacy
+from secagg.rotation import rotate, rotation_signs, unrotate
 
 #: Draws differential privacy's noise ahead, while the task trains (one thread per process).
 _BACKGROUND = ThreadPoolExecutor(1, thread_name_prefix="secagg-noise")
