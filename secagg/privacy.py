@@ -211,8 +211,8 @@ class Privacy:
         if not fits(low):
             raise PayloadError(
                 f"a noise multiplier of {self.noise:.3g} leaves the codec no room for the "
-                f"round's {clients} updates: set he_precision = \"fine\" (--he-precision fine: "
-                "256 times the room), or lower dp_noise, or raise dp_epsilon",
+                f"round's {clients} updates: use he_precision fine (--he-precision fine: 256 "
+                "times the room), or lower dp_noise, or raise dp_epsilon",
                 "dp-range",
             )
         while low < high:  # the largest level that fits (fits is monotone in it)

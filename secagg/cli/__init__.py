@@ -1,15 +1,15 @@
 """The ``secagg`` command: click commands only, each parsing flags into one library call.
 
-One module per command over the library: ``keygen``, ``run``, ``provision`` and
-``deployment`` (``server``, ``client``, ``status``, ``abort``), each registering its commands
-on the group in ``group``; what they share is in ``options``, what a run shows on the console
-in ``console``.
+One module per command over the library: ``keygen``, ``run``, ``provision``, ``server``,
+``client``, ``status`` and ``abort``, each registering its command on the group in ``group``;
+what they share (the flags of several commands) is in ``options``, what a run shows on the
+console in ``console``.
 """
 
 from __future__ import annotations
 
 # The commands register themselves on ``main`` when imported.
-from secagg.cli import deployment, keygen, provision, run
+from secagg.cli import abort, client, keygen, provision, run, server, status
 from secagg.cli.group import main
 
-__all__ = ["deployment", "keygen", "main", "provision", "run"]
+__all__ = ["abort", "client", "keygen", "main", "provision", "run", "server", "status"]

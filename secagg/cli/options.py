@@ -50,6 +50,10 @@ def _friendly(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+#: The admin kit, which ``status`` and ``abort`` speak to the server with.
+_ADMIN_KIT = click.option(
+    "--kit", "kit_dir", required=True, type=click.Path(file_okay=False), help="The admin kit."
+)
 _MASKING_HELP = (
     "With --he: pairwise masks inside the ciphertexts, so neither the server nor the server "
     "with fewer than all other clients of a round can read one client's update; sites sign "
@@ -131,7 +135,7 @@ _PRIVACY = (
 
 
 def _privacy(command: Callable[..., Any]) -> Callable[..., Any]:
-    """The differential-privacy flags of ``run``."""
+    """The differential-privacy flags of ``run`` and ``server``."""
     for name, kind, text in reversed(_PRIVACY):
         command = click.option(name, type=kind, help=text)(command)
     return command
