@@ -60,6 +60,23 @@ _MASKING_HELP = (
     "their mask keys with their site certificate (deployments) and correct for sites lost "
     f"mid-round.{_default('masking')}"
 )
+_MASKING = click.option("--masking/--no-masking", default=None, help=_MASKING_HELP)
+_ROUNDS = click.option(
+    "--rounds", type=click.IntRange(min=1), help=f"Federated rounds.{_default('rounds')}"
+)
+
+
+def _tracking(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Where ``run`` and ``server`` log: MLflow's store and experiment, or nowhere."""
+    command = click.option("--experiment", help=f"MLflow experiment name.{_default('experiment')}")(
+        command
+    )
+    command = click.option("--no-tracking", is_flag=True, help="Do not log to MLflow.")(command)
+    return click.option(
+        "--tracking-uri", help="MLflow tracking URI [default: sqlite:///mlflow.db]."
+    )(command)
+
+
 _HE_PRECISION = click.option(
     "--he-precision",
     type=click.Choice(HE_PRECISIONS),

@@ -16,11 +16,13 @@ from secagg.cli.console import _Bar, _progress, _summary
 from secagg.cli.group import main
 from secagg.cli.options import (
     _HE_PRECISION,
-    _MASKING_HELP,
+    _MASKING,
+    _ROUNDS,
     _default,
     _friendly,
     _optimization,
     _privacy,
+    _tracking,
 )
 from secagg.config import (
     DATASETS,
@@ -54,11 +56,7 @@ exit 1 (2 for a bad flag)."""
     help=f"CKKS secure aggregation, or plaintext FedAvg; HE takes at most "
     f"{HE_LIMIT.max_clients} clients per round.{_default('he')}",
 )
-@click.option(
-    "--masking/--no-masking",
-    default=None,
-    help=_MASKING_HELP,
-)
+@_MASKING
 @_HE_PRECISION
 @click.option(
     "--task",
@@ -84,7 +82,7 @@ exit 1 (2 for a bad flag)."""
     help="Clients drawn to take part in each round, from the job's seed; with --he at most "
     f"{HE_LIMIT.max_clients} [default: 0, every client].",
 )
-@click.option("--rounds", type=click.IntRange(min=1), help=f"Federated rounds.{_default('rounds')}")
+@_ROUNDS
 @click.option(
     "--local-epochs",
     type=click.IntRange(min=1),
@@ -146,9 +144,7 @@ exit 1 (2 for a bad flag)."""
     type=click.Path(file_okay=False),
     help="Run folder [default: runs/<time>-<job>-<he|plain>; with --resume, the newest].",
 )
-@click.option("--tracking-uri", help="MLflow tracking URI [default: sqlite:///mlflow.db].")
-@click.option("--no-tracking", is_flag=True, help="Do not log to MLflow.")
-@click.option("--experiment", help=f"MLflow experiment name.{_default('experiment')}")
+@_tracking
 @click.option(
     "--transport",
     type=click.Choice(TRANSPORTS),

@@ -10,12 +10,14 @@ from secagg.cli.console import _progress, _summary
 from secagg.cli.group import main
 from secagg.cli.options import (
     _HE_PRECISION,
-    _MASKING_HELP,
+    _MASKING,
+    _ROUNDS,
     _default,
     _epilog,
     _friendly,
     _optimization,
     _privacy,
+    _tracking,
 )
 from secagg.config import RunConfig, load_job, with_overrides
 from secagg.crypto.packing import WIDE as HE_LIMIT
@@ -43,13 +45,13 @@ from secagg.crypto.packing import WIDE as HE_LIMIT
     "[default: runs/<job>-server].",
 )
 @click.option("--bind", help="HOST:PORT to listen on [default: all interfaces, the kit's port].")
-@click.option("--rounds", type=click.IntRange(min=1), help=f"Federated rounds.{_default('rounds')}")
+@_ROUNDS
 @click.option(
     "--he/--no-he",
     default=None,
     help=f"CKKS secure aggregation, or plaintext FedAvg.{_default('he')}",
 )
-@click.option("--masking/--no-masking", default=None, help=_MASKING_HELP)
+@_MASKING
 @_HE_PRECISION
 @click.option(
     "--min-clients", type=click.IntRange(min=0), help="Sites a round needs [default: all]."
@@ -66,9 +68,7 @@ from secagg.crypto.packing import WIDE as HE_LIMIT
     show_default=True,
     help="Seconds without a heartbeat before a site is taken for gone.",
 )
-@click.option("--tracking-uri", help="MLflow tracking URI [default: sqlite:///mlflow.db].")
-@click.option("--no-tracking", is_flag=True, help="Do not log to MLflow.")
-@click.option("--experiment", help=f"MLflow experiment name.{_default('experiment')}")
+@_tracking
 @_optimization
 @_privacy
 @_friendly
