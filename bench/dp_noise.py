@@ -33,7 +33,7 @@ from bench.harness import REPO, keys_for, machine, table, write_report
 from secagg import keys, privacy, quantize
 from secagg.builtin import task_for
 from secagg.config import RunConfig, load_job
-from secagg.crypto import Stamp, Update
+from secagg.crypto import SERVER, Stamp, Update
 from secagg.crypto.ckks import CkksClient
 from secagg.crypto.ckks_server import CkksServer
 from secagg.crypto.quantized import QuantizedCipher, _dp_steps, _room
@@ -70,7 +70,7 @@ def measured(
     server = CkksServer(keys.load_for_server(keys_dir), precision)
     # One client cipher does every site's part: the sum is the same.
     cipher = QuantizedCipher(CkksClient(loaded, None, precision), layout, rule)
-    stamp = Stamp(b"dp-noise-bench!!", 1, 0, sites)
+    stamp = Stamp(b"dp-noise-bench!!", 1, SERVER, sites)
     rng = np.random.default_rng(sites)
     changes = []
     for _ in range(sites):
