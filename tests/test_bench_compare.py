@@ -312,3 +312,19 @@ def test_an_epsilon_the_job_cannot_reach_is_a_row_that_says_why(
     assert rows[0]["refused"] == results[0].reason and rows[1]["final_metric"] > 0
     table = dp_axis.to_markdown(rows, "accuracy")
     assert "| 0.01 | refused: a noise multiplier" in table
+
+
+def test_dp_noise_measures_the_sums_noise_against_central_dps(
+    tmp_path: Path, session_keys: Path
+) -> None:
+    """bench/dp_noise.py on a real codec round: the decrypted noise is at least the floor any
+    threshold of sites owes, near it at epsilon 8, and the report says so."""
+    from bench import dp_noise
+
+    report = dp_noise.main(
+        ["--sites", "8", "--epsilons", "8", "--keys", str(session_keys), "--out", str(tmp_path)]
+    )
+    (row,) = report["rows"]  # type: ignore[index]
+    assert row["floor"] * 0.97 < row["measured"] < row["floor"] * 1.1
+    assert row["steps_from_clip"] >= row["floor"]
+    assert "| 8 | 8 | 2.02 | 6 |" in next(tmp_path.glob("dp-noise-*.md")).read_text()
