@@ -38,7 +38,7 @@ from secagg.crypto.ckks import CkksClient
 from secagg.crypto.ckks_server import CkksServer
 from secagg.crypto.quantized import QuantizedCipher, _dp_steps, _room
 from secagg.errors import PayloadError
-from secagg.flatten import Layout, extended, flatten
+from secagg.flatten import Layout, flatten, payload_layout
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -58,7 +58,7 @@ def update_layout(config: RunConfig) -> Layout:
     """The job's model as a DP update with HE carries it (padded to whole rotation chunks)."""
     _, layout = flatten(task_for(config).build_model().state_dict())
     dp = replace(config, he=True, dp_noise=1.0)
-    return extended(layout, privacy.EXTRA, privacy.extra_sizes(layout.size, dp))
+    return payload_layout(layout, dp)
 
 
 def measured(

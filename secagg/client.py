@@ -40,7 +40,7 @@ from secagg.crypto import ClientCipher, Identities, Stamp, Update
 from secagg.crypto.masking import Advert, Advertised, Reveal, SignedKey
 from secagg.errors import ConfigError, PayloadError, SecAggError, TaskError
 from secagg.files import atomic_write
-from secagg.flatten import Layout, describe, extended, flatten, unflatten
+from secagg.flatten import Layout, describe, flatten, payload_layout, unflatten
 from secagg.messages import (
     EVAL_LOSS,
     ApplyReply,
@@ -53,7 +53,6 @@ from secagg.messages import (
 )
 from secagg.models import seed_torch
 from secagg.optimizers import Hyper, ServerOptimizer, positions_of
-from secagg.privacy import EXTRA, extra_sizes
 from secagg.task import EvalResult, RoundContext, Site, Task, TrainResult
 
 if TYPE_CHECKING:
@@ -100,7 +99,7 @@ class Client:
         self.data = self._call("load_data", lambda: task.load_data(site))
         #: what an update carries: the model, and with DP adaptive clipping's signal and the
         #: rotation's padding (``privacy.extra_sizes``)
-        self.payload_layout = extended(self.layout, EXTRA, extra_sizes(self.layout.size, config))
+        self.payload_layout = payload_layout(self.layout, config)
         self.cipher = make_cipher(self.payload_layout)
         #: differential privacy as this round applies it: its clip moves with adaptive
         #: clipping, the same on every client (it follows the aggregates)
@@ -196,7 +195,7 @@ class Client:
             # (a sample count has no bound, so no sensitivity).
             norm = privacy.clip_change(change)
             samples = 1
-            change = privacy.extended(change, norm, self.payload_layout.size)
+            change = privacy.as_update(change, norm, self.payload_layout.size)
         flattened = time.perf_counter()
         metrics = self._metrics(result.metrics, "train")
         if privacy is not None and privacy.adaptive:

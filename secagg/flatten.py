@@ -11,9 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+from secagg.privacy import EXTRA, extra_sizes
+
+if TYPE_CHECKING:
+    from secagg.config import RunConfig
 
 
 @dataclass(frozen=True)
@@ -38,12 +44,12 @@ class Layout:
         return sum(entry.size for entry in self.entries)
 
 
-def extended(layout: Layout, name: str, sizes: list[int]) -> Layout:
-    """``layout`` with float64 vectors of ``sizes`` values after it (named ``name``): what a
-    payload carries beyond the model (adaptive clipping's signal, ``secagg.privacy``)."""
+def payload_layout(layout: Layout, config: RunConfig) -> Layout:
+    """``layout`` as the job's updates carry it: with DP, a float64 tensor after the model's
+    (adaptive clipping's signal and the rotation's padding, ``privacy.extra_sizes``)."""
     entries, offset = list(layout.entries), layout.size
-    for size in sizes:
-        entries.append(Entry(name, (size,), torch.float64, offset, size))
+    for size in extra_sizes(layout.size, config):
+        entries.append(Entry(EXTRA, (size,), torch.float64, offset, size))
         offset += size
     return Layout(tuple(entries))
 

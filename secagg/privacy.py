@@ -154,7 +154,7 @@ class Privacy:
             change *= self.clip / norm
         return norm
 
-    def extended(self, change: np.ndarray, norm: float, size: int) -> np.ndarray:
+    def as_update(self, change: np.ndarray, norm: float, size: int) -> np.ndarray:
         """``change`` (clipped) as an update of ``size`` values (``extra_sizes``): with
         adaptive clipping the signal after it, ``+bC`` when ``norm`` (before clipping) was
         within the clip and ``-bC`` when it was not; then zeros."""

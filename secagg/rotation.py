@@ -46,7 +46,7 @@ def _chunked(values: np.ndarray) -> np.ndarray:
     if values.size % ROTATION:
         raise ValueError(
             f"a rotated update must be a whole number of {ROTATION}-value chunks, not "
-            f"{values.size} values (size it with privacy.extra_sizes)"
+            f"{values.size} values (size it with flatten.payload_layout)"
         )
     return np.ascontiguousarray(values, dtype=np.float64)
 

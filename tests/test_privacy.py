@@ -25,7 +25,7 @@ from secagg.crypto.ckks import CkksClient
 from secagg.crypto.ckks_server import CkksServer
 from secagg.crypto.quantized import QuantizedCipher
 from secagg.errors import ConfigError, PayloadError
-from secagg.flatten import Layout, extended, flatten
+from secagg.flatten import Layout, flatten, payload_layout
 from secagg.job import run_job
 
 #: Significance of the statistical tests: an honest sampler fails one once in 1,000 runs.
@@ -76,7 +76,7 @@ def _digits_update_layout(adaptive: bool = False) -> Layout:
     """The digits model's layout as a DP update with HE carries it (``extra_sizes``)."""
     _, layout = flatten(task_for(RunConfig()).build_model().state_dict())
     config = RunConfig(he=True, dp_noise=1.0, dp_clip_quantile=0.5 if adaptive else 0.0)
-    return extended(layout, privacy.EXTRA, privacy.extra_sizes(layout.size, config))
+    return payload_layout(layout, config)
 
 
 def _dp_round(session_keys, rule, stamp, changes, layout=None):  # type: ignore[no-untyped-def]
@@ -143,7 +143,7 @@ def test_adaptive_clipping_counts_the_sites_under_the_clip_inside_the_noised_sum
         change = rng.normal(size=9610)
         change *= norm / np.linalg.norm(change)
         before = rule.clip_change(change)
-        changes.append(rule.extended(change, before, layout.size))
+        changes.append(rule.as_update(change, before, layout.size))
     summed, _ = _dp_round(session_keys, rule, round_of(2, roster=12), changes, layout)
     assert summed.values.size == layout.size == 10240
     below = rule.below(summed.values[9610] / summed.weight)

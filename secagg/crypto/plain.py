@@ -153,11 +153,12 @@ class PlainCipher:
         # Adaptive clipping: the largest |last value| of an update, its signal (bC/N; without
         # HE the signal is the one value after the model's: ``privacy.extra_sizes``).
         signal = 0.0
+        adaptive = self.privacy is not None and self.privacy.adaptive
 
         def add(total: np.ndarray | None, opened: envelope.Envelope) -> np.ndarray:
             nonlocal signal
             vector = np.frombuffer(opened.body, dtype=self.dtype)
-            if opened.values:
+            if adaptive and opened.values:
                 signal = max(signal, abs(float(vector[opened.values - 1])))
             if total is None:
                 return vector.astype(np.float64)

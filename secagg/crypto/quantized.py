@@ -47,7 +47,7 @@ class QuantizedCipher:
         if privacy is not None and self.size % ROTATION:
             raise ConfigError(
                 f"a DP update with HE is a whole number of {ROTATION}-value rotation chunks; "
-                f"this layout has {self.size} values (extend it by privacy.extra_sizes)"
+                f"this layout has {self.size} values (build it with flatten.payload_layout)"
             )
         #: values of a scale exchange payload: one histogram per block, then the report
         self._histogram_values = self.blocks.size * quantize.BINS
