@@ -178,20 +178,34 @@ def round_within(scaled: np.ndarray, bound: float, tries: int = 1000) -> np.ndar
     fractional part (unbiased), drawn again until the result's L2 norm is at most ``bound``
     (conditional randomized rounding); the uniforms are AES-CTR words keyed from the OS's
     CSPRNG, 53 bits each."""
-    floor = np.floor(scaled)
-    fraction = scaled - floor
+    scaled = np.ascontiguousarray(scaled, dtype=np.float64)
+    rounded = np.empty_like(scaled)
     key = os.urandom(seeded.SEED_BYTES)
     for attempt in range(tries):
         counter = (attempt << 64).to_bytes(16, "big")  # streams that never overlap
-        # Each chunk is a view of one reused buffer: copied before the next is drawn.
-        stream = seeded.key_stream(key, counter, max(scaled.size, 1))
-        words = np.concatenate([chunk.copy() for chunk in stream])[: scaled.size]
-        uniforms = (words >> np.uint64(11)).astype(np.float64) * 2.0**-53
-        rounded = floor + (uniforms < fraction)
-        # A plain sum of squares: numpy's dot hands vectors over 10,000 values to OpenBLAS
-        # threads, whose wake-up costs milliseconds on a busy machine.
-        if float(np.square(rounded).sum()) <= bound * bound:
+        done = 0
+        squares = 0.0
+        # Each chunk is a view of one reused buffer: used before the next is drawn.
+        for words in seeded.key_stream(key, counter, max(scaled.size, 1)):
+            take = min(words.size, scaled.size - done)
+            squares += _round(scaled[done : done + take], words[:take], rounded[done:])
+            done += take
+        if squares <= bound * bound:
             return rounded
     raise ValueError(
         f"no rounding within the norm {bound} in {tries} draws: is the change clipped?"
     )
+
+
+@numba.njit(cache=True, nogil=True)
+def _round(scaled: np.ndarray, words: np.ndarray, out: np.ndarray) -> float:
+    """``out``: each of ``scaled`` rounded up when its word's top 53 bits, as a uniform in
+    [0, 1), fall below its fractional part, down otherwise; return their sum of squares."""
+    squares = 0.0
+    for i in range(scaled.size):
+        floor = np.floor(scaled[i])
+        uniform = np.float64(words[i] >> np.uint64(11)) * 2.0**-53
+        value = floor + 1.0 if uniform < scaled[i] - floor else floor
+        out[i] = value
+        squares += value * value
+    return squares

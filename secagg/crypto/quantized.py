@@ -54,8 +54,6 @@ class QuantizedCipher:
         self._scale_values = self._histogram_values + report.VALUES
         #: the last agreement decrypted, by its digest
         self._agreed: tuple[bytes, Agreement] | None = None
-        #: DP: the last round's rotation signs, by the round's label
-        self._rotation: tuple[bytes, np.ndarray] | None = None
         #: DP noise drawn ahead for a round: (job, round, variance, the draw)
         self._noise: tuple[bytes, int, int, Future[np.ndarray]] | None = None
         #: this client's sample count and training metrics, as its last ``prepare`` had them
@@ -107,9 +105,9 @@ class QuantizedCipher:
         clients = len(masker.keyed()) if masker is not None and masker.active(stamp) else 0
         clients = clients or stamp.roster
         assert self.privacy is not None
-        one = quantize.histogram(np.empty(0), self.blocks, 1, peak=self.privacy.rotated_peak())
+        summed = _reported_bounds(self.blocks.tobytes(), self.privacy.rotated_peak(), clients)
         try:
-            _, variance = self._noise_room(one * clients, clients, clients, self._limit(stamp))
+            _, variance = self._noise_room(summed, clients, clients, self._limit(stamp))
         except PayloadError:
             return  # no room: encrypt says why
         draw = _BACKGROUND.submit(noise.discrete_gaussian, variance, self.size)
@@ -231,10 +229,7 @@ class QuantizedCipher:
 
     def _signs(self, stamp: Stamp) -> np.ndarray:
         """The round's rotation signs (DP), the same on every client of every attempt."""
-        label = stamp.job + stamp.round_num.to_bytes(8, "big")
-        if self._rotation is None or self._rotation[0] != label:
-            self._rotation = (label, rotation_signs(label, self.size))
-        return self._rotation[1]
+        return rotation_signs(stamp.job + stamp.round_num.to_bytes(8, "big"), self.size)
 
     def agreement(self, stamp: Stamp, agreed: bytes | None) -> Agreement:
         """What the round's summed scales say: the quantization steps, who took part, their
@@ -309,6 +304,16 @@ class Agreement:
     variance: int = 0
     #: with DP: the L2 norm each client's rounded integers stay within (its sensitivity)
     rounded_norm: float = 0.0
+
+
+@lru_cache(maxsize=64)
+def _reported_bounds(blocks: bytes, peak: float, clients: int) -> np.ndarray:
+    """The summed scale histograms of ``clients`` DP clients that all report ``peak`` (read
+    only): known before any is sent, once per process."""
+    sizes = np.frombuffer(blocks, dtype=np.int64)
+    summed = quantize.histogram(np.empty(0), sizes, 1, peak=peak) * clients
+    summed.setflags(write=False)
+    return summed
 
 
 @lru_cache(maxsize=64)
