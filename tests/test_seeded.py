@@ -259,7 +259,7 @@ def test_a_rounds_two_phases_share_one_seed_and_its_peers_expand_the_update_earl
     assert seeds_of(scales) == seeds_of(update)
     first = ckks.first_index(stamp.scales())
     assert first >= 2**62 and ckks.first_index(stamp) == 0  # no ciphertext index in common
-    ckks._BACKGROUND.submit(lambda: None).result()  # the prefetch is done
+    ckks.BACKGROUND.submit(lambda: None).result()  # the prefetch is done
     made: list[int] = []
     product = rlwe.SecretKey._product
     monkeypatch.setattr(

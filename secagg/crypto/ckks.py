@@ -165,12 +165,12 @@ class CkksClient:
         self._zeros.prepare(stamp, count)
         if stamp.phase == UPDATE_PHASE:
             self._update_blobs = {(stamp.job, stamp.round_num): count}
-        _BACKGROUND.submit(self._mac.halves, stamp, _entries(values, stamp))
+        BACKGROUND.submit(self._mac.halves, stamp, _entries(values, stamp))
         if self.masker is not None and self.masker.active(stamp):
             # The mask is the pairs' PRG words: known once the round's keys are agreed.
             plan = self.masker.plan(stamp)
             n, q = self._shape.poly_modulus_degree, self._shape.modulus
-            words = _BACKGROUND.submit(plan.words, count, n, q)
+            words = BACKGROUND.submit(plan.words, count, n, q)
             stale = [key for key in self._masks if key[1] < stamp.round_num]
             for key in stale:  # a phase this client never sent (it dropped out)
                 del self._masks[key]
@@ -257,7 +257,7 @@ class CkksClient:
         if stamp.phase == SCALES and update_blobs:
             # The update's sum will list the same seeds, unless a client drops out between the
             # phases: its c1 s can be made while this client encrypts and the server adds.
-            self._secret.prefetch(opened.seeds, 0, update_blobs, _BACKGROUND.submit)
+            self._secret.prefetch(opened.seeds, 0, update_blobs, BACKGROUND.submit)
         return ledger.settle(
             digits[:n], digits[n:], tail, stamp, opened.contributors, mac=self._mac
         )
@@ -270,8 +270,9 @@ def _entries(values: int, stamp: Stamp) -> int:
 
 
 #: One background thread per process prepares every client's encryptions (a simulation holds
-#: many clients; a deployed site, one).
-_BACKGROUND = ThreadPoolExecutor(1, thread_name_prefix="secagg-precompute")
+#: many clients; a deployed site, one), and with DP draws their noise after them
+#: (``quantized``): one thread, in order, so that a client's own work never waits on two.
+BACKGROUND = ThreadPoolExecutor(1, thread_name_prefix="secagg-precompute")
 
 
 class _Zeros:
@@ -300,7 +301,7 @@ class _Zeros:
                 self._ready = {key: v for key, v in self._ready.items() if key[:2] == this_round}
             _, seed, phases = self._seed
             phases.add(stamp.phase)
-            made = _BACKGROUND.submit(self._make, seed, count, first_index(stamp))
+            made = BACKGROUND.submit(self._make, seed, count, first_index(stamp))
             self._ready[(*this_round, stamp.phase)] = (count, made)
 
     def take(self, stamp: Stamp, count: int) -> tuple[bytes, np.ndarray]:

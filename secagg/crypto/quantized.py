@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -21,7 +21,7 @@ import numpy as np
 
 from secagg import noise, quantize
 from secagg.crypto import report
-from secagg.crypto.ckks import CkksClient
+from secagg.crypto.ckks import BACKGROUND, CkksClient
 from secagg.crypto.envelope import Stamp
 from secagg.crypto.ledger import Aggregate, Update
 from secagg.crypto.masking import Advertised, Relayed, Reveal, Sealed, SignedKey
@@ -29,9 +29,6 @@ from secagg.errors import ConfigError, PayloadError
 from secagg.flatten import Layout
 from secagg.privacy import ROTATION, Privacy
 from secagg.rotation import rotate, rotation_signs, unrotate
-
-#: Draws differential privacy's noise ahead, while the task trains (one thread per process).
-_BACKGROUND = ThreadPoolExecutor(1, thread_name_prefix="secagg-noise")
 
 
 class QuantizedCipher:
@@ -110,7 +107,7 @@ class QuantizedCipher:
             _, variance = self._noise_room(summed, clients, clients, self._limit(stamp))
         except PayloadError:
             return  # no room: encrypt says why
-        draw = _BACKGROUND.submit(noise.discrete_gaussian, variance, self.size)
+        draw = BACKGROUND.submit(noise.discrete_gaussian, variance, self.size)
         self._noise = (stamp.job, stamp.round_num, variance, draw)
 
     def _limit(self, stamp: Stamp) -> int:
