@@ -35,6 +35,12 @@ LR_SCHEDULES = ("constant", "step", "cosine")
 _LOWER_IS_BETTER = ("loss", "error", "mse", "mae", "perplexity")
 
 
+#: The noise multipliers (and the largest budget and clip) a DP job may give: below the least
+#: the accountant's epsilon is astronomical, above the most the arithmetic overflows.
+MIN_NOISE = 0.01
+MAX_NOISE = 1e6
+
+
 @dataclass(frozen=True)
 class TrackingSettings:
     """Where a run's records go (``RunConfig.tracking_settings``): its folder and MLflow."""
@@ -268,10 +274,31 @@ class RunConfig:
                 self.graph_above == 0 or self.graph_above >= 4,
                 "graph_above must be 0 (the default, 200) or at least 4",
             ),
-            (self.dp_noise >= 0, "dp_noise must be 0 (off, or set by dp_epsilon) or more"),
-            (self.dp_epsilon >= 0, "dp_epsilon must be 0 (no budget) or more"),
+            (
+                self.dp_noise == 0 or MIN_NOISE <= self.dp_noise <= MAX_NOISE,
+                f"dp_noise must be 0 (off, or set by dp_epsilon) or a noise multiplier from "
+                f"{MIN_NOISE} to {MAX_NOISE:,.0f}",
+            ),
+            (
+                0 <= self.dp_epsilon <= MAX_NOISE,
+                f"dp_epsilon must be 0 (no budget) or a finite budget up to {MAX_NOISE:,.0f}",
+            ),
             (0 < self.dp_delta < 1, "dp_delta must be in (0, 1), well below 1 / clients"),
-            (self.dp_clip > 0, "dp_clip must be positive (an L2 norm)"),
+            (
+                not self.dp or self.dp_delta < 1 / self.clients,
+                f"dp_delta must be below 1 / clients ({1 / self.clients:.3g} here; delta is "
+                "the chance the guarantee fails for someone), e.g. 1e-5",
+            ),
+            (
+                0 < self.dp_clip <= MAX_NOISE,
+                f"dp_clip must be a positive L2 norm up to {MAX_NOISE:,.0f}",
+            ),
+            (
+                not (self.dp and self.he and not self.masking),
+                "distributed DP with HE needs the pairwise masks (leave masking on, drop "
+                "--no-masking): each site adds 1/threshold of the noise, and without masks a "
+                "site that colludes with the server decrypts single updates",
+            ),
             (
                 0 <= self.dp_clip_quantile < 1,
                 "dp_clip_quantile must be in [0, 1): 0 for a fixed clip, e.g. 0.5 to follow "

@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +38,7 @@ from secagg.outputs import RESULTS_FILE, SITES_DIR, check_new_output, new_output
 from secagg.privacy import extra_sizes
 from secagg.provision import Kit, load_kit, provision
 from secagg.records import RunRecords, RunResult
+from secagg.resume import RESUMABLE
 from secagg.rounds import RoundFailed, RoundMetrics
 from secagg.server import STATE_FILE, Server, load_checkpoint
 
@@ -79,15 +80,24 @@ def serve(
     except PayloadError as err:
         raise ConfigError(str(err)) from err
     resume = (workdir / STATE_FILE).exists()
+    changes: dict[str, object] = {}
     if resume:
-        saved = load_checkpoint(workdir).state["config"]
+        checkpoint = load_checkpoint(workdir)
+        saved = checkpoint.state["config"]
         if saved.get("job_name") != config.job_name:
             raise CheckpointError(
                 f"{workdir}/ holds job '{saved.get('job_name')}', not '{config.job_name}'; "
                 "pass another --workdir"
             )
+        changes = _restart_changes(workdir, RunConfig(**saved), config)
+        if checkpoint.round_num >= config.rounds:
+            raise ConfigError(
+                f"the job in {workdir}/ is finished: all {checkpoint.round_num} rounds ran; "
+                f"to train on, restart with --rounds above {checkpoint.round_num}, or pass "
+                "another --workdir for a new run"
+            )
         log(f"resuming from {workdir}/")
-    records = RunRecords.open(config, workdir if resume else None)
+    records = RunRecords.open(config, workdir if resume else None, changes=changes)
     config = records.config
     cipher = crypto.for_server(config.he, config.keys_dir, config.precision, config.privacy())
     server = Server(cipher, workdir, masking=config.he and config.masking)
@@ -450,3 +460,28 @@ def admin_call(kit_dir: str | Path, method: str, message: dict[str, Any]) -> dic
         ) from err
     finally:
         connection.close()
+
+
+#: Settings a restarted server takes from where it runs, not from the job it resumes.
+_RESTART_LOCAL = (*SITE_LOCAL, "clients", "transport", "tracking_uri", "experiment")
+
+
+def _restart_changes(workdir: Path, saved: RunConfig, config: RunConfig) -> dict[str, object]:
+    """The job settings a restarted server was given that differ from the run in
+    ``workdir``: those ``resume.RESUMABLE`` allows (``rounds``), or a ConfigError naming the
+    others (a restart never silently drops a flag: DP, the optimizer, the rounds)."""
+    changed = {
+        f.name: (getattr(saved, f.name), getattr(config, f.name))
+        for f in fields(RunConfig)
+        if f.name not in _RESTART_LOCAL and getattr(saved, f.name) != getattr(config, f.name)
+    }
+    refused = [name for name in changed if name not in RESUMABLE]
+    if refused:
+        what = ", ".join(
+            f"{name} {changed[name][1]!r} (the run has {changed[name][0]!r})" for name in refused
+        )
+        raise ConfigError(
+            f"{workdir}/ holds this job as it started; restarting with {what} would make it "
+            "another job: restart with the job's own settings, or pass another --workdir"
+        )
+    return {name: new for name, (_, new) in changed.items()}

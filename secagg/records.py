@@ -25,6 +25,7 @@ from typing import Any
 
 from secagg import rounds
 from secagg.config import RunConfig
+from secagg.errors import ConfigError
 from secagg.files import atomic_write_json
 from secagg.labels import description, mlflow_params, run_name, tags_for, tracked
 from secagg.outputs import RESULTS_FILE, check_new_output, new_output_dir
@@ -170,6 +171,7 @@ class RunRecords:
         """A new run's records, or those of the interrupted run in ``resume_dir`` (with the
         ``changes`` that ``plan_resume`` allows)."""
         if resume_dir is None:
+            check_budget(config)
             output = new_output_dir(config.tracking_settings)
             check_new_output(output)
             return cls(config, output, None, tags)
@@ -334,3 +336,20 @@ class RunRecords:
         if self.tracker is None:
             raise RuntimeError("RunRecords.start() was not called")
         return self.tracker
+
+
+def check_budget(config: RunConfig) -> None:
+    """Refuse (ConfigError) a DP job whose privacy budget does not cover one round at its
+    noise multiplier: it would train nothing."""
+    if not config.dp or not config.dp_epsilon:
+        return
+    from secagg import privacy
+
+    noise = config.noise_multiplier()
+    one = privacy.epsilon(noise, 1, config.sampling, config.dp_delta)
+    if one > config.dp_epsilon * (1 + 1e-9):
+        raise ConfigError(
+            f"the privacy budget (epsilon {config.dp_epsilon:g} at delta {config.dp_delta:g}) "
+            f"does not cover one round at noise multiplier {noise:.3g} (one round spends "
+            f"{one:.3g}): raise dp_epsilon, or raise dp_noise (or leave it out to calibrate it)"
+        )

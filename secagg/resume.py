@@ -42,7 +42,8 @@ def plan_resume(resume_dir: str | Path, changes: Mapping[str, Any] = {}) -> Resu
     """The plan for resuming the run in ``resume_dir`` with ``changes`` (settings a user gave).
 
     Changes to the settings in ``RESUMABLE`` are applied (``rounds`` no lower than the rounds
-    already completed); a change to any other setting is refused with a ConfigError naming it,
+    already completed; a DP run whose noise its ``dp_epsilon`` set keeps that noise, so its
+    budget, spent, stops it); a change to any other setting is refused with a ConfigError naming it,
     since the rest of the run would not continue what the first rounds did.
     """
     checkpoint = load_checkpoint(resume_dir)
@@ -67,7 +68,13 @@ def plan_resume(resume_dir: str | Path, changes: Mapping[str, Any] = {}) -> Resu
             f"{resume_dir} has already completed {completed} rounds; "
             f"--rounds must be at least {completed}"
         )
-    config = replace(saved, **{name: new for name, (_, new) in changed.items()}).validate()
+    config = replace(saved, **{name: new for name, (_, new) in changed.items()})
+    if "rounds" in changed and saved.dp and not saved.dp_noise:
+        # The noise was calibrated to dp_epsilon over the run's rounds, and the rounds so far
+        # added it: the rest add the same, so that epsilon is one mechanism's, and the budget
+        # stops the run where it is spent.
+        config = replace(config, dp_noise=saved.noise_multiplier())
+    config = config.validate()
     history = checkpoint.state.get("history", [])
     last = RoundMetrics.from_dict(history[-1]).value(config.headline) if history else math.nan
     return ResumePlan(config, completed, changed, last)

@@ -79,15 +79,19 @@ def _digits_update_layout(adaptive: bool = False) -> Layout:
     return payload_layout(layout, config)
 
 
-def _dp_round(session_keys, rule, stamp, changes, layout=None):  # type: ignore[no-untyped-def]
-    """One codec round of ``len(changes)`` clients with DP: (decrypted sum, agreement);
-    ``layout``: the updates' (the digits model's, padded as for DP, by default)."""
+def _dp_round(session_keys, rule, stamp, changes, layout=None, clients=None, summed_by=None):  # type: ignore[no-untyped-def]
+    """One codec round of ``len(changes)`` clients with DP, each drawing its noise ahead as
+    it would while training: (decrypted sum, agreement); ``layout``: the updates' (the
+    digits model's, padded as for DP, by default); ``clients``: the ciphers, kept from an
+    earlier round; ``summed_by``: the positions whose updates the server adds (all)."""
     layout = layout or _digits_update_layout()
     changes = [np.concatenate([x, np.zeros(layout.size - x.size)]) for x in changes]
     loaded = keys.load_for_client(session_keys)
-    clients = [QuantizedCipher(CkksClient(loaded), layout, rule) for _ in changes]
+    clients = clients or [QuantizedCipher(CkksClient(loaded), layout, rule) for _ in changes]
     server = CkksServer(keys.load_for_server(session_keys))
     pairs = list(enumerate(zip(clients, changes, strict=True)))
+    for i, (c, _) in pairs:
+        c.precompute(stamp.for_sender(i))
     scales = server.sum(
         [c.prepare(x, stamp.for_sender(i), 1) for i, (c, x) in pairs], stamp.scales()
     )
@@ -95,24 +99,35 @@ def _dp_round(session_keys, rule, stamp, changes, layout=None):  # type: ignore[
     payloads = [
         c.encrypt(Update(x * weight, weight), stamp.for_sender(i), scales) for i, (c, x) in pairs
     ]
-    summed = clients[0].decrypt(server.sum(payloads, stamp), stamp, scales)
+    chosen = [payloads[i] for i in (range(len(payloads)) if summed_by is None else summed_by)]
+    summed = clients[0].decrypt(server.sum(chosen, stamp), stamp, scales)
     return summed, clients[0].agreement(stamp, scales)
 
 
 def test_the_decrypted_sum_carries_the_calibrated_noise(session_keys) -> None:
     """Three clients, three rounds: the sum minus the clients' quantized updates is integer
-    noise of mean 0 and variance 3 x the calibrated per-client variance (within five
-    standard errors), and the data never reaches the range kept for it."""
+    noise of mean 0 and variance 3 x the per-client variance the docs' formula gives (within
+    five standard errors), drawn afresh every round (reused noise would cancel when two
+    rounds are differenced)."""
     rule = privacy.Privacy(noise=1.0, clip=1.0, threshold=3)
     rng = np.random.default_rng(5)
-    found = []
+    found, clients = [], None
     for round_num in (1, 2, 3):
         changes = [rng.normal(size=9610) for _ in range(3)]
         for change in changes:
             rule.clip_change(change)
-        summed, agreed = _dp_round(session_keys, rule, round_of(round_num, roster=3), changes)
+        if clients is None:
+            loaded = keys.load_for_client(session_keys)
+            layout = _digits_update_layout()
+            clients = [QuantizedCipher(CkksClient(loaded), layout, rule) for _ in changes]
+        stamp = round_of(round_num, roster=3)
+        summed, agreed = _dp_round(session_keys, rule, stamp, changes, clients=clients)
         step = float(agreed.steps[0])
-        assert np.all(agreed.steps == step) and agreed.variance >= privacy.MIN_VARIANCE
+        assert np.all(agreed.steps == step)
+        # ceil((z ||x||)^2 / t), ||x||^2 = A^2 + d/4 + A + sqrt(d)/2, A = weight x C / step
+        a, d = (1 / 3) * 1.0 / step, 10240
+        wanted = math.ceil((a * a + d / 4 + a + math.sqrt(d) / 2) / 3)
+        assert agreed.variance == max(privacy.MIN_VARIANCE, wanted)
         # Against the unrounded sum: rounding at random is unbiased, and adds at most 3/4 to
         # the variance (three clients' fractions), well inside the tolerance.
         exact = sum(x * (1 / 3) / step for x in changes)
@@ -122,6 +137,36 @@ def test_the_decrypted_sum_carries_the_calibrated_noise(session_keys) -> None:
     error = expected * math.sqrt(2 / drawn.size)
     assert abs(drawn.var() - expected) < 5 * error, (drawn.var(), expected)
     assert abs(drawn.mean()) < 5 * math.sqrt(expected / drawn.size)
+    assert (found[0] - found[1]).var() > expected  # fresh noise: 2 x expected; reused: ~0
+
+
+def test_a_rotated_value_past_the_bound_is_clipped_and_counted_and_small_sums_refused(
+    session_keys,
+) -> None:
+    """Changes aligned with one Hadamard row put their whole norm on one rotated value, five
+    times the steps' bound: each is clipped and counted, and the sum never wraps. A sum of fewer updates
+    than the threshold carries less noise than DP counts on: no client decrypts it."""
+    rule = privacy.Privacy(noise=1.0, clip=1.0, threshold=3)
+    stamp = round_of(4, roster=3)
+    signs = rotation.rotation_signs(stamp.job + (4).to_bytes(8, "big"), 10240)
+    aligned = np.zeros(9610)
+    aligned[: privacy.ROTATION] = signs[: privacy.ROTATION] / 32  # norm 1, the clip
+    summed, agreed = _dp_round(session_keys, rule, stamp, [aligned] * 3)
+    assert summed.clipped == 3
+    # Clipped, not wrapped: a wrapped value lands 12 of the sum's noise deviations away or more
+    # (the headroom); the largest of 10,240 honest ones is about 4.
+    deviation = math.sqrt(3 * agreed.variance) * float(agreed.steps[0])
+    assert np.abs(summed.values).max() < 7 * deviation
+    with pytest.raises(PayloadError, match="fewer than the 3") as caught:
+        _dp_round(session_keys, rule, round_of(5, roster=3), [aligned] * 3, summed_by=[0, 1])
+    assert caught.value.reason == "below-threshold"
+
+
+def test_the_rotation_signs_are_random_and_the_rounds_own() -> None:
+    one, two = (rotation.rotation_signs(label, 10240) for label in (b"round 1", b"round 2"))
+    assert set(np.unique(one)) == {-1.0, 1.0} and abs(one.mean()) < 0.05  # 5 sigma: 0.049
+    assert abs((one * two).mean()) < 0.05  # independent from round to round
+    assert np.array_equal(one, rotation.rotation_signs(b"round 1", 10240))  # every client's
 
 
 def test_adaptive_clipping_counts_the_sites_under_the_clip_inside_the_noised_sum(
@@ -344,6 +389,19 @@ def test_dp_needs_sane_settings() -> None:
         RunConfig(he=True, dp_noise=1.0, dp_clip=0.0).validate()
     with pytest.raises(ConfigError, match="dp_delta"):
         RunConfig(he=True, dp_noise=1.0, dp_delta=1.0).validate()
+    with pytest.raises(ConfigError, match="dp_delta must be below 1 / clients"):
+        RunConfig(he=True, clients=8, dp_noise=1.0, dp_delta=0.2).validate()
+    for name, value in (
+        ("dp_noise", math.inf),
+        ("dp_noise", 1e-300),
+        ("dp_noise", math.nan),
+        ("dp_clip", math.inf),
+        ("dp_epsilon", math.inf),
+    ):
+        with pytest.raises(ConfigError, match=name):
+            replace(RunConfig(he=True, dp_noise=1.0), **{name: value}).validate()
+    with pytest.raises(ConfigError, match="needs the pairwise masks"):
+        RunConfig(he=True, masking=False, dp_epsilon=3.0).validate()
     assert not RunConfig(he=True).dp  # off unless asked for
     with pytest.raises(ConfigError, match="dp_clip_quantile must be in"):
         RunConfig(he=True, dp_noise=1.0, dp_clip_quantile=1.0).validate()
@@ -372,3 +430,9 @@ def test_kits_that_require_dp_refuse_a_job_with_less() -> None:
         assert caught.value.reason == "policy"
     with pytest.raises(ConfigError, match="both positive"):
         replace(policy, dp_clip=0.0)
+    # DP's noise split needs the masks, even where the kits require only HE.
+    with pytest.raises(PayloadError, match="and no masks"):
+        replace(policy, protection="he").check_job(replace(base, masking=False))
+    for noise_, clip in ((math.nan, 0.5), (1.0, math.nan), (math.inf, 0.5), (1.0, math.inf)):
+        with pytest.raises(ConfigError, match="positive and finite"):
+            replace(policy, dp_noise=noise_, dp_clip=clip)

@@ -120,14 +120,14 @@ def _optimization(command: Callable[..., Any]) -> Callable[..., Any]:
 _PRIVACY = (
     (
         "--dp-epsilon",
-        click.FloatRange(min=0),
+        click.FloatRange(min=0, min_open=True),
         "Differential privacy within this epsilon over the job's rounds (the noise is "
         "calibrated to it, and the run stops before exceeding it); with --he inside the "
         "encrypted sum, without it central (the server adds the noise).",
     ),
     (
         "--dp-noise",
-        click.FloatRange(min=0),
+        click.FloatRange(min=0, min_open=True),
         "Differential privacy with this noise multiplier instead (with --dp-epsilon too: "
         "the run stops before exceeding that budget).",
     ),

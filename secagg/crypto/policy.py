@@ -28,6 +28,7 @@ honest site that signed only one. With ``t`` near ``2n/3`` both hold for ``c`` u
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -106,10 +107,16 @@ class RoundPolicy:
             raise ConfigError(
                 f"the round policy's protection must be one of {', '.join(PROTECTIONS)}"
             )
-        if self.dp_noise < 0 or self.dp_clip < 0 or bool(self.dp_noise) != bool(self.dp_clip):
+        finite = math.isfinite(self.dp_noise) and math.isfinite(self.dp_clip)
+        if (
+            not finite
+            or self.dp_noise < 0
+            or self.dp_clip < 0
+            or (bool(self.dp_noise) != bool(self.dp_clip))
+        ):
             raise ConfigError(
-                "the round policy's dp_noise and dp_clip must be both positive (DP required) "
-                "or both 0; give both to 'secagg provision --require-dp NOISE CLIP'"
+                "the round policy's dp_noise and dp_clip must be both positive and finite (DP "
+                "required) or both 0; give both to 'secagg provision --require-dp NOISE CLIP'"
             )
         for name in ("graph_above", "picks", "pick_threshold"):
             value = getattr(self, name)
@@ -138,9 +145,12 @@ class RoundPolicy:
             return
         noise = job.noise_multiplier() if job.dp else 0.0
         given_dp = f"noise multiplier {noise:.3f} with clip {job.dp_clip:g}" if job.dp else "no DP"
-        if not job.he or noise < self.dp_noise * (1 - 1e-9) or job.dp_clip > self.dp_clip:
+        unprotected = (
+            "" if job.he and job.masking else " (and no HE)" if not job.he else " (and no masks)"
+        )
+        if unprotected or noise < self.dp_noise * (1 - 1e-9) or job.dp_clip > self.dp_clip:
             raise PayloadError(
-                f"the server's job adds {given_dp}{'' if job.he else ' (and no HE)'}, but this "
+                f"the server's job adds {given_dp}{unprotected}, but this "
                 "project's kits require distributed "
                 f"DP of noise multiplier at least {self.dp_noise:g} and clip at most "
                 f"{self.dp_clip:g}: {then}",

@@ -219,6 +219,15 @@ class QuantizedCipher:
                 "round's scale exchange: the sum may have overflowed",
                 "not-in-round",
             )
+        if self.privacy is not None and len(summed.contributors) < self.privacy.threshold:
+            # Each update carries 1/threshold of the noise: a smaller sum is less private than
+            # differential privacy says (the masks refuse one too; this holds without them).
+            raise PayloadError(
+                f"the aggregate adds {len(summed.contributors)} update(s), fewer than the "
+                f"{self.privacy.threshold} whose noise differential privacy counts on: this "
+                "client decrypts no such sum",
+                "below-threshold",
+            )
         values = quantize.dequantize(summed.values, steps, self.blocks)
         if self.privacy is not None:
             values = unrotate(values, self._signs(stamp))
