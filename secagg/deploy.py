@@ -35,7 +35,7 @@ from secagg.config import RunConfig, dump_job
 from secagg.errors import CheckpointError, ConfigError, PayloadError, SecAggError
 from secagg.messages import ModelSignature
 from secagg.outputs import RESULTS_FILE, SITES_DIR, check_new_output, new_output_dir
-from secagg.privacy import extra_sizes
+from secagg.privacy import described, extra_sizes
 from secagg.provision import Kit, load_kit, provision
 from secagg.records import RunRecords, RunResult
 from secagg.resume import RESUMABLE
@@ -324,7 +324,8 @@ def _prepare(
 def _privacy(config: RunConfig) -> str:
     """How the job protects updates, in words."""
     words = {"masked": "HE, pairwise masks", "he": "HE, no masks", "plain": "plaintext"}
-    return words[config.protection]
+    dp = described(config)
+    return words[config.protection] + (f", {dp}" if dp else "")
 
 
 def _plain(name: str) -> str:

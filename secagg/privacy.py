@@ -59,6 +59,7 @@ out.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -105,6 +106,22 @@ def extra_sizes(model_values: int, config: RunConfig) -> list[int]:
     signal = 1 if config.dp_clip_quantile > 0 else 0
     padding = -(model_values + signal) % ROTATION if config.he else 0
     return [signal + padding] if signal + padding else []
+
+
+def described(config: RunConfig) -> str:
+    """A job's differential privacy in words, for headers and banners ("": none)."""
+    if not config.dp:
+        return ""
+    given = []
+    if config.dp_noise:
+        given.append(f"noise multiplier {config.dp_noise:g}")
+    if config.dp_epsilon:
+        given.append(f"epsilon {config.dp_epsilon:g} at delta {config.dp_delta:g}")
+    clip = f"clip {config.dp_clip:g}"
+    if config.dp_clip_quantile:
+        clip += f" adapting to the {config.dp_clip_quantile:g} quantile"
+    kind = "distributed DP" if config.he else "central DP (the server adds the noise)"
+    return f"{kind}, {', '.join(given)}, {clip}"
 
 
 @dataclass(frozen=True)
@@ -211,8 +228,9 @@ class Privacy:
         if not fits(low):
             raise PayloadError(
                 f"a noise multiplier of {self.noise:.3g} leaves the codec no room for the "
-                f"round's {clients} updates: use he_precision fine (--he-precision fine: 256 "
-                "times the room), or lower dp_noise, or raise dp_epsilon",
+                f"round's {clients} updates: it needs a smaller multiplier (lower dp_noise, or "
+                "raise dp_epsilon), more sites a round, or, with the standard precision, "
+                "he_precision fine (--he-precision fine: 256 times the room)",
                 "dp-range",
             )
         while low < high:  # the largest level that fits (fits is monotone in it)
@@ -253,8 +271,16 @@ def epsilon(noise: float, rounds: int, sampling: float, delta: float) -> float:
     event: dp_accounting.DpEvent = dp_accounting.GaussianDpEvent(noise)
     if sampling < 1:
         event = dp_accounting.PoissonSampledDpEvent(sampling, event)
-    accountant.compose(event, rounds)
-    return float(accountant.get_epsilon(delta))
+    # The accountant logs (through absl) when a series it sums at one order converges slowly;
+    # it then uses the other orders, which bound epsilon all the same: not the user's concern.
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        accountant.compose(event, rounds)
+        return float(accountant.get_epsilon(delta))
+    finally:
+        absl.setLevel(level)
 
 
 @lru_cache(maxsize=64)

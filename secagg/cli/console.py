@@ -133,7 +133,7 @@ def _summary(result: Any, model: bool) -> None:
     parameters = f" ({result.num_parameters:,} parameters)" if result.num_parameters else ""
     click.echo(
         f"done: final {headline(result.config.headline, result.final)} after "
-        f"{len(result.rounds)} rounds in {result.seconds:.1f}s{parameters}"
+        f"{_rounds(len(result.rounds))} in {result.seconds:.1f}s{parameters}"
     )
     click.echo(f"  results: {result.output_dir / 'results.json'}")
     if model:
@@ -158,3 +158,8 @@ def _mb(n: float) -> str:
 
 
 # --- deployment: provision, server, client, status, abort --------------------------------------
+
+
+def _rounds(count: int) -> str:
+    """``1 round``, ``3 rounds``."""
+    return f"{count} round{'' if count == 1 else 's'}"

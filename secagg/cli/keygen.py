@@ -34,7 +34,7 @@ from secagg.crypto.params import CkksParams
     type=click.Choice(["2048", "4096", "8192", "16384", "32768"]),
     default="8192",
     show_default=True,
-    help="CKKS polynomial modulus degree N (N/2 slots per ciphertext).",
+    help="CKKS polynomial modulus degree N (secagg packs N coefficients a ciphertext).",
 )
 @click.option(
     "--coeff-bits",

@@ -103,8 +103,12 @@ _OPTIMIZATION = [
     click.option(
         "--lr-schedule", type=click.Choice(LR_SCHEDULES), help="Client lr across rounds [constant]."
     ),
-    click.option("--lr-step-rounds", type=click.IntRange(min=1), help="step: rounds per step."),
-    click.option("--lr-gamma", type=click.FloatRange(0, 1, min_open=True), help="step: factor."),
+    click.option(
+        "--lr-step-rounds", type=click.IntRange(min=1), help="step: rounds per step [10]."
+    ),
+    click.option(
+        "--lr-gamma", type=click.FloatRange(0, 1, min_open=True), help="step: factor [0.1]."
+    ),
     click.option("--lr-min", type=click.FloatRange(min=0), help="cosine: the lr it tends to [0]."),
 ]
 

@@ -28,7 +28,8 @@ from secagg.cli.options import (
 @click.option(
     "--project-file",
     type=click.Path(dir_okay=False, exists=True),
-    help="A TOML file with name, server and clients, instead of the two flags.",
+    help="A TOML file with name, server and clients (and, if you like, threshold, "
+    "graph_above and protection), instead of those flags.",
 )
 @click.option("--project", "project_name", default="secagg", show_default=True, help="Name.")
 @click.option(

@@ -206,6 +206,8 @@ def run(job: str | None, resume: bool, no_tracking: bool, quiet: bool, **flags: 
     if resume:
         _resume(config, job, flags, no_tracking, quiet)
         return
+    from secagg.privacy import described
+
     mode = "HE (CKKS)" if config.he else "plaintext FedAvg"
     where = {
         "inprocess": "in one process",
@@ -216,8 +218,11 @@ def run(job: str | None, resume: bool, no_tracking: bool, quiet: bool, **flags: 
     who = f"{config.clients} clients"
     if config.per_round < config.clients:
         who += f" ({config.per_round} per round)"
+    if config.dp:
+        mode += f", {described(config)}"
     if not quiet:
-        click.echo(f"secagg run: {what}, {who}, {config.rounds} rounds, {mode}, {where}")
+        rounds = f"{config.rounds} round{'' if config.rounds == 1 else 's'}"
+        click.echo(f"secagg run: {what}, {who}, {rounds}, {mode}, {where}")
     # Named now, so that an interrupted run can say where it is.
     config = replace(config, output_dir=str(new_output_dir(config.tracking_settings)))
     with _interrupted(Path(config.output_dir or ""), config.transport == "inprocess"):

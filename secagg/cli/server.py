@@ -25,7 +25,7 @@ from secagg.crypto.packing import WIDE as HE_LIMIT
 
 @main.command(
     epilog=_epilog(
-        "secagg server jobs/digits.toml --kit project/server --min-clients 2",
+        "secagg server jobs/digits.toml --kit project/server --he --min-clients 2",
         "secagg server --kit project/server --he --rounds 20 --workdir runs/job",
     )
     + f"\n\nWith --he, at most {HE_LIMIT.max_clients} sites take part in a round."

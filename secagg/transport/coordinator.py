@@ -56,6 +56,8 @@ class Site:
     name: str
     #: taking part: joined with its task and model ready (its first Join only asks for the job)
     joined: bool = False
+    #: its connection was logged (once, however often it asks for the job before joining)
+    announced: bool = False
     last_seen: float = 0.0
     #: the last round whose aggregate this site applied
     applied: int = 0
@@ -359,7 +361,8 @@ class Coordinator:
             if site.joined and not was:
                 ready = sum(1 for s in self.sites if s.joined)
                 self.log(f"{site.name} ready ({ready}/{len(self.sites)})")
-            elif not site.joined and not was:
+            elif not site.joined and not was and not site.announced:
+                site.announced = True
                 self.log(f"{site.name} connected")
             return info
 

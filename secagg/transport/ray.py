@@ -166,6 +166,8 @@ def _start(ray: Any, settings: TransportSettings, actors: int) -> None:
     loaded machine it sometimes does not, so a local start is tried again (with a warning)
     before it fails the run. Joining a cluster is tried once: its errors are the user's to see.
     """
+    # Ray's future default (actors without GPUs see none), taken now: no tip on every run.
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     if settings.ray_address:
         ray.init(address=settings.ray_address, include_dashboard=False, logging_level="WARNING")
         return
