@@ -10,12 +10,15 @@ it carries every client's noise: no party, the server or a key holder, sees a le
 **How much noise.** With noise multiplier ``z``, the sum of any ``threshold`` (``t``, the round
 policy's) clients' noise has standard deviation ``z`` times the L2 sensitivity of one client's
 integers: each rounds its scaled change ``x`` (``||x|| <= a C``, ``a`` its weight over the
-step) up or down at random, unbiased, and draws again until the norm is at most ``sqrt((aC)^2 +
-d/4 + aC + sqrt(d)/2)`` for ``d`` values (conditional randomized rounding, as in the DDG paper:
-the rounding adds to the norm in quadrature, not ``sqrt(d)/2`` outright). Each client draws
+step) up or down at random (unbiased but for the rare redraws), and draws again until the norm
+is at most ``sqrt((aC)^2 + d/4 + aC + sqrt(d)/2)`` for ``d`` values (conditional randomized
+rounding, as in the DDG paper: the rounding adds to the norm in quadrature, not ``sqrt(d)/2``
+outright). Each client draws
 variance ``ceil(sigma_t^2 / t)``, so that a sum of ``t`` or more has at least the target,
-however many dropped out: the round policy refuses smaller sums. Colluding clients that know
-their own noise take it away, leaving the honest clients' share: with ``c`` colluders among
+however many dropped out: the round policy refuses smaller sums, and so does every client's
+decryption (``crypto.quantized``); without masks a client colluding with the server could
+decrypt single updates, so DP with HE needs them. Colluding clients that know their own noise
+take it away, leaving the honest clients' share: with ``c`` colluders among
 ``n`` contributors, a ``(n - c) / t`` fraction of the target variance (``t - 1`` colluders of a
 sum of ``t`` leave a ``1 / t`` fraction).
 
@@ -23,8 +26,8 @@ sum of ``t`` leave a ``1 / t`` fraction).
 HE): random signs shared by the round, then a normalized Walsh-Hadamard transform per chunk
 of ``ROTATION`` values (the DDG paper's flattening). The rotation keeps norms, so the noise
 and the accounting are unchanged, and it spreads a chunk's norm evenly, so each rotated value
-stays within ``ROTATED_SIGMAS x C / sqrt(ROTATION)``, 1/5 of ``C``, but with chance 1e-9
-(beyond it is clipped and counted, never wrapped). The steps are set from that bound, never
+stays within ``ROTATED_SIGMAS x C / sqrt(ROTATION)``, 1/5 of ``C``, but with chance 1e-9 per
+value (beyond it is clipped and counted, never wrapped). The steps are set from that bound, never
 from the data (each client reports it as its largest value in every block of the scale
 exchange, so the exchange leaks nothing), and leave room for twelve standard deviations of
 the summed noise in the codec's range: a sum wraps with chance below ``10^-32`` per value.
@@ -52,7 +55,8 @@ noise; then the count is noisier (few clients a round, large ``z``: the clip the
 noise multiplier ``z`` per round, Poisson-subsampled at ``clients_per_round / clients`` (an
 approximation of secagg's fixed-size sampling, as in DP-FedAvg; exact with every client in
 every round), composed over rounds; the neighbouring datasets differ by one client's whole
-data (user-level DP). The sum of discrete Gaussians differs from a Gaussian by a term below
+data added or removed (user-level DP; replacing it can move the sum by ``2C``: half the
+multiplier's guarantee). The sum of discrete Gaussians differs from a Gaussian by a term below
 ``10^-60`` at the variances used (each client's is at least 16), which the accountant leaves
 out.
 """

@@ -119,6 +119,7 @@ def _assert_one_line_error(result, *fragments: str, code: int = 1) -> None:  # t
         (["run", "--rounds", "x"], "--rounds"),
         (["keygen", "--poly-degree", "1000"], "--poly-degree"),
         (["run", "--he-precision", "double"], "--he-precision"),
+        (["run", "--he", "--dp-epsilon", "0"], "--dp-epsilon"),  # no epsilon means no DP
     ],
 )
 def test_invalid_flag_values_are_usage_errors(
@@ -424,3 +425,20 @@ def test_every_command_help_has_an_example(tmp_path: Path, command: str) -> None
     result = _invoke([command, "--help"], tmp_path)
     assert result.exit_code == 0
     assert "Examples:" in result.output and f"  secagg {command}" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--he", "--dp-clip", "0.5"], "--dp-clip set differential privacy"),
+        (["--he", "--no-masking", "--dp-epsilon", "3"], "needs the pairwise masks"),
+        (["--he", "--dp-noise", "inf"], "dp_noise must be"),
+        (["--he", "--dp-noise", "0.5", "--dp-epsilon", "0.01"], "does not cover one round"),
+    ],
+)
+def test_dp_settings_that_would_mislead_are_refused_before_anything_runs(
+    tmp_path: Path, args: list[str], fragment: str
+) -> None:
+    result = _invoke(["run", "--clients", "3", "--rounds", "1", "--no-tracking", *args], tmp_path)
+    _assert_one_line_error(result, fragment)
+    assert not (tmp_path / "runs").exists()

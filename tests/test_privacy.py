@@ -144,19 +144,19 @@ def test_a_rotated_value_past_the_bound_is_clipped_and_counted_and_small_sums_re
     session_keys,
 ) -> None:
     """Changes aligned with one Hadamard row put their whole norm on one rotated value, five
-    times the steps' bound: each is clipped and counted, and the sum never wraps. A sum of fewer updates
-    than the threshold carries less noise than DP counts on: no client decrypts it."""
-    rule = privacy.Privacy(noise=1.0, clip=1.0, threshold=3)
+    times the steps' bound: each is clipped to it and counted, and the sum holds the clipped
+    values (neither the unclipped ones nor a wrap). A sum of fewer updates than the threshold
+    carries less noise than DP counts on: no client decrypts it."""
+    rule = privacy.Privacy(noise=0.1, clip=1.0, threshold=3)
     stamp = round_of(4, roster=3)
     signs = rotation.rotation_signs(stamp.job + (4).to_bytes(8, "big"), 10240)
     aligned = np.zeros(9610)
     aligned[: privacy.ROTATION] = signs[: privacy.ROTATION] / 32  # norm 1, the clip
     summed, agreed = _dp_round(session_keys, rule, stamp, [aligned] * 3)
     assert summed.clipped == 3
-    # Clipped, not wrapped: a wrapped value lands 12 of the sum's noise deviations away or more
-    # (the headroom); the largest of 10,240 honest ones is about 4.
     deviation = math.sqrt(3 * agreed.variance) * float(agreed.steps[0])
-    assert np.abs(summed.values).max() < 7 * deviation
+    top = rotation.rotate(summed.values, signs)[0]  # unclipped: 1; each clipped to 6.5/32/3
+    assert abs(top - 6.5 / 32) < 5 * deviation < 0.5, (top, deviation)
     with pytest.raises(PayloadError, match="fewer than the 3") as caught:
         _dp_round(session_keys, rule, round_of(5, roster=3), [aligned] * 3, summed_by=[0, 1])
     assert caught.value.reason == "below-threshold"
@@ -436,3 +436,19 @@ def test_kits_that_require_dp_refuse_a_job_with_less() -> None:
     for noise_, clip in ((math.nan, 0.5), (1.0, math.nan), (math.inf, 0.5), (1.0, math.inf)):
         with pytest.raises(ConfigError, match="positive and finite"):
             replace(policy, dp_noise=noise_, dp_clip=clip)
+
+
+def test_a_resumed_dp_run_keeps_its_noise_and_stays_within_its_budget(tmp_path) -> None:
+    """A run whose noise its budget calibrated, resumed with more rounds, adds the same noise
+    (another multiplier would make the reported epsilon wrong) and stops where the budget is
+    spent."""
+    from secagg.resume import plan_resume
+
+    run = tmp_path / "run"
+    config = RunConfig(clients=3, rounds=1, dp_epsilon=1.0, tracking=False, output_dir=str(run))
+    run_job(config)
+    assert plan_resume(run, {"rounds": 4}).config.dp_noise == config.noise_multiplier()
+    with pytest.warns(UserWarning, match="allows 1 of the job's 4 rounds"):
+        resumed = run_job(config, resume_dir=run, resume_changes={"rounds": 4})
+    spent = [r["epsilon"] for r in json.loads((run / "results.json").read_text())["rounds"]]
+    assert len(spent) == 1 and spent[0] <= 1.0 and resumed.config.rounds == 4

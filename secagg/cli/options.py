@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import click
@@ -16,7 +16,7 @@ from secagg.config import (
     SERVER_OPTIMIZERS,
     RunConfig,
 )
-from secagg.errors import SecAggError
+from secagg.errors import ConfigError, SecAggError
 
 
 def _default(name: str) -> str:
@@ -153,6 +153,20 @@ _PRIVACY = (
         f"with DP: the delta epsilon is stated at.{_default('dp_delta')}",
     ),
 )
+
+
+def _dp_settings_need_dp(config: RunConfig, flags: Mapping[str, Any]) -> None:
+    """Refuse DP's settings given without DP (they would be silently unused)."""
+    given = [
+        "--" + name.replace("_", "-")
+        for name in ("dp_clip", "dp_delta")
+        if flags.get(name) is not None
+    ]
+    if given and not config.dp:
+        raise ConfigError(
+            f"{' and '.join(given)} set differential privacy, which this job does not add: "
+            "give --dp-epsilon or --dp-noise too (or leave them out)"
+        )
 
 
 def _privacy(command: Callable[..., Any]) -> Callable[..., Any]:

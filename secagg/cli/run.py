@@ -19,6 +19,7 @@ from secagg.cli.options import (
     _MASKING,
     _ROUNDS,
     _default,
+    _dp_settings_need_dp,
     _friendly,
     _optimization,
     _privacy,
@@ -203,6 +204,7 @@ def run(job: str | None, resume: bool, no_tracking: bool, quiet: bool, **flags: 
 
     config = load_job(job) if job else RunConfig()
     config = with_overrides(config, **flags, tracking=False if no_tracking else None).validate()
+    _dp_settings_need_dp(config, flags)
     if resume:
         _resume(config, job, flags, no_tracking, quiet)
         return

@@ -13,6 +13,7 @@ from secagg.cli.options import (
     _MASKING,
     _ROUNDS,
     _default,
+    _dp_settings_need_dp,
     _epilog,
     _friendly,
     _optimization,
@@ -86,6 +87,7 @@ def server(
 
     config = load_job(job) if job else RunConfig()
     config = with_overrides(config, **flags, tracking=False if no_tracking else None)
+    _dp_settings_need_dp(config, flags)
     result = serve(
         kit_dir,
         config,
