@@ -442,3 +442,19 @@ def test_dp_settings_that_would_mislead_are_refused_before_anything_runs(
     result = _invoke(["run", "--clients", "3", "--rounds", "1", "--no-tracking", *args], tmp_path)
     _assert_one_line_error(result, fragment)
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_round_line_leads_with_the_headline_and_shows_dps_epsilon_and_clip() -> None:
+    from secagg.cli.console import _progress
+    from secagg.rounds import RoundMetrics
+
+    metrics = RoundMetrics(
+        *(1, 3, 0.5, 0.6, 1.0, 0, 0, 0, 0, 0, 0, 0, 1000, 1000, 0, 0, 0),
+        metrics={"accuracy": 0.9, "train_dp_clip": 0.25},
+        epsilon=2.5,
+    )
+    lines: list[str] = []
+    _progress(3, True, lines.append, "loss")(metrics)
+    _progress(3, True, lines.append, "accuracy")(metrics)
+    assert lines[0].startswith("round   1/3  loss 0.5000  acc 0.9000  eps 2.50  clip 0.25")
+    assert lines[1].startswith("round   1/3  acc 0.9000  loss 0.5000  eps 2.50  clip 0.25")

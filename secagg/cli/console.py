@@ -30,8 +30,12 @@ def _progress(
         names = sorted(evaluated, key=lambda name: name != lead)
         shown = "".join(f"  {_SHORT.get(k, k)} {evaluated[k]:.4f}" for k in names)
         loss = f"  loss {m.loss:.4f}" if m.loss == m.loss else "  (not evaluated)"
+        # the loss as the headline (a task of your own that names no metric) leads the line
+        shown, loss = (loss, shown) if lead == "loss" else (shown, loss)
         if m.epsilon == m.epsilon:  # with differential privacy: the job's epsilon so far
             loss += f"  eps {m.epsilon:.2f}"
+        if "train_dp_clip" in m.metrics:  # adaptive clipping: the clip the round used
+            loss += f"  clip {m.metrics['train_dp_clip']:.3g}"
         line = (
             f"round {m.round:>3}/{total}{shown}{loss}  {m.round_seconds:6.2f}s  "
             f"up {_mb(m.bytes_up)} down {_mb(m.bytes_down)}"
