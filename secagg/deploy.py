@@ -38,7 +38,7 @@ from secagg.outputs import RESULTS_FILE, SITES_DIR, check_new_output, new_output
 from secagg.privacy import described, extra_sizes
 from secagg.provision import Kit, load_kit, provision
 from secagg.records import RunRecords, RunResult
-from secagg.resume import RESUMABLE
+from secagg.resume import refuse_changes
 from secagg.rounds import RoundFailed, RoundMetrics
 from secagg.server import STATE_FILE, Server, load_checkpoint
 
@@ -470,19 +470,15 @@ _RESTART_LOCAL = (*SITE_LOCAL, "clients", "transport", "tracking_uri", "experime
 def _restart_changes(workdir: Path, saved: RunConfig, config: RunConfig) -> dict[str, object]:
     """The job settings a restarted server was given that differ from the run in
     ``workdir``: those ``resume.RESUMABLE`` allows (``rounds``), or a ConfigError naming the
-    others (a restart never silently drops a flag: DP, the optimizer, the rounds)."""
+    others (a restart never silently drops a flag: DP, the optimizer)."""
     changed = {
         f.name: (getattr(saved, f.name), getattr(config, f.name))
         for f in fields(RunConfig)
         if f.name not in _RESTART_LOCAL and getattr(saved, f.name) != getattr(config, f.name)
     }
-    refused = [name for name in changed if name not in RESUMABLE]
-    if refused:
-        what = ", ".join(
-            f"{name} {changed[name][1]!r} (the run has {changed[name][0]!r})" for name in refused
-        )
-        raise ConfigError(
-            f"{workdir}/ holds this job as it started; restarting with {what} would make it "
-            "another job: restart with the job's own settings, or pass another --workdir"
-        )
+    refuse_changes(
+        changed,
+        f"{workdir}/ holds this job as it started, to be restarted with its own settings",
+        "restart with them, or pass another --workdir",
+    )
     return {name: new for name, (_, new) in changed.items()}

@@ -54,15 +54,9 @@ def plan_resume(resume_dir: str | Path, changes: Mapping[str, Any] = {}) -> Resu
         for name, value in changes.items()
         if getattr(saved, name) != value
     }
-    refused = [name for name in changed if name not in RESUMABLE]
-    if refused:
-        what = ", ".join(
-            f"{_flag(name, changed[name][1])} (the run has {changed[name][0]})" for name in refused
-        )
-        raise ConfigError(
-            f"--resume continues {resume_dir} as it started; {what} would make it another "
-            "job: drop that, or start a new run"
-        )
+    refuse_changes(
+        changed, f"--resume continues {resume_dir} as it started", "drop that, or start a new run"
+    )
     if "rounds" in changed and changed["rounds"][1] < completed:
         raise ConfigError(
             f"{resume_dir} has already completed {completed} rounds; "
@@ -78,6 +72,18 @@ def plan_resume(resume_dir: str | Path, changes: Mapping[str, Any] = {}) -> Resu
     history = checkpoint.state.get("history", [])
     last = RoundMetrics.from_dict(history[-1]).value(config.headline) if history else math.nan
     return ResumePlan(config, completed, changed, last)
+
+
+def refuse_changes(changed: Mapping[str, tuple[Any, Any]], run: str, remedy: str) -> None:
+    """Refuse (ConfigError) the ``changed`` settings (name: the run's value, the new one)
+    outside ``RESUMABLE``, each as the flag that sets it: "``run``; ``--lr 0.1`` (the run
+    has 0.05) would make it another job: ``remedy``"."""
+    refused = [name for name in changed if name not in RESUMABLE]
+    if refused:
+        what = ", ".join(
+            f"{_flag(name, changed[name][1])} (the run has {changed[name][0]})" for name in refused
+        )
+        raise ConfigError(f"{run}; {what} would make it another job: {remedy}")
 
 
 _FLAGS = {"keys_dir": "--keys", "output_dir": "--output"}

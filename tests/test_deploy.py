@@ -415,7 +415,7 @@ def test_a_restarted_server_resumes_and_ends_where_an_uninterrupted_run_does(
         refused = _server(project, job, work / "server", port, "--dp-epsilon", "3")
         out = _finish(refused, 60)
         assert refused.returncode == 1, out[-3000:]
-        assert "dp_epsilon 3.0 (the run has 0.0) would make it another job" in out
+        assert "--dp-epsilon 3.0 (the run has 0.0) would make it another job" in out
         again = _server(project, job, work / "server", port)
         out = _finish(again, 60)
         assert again.returncode == 1 and "is finished: all" in out, out[-3000:]
