@@ -463,8 +463,21 @@ def admin_call(kit_dir: str | Path, method: str, message: dict[str, Any]) -> dic
         connection.close()
 
 
-#: Settings a restarted server takes from where it runs, not from the job it resumes.
-_RESTART_LOCAL = (*SITE_LOCAL, "clients", "transport", "tracking_uri", "experiment")
+#: Settings a restarted server takes from where and how it runs (its kit, MLflow, its patience
+#: with the sites), not from the job it resumes.
+_RESTART_LOCAL = (
+    *SITE_LOCAL,
+    "clients",
+    "transport",
+    "tracking_uri",
+    "experiment",
+    "ray_address",
+    "client_cpus",
+    "client_gpus",
+    "torch_threads",
+    "round_timeout",
+    "round_retries",
+)
 
 
 def _restart_changes(workdir: Path, saved: RunConfig, config: RunConfig) -> dict[str, object]:
