@@ -378,6 +378,12 @@ class RunConfig:
 
         return privacy.noise_for(self.dp_epsilon, self.rounds, self.sampling, self.dp_delta)
 
+    def epsilon_after(self, rounds: int) -> float:
+        """The job's epsilon after ``rounds`` rounds at its noise multiplier, at ``dp_delta``."""
+        from secagg import privacy
+
+        return privacy.epsilon(self.noise_multiplier(), rounds, self.sampling, self.dp_delta)
+
     def privacy(self, threshold: int | None = None) -> Privacy | None:
         """The job's DP as clients apply it (None: off); ``threshold``: the round policy's
         (a deployment's kits'), else the simulation's."""

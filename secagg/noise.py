@@ -24,7 +24,6 @@ import os
 
 import numba
 import numpy as np
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from secagg.crypto import seeded
 from secagg.privacy import MAX_SIGMA
@@ -46,8 +45,7 @@ def discrete_gaussian(variance: int, count: int) -> np.ndarray:
         raise ValueError(f"the discrete Gaussian's variance must be in [1, {MAX_SIGMA**2}]")
     out = np.empty(count, dtype=np.int64)
     filled = 0
-    key = os.urandom(seeded.SEED_BYTES)
-    encryptor = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
+    encryptor = seeded.ctr(os.urandom(seeded.SEED_BYTES), bytes(16))
     leftover = np.empty(0, dtype=np.uint64)
     while filled < count:
         # About the words the rest needs, so that one pass of AES usually suffices; each chunk

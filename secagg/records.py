@@ -205,7 +205,7 @@ class RunRecords:
 
         def after_round(metrics: RoundMetrics) -> None:
             if self.config.dp:
-                metrics = replace(metrics, epsilon=self.spent(metrics.round))
+                metrics = replace(metrics, epsilon=self.config.epsilon_after(metrics.round))
             self.after_round(server, metrics)
             on_round(metrics)
 
@@ -227,14 +227,6 @@ class RunRecords:
             self.fail(err)
             raise
 
-    def spent(self, rounds: int) -> float:
-        """The job's epsilon after ``rounds`` rounds, at its ``dp_delta``."""
-        from secagg import privacy
-
-        config = self.config
-        noise = config.noise_multiplier()
-        return privacy.epsilon(noise, rounds, config.sampling, config.dp_delta)
-
     def rounds_within_budget(self) -> int:
         """The last round the job's privacy budget allows (its ``rounds`` without one); a
         warning says so when that is fewer."""
@@ -245,7 +237,9 @@ class RunRecords:
         low, high = 0, config.rounds  # epsilon grows with the rounds: the last within it
         while low < high:
             middle = (low + high + 1) // 2
-            low, high = (middle, high) if self.spent(middle) <= within else (low, middle - 1)
+            low, high = (
+                (middle, high) if config.epsilon_after(middle) <= within else (low, middle - 1)
+            )
         last = low
         if last < config.rounds:
             warnings.warn(
@@ -343,13 +337,11 @@ def check_budget(config: RunConfig) -> None:
     noise multiplier: it would train nothing."""
     if not config.dp or not config.dp_epsilon:
         return
-    from secagg import privacy
-
-    noise = config.noise_multiplier()
-    one = privacy.epsilon(noise, 1, config.sampling, config.dp_delta)
+    one = config.epsilon_after(1)
     if one > config.dp_epsilon * (1 + 1e-9):
         raise ConfigError(
             f"the privacy budget (epsilon {config.dp_epsilon:g} at delta {config.dp_delta:g}) "
-            f"does not cover one round at noise multiplier {noise:.3g} (one round spends "
+            f"does not cover one round at noise multiplier {config.noise_multiplier():.3g} "
+            "(one round spends "
             f"{one:.3g}): raise dp_epsilon, or raise dp_noise (or leave it out to calibrate it)"
         )

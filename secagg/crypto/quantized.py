@@ -225,7 +225,8 @@ class QuantizedCipher:
             raise PayloadError(
                 f"the aggregate adds {len(summed.contributors)} update(s), fewer than the "
                 f"{self.privacy.threshold} whose noise differential privacy counts on: this "
-                "client decrypts no such sum",
+                "client decrypts no such sum (check the server: it must wait for at least "
+                "the threshold's sites)",
                 "below-threshold",
             )
         values = quantize.dequantize(summed.values, steps, self.blocks)

@@ -52,7 +52,13 @@ _SCRATCH = threading.local()
 def key_stream(key: bytes, counter: bytes, words: int) -> Iterator[np.ndarray]:
     """``words`` little-endian 64-bit words of the AES-256-CTR key stream under ``key`` from
     the 16-byte ``counter`` on (``draw``'s chunks)."""
-    return draw(Cipher(algorithms.AES(key), modes.CTR(counter)).encryptor(), words)
+    return draw(ctr(key, counter), words)
+
+
+def ctr(key: bytes, counter: bytes) -> CipherContext:
+    """AES-256-CTR under ``key`` from the 16-byte ``counter`` on: ``draw`` reads its key
+    stream, as much at a time as asked."""
+    return Cipher(algorithms.AES(key), modes.CTR(counter)).encryptor()
 
 
 def draw(encryptor: CipherContext, words: int) -> Iterator[np.ndarray]:
@@ -163,7 +169,7 @@ def _expand_into(
 
     n, bits = row.size, modulus.bit_length()
     counter = struct.pack(">QQ", index, block)
-    stream = Cipher(algorithms.AES(seed), modes.CTR(counter)).encryptor()
+    stream = ctr(seed, counter)
     more = n + _SPARE if block == 0 else n - have + _SPARE
     while have < n:
         for chunk in draw(stream, more):
